@@ -1,0 +1,155 @@
+//! Stage 5: the delta variance ΔVar(z) = ∇q(z)ᵀ Σ ∇q(z) — the seed's `calculate_delta_variance`.
+
+use faer::{Mat, MatRef};
+
+use crate::error::{Error, Result};
+use crate::fisher::{FisherSource, DEFAULT_MEMORY_BUDGET};
+use crate::sigma::{
+    CustomSigma, DenseSigma, DiagonalSigma, IdentitySigma, InverseDiagonalFisher, InverseFullFisher, ScaledSigma,
+    SigmaOp,
+};
+
+/// How Σ is chosen (the seed's `sigma_strategy`).
+pub enum SigmaStrategy {
+    /// `'identity'`: Σ = I.
+    Identity,
+    /// `'diagonal_empirical_fim'`: Σ = diag(F + λ)⁻¹. Needs a [`FisherSource`].
+    DiagonalEmpiricalFim,
+    /// `'inverse_full_empirical_fim'`: Σ = (F + λI)⁻¹. Needs a [`FisherSource`].
+    InverseFullEmpiricalFim,
+    /// A 1-D tensor in the seed: Σ = diag(d).
+    Diagonal(Vec<f64>),
+    /// A 2-D tensor in the seed: Σ = S (P×P).
+    Dense(Mat<f64>),
+    /// A callable in the seed: g ↦ gᵀΣg.
+    Custom(CustomSigma),
+}
+
+impl SigmaStrategy {
+    /// The seed's name for the strategy.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SigmaStrategy::Identity => "identity",
+            SigmaStrategy::DiagonalEmpiricalFim => "diagonal_empirical_fim",
+            SigmaStrategy::InverseFullEmpiricalFim => "inverse_full_empirical_fim",
+            SigmaStrategy::Diagonal(_) => "diagonal",
+            SigmaStrategy::Dense(_) => "dense",
+            SigmaStrategy::Custom(_) => "custom",
+        }
+    }
+
+    fn needs_fisher(&self) -> bool {
+        matches!(self, SigmaStrategy::DiagonalEmpiricalFim | SigmaStrategy::InverseFullEmpiricalFim)
+    }
+}
+
+/// Options of Σ (the seed's `sigma_options`).
+#[derive(Debug, Clone)]
+pub struct SigmaOptions {
+    /// λ added to the Fisher before inversion. Default 1e-5, as in the seed.
+    pub damping: f64,
+    /// Divide the Fisher-based Σ by N: the paper's canonical Σ = F⁻¹/N. Default false (the
+    /// seed's semantics). Only for the empirical-FIM strategies.
+    pub posterior_scale: bool,
+    /// Largest dense allocation allowed, in bytes. Default [`DEFAULT_MEMORY_BUDGET`].
+    pub memory_budget: u64,
+}
+
+impl Default for SigmaOptions {
+    fn default() -> Self {
+        Self { damping: 1e-5, posterior_scale: false, memory_budget: DEFAULT_MEMORY_BUDGET }
+    }
+}
+
+/// Builds Σ once, to apply to as many query gradients as needed.
+///
+/// `num_params` is P (the query gradients' length); `fisher` is required for the empirical-FIM
+/// strategies (an [`Error::MissingInput`] otherwise) and its P must match.
+pub fn build_sigma(
+    strategy: SigmaStrategy,
+    num_params: usize,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+) -> Result<Box<dyn SigmaOp>> {
+    let name = strategy.name();
+    if opts.posterior_scale && !strategy.needs_fisher() {
+        return Err(Error::invalid(
+            "posterior_scale",
+            true,
+            format!("the 1/N posterior scaling applies to the empirical-FIM strategies only, not '{name}'"),
+        ));
+    }
+    if strategy.needs_fisher() {
+        let src = fisher.ok_or_else(|| Error::MissingInput {
+            strategy: name.into(),
+            missing: "a Fisher source (log-likelihood closure, parameters and training dataset)".into(),
+        })?;
+        if src.num_params() != num_params {
+            return Err(Error::shape(
+                format!("Fisher source for '{name}' (its parameters must be those of the QoI gradient)"),
+                format!("{num_params} parameters"),
+                format!("{} parameters", src.num_params()),
+            ));
+        }
+        let n = src.num_examples();
+        let sigma: Box<dyn SigmaOp> = match strategy {
+            SigmaStrategy::DiagonalEmpiricalFim => {
+                Box::new(InverseDiagonalFisher::new(&src.fisher_diag()?.mean(), opts.damping)?)
+            }
+            _ => Box::new(InverseFullFisher::new(src.fisher_dense(opts.memory_budget)?.mean().as_ref(), opts.damping)?),
+        };
+        if opts.posterior_scale {
+            if n == 0 {
+                return Err(Error::invalid(
+                    "posterior_scale",
+                    true,
+                    "the training dataset is empty, so there is no N to divide by",
+                ));
+            }
+            return Ok(Box::new(ScaledSigma::new(sigma, 1.0 / n as f64)?));
+        }
+        return Ok(sigma);
+    }
+    let sigma: Box<dyn SigmaOp> = match strategy {
+        SigmaStrategy::Identity => Box::new(IdentitySigma::new(num_params)),
+        SigmaStrategy::Diagonal(d) => Box::new(DiagonalSigma::new(d)?),
+        SigmaStrategy::Dense(m) => Box::new(DenseSigma::new(m)?),
+        SigmaStrategy::Custom(c) => Box::new(c),
+        _ => unreachable!("FIM strategies are handled above"),
+    };
+    if sigma.dim() != num_params {
+        return Err(Error::shape(
+            format!("Sigma '{name}' (its size must equal the number of parameters P)"),
+            format!("P = {num_params}"),
+            format!("P = {}", sigma.dim()),
+        ));
+    }
+    Ok(sigma)
+}
+
+/// The seed's `calculate_delta_variance(qoi_gradient, sigma_strategy, sigma_options, ...)` for one
+/// flat QoI gradient: builds Σ and returns gᵀΣg. To evaluate many queries, build Σ once with
+/// [`build_sigma`] and call [`delta_variances`].
+///
+/// ```
+/// use deltavar::{calculate_delta_variance, SigmaOptions, SigmaStrategy};
+/// let g = [1.0, 2.0];
+/// let v = calculate_delta_variance(&g, SigmaStrategy::Identity, &SigmaOptions::default(), None).unwrap();
+/// assert_eq!(v, 5.0);
+/// let v = calculate_delta_variance(&g, SigmaStrategy::Diagonal(vec![0.1, 0.1]), &SigmaOptions::default(), None).unwrap();
+/// assert!((v - 0.5).abs() < 1e-15);
+/// ```
+pub fn calculate_delta_variance(
+    qoi_gradient: &[f64],
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+) -> Result<f64> {
+    let sigma = build_sigma(strategy, qoi_gradient.len(), opts, fisher)?;
+    sigma.quad_form(qoi_gradient)
+}
+
+/// ΔVar for a P×M block of query gradients (one column each) under a built Σ.
+pub fn delta_variances(qoi_gradients: MatRef<'_, f64>, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
+    sigma.quad_forms(qoi_gradients)
+}

@@ -1,0 +1,148 @@
+//! Stage 3: the empirical Fisher F = (1/N) Σᵢ gᵢ gᵢᵀ, accumulated in f64.
+//!
+//! Results keep the SUMS and N (so passes over shards of a dataset can be merged exactly) and
+//! give the MEAN through `mean()`. An empty dataset gives F = 0 (and so Σ = I/λ under the inverse
+//! strategies, as in the seed).
+//!
+//! | result | memory |
+//! |---|---|
+//! | [`FisherDiag`] | O(P) |
+//! | [`FisherDense`] | O(P²): formed only when asked, under a memory budget |
+
+use faer::{Mat, MatRef};
+
+use crate::error::{check_finite, Error, Result};
+
+/// The default memory budget for dense P×P work: 4 GiB.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 4 << 30;
+
+/// Bytes of a dense P×P f64 matrix.
+pub fn dense_fisher_bytes(p: usize) -> u64 {
+    (p as u64).saturating_mul(p as u64).saturating_mul(8)
+}
+
+/// Anything that can produce the empirical Fisher of a model over a dataset.
+pub trait FisherSource: Sync {
+    /// P.
+    fn num_params(&self) -> usize;
+    /// N.
+    fn num_examples(&self) -> usize;
+    /// Σᵢ gᵢ∘gᵢ and N.
+    fn fisher_diag(&self) -> Result<FisherDiag>;
+    /// Σᵢ gᵢgᵢᵀ and N, refusing (with [`Error::MemoryBudget`]) when it would need more than
+    /// `memory_budget` bytes.
+    fn fisher_dense(&self, memory_budget: u64) -> Result<FisherDense>;
+}
+
+/// The diagonal of the empirical Fisher as Σᵢ gᵢ∘gᵢ over N examples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FisherDiag {
+    sum_sq: Vec<f64>,
+    n: usize,
+}
+
+impl FisherDiag {
+    /// From the sums of squared gradients and N. Fails on a non-finite or negative sum.
+    pub fn from_sums(sum_sq: Vec<f64>, n: usize) -> Result<Self> {
+        check_finite("Fisher diagonal sums", &sum_sq)?;
+        if let Some((i, v)) = sum_sq.iter().enumerate().find(|(_, v)| **v < 0.0) {
+            return Err(Error::invalid(format!("Fisher diagonal sum entry {i}"), v, "must be >= 0"));
+        }
+        Ok(Self { sum_sq, n })
+    }
+    /// The sums Σᵢ gᵢ².
+    pub fn sums(&self) -> &[f64] {
+        &self.sum_sq
+    }
+    /// N.
+    pub fn num_examples(&self) -> usize {
+        self.n
+    }
+    /// The MEAN diagonal Σᵢ gᵢ² / N (zeros when N = 0).
+    pub fn mean(&self) -> Vec<f64> {
+        let inv = if self.n == 0 { 0.0 } else { 1.0 / self.n as f64 };
+        self.sum_sq.iter().map(|v| v * inv).collect()
+    }
+    /// Adds another partial result (for example another shard's) to this one.
+    pub fn merge(&mut self, other: &FisherDiag) -> Result<()> {
+        if other.sum_sq.len() != self.sum_sq.len() {
+            return Err(Error::shape("Fisher diagonal to merge", self.sum_sq.len(), other.sum_sq.len()));
+        }
+        for (a, b) in self.sum_sq.iter_mut().zip(&other.sum_sq) {
+            *a += b;
+        }
+        self.n += other.n;
+        Ok(())
+    }
+}
+
+/// The dense empirical Fisher as Σᵢ gᵢgᵢᵀ (symmetric, both triangles filled) over N examples.
+#[derive(Debug, Clone)]
+pub struct FisherDense {
+    sum: Mat<f64>,
+    n: usize,
+}
+
+impl FisherDense {
+    /// From a matrix whose LOWER triangle holds Σᵢ gᵢgᵢᵀ; the upper triangle is filled by symmetry.
+    pub fn from_lower_sum(mut sum: Mat<f64>, n: usize) -> Result<Self> {
+        let p = sum.nrows();
+        if sum.ncols() != p {
+            return Err(Error::shape("dense Fisher sum", format!("{p}×{p}"), format!("{}×{}", p, sum.ncols())));
+        }
+        for j in 0..p {
+            for i in j..p {
+                let v = sum[(i, j)];
+                if !v.is_finite() {
+                    return Err(Error::NonFinite { what: "dense Fisher sum".into(), detail: format!("entry ({i}, {j}) is {v}") });
+                }
+                sum[(j, i)] = v;
+            }
+        }
+        Ok(Self { sum, n })
+    }
+    /// The sum Σᵢ gᵢgᵢᵀ.
+    pub fn sum(&self) -> MatRef<'_, f64> {
+        self.sum.as_ref()
+    }
+    /// N.
+    pub fn num_examples(&self) -> usize {
+        self.n
+    }
+    /// The MEAN Fisher Σᵢ gᵢgᵢᵀ / N (zero when N = 0).
+    pub fn mean(&self) -> Mat<f64> {
+        let inv = if self.n == 0 { 0.0 } else { 1.0 / self.n as f64 };
+        Mat::from_fn(self.sum.nrows(), self.sum.ncols(), |i, j| self.sum[(i, j)] * inv)
+    }
+    /// The diagonal of the sum, as a [`FisherDiag`].
+    pub fn diag(&self) -> FisherDiag {
+        FisherDiag { sum_sq: (0..self.sum.nrows()).map(|i| self.sum[(i, i)]).collect(), n: self.n }
+    }
+}
+
+/// Seed counterpart of `calculate_empirical_fim_diagonal`: the MEAN Fisher diagonal (length P).
+pub fn calculate_empirical_fim_diagonal(source: &dyn FisherSource) -> Result<Vec<f64>> {
+    Ok(source.fisher_diag()?.mean())
+}
+
+/// Seed counterpart of `calculate_inverse_fim_diagonal(..., damping)`: 1/(F_ii + λ) (length P).
+pub fn calculate_inverse_fim_diagonal(source: &dyn FisherSource, damping: f64) -> Result<Vec<f64>> {
+    crate::sigma::inverse_fisher_diag_values(&source.fisher_diag()?.mean(), damping)
+}
+
+/// Seed counterpart of `calculate_empirical_fim_full`: the MEAN P×P Fisher (refused above
+/// `memory_budget` bytes; see [`DEFAULT_MEMORY_BUDGET`]).
+pub fn calculate_empirical_fim_full(source: &dyn FisherSource, memory_budget: u64) -> Result<Mat<f64>> {
+    Ok(source.fisher_dense(memory_budget)?.mean())
+}
+
+/// Seed counterpart of `calculate_inverse_fim_full(..., damping)`: (F + λI)⁻¹ as a
+/// Cholesky-factored operator; call [`crate::sigma::InverseFullFisher::to_dense`] for the
+/// explicit matrix the seed returns.
+pub fn calculate_inverse_fim_full(
+    source: &dyn FisherSource,
+    damping: f64,
+    memory_budget: u64,
+) -> Result<crate::sigma::InverseFullFisher> {
+    crate::sigma::InverseFullFisher::new(source.fisher_dense(memory_budget)?.mean().as_ref(), damping)
+}

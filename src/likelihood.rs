@@ -1,0 +1,107 @@
+//! Built-in log-likelihoods log p(y | f(x)) of a model output f(x), per example.
+//!
+//! Both are written with plain tensor ops (a one-hot product, not `gather`), so they also
+//! differentiate twice in candle.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::{Error, Result};
+
+/// A per-example log-likelihood of the model output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Likelihood {
+    /// Σ_k log N(y_k | f_k, σ_k²): `sigma` has one entry (shared) or one per output.
+    /// Targets y: float, shape (B, out).
+    Gaussian {
+        /// The noise standard deviation(s), each finite and > 0.
+        sigma: Vec<f64>,
+    },
+    /// log softmax(f)[y] with f the logits. Targets y: integer class indices, shape (B,).
+    Categorical,
+}
+
+impl Likelihood {
+    /// Gaussian with one shared σ.
+    pub fn gaussian(sigma: f64) -> Self {
+        Likelihood::Gaussian { sigma: vec![sigma] }
+    }
+
+    /// Per-example log-likelihoods, shape (B,), of `output` (B, out) against targets `y`.
+    pub fn log_likelihood(&self, output: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let (b, out) = output.dims2().map_err(|_| {
+            Error::shape("model output for the likelihood", "(batch, outputs)", format!("{:?}", output.dims()))
+        })?;
+        match self {
+            Likelihood::Gaussian { sigma } => {
+                if sigma.is_empty() || (sigma.len() != 1 && sigma.len() != out) {
+                    return Err(Error::shape(
+                        "gaussian sigma (one value, or one per output)",
+                        format!("1 or {out} values"),
+                        format!("{} values", sigma.len()),
+                    ));
+                }
+                if let Some(s) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                    return Err(Error::invalid("gaussian sigma", s, "must be finite and > 0"));
+                }
+                let y = if y.rank() == 1 && out == 1 { y.unsqueeze(1)? } else { y.clone() };
+                if y.dims() != [b, out] {
+                    return Err(Error::shape(
+                        "gaussian targets y",
+                        format!("[{b}, {out}]"),
+                        format!("{:?}", y.dims()),
+                    ));
+                }
+                let y = y.to_dtype(output.dtype())?;
+                let inv: Vec<f64> = (0..out).map(|k| 1.0 / sigma[if sigma.len() == 1 { 0 } else { k }]).collect();
+                let inv = Tensor::new(inv.as_slice(), output.device())?.to_dtype(output.dtype())?.unsqueeze(0)?;
+                let r = (y - output)?.broadcast_mul(&inv)?;
+                let c: f64 = (0..out)
+                    .map(|k| sigma[if sigma.len() == 1 { 0 } else { k }].ln() + 0.5 * (2.0 * std::f64::consts::PI).ln())
+                    .sum();
+                Ok(((r.sqr()?.sum(1)? * -0.5)? - c)?)
+            }
+            Likelihood::Categorical => {
+                let onehot = one_hot(y, b, out, output)?;
+                let lsm = candle_nn::ops::log_softmax(output, D::Minus1)?;
+                Ok((lsm * onehot)?.sum(1)?)
+            }
+        }
+    }
+}
+
+/// One-hot (B, C) in `like`'s dtype from integer labels (B,); labels out of 0..C are an error.
+pub(crate) fn one_hot(y: &Tensor, b: usize, c: usize, like: &Tensor) -> Result<Tensor> {
+    let y = if y.rank() == 2 && y.dims()[1] == 1 { y.squeeze(1)? } else { y.clone() };
+    if y.dims() != [b] {
+        return Err(Error::shape("categorical labels y", format!("[{b}]"), format!("{:?}", y.dims())));
+    }
+    let labels: Vec<i64> = match y.dtype() {
+        DType::I64 => y.to_vec1::<i64>()?,
+        DType::U32 => y.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::U8 => y.to_vec1::<u8>()?.into_iter().map(i64::from).collect(),
+        DType::F32 | DType::F64 => {
+            let v = y.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let mut out = Vec::with_capacity(v.len());
+            for (i, x) in v.into_iter().enumerate() {
+                if x.fract() != 0.0 || !x.is_finite() {
+                    return Err(Error::invalid(format!("categorical label {i}"), x, "labels must be integers"));
+                }
+                out.push(x as i64);
+            }
+            out
+        }
+        dt => return Err(Error::invalid("categorical label dtype", format!("{dt:?}"), "use i64, u32 or u8")),
+    };
+    let mut data = vec![0f64; b * c];
+    for (i, &l) in labels.iter().enumerate() {
+        if l < 0 || l as usize >= c {
+            return Err(Error::invalid(
+                format!("categorical label of example {i}"),
+                l,
+                format!("must be in 0..{c} (the model has {c} outputs)"),
+            ));
+        }
+        data[i * c + l as usize] = 1.0;
+    }
+    Ok(Tensor::from_vec(data, (b, c), like.device())?.to_dtype(like.dtype())?)
+}

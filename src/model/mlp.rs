@@ -1,0 +1,193 @@
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{Linear, VarBuilder, VarMap};
+
+use super::Activation;
+use crate::error::{Error, Result};
+use crate::params::{ParamOrder, Params};
+
+/// A sequential MLP: Linear layers with one elementwise activation between them (none after the
+/// last), like a PyTorch `nn.Sequential(Linear, act, Linear, act, ..., Linear)`.
+///
+/// Parameter names follow `nn.Sequential`: Linear layer i is at `{prefix}{2i}.weight` (out×in)
+/// and `{prefix}{2i}.bias`, unless explicit layer names are given.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    layers: Vec<Linear>,
+    names: Vec<String>,
+    sizes: Vec<usize>,
+    act: Activation,
+}
+
+/// The default `nn.Sequential` layer names `0, 2, 4, ...` for `n` Linear layers.
+pub fn sequential_layer_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| (2 * i).to_string()).collect()
+}
+
+impl Mlp {
+    /// Builds an MLP with layer widths `sizes` (`[in, h1, ..., out]`) from a [`VarBuilder`], at
+    /// the given layer names (default `nn.Sequential` names when `None`). With a `VarMap`-backed
+    /// builder the weights become trainable `Var`s (new ones are initialised as candle-nn does).
+    pub fn new(vb: VarBuilder, sizes: &[usize], act: Activation, layer_names: Option<&[String]>) -> Result<Self> {
+        if sizes.len() < 2 || sizes.contains(&0) {
+            return Err(Error::invalid(
+                "MLP sizes",
+                format!("{sizes:?}"),
+                "need at least [in, out], every width >= 1",
+            ));
+        }
+        let n = sizes.len() - 1;
+        let names = match layer_names {
+            Some(names) if names.len() != n => {
+                return Err(Error::shape("MLP layer names", format!("{n} names"), format!("{} names", names.len())))
+            }
+            Some(names) => names.to_vec(),
+            None => sequential_layer_names(n),
+        };
+        let mut layers = Vec::with_capacity(n);
+        for (i, name) in names.iter().enumerate() {
+            let l = candle_nn::linear(sizes[i], sizes[i + 1], vb.pp(name)).map_err(|e| {
+                Error::Parameter(format!(
+                    "layer {i} ('{name}', expected weight {}×{} and bias {}): {e}",
+                    sizes[i + 1],
+                    sizes[i],
+                    sizes[i + 1]
+                ))
+            })?;
+            layers.push(l);
+        }
+        Ok(Self { layers, names, sizes: sizes.to_vec(), act })
+    }
+
+    /// Loads a PyTorch-style safetensors file as trainable variables in `dtype` on `device`.
+    /// Layer widths are read from the weights: Linear layer i is at `{prefix}{name_i}.weight` with
+    /// `name_i` from `layer_names` or `2i` (counting up until a name is missing).
+    /// Returns the model and the `VarMap` that owns its variables.
+    pub fn load_safetensors(
+        path: impl AsRef<Path>,
+        act: Activation,
+        dtype: DType,
+        device: &Device,
+        prefix: &str,
+        layer_names: Option<&[String]>,
+    ) -> Result<(Self, VarMap)> {
+        let path = path.as_ref();
+        let prefix = if prefix.is_empty() || prefix.ends_with('.') {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.")
+        };
+        let prefix = prefix.as_str();
+        let tensors = candle_core::safetensors::load(path, device).map_err(|e| Error::BadFile {
+            path: path.display().to_string(),
+            detail: format!("not a readable safetensors file: {e}"),
+        })?;
+        let names: Vec<String> = match layer_names {
+            Some(n) => n.to_vec(),
+            None => (0..)
+                .map(|i| (2 * i).to_string())
+                .take_while(|n| tensors.contains_key(&format!("{prefix}{n}.weight")))
+                .collect(),
+        };
+        if names.is_empty() {
+            let mut keys: Vec<&String> = tensors.keys().collect();
+            keys.sort();
+            return Err(Error::BadFile {
+                path: path.display().to_string(),
+                detail: format!("no Linear weight '{prefix}0.weight' found (tensors: {keys:?}); check the prefix / layer names"),
+            });
+        }
+        let mut sizes = Vec::new();
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::Parameter("VarMap lock poisoned".into()))?;
+            for (i, n) in names.iter().enumerate() {
+                for part in ["weight", "bias"] {
+                    let key = format!("{prefix}{n}.{part}");
+                    let t = tensors.get(&key).ok_or_else(|| Error::BadFile {
+                        path: path.display().to_string(),
+                        detail: format!("tensor '{key}' (layer {i}) is missing"),
+                    })?;
+                    if part == "weight" {
+                        let (o, inp) = t.dims2().map_err(|_| Error::BadFile {
+                            path: path.display().to_string(),
+                            detail: format!("'{key}' has shape {:?}, expected (out, in)", t.dims()),
+                        })?;
+                        if i == 0 {
+                            sizes.push(inp);
+                        } else if sizes[i] != inp {
+                            return Err(Error::BadFile {
+                                path: path.display().to_string(),
+                                detail: format!("'{key}' takes {inp} inputs but the previous layer has {} outputs", sizes[i]),
+                            });
+                        }
+                        sizes.push(o);
+                    }
+                    data.insert(key, Var::from_tensor(&t.to_dtype(dtype)?)?);
+                }
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+        let vb = if prefix.is_empty() {
+            vb
+        } else {
+            vb.pp(prefix.trim_end_matches('.'))
+        };
+        let mlp = Self::new(vb, &sizes, act, Some(&names))?;
+        let mlp = Self { names: names.iter().map(|n| format!("{prefix}{n}")).collect(), ..mlp };
+        Ok((mlp, varmap))
+    }
+
+    /// The layer widths `[in, h1, ..., out]`.
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+
+    /// The activation.
+    pub fn activation(&self) -> Activation {
+        self.act
+    }
+
+    /// The Linear layers.
+    pub fn layers(&self) -> &[Linear] {
+        &self.layers
+    }
+
+    /// Full names of the layers (prefix included).
+    pub fn layer_names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The parameter names in `nn.Sequential` state-dict order (`0.weight, 0.bias, 2.weight, ...`).
+    pub fn param_names(&self) -> Vec<String> {
+        self.names.iter().flat_map(|n| [format!("{n}.weight"), format!("{n}.bias")]).collect()
+    }
+
+    /// The parameters of this MLP from its `VarMap`, in state-dict order.
+    pub fn params(&self, varmap: &VarMap) -> Result<Params> {
+        Params::from_varmap(varmap, ParamOrder::Explicit(self.param_names()))
+    }
+
+    /// Number of parameters P.
+    pub fn num_params(&self) -> usize {
+        self.sizes.windows(2).map(|w| w[0] * w[1] + w[1]).sum()
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = x.clone();
+        let last = self.layers.len() - 1;
+        for (i, l) in self.layers.iter().enumerate() {
+            h = l.forward(&h)?;
+            if i < last {
+                h = self.act.forward(&h)?;
+            }
+        }
+        Ok(h)
+    }
+}

@@ -1,0 +1,8 @@
+//! Models `deltavar` knows: a sequential MLP of Linear layers with an elementwise activation,
+//! loadable from a PyTorch `nn.Sequential` safetensors export.
+
+mod activation;
+mod mlp;
+
+pub use activation::Activation;
+pub use mlp::Mlp;

@@ -1,0 +1,267 @@
+//! Stage 1 of the pipeline: the parameters θ, as an ordered set of named candle [`Var`]s with one
+//! documented flat layout.
+//!
+//! **Flat layout.** The flat vector is the concatenation, in the set's order, of each tensor
+//! flattened row-major (candle's and PyTorch's contiguous order). For a model exported from
+//! PyTorch the order can follow the state dict (`0.weight, 0.bias, 2.weight, ...`) through
+//! [`ParamOrder::Natural`], so flat vectors line up with `torch.cat([p.flatten() for p in
+//! model.parameters()])`.
+//!
+//! Memory: the set holds handles to the model's own tensors (no copy); flattening a gradient
+//! allocates one `Vec<f64>` of length P.
+
+use std::cmp::Ordering;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use candle_nn::VarMap;
+
+use crate::error::{Error, Result};
+
+/// How to order the variables of a [`VarMap`] (whose own storage is an unordered hash map).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamOrder {
+    /// PyTorch state-dict-like order: names are split on `.`; numeric segments compare as
+    /// numbers (so `2.weight` comes before `10.weight`), other segments as strings, except that a
+    /// final `weight` comes before a final `bias` (as `nn.Linear` registers them).
+    Natural,
+    /// Plain byte-wise string order of the names (`10.` before `2.`).
+    Lexicographic,
+    /// Exactly these names, in this order. Every name must exist; names of the map not listed
+    /// are left out of the set (they are treated as constants).
+    Explicit(Vec<String>),
+}
+
+/// One parameter tensor of a [`Params`] set.
+#[derive(Debug, Clone)]
+pub struct ParamEntry {
+    /// The parameter's name (for example `0.weight`).
+    pub name: String,
+    /// The candle variable; gradients are taken with respect to it.
+    pub var: Var,
+    /// Its shape.
+    pub dims: Vec<usize>,
+    /// Offset of its first element in the flat vector.
+    pub offset: usize,
+    /// Number of elements.
+    pub numel: usize,
+}
+
+/// An ordered set of named candle variables with a fixed flat layout (see the module docs).
+///
+/// ```
+/// use candle_core::{Device, DType, Tensor, Var};
+/// use deltavar::Params;
+/// let w = Var::from_tensor(&Tensor::zeros((2, 3), DType::F64, &Device::Cpu).unwrap()).unwrap();
+/// let b = Var::from_tensor(&Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap()).unwrap();
+/// let params = Params::from_vars(vec![("0.weight".into(), w), ("0.bias".into(), b)]).unwrap();
+/// assert_eq!(params.num_params(), 8);
+/// assert_eq!(params.entries()[1].offset, 6);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Params {
+    entries: Vec<ParamEntry>,
+    total: usize,
+}
+
+/// Compares two parameter names in [`ParamOrder::Natural`] order.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let sa: Vec<&str> = a.split('.').collect();
+    let sb: Vec<&str> = b.split('.').collect();
+    for i in 0..sa.len().min(sb.len()) {
+        let (x, y) = (sa[i], sb[i]);
+        if x == y {
+            continue;
+        }
+        let last = i + 1 == sa.len() && i + 1 == sb.len();
+        if last {
+            let rank = |s: &str| match s {
+                "weight" => 0,
+                "bias" => 1,
+                _ => 2,
+            };
+            let (rx, ry) = (rank(x), rank(y));
+            if rx != ry {
+                return rx.cmp(&ry);
+            }
+        }
+        return match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(nx), Ok(ny)) => nx.cmp(&ny).then(x.cmp(y)),
+            (Ok(_), Err(_)) => Ordering::Less,
+            (Err(_), Ok(_)) => Ordering::Greater,
+            _ => x.cmp(y),
+        };
+    }
+    sa.len().cmp(&sb.len())
+}
+
+impl Params {
+    /// Builds a set from `(name, var)` pairs, keeping their order. Names must be unique.
+    pub fn from_vars(vars: Vec<(String, Var)>) -> Result<Self> {
+        let mut entries = Vec::with_capacity(vars.len());
+        let mut offset = 0usize;
+        for (name, var) in vars {
+            if entries.iter().any(|e: &ParamEntry| e.name == name) {
+                return Err(Error::Parameter(format!(
+                    "parameter name '{name}' appears twice; names must be unique"
+                )));
+            }
+            let dims = var.dims().to_vec();
+            let numel = var.elem_count();
+            entries.push(ParamEntry { name, var, dims, offset, numel });
+            offset += numel;
+        }
+        Ok(Self { entries, total: offset })
+    }
+
+    /// Builds a set from the variables of a candle [`VarMap`] in the given order.
+    pub fn from_varmap(varmap: &VarMap, order: ParamOrder) -> Result<Self> {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Parameter("the VarMap's lock is poisoned".into()))?;
+        let mut pairs: Vec<(String, Var)> = match &order {
+            ParamOrder::Explicit(names) => {
+                let mut v = Vec::with_capacity(names.len());
+                for n in names {
+                    let var = data.get(n).ok_or_else(|| {
+                        let mut known: Vec<&String> = data.keys().collect();
+                        known.sort();
+                        Error::Parameter(format!(
+                            "parameter '{n}' is not in the VarMap (it has: {known:?})"
+                        ))
+                    })?;
+                    v.push((n.clone(), var.clone()));
+                }
+                v
+            }
+            _ => data.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        match order {
+            ParamOrder::Natural => pairs.sort_by(|a, b| natural_cmp(&a.0, &b.0)),
+            ParamOrder::Lexicographic => pairs.sort_by(|a, b| a.0.cmp(&b.0)),
+            ParamOrder::Explicit(_) => {}
+        }
+        Self::from_vars(pairs)
+    }
+
+    /// Total number of scalar parameters P.
+    pub fn num_params(&self) -> usize {
+        self.total
+    }
+
+    /// The entries in flat order.
+    pub fn entries(&self) -> &[ParamEntry] {
+        &self.entries
+    }
+
+    /// The names in flat order.
+    pub fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|e| e.name.clone()).collect()
+    }
+
+    /// The candle device and dtype of the first parameter (the model's), if any.
+    pub fn dtype(&self) -> Option<DType> {
+        self.entries.first().map(|e| e.var.dtype())
+    }
+
+    /// Flattens the gradients in `grads` into one f64 vector of length P in the flat layout.
+    /// A parameter with no gradient in the store (the output does not depend on it) gets zeros.
+    pub fn flatten_grads(&self, grads: &GradStore) -> Result<Vec<f64>> {
+        let mut out = vec![0.0f64; self.total];
+        self.flatten_grads_into(grads, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Params::flatten_grads`], writing into `out` (length P).
+    pub fn flatten_grads_into(&self, grads: &GradStore, out: &mut [f64]) -> Result<()> {
+        if out.len() != self.total {
+            return Err(Error::shape("flat gradient buffer", self.total, out.len()));
+        }
+        for e in &self.entries {
+            let dst = &mut out[e.offset..e.offset + e.numel];
+            match grads.get(e.var.as_tensor()) {
+                Some(g) => copy_tensor_f64(g, dst)?,
+                None => dst.fill(0.0),
+            }
+        }
+        Ok(())
+    }
+
+    /// The current parameter values as one flat f64 vector.
+    pub fn flat_values(&self) -> Result<Vec<f64>> {
+        let mut out = vec![0.0f64; self.total];
+        for e in &self.entries {
+            copy_tensor_f64(e.var.as_tensor(), &mut out[e.offset..e.offset + e.numel])?;
+        }
+        Ok(out)
+    }
+
+    /// Overwrites the parameter values from a flat f64 vector (cast to each variable's dtype).
+    pub fn set_flat_values(&self, flat: &[f64]) -> Result<()> {
+        let tensors = self.unflatten(flat)?;
+        for (e, (_, t)) in self.entries.iter().zip(tensors) {
+            e.var.set(&t.to_dtype(e.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// Splits a flat f64 vector (length P) into named f64 tensors shaped like the parameters,
+    /// on the parameters' device (the per-tensor view, like the seed's pytree).
+    pub fn unflatten(&self, flat: &[f64]) -> Result<Vec<(String, Tensor)>> {
+        if flat.len() != self.total {
+            return Err(Error::shape("flat parameter vector", self.total, flat.len()));
+        }
+        self.entries
+            .iter()
+            .map(|e| {
+                let t = Tensor::from_slice(
+                    &flat[e.offset..e.offset + e.numel],
+                    e.dims.as_slice(),
+                    e.var.device(),
+                )?;
+                Ok((e.name.clone(), t))
+            })
+            .collect()
+    }
+}
+
+/// Copies a tensor of any float dtype into an f64 slice of the same element count.
+pub(crate) fn copy_tensor_f64(t: &Tensor, dst: &mut [f64]) -> Result<()> {
+    if t.elem_count() != dst.len() {
+        return Err(Error::shape("tensor copy", dst.len(), t.elem_count()));
+    }
+    let flat = t.flatten_all()?;
+    match flat.dtype() {
+        DType::F64 => {
+            let v = flat.to_vec1::<f64>()?;
+            dst.copy_from_slice(&v);
+        }
+        DType::F32 => {
+            let v = flat.to_vec1::<f32>()?;
+            for (d, s) in dst.iter_mut().zip(v) {
+                *d = s as f64;
+            }
+        }
+        _ => {
+            let v = flat.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            dst.copy_from_slice(&v);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_order_follows_torch_state_dict() {
+        let mut names = vec!["10.bias", "2.weight", "0.bias", "10.weight", "0.weight", "2.bias"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(names, vec!["0.weight", "0.bias", "2.weight", "2.bias", "10.weight", "10.bias"]);
+        let mut names = vec!["enc.1.bias", "enc.0.weight", "dec.weight", "enc.0.bias"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(names, vec!["dec.weight", "enc.0.weight", "enc.0.bias", "enc.1.bias"]);
+    }
+}

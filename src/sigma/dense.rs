@@ -1,0 +1,69 @@
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+
+use super::{check_block, SigmaOp};
+use crate::error::{Error, Result};
+
+/// Σ = S for a user P×P matrix (finite entries). Holds the O(P²) matrix.
+///
+/// The quadratic form is gᵀ S g as written (S is not symmetrised), like the seed's
+/// `apply_full_sigma`.
+#[derive(Debug, Clone)]
+pub struct DenseSigma {
+    mat: Mat<f64>,
+}
+
+impl DenseSigma {
+    /// Σ = `mat`. Fails if it is not square or has a non-finite entry.
+    pub fn new(mat: Mat<f64>) -> Result<Self> {
+        if mat.nrows() != mat.ncols() {
+            return Err(Error::shape(
+                "dense Sigma (must be square P×P)",
+                format!("{0}×{0}", mat.nrows()),
+                format!("{}×{}", mat.nrows(), mat.ncols()),
+            ));
+        }
+        for j in 0..mat.ncols() {
+            for i in 0..mat.nrows() {
+                if !mat[(i, j)].is_finite() {
+                    return Err(Error::NonFinite {
+                        what: "dense Sigma".into(),
+                        detail: format!("entry ({i}, {j}) is {}", mat[(i, j)]),
+                    });
+                }
+            }
+        }
+        Ok(Self { mat })
+    }
+
+    /// The matrix.
+    pub fn matrix(&self) -> MatRef<'_, f64> {
+        self.mat.as_ref()
+    }
+
+    fn check(&self, g: MatRef<'_, f64>) -> Result<()> {
+        if g.nrows() != self.mat.nrows() {
+            return Err(Error::shape(
+                "dense Sigma (must be P×P with P the gradient length)",
+                format!("{0}×{0}", g.nrows()),
+                format!("{0}×{0}", self.mat.nrows()),
+            ));
+        }
+        check_block(self.mat.nrows(), g)
+    }
+}
+
+impl SigmaOp for DenseSigma {
+    fn dim(&self) -> usize {
+        self.mat.nrows()
+    }
+    fn name(&self) -> String {
+        "dense".into()
+    }
+    fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        self.check(g)?;
+        let mut out = Mat::zeros(g.nrows(), g.ncols());
+        matmul(out.as_mut(), Accum::Replace, self.mat.as_ref(), g, 1.0, Par::rayon(0));
+        Ok(out)
+    }
+}

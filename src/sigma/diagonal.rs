@@ -1,0 +1,67 @@
+use faer::{Mat, MatRef};
+
+use super::{check_block, finish, SigmaOp};
+use crate::error::{check_finite, Error, Result};
+
+/// Σ = diag(d) for a user vector d (length P, finite, non-negative). Holds O(P).
+///
+/// ```
+/// use deltavar::sigma::{DiagonalSigma, SigmaOp};
+/// let s = DiagonalSigma::new(vec![0.5, 2.0]).unwrap();
+/// assert_eq!(s.quad_form(&[2.0, 1.0]).unwrap(), 4.0);
+/// ```
+#[derive(Debug, Clone)]
+pub struct DiagonalSigma {
+    diag: Vec<f64>,
+}
+
+impl DiagonalSigma {
+    /// Σ = diag(d). Fails on a non-finite or negative entry (a covariance has none).
+    pub fn new(diag: Vec<f64>) -> Result<Self> {
+        check_finite("diagonal Sigma", &diag)?;
+        if let Some((i, v)) = diag.iter().enumerate().find(|(_, v)| **v < 0.0) {
+            return Err(Error::invalid(
+                format!("diagonal Sigma entry {i}"),
+                v,
+                "a covariance diagonal must be non-negative",
+            ));
+        }
+        Ok(Self { diag })
+    }
+
+    /// The diagonal.
+    pub fn diag(&self) -> &[f64] {
+        &self.diag
+    }
+
+    fn check(&self, g: MatRef<'_, f64>) -> Result<()> {
+        if g.nrows() != self.diag.len() {
+            return Err(Error::shape(
+                "diagonal Sigma (its length must equal the gradient length P)",
+                format!("length {}", g.nrows()),
+                format!("length {}", self.diag.len()),
+            ));
+        }
+        check_block(self.diag.len(), g)
+    }
+}
+
+impl SigmaOp for DiagonalSigma {
+    fn dim(&self) -> usize {
+        self.diag.len()
+    }
+    fn name(&self) -> String {
+        "diagonal".into()
+    }
+    fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        self.check(g)?;
+        Ok(Mat::from_fn(g.nrows(), g.ncols(), |i, j| self.diag[i] * g[(i, j)]))
+    }
+    fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
+        self.check(g)?;
+        let out = (0..g.ncols())
+            .map(|j| (0..g.nrows()).map(|i| self.diag[i] * g[(i, j)] * g[(i, j)]).sum())
+            .collect();
+        finish("diagonal", out)
+    }
+}

@@ -1,0 +1,119 @@
+//! Stage 4 of the pipeline: Σ, the parameter covariance, as a linear operator.
+//!
+//! Solvers and the delta variance only see the [`SigmaOp`] trait. One file per Σ kind:
+//!
+//! | type | Σ | memory held |
+//! |---|---|---|
+//! | [`IdentitySigma`] | I | O(1) |
+//! | [`DiagonalSigma`] | diag(d), user vector | O(P) |
+//! | [`DenseSigma`] | user P×P matrix | O(P²) (the caller's matrix) |
+//! | [`CustomSigma`] | user closure g ↦ gᵀΣg | whatever the closure holds |
+//! | [`InverseDiagonalFisher`] | diag(F + λ)⁻¹ | O(P) |
+//! | [`InverseFullFisher`] | (F + λI)⁻¹ as a Cholesky factor | O(P²) |
+//! | [`ScaledSigma`] | c·Σ (for example the paper's 1/N) | the inner operator's |
+//!
+//! All arithmetic is f64. Every quadratic form checks its result is finite.
+
+mod custom;
+mod dense;
+mod diagonal;
+mod identity;
+mod inverse_fisher;
+mod scaled;
+
+pub use custom::CustomSigma;
+pub use dense::DenseSigma;
+pub use diagonal::DiagonalSigma;
+pub use identity::IdentitySigma;
+pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
+pub(crate) use inverse_fisher::inverse_fim_diagonal as inverse_fisher_diag_values;
+pub use scaled::ScaledSigma;
+
+use faer::{Mat, MatRef};
+
+use crate::error::{check_finite, Error, Result};
+
+/// A parameter covariance Σ (P×P, symmetric positive semi-definite in all built-in kinds),
+/// seen only through its action on gradients.
+///
+/// A block of M gradients is a P×M [`faer`] matrix, one gradient per column.
+pub trait SigmaOp: Send + Sync {
+    /// The dimension P.
+    fn dim(&self) -> usize;
+
+    /// A short name for reports (for example `"inverse_full_empirical_fim"`).
+    fn name(&self) -> String;
+
+    /// Σ·G for a P×M block G. Fails with [`Error::Unsupported`] for Σ kinds that only define
+    /// the quadratic form ([`CustomSigma`]).
+    fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>>;
+
+    /// The quadratic forms gⱼᵀ Σ gⱼ for each column gⱼ of the P×M block G (M values).
+    fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
+        check_block(self.dim(), g)?;
+        let sg = self.apply(g)?;
+        let out: Vec<f64> = (0..g.ncols())
+            .map(|j| (0..g.nrows()).map(|i| g[(i, j)] * sg[(i, j)]).sum())
+            .collect();
+        finish(&self.name(), out)
+    }
+
+    /// The quadratic form gᵀ Σ g for one flat gradient of length P.
+    fn quad_form(&self, g: &[f64]) -> Result<f64> {
+        let m = MatRef::from_column_major_slice(g, g.len(), 1);
+        Ok(self.quad_forms(m)?[0])
+    }
+}
+
+/// Checks that a gradient block has P rows and finite entries.
+pub(crate) fn check_block(p: usize, g: MatRef<'_, f64>) -> Result<()> {
+    if g.nrows() != p {
+        return Err(Error::shape(
+            "gradient block (rows must equal the number of parameters P)",
+            format!("{p} rows"),
+            format!("{} rows", g.nrows()),
+        ));
+    }
+    for j in 0..g.ncols() {
+        for i in 0..g.nrows() {
+            let v = g[(i, j)];
+            if !v.is_finite() {
+                return Err(Error::NonFinite {
+                    what: "QoI gradient".into(),
+                    detail: format!("entry {i} of gradient {j} is {v}"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the quadratic forms are finite.
+pub(crate) fn finish(name: &str, out: Vec<f64>) -> Result<Vec<f64>> {
+    check_finite(&format!("delta variance under Sigma '{name}'"), &out)?;
+    Ok(out)
+}
+
+/// The column-wise sums of squares of a matrix.
+pub(crate) fn col_sum_sq(m: MatRef<'_, f64>) -> Vec<f64> {
+    (0..m.ncols())
+        .map(|j| (0..m.nrows()).map(|i| m[(i, j)] * m[(i, j)]).sum())
+        .collect()
+}
+
+/// Seed counterpart of `apply_identity_sigma(flat_grads)`: ‖g‖².
+pub fn apply_identity_sigma(flat_grads: &[f64]) -> Result<f64> {
+    IdentitySigma::new(flat_grads.len()).quad_form(flat_grads)
+}
+
+/// Seed counterpart of `apply_diagonal_sigma(flat_grads, diag_elements)`: Σᵢ dᵢ gᵢ².
+/// Fails if the lengths differ.
+pub fn apply_diagonal_sigma(flat_grads: &[f64], diag_elements: &[f64]) -> Result<f64> {
+    DiagonalSigma::new(diag_elements.to_vec())?.quad_form(flat_grads)
+}
+
+/// Seed counterpart of `apply_full_sigma(flat_grads, sigma_matrix)`: gᵀ S g.
+/// Fails if the matrix is not P×P.
+pub fn apply_full_sigma(flat_grads: &[f64], sigma_matrix: MatRef<'_, f64>) -> Result<f64> {
+    DenseSigma::new(sigma_matrix.to_owned())?.quad_form(flat_grads)
+}

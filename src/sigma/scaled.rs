@@ -1,0 +1,62 @@
+use faer::{Mat, MatRef};
+
+use super::SigmaOp;
+use crate::error::{Error, Result};
+
+/// c·Σ for an inner operator Σ and a positive finite factor c, for example the paper's
+/// posterior scaling Σ = F⁻¹/N (c = 1/N). Holds the inner operator.
+pub struct ScaledSigma<S> {
+    inner: S,
+    factor: f64,
+}
+
+impl<S: SigmaOp> ScaledSigma<S> {
+    /// c·Σ. Fails unless c is finite and positive.
+    pub fn new(inner: S, factor: f64) -> Result<Self> {
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(Error::invalid("Sigma scale factor", factor, "must be finite and > 0"));
+        }
+        Ok(Self { inner, factor })
+    }
+
+    /// The factor c.
+    pub fn factor(&self) -> f64 {
+        self.factor
+    }
+}
+
+impl<S: SigmaOp> SigmaOp for ScaledSigma<S> {
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        let mut m = self.inner.apply(g)?;
+        for j in 0..m.ncols() {
+            for i in 0..m.nrows() {
+                m[(i, j)] *= self.factor;
+            }
+        }
+        Ok(m)
+    }
+    fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
+        Ok(self.inner.quad_forms(g)?.into_iter().map(|v| v * self.factor).collect())
+    }
+}
+
+impl SigmaOp for Box<dyn SigmaOp> {
+    fn dim(&self) -> usize {
+        (**self).dim()
+    }
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        (**self).apply(g)
+    }
+    fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
+        (**self).quad_forms(g)
+    }
+}
