@@ -100,10 +100,15 @@ impl BatchList {
             let d = TensorDataset::new(x, y)?;
             if let Some(first) = out.first() {
                 let first: &TensorDataset = first;
-                if first.x.dims()[1..] != d.x.dims()[1..] || first.y.dims()[1..] != d.y.dims()[1..] {
+                if first.x.dims()[1..] != d.x.dims()[1..] || first.y.dims()[1..] != d.y.dims()[1..]
+                {
                     return Err(Error::shape(
                         format!("batch {i} of the batch list"),
-                        format!("x {:?}, y {:?} after the first dim", &first.x.dims()[1..], &first.y.dims()[1..]),
+                        format!(
+                            "x {:?}, y {:?} after the first dim",
+                            &first.x.dims()[1..],
+                            &first.y.dims()[1..]
+                        ),
                         format!("x {:?}, y {:?}", d.x.dims(), d.y.dims()),
                     ));
                 }
@@ -112,7 +117,11 @@ impl BatchList {
             total += d.len();
             out.push(d);
         }
-        Ok(Self { batches: out, starts, total })
+        Ok(Self {
+            batches: out,
+            starts,
+            total,
+        })
     }
 }
 

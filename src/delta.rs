@@ -5,8 +5,8 @@ use faer::{Mat, MatRef};
 use crate::error::{Error, Result};
 use crate::fisher::{FisherSource, DEFAULT_MEMORY_BUDGET};
 use crate::sigma::{
-    CustomSigma, DenseSigma, DiagonalSigma, IdentitySigma, InverseDiagonalFisher, InverseFullFisher, ScaledSigma,
-    SigmaOp,
+    CustomSigma, DenseSigma, DiagonalSigma, IdentitySigma, InverseDiagonalFisher,
+    InverseFullFisher, ScaledSigma, SigmaOp,
 };
 
 /// How Σ is chosen (the seed's `sigma_strategy`).
@@ -39,7 +39,10 @@ impl SigmaStrategy {
     }
 
     fn needs_fisher(&self) -> bool {
-        matches!(self, SigmaStrategy::DiagonalEmpiricalFim | SigmaStrategy::InverseFullEmpiricalFim)
+        matches!(
+            self,
+            SigmaStrategy::DiagonalEmpiricalFim | SigmaStrategy::InverseFullEmpiricalFim
+        )
     }
 }
 
@@ -57,7 +60,11 @@ pub struct SigmaOptions {
 
 impl Default for SigmaOptions {
     fn default() -> Self {
-        Self { damping: 1e-5, posterior_scale: false, memory_budget: DEFAULT_MEMORY_BUDGET }
+        Self {
+            damping: 1e-5,
+            posterior_scale: false,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+        }
     }
 }
 
@@ -82,21 +89,28 @@ pub fn build_sigma(
     if strategy.needs_fisher() {
         let src = fisher.ok_or_else(|| Error::MissingInput {
             strategy: name.into(),
-            missing: "a Fisher source (log-likelihood closure, parameters and training dataset)".into(),
+            missing: "a Fisher source (log-likelihood closure, parameters and training dataset)"
+                .into(),
         })?;
         if src.num_params() != num_params {
             return Err(Error::shape(
-                format!("Fisher source for '{name}' (its parameters must be those of the QoI gradient)"),
+                format!(
+                    "Fisher source for '{name}' (its parameters must be those of the QoI gradient)"
+                ),
                 format!("{num_params} parameters"),
                 format!("{} parameters", src.num_params()),
             ));
         }
         let n = src.num_examples();
         let sigma: Box<dyn SigmaOp> = match strategy {
-            SigmaStrategy::DiagonalEmpiricalFim => {
-                Box::new(InverseDiagonalFisher::new(&src.fisher_diag()?.mean(), opts.damping)?)
-            }
-            _ => Box::new(InverseFullFisher::new(src.fisher_dense(opts.memory_budget)?.mean().as_ref(), opts.damping)?),
+            SigmaStrategy::DiagonalEmpiricalFim => Box::new(InverseDiagonalFisher::new(
+                &src.fisher_diag()?.mean(),
+                opts.damping,
+            )?),
+            _ => Box::new(InverseFullFisher::new(
+                src.fisher_dense(opts.memory_budget)?.mean().as_ref(),
+                opts.damping,
+            )?),
         };
         if opts.posterior_scale {
             if n == 0 {

@@ -88,9 +88,7 @@ pub enum Error {
     Parameter(String),
 
     /// A computation would need more memory than the configured budget allows.
-    #[error(
-        "{what} needs about {needed} bytes, over the memory budget of {budget} bytes; {hint}"
-    )]
+    #[error("{what} needs about {needed} bytes, over the memory budget of {budget} bytes; {hint}")]
     MemoryBudget {
         /// What would have been allocated.
         what: String,
@@ -127,7 +125,11 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn shape(what: impl Into<String>, expected: impl ToString, got: impl ToString) -> Self {
+    pub(crate) fn shape(
+        what: impl Into<String>,
+        expected: impl ToString,
+        got: impl ToString,
+    ) -> Self {
         Error::Shape {
             what: what.into(),
             expected: expected.to_string(),
@@ -135,7 +137,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(option: impl Into<String>, value: impl ToString, hint: impl Into<String>) -> Self {
+    pub(crate) fn invalid(
+        option: impl Into<String>,
+        value: impl ToString,
+        hint: impl Into<String>,
+    ) -> Self {
         Error::InvalidOption {
             option: option.into(),
             value: value.to_string(),

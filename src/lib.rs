@@ -54,7 +54,9 @@ pub mod qoi;
 pub mod sigma;
 
 pub use data::{BatchList, Dataset, TensorDataset};
-pub use delta::{build_sigma, calculate_delta_variance, delta_variances, SigmaOptions, SigmaStrategy};
+pub use delta::{
+    build_sigma, calculate_delta_variance, delta_variances, SigmaOptions, SigmaStrategy,
+};
 pub use engine::{GenericFisher, GenericOptions};
 pub use error::{Error, Result};
 pub use fisher::{

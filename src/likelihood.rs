@@ -26,10 +26,25 @@ impl Likelihood {
         Likelihood::Gaussian { sigma: vec![sigma] }
     }
 
+    /// The closure `(x, y) ↦ log p(y | model(x))` (shape (B,)) for [`crate::GenericFisher`].
+    pub fn of<'a, M: candle_core::Module + Sync>(
+        &'a self,
+        model: &'a M,
+    ) -> impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync + 'a {
+        move |x, y| {
+            self.log_likelihood(&model.forward(x)?, y)
+                .map_err(candle_core::Error::wrap)
+        }
+    }
+
     /// Per-example log-likelihoods, shape (B,), of `output` (B, out) against targets `y`.
     pub fn log_likelihood(&self, output: &Tensor, y: &Tensor) -> Result<Tensor> {
         let (b, out) = output.dims2().map_err(|_| {
-            Error::shape("model output for the likelihood", "(batch, outputs)", format!("{:?}", output.dims()))
+            Error::shape(
+                "model output for the likelihood",
+                "(batch, outputs)",
+                format!("{:?}", output.dims()),
+            )
         })?;
         match self {
             Likelihood::Gaussian { sigma } => {
@@ -41,9 +56,17 @@ impl Likelihood {
                     ));
                 }
                 if let Some(s) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-                    return Err(Error::invalid("gaussian sigma", s, "must be finite and > 0"));
+                    return Err(Error::invalid(
+                        "gaussian sigma",
+                        s,
+                        "must be finite and > 0",
+                    ));
                 }
-                let y = if y.rank() == 1 && out == 1 { y.unsqueeze(1)? } else { y.clone() };
+                let y = if y.rank() == 1 && out == 1 {
+                    y.unsqueeze(1)?
+                } else {
+                    y.clone()
+                };
                 if y.dims() != [b, out] {
                     return Err(Error::shape(
                         "gaussian targets y",
@@ -52,11 +75,18 @@ impl Likelihood {
                     ));
                 }
                 let y = y.to_dtype(output.dtype())?;
-                let inv: Vec<f64> = (0..out).map(|k| 1.0 / sigma[if sigma.len() == 1 { 0 } else { k }]).collect();
-                let inv = Tensor::new(inv.as_slice(), output.device())?.to_dtype(output.dtype())?.unsqueeze(0)?;
+                let inv: Vec<f64> = (0..out)
+                    .map(|k| 1.0 / sigma[if sigma.len() == 1 { 0 } else { k }])
+                    .collect();
+                let inv = Tensor::new(inv.as_slice(), output.device())?
+                    .to_dtype(output.dtype())?
+                    .unsqueeze(0)?;
                 let r = (y - output)?.broadcast_mul(&inv)?;
                 let c: f64 = (0..out)
-                    .map(|k| sigma[if sigma.len() == 1 { 0 } else { k }].ln() + 0.5 * (2.0 * std::f64::consts::PI).ln())
+                    .map(|k| {
+                        sigma[if sigma.len() == 1 { 0 } else { k }].ln()
+                            + 0.5 * (2.0 * std::f64::consts::PI).ln()
+                    })
                     .sum();
                 Ok(((r.sqr()?.sum(1)? * -0.5)? - c)?)
             }
@@ -71,9 +101,17 @@ impl Likelihood {
 
 /// One-hot (B, C) in `like`'s dtype from integer labels (B,); labels out of 0..C are an error.
 pub(crate) fn one_hot(y: &Tensor, b: usize, c: usize, like: &Tensor) -> Result<Tensor> {
-    let y = if y.rank() == 2 && y.dims()[1] == 1 { y.squeeze(1)? } else { y.clone() };
+    let y = if y.rank() == 2 && y.dims()[1] == 1 {
+        y.squeeze(1)?
+    } else {
+        y.clone()
+    };
     if y.dims() != [b] {
-        return Err(Error::shape("categorical labels y", format!("[{b}]"), format!("{:?}", y.dims())));
+        return Err(Error::shape(
+            "categorical labels y",
+            format!("[{b}]"),
+            format!("{:?}", y.dims()),
+        ));
     }
     let labels: Vec<i64> = match y.dtype() {
         DType::I64 => y.to_vec1::<i64>()?,
@@ -84,13 +122,23 @@ pub(crate) fn one_hot(y: &Tensor, b: usize, c: usize, like: &Tensor) -> Result<T
             let mut out = Vec::with_capacity(v.len());
             for (i, x) in v.into_iter().enumerate() {
                 if x.fract() != 0.0 || !x.is_finite() {
-                    return Err(Error::invalid(format!("categorical label {i}"), x, "labels must be integers"));
+                    return Err(Error::invalid(
+                        format!("categorical label {i}"),
+                        x,
+                        "labels must be integers",
+                    ));
                 }
                 out.push(x as i64);
             }
             out
         }
-        dt => return Err(Error::invalid("categorical label dtype", format!("{dt:?}"), "use i64, u32 or u8")),
+        dt => {
+            return Err(Error::invalid(
+                "categorical label dtype",
+                format!("{dt:?}"),
+                "use i64, u32 or u8",
+            ))
+        }
     };
     let mut data = vec![0f64; b * c];
     for (i, &l) in labels.iter().enumerate() {

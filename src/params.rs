@@ -108,10 +108,19 @@ impl Params {
             }
             let dims = var.dims().to_vec();
             let numel = var.elem_count();
-            entries.push(ParamEntry { name, var, dims, offset, numel });
+            entries.push(ParamEntry {
+                name,
+                var,
+                dims,
+                offset,
+                numel,
+            });
             offset += numel;
         }
-        Ok(Self { entries, total: offset })
+        Ok(Self {
+            entries,
+            total: offset,
+        })
     }
 
     /// Builds a set from the variables of a candle [`VarMap`] in the given order.
@@ -210,7 +219,11 @@ impl Params {
     /// on the parameters' device (the per-tensor view, like the seed's pytree).
     pub fn unflatten(&self, flat: &[f64]) -> Result<Vec<(String, Tensor)>> {
         if flat.len() != self.total {
-            return Err(Error::shape("flat parameter vector", self.total, flat.len()));
+            return Err(Error::shape(
+                "flat parameter vector",
+                self.total,
+                flat.len(),
+            ));
         }
         self.entries
             .iter()
@@ -257,11 +270,31 @@ mod tests {
 
     #[test]
     fn natural_order_follows_torch_state_dict() {
-        let mut names = vec!["10.bias", "2.weight", "0.bias", "10.weight", "0.weight", "2.bias"];
+        let mut names = vec![
+            "10.bias",
+            "2.weight",
+            "0.bias",
+            "10.weight",
+            "0.weight",
+            "2.bias",
+        ];
         names.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(names, vec!["0.weight", "0.bias", "2.weight", "2.bias", "10.weight", "10.bias"]);
+        assert_eq!(
+            names,
+            vec![
+                "0.weight",
+                "0.bias",
+                "2.weight",
+                "2.bias",
+                "10.weight",
+                "10.bias"
+            ]
+        );
         let mut names = vec!["enc.1.bias", "enc.0.weight", "dec.weight", "enc.0.bias"];
         names.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(names, vec!["dec.weight", "enc.0.weight", "enc.0.bias", "enc.1.bias"]);
+        assert_eq!(
+            names,
+            vec!["dec.weight", "enc.0.weight", "enc.0.bias", "enc.1.bias"]
+        );
     }
 }

@@ -20,19 +20,56 @@ pub enum Qoi {
 impl Qoi {
     /// Per-row values, shape (B,), of a model output (B, out).
     pub fn eval(&self, output: &Tensor) -> Result<Tensor> {
-        let (_, out) = output
-            .dims2()
-            .map_err(|_| Error::shape("model output for the QoI", "(batch, outputs)", format!("{:?}", output.dims())))?;
+        let (_, out) = output.dims2().map_err(|_| {
+            Error::shape(
+                "model output for the QoI",
+                "(batch, outputs)",
+                format!("{:?}", output.dims()),
+            )
+        })?;
         let k = match self {
             Qoi::Sum => return Ok(output.sum(1)?),
             Qoi::Output(k) | Qoi::Prob(k) => *k,
         };
         if k >= out {
-            return Err(Error::invalid("QoI output index", k, format!("the model has {out} outputs (0..{out})")));
+            return Err(Error::invalid(
+                "QoI output index",
+                k,
+                format!("the model has {out} outputs (0..{out})"),
+            ));
         }
         match self {
             Qoi::Output(_) => Ok(output.narrow(1, k, 1)?.squeeze(1)?),
-            _ => Ok(candle_nn::ops::softmax(output, D::Minus1)?.narrow(1, k, 1)?.squeeze(1)?),
+            _ => Ok(candle_nn::ops::softmax(output, D::Minus1)?
+                .narrow(1, k, 1)?
+                .squeeze(1)?),
+        }
+    }
+}
+
+impl Qoi {
+    /// The closure `z ↦ Σ_rows qoi(model(z))` for [`qoi_gradient`] / [`qoi_gradients`] (for one
+    /// query row it is the QoI itself).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use deltavar::{qoi_gradient, Activation, Mlp, Qoi};
+    /// let vm = VarMap::new();
+    /// let mlp = Mlp::new(VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu), &[2, 4, 3], Activation::Relu, None).unwrap();
+    /// let params = mlp.params(&vm).unwrap();
+    /// let z = Tensor::new(&[[0.1f64, 0.2]], &Device::Cpu).unwrap();
+    /// let g = qoi_gradient(&params, &z, Qoi::Prob(1).of(&mlp)).unwrap();
+    /// assert!(g.value > 0.0 && g.value < 1.0);
+    /// ```
+    pub fn of<'a, M: candle_core::Module + Sync>(
+        self,
+        model: &'a M,
+    ) -> impl Fn(&Tensor) -> candle_core::Result<Tensor> + Sync + 'a {
+        move |z| {
+            self.eval(&model.forward(z)?)
+                .map_err(candle_core::Error::wrap)?
+                .sum_all()
         }
     }
 }
@@ -75,11 +112,20 @@ impl QoiGradient {
 /// Takes the scalar `q` returned by a closure and checks it.
 fn scalar_value(q: &Tensor, what: &str) -> Result<f64> {
     if q.elem_count() != 1 {
-        return Err(Error::NotScalar { what: what.into(), shape: format!("{:?}", q.dims()) });
+        return Err(Error::NotScalar {
+            what: what.into(),
+            shape: format!("{:?}", q.dims()),
+        });
     }
-    let v = q.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0];
+    let v = q
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?[0];
     if !v.is_finite() {
-        return Err(Error::NonFinite { what: format!("{what} output"), detail: format!("the value is {v}") });
+        return Err(Error::NonFinite {
+            what: format!("{what} output"),
+            detail: format!("the value is {v}"),
+        });
     }
     Ok(v)
 }
@@ -130,7 +176,10 @@ where
     let cols = crate::engine::generic::map_examples(m, opts, |j| {
         let z = queries.narrow(0, j, 1)?;
         let g = qoi_gradient(params, &z, &qoi).map_err(|e| match e {
-            Error::NonFinite { what, detail } => Error::NonFinite { what, detail: format!("{detail} (query {j})") },
+            Error::NonFinite { what, detail } => Error::NonFinite {
+                what,
+                detail: format!("{detail} (query {j})"),
+            },
             e => e,
         })?;
         Ok(g)

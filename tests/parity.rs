@@ -9,7 +9,7 @@
 
 mod common;
 
-use candle_core::{DType, Module};
+use candle_core::DType;
 use common::*;
 use deltavar::*;
 
@@ -25,27 +25,49 @@ struct Errors {
 fn run_case(case: &Case, dtype: DType) -> Errors {
     let (mlp, varmap) = case.model(dtype);
     let params = mlp.params(&varmap).unwrap();
-    let names: Vec<String> = case.expected["param_order"].as_array().unwrap().iter().map(|v| v[0].as_str().unwrap().to_string()).collect();
-    assert_eq!(params.names(), names, "flat order must follow the state dict");
-    assert_eq!(params.num_params() as u64, case.expected["num_params"].as_u64().unwrap());
+    let names: Vec<String> = case.expected["param_order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[0].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        params.names(),
+        names,
+        "flat order must follow the state dict"
+    );
+    assert_eq!(
+        params.num_params() as u64,
+        case.expected["num_params"].as_u64().unwrap()
+    );
 
     let data = case.data(dtype);
     let lik = case.likelihood();
     let ll = ll_closure(&mlp, &lik);
-    let fisher = GenericFisher::new(&params, ll, &data, GenericOptions { batch_size: 37, ..Default::default() });
+    let fisher = GenericFisher::new(
+        &params,
+        ll,
+        &data,
+        GenericOptions {
+            batch_size: 37,
+            ..Default::default()
+        },
+    );
     let qoi = case.qoi();
     let queries = case.npy("queries.npy", Some(dtype));
-    let (grads, values) = qoi_gradients(
-        &params,
-        &queries,
-        |z| Ok(qoi.eval(&mlp.forward(z)?).map_err(candle_core::Error::wrap)?.sum_all()?),
-        &GenericOptions::default(),
-    )
-    .unwrap();
-    let opts = SigmaOptions { damping: case.damping(), ..Default::default() };
+    let (grads, values) =
+        qoi_gradients(&params, &queries, qoi.of(&mlp), &GenericOptions::default()).unwrap();
+    let opts = SigmaOptions {
+        damping: case.damping(),
+        ..Default::default()
+    };
     let p = params.num_params();
     let mut out = vec![];
-    for strategy in [SigmaStrategy::Identity, SigmaStrategy::DiagonalEmpiricalFim, SigmaStrategy::InverseFullEmpiricalFim] {
+    for strategy in [
+        SigmaStrategy::Identity,
+        SigmaStrategy::DiagonalEmpiricalFim,
+        SigmaStrategy::InverseFullEmpiricalFim,
+    ] {
         let sigma = build_sigma(strategy, p, &opts, Some(&fisher)).unwrap();
         out.push(delta_variances(grads.as_ref(), &*sigma).unwrap());
     }
@@ -70,7 +92,14 @@ fn parity_f64() {
             "{name} f64: identity {:.1e} diag {:.1e} full {:.1e} fim_diag {:.1e} grad {:.1e} qoi {:.1e}",
             e.identity, e.diag, e.full, e.fim_diag, e.grad, e.qoi
         );
-        for (what, v) in [("identity", e.identity), ("diagonal", e.diag), ("full", e.full), ("fim_diagonal", e.fim_diag), ("first_qoi_gradient", e.grad), ("qoi_value", e.qoi)] {
+        for (what, v) in [
+            ("identity", e.identity),
+            ("diagonal", e.diag),
+            ("full", e.full),
+            ("fim_diagonal", e.fim_diag),
+            ("first_qoi_gradient", e.grad),
+            ("qoi_value", e.qoi),
+        ] {
             assert!(v <= 1e-6, "{name}: {what} relative error {v:e} > 1e-6");
         }
     }
@@ -85,7 +114,14 @@ fn parity_f32() {
             "{name} f32: identity {:.1e} diag {:.1e} full {:.1e} fim_diag {:.1e} grad {:.1e} qoi {:.1e}",
             e.identity, e.diag, e.full, e.fim_diag, e.grad, e.qoi
         );
-        for (what, v) in [("identity", e.identity), ("diagonal", e.diag), ("full", e.full), ("fim_diagonal", e.fim_diag), ("first_qoi_gradient", e.grad), ("qoi_value", e.qoi)] {
+        for (what, v) in [
+            ("identity", e.identity),
+            ("diagonal", e.diag),
+            ("full", e.full),
+            ("fim_diagonal", e.fim_diag),
+            ("first_qoi_gradient", e.grad),
+            ("qoi_value", e.qoi),
+        ] {
             assert!(v <= 1e-5, "{name}: f32 {what} relative error {v:e} > 1e-5");
         }
     }

@@ -36,7 +36,11 @@ pub struct GenericOptions {
 
 impl Default for GenericOptions {
     fn default() -> Self {
-        Self { batch_size: 64, threads: 0, single_threaded_candle: true }
+        Self {
+            batch_size: 64,
+            threads: 0,
+            single_threaded_candle: true,
+        }
     }
 }
 
@@ -75,14 +79,22 @@ impl Drop for CandleThreadsGuard {
 /// Runs `f` inside a pool of `opts.threads` workers with the candle threading guard.
 pub(crate) fn in_pool<T: Send>(opts: &GenericOptions, f: impl FnOnce() -> T + Send) -> Result<T> {
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         opts.threads
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
-        .map_err(|e| Error::invalid("threads", threads, format!("could not start the worker pool: {e}")))?;
+        .map_err(|e| {
+            Error::invalid(
+                "threads",
+                threads,
+                format!("could not start the worker pool: {e}"),
+            )
+        })?;
     let _guard = CandleThreadsGuard::new(opts.single_threaded_candle);
     Ok(pool.install(f))
 }
@@ -94,7 +106,9 @@ pub(crate) fn map_examples<T: Send>(
     f: impl Fn(usize) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
     opts.validate()?;
-    in_pool(opts, || (0..n).into_par_iter().map(&f).collect::<Result<Vec<T>>>())?
+    in_pool(opts, || {
+        (0..n).into_par_iter().map(&f).collect::<Result<Vec<T>>>()
+    })?
 }
 
 /// The empirical Fisher of a user log-likelihood closure over a dataset, by the generic path.
@@ -131,22 +145,43 @@ where
     L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
 {
     /// The generic Fisher of `log_lik` over `data` with respect to `params`.
-    pub fn new(params: &'a Params, log_lik: L, data: &'a dyn Dataset, opts: GenericOptions) -> Self {
-        Self { params, log_lik, data, opts }
+    pub fn new(
+        params: &'a Params,
+        log_lik: L,
+        data: &'a dyn Dataset,
+        opts: GenericOptions,
+    ) -> Self {
+        Self {
+            params,
+            log_lik,
+            data,
+            opts,
+        }
     }
 
     /// Gradient of example `i` (local index `i` of the chunk `x`, `y`) into `out`.
-    fn example_grad(&self, x: &Tensor, y: &Tensor, i: usize, global: usize, out: &mut [f64]) -> Result<()> {
+    fn example_grad(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        i: usize,
+        global: usize,
+        out: &mut [f64],
+    ) -> Result<()> {
         let xi = x.narrow(0, i, 1)?;
         let yi = y.narrow(0, i, 1)?;
         let ll = (self.log_lik)(&xi, &yi)?;
         if ll.elem_count() != 1 {
             return Err(Error::NotScalar {
-                what: "log-likelihood closure (it must return shape (B,), one value per example)".into(),
+                what: "log-likelihood closure (it must return shape (B,), one value per example)"
+                    .into(),
                 shape: format!("{:?} for a batch of 1", ll.dims()),
             });
         }
-        let v = ll.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0];
+        let v = ll
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?[0];
         if !v.is_finite() {
             return Err(Error::NonFinite {
                 what: "log-likelihood".into(),

@@ -46,7 +46,11 @@ impl FisherDiag {
     pub fn from_sums(sum_sq: Vec<f64>, n: usize) -> Result<Self> {
         check_finite("Fisher diagonal sums", &sum_sq)?;
         if let Some((i, v)) = sum_sq.iter().enumerate().find(|(_, v)| **v < 0.0) {
-            return Err(Error::invalid(format!("Fisher diagonal sum entry {i}"), v, "must be >= 0"));
+            return Err(Error::invalid(
+                format!("Fisher diagonal sum entry {i}"),
+                v,
+                "must be >= 0",
+            ));
         }
         Ok(Self { sum_sq, n })
     }
@@ -60,13 +64,21 @@ impl FisherDiag {
     }
     /// The MEAN diagonal Σᵢ gᵢ² / N (zeros when N = 0).
     pub fn mean(&self) -> Vec<f64> {
-        let inv = if self.n == 0 { 0.0 } else { 1.0 / self.n as f64 };
+        let inv = if self.n == 0 {
+            0.0
+        } else {
+            1.0 / self.n as f64
+        };
         self.sum_sq.iter().map(|v| v * inv).collect()
     }
     /// Adds another partial result (for example another shard's) to this one.
     pub fn merge(&mut self, other: &FisherDiag) -> Result<()> {
         if other.sum_sq.len() != self.sum_sq.len() {
-            return Err(Error::shape("Fisher diagonal to merge", self.sum_sq.len(), other.sum_sq.len()));
+            return Err(Error::shape(
+                "Fisher diagonal to merge",
+                self.sum_sq.len(),
+                other.sum_sq.len(),
+            ));
         }
         for (a, b) in self.sum_sq.iter_mut().zip(&other.sum_sq) {
             *a += b;
@@ -88,13 +100,20 @@ impl FisherDense {
     pub fn from_lower_sum(mut sum: Mat<f64>, n: usize) -> Result<Self> {
         let p = sum.nrows();
         if sum.ncols() != p {
-            return Err(Error::shape("dense Fisher sum", format!("{p}×{p}"), format!("{}×{}", p, sum.ncols())));
+            return Err(Error::shape(
+                "dense Fisher sum",
+                format!("{p}×{p}"),
+                format!("{}×{}", p, sum.ncols()),
+            ));
         }
         for j in 0..p {
             for i in j..p {
                 let v = sum[(i, j)];
                 if !v.is_finite() {
-                    return Err(Error::NonFinite { what: "dense Fisher sum".into(), detail: format!("entry ({i}, {j}) is {v}") });
+                    return Err(Error::NonFinite {
+                        what: "dense Fisher sum".into(),
+                        detail: format!("entry ({i}, {j}) is {v}"),
+                    });
                 }
                 sum[(j, i)] = v;
             }
@@ -111,12 +130,21 @@ impl FisherDense {
     }
     /// The MEAN Fisher Σᵢ gᵢgᵢᵀ / N (zero when N = 0).
     pub fn mean(&self) -> Mat<f64> {
-        let inv = if self.n == 0 { 0.0 } else { 1.0 / self.n as f64 };
-        Mat::from_fn(self.sum.nrows(), self.sum.ncols(), |i, j| self.sum[(i, j)] * inv)
+        let inv = if self.n == 0 {
+            0.0
+        } else {
+            1.0 / self.n as f64
+        };
+        Mat::from_fn(self.sum.nrows(), self.sum.ncols(), |i, j| {
+            self.sum[(i, j)] * inv
+        })
     }
     /// The diagonal of the sum, as a [`FisherDiag`].
     pub fn diag(&self) -> FisherDiag {
-        FisherDiag { sum_sq: (0..self.sum.nrows()).map(|i| self.sum[(i, i)]).collect(), n: self.n }
+        FisherDiag {
+            sum_sq: (0..self.sum.nrows()).map(|i| self.sum[(i, i)]).collect(),
+            n: self.n,
+        }
     }
 }
 
@@ -132,7 +160,10 @@ pub fn calculate_inverse_fim_diagonal(source: &dyn FisherSource, damping: f64) -
 
 /// Seed counterpart of `calculate_empirical_fim_full`: the MEAN P×P Fisher (refused above
 /// `memory_budget` bytes; see [`DEFAULT_MEMORY_BUDGET`]).
-pub fn calculate_empirical_fim_full(source: &dyn FisherSource, memory_budget: u64) -> Result<Mat<f64>> {
+pub fn calculate_empirical_fim_full(
+    source: &dyn FisherSource,
+    memory_budget: u64,
+) -> Result<Mat<f64>> {
     Ok(source.fisher_dense(memory_budget)?.mean())
 }
 
@@ -144,5 +175,8 @@ pub fn calculate_inverse_fim_full(
     damping: f64,
     memory_budget: u64,
 ) -> Result<crate::sigma::InverseFullFisher> {
-    crate::sigma::InverseFullFisher::new(source.fisher_dense(memory_budget)?.mean().as_ref(), damping)
+    crate::sigma::InverseFullFisher::new(
+        source.fisher_dense(memory_budget)?.mean().as_ref(),
+        damping,
+    )
 }

@@ -13,9 +13,11 @@ pub enum Activation {
     Tanh,
     /// 1 / (1 + e^{-z}).
     Sigmoid,
-    /// The exact GELU, z·Φ(z) with the erf form (PyTorch's default `nn.GELU()`).
+    /// The exact GELU, z·Φ(z) with the erf form (PyTorch's default `nn.GELU()`; candle's
+    /// `gelu_erf`).
     Gelu,
-    /// The tanh approximation of GELU (PyTorch's `nn.GELU(approximate="tanh")`, candle's `gelu`).
+    /// The tanh approximation of GELU, ½z(1 + tanh(√(2/π)(z + 0.044715z³))) (PyTorch's
+    /// `nn.GELU(approximate="tanh")`; candle's `gelu`).
     GeluTanh,
     /// z·sigmoid(z).
     Silu,
@@ -57,8 +59,17 @@ impl Activation {
             Activation::Relu => z.relu(),
             Activation::Tanh => z.tanh(),
             Activation::Sigmoid => candle_nn::ops::sigmoid(z),
-            Activation::Gelu => z.gelu_erf(),
-            Activation::GeluTanh => z.gelu(),
+            // Composed from exact primitives: candle's fused gelu ops differentiate with
+            // rounded constants (0.398942, 0.797885, ...), ~1e-7 off the true derivative.
+            Activation::Gelu => {
+                let phi = ((z * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+                (z * 0.5)? * phi
+            }
+            Activation::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let inner = ((z + ((z.sqr()? * z)? * 0.044715)?)? * c)?;
+                (z * 0.5)? * (inner.tanh()? + 1.0)?
+            }
             Activation::Silu => z.silu(),
             Activation::Softplus => {
                 let t = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
@@ -71,12 +82,67 @@ impl Activation {
 impl std::str::FromStr for Activation {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Activation::ALL.iter().copied().find(|a| a.name() == s).ok_or_else(|| {
-            Error::invalid(
+        Activation::ALL
+            .iter()
+            .copied()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| {
+                Error::invalid(
                 "activation",
                 s,
                 "expected one of identity, relu, tanh, sigmoid, gelu, gelu-tanh, silu, softplus",
             )
-        })
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn forward_values_match_closed_forms() {
+        let z = Tensor::new(&[-2.0f64, 1.0, 30.0], &Device::Cpu).unwrap();
+        let expect = [
+            (Activation::Identity, [-2.0, 1.0, 30.0]),
+            (Activation::Relu, [0.0, 1.0, 30.0]),
+            (
+                Activation::Tanh,
+                [-0.9640275800758169, 0.7615941559557649, 1.0],
+            ),
+            (
+                Activation::Sigmoid,
+                [0.11920292202211755, 0.7310585786300049, 0.9999999999999065],
+            ),
+            (
+                Activation::Gelu,
+                [-0.04550026389635842, 0.8413447460685429, 30.0],
+            ),
+            (
+                Activation::GeluTanh,
+                [-0.04540230591222195, 0.8411919906082768, 30.0],
+            ),
+            (
+                Activation::Silu,
+                [-0.23840584404423515, 0.7310585786300049, 29.999999999997197],
+            ),
+            (
+                Activation::Softplus,
+                [0.12692801104297263, 1.3132616875182228, 30.0],
+            ),
+        ];
+        for (act, want) in expect {
+            let got = act.forward(&z).unwrap().to_vec1::<f64>().unwrap();
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-14 * w.abs().max(1.0),
+                    "{}: {g} vs {w}",
+                    act.name()
+                );
+            }
+            assert_eq!(act.name().parse::<Activation>().unwrap(), act);
+        }
+        assert!("swish".parse::<Activation>().is_err());
     }
 }

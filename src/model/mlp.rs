@@ -29,7 +29,12 @@ impl Mlp {
     /// Builds an MLP with layer widths `sizes` (`[in, h1, ..., out]`) from a [`VarBuilder`], at
     /// the given layer names (default `nn.Sequential` names when `None`). With a `VarMap`-backed
     /// builder the weights become trainable `Var`s (new ones are initialised as candle-nn does).
-    pub fn new(vb: VarBuilder, sizes: &[usize], act: Activation, layer_names: Option<&[String]>) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        sizes: &[usize],
+        act: Activation,
+        layer_names: Option<&[String]>,
+    ) -> Result<Self> {
         if sizes.len() < 2 || sizes.contains(&0) {
             return Err(Error::invalid(
                 "MLP sizes",
@@ -40,7 +45,11 @@ impl Mlp {
         let n = sizes.len() - 1;
         let names = match layer_names {
             Some(names) if names.len() != n => {
-                return Err(Error::shape("MLP layer names", format!("{n} names"), format!("{} names", names.len())))
+                return Err(Error::shape(
+                    "MLP layer names",
+                    format!("{n} names"),
+                    format!("{} names", names.len()),
+                ))
             }
             Some(names) => names.to_vec(),
             None => sequential_layer_names(n),
@@ -57,7 +66,12 @@ impl Mlp {
             })?;
             layers.push(l);
         }
-        Ok(Self { layers, names, sizes: sizes.to_vec(), act })
+        Ok(Self {
+            layers,
+            names,
+            sizes: sizes.to_vec(),
+            act,
+        })
     }
 
     /// Loads a PyTorch-style safetensors file as trainable variables in `dtype` on `device`.
@@ -138,7 +152,10 @@ impl Mlp {
             vb.pp(prefix.trim_end_matches('.'))
         };
         let mlp = Self::new(vb, &sizes, act, Some(&names))?;
-        let mlp = Self { names: names.iter().map(|n| format!("{prefix}{n}")).collect(), ..mlp };
+        let mlp = Self {
+            names: names.iter().map(|n| format!("{prefix}{n}")).collect(),
+            ..mlp
+        };
         Ok((mlp, varmap))
     }
 
@@ -164,7 +181,10 @@ impl Mlp {
 
     /// The parameter names in `nn.Sequential` state-dict order (`0.weight, 0.bias, 2.weight, ...`).
     pub fn param_names(&self) -> Vec<String> {
-        self.names.iter().flat_map(|n| [format!("{n}.weight"), format!("{n}.bias")]).collect()
+        self.names
+            .iter()
+            .flat_map(|n| [format!("{n}.weight"), format!("{n}.bias")])
+            .collect()
     }
 
     /// The parameters of this MLP from its `VarMap`, in state-dict order.

@@ -22,13 +22,18 @@ pub struct CustomSigma {
 impl CustomSigma {
     /// A custom Σ on P parameters.
     pub fn new(dim: usize, f: impl Fn(&[f64]) -> f64 + Send + Sync + 'static) -> Self {
-        Self { dim, f: Box::new(f) }
+        Self {
+            dim,
+            f: Box::new(f),
+        }
     }
 }
 
 impl std::fmt::Debug for CustomSigma {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CustomSigma").field("dim", &self.dim).finish_non_exhaustive()
+        f.debug_struct("CustomSigma")
+            .field("dim", &self.dim)
+            .finish_non_exhaustive()
     }
 }
 

@@ -63,7 +63,14 @@ impl SigmaOp for DenseSigma {
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
         self.check(g)?;
         let mut out = Mat::zeros(g.nrows(), g.ncols());
-        matmul(out.as_mut(), Accum::Replace, self.mat.as_ref(), g, 1.0, Par::rayon(0));
+        matmul(
+            out.as_mut(),
+            Accum::Replace,
+            self.mat.as_ref(),
+            g,
+            1.0,
+            Par::rayon(0),
+        );
         Ok(out)
     }
 }

@@ -55,12 +55,18 @@ impl SigmaOp for DiagonalSigma {
     }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
         self.check(g)?;
-        Ok(Mat::from_fn(g.nrows(), g.ncols(), |i, j| self.diag[i] * g[(i, j)]))
+        Ok(Mat::from_fn(g.nrows(), g.ncols(), |i, j| {
+            self.diag[i] * g[(i, j)]
+        }))
     }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
         self.check(g)?;
         let out = (0..g.ncols())
-            .map(|j| (0..g.nrows()).map(|i| self.diag[i] * g[(i, j)] * g[(i, j)]).sum())
+            .map(|j| {
+                (0..g.nrows())
+                    .map(|i| self.diag[i] * g[(i, j)] * g[(i, j)])
+                    .sum()
+            })
             .collect();
         finish("diagonal", out)
     }

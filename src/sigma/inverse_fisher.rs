@@ -141,7 +141,21 @@ impl InverseFullFisher {
                 suggestion: suggest(damping, if p > 0 { trace / p as f64 } else { 1.0 }),
             }
         })?;
-        Ok(Self { l: llt.L().to_owned(), damping })
+        // faer only rejects pivots <= 0; a pivot that survived by rounding on a numerically
+        // singular matrix would give meaningless, huge variances, so reject those too.
+        let l = llt.L().to_owned();
+        let max_diag = (0..p).map(|i| a[(i, i)]).fold(0.0f64, f64::max);
+        let tol = (p.max(1) as f64) * f64::EPSILON * max_diag;
+        if let Some(i) = (0..p).find(|&i| l[(i, i)] * l[(i, i)] <= tol) {
+            return Err(Error::NotPositiveDefinite {
+                what: "empirical Fisher + damping·I (numerically singular)".into(),
+                pivot: i,
+                dim: p,
+                damping,
+                suggestion: suggest(damping, if p > 0 { trace / p as f64 } else { 1.0 }),
+            });
+        }
+        Ok(Self { l, damping })
     }
 
     /// The damping λ.

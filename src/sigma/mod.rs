@@ -25,8 +25,8 @@ pub use custom::CustomSigma;
 pub use dense::DenseSigma;
 pub use diagonal::DiagonalSigma;
 pub use identity::IdentitySigma;
-pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
 pub(crate) use inverse_fisher::inverse_fim_diagonal as inverse_fisher_diag_values;
+pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
 pub use scaled::ScaledSigma;
 
 use faer::{Mat, MatRef};
@@ -50,7 +50,6 @@ pub trait SigmaOp: Send + Sync {
 
     /// The quadratic forms gⱼᵀ Σ gⱼ for each column gⱼ of the P×M block G (M values).
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
-        check_block(self.dim(), g)?;
         let sg = self.apply(g)?;
         let out: Vec<f64> = (0..g.ncols())
             .map(|j| (0..g.nrows()).map(|i| g[(i, j)] * sg[(i, j)]).sum())

@@ -14,7 +14,11 @@ impl<S: SigmaOp> ScaledSigma<S> {
     /// c·Σ. Fails unless c is finite and positive.
     pub fn new(inner: S, factor: f64) -> Result<Self> {
         if !(factor.is_finite() && factor > 0.0) {
-            return Err(Error::invalid("Sigma scale factor", factor, "must be finite and > 0"));
+            return Err(Error::invalid(
+                "Sigma scale factor",
+                factor,
+                "must be finite and > 0",
+            ));
         }
         Ok(Self { inner, factor })
     }
@@ -42,7 +46,12 @@ impl<S: SigmaOp> SigmaOp for ScaledSigma<S> {
         Ok(m)
     }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
-        Ok(self.inner.quad_forms(g)?.into_iter().map(|v| v * self.factor).collect())
+        Ok(self
+            .inner
+            .quad_forms(g)?
+            .into_iter()
+            .map(|v| v * self.factor)
+            .collect())
     }
 }
 

@@ -18,7 +18,12 @@ pub fn fixtures_dir() -> PathBuf {
     }
 }
 
-pub const CASES: [&str; 4] = ["seed-readme-linear-10-1", "seed-mlp-3-5-2-relu", "tanh-4-16-16-3", "cls-6-12-4-tanh"];
+pub const CASES: [&str; 4] = [
+    "seed-readme-linear-10-1",
+    "seed-mlp-3-5-2-relu",
+    "tanh-4-16-16-3",
+    "cls-6-12-4-tanh",
+];
 
 pub struct Case {
     pub name: String,
@@ -30,8 +35,15 @@ pub struct Case {
 impl Case {
     pub fn load(name: &str) -> Case {
         let dir = fixtures_dir().join(name);
-        let read = |f: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap() };
-        Case { name: name.into(), meta: read("case.json"), expected: read("expected.json"), dir }
+        let read = |f: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(f)).unwrap()).unwrap()
+        };
+        Case {
+            name: name.into(),
+            meta: read("case.json"),
+            expected: read("expected.json"),
+            dir,
+        }
     }
     pub fn act(&self) -> Activation {
         self.meta["act"].as_str().unwrap().parse().unwrap()
@@ -49,10 +61,23 @@ impl Case {
         self.meta["damping"].as_f64().unwrap()
     }
     pub fn vec(&self, key: &str) -> Vec<f64> {
-        self.expected[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect()
+        self.expected[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
     }
     pub fn model(&self, dtype: DType) -> (Mlp, candle_nn::VarMap) {
-        Mlp::load_safetensors(self.dir.join("model.safetensors"), self.act(), dtype, &Device::Cpu, "", None).unwrap()
+        Mlp::load_safetensors(
+            self.dir.join("model.safetensors"),
+            self.act(),
+            dtype,
+            &Device::Cpu,
+            "",
+            None,
+        )
+        .unwrap()
     }
     pub fn npy(&self, f: &str, dtype: Option<DType>) -> Tensor {
         let t = Tensor::read_npy(self.dir.join(f)).unwrap();
@@ -64,7 +89,11 @@ impl Case {
     pub fn data(&self, dtype: DType) -> TensorDataset {
         let x = self.npy("train_x.npy", Some(dtype));
         let y = self.npy("train_y.npy", None);
-        let y = if y.dtype() == DType::I64 { y } else { y.to_dtype(dtype).unwrap() };
+        let y = if y.dtype() == DType::I64 {
+            y
+        } else {
+            y.to_dtype(dtype).unwrap()
+        };
         TensorDataset::new(x, y).unwrap()
     }
 }
@@ -72,19 +101,32 @@ impl Case {
 /// max_i |a_i - b_i| / max(|b_i|, floor)
 pub fn max_rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1e-300)).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1e-300))
+        .fold(0.0, f64::max)
 }
 
 /// Relative error in the max-norm of the whole vector: max |a-b| / max |b|.
 pub fn norm_rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+        / scale
 }
 
 /// Log-likelihood closure of an MLP with a built-in likelihood.
-pub fn ll_closure<'a>(mlp: &'a Mlp, lik: &'a Likelihood) -> impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync + 'a {
-    move |x, y| lik.log_likelihood(&mlp.forward(x)?, y).map_err(candle_core::Error::wrap)
+pub fn ll_closure<'a>(
+    mlp: &'a Mlp,
+    lik: &'a Likelihood,
+) -> impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync + 'a {
+    move |x, y| {
+        lik.log_likelihood(&mlp.forward(x)?, y)
+            .map_err(candle_core::Error::wrap)
+    }
 }
 
 /// A deterministic pseudo-random f64 vector (xorshift), values in [-1, 1).
@@ -98,4 +140,81 @@ pub fn pseudo_random(n: usize, seed: u64) -> Vec<f64> {
             (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
         })
         .collect()
+}
+
+/// Dense matrix as Vec<Vec<f64>> (row-major) from a faer matrix.
+pub fn to_rows(m: faer::MatRef<'_, f64>) -> Vec<Vec<f64>> {
+    (0..m.nrows())
+        .map(|i| (0..m.ncols()).map(|j| m[(i, j)]).collect())
+        .collect()
+}
+
+/// Inverse by Gauss-Jordan elimination with partial pivoting (an oracle independent of faer).
+pub fn gauss_jordan_inverse(a: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let n = a.len();
+    let mut m: Vec<Vec<f64>> = a.to_vec();
+    let mut inv: Vec<Vec<f64>> = (0..n)
+        .map(|i| (0..n).map(|j| if i == j { 1.0 } else { 0.0 }).collect())
+        .collect();
+    for c in 0..n {
+        let p = (c..n)
+            .max_by(|&i, &j| m[i][c].abs().partial_cmp(&m[j][c].abs()).unwrap())
+            .unwrap();
+        m.swap(c, p);
+        inv.swap(c, p);
+        let d = m[c][c];
+        for j in 0..n {
+            m[c][j] /= d;
+            inv[c][j] /= d;
+        }
+        for i in 0..n {
+            if i != c {
+                let f = m[i][c];
+                if f != 0.0 {
+                    for j in 0..n {
+                        m[i][j] -= f * m[c][j];
+                        inv[i][j] -= f * inv[c][j];
+                    }
+                }
+            }
+        }
+    }
+    inv
+}
+
+/// xᵀ A y for row-major A.
+pub fn bilinear(x: &[f64], a: &[Vec<f64>], y: &[f64]) -> f64 {
+    a.iter()
+        .zip(x)
+        .map(|(row, xi)| xi * row.iter().zip(y).map(|(aij, yj)| aij * yj).sum::<f64>())
+        .sum()
+}
+
+/// A small random MLP in f64 with its parameters; weights from a deterministic generator.
+pub fn random_mlp(sizes: &[usize], act: Activation, seed: u64) -> (Mlp, candle_nn::VarMap, Params) {
+    let dev = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+    let mlp = Mlp::new(vb, sizes, act, None).unwrap();
+    let params = mlp.params(&varmap).unwrap();
+    let vals: Vec<f64> = pseudo_random(params.num_params(), seed)
+        .iter()
+        .map(|v| 0.8 * v)
+        .collect();
+    params.set_flat_values(&vals).unwrap();
+    (mlp, varmap, params)
+}
+
+/// Random inputs (n, d) in f64.
+pub fn random_tensor(n: usize, d: usize, seed: u64) -> Tensor {
+    Tensor::from_vec(pseudo_random(n * d, seed), (n, d), &Device::Cpu).unwrap()
+}
+
+/// Random class labels (n,) as i64 in 0..c.
+pub fn random_labels(n: usize, c: usize, seed: u64) -> Tensor {
+    let v: Vec<i64> = pseudo_random(n, seed)
+        .iter()
+        .map(|u| (((u + 1.0) / 2.0 * c as f64) as i64).min(c as i64 - 1))
+        .collect();
+    Tensor::from_vec(v, n, &Device::Cpu).unwrap()
 }
