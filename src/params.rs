@@ -239,29 +239,105 @@ impl Params {
     }
 }
 
+/// A borrowed view of a tensor's contiguous CPU data.
+pub(crate) enum FloatSlice<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+/// Calls `f` with the tensor's data as a contiguous f32 or f64 slice, without copying when the
+/// tensor is a contiguous f32/f64 CPU tensor (the usual case for gradients); otherwise through
+/// one f64 copy.
+pub(crate) fn with_float_slice<R>(t: &Tensor, f: impl FnOnce(FloatSlice<'_>) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            match cpu {
+                candle_core::CpuStorage::F32(v) => return Ok(f(FloatSlice::F32(&v[start..end]))),
+                candle_core::CpuStorage::F64(v) => return Ok(f(FloatSlice::F64(&v[start..end]))),
+                _ => {}
+            }
+        }
+    }
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok(f(FloatSlice::F64(&v)))
+}
+
 /// Copies a tensor of any float dtype into an f64 slice of the same element count.
 pub(crate) fn copy_tensor_f64(t: &Tensor, dst: &mut [f64]) -> Result<()> {
     if t.elem_count() != dst.len() {
         return Err(Error::shape("tensor copy", dst.len(), t.elem_count()));
     }
-    let flat = t.flatten_all()?;
-    match flat.dtype() {
-        DType::F64 => {
-            let v = flat.to_vec1::<f64>()?;
-            dst.copy_from_slice(&v);
-        }
-        DType::F32 => {
-            let v = flat.to_vec1::<f32>()?;
-            for (d, s) in dst.iter_mut().zip(v) {
-                *d = s as f64;
+    with_float_slice(t, |s| match s {
+        FloatSlice::F32(v) => {
+            for (d, x) in dst.iter_mut().zip(v) {
+                *d = *x as f64;
             }
         }
-        _ => {
-            let v = flat.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            dst.copy_from_slice(&v);
+        FloatSlice::F64(v) => dst.copy_from_slice(v),
+    })
+}
+
+impl Params {
+    /// Adds gᵢ² of the gradients in `grads` to `acc` (length P) without an intermediate
+    /// P-vector; returns the index of a non-finite entry, if any.
+    pub(crate) fn accumulate_sq_grads(
+        &self,
+        grads: &GradStore,
+        acc: &mut [f64],
+    ) -> Result<Option<usize>> {
+        if acc.len() != self.total {
+            return Err(Error::shape(
+                "Fisher diagonal accumulator",
+                self.total,
+                acc.len(),
+            ));
         }
+        let mut bad = None;
+        for e in &self.entries {
+            let Some(g) = grads.get(e.var.as_tensor()) else {
+                continue;
+            };
+            if g.elem_count() != e.numel {
+                return Err(Error::shape(
+                    format!("gradient of '{}'", e.name),
+                    e.numel,
+                    g.elem_count(),
+                ));
+            }
+            let dst = &mut acc[e.offset..e.offset + e.numel];
+            let ok = with_float_slice(g, |s| match s {
+                FloatSlice::F32(v) => {
+                    let mut finite = true;
+                    for (a, x) in dst.iter_mut().zip(v) {
+                        let x = *x as f64;
+                        finite &= x.is_finite();
+                        *a += x * x;
+                    }
+                    finite
+                }
+                FloatSlice::F64(v) => {
+                    let mut finite = true;
+                    for (a, x) in dst.iter_mut().zip(v) {
+                        finite &= x.is_finite();
+                        *a += x * x;
+                    }
+                    finite
+                }
+            })?;
+            if !ok && bad.is_none() {
+                let mut tmp = vec![0.0; e.numel];
+                copy_tensor_f64(g, &mut tmp)?;
+                bad = tmp
+                    .iter()
+                    .position(|v| !v.is_finite())
+                    .map(|k| e.offset + k);
+            }
+        }
+        Ok(bad)
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! O(threads·P); dense F holds the P×P matrix plus one chunk of `batch_size` gradients,
 //! O(P² + batch_size·P). The N×P matrix is never formed.
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::{Accum, Mat, Par};
@@ -50,6 +51,13 @@ impl GenericOptions {
             return Err(Error::invalid("batch_size", 0, "must be at least 1"));
         }
         Ok(())
+    }
+}
+
+fn non_finite_grad(example: usize, entry: usize, value: f64) -> Error {
+    Error::NonFinite {
+        what: "per-example gradient".into(),
+        detail: format!("training example {example}, parameter entry {entry} is {value}"),
     }
 }
 
@@ -159,15 +167,14 @@ where
         }
     }
 
-    /// Gradient of example `i` (local index `i` of the chunk `x`, `y`) into `out`.
-    fn example_grad(
+    /// Backward pass of example `i` (local index `i` of the chunk `x`, `y`).
+    fn example_backward(
         &self,
         x: &Tensor,
         y: &Tensor,
         i: usize,
         global: usize,
-        out: &mut [f64],
-    ) -> Result<()> {
+    ) -> Result<GradStore> {
         let xi = x.narrow(0, i, 1)?;
         let yi = y.narrow(0, i, 1)?;
         let ll = (self.log_lik)(&xi, &yi)?;
@@ -188,13 +195,22 @@ where
                 detail: format!("training example {global} has log-likelihood {v}"),
             });
         }
-        let grads = ll.sum_all()?.backward()?;
+        Ok(ll.sum_all()?.backward()?)
+    }
+
+    /// Gradient of example `i` (local index `i` of the chunk `x`, `y`) into `out`.
+    fn example_grad(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        i: usize,
+        global: usize,
+        out: &mut [f64],
+    ) -> Result<()> {
+        let grads = self.example_backward(x, y, i, global)?;
         self.params.flatten_grads_into(&grads, out)?;
-        if let Some((k, g)) = out.iter().enumerate().find(|(_, g)| !g.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "per-example gradient".into(),
-                detail: format!("training example {global}, parameter entry {k} is {g}"),
-            });
+        if let Some(k) = out.iter().position(|g| !g.is_finite()) {
+            return Err(non_finite_grad(global, k, out[k]));
         }
         Ok(())
     }
@@ -239,16 +255,15 @@ where
                 let part = (0..len)
                     .into_par_iter()
                     .try_fold(
-                        || (vec![0.0f64; p], vec![0.0f64; p]),
-                        |(mut acc, mut g), i| {
-                            self.example_grad(&x, &y, i, start + i, &mut g)?;
-                            for (a, v) in acc.iter_mut().zip(&g) {
-                                *a += v * v;
+                        || vec![0.0f64; p],
+                        |mut acc, i| {
+                            let grads = self.example_backward(&x, &y, i, start + i)?;
+                            if let Some(k) = self.params.accumulate_sq_grads(&grads, &mut acc)? {
+                                return Err(non_finite_grad(start + i, k, f64::NAN));
                             }
-                            Ok::<_, Error>((acc, g))
+                            Ok::<_, Error>(acc)
                         },
                     )
-                    .map(|r| r.map(|(acc, _)| acc))
                     .try_reduce(
                         || vec![0.0f64; p],
                         |mut a, b| {

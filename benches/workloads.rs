@@ -1,0 +1,79 @@
+//! The peer workloads of `../shared/bench/peers.py`, run by deltavar on the very same files.
+//!
+//!     /tmp/peers-venv/bin/python ../shared/bench/peers.py /tmp/dv-workloads diag   # writes the data, times the peers
+//!     DV_WORKLOADS=/tmp/dv-workloads cargo bench --bench workloads -- diag-generic
+//!
+//! Prints one JSON line per measurement (best of `DV_REPS`, default 2, runs).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use deltavar::*;
+
+fn best_of<T>(reps: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+    let mut best = f64::INFINITY;
+    let mut out = None;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let r = f();
+        best = best.min(t.elapsed().as_secs_f64());
+        out = Some(r);
+    }
+    (best, out.expect("reps >= 1"))
+}
+
+fn main() {
+    let dir =
+        PathBuf::from(std::env::var("DV_WORKLOADS").unwrap_or_else(|_| "/tmp/dv-workloads".into()));
+    let reps: usize = std::env::var("DV_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |w: &str| which.is_empty() || which.iter().any(|a| a == w);
+
+    if want("diag-generic") {
+        let d = dir.join("diag");
+        if !d.join("model.safetensors").exists() {
+            eprintln!("no workload at {} (run peers.py first)", d.display());
+            return;
+        }
+        let (mlp, vm) = Mlp::load_safetensors(
+            d.join("model.safetensors"),
+            Activation::Relu,
+            DType::F32,
+            &Device::Cpu,
+            "",
+            None,
+        )
+        .expect("model");
+        let params = mlp.params(&vm).expect("params");
+        let x = Tensor::read_npy(d.join("train_x.npy")).expect("x");
+        let y = Tensor::read_npy(d.join("train_y.npy")).expect("y");
+        let data = TensorDataset::new(x, y).expect("data");
+        let lik = Likelihood::Categorical;
+        let variants: Vec<(usize, bool)> = match std::env::var("DV_VARIANT").ok().as_deref() {
+            Some("one") => vec![(0, true)],
+            _ => vec![(0, true), (0, false), (1, true)],
+        };
+        for (threads, single) in variants {
+            let opts = GenericOptions {
+                batch_size: 512,
+                threads,
+                single_threaded_candle: single,
+            };
+            let fisher = GenericFisher::new(&params, lik.of(&mlp), &data, opts);
+            let (t, diag) = best_of(reps, || fisher.fisher_diag().expect("diag"));
+            let s: f64 = diag.mean().iter().sum();
+            println!(
+                "{{\"workload\":\"diag\",\"path\":\"generic\",\"threads\":{threads},\"single_threaded_candle\":{single},\"seconds\":{t:.4},\"P\":{},\"N\":{},\"trace_F\":{s:.6e}}}",
+                params.num_params(),
+                data.len()
+            );
+        }
+    }
+}
