@@ -23,6 +23,21 @@ fn best_of<T>(reps: usize, mut f: impl FnMut() -> T) -> (f64, T) {
     (best, out.expect("reps >= 1"))
 }
 
+fn load_diag(dir: &std::path::Path) -> Option<(Mlp, TensorDataset, usize)> {
+    let d = dir.join("diag");
+    if !d.join("model.safetensors").exists() {
+        eprintln!("no workload at {} (run peers.py first)", d.display());
+        return None;
+    }
+    let (mlp, vm) =
+        Mlp::load_safetensors(d.join("model.safetensors"), Activation::Relu, DType::F32, &Device::Cpu, "", None)
+            .expect("model");
+    let p = mlp.params(&vm).expect("params").num_params();
+    let x = Tensor::read_npy(d.join("train_x.npy")).expect("x");
+    let y = Tensor::read_npy(d.join("train_y.npy")).expect("y");
+    Some((mlp, TensorDataset::new(x, y).expect("data"), p))
+}
+
 fn main() {
     let dir =
         PathBuf::from(std::env::var("DV_WORKLOADS").unwrap_or_else(|_| "/tmp/dv-workloads".into()));
@@ -35,6 +50,22 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let want = |w: &str| which.is_empty() || which.iter().any(|a| a == w);
+
+    if want("diag-factored") {
+        if let Some((mlp, data, p)) = load_diag(&dir) {
+            for bs in [128, 256, 512] {
+                let opts = FactoredOptions { batch_size: bs, threads: 0 };
+                let engine = FactoredMlp::new(&mlp).expect("engine");
+                let lik: OutputLikelihood = Likelihood::Categorical.into();
+                let (t, diag) = best_of(reps.max(3), || engine.fisher_diag(&lik, &data, &opts).expect("diag"));
+                let s: f64 = diag.mean().iter().sum();
+                println!(
+                    "{{\"workload\":\"diag\",\"path\":\"factored\",\"batch_size\":{bs},\"seconds\":{t:.4},\"P\":{p},\"N\":{},\"trace_F\":{s:.6e}}}",
+                    data.len()
+                );
+            }
+        }
+    }
 
     if want("diag-generic") {
         let d = dir.join("diag");

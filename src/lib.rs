@@ -57,7 +57,10 @@ pub use data::{BatchList, Dataset, TensorDataset};
 pub use delta::{
     build_sigma, calculate_delta_variance, delta_variances, SigmaOptions, SigmaStrategy,
 };
-pub use engine::{GenericFisher, GenericOptions};
+pub use engine::{
+    FactoredFisher, FactoredMlp, FactoredOptions, Factors, GenericFisher, GenericOptions, OutputLikelihood, OutputQoi,
+    QueryFactors,
+};
 pub use error::{Error, Result};
 pub use fisher::{
     calculate_empirical_fim_diagonal, calculate_empirical_fim_full, calculate_inverse_fim_diagonal,

@@ -101,55 +101,41 @@ impl Likelihood {
 
 /// One-hot (B, C) in `like`'s dtype from integer labels (B,); labels out of 0..C are an error.
 pub(crate) fn one_hot(y: &Tensor, b: usize, c: usize, like: &Tensor) -> Result<Tensor> {
-    let y = if y.rank() == 2 && y.dims()[1] == 1 {
-        y.squeeze(1)?
-    } else {
-        y.clone()
-    };
-    if y.dims() != [b] {
-        return Err(Error::shape(
-            "categorical labels y",
-            format!("[{b}]"),
-            format!("{:?}", y.dims()),
-        ));
-    }
-    let labels: Vec<i64> = match y.dtype() {
-        DType::I64 => y.to_vec1::<i64>()?,
-        DType::U32 => y.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
-        DType::U8 => y.to_vec1::<u8>()?.into_iter().map(i64::from).collect(),
-        DType::F32 | DType::F64 => {
-            let v = y.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let mut out = Vec::with_capacity(v.len());
-            for (i, x) in v.into_iter().enumerate() {
-                if x.fract() != 0.0 || !x.is_finite() {
-                    return Err(Error::invalid(
-                        format!("categorical label {i}"),
-                        x,
-                        "labels must be integers",
-                    ));
-                }
-                out.push(x as i64);
-            }
-            out
-        }
-        dt => {
-            return Err(Error::invalid(
-                "categorical label dtype",
-                format!("{dt:?}"),
-                "use i64, u32 or u8",
-            ))
-        }
-    };
+    let labels = class_labels(y, b, c, 0)?;
     let mut data = vec![0f64; b * c];
     for (i, &l) in labels.iter().enumerate() {
-        if l < 0 || l as usize >= c {
-            return Err(Error::invalid(
-                format!("categorical label of example {i}"),
-                l,
-                format!("must be in 0..{c} (the model has {c} outputs)"),
-            ));
-        }
-        data[i * c + l as usize] = 1.0;
+        data[i * c + l] = 1.0;
     }
     Ok(Tensor::from_vec(data, (b, c), like.device())?.to_dtype(like.dtype())?)
+}
+
+/// Integer class labels (B,) (or (B, 1)) checked to lie in 0..C; `first_row` numbers the
+/// examples in error messages.
+pub(crate) fn class_labels(y: &Tensor, b: usize, c: usize, first_row: usize) -> Result<Vec<usize>> {
+    let y = if y.rank() == 2 && y.dims()[1] == 1 { y.squeeze(1)? } else { y.clone() };
+    if y.dims() != [b] {
+        return Err(Error::shape("categorical labels y", format!("[{b}]"), format!("{:?}", y.dims())));
+    }
+    let labels: Vec<f64> = match y.dtype() {
+        DType::I64 => y.to_vec1::<i64>()?.into_iter().map(|v| v as f64).collect(),
+        DType::U32 => y.to_vec1::<u32>()?.into_iter().map(f64::from).collect(),
+        DType::U8 => y.to_vec1::<u8>()?.into_iter().map(f64::from).collect(),
+        DType::F32 | DType::F64 => y.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        dt => return Err(Error::invalid("categorical label dtype", format!("{dt:?}"), "use i64, u32 or u8")),
+    };
+    labels
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            if l.fract() != 0.0 || !l.is_finite() || l < 0.0 || l >= c as f64 {
+                Err(Error::invalid(
+                    format!("categorical label of example {}", first_row + i),
+                    l,
+                    format!("must be an integer in 0..{c} (the model has {c} outputs)"),
+                ))
+            } else {
+                Ok(l as usize)
+            }
+        })
+        .collect()
 }

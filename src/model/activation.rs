@@ -79,6 +79,71 @@ impl Activation {
     }
 }
 
+impl Activation {
+    /// φ(z) for one f64 value (the native engine's forward).
+    #[inline]
+    pub fn value(&self, z: f64) -> f64 {
+        match self {
+            Activation::Identity => z,
+            Activation::Relu => z.max(0.0),
+            Activation::Tanh => z.tanh(),
+            Activation::Sigmoid => sigmoid(z),
+            Activation::Gelu => 0.5 * z * (1.0 + libm::erf(z * std::f64::consts::FRAC_1_SQRT_2)),
+            Activation::GeluTanh => 0.5 * z * (1.0 + gelu_tanh_inner(z).tanh()),
+            Activation::Silu => z * sigmoid(z),
+            Activation::Softplus => z.max(0.0) + (-z.abs()).exp().ln_1p(),
+        }
+    }
+
+    /// φ'(z), given z and a = φ(z) (the native engine's backward). ReLU's derivative at 0 is 0,
+    /// as in PyTorch.
+    #[inline]
+    pub fn derivative(&self, z: f64, a: f64) -> f64 {
+        match self {
+            Activation::Identity => 1.0,
+            Activation::Relu => {
+                if z > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::Tanh => 1.0 - a * a,
+            Activation::Sigmoid => a * (1.0 - a),
+            Activation::Gelu => {
+                let cdf = 0.5 * (1.0 + libm::erf(z * std::f64::consts::FRAC_1_SQRT_2));
+                let pdf = (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                cdf + z * pdf
+            }
+            Activation::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let t = gelu_tanh_inner(z).tanh();
+                0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * z * z)
+            }
+            Activation::Silu => {
+                let s = sigmoid(z);
+                s * (1.0 + z * (1.0 - s))
+            }
+            Activation::Softplus => sigmoid(z),
+        }
+    }
+}
+
+#[inline]
+fn sigmoid(z: f64) -> f64 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    }
+}
+
+#[inline]
+fn gelu_tanh_inner(z: f64) -> f64 {
+    (2.0 / std::f64::consts::PI).sqrt() * (z + 0.044715 * z * z * z)
+}
+
 impl std::str::FromStr for Activation {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -142,6 +207,16 @@ mod tests {
                 );
             }
             assert_eq!(act.name().parse::<Activation>().unwrap(), act);
+            for (zi, w) in [-2.0, 1.0, 30.0].iter().zip(want) {
+                assert!((act.value(*zi) - w).abs() <= 1e-14 * w.abs().max(1.0), "{} scalar", act.name());
+            }
+            // the scalar derivative against a central difference
+            for zi in [-1.3, -0.2, 0.4, 2.1] {
+                let h = 1e-6;
+                let fd = (act.value(zi + h) - act.value(zi - h)) / (2.0 * h);
+                let d = act.derivative(zi, act.value(zi));
+                assert!((d - fd).abs() < 1e-8, "{} derivative at {zi}: {d} vs {fd}", act.name());
+            }
         }
         assert!("swish".parse::<Activation>().is_err());
     }

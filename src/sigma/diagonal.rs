@@ -59,6 +59,9 @@ impl SigmaOp for DiagonalSigma {
             self.diag[i] * g[(i, j)]
         }))
     }
+    fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
+        Some(std::borrow::Cow::Borrowed(&self.diag))
+    }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
         self.check(g)?;
         let out = (0..g.ncols())

@@ -27,6 +27,9 @@ impl SigmaOp for IdentitySigma {
         check_block(self.dim, g)?;
         Ok(g.to_owned())
     }
+    fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
+        Some(std::borrow::Cow::Owned(vec![1.0; self.dim]))
+    }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
         check_block(self.dim, g)?;
         finish("identity", col_sum_sq(g))

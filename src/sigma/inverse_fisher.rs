@@ -83,6 +83,9 @@ impl SigmaOp for InverseDiagonalFisher {
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
         self.inner.apply(g)
     }
+    fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
+        self.inner.diagonal()
+    }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
         finish("diagonal_empirical_fim", self.inner.quad_forms(g)?)
     }

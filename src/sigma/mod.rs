@@ -57,6 +57,12 @@ pub trait SigmaOp: Send + Sync {
         finish(&self.name(), out)
     }
 
+    /// Σ's diagonal when Σ IS diagonal (identity, diagonal, inverse diagonal Fisher, their
+    /// scalings); `None` otherwise. Engines use it to skip forming gradients.
+    fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
+        None
+    }
+
     /// The quadratic form gᵀ Σ g for one flat gradient of length P.
     fn quad_form(&self, g: &[f64]) -> Result<f64> {
         let m = MatRef::from_column_major_slice(g, g.len(), 1);

@@ -68,4 +68,7 @@ impl SigmaOp for Box<dyn SigmaOp> {
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
         (**self).quad_forms(g)
     }
+    fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
+        (**self).diagonal()
+    }
 }

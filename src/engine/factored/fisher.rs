@@ -1,0 +1,118 @@
+//! The empirical Fisher of a known MLP through the factored engine, as a [`FisherSource`].
+
+use candle_core::Tensor;
+use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
+use faer::{Accum, Mat, Par};
+
+use super::{FactoredMlp, FactoredOptions, Factors, OutputLikelihood};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::fisher::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
+use crate::model::Mlp;
+
+/// The empirical Fisher of an [`Mlp`] and a log-likelihood over a dataset, computed by the
+/// factored engine. Use it wherever a [`FisherSource`] is taken (for example
+/// [`crate::build_sigma`]): the seed's strategies then run on this engine.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use deltavar::*;
+/// let vm = VarMap::new();
+/// let mlp = Mlp::new(VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu), &[3, 8, 2], Activation::Tanh, None).unwrap();
+/// let x = Tensor::randn(0f64, 1., (50, 3), &Device::Cpu).unwrap();
+/// let y = Tensor::randn(0f64, 1., (50, 2), &Device::Cpu).unwrap();
+/// let data = TensorDataset::new(x, y).unwrap();
+/// let fisher = FactoredFisher::new(&mlp, Likelihood::gaussian(1.0), &data, FactoredOptions::default()).unwrap();
+/// assert_eq!(fisher.fisher_diag().unwrap().sums().len(), 3 * 8 + 8 + 8 * 2 + 2);
+/// ```
+pub struct FactoredFisher<'a> {
+    engine: FactoredMlp,
+    lik: OutputLikelihood,
+    data: &'a dyn Dataset,
+    opts: FactoredOptions,
+}
+
+struct Range<'a> {
+    data: &'a dyn Dataset,
+    start: usize,
+    len: usize,
+}
+
+impl Dataset for Range<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn get(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        crate::data::check_range(self.len, start, len)?;
+        self.data.get(self.start + start, len)
+    }
+}
+
+impl<'a> FactoredFisher<'a> {
+    /// Snapshots the MLP's weights and pairs them with a likelihood and a dataset.
+    pub fn new(mlp: &Mlp, lik: impl Into<OutputLikelihood>, data: &'a dyn Dataset, opts: FactoredOptions) -> Result<Self> {
+        Ok(Self { engine: FactoredMlp::new(mlp)?, lik: lik.into(), data, opts })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &FactoredMlp {
+        &self.engine
+    }
+
+    /// The factors of the whole dataset (memory O(N·Σ(in+out))), for J·V, Jᵀ·U, F·V and the
+    /// Gram matrix.
+    pub fn factors(&self) -> Result<Factors> {
+        self.engine.factors(&self.lik, self.data, &self.opts)
+    }
+}
+
+impl FisherSource for FactoredFisher<'_> {
+    fn num_params(&self) -> usize {
+        self.engine.num_params()
+    }
+
+    fn num_examples(&self) -> usize {
+        self.data.len()
+    }
+
+    fn fisher_diag(&self) -> Result<FisherDiag> {
+        self.engine.fisher_diag(&self.lik, self.data, &self.opts)
+    }
+
+    /// Streams chunks of per-example gradients built from the factors into the lower triangle
+    /// of Σᵢ gᵢgᵢᵀ. Memory O(P² + batch·P).
+    fn fisher_dense(&self, memory_budget: u64) -> Result<FisherDense> {
+        let p = self.engine.num_params();
+        let n = self.data.len();
+        let bs = self.opts.batch_size.max(1);
+        let chunk = bs.min(n.max(1));
+        let needed = dense_fisher_bytes(p) + (2 * chunk * p * 8) as u64;
+        if needed > memory_budget {
+            return Err(Error::MemoryBudget {
+                what: format!("the dense {p}×{p} empirical Fisher"),
+                needed,
+                budget: memory_budget,
+                hint: "use the diagonal Fisher, raise the memory budget, or a matrix-free method for the full inverse".into(),
+            });
+        }
+        let mut sum = Mat::<f64>::zeros(p, p);
+        for start in (0..n).step_by(bs) {
+            let len = bs.min(n - start);
+            let f = self.engine.factors(&self.lik, &Range { data: self.data, start, len }, &self.opts)?;
+            let g = f.gradients(0, len)?;
+            tri_matmul(
+                sum.as_mut(),
+                BlockStructure::TriangularLower,
+                Accum::Add,
+                g.as_ref(),
+                BlockStructure::Rectangular,
+                g.as_ref().transpose(),
+                BlockStructure::Rectangular,
+                1.0,
+                Par::rayon(0),
+            );
+        }
+        FisherDense::from_lower_sum(sum, n)
+    }
+}

@@ -1,0 +1,323 @@
+//! The factored per-example engine for models it knows (the sequential [`Mlp`]).
+//!
+//! One native forward and backward pass per batch (faer matmuls in the model's precision) gives,
+//! for every Linear layer, its input rows X (B×in) and the back-propagated signal Δ (B×out) of each
+//! example's own objective. The example's gradient is then δᵢxᵢᵀ (weight) and δᵢ (bias), so:
+//!
+//! - diag F is one matmul per layer, (Δ∘Δ)ᵀ(X∘X), streamed over batches into f64
+//!   ([`FactoredMlp::fisher_diag`]); memory: weights + one batch of activations + an O(P)
+//!   accumulator per worker;
+//! - J·V, Jᵀ·U, F·V, the N×N Gram matrix and per-example gradient rows come from the
+//!   [`Factors`] of the whole dataset (memory O(N·Σ(in+out)), never the N×P matrix);
+//! - many query gradients come from one pass ([`FactoredMlp::query_factors`]), and ΔVar under a
+//!   diagonal Σ never forms the M×P Jacobian.
+
+mod factors;
+mod fisher;
+pub(crate) mod native;
+pub(crate) mod scalar;
+mod signals;
+
+pub use factors::{Factors, QueryFactors};
+pub use fisher::FactoredFisher;
+pub use scalar::Scalar;
+pub use signals::{LikelihoodFn, OutputLikelihood, OutputQoi, QoiFn};
+
+use candle_core::{DType, Tensor};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::fisher::FisherDiag;
+use crate::model::Mlp;
+use native::{NativeMlp, Workspace};
+
+/// Options of the factored engine.
+#[derive(Debug, Clone)]
+pub struct FactoredOptions {
+    /// Examples per forward/backward batch. Default 256. Results do not depend on it.
+    pub batch_size: usize,
+    /// Worker threads (batches run in parallel); 0 means one per available core.
+    pub threads: usize,
+}
+
+impl Default for FactoredOptions {
+    fn default() -> Self {
+        Self { batch_size: 256, threads: 0 }
+    }
+}
+
+impl FactoredOptions {
+    fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::invalid("batch_size", 0, "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Inner {
+    F32(NativeMlp<f32>),
+    F64(NativeMlp<f64>),
+}
+
+/// The factored engine for an [`Mlp`]: a snapshot of its weights in the model's precision (f64
+/// for f64 models, f32 otherwise). Rebuild it after changing the model's variables.
+///
+/// Its flat parameter layout is the MLP's state-dict order ([`Mlp::param_names`]).
+#[derive(Debug, Clone)]
+pub struct FactoredMlp {
+    inner: Inner,
+    sizes: Vec<usize>,
+}
+
+/// Flat offsets of each layer's weight block: (weight offset, bias offset, in, out).
+pub(crate) fn layer_offsets(sizes: &[usize]) -> Vec<(usize, usize, usize, usize)> {
+    let mut off = 0;
+    sizes
+        .windows(2)
+        .map(|w| {
+            let (inp, out) = (w[0], w[1]);
+            let r = (off, off + out * inp, inp, out);
+            off += out * inp + out;
+            r
+        })
+        .collect()
+}
+
+macro_rules! dispatch {
+    ($self:expr, $m:ident => $body:expr) => {
+        match &$self.inner {
+            Inner::F32($m) => $body,
+            Inner::F64($m) => $body,
+        }
+    };
+}
+
+struct DiagState<T> {
+    ws: Workspace<T>,
+    acc: Vec<f64>,
+    sqx: Vec<T>,
+    sqd: Vec<T>,
+    prod: Vec<T>,
+}
+
+impl FactoredMlp {
+    /// Snapshots the MLP's weights.
+    pub fn new(mlp: &Mlp) -> Result<Self> {
+        let dtype = mlp.layers()[0].weight().dtype();
+        let inner = match dtype {
+            DType::F64 => Inner::F64(NativeMlp::from_mlp(mlp)?),
+            _ => Inner::F32(NativeMlp::from_mlp(mlp)?),
+        };
+        Ok(Self { inner, sizes: mlp.sizes().to_vec() })
+    }
+
+    /// Layer widths `[in, h1, ..., out]`.
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+
+    /// P.
+    pub fn num_params(&self) -> usize {
+        dispatch!(self, m => m.num_params())
+    }
+
+    /// The precision the passes run in.
+    pub fn dtype(&self) -> DType {
+        match self.inner {
+            Inner::F32(_) => DType::F32,
+            Inner::F64(_) => DType::F64,
+        }
+    }
+
+    fn pool<R: Send>(opts: &FactoredOptions, f: impl FnOnce() -> R + Send) -> Result<R> {
+        opts.validate()?;
+        let g = crate::engine::GenericOptions { threads: opts.threads, single_threaded_candle: false, batch_size: 1 };
+        crate::engine::generic::in_pool(&g, f)
+    }
+
+    /// Runs forward, output signal and backward for one batch into `ws`; returns the objective
+    /// values (QoI) when `qoi` is given.
+    fn pass<T: Scalar>(
+        m: &NativeMlp<T>,
+        ws: &mut Workspace<T>,
+        x: &Tensor,
+        target: Target<'_>,
+        first_row: usize,
+    ) -> Result<Vec<f64>> {
+        m.forward(x, ws, first_row)?;
+        let b = ws.rows;
+        let o = m.num_outputs();
+        let f: Vec<f64> = m.output(ws).iter().map(|v| v.f64()).collect();
+        let (values, signal) = match target {
+            Target::Likelihood(lik, y) => {
+                if y.dims().first() != Some(&b) {
+                    return Err(Error::shape("targets y (one row per input row)", b, format!("{:?}", y.dims())));
+                }
+                (Vec::new(), lik.signal(&f, b, o, y, first_row)?)
+            }
+            Target::Qoi(q) => q.signal(&f, b, o, first_row)?,
+        };
+        let nl = m.layers.len();
+        let last = &mut ws.deltas[nl - 1];
+        last.clear();
+        last.extend(signal.iter().map(|v| T::of(*v)));
+        m.backward(ws);
+        Ok(values)
+    }
+
+    /// The empirical Fisher diagonal Σᵢ gᵢ∘gᵢ over `data`, streamed: per batch and layer one
+    /// matmul (Δ∘Δ)ᵀ(X∘X) in the model's precision, summed into f64.
+    ///
+    /// Memory per worker: one batch of activations and signals, one P-vector f64 accumulator,
+    /// and one out×in product buffer.
+    pub fn fisher_diag(&self, lik: &OutputLikelihood, data: &dyn Dataset, opts: &FactoredOptions) -> Result<FisherDiag> {
+        dispatch!(self, m => self.fisher_diag_t(m, lik, data, opts))
+    }
+
+    fn fisher_diag_t<T: Scalar>(
+        &self,
+        m: &NativeMlp<T>,
+        lik: &OutputLikelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<FisherDiag> {
+        let n = data.len();
+        let p = m.num_params();
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let offsets = layer_offsets(&self.sizes);
+        let max_prod = offsets.iter().map(|o| o.2 * o.3).max().unwrap_or(0);
+        let threads = rayon_threads(opts);
+        let per = starts.len().div_ceil(threads.max(1)).max(1);
+        let sums = Self::pool(opts, || {
+            starts
+                .par_iter()
+                .with_min_len(per)
+                .try_fold(
+                    || DiagState { ws: Workspace::default(), acc: vec![0.0; p], sqx: vec![], sqd: vec![], prod: vec![T::default(); max_prod] },
+                    |mut st, &start| {
+                        let len = bs.min(n - start);
+                        let (x, y) = data.get(start, len)?;
+                        Self::pass(m, &mut st.ws, &x, Target::Likelihood(lik, &y), start)?;
+                        for (l, &(w_off, b_off, inp, out)) in offsets.iter().enumerate() {
+                            let xs = &st.ws.acts[l];
+                            let ds = &st.ws.deltas[l];
+                            st.sqx.clear();
+                            st.sqx.extend(xs.iter().map(|v| *v * *v));
+                            st.sqd.clear();
+                            st.sqd.extend(ds.iter().map(|v| *v * *v));
+                            let prod = &mut st.prod[..out * inp];
+                            matmul(
+                                MatMut::from_row_major_slice_mut(prod, out, inp),
+                                Accum::Replace,
+                                MatRef::from_row_major_slice(&st.sqd, len, out).transpose(),
+                                MatRef::from_row_major_slice(&st.sqx, len, inp),
+                                T::of(1.0),
+                                Par::Seq,
+                            );
+                            for (a, v) in st.acc[w_off..w_off + out * inp].iter_mut().zip(prod.iter()) {
+                                *a += v.f64();
+                            }
+                            let accb = &mut st.acc[b_off..b_off + out];
+                            for row in st.sqd.chunks_exact(out) {
+                                for (a, v) in accb.iter_mut().zip(row) {
+                                    *a += v.f64();
+                                }
+                            }
+                        }
+                        Ok::<_, Error>(st)
+                    },
+                )
+                .map(|r| r.map(|st| st.acc))
+                .try_reduce(
+                    || vec![0.0; p],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                        Ok(a)
+                    },
+                )
+        })??;
+        FisherDiag::from_sums(sums, n)
+    }
+
+    /// The per-layer factors (X, Δ) of the log-likelihood of every example of `data`, in f64.
+    /// Memory O(N·Σ(in+out)).
+    pub fn factors(&self, lik: &OutputLikelihood, data: &dyn Dataset, opts: &FactoredOptions) -> Result<Factors> {
+        let n = data.len();
+        let (f, _) = dispatch!(self, m => self.collect_factors(m, n, opts, |start, len| {
+            let (x, y) = data.get(start, len)?;
+            Ok((x, Some(y)))
+        }, Some(lik), None))?;
+        Ok(f)
+    }
+
+    /// Gradients of a QoI at the M rows of `queries` from one batched pass, as factors
+    /// (never the M×P Jacobian unless asked through [`QueryFactors::gradients`]).
+    pub fn query_factors(&self, qoi: &OutputQoi, queries: &Tensor, opts: &FactoredOptions) -> Result<QueryFactors> {
+        let m_rows = queries.dims().first().copied().unwrap_or(0);
+        let (factors, values) = dispatch!(self, m => self.collect_factors(m, m_rows, opts, |start, len| {
+            Ok((queries.narrow(0, start, len)?, None))
+        }, None, Some(qoi)))?;
+        Ok(QueryFactors { factors, values })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn collect_factors<T: Scalar>(
+        &self,
+        m: &NativeMlp<T>,
+        n: usize,
+        opts: &FactoredOptions,
+        get: impl Fn(usize, usize) -> Result<(Tensor, Option<Tensor>)> + Sync,
+        lik: Option<&OutputLikelihood>,
+        qoi: Option<&OutputQoi>,
+    ) -> Result<(Factors, Vec<f64>)> {
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let parts: Vec<(Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<f64>)> = Self::pool(opts, || {
+            starts
+                .par_iter()
+                .map_init(Workspace::<T>::default, |ws, &start| {
+                    let len = bs.min(n - start);
+                    let (x, y) = get(start, len)?;
+                    let target = match (lik, qoi, y.as_ref()) {
+                        (Some(l), _, Some(y)) => Target::Likelihood(l, y),
+                        (_, Some(q), _) => Target::Qoi(q),
+                        _ => return Err(Error::Unsupported("factor pass without an objective".into())),
+                    };
+                    let values = Self::pass(m, ws, &x, target, start)?;
+                    let xs = ws.acts[..m.layers.len()].iter().map(|a| a.iter().map(|v| v.f64()).collect()).collect();
+                    let ds = ws.deltas.iter().map(|d| d.iter().map(|v| v.f64()).collect()).collect();
+                    Ok((xs, ds, values))
+                })
+                .collect::<Result<Vec<_>>>()
+        })??;
+        let offsets = layer_offsets(&self.sizes);
+        let mut factors = Factors::zeros(&self.sizes, n);
+        let mut values = Vec::with_capacity(n);
+        for (&start, (xs, ds, v)) in starts.iter().zip(parts) {
+            for (l, &(_, _, inp, out)) in offsets.iter().enumerate() {
+                factors.write_rows(l, start, &xs[l], inp, &ds[l], out);
+            }
+            values.extend(v);
+        }
+        Ok((factors, values))
+    }
+}
+
+pub(crate) fn rayon_threads(opts: &FactoredOptions) -> usize {
+    if opts.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        opts.threads
+    }
+}
+
+enum Target<'a> {
+    Likelihood(&'a OutputLikelihood, &'a Tensor),
+    Qoi(&'a OutputQoi),
+}

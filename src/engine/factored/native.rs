@@ -1,0 +1,174 @@
+//! A native forward and backward pass of a known MLP over faer matmuls, producing each Linear
+//! layer's per-example factors: its input rows X (B×in) and back-propagated signals Δ (B×out).
+//!
+//! All buffers are row-major (one example per row), so one example's factors are contiguous.
+//! Cost per batch: the forward's matmuls plus one matmul per layer but the first for Δ.
+
+use candle_core::Tensor;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use super::scalar::{copy_rows, Scalar};
+use crate::error::{Error, Result};
+use crate::model::{Activation, Mlp};
+
+/// One Linear layer's weights in the engine's precision.
+#[derive(Debug, Clone)]
+pub(crate) struct NativeLayer<T> {
+    /// out×in, row-major (PyTorch's and candle's layout).
+    pub w: Vec<T>,
+    /// out.
+    pub b: Vec<T>,
+    pub inp: usize,
+    pub out: usize,
+}
+
+/// The weights of an [`Mlp`] copied once into the engine's precision (a snapshot: rebuild the
+/// engine after changing the model's variables).
+#[derive(Debug, Clone)]
+pub(crate) struct NativeMlp<T> {
+    pub layers: Vec<NativeLayer<T>>,
+    pub act: Activation,
+}
+
+/// Per-thread buffers for one batch.
+#[derive(Debug, Default)]
+pub(crate) struct Workspace<T> {
+    /// acts[l]: input of layer l (B×in_l); acts[L] is the model output (B×out).
+    pub acts: Vec<Vec<T>>,
+    /// pre[l]: pre-activation of hidden layer l (B×out_l), for l < L-1.
+    pub pre: Vec<Vec<T>>,
+    /// deltas[l]: ∂u/∂z_l (B×out_l), u the per-example objective.
+    pub deltas: Vec<Vec<T>>,
+    /// rows of the current batch.
+    pub rows: usize,
+}
+
+impl<T: Scalar> NativeMlp<T> {
+    pub fn from_mlp(mlp: &Mlp) -> Result<Self> {
+        let mut layers = Vec::with_capacity(mlp.layers().len());
+        for (i, l) in mlp.layers().iter().enumerate() {
+            let w = l.weight();
+            let (out, inp) = w.dims2()?;
+            let b = l.bias().ok_or_else(|| {
+                Error::Parameter(format!("layer {i} has no bias; the factored engine expects Linear layers with bias"))
+            })?;
+            let mut wv = Vec::new();
+            copy_rows(w, &mut wv, &format!("weight of layer {i}"), 0)?;
+            let mut bv = Vec::new();
+            copy_rows(b, &mut bv, &format!("bias of layer {i}"), 0)?;
+            layers.push(NativeLayer { w: wv, b: bv, inp, out });
+        }
+        Ok(Self { layers, act: mlp.activation() })
+    }
+
+    pub fn num_inputs(&self) -> usize {
+        self.layers[0].inp
+    }
+
+    pub fn num_outputs(&self) -> usize {
+        self.layers.last().map(|l| l.out).unwrap_or(0)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.layers.iter().map(|l| l.out * l.inp + l.out).sum()
+    }
+
+    /// Loads the inputs `x` (B×in, any float dtype) into the workspace and runs the forward pass.
+    pub fn forward(&self, x: &Tensor, ws: &mut Workspace<T>, first_row: usize) -> Result<()> {
+        let nl = self.layers.len();
+        ws.acts.resize_with(nl + 1, Vec::new);
+        ws.pre.resize_with(nl, Vec::new);
+        ws.deltas.resize_with(nl, Vec::new);
+        let b = x.dims().first().copied().unwrap_or(0);
+        let inp = self.num_inputs();
+        if x.rank() != 2 || x.dims()[1] != inp {
+            return Err(Error::shape(
+                "model inputs",
+                format!("[{b}, {inp}]"),
+                format!("{:?}", x.dims()),
+            ));
+        }
+        ws.rows = b;
+        copy_rows(x, &mut ws.acts[0], "input data x", first_row)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (lo, hi) = ws.acts.split_at_mut(l + 1);
+            let a_in = &lo[l];
+            let z = &mut hi[0];
+            z.clear();
+            z.resize(b * layer.out, T::default());
+            matmul(
+                MatMut::from_row_major_slice_mut(z, b, layer.out),
+                Accum::Replace,
+                MatRef::from_row_major_slice(a_in, b, layer.inp),
+                MatRef::from_row_major_slice(&layer.w, layer.out, layer.inp).transpose(),
+                T::of(1.0),
+                Par::Seq,
+            );
+            for row in z.chunks_exact_mut(layer.out) {
+                for (v, bias) in row.iter_mut().zip(&layer.b) {
+                    *v += *bias;
+                }
+            }
+            if l + 1 < nl {
+                // keep the pre-activation, apply φ in place
+                let pre = &mut ws.pre[l];
+                pre.clear();
+                pre.extend_from_slice(z);
+                match self.act {
+                    Activation::Identity => {}
+                    Activation::Relu => z.iter_mut().for_each(|v| {
+                        if *v < T::default() {
+                            *v = T::default()
+                        }
+                    }),
+                    act => z.iter_mut().for_each(|v| *v = T::of(act.value(v.f64()))),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Back-propagates the output signal already in `ws.deltas[L-1]` (B×out) through the
+    /// network, filling every layer's Δ.
+    pub fn backward(&self, ws: &mut Workspace<T>) {
+        let b = ws.rows;
+        for l in (1..self.layers.len()).rev() {
+            let layer = &self.layers[l];
+            let (lo, hi) = ws.deltas.split_at_mut(l);
+            let d_prev = &mut lo[l - 1];
+            d_prev.clear();
+            d_prev.resize(b * layer.inp, T::default());
+            matmul(
+                MatMut::from_row_major_slice_mut(d_prev, b, layer.inp),
+                Accum::Replace,
+                MatRef::from_row_major_slice(&hi[0], b, layer.out),
+                MatRef::from_row_major_slice(&layer.w, layer.out, layer.inp),
+                T::of(1.0),
+                Par::Seq,
+            );
+            let pre = &ws.pre[l - 1];
+            let post = &ws.acts[l];
+            match self.act {
+                Activation::Identity => {}
+                Activation::Relu => {
+                    for (d, z) in d_prev.iter_mut().zip(pre) {
+                        if *z <= T::default() {
+                            *d = T::default();
+                        }
+                    }
+                }
+                act => {
+                    for ((d, z), a) in d_prev.iter_mut().zip(pre).zip(post) {
+                        *d = T::of(d.f64() * act.derivative(z.f64(), a.f64()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The model output of the last forward pass (B×out, row-major).
+    pub fn output<'a>(&self, ws: &'a Workspace<T>) -> &'a [T] {
+        &ws.acts[self.layers.len()]
+    }
+}

@@ -1,0 +1,199 @@
+//! Output signals: the derivative of each example's objective (log-likelihood or QoI) with
+//! respect to its own model output row, ∂uᵢ/∂fᵢ (B×out). Everything here is f64.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::likelihood::{class_labels, Likelihood};
+use crate::qoi::Qoi;
+
+/// A user closure `(output (B, out), y) -> log-likelihoods (B,)`.
+pub type LikelihoodFn = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+/// A user closure `output (B, out) -> QoI values (B,)`, row i depending on output row i only.
+pub type QoiFn = dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// The per-example log-likelihood the factored engine differentiates: a built-in one, or a user
+/// closure on the model output (differentiated by candle on the (B, out) output alone).
+#[derive(Clone)]
+pub enum OutputLikelihood {
+    /// Gaussian or categorical.
+    Builtin(Likelihood),
+    /// `log p(y | f)` per row from the output f (f64) and the targets.
+    Custom(Arc<LikelihoodFn>),
+}
+
+impl From<Likelihood> for OutputLikelihood {
+    fn from(l: Likelihood) -> Self {
+        OutputLikelihood::Builtin(l)
+    }
+}
+
+impl std::fmt::Debug for OutputLikelihood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutputLikelihood::Builtin(l) => write!(f, "{l:?}"),
+            OutputLikelihood::Custom(_) => write!(f, "Custom(closure)"),
+        }
+    }
+}
+
+/// The quantity of interest the factored engine differentiates: a built-in one, or a user
+/// closure on the output rows.
+#[derive(Clone)]
+pub enum OutputQoi {
+    /// sum, output:k, prob:k.
+    Builtin(Qoi),
+    /// Values (B,) from the output (B, out), f64.
+    Custom(Arc<QoiFn>),
+}
+
+impl From<Qoi> for OutputQoi {
+    fn from(q: Qoi) -> Self {
+        OutputQoi::Builtin(q)
+    }
+}
+
+impl std::fmt::Debug for OutputQoi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutputQoi::Builtin(q) => write!(f, "{q:?}"),
+            OutputQoi::Custom(_) => write!(f, "Custom(closure)"),
+        }
+    }
+}
+
+fn softmax_row(f: &[f64], p: &mut [f64]) {
+    let m = f.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut s = 0.0;
+    for (pi, fi) in p.iter_mut().zip(f) {
+        *pi = (fi - m).exp();
+        s += *pi;
+    }
+    for pi in p.iter_mut() {
+        *pi /= s;
+    }
+}
+
+fn check_output(f: &[f64], o: usize, first_row: usize) -> Result<()> {
+    if let Some(k) = f.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            what: "model output".into(),
+            detail: format!("example {}, output {} is {}", first_row + k / o, k % o, f[k]),
+        });
+    }
+    Ok(())
+}
+
+/// Values (B,) and the gradient of their sum w.r.t. the output (B×out), by candle autograd on
+/// the output alone.
+fn closure_signal(
+    f: &[f64],
+    b: usize,
+    o: usize,
+    call: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    what: &str,
+    first_row: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let out = Var::from_vec(f.to_vec(), (b, o), &Device::Cpu)?;
+    let v = call(out.as_tensor())?;
+    if v.dims() != [b] {
+        return Err(Error::shape(format!("{what} output (one value per row)"), format!("[{b}]"), format!("{:?}", v.dims())));
+    }
+    let values = v.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite { what: what.into(), detail: format!("example {} gives {}", first_row + i, values[i]) });
+    }
+    let grads = v.sum_all()?.backward()?;
+    let mut signal = vec![0.0; b * o];
+    if let Some(g) = grads.get(out.as_tensor()) {
+        crate::params::copy_tensor_f64(g, &mut signal)?;
+    }
+    Ok((values, signal))
+}
+
+impl OutputLikelihood {
+    /// ∂ log p(yᵢ|fᵢ) / ∂fᵢ for the rows of `f` (B×o, row-major).
+    pub(crate) fn signal(&self, f: &[f64], b: usize, o: usize, y: &Tensor, first_row: usize) -> Result<Vec<f64>> {
+        check_output(f, o, first_row)?;
+        let signal = match self {
+            OutputLikelihood::Builtin(Likelihood::Gaussian { sigma }) => {
+                if sigma.is_empty() || (sigma.len() != 1 && sigma.len() != o) {
+                    return Err(Error::shape("gaussian sigma (one value, or one per output)", format!("1 or {o} values"), format!("{} values", sigma.len())));
+                }
+                if let Some(s) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                    return Err(Error::invalid("gaussian sigma", s, "must be finite and > 0"));
+                }
+                if y.elem_count() != b * o || y.dims().first() != Some(&b) {
+                    return Err(Error::shape("gaussian targets y", format!("[{b}, {o}]"), format!("{:?}", y.dims())));
+                }
+                let mut yv: Vec<f64> = Vec::new();
+                super::scalar::copy_rows(y, &mut yv, "targets y", first_row)?;
+                let inv: Vec<f64> = (0..o).map(|k| 1.0 / sigma[if sigma.len() == 1 { 0 } else { k }].powi(2)).collect();
+                f.iter().zip(&yv).enumerate().map(|(k, (fi, yi))| (yi - fi) * inv[k % o]).collect()
+            }
+            OutputLikelihood::Builtin(Likelihood::Categorical) => {
+                let labels = class_labels(y, b, o, first_row)?;
+                let mut signal = vec![0.0; b * o];
+                for (i, l) in labels.into_iter().enumerate() {
+                    let row = &mut signal[i * o..(i + 1) * o];
+                    softmax_row(&f[i * o..(i + 1) * o], row);
+                    for v in row.iter_mut() {
+                        *v = -*v;
+                    }
+                    row[l] += 1.0;
+                }
+                signal
+            }
+            OutputLikelihood::Custom(c) => closure_signal(f, b, o, |out| c(out, y), "log-likelihood closure", first_row)?.1,
+        };
+        if let Some(k) = signal.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "log-likelihood gradient".into(),
+                detail: format!("example {}, output {} is {}", first_row + k / o, k % o, signal[k]),
+            });
+        }
+        Ok(signal)
+    }
+}
+
+impl OutputQoi {
+    /// QoI values (B,) and ∂qᵢ/∂fᵢ (B×o) for the rows of `f`.
+    pub(crate) fn signal(&self, f: &[f64], b: usize, o: usize, first_row: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+        check_output(f, o, first_row)?;
+        let k = match self {
+            OutputQoi::Builtin(Qoi::Output(k)) | OutputQoi::Builtin(Qoi::Prob(k)) => *k,
+            _ => 0,
+        };
+        if k >= o {
+            return Err(Error::invalid("QoI output index", k, format!("the model has {o} outputs (0..{o})")));
+        }
+        match self {
+            OutputQoi::Builtin(Qoi::Sum) => Ok((f.chunks_exact(o).map(|r| r.iter().sum()).collect(), vec![1.0; b * o])),
+            OutputQoi::Builtin(Qoi::Output(_)) => {
+                let mut s = vec![0.0; b * o];
+                for i in 0..b {
+                    s[i * o + k] = 1.0;
+                }
+                Ok((f.chunks_exact(o).map(|r| r[k]).collect(), s))
+            }
+            OutputQoi::Builtin(Qoi::Prob(_)) => {
+                let mut s = vec![0.0; b * o];
+                let mut values = Vec::with_capacity(b);
+                for i in 0..b {
+                    let row = &mut s[i * o..(i + 1) * o];
+                    softmax_row(&f[i * o..(i + 1) * o], row);
+                    let pk = row[k];
+                    values.push(pk);
+                    for v in row.iter_mut() {
+                        *v *= -pk;
+                    }
+                    row[k] += pk;
+                }
+                Ok((values, s))
+            }
+            OutputQoi::Custom(c) => closure_signal(f, b, o, |out| c(out), "QoI closure", first_row),
+        }
+    }
+}
