@@ -29,9 +29,15 @@ fn load_diag(dir: &std::path::Path) -> Option<(Mlp, TensorDataset, usize)> {
         eprintln!("no workload at {} (run peers.py first)", d.display());
         return None;
     }
-    let (mlp, vm) =
-        Mlp::load_safetensors(d.join("model.safetensors"), Activation::Relu, DType::F32, &Device::Cpu, "", None)
-            .expect("model");
+    let (mlp, vm) = Mlp::load_safetensors(
+        d.join("model.safetensors"),
+        Activation::Relu,
+        DType::F32,
+        &Device::Cpu,
+        "",
+        None,
+    )
+    .expect("model");
     let p = mlp.params(&vm).expect("params").num_params();
     let x = Tensor::read_npy(d.join("train_x.npy")).expect("x");
     let y = Tensor::read_npy(d.join("train_y.npy")).expect("y");
@@ -54,16 +60,59 @@ fn main() {
     if want("diag-factored") {
         if let Some((mlp, data, p)) = load_diag(&dir) {
             for bs in [128, 256, 512] {
-                let opts = FactoredOptions { batch_size: bs, threads: 0 };
+                let opts = FactoredOptions {
+                    batch_size: bs,
+                    threads: 0,
+                };
                 let engine = FactoredMlp::new(&mlp).expect("engine");
                 let lik: OutputLikelihood = Likelihood::Categorical.into();
-                let (t, diag) = best_of(reps.max(3), || engine.fisher_diag(&lik, &data, &opts).expect("diag"));
+                let (t, diag) = best_of(reps.max(3), || {
+                    engine.fisher_diag(&lik, &data, &opts).expect("diag")
+                });
                 let s: f64 = diag.mean().iter().sum();
                 println!(
                     "{{\"workload\":\"diag\",\"path\":\"factored\",\"batch_size\":{bs},\"seconds\":{t:.4},\"P\":{p},\"N\":{},\"trace_F\":{s:.6e}}}",
                     data.len()
                 );
             }
+        }
+    }
+
+    if want("queries") {
+        let d = dir.join("queries");
+        if d.join("model.safetensors").exists() {
+            let (mlp, _vm) = Mlp::load_safetensors(
+                d.join("model.safetensors"),
+                Activation::Relu,
+                DType::F32,
+                &Device::Cpu,
+                "",
+                None,
+            )
+            .expect("model");
+            let q = Tensor::read_npy(d.join("queries.npy")).expect("queries");
+            let engine = FactoredMlp::new(&mlp).expect("engine");
+            let p = engine.num_params();
+            let diag: Vec<f64> = (0..p)
+                .map(|i| ((i * 7919) % 1000) as f64 / 1000.0)
+                .collect();
+            let sigma = deltavar::sigma::DiagonalSigma::new(diag).expect("sigma");
+            let opts = FactoredOptions::default();
+            let qoi: OutputQoi = Qoi::Output(3).into();
+            let (t, dv) = best_of(reps.max(5), || {
+                let qf = engine.query_factors(&qoi, &q, &opts).expect("queries");
+                qf.delta_variances(&sigma).expect("dv")
+            });
+            println!(
+                "{{\"workload\":\"queries\",\"path\":\"factored\",\"M\":{},\"seconds\":{t:.4},\"dv0\":{:.6e}}}",
+                dv.len(),
+                dv[0]
+            );
+        } else {
+            eprintln!(
+                "no workload at {} (run peers.py ... queries first)",
+                d.display()
+            );
         }
     }
 

@@ -58,8 +58,8 @@ pub use delta::{
     build_sigma, calculate_delta_variance, delta_variances, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
-    FactoredFisher, FactoredMlp, FactoredOptions, Factors, GenericFisher, GenericOptions, OutputLikelihood, OutputQoi,
-    QueryFactors,
+    FactoredFisher, FactoredMlp, FactoredOptions, Factors, GenericFisher, GenericOptions,
+    OutputLikelihood, OutputQoi, QueryFactors,
 };
 pub use error::{Error, Result};
 pub use fisher::{

@@ -112,16 +112,30 @@ pub(crate) fn one_hot(y: &Tensor, b: usize, c: usize, like: &Tensor) -> Result<T
 /// Integer class labels (B,) (or (B, 1)) checked to lie in 0..C; `first_row` numbers the
 /// examples in error messages.
 pub(crate) fn class_labels(y: &Tensor, b: usize, c: usize, first_row: usize) -> Result<Vec<usize>> {
-    let y = if y.rank() == 2 && y.dims()[1] == 1 { y.squeeze(1)? } else { y.clone() };
+    let y = if y.rank() == 2 && y.dims()[1] == 1 {
+        y.squeeze(1)?
+    } else {
+        y.clone()
+    };
     if y.dims() != [b] {
-        return Err(Error::shape("categorical labels y", format!("[{b}]"), format!("{:?}", y.dims())));
+        return Err(Error::shape(
+            "categorical labels y",
+            format!("[{b}]"),
+            format!("{:?}", y.dims()),
+        ));
     }
     let labels: Vec<f64> = match y.dtype() {
         DType::I64 => y.to_vec1::<i64>()?.into_iter().map(|v| v as f64).collect(),
         DType::U32 => y.to_vec1::<u32>()?.into_iter().map(f64::from).collect(),
         DType::U8 => y.to_vec1::<u8>()?.into_iter().map(f64::from).collect(),
         DType::F32 | DType::F64 => y.to_dtype(DType::F64)?.to_vec1::<f64>()?,
-        dt => return Err(Error::invalid("categorical label dtype", format!("{dt:?}"), "use i64, u32 or u8")),
+        dt => {
+            return Err(Error::invalid(
+                "categorical label dtype",
+                format!("{dt:?}"),
+                "use i64, u32 or u8",
+            ))
+        }
     };
     labels
         .into_iter()

@@ -19,7 +19,9 @@ fn mat_rel_err(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
 }
 
 fn matmul(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
-    Mat::from_fn(a.nrows(), b.ncols(), |i, j| (0..a.ncols()).map(|k| a[(i, k)] * b[(k, j)]).sum())
+    Mat::from_fn(a.nrows(), b.ncols(), |i, j| {
+        (0..a.ncols()).map(|k| a[(i, k)] * b[(k, j)]).sum()
+    })
 }
 
 struct Problem {
@@ -39,14 +41,34 @@ fn problem(act: Activation, categorical: bool, seed: u64) -> Problem {
     let (y, lik) = if categorical {
         (random_labels(n, 3, seed + 2), Likelihood::Categorical)
     } else {
-        (random_tensor(n, 3, seed + 2), Likelihood::Gaussian { sigma: vec![0.5, 1.0, 2.0] })
+        (
+            random_tensor(n, 3, seed + 2),
+            Likelihood::Gaussian {
+                sigma: vec![0.5, 1.0, 2.0],
+            },
+        )
     };
-    Problem { mlp, params, data: TensorDataset::new(x, y).unwrap(), lik, queries: random_tensor(6, 4, seed + 3), _vm: vm }
+    Problem {
+        mlp,
+        params,
+        data: TensorDataset::new(x, y).unwrap(),
+        lik,
+        queries: random_tensor(6, 4, seed + 3),
+        _vm: vm,
+    }
 }
 
 fn check(pb: &Problem, label: &str) {
-    let opts = FactoredOptions { batch_size: 8, threads: 2 };
-    let generic = GenericFisher::new(&pb.params, pb.lik.of(&pb.mlp), &pb.data, GenericOptions::default());
+    let opts = FactoredOptions {
+        batch_size: 8,
+        threads: 2,
+    };
+    let generic = GenericFisher::new(
+        &pb.params,
+        pb.lik.of(&pb.mlp),
+        &pb.data,
+        GenericOptions::default(),
+    );
     let factored = FactoredFisher::new(&pb.mlp, pb.lik.clone(), &pb.data, opts.clone()).unwrap();
     let n = pb.data.len();
     let p = pb.params.num_params();
@@ -54,7 +76,11 @@ fn check(pb: &Problem, label: &str) {
     // diag F (streamed) and dense F
     let dg = generic.fisher_diag().unwrap();
     let df = factored.fisher_diag().unwrap();
-    assert!(max_rel_err(df.sums(), dg.sums()) < TOL, "{label}: diag F {:e}", max_rel_err(df.sums(), dg.sums()));
+    assert!(
+        max_rel_err(df.sums(), dg.sums()) < TOL,
+        "{label}: diag F {:e}",
+        max_rel_err(df.sums(), dg.sums())
+    );
     let fg = generic.fisher_dense(DEFAULT_MEMORY_BUDGET).unwrap().mean();
     let ff = factored.fisher_dense(DEFAULT_MEMORY_BUDGET).unwrap().mean();
     assert!(mat_rel_err(&ff, &fg) < TOL, "{label}: dense F");
@@ -62,39 +88,87 @@ fn check(pb: &Problem, label: &str) {
     // per-example rows
     let g = generic.per_example_gradients(0, n).unwrap(); // P×N
     let factors = factored.factors().unwrap();
-    assert!(mat_rel_err(&factors.gradients(0, n).unwrap(), &g) < TOL, "{label}: gradient rows");
-    assert!(mat_rel_err(&factors.gradients(5, 7).unwrap(), &g.as_ref().subcols(5, 7).to_owned()) < TOL, "{label}: rows 5..12");
-    assert!(max_rel_err(&factors.diag_sums(), dg.sums()) < TOL, "{label}: cached diag");
+    assert!(
+        mat_rel_err(&factors.gradients(0, n).unwrap(), &g) < TOL,
+        "{label}: gradient rows"
+    );
+    assert!(
+        mat_rel_err(
+            &factors.gradients(5, 7).unwrap(),
+            &g.as_ref().subcols(5, 7).to_owned()
+        ) < TOL,
+        "{label}: rows 5..12"
+    );
+    assert!(
+        max_rel_err(&factors.diag_sums(), dg.sums()) < TOL,
+        "{label}: cached diag"
+    );
 
     // J·V, Jᵀ·U, F·V, Gram
     let gt = g.transpose().to_owned(); // N×P
     for k in [1, 3] {
         let v = Mat::from_fn(p, k, |i, j| pseudo_random(p * k, 9)[i * k + j]);
         let u = Mat::from_fn(n, k, |i, j| pseudo_random(n * k, 10)[i * k + j]);
-        assert!(mat_rel_err(&factors.jv(v.as_ref()).unwrap(), &matmul(&gt, &v)) < TOL, "{label}: J·V k={k}");
-        assert!(mat_rel_err(&factors.jtu(u.as_ref()).unwrap(), &matmul(&g, &u)) < TOL, "{label}: Jᵀ·U k={k}");
+        assert!(
+            mat_rel_err(&factors.jv(v.as_ref()).unwrap(), &matmul(&gt, &v)) < TOL,
+            "{label}: J·V k={k}"
+        );
+        assert!(
+            mat_rel_err(&factors.jtu(u.as_ref()).unwrap(), &matmul(&g, &u)) < TOL,
+            "{label}: Jᵀ·U k={k}"
+        );
         let fv = matmul(&fg, &v);
-        assert!(mat_rel_err(&factors.fisher_apply(v.as_ref()).unwrap(), &fv) < TOL, "{label}: F·V k={k}");
+        assert!(
+            mat_rel_err(&factors.fisher_apply(v.as_ref()).unwrap(), &fv) < TOL,
+            "{label}: F·V k={k}"
+        );
     }
-    assert!(mat_rel_err(&factors.gram(), &matmul(&gt, &g)) < TOL, "{label}: Gram");
+    assert!(
+        mat_rel_err(&factors.gram(), &matmul(&gt, &g)) < TOL,
+        "{label}: Gram"
+    );
 
     // queries: gradients and ΔVar under each Σ
     for qoi in [Qoi::Sum, Qoi::Output(1), Qoi::Prob(2)] {
-        let (qg, qv) = qoi_gradients(&pb.params, &pb.queries, qoi.of(&pb.mlp), &GenericOptions::default()).unwrap();
-        let qf = factored.engine().query_factors(&qoi.into(), &pb.queries, &opts).unwrap();
-        assert!(max_rel_err(qf.values(), &qv) < TOL, "{label} {qoi:?}: values");
-        assert!(mat_rel_err(&qf.gradients().unwrap(), &qg) < TOL, "{label} {qoi:?}: query gradients");
+        let (qg, qv) = qoi_gradients(
+            &pb.params,
+            &pb.queries,
+            qoi.of(&pb.mlp),
+            &GenericOptions::default(),
+        )
+        .unwrap();
+        let qf = factored
+            .engine()
+            .query_factors(&qoi.into(), &pb.queries, &opts)
+            .unwrap();
+        assert!(
+            max_rel_err(qf.values(), &qv) < TOL,
+            "{label} {qoi:?}: values"
+        );
+        assert!(
+            mat_rel_err(&qf.gradients().unwrap(), &qg) < TOL,
+            "{label} {qoi:?}: query gradients"
+        );
         let sigmas: Vec<Box<dyn SigmaOp>> = vec![
             Box::new(IdentitySigma::new(p)),
-            Box::new(DiagonalSigma::new(pseudo_random(p, 11).iter().map(|v| v.abs()).collect()).unwrap()),
+            Box::new(
+                DiagonalSigma::new(pseudo_random(p, 11).iter().map(|v| v.abs()).collect()).unwrap(),
+            ),
             Box::new(InverseDiagonalFisher::new(&dg.mean(), 1e-3).unwrap()),
-            Box::new(ScaledSigma::new(InverseDiagonalFisher::new(&dg.mean(), 1e-3).unwrap(), 0.1).unwrap()),
+            Box::new(
+                ScaledSigma::new(InverseDiagonalFisher::new(&dg.mean(), 1e-3).unwrap(), 0.1)
+                    .unwrap(),
+            ),
             Box::new(InverseFullFisher::new(fg.as_ref(), 1e-3).unwrap()),
         ];
         for s in &sigmas {
             let want = s.quad_forms(qg.as_ref()).unwrap();
             let got = qf.delta_variances(&**s).unwrap();
-            assert!(max_rel_err(&got, &want) < TOL, "{label} {qoi:?}: ΔVar under {}", s.name());
+            assert!(
+                max_rel_err(&got, &want) < TOL,
+                "{label} {qoi:?}: ΔVar under {}",
+                s.name()
+            );
         }
     }
 }
@@ -102,14 +176,20 @@ fn check(pb: &Problem, label: &str) {
 #[test]
 fn factored_matches_generic_gaussian_every_activation() {
     for (k, act) in Activation::ALL.iter().enumerate() {
-        check(&problem(*act, false, 700 + 10 * k as u64), &format!("gaussian {}", act.name()));
+        check(
+            &problem(*act, false, 700 + 10 * k as u64),
+            &format!("gaussian {}", act.name()),
+        );
     }
 }
 
 #[test]
 fn factored_matches_generic_categorical_every_activation() {
     for (k, act) in Activation::ALL.iter().enumerate() {
-        check(&problem(*act, true, 800 + 10 * k as u64), &format!("categorical {}", act.name()));
+        check(
+            &problem(*act, true, 800 + 10 * k as u64),
+            &format!("categorical {}", act.name()),
+        );
     }
 }
 
@@ -117,7 +197,8 @@ fn factored_matches_generic_categorical_every_activation() {
 fn custom_closures_match_builtins() {
     let pb = problem(Activation::Tanh, true, 901);
     let opts = FactoredOptions::default();
-    let builtin = FactoredFisher::new(&pb.mlp, Likelihood::Categorical, &pb.data, opts.clone()).unwrap();
+    let builtin =
+        FactoredFisher::new(&pb.mlp, Likelihood::Categorical, &pb.data, opts.clone()).unwrap();
     let lik = Likelihood::Categorical;
     let custom_lik = OutputLikelihood::Custom(Arc::new(move |f: &Tensor, y: &Tensor| {
         lik.log_likelihood(f, y).map_err(candle_core::Error::wrap)
@@ -128,8 +209,12 @@ fn custom_closures_match_builtins() {
     assert!(max_rel_err(b.sums(), a.sums()) < 1e-12);
 
     let engine = FactoredMlp::new(&pb.mlp).unwrap();
-    let q = engine.query_factors(&Qoi::Prob(0).into(), &pb.queries, &opts).unwrap();
-    let custom_q = OutputQoi::Custom(Arc::new(|f: &Tensor| Qoi::Prob(0).eval(f).map_err(candle_core::Error::wrap)));
+    let q = engine
+        .query_factors(&Qoi::Prob(0).into(), &pb.queries, &opts)
+        .unwrap();
+    let custom_q = OutputQoi::Custom(Arc::new(|f: &Tensor| {
+        Qoi::Prob(0).eval(f).map_err(candle_core::Error::wrap)
+    }));
     let c = engine.query_factors(&custom_q, &pb.queries, &opts).unwrap();
     assert!(max_rel_err(c.values(), q.values()) < 1e-14);
     assert!(mat_rel_err(&c.gradients().unwrap(), &q.gradients().unwrap()) < 1e-12);
@@ -140,15 +225,32 @@ fn batch_size_and_threads_do_not_change_results() {
     let pb = problem(Activation::Gelu, false, 950);
     let reference = FactoredMlp::new(&pb.mlp)
         .unwrap()
-        .fisher_diag(&pb.lik.clone().into(), &pb.data, &FactoredOptions { batch_size: 1, threads: 1 })
+        .fisher_diag(
+            &pb.lik.clone().into(),
+            &pb.data,
+            &FactoredOptions {
+                batch_size: 1,
+                threads: 1,
+            },
+        )
         .unwrap();
     for bs in [2, 7, 29, 100] {
         for threads in [1, 2, 3] {
             let d = FactoredMlp::new(&pb.mlp)
                 .unwrap()
-                .fisher_diag(&pb.lik.clone().into(), &pb.data, &FactoredOptions { batch_size: bs, threads })
+                .fisher_diag(
+                    &pb.lik.clone().into(),
+                    &pb.data,
+                    &FactoredOptions {
+                        batch_size: bs,
+                        threads,
+                    },
+                )
                 .unwrap();
-            assert!(max_rel_err(d.sums(), reference.sums()) < 1e-13, "bs {bs} threads {threads}");
+            assert!(
+                max_rel_err(d.sums(), reference.sums()) < 1e-13,
+                "bs {bs} threads {threads}"
+            );
             assert_eq!(d.num_examples(), 29);
         }
     }
@@ -160,16 +262,40 @@ fn parity_fixtures_through_the_factored_engine() {
         let case = Case::load(name);
         let (mlp, _vm) = case.model(DType::F64);
         let data = case.data(DType::F64);
-        let fisher = FactoredFisher::new(&mlp, case.likelihood(), &data, FactoredOptions { batch_size: 64, threads: 0 }).unwrap();
+        let fisher = FactoredFisher::new(
+            &mlp,
+            case.likelihood(),
+            &data,
+            FactoredOptions {
+                batch_size: 64,
+                threads: 0,
+            },
+        )
+        .unwrap();
         let queries = case.npy("queries.npy", Some(DType::F64));
-        let qf = fisher.engine().query_factors(&case.qoi().into(), &queries, &FactoredOptions::default()).unwrap();
-        assert!(norm_rel_err(qf.values(), &case.vec("qoi_value")) < 1e-6, "{name}: values");
-        let opts = SigmaOptions { damping: case.damping(), ..Default::default() };
+        let qf = fisher
+            .engine()
+            .query_factors(&case.qoi().into(), &queries, &FactoredOptions::default())
+            .unwrap();
+        assert!(
+            norm_rel_err(qf.values(), &case.vec("qoi_value")) < 1e-6,
+            "{name}: values"
+        );
+        let opts = SigmaOptions {
+            damping: case.damping(),
+            ..Default::default()
+        };
         let p = fisher.num_params();
         for (strategy, key) in [
             (SigmaStrategy::Identity, "identity"),
-            (SigmaStrategy::DiagonalEmpiricalFim, "diagonal_empirical_fim"),
-            (SigmaStrategy::InverseFullEmpiricalFim, "inverse_full_empirical_fim"),
+            (
+                SigmaStrategy::DiagonalEmpiricalFim,
+                "diagonal_empirical_fim",
+            ),
+            (
+                SigmaStrategy::InverseFullEmpiricalFim,
+                "inverse_full_empirical_fim",
+            ),
         ] {
             let sigma = build_sigma(strategy, p, &opts, Some(&fisher)).unwrap();
             let dv = qf.delta_variances(&*sigma).unwrap();
@@ -177,9 +303,20 @@ fn parity_fixtures_through_the_factored_engine() {
             assert!(err < 1e-6, "{name} {key}: {err:e}");
         }
         let diag = calculate_empirical_fim_diagonal(&fisher).unwrap();
-        assert!(norm_rel_err(&diag, &case.vec("fim_diagonal")) < 1e-6, "{name}: fim_diagonal");
-        let g0: Vec<f64> = qf.factors().gradients(0, 1).unwrap().col_as_slice(0).to_vec();
-        assert!(norm_rel_err(&g0, &case.vec("first_qoi_gradient")) < 1e-6, "{name}: gradient");
+        assert!(
+            norm_rel_err(&diag, &case.vec("fim_diagonal")) < 1e-6,
+            "{name}: fim_diagonal"
+        );
+        let g0: Vec<f64> = qf
+            .factors()
+            .gradients(0, 1)
+            .unwrap()
+            .col_as_slice(0)
+            .to_vec();
+        assert!(
+            norm_rel_err(&g0, &case.vec("first_qoi_gradient")) < 1e-6,
+            "{name}: gradient"
+        );
     }
 }
 
@@ -190,28 +327,63 @@ fn factored_errors_name_the_culprit() {
     let opts = FactoredOptions::default();
     // wrong input width
     let bad = TensorDataset::new(random_tensor(5, 3, 1), random_labels(5, 3, 2)).unwrap();
-    let e = engine.fisher_diag(&Likelihood::Categorical.into(), &bad, &opts).unwrap_err();
-    assert!(matches!(e, Error::Shape { .. }) && e.to_string().contains("[5, 4]"), "{e}");
+    let e = engine
+        .fisher_diag(&Likelihood::Categorical.into(), &bad, &opts)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Shape { .. }) && e.to_string().contains("[5, 4]"),
+        "{e}"
+    );
     // label out of range
     let labels = Tensor::new(&[0i64, 1, 7, 2, 0], &candle_core::Device::Cpu).unwrap();
     let bad = TensorDataset::new(random_tensor(5, 4, 1), labels).unwrap();
-    let e = engine.fisher_diag(&Likelihood::Categorical.into(), &bad, &opts).unwrap_err();
-    assert!(e.to_string().contains("example 2") && e.to_string().contains("0..3"), "{e}");
+    let e = engine
+        .fisher_diag(&Likelihood::Categorical.into(), &bad, &opts)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("example 2") && e.to_string().contains("0..3"),
+        "{e}"
+    );
     // NaN in the inputs names the row
     let mut xv = pseudo_random(20, 3);
     xv[13] = f64::NAN;
     let x = Tensor::from_vec(xv, (5, 4), &candle_core::Device::Cpu).unwrap();
     let bad = TensorDataset::new(x, random_labels(5, 3, 2)).unwrap();
-    let e = engine.fisher_diag(&Likelihood::Categorical.into(), &bad, &FactoredOptions { batch_size: 2, threads: 1 }).unwrap_err();
-    assert!(matches!(e, Error::NonFinite { .. }) && e.to_string().contains("row 3"), "{e}");
+    let e = engine
+        .fisher_diag(
+            &Likelihood::Categorical.into(),
+            &bad,
+            &FactoredOptions {
+                batch_size: 2,
+                threads: 1,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::NonFinite { .. }) && e.to_string().contains("row 3"),
+        "{e}"
+    );
     // QoI index out of range
-    let e = engine.query_factors(&Qoi::Output(5).into(), &pb.queries, &opts).unwrap_err();
+    let e = engine
+        .query_factors(&Qoi::Output(5).into(), &pb.queries, &opts)
+        .unwrap_err();
     assert!(e.to_string().contains("3 outputs"), "{e}");
     // batch size 0
-    let e = engine.fisher_diag(&Likelihood::Categorical.into(), &pb.data, &FactoredOptions { batch_size: 0, threads: 1 }).unwrap_err();
+    let e = engine
+        .fisher_diag(
+            &Likelihood::Categorical.into(),
+            &pb.data,
+            &FactoredOptions {
+                batch_size: 0,
+                threads: 1,
+            },
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("batch_size"), "{e}");
     // Σ of the wrong size
-    let q = engine.query_factors(&Qoi::Sum.into(), &pb.queries, &opts).unwrap();
+    let q = engine
+        .query_factors(&Qoi::Sum.into(), &pb.queries, &opts)
+        .unwrap();
     let e = q.delta_variances(&IdentitySigma::new(3)).unwrap_err();
     assert!(e.to_string().contains("P = "), "{e}");
 }
@@ -227,8 +399,12 @@ fn f32_model_runs_in_f32_close_to_f64() {
     let e64 = FactoredMlp::new(&m64).unwrap();
     let e32 = FactoredMlp::new(&m32).unwrap();
     assert_eq!(e32.dtype(), DType::F32);
-    let a = e64.fisher_diag(&lik, &d64, &FactoredOptions::default()).unwrap();
-    let b = e32.fisher_diag(&lik, &d32, &FactoredOptions::default()).unwrap();
+    let a = e64
+        .fisher_diag(&lik, &d64, &FactoredOptions::default())
+        .unwrap();
+    let b = e32
+        .fisher_diag(&lik, &d32, &FactoredOptions::default())
+        .unwrap();
     let err = norm_rel_err(b.sums(), a.sums());
     assert!(err < 1e-5, "f32 engine vs f64: {err:e}");
 }

@@ -11,5 +11,8 @@
 pub mod factored;
 pub mod generic;
 
-pub use factored::{FactoredFisher, FactoredMlp, FactoredOptions, Factors, OutputLikelihood, OutputQoi, QueryFactors};
+pub use factored::{
+    FactoredFisher, FactoredMlp, FactoredOptions, Factors, OutputLikelihood, OutputQoi,
+    QueryFactors,
+};
 pub use generic::{GenericFisher, GenericOptions};

@@ -208,14 +208,22 @@ mod tests {
             }
             assert_eq!(act.name().parse::<Activation>().unwrap(), act);
             for (zi, w) in [-2.0, 1.0, 30.0].iter().zip(want) {
-                assert!((act.value(*zi) - w).abs() <= 1e-14 * w.abs().max(1.0), "{} scalar", act.name());
+                assert!(
+                    (act.value(*zi) - w).abs() <= 1e-14 * w.abs().max(1.0),
+                    "{} scalar",
+                    act.name()
+                );
             }
             // the scalar derivative against a central difference
             for zi in [-1.3, -0.2, 0.4, 2.1] {
                 let h = 1e-6;
                 let fd = (act.value(zi + h) - act.value(zi - h)) / (2.0 * h);
                 let d = act.derivative(zi, act.value(zi));
-                assert!((d - fd).abs() < 1e-8, "{} derivative at {zi}: {d} vs {fd}", act.name());
+                assert!(
+                    (d - fd).abs() < 1e-8,
+                    "{} derivative at {zi}: {d} vs {fd}",
+                    act.name()
+                );
             }
         }
         assert!("swish".parse::<Activation>().is_err());

@@ -2,19 +2,37 @@
 //! gradient matrix G (row i of G is example i's gradient, in the MLP's flat layout).
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::layer_offsets;
 use crate::error::{Error, Result};
 use crate::sigma::SigmaOp;
 
-/// One Linear layer's factors for N examples: inputs X (N×in) and signals Δ (N×out), f64.
+/// One Linear layer's factors for N examples: inputs X (N×in) and signals Δ (N×out), f64,
+/// stored row-major (one example per row).
 #[derive(Debug, Clone)]
 pub struct LayerFactors {
-    /// Layer inputs, one row per example.
-    pub x: Mat<f64>,
-    /// Back-propagated signals ∂uᵢ/∂zᵢ, one row per example.
-    pub d: Mat<f64>,
+    x: Vec<f64>,
+    d: Vec<f64>,
+    inp: usize,
+    out: usize,
+}
+
+impl LayerFactors {
+    /// Layer inputs X (N×in), one row per example.
+    pub fn x(&self) -> MatRef<'_, f64> {
+        MatRef::from_row_major_slice(&self.x, self.x.len() / self.inp.max(1), self.inp)
+    }
+    /// Back-propagated signals Δ (N×out), ∂uᵢ/∂zᵢ, one row per example.
+    pub fn d(&self) -> MatRef<'_, f64> {
+        MatRef::from_row_major_slice(&self.d, self.d.len() / self.out.max(1), self.out)
+    }
+    fn x_row(&self, i: usize) -> &[f64] {
+        &self.x[i * self.inp..(i + 1) * self.inp]
+    }
+    fn d_row(&self, i: usize) -> &[f64] {
+        &self.d[i * self.out..(i + 1) * self.out]
+    }
 }
 
 /// The factors of N examples for every layer. Memory: N·Σ_l(in_l + out_l) f64.
@@ -29,27 +47,44 @@ fn par() -> Par {
     Par::rayon(0)
 }
 
+/// Column `j` of a matrix as a contiguous slice (copying when it is not).
+fn col_vec(m: MatRef<'_, f64>, j: usize) -> std::borrow::Cow<'_, [f64]> {
+    match m.col(j).try_as_col_major() {
+        Some(c) => std::borrow::Cow::Borrowed(c.as_slice()),
+        None => std::borrow::Cow::Owned((0..m.nrows()).map(|i| m[(i, j)]).collect()),
+    }
+}
+
 impl Factors {
     pub(crate) fn zeros(sizes: &[usize], n: usize) -> Self {
         let layers = sizes
             .windows(2)
-            .map(|w| LayerFactors { x: Mat::zeros(n, w[0]), d: Mat::zeros(n, w[1]) })
+            .map(|w| LayerFactors {
+                x: vec![0.0; n * w[0]],
+                d: vec![0.0; n * w[1]],
+                inp: w[0],
+                out: w[1],
+            })
             .collect();
-        Self { layers, sizes: sizes.to_vec(), n }
+        Self {
+            layers,
+            sizes: sizes.to_vec(),
+            n,
+        }
     }
 
-    pub(crate) fn write_rows(&mut self, l: usize, start: usize, xs: &[f64], inp: usize, ds: &[f64], out: usize) {
+    pub(crate) fn write_rows(
+        &mut self,
+        l: usize,
+        start: usize,
+        xs: &[f64],
+        inp: usize,
+        ds: &[f64],
+        out: usize,
+    ) {
         let lf = &mut self.layers[l];
-        for (r, row) in xs.chunks_exact(inp).enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                lf.x[(start + r, j)] = *v;
-            }
-        }
-        for (r, row) in ds.chunks_exact(out).enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                lf.d[(start + r, j)] = *v;
-            }
-        }
+        lf.x[start * inp..start * inp + xs.len()].copy_from_slice(xs);
+        lf.d[start * out..start * out + ds.len()].copy_from_slice(ds);
     }
 
     /// N.
@@ -74,7 +109,11 @@ impl Factors {
 
     fn check_rows(&self, what: &str, rows: usize, want: usize) -> Result<()> {
         if rows != want {
-            return Err(Error::shape(what, format!("{want} rows"), format!("{rows} rows")));
+            return Err(Error::shape(
+                what,
+                format!("{want} rows"),
+                format!("{rows} rows"),
+            ));
         }
         Ok(())
     }
@@ -83,15 +122,19 @@ impl Factors {
     pub fn diag_sums(&self) -> Vec<f64> {
         let mut out = vec![0.0; self.num_params()];
         for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&layer_offsets(&self.sizes)) {
-            let sqx = Mat::from_fn(self.n, inp, |i, j| lf.x[(i, j)] * lf.x[(i, j)]);
-            let sqd = Mat::from_fn(self.n, o, |i, j| lf.d[(i, j)] * lf.d[(i, j)]);
-            let mut prod = Mat::<f64>::zeros(o, inp);
-            matmul(prod.as_mut(), Accum::Replace, sqd.transpose(), sqx.as_ref(), 1.0, par());
-            for r in 0..o {
-                for c in 0..inp {
-                    out[w_off + r * inp + c] = prod[(r, c)];
-                }
-                out[b_off + r] = (0..self.n).map(|i| sqd[(i, r)]).sum();
+            let sqx: Vec<f64> = lf.x.iter().map(|v| v * v).collect();
+            let sqd: Vec<f64> = lf.d.iter().map(|v| v * v).collect();
+            matmul(
+                MatMut::from_row_major_slice_mut(&mut out[w_off..w_off + o * inp], o, inp),
+                Accum::Replace,
+                MatRef::from_row_major_slice(&sqd, self.n, o).transpose(),
+                MatRef::from_row_major_slice(&sqx, self.n, inp),
+                1.0,
+                par(),
+            );
+            let bias = &mut out[b_off..b_off + o];
+            for row in sqd.chunks_exact(o) {
+                bias.iter_mut().zip(row).for_each(|(b, v)| *b += v);
             }
         }
         out
@@ -100,60 +143,110 @@ impl Factors {
     /// The gradients of examples `start..start+len` as a P×len block (one column each).
     pub fn gradients(&self, start: usize, len: usize) -> Result<Mat<f64>> {
         crate::data::check_range(self.n, start, len)?;
-        let mut g = Mat::<f64>::zeros(self.num_params(), len);
-        for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&layer_offsets(&self.sizes)) {
-            for j in 0..len {
-                let i = start + j;
-                for r in 0..o {
-                    let d = lf.d[(i, r)];
-                    for c in 0..inp {
-                        g[(w_off + r * inp + c, j)] = d * lf.x[(i, c)];
-                    }
-                    g[(b_off + r, j)] = d;
+        let p = self.num_params();
+        let mut g = Mat::<f64>::zeros(p, len);
+        let offsets = layer_offsets(&self.sizes);
+        for j in 0..len {
+            let col = g
+                .col_mut(j)
+                .try_as_col_major_mut()
+                .map(|c| c.as_slice_mut());
+            let Some(col) = col else {
+                unreachable!("an owned Mat has contiguous columns")
+            };
+            for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&offsets) {
+                let (x, d) = (lf.x_row(start + j), lf.d_row(start + j));
+                for (r, dr) in d.iter().enumerate() {
+                    col[w_off + r * inp..w_off + (r + 1) * inp]
+                        .iter_mut()
+                        .zip(x)
+                        .for_each(|(c, xv)| *c = dr * xv);
                 }
+                col[b_off..b_off + o].copy_from_slice(d);
             }
         }
         Ok(g)
     }
 
-    /// J·V = G V for a P×k block V: (N×k). Per layer one matmul X·[V_W1ᵀ … V_Wkᵀ].
+    /// J·V = G V for a P×k block V: (N×k). Per layer and column one matmul X·V_Wᵀ (N×in·in×out).
     pub fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
         self.check_rows("V in J·V (P rows)", v.nrows(), self.num_params())?;
         let k = v.ncols();
         let mut out = Mat::<f64>::zeros(self.n, k);
-        for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&layer_offsets(&self.sizes)) {
-            // S (in × k·out): column c·out + r is row r of column c's weight block
-            let s = Mat::from_fn(inp, k * o, |j, cr| v[(w_off + (cr % o) * inp + j, cr / o)]);
-            let mut t = Mat::<f64>::zeros(self.n, k * o);
-            matmul(t.as_mut(), Accum::Replace, lf.x.as_ref(), s.as_ref(), 1.0, par());
-            for c in 0..k {
-                for i in 0..self.n {
-                    let mut acc = 0.0;
-                    for r in 0..o {
-                        acc += lf.d[(i, r)] * (t[(i, c * o + r)] + v[(b_off + r, c)]);
-                    }
-                    out[(i, c)] += acc;
+        let offsets = layer_offsets(&self.sizes);
+        let max_out = offsets.iter().map(|o| o.3).max().unwrap_or(0);
+        let mut t = vec![0.0; self.n * max_out];
+        for c in 0..k {
+            let vc = col_vec(v, c);
+            let oc = out
+                .col_mut(c)
+                .try_as_col_major_mut()
+                .map(|c| c.as_slice_mut());
+            let Some(oc) = oc else {
+                unreachable!("an owned Mat has contiguous columns")
+            };
+            for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&offsets) {
+                let t = &mut t[..self.n * o];
+                matmul(
+                    MatMut::from_row_major_slice_mut(t, self.n, o),
+                    Accum::Replace,
+                    lf.x(),
+                    MatRef::from_row_major_slice(&vc[w_off..w_off + o * inp], o, inp).transpose(),
+                    1.0,
+                    par(),
+                );
+                let vb = &vc[b_off..b_off + o];
+                for (i, acc) in oc.iter_mut().enumerate() {
+                    let (tr, dr) = (&t[i * o..(i + 1) * o], lf.d_row(i));
+                    *acc += dr
+                        .iter()
+                        .zip(tr)
+                        .zip(vb)
+                        .map(|((d, t), b)| d * (t + b))
+                        .sum::<f64>();
                 }
             }
         }
         Ok(out)
     }
 
-    /// Jᵀ·U = Gᵀ U for an N×k block U: (P×k). Per layer one matmul [Δ∘u₁ … Δ∘u_k]ᵀ X.
+    /// Jᵀ·U = Gᵀ U for an N×k block U: (P×k). Per layer and column one matmul (Δ∘u)ᵀ X.
     pub fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
         self.check_rows("U in Jᵀ·U (N rows)", u.nrows(), self.n)?;
         let k = u.ncols();
         let mut out = Mat::<f64>::zeros(self.num_params(), k);
-        for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&layer_offsets(&self.sizes)) {
-            let a = Mat::from_fn(self.n, k * o, |i, cr| lf.d[(i, cr % o)] * u[(i, cr / o)]);
-            let mut r = Mat::<f64>::zeros(k * o, inp);
-            matmul(r.as_mut(), Accum::Replace, a.transpose(), lf.x.as_ref(), 1.0, par());
-            for c in 0..k {
-                for row in 0..o {
-                    for j in 0..inp {
-                        out[(w_off + row * inp + j, c)] = r[(c * o + row, j)];
-                    }
-                    out[(b_off + row, c)] = (0..self.n).map(|i| a[(i, c * o + row)]).sum();
+        let offsets = layer_offsets(&self.sizes);
+        let max_out = offsets.iter().map(|o| o.3).max().unwrap_or(0);
+        let mut a = vec![0.0; self.n * max_out];
+        for c in 0..k {
+            let uc = col_vec(u, c);
+            let oc = out
+                .col_mut(c)
+                .try_as_col_major_mut()
+                .map(|c| c.as_slice_mut());
+            let Some(oc) = oc else {
+                unreachable!("an owned Mat has contiguous columns")
+            };
+            for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&offsets) {
+                let a = &mut a[..self.n * o];
+                for (i, ui) in uc.iter().enumerate() {
+                    a[i * o..(i + 1) * o]
+                        .iter_mut()
+                        .zip(lf.d_row(i))
+                        .for_each(|(a, d)| *a = d * ui);
+                }
+                matmul(
+                    MatMut::from_row_major_slice_mut(&mut oc[w_off..w_off + o * inp], o, inp),
+                    Accum::Replace,
+                    MatRef::from_row_major_slice(a, self.n, o).transpose(),
+                    lf.x(),
+                    1.0,
+                    par(),
+                );
+                let bias = &mut oc[b_off..b_off + o];
+                bias.fill(0.0);
+                for row in a.chunks_exact(o) {
+                    bias.iter_mut().zip(row).for_each(|(b, v)| *b += v);
                 }
             }
         }
@@ -163,7 +256,11 @@ impl Factors {
     /// F·V = Gᵀ(G V)/N, the MEAN empirical Fisher applied to a P×k block (zero when N = 0).
     pub fn fisher_apply(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
         let mut out = self.jtu(self.jv(v)?.as_ref())?;
-        let inv = if self.n == 0 { 0.0 } else { 1.0 / self.n as f64 };
+        let inv = if self.n == 0 {
+            0.0
+        } else {
+            1.0 / self.n as f64
+        };
         for j in 0..out.ncols() {
             for i in 0..out.nrows() {
                 out[(i, j)] *= inv;
@@ -174,24 +271,55 @@ impl Factors {
 
     /// G·Hᵀ for another set of factors H of the same model (N×M):
     /// Σ_l (X X_Hᵀ + 1)∘(Δ Δ_Hᵀ). With H = self this is the Gram matrix K = G Gᵀ.
+    /// Memory: the N×M result plus two N×512 blocks.
     pub fn cross_gram(&self, other: &Factors) -> Result<Mat<f64>> {
         if other.sizes != self.sizes {
-            return Err(Error::shape("factors of another model", format!("{:?}", self.sizes), format!("{:?}", other.sizes)));
+            return Err(Error::shape(
+                "factors of another model",
+                format!("{:?}", self.sizes),
+                format!("{:?}", other.sizes),
+            ));
         }
         let (n, m) = (self.n, other.n);
         let mut k = Mat::<f64>::zeros(n, m);
-        let block = 512.max(1);
+        let block = 512;
         let mut xx = Mat::<f64>::zeros(n, block.min(m.max(1)));
         let mut dd = Mat::<f64>::zeros(n, block.min(m.max(1)));
         for c0 in (0..m).step_by(block) {
             let w = block.min(m - c0);
             for (a, b) in self.layers.iter().zip(&other.layers) {
-                matmul(xx.as_mut().subcols_mut(0, w), Accum::Replace, a.x.as_ref(), b.x.as_ref().subrows(c0, w).transpose(), 1.0, par());
-                matmul(dd.as_mut().subcols_mut(0, w), Accum::Replace, a.d.as_ref(), b.d.as_ref().subrows(c0, w).transpose(), 1.0, par());
+                matmul(
+                    xx.as_mut().subcols_mut(0, w),
+                    Accum::Replace,
+                    a.x(),
+                    b.x().subrows(c0, w).transpose(),
+                    1.0,
+                    par(),
+                );
+                matmul(
+                    dd.as_mut().subcols_mut(0, w),
+                    Accum::Replace,
+                    a.d(),
+                    b.d().subrows(c0, w).transpose(),
+                    1.0,
+                    par(),
+                );
                 for j in 0..w {
-                    for i in 0..n {
-                        k[(i, c0 + j)] += (xx[(i, j)] + 1.0) * dd[(i, j)];
-                    }
+                    let kc = k
+                        .col_mut(c0 + j)
+                        .try_as_col_major_mut()
+                        .map(|c| c.as_slice_mut());
+                    let (Some(kc), Some(xc), Some(dc)) = (
+                        kc,
+                        xx.col(j).try_as_col_major().map(|c| c.as_slice()),
+                        dd.col(j).try_as_col_major().map(|c| c.as_slice()),
+                    ) else {
+                        unreachable!("owned Mats have contiguous columns")
+                    };
+                    kc.iter_mut()
+                        .zip(xc)
+                        .zip(dc)
+                        .for_each(|((k, x), d)| *k += (x + 1.0) * d);
                 }
             }
         }
@@ -200,8 +328,10 @@ impl Factors {
 
     /// The N×N Gram matrix K = G Gᵀ = Σ_l (X Xᵀ + 1)∘(Δ Δᵀ). Memory O(N²).
     pub fn gram(&self) -> Mat<f64> {
-        // same sizes by construction
-        self.cross_gram(self).unwrap_or_else(|_| Mat::zeros(0, 0))
+        match self.cross_gram(self) {
+            Ok(k) => k,
+            Err(_) => unreachable!("a set of factors has its own sizes"),
+        }
     }
 
     /// gᵢᵀ diag(s) gᵢ for every example, without forming gᵢ:
@@ -212,15 +342,26 @@ impl Factors {
         }
         let mut out = vec![0.0; self.n];
         for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&layer_offsets(&self.sizes)) {
-            let sqx = Mat::from_fn(self.n, inp, |i, j| lf.x[(i, j)] * lf.x[(i, j)]);
+            let sqx: Vec<f64> = lf.x.iter().map(|v| v * v).collect();
             let sw = MatRef::from_row_major_slice(&s[w_off..w_off + o * inp], o, inp);
-            let mut t = Mat::<f64>::zeros(self.n, o);
-            matmul(t.as_mut(), Accum::Replace, sqx.as_ref(), sw.transpose(), 1.0, par());
+            let mut t = vec![0.0; self.n * o];
+            matmul(
+                MatMut::from_row_major_slice_mut(&mut t, self.n, o),
+                Accum::Replace,
+                MatRef::from_row_major_slice(&sqx, self.n, inp),
+                sw.transpose(),
+                1.0,
+                par(),
+            );
+            let sb = &s[b_off..b_off + o];
             for (i, acc) in out.iter_mut().enumerate() {
-                for r in 0..o {
-                    let d = lf.d[(i, r)];
-                    *acc += d * d * (t[(i, r)] + s[b_off + r]);
-                }
+                let (tr, dr) = (&t[i * o..(i + 1) * o], lf.d_row(i));
+                *acc += dr
+                    .iter()
+                    .zip(tr)
+                    .zip(sb)
+                    .map(|((d, t), b)| d * d * (t + b))
+                    .sum::<f64>();
             }
         }
         Ok(out)
@@ -255,7 +396,10 @@ impl QueryFactors {
     pub fn delta_variances(&self, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
         if sigma.dim() != self.factors.num_params() {
             return Err(Error::shape(
-                format!("Sigma '{}' (its size must equal the number of parameters P)", sigma.name()),
+                format!(
+                    "Sigma '{}' (its size must equal the number of parameters P)",
+                    sigma.name()
+                ),
                 format!("P = {}", self.factors.num_params()),
                 format!("P = {}", sigma.dim()),
             ));

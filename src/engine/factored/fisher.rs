@@ -51,8 +51,18 @@ impl Dataset for Range<'_> {
 
 impl<'a> FactoredFisher<'a> {
     /// Snapshots the MLP's weights and pairs them with a likelihood and a dataset.
-    pub fn new(mlp: &Mlp, lik: impl Into<OutputLikelihood>, data: &'a dyn Dataset, opts: FactoredOptions) -> Result<Self> {
-        Ok(Self { engine: FactoredMlp::new(mlp)?, lik: lik.into(), data, opts })
+    pub fn new(
+        mlp: &Mlp,
+        lik: impl Into<OutputLikelihood>,
+        data: &'a dyn Dataset,
+        opts: FactoredOptions,
+    ) -> Result<Self> {
+        Ok(Self {
+            engine: FactoredMlp::new(mlp)?,
+            lik: lik.into(),
+            data,
+            opts,
+        })
     }
 
     /// The engine.
@@ -99,7 +109,15 @@ impl FisherSource for FactoredFisher<'_> {
         let mut sum = Mat::<f64>::zeros(p, p);
         for start in (0..n).step_by(bs) {
             let len = bs.min(n - start);
-            let f = self.engine.factors(&self.lik, &Range { data: self.data, start, len }, &self.opts)?;
+            let f = self.engine.factors(
+                &self.lik,
+                &Range {
+                    data: self.data,
+                    start,
+                    len,
+                },
+                &self.opts,
+            )?;
             let g = f.gradients(0, len)?;
             tri_matmul(
                 sum.as_mut(),

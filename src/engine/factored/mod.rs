@@ -45,7 +45,10 @@ pub struct FactoredOptions {
 
 impl Default for FactoredOptions {
     fn default() -> Self {
-        Self { batch_size: 256, threads: 0 }
+        Self {
+            batch_size: 256,
+            threads: 0,
+        }
     }
 }
 
@@ -113,7 +116,10 @@ impl FactoredMlp {
             DType::F64 => Inner::F64(NativeMlp::from_mlp(mlp)?),
             _ => Inner::F32(NativeMlp::from_mlp(mlp)?),
         };
-        Ok(Self { inner, sizes: mlp.sizes().to_vec() })
+        Ok(Self {
+            inner,
+            sizes: mlp.sizes().to_vec(),
+        })
     }
 
     /// Layer widths `[in, h1, ..., out]`.
@@ -136,7 +142,11 @@ impl FactoredMlp {
 
     fn pool<R: Send>(opts: &FactoredOptions, f: impl FnOnce() -> R + Send) -> Result<R> {
         opts.validate()?;
-        let g = crate::engine::GenericOptions { threads: opts.threads, single_threaded_candle: false, batch_size: 1 };
+        let g = crate::engine::GenericOptions {
+            threads: opts.threads,
+            single_threaded_candle: false,
+            batch_size: 1,
+        };
         crate::engine::generic::in_pool(&g, f)
     }
 
@@ -156,7 +166,11 @@ impl FactoredMlp {
         let (values, signal) = match target {
             Target::Likelihood(lik, y) => {
                 if y.dims().first() != Some(&b) {
-                    return Err(Error::shape("targets y (one row per input row)", b, format!("{:?}", y.dims())));
+                    return Err(Error::shape(
+                        "targets y (one row per input row)",
+                        b,
+                        format!("{:?}", y.dims()),
+                    ));
                 }
                 (Vec::new(), lik.signal(&f, b, o, y, first_row)?)
             }
@@ -175,7 +189,12 @@ impl FactoredMlp {
     ///
     /// Memory per worker: one batch of activations and signals, one P-vector f64 accumulator,
     /// and one out×in product buffer.
-    pub fn fisher_diag(&self, lik: &OutputLikelihood, data: &dyn Dataset, opts: &FactoredOptions) -> Result<FisherDiag> {
+    pub fn fisher_diag(
+        &self,
+        lik: &OutputLikelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<FisherDiag> {
         dispatch!(self, m => self.fisher_diag_t(m, lik, data, opts))
     }
 
@@ -199,7 +218,13 @@ impl FactoredMlp {
                 .par_iter()
                 .with_min_len(per)
                 .try_fold(
-                    || DiagState { ws: Workspace::default(), acc: vec![0.0; p], sqx: vec![], sqd: vec![], prod: vec![T::default(); max_prod] },
+                    || DiagState {
+                        ws: Workspace::default(),
+                        acc: vec![0.0; p],
+                        sqx: vec![],
+                        sqd: vec![],
+                        prod: vec![T::default(); max_prod],
+                    },
                     |mut st, &start| {
                         let len = bs.min(n - start);
                         let (x, y) = data.get(start, len)?;
@@ -220,7 +245,9 @@ impl FactoredMlp {
                                 T::of(1.0),
                                 Par::Seq,
                             );
-                            for (a, v) in st.acc[w_off..w_off + out * inp].iter_mut().zip(prod.iter()) {
+                            for (a, v) in
+                                st.acc[w_off..w_off + out * inp].iter_mut().zip(prod.iter())
+                            {
                                 *a += v.f64();
                             }
                             let accb = &mut st.acc[b_off..b_off + out];
@@ -247,7 +274,12 @@ impl FactoredMlp {
 
     /// The per-layer factors (X, Δ) of the log-likelihood of every example of `data`, in f64.
     /// Memory O(N·Σ(in+out)).
-    pub fn factors(&self, lik: &OutputLikelihood, data: &dyn Dataset, opts: &FactoredOptions) -> Result<Factors> {
+    pub fn factors(
+        &self,
+        lik: &OutputLikelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<Factors> {
         let n = data.len();
         let (f, _) = dispatch!(self, m => self.collect_factors(m, n, opts, |start, len| {
             let (x, y) = data.get(start, len)?;
@@ -258,7 +290,12 @@ impl FactoredMlp {
 
     /// Gradients of a QoI at the M rows of `queries` from one batched pass, as factors
     /// (never the M×P Jacobian unless asked through [`QueryFactors::gradients`]).
-    pub fn query_factors(&self, qoi: &OutputQoi, queries: &Tensor, opts: &FactoredOptions) -> Result<QueryFactors> {
+    pub fn query_factors(
+        &self,
+        qoi: &OutputQoi,
+        queries: &Tensor,
+        opts: &FactoredOptions,
+    ) -> Result<QueryFactors> {
         let m_rows = queries.dims().first().copied().unwrap_or(0);
         let (factors, values) = dispatch!(self, m => self.collect_factors(m, m_rows, opts, |start, len| {
             Ok((queries.narrow(0, start, len)?, None))
@@ -287,11 +324,22 @@ impl FactoredMlp {
                     let target = match (lik, qoi, y.as_ref()) {
                         (Some(l), _, Some(y)) => Target::Likelihood(l, y),
                         (_, Some(q), _) => Target::Qoi(q),
-                        _ => return Err(Error::Unsupported("factor pass without an objective".into())),
+                        _ => {
+                            return Err(Error::Unsupported(
+                                "factor pass without an objective".into(),
+                            ))
+                        }
                     };
                     let values = Self::pass(m, ws, &x, target, start)?;
-                    let xs = ws.acts[..m.layers.len()].iter().map(|a| a.iter().map(|v| v.f64()).collect()).collect();
-                    let ds = ws.deltas.iter().map(|d| d.iter().map(|v| v.f64()).collect()).collect();
+                    let xs = ws.acts[..m.layers.len()]
+                        .iter()
+                        .map(|a| a.iter().map(|v| v.f64()).collect())
+                        .collect();
+                    let ds = ws
+                        .deltas
+                        .iter()
+                        .map(|d| d.iter().map(|v| v.f64()).collect())
+                        .collect();
                     Ok((xs, ds, values))
                 })
                 .collect::<Result<Vec<_>>>()
@@ -311,7 +359,9 @@ impl FactoredMlp {
 
 pub(crate) fn rayon_threads(opts: &FactoredOptions) -> usize {
     if opts.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         opts.threads
     }

@@ -12,6 +12,14 @@ use super::scalar::{copy_rows, Scalar};
 use crate::error::{Error, Result};
 use crate::model::{Activation, Mlp};
 
+/// Whether φ' needs the pre-activation z (otherwise it follows from a = φ(z)).
+fn needs_pre(act: Activation) -> bool {
+    matches!(
+        act,
+        Activation::Gelu | Activation::GeluTanh | Activation::Silu | Activation::Softplus
+    )
+}
+
 /// One Linear layer's weights in the engine's precision.
 #[derive(Debug, Clone)]
 pub(crate) struct NativeLayer<T> {
@@ -36,7 +44,8 @@ pub(crate) struct NativeMlp<T> {
 pub(crate) struct Workspace<T> {
     /// acts[l]: input of layer l (B×in_l); acts[L] is the model output (B×out).
     pub acts: Vec<Vec<T>>,
-    /// pre[l]: pre-activation of hidden layer l (B×out_l), for l < L-1.
+    /// pre[l]: pre-activation of hidden layer l (B×out_l), for l < L-1, kept only for the
+    /// activations whose derivative needs it.
     pub pre: Vec<Vec<T>>,
     /// deltas[l]: ∂u/∂z_l (B×out_l), u the per-example objective.
     pub deltas: Vec<Vec<T>>,
@@ -51,15 +60,25 @@ impl<T: Scalar> NativeMlp<T> {
             let w = l.weight();
             let (out, inp) = w.dims2()?;
             let b = l.bias().ok_or_else(|| {
-                Error::Parameter(format!("layer {i} has no bias; the factored engine expects Linear layers with bias"))
+                Error::Parameter(format!(
+                    "layer {i} has no bias; the factored engine expects Linear layers with bias"
+                ))
             })?;
             let mut wv = Vec::new();
             copy_rows(w, &mut wv, &format!("weight of layer {i}"), 0)?;
             let mut bv = Vec::new();
             copy_rows(b, &mut bv, &format!("bias of layer {i}"), 0)?;
-            layers.push(NativeLayer { w: wv, b: bv, inp, out });
+            layers.push(NativeLayer {
+                w: wv,
+                b: bv,
+                inp,
+                out,
+            });
         }
-        Ok(Self { layers, act: mlp.activation() })
+        Ok(Self {
+            layers,
+            act: mlp.activation(),
+        })
     }
 
     pub fn num_inputs(&self) -> usize {
@@ -105,24 +124,32 @@ impl<T: Scalar> NativeMlp<T> {
                 T::of(1.0),
                 Par::Seq,
             );
-            for row in z.chunks_exact_mut(layer.out) {
-                for (v, bias) in row.iter_mut().zip(&layer.b) {
-                    *v += *bias;
-                }
-            }
-            if l + 1 < nl {
-                // keep the pre-activation, apply φ in place
-                let pre = &mut ws.pre[l];
-                pre.clear();
-                pre.extend_from_slice(z);
-                match self.act {
-                    Activation::Identity => {}
-                    Activation::Relu => z.iter_mut().for_each(|v| {
-                        if *v < T::default() {
-                            *v = T::default()
+            let hidden = l + 1 < nl;
+            match (hidden, self.act) {
+                (true, Activation::Relu) => {
+                    // bias and ReLU in one pass; the backward reads the mask from the output
+                    for row in z.chunks_exact_mut(layer.out) {
+                        for (v, bias) in row.iter_mut().zip(&layer.b) {
+                            let t = *v + *bias;
+                            *v = if t > T::default() { t } else { T::default() };
                         }
-                    }),
-                    act => z.iter_mut().for_each(|v| *v = T::of(act.value(v.f64()))),
+                    }
+                }
+                _ => {
+                    for row in z.chunks_exact_mut(layer.out) {
+                        for (v, bias) in row.iter_mut().zip(&layer.b) {
+                            *v += *bias;
+                        }
+                    }
+                    if hidden && self.act != Activation::Identity {
+                        if needs_pre(self.act) {
+                            let pre = &mut ws.pre[l];
+                            pre.clear();
+                            pre.extend_from_slice(z);
+                        }
+                        let act = self.act;
+                        z.iter_mut().for_each(|v| *v = T::of(act.value(v.f64())));
+                    }
                 }
             }
         }
@@ -147,20 +174,24 @@ impl<T: Scalar> NativeMlp<T> {
                 T::of(1.0),
                 Par::Seq,
             );
-            let pre = &ws.pre[l - 1];
             let post = &ws.acts[l];
             match self.act {
                 Activation::Identity => {}
                 Activation::Relu => {
-                    for (d, z) in d_prev.iter_mut().zip(pre) {
-                        if *z <= T::default() {
-                            *d = T::default();
-                        }
+                    for (d, a) in d_prev.iter_mut().zip(post) {
+                        *d = if *a > T::default() { *d } else { T::default() };
+                    }
+                }
+                act if needs_pre(act) => {
+                    let pre = &ws.pre[l - 1];
+                    for ((d, z), a) in d_prev.iter_mut().zip(pre).zip(post) {
+                        *d = T::of(d.f64() * act.derivative(z.f64(), a.f64()));
                     }
                 }
                 act => {
-                    for ((d, z), a) in d_prev.iter_mut().zip(pre).zip(post) {
-                        *d = T::of(d.f64() * act.derivative(z.f64(), a.f64()));
+                    // tanh and sigmoid: φ' from the output alone
+                    for (d, a) in d_prev.iter_mut().zip(post) {
+                        *d = T::of(d.f64() * act.derivative(0.0, a.f64()));
                     }
                 }
             }

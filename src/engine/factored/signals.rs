@@ -80,7 +80,12 @@ fn check_output(f: &[f64], o: usize, first_row: usize) -> Result<()> {
     if let Some(k) = f.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite {
             what: "model output".into(),
-            detail: format!("example {}, output {} is {}", first_row + k / o, k % o, f[k]),
+            detail: format!(
+                "example {}, output {} is {}",
+                first_row + k / o,
+                k % o,
+                f[k]
+            ),
         });
     }
     Ok(())
@@ -99,11 +104,18 @@ fn closure_signal(
     let out = Var::from_vec(f.to_vec(), (b, o), &Device::Cpu)?;
     let v = call(out.as_tensor())?;
     if v.dims() != [b] {
-        return Err(Error::shape(format!("{what} output (one value per row)"), format!("[{b}]"), format!("{:?}", v.dims())));
+        return Err(Error::shape(
+            format!("{what} output (one value per row)"),
+            format!("[{b}]"),
+            format!("{:?}", v.dims()),
+        ));
     }
     let values = v.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite { what: what.into(), detail: format!("example {} gives {}", first_row + i, values[i]) });
+        return Err(Error::NonFinite {
+            what: what.into(),
+            detail: format!("example {} gives {}", first_row + i, values[i]),
+        });
     }
     let grads = v.sum_all()?.backward()?;
     let mut signal = vec![0.0; b * o];
@@ -115,23 +127,48 @@ fn closure_signal(
 
 impl OutputLikelihood {
     /// ∂ log p(yᵢ|fᵢ) / ∂fᵢ for the rows of `f` (B×o, row-major).
-    pub(crate) fn signal(&self, f: &[f64], b: usize, o: usize, y: &Tensor, first_row: usize) -> Result<Vec<f64>> {
+    pub(crate) fn signal(
+        &self,
+        f: &[f64],
+        b: usize,
+        o: usize,
+        y: &Tensor,
+        first_row: usize,
+    ) -> Result<Vec<f64>> {
         check_output(f, o, first_row)?;
         let signal = match self {
             OutputLikelihood::Builtin(Likelihood::Gaussian { sigma }) => {
                 if sigma.is_empty() || (sigma.len() != 1 && sigma.len() != o) {
-                    return Err(Error::shape("gaussian sigma (one value, or one per output)", format!("1 or {o} values"), format!("{} values", sigma.len())));
+                    return Err(Error::shape(
+                        "gaussian sigma (one value, or one per output)",
+                        format!("1 or {o} values"),
+                        format!("{} values", sigma.len()),
+                    ));
                 }
                 if let Some(s) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-                    return Err(Error::invalid("gaussian sigma", s, "must be finite and > 0"));
+                    return Err(Error::invalid(
+                        "gaussian sigma",
+                        s,
+                        "must be finite and > 0",
+                    ));
                 }
                 if y.elem_count() != b * o || y.dims().first() != Some(&b) {
-                    return Err(Error::shape("gaussian targets y", format!("[{b}, {o}]"), format!("{:?}", y.dims())));
+                    return Err(Error::shape(
+                        "gaussian targets y",
+                        format!("[{b}, {o}]"),
+                        format!("{:?}", y.dims()),
+                    ));
                 }
                 let mut yv: Vec<f64> = Vec::new();
                 super::scalar::copy_rows(y, &mut yv, "targets y", first_row)?;
-                let inv: Vec<f64> = (0..o).map(|k| 1.0 / sigma[if sigma.len() == 1 { 0 } else { k }].powi(2)).collect();
-                f.iter().zip(&yv).enumerate().map(|(k, (fi, yi))| (yi - fi) * inv[k % o]).collect()
+                let inv: Vec<f64> = (0..o)
+                    .map(|k| 1.0 / sigma[if sigma.len() == 1 { 0 } else { k }].powi(2))
+                    .collect();
+                f.iter()
+                    .zip(&yv)
+                    .enumerate()
+                    .map(|(k, (fi, yi))| (yi - fi) * inv[k % o])
+                    .collect()
             }
             OutputLikelihood::Builtin(Likelihood::Categorical) => {
                 let labels = class_labels(y, b, o, first_row)?;
@@ -146,12 +183,27 @@ impl OutputLikelihood {
                 }
                 signal
             }
-            OutputLikelihood::Custom(c) => closure_signal(f, b, o, |out| c(out, y), "log-likelihood closure", first_row)?.1,
+            OutputLikelihood::Custom(c) => {
+                closure_signal(
+                    f,
+                    b,
+                    o,
+                    |out| c(out, y),
+                    "log-likelihood closure",
+                    first_row,
+                )?
+                .1
+            }
         };
         if let Some(k) = signal.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite {
                 what: "log-likelihood gradient".into(),
-                detail: format!("example {}, output {} is {}", first_row + k / o, k % o, signal[k]),
+                detail: format!(
+                    "example {}, output {} is {}",
+                    first_row + k / o,
+                    k % o,
+                    signal[k]
+                ),
             });
         }
         Ok(signal)
@@ -160,17 +212,30 @@ impl OutputLikelihood {
 
 impl OutputQoi {
     /// QoI values (B,) and ∂qᵢ/∂fᵢ (B×o) for the rows of `f`.
-    pub(crate) fn signal(&self, f: &[f64], b: usize, o: usize, first_row: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    pub(crate) fn signal(
+        &self,
+        f: &[f64],
+        b: usize,
+        o: usize,
+        first_row: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
         check_output(f, o, first_row)?;
         let k = match self {
             OutputQoi::Builtin(Qoi::Output(k)) | OutputQoi::Builtin(Qoi::Prob(k)) => *k,
             _ => 0,
         };
         if k >= o {
-            return Err(Error::invalid("QoI output index", k, format!("the model has {o} outputs (0..{o})")));
+            return Err(Error::invalid(
+                "QoI output index",
+                k,
+                format!("the model has {o} outputs (0..{o})"),
+            ));
         }
         match self {
-            OutputQoi::Builtin(Qoi::Sum) => Ok((f.chunks_exact(o).map(|r| r.iter().sum()).collect(), vec![1.0; b * o])),
+            OutputQoi::Builtin(Qoi::Sum) => Ok((
+                f.chunks_exact(o).map(|r| r.iter().sum()).collect(),
+                vec![1.0; b * o],
+            )),
             OutputQoi::Builtin(Qoi::Output(_)) => {
                 let mut s = vec![0.0; b * o];
                 for i in 0..b {

@@ -1,0 +1,85 @@
+//! Criterion benches of the factored engine on a synthetic 784-256-256-10 relu classifier
+//! (P = 269,322), N = 2048 training examples, f32 model.
+//!
+//!     cargo bench --bench engine
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use criterion::{criterion_group, criterion_main, Criterion};
+use deltavar::sigma::DiagonalSigma;
+use deltavar::*;
+use faer::Mat;
+
+fn lcg(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn setup(n: usize) -> (Mlp, VarMap, TensorDataset) {
+    let vm = VarMap::new();
+    let mlp = Mlp::new(
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        &[784, 256, 256, 10],
+        Activation::Relu,
+        None,
+    )
+    .expect("mlp");
+    let x = Tensor::from_vec(lcg(n * 784, 1), (n, 784), &Device::Cpu).expect("x");
+    let y: Vec<i64> = lcg(n, 2)
+        .iter()
+        .map(|v| ((v + 1.0) * 4.99) as i64)
+        .collect();
+    let y = Tensor::from_vec(y, n, &Device::Cpu).expect("y");
+    (mlp, vm, TensorDataset::new(x, y).expect("data"))
+}
+
+fn benches(c: &mut Criterion) {
+    let n = 2048;
+    let (mlp, _vm, data) = setup(n);
+    let engine = FactoredMlp::new(&mlp).expect("engine");
+    let lik: OutputLikelihood = Likelihood::Categorical.into();
+    let opts = FactoredOptions::default();
+    let p = engine.num_params();
+
+    let mut g = c.benchmark_group("factored-784-256-256-10-N2048");
+    g.sample_size(10);
+    g.bench_function("diag F (streamed)", |b| {
+        b.iter(|| engine.fisher_diag(&lik, &data, &opts).expect("diag"))
+    });
+    g.bench_function("factors (X, Δ) of the dataset", |b| {
+        b.iter(|| engine.factors(&lik, &data, &opts).expect("factors"))
+    });
+    let factors = engine.factors(&lik, &data, &opts).expect("factors");
+    for k in [1usize, 16] {
+        let v = Mat::from_fn(p, k, |i, j| ((i * 31 + j * 17) % 101) as f64 / 101.0 - 0.5);
+        g.bench_function(format!("F·V k={k}"), |b| {
+            b.iter(|| factors.fisher_apply(v.as_ref()).expect("fv"))
+        });
+    }
+    g.bench_function("Gram N×N", |b| b.iter(|| factors.gram()));
+    let queries = Tensor::from_vec(lcg(256 * 784, 3), (256, 784), &Device::Cpu).expect("q");
+    let sigma = DiagonalSigma::new(vec![0.5; p]).expect("sigma");
+    let qoi: OutputQoi = Qoi::Output(3).into();
+    g.bench_function("256 queries, diagonal Σ", |b| {
+        b.iter(|| {
+            engine
+                .query_factors(&qoi, &queries, &opts)
+                .expect("q")
+                .delta_variances(&sigma)
+                .expect("dv")
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(engine_benches, benches);
+criterion_main!(engine_benches);
