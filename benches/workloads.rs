@@ -23,6 +23,20 @@ fn best_of<T>(reps: usize, mut f: impl FnMut() -> T) -> (f64, T) {
     (best, out.expect("reps >= 1"))
 }
 
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
 fn load_diag(dir: &std::path::Path) -> Option<(Mlp, TensorDataset, usize)> {
     let d = dir.join("diag");
     if !d.join("model.safetensors").exists() {
@@ -71,8 +85,9 @@ fn main() {
                 });
                 let s: f64 = diag.mean().iter().sum();
                 println!(
-                    "{{\"workload\":\"diag\",\"path\":\"factored\",\"batch_size\":{bs},\"seconds\":{t:.4},\"P\":{p},\"N\":{},\"trace_F\":{s:.6e}}}",
-                    data.len()
+                    "{{\"workload\":\"diag\",\"path\":\"factored\",\"batch_size\":{bs},\"seconds\":{t:.4},\"P\":{p},\"N\":{},\"trace_F\":{s:.6e},\"peak_rss_mib\":{:.1}}}",
+                    data.len(),
+                    peak_rss_bytes() as f64 / (1u64 << 20) as f64
                 );
             }
         }

@@ -167,3 +167,77 @@ pub fn calculate_delta_variance(
 pub fn delta_variances(qoi_gradients: MatRef<'_, f64>, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
     sigma.quad_forms(qoi_gradients)
 }
+
+/// The delta variances of a known [`crate::Mlp`], end to end on the factored engine: Σ from
+/// `strategy` (the Fisher strategies use a [`crate::FactoredFisher`] over `training`), query
+/// gradients from one batched pass over the rows of `queries`, and ΔVar for every row (a
+/// diagonal Σ never forms the Jacobian).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use deltavar::*;
+/// let vm = VarMap::new();
+/// let mlp = Mlp::new(VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu), &[2, 16, 1], Activation::Tanh, None).unwrap();
+/// let x = Tensor::randn(0f64, 1., (64, 2), &Device::Cpu).unwrap();
+/// let y = Tensor::randn(0f64, 1., (64, 1), &Device::Cpu).unwrap();
+/// let data = TensorDataset::new(x, y).unwrap();
+/// let z = Tensor::new(&[[0.0f64, 0.0], [3.0, 3.0]], &Device::Cpu).unwrap();
+/// let out = mlp_delta_variances(
+///     &mlp, Qoi::Sum, &z, SigmaStrategy::DiagonalEmpiricalFim,
+///     &SigmaOptions { damping: 1e-3, ..Default::default() },
+///     Some((&data, Likelihood::gaussian(0.5).into())), &FactoredOptions::default(),
+/// ).unwrap();
+/// assert_eq!(out.delta_variance.len(), 2);
+/// ```
+pub fn mlp_delta_variances(
+    mlp: &crate::Mlp,
+    qoi: impl Into<crate::OutputQoi>,
+    queries: &candle_core::Tensor,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    training: Option<(&dyn crate::Dataset, crate::OutputLikelihood)>,
+    engine_opts: &crate::FactoredOptions,
+) -> Result<MlpDeltaVariances> {
+    let engine = crate::FactoredMlp::new(mlp)?;
+    let p = engine.num_params();
+    let fisher = match training {
+        Some((data, lik)) => Some(crate::FactoredFisher::new(
+            mlp,
+            lik,
+            data,
+            engine_opts.clone(),
+        )?),
+        None => None,
+    };
+    let sigma = build_sigma(
+        strategy,
+        p,
+        opts,
+        fisher.as_ref().map(|f| f as &dyn FisherSource),
+    )?;
+    let q = engine.query_factors(&qoi.into(), queries, engine_opts)?;
+    let delta_variance = q.delta_variances(&*sigma)?;
+    Ok(MlpDeltaVariances {
+        qoi: q.values().to_vec(),
+        delta_variance,
+        sigma: sigma.name(),
+        num_params: p,
+        num_train: fisher.as_ref().map(|f| f.num_examples()).unwrap_or(0),
+    })
+}
+
+/// The result of [`mlp_delta_variances`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MlpDeltaVariances {
+    /// q(θ, zⱼ) for every query row.
+    pub qoi: Vec<f64>,
+    /// ΔVar(zⱼ) for every query row.
+    pub delta_variance: Vec<f64>,
+    /// The Σ used.
+    pub sigma: String,
+    /// P.
+    pub num_params: usize,
+    /// N (0 without training data).
+    pub num_train: usize,
+}

@@ -213,19 +213,19 @@ impl FactoredMlp {
         let max_prod = offsets.iter().map(|o| o.2 * o.3).max().unwrap_or(0);
         let threads = rayon_threads(opts);
         let per = starts.len().div_ceil(threads.max(1)).max(1);
+        // one contiguous run of batches per worker, each with its own accumulator
+        let runs: Vec<&[usize]> = starts.chunks(per).collect();
         let sums = Self::pool(opts, || {
-            starts
-                .par_iter()
-                .with_min_len(per)
-                .try_fold(
-                    || DiagState {
+            runs.par_iter()
+                .map(|run| {
+                    let mut st = DiagState {
                         ws: Workspace::default(),
                         acc: vec![0.0; p],
                         sqx: vec![],
                         sqd: vec![],
                         prod: vec![T::default(); max_prod],
-                    },
-                    |mut st, &start| {
+                    };
+                    for &start in run.iter() {
                         let len = bs.min(n - start);
                         let (x, y) = data.get(start, len)?;
                         Self::pass(m, &mut st.ws, &x, Target::Likelihood(lik, &y), start)?;
@@ -257,10 +257,9 @@ impl FactoredMlp {
                                 }
                             }
                         }
-                        Ok::<_, Error>(st)
-                    },
-                )
-                .map(|r| r.map(|st| st.acc))
+                    }
+                    Ok::<_, Error>(st.acc)
+                })
                 .try_reduce(
                     || vec![0.0; p],
                     |mut a, b| {
