@@ -5,8 +5,9 @@ use faer::{Mat, MatRef};
 use crate::error::{Error, Result};
 use crate::fisher::{FisherSource, DEFAULT_MEMORY_BUDGET};
 use crate::sigma::{
-    CustomSigma, DenseSigma, DiagonalSigma, IdentitySigma, InverseDiagonalFisher,
-    InverseFullFisher, ScaledSigma, SigmaOp,
+    choose_full_method, CgInverseFisher, CgOptions, CustomSigma, DenseSigma, DiagonalSigma,
+    FullMethod, IdentitySigma, InverseDiagonalFisher, InverseFullFisher, KernelInverseFisher,
+    MethodChoice, ScaledSigma, SigmaOp,
 };
 
 /// How Σ is chosen (the seed's `sigma_strategy`).
@@ -56,6 +57,12 @@ pub struct SigmaOptions {
     pub posterior_scale: bool,
     /// Largest dense allocation allowed, in bytes. Default [`DEFAULT_MEMORY_BUDGET`].
     pub memory_budget: u64,
+    /// How the full inverse Fisher is applied. Default [`FullMethod::Auto`].
+    pub full_method: FullMethod,
+    /// Options of the CG method.
+    pub cg: CgOptions,
+    /// Right-hand sides the automatic method choice plans for. Default 16.
+    pub expected_queries: usize,
 }
 
 impl Default for SigmaOptions {
@@ -64,6 +71,9 @@ impl Default for SigmaOptions {
             damping: 1e-5,
             posterior_scale: false,
             memory_budget: DEFAULT_MEMORY_BUDGET,
+            full_method: FullMethod::Auto,
+            cg: CgOptions::default(),
+            expected_queries: 16,
         }
     }
 }
@@ -71,13 +81,26 @@ impl Default for SigmaOptions {
 /// Builds Σ once, to apply to as many query gradients as needed.
 ///
 /// `num_params` is P (the query gradients' length); `fisher` is required for the empirical-FIM
-/// strategies (an [`Error::MissingInput`] otherwise) and its P must match.
-pub fn build_sigma(
+/// strategies (an [`Error::MissingInput`] otherwise) and its P must match. The full inverse
+/// Fisher is applied by the method of `opts.full_method` (see [`build_sigma_reported`] for the
+/// choice made).
+pub fn build_sigma<'a>(
     strategy: SigmaStrategy,
     num_params: usize,
     opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-) -> Result<Box<dyn SigmaOp>> {
+    fisher: Option<&'a dyn FisherSource>,
+) -> Result<Box<dyn SigmaOp + 'a>> {
+    Ok(build_sigma_reported(strategy, num_params, opts, fisher)?.0)
+}
+
+/// [`build_sigma`], also returning the full-inverse method chosen and why (`None` for the other
+/// strategies).
+pub fn build_sigma_reported<'a>(
+    strategy: SigmaStrategy,
+    num_params: usize,
+    opts: &SigmaOptions,
+    fisher: Option<&'a dyn FisherSource>,
+) -> Result<(Box<dyn SigmaOp + 'a>, Option<MethodChoice>)> {
     let name = strategy.name();
     if opts.posterior_scale && !strategy.needs_fisher() {
         return Err(Error::invalid(
@@ -102,15 +125,18 @@ pub fn build_sigma(
             ));
         }
         let n = src.num_examples();
-        let sigma: Box<dyn SigmaOp> = match strategy {
-            SigmaStrategy::DiagonalEmpiricalFim => Box::new(InverseDiagonalFisher::new(
-                &src.fisher_diag()?.mean(),
-                opts.damping,
-            )?),
-            _ => Box::new(InverseFullFisher::new(
-                src.fisher_dense(opts.memory_budget)?.mean().as_ref(),
-                opts.damping,
-            )?),
+        let (sigma, choice): (Box<dyn SigmaOp + 'a>, Option<MethodChoice>) = match strategy {
+            SigmaStrategy::DiagonalEmpiricalFim => (
+                Box::new(InverseDiagonalFisher::new(
+                    &src.fisher_diag()?.mean(),
+                    opts.damping,
+                )?),
+                None,
+            ),
+            _ => {
+                let (s, c) = build_full(src, opts)?;
+                (s, Some(c))
+            }
         };
         if opts.posterior_scale {
             if n == 0 {
@@ -120,9 +146,9 @@ pub fn build_sigma(
                     "the training dataset is empty, so there is no N to divide by",
                 ));
             }
-            return Ok(Box::new(ScaledSigma::new(sigma, 1.0 / n as f64)?));
+            return Ok((Box::new(ScaledSigma::new(sigma, 1.0 / n as f64)?), choice));
         }
-        return Ok(sigma);
+        return Ok((sigma, choice));
     }
     let sigma: Box<dyn SigmaOp> = match strategy {
         SigmaStrategy::Identity => Box::new(IdentitySigma::new(num_params)),
@@ -138,7 +164,47 @@ pub fn build_sigma(
             format!("P = {}", sigma.dim()),
         ));
     }
-    Ok(sigma)
+    Ok((sigma, None))
+}
+
+/// Σ = (F + λI)⁻¹ by the chosen method.
+fn build_full<'a>(
+    src: &'a dyn FisherSource,
+    opts: &SigmaOptions,
+) -> Result<(Box<dyn SigmaOp + 'a>, MethodChoice)> {
+    let (p, n) = (src.num_params(), src.num_examples());
+    let requested = if opts.damping == 0.0 && opts.full_method == FullMethod::Auto {
+        // the kernel and CG methods need λ > 0
+        FullMethod::Dense
+    } else {
+        opts.full_method
+    };
+    let choice = choose_full_method(
+        requested,
+        p,
+        n,
+        src.gram_width(),
+        src.gradient_operator_bytes(opts.memory_budget),
+        opts.expected_queries,
+        opts.memory_budget,
+    )?;
+    let sigma: Box<dyn SigmaOp + 'a> = match choice.method {
+        FullMethod::Kernel if n > 0 => Box::new(KernelInverseFisher::new(
+            src.gradient_matrix(opts.memory_budget)?,
+            opts.damping,
+        )?),
+        FullMethod::Cg if n > 0 => Box::new(CgInverseFisher::new(
+            src.gradient_matrix(opts.memory_budget)?,
+            opts.damping,
+            opts.cg.clone(),
+        )?),
+        // dense, and the empty dataset for every method (F = 0, so Σ = I/λ exactly)
+        _ => Box::new(InverseFullFisher::new(
+            src.fisher_dense(opts.memory_budget)?.mean().as_ref(),
+            opts.damping,
+        )?),
+    };
+    Ok((sigma, choice))
 }
 
 /// The seed's `calculate_delta_variance(qoi_gradient, sigma_strategy, sigma_options, ...)` for one
@@ -210,7 +276,7 @@ pub fn mlp_delta_variances(
         )?),
         None => None,
     };
-    let sigma = build_sigma(
+    let (sigma, choice) = build_sigma_reported(
         strategy,
         p,
         opts,
@@ -222,6 +288,8 @@ pub fn mlp_delta_variances(
         qoi: q.values().to_vec(),
         delta_variance,
         sigma: sigma.name(),
+        method: choice,
+        cg: sigma.solver_report(),
         num_params: p,
         num_train: fisher.as_ref().map(|f| f.num_examples()).unwrap_or(0),
     })
@@ -236,6 +304,10 @@ pub struct MlpDeltaVariances {
     pub delta_variance: Vec<f64>,
     /// The Σ used.
     pub sigma: String,
+    /// For the full inverse Fisher: the method used and why.
+    pub method: Option<MethodChoice>,
+    /// For the CG method: iterations and per-query residuals.
+    pub cg: Option<crate::sigma::CgReport>,
     /// P.
     pub num_params: usize,
     /// N (0 without training data).

@@ -105,6 +105,23 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
 
+    /// An iterative solver stopped before reaching its tolerance.
+    #[error(
+        "{what} did not converge: after {iterations} iterations the worst relative residual is {residual:e} \
+         (tolerance {tol:e}); raise max_iter, loosen the tolerance, increase the damping, use the \
+         kernel or dense method, or opt in to accept the approximation"
+    )]
+    NotConverged {
+        /// The solver.
+        what: String,
+        /// Iterations run.
+        iterations: usize,
+        /// The worst per-column relative residual reached.
+        residual: f64,
+        /// The tolerance asked for.
+        tol: f64,
+    },
+
     /// A file could not be read or written.
     #[error("I/O error on {path}: {source}")]
     Io {

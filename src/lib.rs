@@ -55,8 +55,8 @@ pub mod sigma;
 
 pub use data::{BatchList, Dataset, TensorDataset};
 pub use delta::{
-    build_sigma, calculate_delta_variance, delta_variances, mlp_delta_variances, MlpDeltaVariances,
-    SigmaOptions, SigmaStrategy,
+    build_sigma, build_sigma_reported, calculate_delta_variance, delta_variances,
+    mlp_delta_variances, MlpDeltaVariances, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
     FactoredFisher, FactoredMlp, FactoredOptions, Factors, GenericFisher, GenericOptions,

@@ -15,7 +15,10 @@ use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::{Accum, Mat, Par};
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
 use crate::data::Dataset;
+use crate::engine::gradients::{DenseGradients, GradientMatrix, StreamedGradients};
 use crate::error::{Error, Result};
 use crate::fisher::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
 use crate::params::Params;
@@ -329,5 +332,27 @@ where
             Ok(())
         })??;
         FisherDense::from_lower_sum(sum, n)
+    }
+
+    fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
+        let full = (self.data.len() * self.params.num_params() * 8) as u64;
+        if full <= memory_budget / 2 {
+            full
+        } else {
+            (self.opts.batch_size * self.params.num_params() * 8) as u64
+        }
+    }
+
+    /// G in memory (P×N f64) when it takes at most half the budget; otherwise recomputed in
+    /// chunks of `batch_size` examples on every product.
+    fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
+        let n = self.data.len();
+        let full = (n * self.params.num_params() * 8) as u64;
+        if full <= memory_budget / 2 {
+            return Ok(Arc::new(DenseGradients::new(
+                self.per_example_gradients(0, n)?,
+            )));
+        }
+        Ok(Arc::new(StreamedGradients::new(self, self.opts.batch_size)))
     }
 }

@@ -10,9 +10,11 @@
 
 pub mod factored;
 pub mod generic;
+pub mod gradients;
 
 pub use factored::{
     FactoredFisher, FactoredMlp, FactoredOptions, Factors, OutputLikelihood, OutputQoi,
     QueryFactors,
 };
 pub use generic::{GenericFisher, GenericOptions};
+pub use gradients::{DenseGradients, GradientMatrix, StreamedGradients};

@@ -11,6 +11,7 @@
 
 use faer::{Mat, MatRef};
 
+use crate::engine::gradients::GradientMatrix;
 use crate::error::{check_finite, Error, Result};
 
 /// The default memory budget for dense P×P work: 4 GiB.
@@ -32,6 +33,24 @@ pub trait FisherSource: Sync {
     /// Σᵢ gᵢgᵢᵀ and N, refusing (with [`Error::MemoryBudget`]) when it would need more than
     /// `memory_budget` bytes.
     fn fisher_dense(&self, memory_budget: u64) -> Result<FisherDense>;
+    /// Σ_l(in + out) for a factored source (the cost of one Gram entry); P otherwise.
+    fn gram_width(&self) -> usize {
+        self.num_params()
+    }
+    /// Bytes the gradient operator of [`FisherSource::gradient_matrix`] would hold.
+    fn gradient_operator_bytes(&self, _memory_budget: u64) -> u64 {
+        0
+    }
+    /// The per-example gradient matrix G as an operator (for the kernel and CG methods),
+    /// within `memory_budget`. Sources that cannot provide one say so.
+    fn gradient_matrix(
+        &self,
+        _memory_budget: u64,
+    ) -> Result<std::sync::Arc<dyn GradientMatrix + '_>> {
+        Err(Error::Unsupported(
+            "this Fisher source has no per-example gradient operator; use the dense method".into(),
+        ))
+    }
 }
 
 /// The diagonal of the empirical Fisher as Σᵢ gᵢ∘gᵢ over N examples.

@@ -9,24 +9,32 @@
 //! | [`DenseSigma`] | user P×P matrix | O(P²) (the caller's matrix) |
 //! | [`CustomSigma`] | user closure g ↦ gᵀΣg | whatever the closure holds |
 //! | [`InverseDiagonalFisher`] | diag(F + λ)⁻¹ | O(P) |
-//! | [`InverseFullFisher`] | (F + λI)⁻¹ as a Cholesky factor | O(P²) |
+//! | [`InverseFullFisher`] | (F + λI)⁻¹ as a Cholesky factor (the "dense" method) | O(P²) |
+//! | [`KernelInverseFisher`] | (F + λI)⁻¹ exactly, via the N×N kernel (Woodbury) | O(N²) + the gradient operator |
+//! | [`CgInverseFisher`] | (F + λI)⁻¹ by preconditioned block CG | O(P·M) + the gradient operator |
 //! | [`ScaledSigma`] | c·Σ (for example the paper's 1/N) | the inner operator's |
 //!
 //! All arithmetic is f64. Every quadratic form checks its result is finite.
 
+mod cg;
 mod custom;
 mod dense;
 mod diagonal;
+mod full;
 mod identity;
 mod inverse_fisher;
+mod kernel;
 mod scaled;
 
+pub use cg::{CgInverseFisher, CgOptions, CgPreconditioner, CgReport};
 pub use custom::CustomSigma;
 pub use dense::DenseSigma;
 pub use diagonal::DiagonalSigma;
+pub use full::{choose_full_method, FullMethod, MethodChoice};
 pub use identity::IdentitySigma;
 pub(crate) use inverse_fisher::inverse_fim_diagonal as inverse_fisher_diag_values;
 pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
+pub use kernel::KernelInverseFisher;
 pub use scaled::ScaledSigma;
 
 use faer::{Mat, MatRef};
@@ -60,6 +68,17 @@ pub trait SigmaOp: Send + Sync {
     /// Σ's diagonal when Σ IS diagonal (identity, diagonal, inverse diagonal Fisher, their
     /// scalings); `None` otherwise. Engines use it to skip forming gradients.
     fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
+        None
+    }
+
+    /// The quadratic forms for query gradients given as factors, when this Σ can use them
+    /// without forming the gradients (the kernel Σ); `None` otherwise.
+    fn quad_forms_factored(&self, _q: &crate::engine::QueryFactors) -> Option<Result<Vec<f64>>> {
+        None
+    }
+
+    /// The report of the last iterative solve, for Σ kinds that iterate (CG).
+    fn solver_report(&self) -> Option<CgReport> {
         None
     }
 

@@ -55,7 +55,7 @@ impl<S: SigmaOp> SigmaOp for ScaledSigma<S> {
     }
 }
 
-impl SigmaOp for Box<dyn SigmaOp> {
+impl SigmaOp for Box<dyn SigmaOp + '_> {
     fn dim(&self) -> usize {
         (**self).dim()
     }
@@ -70,5 +70,11 @@ impl SigmaOp for Box<dyn SigmaOp> {
     }
     fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
         (**self).diagonal()
+    }
+    fn quad_forms_factored(&self, q: &crate::engine::QueryFactors) -> Option<Result<Vec<f64>>> {
+        (**self).quad_forms_factored(q)
+    }
+    fn solver_report(&self) -> Option<super::CgReport> {
+        (**self).solver_report()
     }
 }

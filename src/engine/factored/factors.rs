@@ -386,13 +386,31 @@ impl QueryFactors {
         &self.factors
     }
 
+    /// ‖qⱼ‖² for every query: Σ_l ‖δⱼ‖²(‖xⱼ‖² + 1).
+    pub fn sq_norms(&self) -> Vec<f64> {
+        let f = &self.factors;
+        (0..f.n)
+            .map(|i| {
+                f.layers
+                    .iter()
+                    .map(|l| {
+                        let d: f64 = l.d_row(i).iter().map(|v| v * v).sum();
+                        let x: f64 = l.x_row(i).iter().map(|v| v * v).sum();
+                        d * (x + 1.0)
+                    })
+                    .sum()
+            })
+            .collect()
+    }
+
     /// The M query gradients as a P×M block (O(P·M) memory).
     pub fn gradients(&self) -> Result<Mat<f64>> {
         self.factors.gradients(0, self.factors.num_examples())
     }
 
     /// ΔVarⱼ = qⱼᵀ Σ qⱼ for every query. A diagonal Σ (identity, diagonal, inverse diagonal
-    /// Fisher, and their scalings) never forms the Jacobian; any other Σ gets the P×M block.
+    /// Fisher, and their scalings) and the kernel Σ never form the Jacobian; any other Σ gets
+    /// the P×M block.
     pub fn delta_variances(&self, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
         if sigma.dim() != self.factors.num_params() {
             return Err(Error::shape(
@@ -404,12 +422,13 @@ impl QueryFactors {
                 format!("P = {}", sigma.dim()),
             ));
         }
-        match sigma.diagonal() {
-            Some(d) => {
-                let out = self.factors.quad_forms_diag(&d)?;
-                crate::sigma::finish(&sigma.name(), out)
-            }
-            None => sigma.quad_forms(self.gradients()?.as_ref()),
+        if let Some(d) = sigma.diagonal() {
+            let out = self.factors.quad_forms_diag(&d)?;
+            return crate::sigma::finish(&sigma.name(), out);
         }
+        if let Some(r) = sigma.quad_forms_factored(self) {
+            return r;
+        }
+        sigma.quad_forms(self.gradients()?.as_ref())
     }
 }

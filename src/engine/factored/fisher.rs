@@ -1,11 +1,14 @@
 //! The empirical Fisher of a known MLP through the factored engine, as a [`FisherSource`].
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::{Accum, Mat, Par};
 
 use super::{FactoredMlp, FactoredOptions, Factors, OutputLikelihood};
 use crate::data::Dataset;
+use crate::engine::gradients::GradientMatrix;
 use crate::error::{Error, Result};
 use crate::fisher::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
 use crate::model::Mlp;
@@ -132,5 +135,27 @@ impl FisherSource for FactoredFisher<'_> {
             );
         }
         FisherDense::from_lower_sum(sum, n)
+    }
+
+    fn gram_width(&self) -> usize {
+        self.engine.sizes().windows(2).map(|w| w[0] + w[1]).sum()
+    }
+
+    fn gradient_operator_bytes(&self, _memory_budget: u64) -> u64 {
+        (self.data.len() * self.gram_width() * 8) as u64
+    }
+
+    /// The factors of the whole dataset, O(N·Σ(in+out)) f64.
+    fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
+        let needed = self.gradient_operator_bytes(memory_budget);
+        if needed > memory_budget {
+            return Err(Error::MemoryBudget {
+                what: format!("the per-layer factors of {} examples", self.data.len()),
+                needed,
+                budget: memory_budget,
+                hint: "raise the memory budget or use the diagonal Fisher".into(),
+            });
+        }
+        Ok(Arc::new(self.factors()?))
     }
 }

@@ -1,0 +1,266 @@
+//! The per-example gradient matrix G (N×P, row i = gᵢ) as an operator, never formed unless it
+//! fits: what the matrix-free full-Fisher methods (kernel, CG) need.
+
+use candle_core::Tensor;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+
+use super::factored::{Factors, QueryFactors};
+use super::generic::GenericFisher;
+use crate::error::{Error, Result};
+
+/// G, the N×P matrix of per-example log-likelihood gradients, seen through its products.
+pub trait GradientMatrix: Send + Sync {
+    /// P.
+    fn num_params(&self) -> usize;
+    /// N.
+    fn num_examples(&self) -> usize;
+    /// G V for a P×k block (N×k).
+    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>>;
+    /// Gᵀ U for an N×k block (P×k).
+    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>>;
+    /// K = G Gᵀ (N×N).
+    fn gram(&self) -> Result<Mat<f64>>;
+    /// Σᵢ gᵢ∘gᵢ (length P).
+    fn diag_sums(&self) -> Result<Vec<f64>>;
+    /// Σ_layers (in + out) for factored sources (the kernel's cost per Gram entry); P otherwise.
+    fn gram_width(&self) -> usize {
+        self.num_params()
+    }
+    /// Bytes this representation holds.
+    fn bytes(&self) -> u64;
+    /// G·Q for query gradients given as factors (N×M), without forming them; `None` when this
+    /// source cannot (only factored sources can).
+    fn cross_gram_queries(&self, _q: &QueryFactors) -> Option<Result<Mat<f64>>> {
+        None
+    }
+}
+
+impl GradientMatrix for Factors {
+    fn num_params(&self) -> usize {
+        Factors::num_params(self)
+    }
+    fn num_examples(&self) -> usize {
+        Factors::num_examples(self)
+    }
+    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        Factors::jv(self, v)
+    }
+    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        Factors::jtu(self, u)
+    }
+    fn gram(&self) -> Result<Mat<f64>> {
+        Ok(Factors::gram(self))
+    }
+    fn diag_sums(&self) -> Result<Vec<f64>> {
+        Ok(Factors::diag_sums(self))
+    }
+    fn gram_width(&self) -> usize {
+        self.layers()
+            .iter()
+            .map(|l| l.x().ncols() + l.d().ncols())
+            .sum()
+    }
+    fn bytes(&self) -> u64 {
+        Factors::bytes(self)
+    }
+    fn cross_gram_queries(&self, q: &QueryFactors) -> Option<Result<Mat<f64>>> {
+        Some(self.cross_gram(q.factors()))
+    }
+}
+
+/// G held in memory as a P×N matrix (one column per example): the generic path when N·P·8
+/// bytes fit the budget.
+#[derive(Debug, Clone)]
+pub struct DenseGradients {
+    gt: Mat<f64>,
+}
+
+impl DenseGradients {
+    /// From Gᵀ (P×N, one column per example).
+    pub fn new(gt: Mat<f64>) -> Self {
+        Self { gt }
+    }
+}
+
+fn check(what: &str, rows: usize, want: usize) -> Result<()> {
+    if rows != want {
+        return Err(Error::shape(
+            what,
+            format!("{want} rows"),
+            format!("{rows} rows"),
+        ));
+    }
+    Ok(())
+}
+
+impl GradientMatrix for DenseGradients {
+    fn num_params(&self) -> usize {
+        self.gt.nrows()
+    }
+    fn num_examples(&self) -> usize {
+        self.gt.ncols()
+    }
+    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        check("V in G·V (P rows)", v.nrows(), self.gt.nrows())?;
+        let mut out = Mat::zeros(self.gt.ncols(), v.ncols());
+        matmul(
+            out.as_mut(),
+            Accum::Replace,
+            self.gt.transpose(),
+            v,
+            1.0,
+            Par::rayon(0),
+        );
+        Ok(out)
+    }
+    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        check("U in Gᵀ·U (N rows)", u.nrows(), self.gt.ncols())?;
+        let mut out = Mat::zeros(self.gt.nrows(), u.ncols());
+        matmul(
+            out.as_mut(),
+            Accum::Replace,
+            self.gt.as_ref(),
+            u,
+            1.0,
+            Par::rayon(0),
+        );
+        Ok(out)
+    }
+    fn gram(&self) -> Result<Mat<f64>> {
+        let n = self.gt.ncols();
+        let mut out = Mat::zeros(n, n);
+        matmul(
+            out.as_mut(),
+            Accum::Replace,
+            self.gt.transpose(),
+            self.gt.as_ref(),
+            1.0,
+            Par::rayon(0),
+        );
+        Ok(out)
+    }
+    fn diag_sums(&self) -> Result<Vec<f64>> {
+        Ok((0..self.gt.nrows())
+            .map(|i| {
+                (0..self.gt.ncols())
+                    .map(|j| self.gt[(i, j)] * self.gt[(i, j)])
+                    .sum()
+            })
+            .collect())
+    }
+    fn bytes(&self) -> u64 {
+        (self.gt.nrows() * self.gt.ncols() * 8) as u64
+    }
+}
+
+/// G recomputed chunk by chunk on every product (the generic path when N·P does not fit):
+/// memory O(chunk·P), each product costs one generic pass over the data.
+pub struct StreamedGradients<'a, L> {
+    fisher: &'a GenericFisher<'a, L>,
+    chunk: usize,
+}
+
+impl<'a, L> StreamedGradients<'a, L>
+where
+    L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
+{
+    /// Streams the generic Fisher's gradients in chunks of `chunk` examples.
+    pub fn new(fisher: &'a GenericFisher<'a, L>, chunk: usize) -> Self {
+        Self {
+            fisher,
+            chunk: chunk.max(1),
+        }
+    }
+
+    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let n = crate::fisher::FisherSource::num_examples(self.fisher);
+        (0..n)
+            .step_by(self.chunk)
+            .map(move |s| (s, self.chunk.min(n - s)))
+    }
+}
+
+impl<L> GradientMatrix for StreamedGradients<'_, L>
+where
+    L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
+{
+    fn num_params(&self) -> usize {
+        crate::fisher::FisherSource::num_params(self.fisher)
+    }
+    fn num_examples(&self) -> usize {
+        crate::fisher::FisherSource::num_examples(self.fisher)
+    }
+    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        check("V in G·V (P rows)", v.nrows(), self.num_params())?;
+        let mut out = Mat::zeros(self.num_examples(), v.ncols());
+        for (s, len) in self.chunks() {
+            let g = self.fisher.per_example_gradients(s, len)?;
+            matmul(
+                out.as_mut().subrows_mut(s, len),
+                Accum::Replace,
+                g.transpose(),
+                v,
+                1.0,
+                Par::rayon(0),
+            );
+        }
+        Ok(out)
+    }
+    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        check("U in Gᵀ·U (N rows)", u.nrows(), self.num_examples())?;
+        let mut out = Mat::zeros(self.num_params(), u.ncols());
+        for (s, len) in self.chunks() {
+            let g = self.fisher.per_example_gradients(s, len)?;
+            matmul(
+                out.as_mut(),
+                Accum::Add,
+                g.as_ref(),
+                u.subrows(s, len),
+                1.0,
+                Par::rayon(0),
+            );
+        }
+        Ok(out)
+    }
+    fn gram(&self) -> Result<Mat<f64>> {
+        // K = G Gᵀ chunk pair by chunk pair: O((N/chunk)²/2) gradient recomputations
+        let n = self.num_examples();
+        let mut k = Mat::zeros(n, n);
+        let chunks: Vec<(usize, usize)> = self.chunks().collect();
+        for (a, &(sa, la)) in chunks.iter().enumerate() {
+            let ga = self.fisher.per_example_gradients(sa, la)?;
+            for &(sb, lb) in &chunks[..=a] {
+                let gb = if sb == sa {
+                    ga.clone()
+                } else {
+                    self.fisher.per_example_gradients(sb, lb)?
+                };
+                let mut blk = Mat::zeros(la, lb);
+                matmul(
+                    blk.as_mut(),
+                    Accum::Replace,
+                    ga.transpose(),
+                    gb.as_ref(),
+                    1.0,
+                    Par::rayon(0),
+                );
+                for j in 0..lb {
+                    for i in 0..la {
+                        k[(sa + i, sb + j)] = blk[(i, j)];
+                        k[(sb + j, sa + i)] = blk[(i, j)];
+                    }
+                }
+            }
+        }
+        Ok(k)
+    }
+    fn diag_sums(&self) -> Result<Vec<f64>> {
+        Ok(crate::fisher::FisherSource::fisher_diag(self.fisher)?
+            .sums()
+            .to_vec())
+    }
+    fn bytes(&self) -> u64 {
+        (self.chunk * self.num_params() * 8) as u64
+    }
+}

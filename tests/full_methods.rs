@@ -1,0 +1,410 @@
+//! The full inverse Fisher three ways (dense Cholesky, exact N×N kernel, preconditioned block CG)
+//! against an explicit dense f64 inverse, on both engines, plus the automatic choice and the
+//! solver's errors.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::DType;
+use common::*;
+use deltavar::sigma::*;
+use deltavar::*;
+use faer::Mat;
+
+fn tight_cg() -> CgOptions {
+    // the true residual's floor is about ε·cond(F + λI): 1e-10 is reachable down to λ = 1e-6
+    // (the quadratic form's error is the squared energy norm of the error, far smaller)
+    CgOptions {
+        tol: 1e-10,
+        max_iter: 20_000,
+        ..Default::default()
+    }
+}
+
+/// Explicit (F + λI)⁻¹ quadratic forms from the dense Fisher, by Gauss-Jordan.
+fn reference(fisher_mean: &Mat<f64>, lam: f64, q: &Mat<f64>) -> Vec<f64> {
+    let p = fisher_mean.nrows();
+    let a: Vec<Vec<f64>> = (0..p)
+        .map(|i| {
+            (0..p)
+                .map(|j| fisher_mean[(i, j)] + if i == j { lam } else { 0.0 })
+                .collect()
+        })
+        .collect();
+    let inv = gauss_jordan_inverse(&a);
+    (0..q.ncols())
+        .map(|j| {
+            let c: Vec<f64> = (0..p).map(|i| q[(i, j)]).collect();
+            bilinear(&c, &inv, &c)
+        })
+        .collect()
+}
+
+fn methods(src: &dyn FisherSource, lam: f64) -> Vec<(&'static str, Box<dyn SigmaOp + '_>)> {
+    let g = src.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
+    vec![
+        (
+            "dense",
+            Box::new(
+                InverseFullFisher::new(
+                    src.fisher_dense(DEFAULT_MEMORY_BUDGET)
+                        .unwrap()
+                        .mean()
+                        .as_ref(),
+                    lam,
+                )
+                .unwrap(),
+            ),
+        ),
+        (
+            "kernel",
+            Box::new(KernelInverseFisher::new(g.clone(), lam).unwrap()),
+        ),
+        (
+            "cg",
+            Box::new(CgInverseFisher::new(g, lam, tight_cg()).unwrap()),
+        ),
+    ]
+}
+
+fn check_problem(act: Activation, categorical: bool, seed: u64) {
+    let sizes = [3, 6, 5, if categorical { 3 } else { 2 }];
+    let (mlp, _vm, params) = random_mlp(&sizes, act, seed);
+    let n = 23;
+    let x = random_tensor(n, 3, seed + 1);
+    let (y, lik) = if categorical {
+        (random_labels(n, 3, seed + 2), Likelihood::Categorical)
+    } else {
+        (
+            random_tensor(n, 2, seed + 2),
+            Likelihood::Gaussian {
+                sigma: vec![0.7, 1.3],
+            },
+        )
+    };
+    let data = TensorDataset::new(x, y).unwrap();
+    let queries = random_tensor(5, 3, seed + 3);
+    let factored = FactoredFisher::new(
+        &mlp,
+        lik.clone(),
+        &data,
+        FactoredOptions {
+            batch_size: 7,
+            threads: 0,
+        },
+    )
+    .unwrap();
+    let generic = GenericFisher::new(&params, lik.of(&mlp), &data, GenericOptions::default());
+    let fmean = factored.fisher_dense(DEFAULT_MEMORY_BUDGET).unwrap().mean();
+    let qf = factored
+        .engine()
+        .query_factors(
+            &Qoi::Output(1).into(),
+            &queries,
+            &FactoredOptions::default(),
+        )
+        .unwrap();
+    let q = qf.gradients().unwrap();
+    for lam in [1e-6, 1e-3, 1.0] {
+        let want = reference(&fmean, lam, &q);
+        // observed worst: 4.4e-9 (generic kernel, λ = 1e-6); 2.3e-10 at λ = 1e-3; 1.5e-12 at λ = 1
+        let tol = 1e-8;
+        for (engine, src) in [
+            ("factored", &factored as &dyn FisherSource),
+            ("generic", &generic as &dyn FisherSource),
+        ] {
+            for (name, sigma) in methods(src, lam) {
+                let got = sigma.quad_forms(q.as_ref()).unwrap();
+                let err = max_rel_err(&got, &want);
+                if std::env::var("DV_PRINT").is_ok() {
+                    eprintln!("ERR λ={lam:e} {engine} {name}: {err:.1e}");
+                }
+                assert!(
+                    err < tol,
+                    "{} cat={categorical} λ={lam} {engine} {name}: {err:e}",
+                    act.name()
+                );
+                if engine == "factored" {
+                    // the factored query path (kernel: never forms the query gradients)
+                    let got = qf.delta_variances(&*sigma).unwrap();
+                    assert!(
+                        max_rel_err(&got, &want) < tol,
+                        "{} λ={lam} {name} via query factors",
+                        act.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dense_kernel_and_cg_match_the_explicit_inverse_gaussian() {
+    for (k, act) in Activation::ALL.iter().enumerate() {
+        check_problem(*act, false, 1000 + 10 * k as u64);
+    }
+}
+
+#[test]
+fn dense_kernel_and_cg_match_the_explicit_inverse_categorical() {
+    for (k, act) in Activation::ALL.iter().enumerate() {
+        check_problem(*act, true, 1100 + 10 * k as u64);
+    }
+}
+
+#[test]
+fn apply_agrees_across_methods() {
+    let (mlp, _vm, _params) = random_mlp(&[3, 5, 2], Activation::Tanh, 7);
+    let data = TensorDataset::new(random_tensor(11, 3, 1), random_tensor(11, 2, 2)).unwrap();
+    let f = FactoredFisher::new(
+        &mlp,
+        Likelihood::gaussian(1.0),
+        &data,
+        FactoredOptions::default(),
+    )
+    .unwrap();
+    let p = f.num_params();
+    let v = Mat::from_fn(p, 3, |i, j| pseudo_random(p * 3, 5)[i * 3 + j]);
+    let ms = methods(&f, 1e-2);
+    let reference = ms[0].1.apply(v.as_ref()).unwrap();
+    for (name, s) in &ms[1..] {
+        let a = s.apply(v.as_ref()).unwrap();
+        let err = norm_rel_err(
+            &to_rows(a.as_ref()).concat(),
+            &to_rows(reference.as_ref()).concat(),
+        );
+        assert!(err < 1e-9, "{name}: {err:e}");
+    }
+}
+
+#[test]
+fn streamed_generic_gradients_match_in_memory() {
+    let (mlp, _vm, params) = random_mlp(&[3, 5, 2], Activation::Softplus, 17);
+    let data = TensorDataset::new(random_tensor(13, 3, 1), random_tensor(13, 2, 2)).unwrap();
+    let lik = Likelihood::gaussian(0.5);
+    let generic = GenericFisher::new(
+        &params,
+        lik.of(&mlp),
+        &data,
+        GenericOptions {
+            batch_size: 4,
+            ..Default::default()
+        },
+    );
+    // a budget too small for G in memory streams it in chunks of 4
+    let p = params.num_params();
+    let streamed = generic.gradient_matrix((13 * p * 8) as u64).unwrap();
+    let in_memory = generic.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
+    assert!(streamed.bytes() < in_memory.bytes());
+    let v = Mat::from_fn(p, 2, |i, j| pseudo_random(p * 2, 8)[i * 2 + j]);
+    let rows = |m: Mat<f64>| to_rows(m.as_ref()).concat();
+    assert!(
+        norm_rel_err(
+            &rows(streamed.jv(v.as_ref()).unwrap()),
+            &rows(in_memory.jv(v.as_ref()).unwrap())
+        ) < 1e-13
+    );
+    let u = Mat::from_fn(13, 2, |i, j| pseudo_random(26, 9)[i * 2 + j]);
+    assert!(
+        norm_rel_err(
+            &rows(streamed.jtu(u.as_ref()).unwrap()),
+            &rows(in_memory.jtu(u.as_ref()).unwrap())
+        ) < 1e-13
+    );
+    assert!(
+        norm_rel_err(
+            &rows(streamed.gram().unwrap()),
+            &rows(in_memory.gram().unwrap())
+        ) < 1e-13
+    );
+    let k1 = KernelInverseFisher::new(streamed, 1e-3).unwrap();
+    let k2 = KernelInverseFisher::new(in_memory, 1e-3).unwrap();
+    let a = k1.quad_forms(v.as_ref()).unwrap();
+    let b = k2.quad_forms(v.as_ref()).unwrap();
+    assert!(max_rel_err(&a, &b) < 1e-10);
+}
+
+#[test]
+fn parity_fixtures_with_each_method() {
+    for name in CASES {
+        let case = Case::load(name);
+        let (mlp, _vm) = case.model(DType::F64);
+        let data = case.data(DType::F64);
+        let fisher =
+            FactoredFisher::new(&mlp, case.likelihood(), &data, FactoredOptions::default())
+                .unwrap();
+        let queries = case.npy("queries.npy", Some(DType::F64));
+        let qf = fisher
+            .engine()
+            .query_factors(&case.qoi().into(), &queries, &FactoredOptions::default())
+            .unwrap();
+        let want = case.vec("inverse_full_empirical_fim");
+        for method in [FullMethod::Dense, FullMethod::Kernel, FullMethod::Cg] {
+            let opts = SigmaOptions {
+                damping: case.damping(),
+                full_method: method,
+                cg: tight_cg(),
+                ..Default::default()
+            };
+            let (sigma, choice) = build_sigma_reported(
+                SigmaStrategy::InverseFullEmpiricalFim,
+                fisher.num_params(),
+                &opts,
+                Some(&fisher),
+            )
+            .unwrap();
+            assert_eq!(choice.unwrap().method, method);
+            let dv = qf.delta_variances(&*sigma).unwrap();
+            let err = max_rel_err(&dv, &want);
+            assert!(err < 1e-6, "{name} {method:?}: {err:e}");
+            if method == FullMethod::Cg {
+                let r = sigma.solver_report().unwrap();
+                assert!(
+                    r.converged && r.rel_residuals.iter().all(|v| *v <= 1e-10),
+                    "{name}: {r:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn automatic_choice_follows_the_cost_model_and_budget() {
+    // small P, large N: dense
+    let c = choose_full_method(FullMethod::Auto, 500, 100_000, 600, 0, 16, 4 << 30).unwrap();
+    assert_eq!(c.method, FullMethod::Dense, "{}", c.reason);
+    // large P, moderate N: kernel
+    let c = choose_full_method(
+        FullMethod::Auto,
+        1_000_000,
+        4096,
+        2000,
+        4096 * 2000 * 8,
+        16,
+        4 << 30,
+    )
+    .unwrap();
+    assert_eq!(c.method, FullMethod::Kernel, "{}", c.reason);
+    // large P and N: only CG fits
+    let c = choose_full_method(
+        FullMethod::Auto,
+        1_000_000,
+        200_000,
+        2000,
+        200_000 * 2000 * 8,
+        16,
+        8 << 30,
+    )
+    .unwrap();
+    assert_eq!(c.method, FullMethod::Cg, "{}", c.reason);
+    assert!(c.reason.contains("over budget"), "{}", c.reason);
+    // a request over the budget is refused with the numbers
+    let e = choose_full_method(FullMethod::Dense, 1_000_000, 10, 10, 0, 1, 1 << 30).unwrap_err();
+    assert!(
+        matches!(e, Error::MemoryBudget { .. }) && e.to_string().contains("dense"),
+        "{e}"
+    );
+    assert_eq!("kernel".parse::<FullMethod>().unwrap(), FullMethod::Kernel);
+    assert!("qr".parse::<FullMethod>().is_err());
+}
+
+#[test]
+fn cg_that_does_not_converge_is_an_error_unless_accepted() {
+    let (mlp, _vm, _p) = random_mlp(&[3, 8, 2], Activation::Tanh, 3);
+    let data = TensorDataset::new(random_tensor(40, 3, 1), random_tensor(40, 2, 2)).unwrap();
+    let f = FactoredFisher::new(
+        &mlp,
+        Likelihood::gaussian(0.1),
+        &data,
+        FactoredOptions::default(),
+    )
+    .unwrap();
+    let g = f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
+    let q = Mat::from_fn(f.num_params(), 2, |i, j| {
+        pseudo_random(200, 4)[(i + j) % 200]
+    });
+    let opts = CgOptions {
+        tol: 1e-14,
+        max_iter: 2,
+        ..Default::default()
+    };
+    let cg = CgInverseFisher::new(g.clone(), 1e-6, opts.clone()).unwrap();
+    let e = cg.quad_forms(q.as_ref()).unwrap_err();
+    assert!(
+        matches!(e, Error::NotConverged { iterations: 2, .. })
+            && e.to_string().contains("max_iter"),
+        "{e}"
+    );
+    let report = cg.last_report().unwrap();
+    assert!(!report.converged && report.rel_residuals.len() == 2);
+    let cg = CgInverseFisher::new(
+        g.clone(),
+        1e-6,
+        CgOptions {
+            accept_unconverged: true,
+            ..opts
+        },
+    )
+    .unwrap();
+    assert!(cg.quad_forms(q.as_ref()).is_ok());
+    assert!(!cg.last_report().unwrap().converged);
+    // bad options and damping
+    assert!(CgInverseFisher::new(g.clone(), 0.0, CgOptions::default()).is_err());
+    assert!(CgInverseFisher::new(
+        g.clone(),
+        1e-3,
+        CgOptions {
+            tol: 0.0,
+            ..Default::default()
+        }
+    )
+    .is_err());
+    assert!(KernelInverseFisher::new(g, 0.0).is_err());
+    let _ = Arc::strong_count(&f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap());
+}
+
+#[test]
+fn both_preconditioners_converge_to_the_same_answer() {
+    let (mlp, _vm, _p) = random_mlp(&[4, 16, 3], Activation::Relu, 31);
+    let data = TensorDataset::new(random_tensor(200, 4, 1), random_labels(200, 3, 2)).unwrap();
+    let f = FactoredFisher::new(
+        &mlp,
+        Likelihood::Categorical,
+        &data,
+        FactoredOptions::default(),
+    )
+    .unwrap();
+    let g = f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
+    let q = f
+        .engine()
+        .query_factors(
+            &Qoi::Output(0).into(),
+            &random_tensor(4, 4, 3),
+            &FactoredOptions::default(),
+        )
+        .unwrap()
+        .gradients()
+        .unwrap();
+    let run = |pre| {
+        let cg = CgInverseFisher::new(
+            g.clone(),
+            1e-3,
+            CgOptions {
+                tol: 1e-10,
+                max_iter: 10_000,
+                preconditioner: pre,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let v = cg.quad_forms(q.as_ref()).unwrap();
+        (v, cg.last_report().unwrap().iterations)
+    };
+    let ((a, plain), (b, jacobi)) = (
+        run(CgPreconditioner::Identity),
+        run(CgPreconditioner::Jacobi),
+    );
+    eprintln!("CG iterations to 1e-10: identity {plain}, Jacobi {jacobi}");
+    assert!(max_rel_err(&a, &b) < 1e-9);
+}
