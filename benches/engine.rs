@@ -79,6 +79,57 @@ fn benches(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // the full inverse Fisher, each method, on a 16-64-64-1 tanh regression (P = 5313), N = 1024
+    let vm = VarMap::new();
+    let small = Mlp::new(
+        VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu),
+        &[16, 64, 64, 1],
+        Activation::Tanh,
+        None,
+    )
+    .expect("mlp");
+    let x = Tensor::from_vec(lcg(1024 * 16, 5), (1024, 16), &Device::Cpu)
+        .expect("x")
+        .to_dtype(DType::F64)
+        .expect("x");
+    let y = Tensor::from_vec(lcg(1024, 6), (1024, 1), &Device::Cpu)
+        .expect("y")
+        .to_dtype(DType::F64)
+        .expect("y");
+    let data = TensorDataset::new(x, y).expect("data");
+    let q = Tensor::from_vec(lcg(64 * 16, 7), (64, 16), &Device::Cpu)
+        .expect("q")
+        .to_dtype(DType::F64)
+        .expect("q");
+    let mut g = c.benchmark_group("full-inverse-16-64-64-1-N1024-M64");
+    g.sample_size(10);
+    for method in [
+        deltavar::sigma::FullMethod::Dense,
+        deltavar::sigma::FullMethod::Kernel,
+        deltavar::sigma::FullMethod::Cg,
+    ] {
+        let opts = SigmaOptions {
+            damping: 1e-2,
+            full_method: method,
+            ..Default::default()
+        };
+        g.bench_function(format!("{method:?}"), |b| {
+            b.iter(|| {
+                mlp_delta_variances(
+                    &small,
+                    Qoi::Sum,
+                    &q,
+                    SigmaStrategy::InverseFullEmpiricalFim,
+                    &opts,
+                    Some((&data, Likelihood::gaussian(1.0).into())),
+                    &FactoredOptions::default(),
+                )
+                .expect("full")
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(engine_benches, benches);

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use deltavar::sigma::FullMethod;
 use deltavar::*;
 
 fn best_of<T>(reps: usize, mut f: impl FnMut() -> T) -> (f64, T) {
@@ -128,6 +129,185 @@ fn main() {
                 "no workload at {} (run peers.py ... queries first)",
                 d.display()
             );
+        }
+    }
+
+    if want("full") {
+        let d = dir.join("full");
+        if d.join("model.safetensors").exists() {
+            let q = Tensor::read_npy(d.join("queries.npy")).expect("queries");
+            let x = Tensor::read_npy(d.join("train_x.npy")).expect("x");
+            let y = Tensor::read_npy(d.join("train_y.npy")).expect("y");
+            let mut reference: Option<Vec<f64>> = None;
+            for (dtype, label) in [(DType::F64, "f64"), (DType::F32, "f32")] {
+                let (mlp, _vm) = Mlp::load_safetensors(
+                    d.join("model.safetensors"),
+                    Activation::Tanh,
+                    dtype,
+                    &Device::Cpu,
+                    "",
+                    None,
+                )
+                .expect("model");
+                let data = TensorDataset::new(
+                    x.to_dtype(dtype).expect("x"),
+                    y.to_dtype(dtype).expect("y"),
+                )
+                .expect("data");
+                let qd = q.to_dtype(dtype).expect("q");
+                for method in [FullMethod::Dense, FullMethod::Kernel, FullMethod::Auto] {
+                    let opts = SigmaOptions {
+                        damping: 1e-3,
+                        full_method: method,
+                        ..Default::default()
+                    };
+                    let (t, out) = best_of(reps, || {
+                        mlp_delta_variances(
+                            &mlp,
+                            Qoi::Sum,
+                            &qd,
+                            SigmaStrategy::InverseFullEmpiricalFim,
+                            &opts,
+                            Some((&data, Likelihood::gaussian(1.0).into())),
+                            &FactoredOptions::default(),
+                        )
+                        .expect("full")
+                    });
+                    if reference.is_none() {
+                        reference = Some(out.delta_variance.clone());
+                    }
+                    let r = reference.as_ref().expect("reference");
+                    let err = out
+                        .delta_variance
+                        .iter()
+                        .zip(r)
+                        .map(|(a, b)| ((a - b) / b).abs())
+                        .fold(0.0, f64::max);
+                    println!(
+                        "{{\"workload\":\"full\",\"dtype\":\"{label}\",\"method\":\"{}\",\"seconds\":{t:.4},\"dv0\":{:.6e},\"max_rel_err_vs_dense_f64\":{err:.2e},\"peak_rss_mib\":{:.1}}}",
+                        out.method.as_ref().map(|m| m.method.name()).unwrap_or("?"),
+                        out.delta_variance[0],
+                        peak_rss_bytes() as f64 / (1u64 << 20) as f64
+                    );
+                }
+            }
+        } else {
+            eprintln!(
+                "no workload at {} (run peers.py ... full first)",
+                d.display()
+            );
+        }
+    }
+
+    if want("cg") {
+        let d = dir.join("cg");
+        if d.join("model.safetensors").exists() {
+            let (mlp, _vm) = Mlp::load_safetensors(
+                d.join("model.safetensors"),
+                Activation::Relu,
+                DType::F32,
+                &Device::Cpu,
+                "",
+                None,
+            )
+            .expect("model");
+            let x = Tensor::read_npy(d.join("train_x.npy")).expect("x");
+            let y = Tensor::read_npy(d.join("train_y.npy")).expect("y");
+            let data = TensorDataset::new(x, y).expect("data");
+            let q = Tensor::read_npy(d.join("queries.npy")).expect("queries");
+            let fisher = FactoredFisher::new(
+                &mlp,
+                Likelihood::Categorical,
+                &data,
+                FactoredOptions::default(),
+            )
+            .expect("fisher");
+            let engine = fisher.engine().clone();
+            let qf = engine
+                .query_factors(&Qoi::Output(3).into(), &q, &FactoredOptions::default())
+                .expect("queries");
+            // the exact answer by the kernel method, end to end (factors, Gram, Cholesky, queries)
+            let t = Instant::now();
+            let g = fisher
+                .gradient_matrix(DEFAULT_MEMORY_BUDGET)
+                .expect("factors");
+            let t_factors = t.elapsed().as_secs_f64();
+            let kernel =
+                deltavar::sigma::KernelInverseFisher::new(g.clone(), 1e-3).expect("kernel");
+            let dv = qf.delta_variances(&kernel).expect("dv");
+            let t_kernel = t.elapsed().as_secs_f64();
+            println!(
+                "{{\"workload\":\"cg\",\"method\":\"kernel\",\"seconds\":{t_kernel:.3},\"factors_seconds\":{t_factors:.3},\"peak_rss_mib\":{:.1},\"delta_variance\":{:?}}}",
+                peak_rss_bytes() as f64 / (1u64 << 20) as f64,
+                dv
+            );
+            // CG: cost per iteration, and the iterations to 1e-6 / 1e-10 with each preconditioner
+            let qg = qf.gradients().expect("gradients");
+            let iters: usize = std::env::var("DV_CG_ITERS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(3);
+            for pre in [
+                deltavar::sigma::CgPreconditioner::Identity,
+                deltavar::sigma::CgPreconditioner::Jacobi,
+            ] {
+                let cg = deltavar::sigma::CgInverseFisher::new(
+                    g.clone(),
+                    1e-3,
+                    deltavar::sigma::CgOptions {
+                        tol: 1e-30,
+                        max_iter: iters,
+                        accept_unconverged: true,
+                        preconditioner: pre,
+                    },
+                )
+                .expect("cg");
+                let t = Instant::now();
+                let _ = cg.quad_forms(qg.as_ref());
+                let secs = t.elapsed().as_secs_f64();
+                let r = cg.last_report().expect("report");
+                println!(
+                    "{{\"workload\":\"cg\",\"method\":\"cg\",\"preconditioner\":\"{pre:?}\",\"iterations\":{},\"seconds_per_iteration\":{:.3},\"worst_rel_residual\":{:.2e}}}",
+                    r.iterations,
+                    secs / (r.iterations + 1) as f64,
+                    r.rel_residuals.iter().cloned().fold(0.0, f64::max)
+                );
+            }
+            if let Ok(tol) = std::env::var("DV_CG_TOL") {
+                let tol: f64 = tol.parse().expect("tol");
+                for pre in [
+                    deltavar::sigma::CgPreconditioner::Identity,
+                    deltavar::sigma::CgPreconditioner::Jacobi,
+                ] {
+                    let cg = deltavar::sigma::CgInverseFisher::new(
+                        g.clone(),
+                        1e-3,
+                        deltavar::sigma::CgOptions {
+                            tol,
+                            max_iter: 2000,
+                            accept_unconverged: true,
+                            preconditioner: pre,
+                        },
+                    )
+                    .expect("cg");
+                    let t = Instant::now();
+                    let got = cg.quad_forms(qg.as_ref()).expect("cg");
+                    let r = cg.last_report().expect("report");
+                    let err = got
+                        .iter()
+                        .zip(&dv)
+                        .map(|(a, b)| ((a - b) / b).abs())
+                        .fold(0.0, f64::max);
+                    println!(
+                        "{{\"workload\":\"cg\",\"method\":\"cg\",\"preconditioner\":\"{pre:?}\",\"tol\":{tol:e},\"iterations\":{},\"seconds\":{:.1},\"converged\":{},\"max_rel_err_vs_kernel\":{err:.2e}}}",
+                        r.iterations,
+                        t.elapsed().as_secs_f64(),
+                        r.converged
+                    );
+                }
+            }
+        } else {
+            eprintln!("no workload at {} (run peers.py ... cg first)", d.display());
         }
     }
 

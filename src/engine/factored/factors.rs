@@ -326,12 +326,60 @@ impl Factors {
         Ok(k)
     }
 
-    /// The N×N Gram matrix K = G Gᵀ = Σ_l (X Xᵀ + 1)∘(Δ Δᵀ). Memory O(N²).
+    /// The N×N Gram matrix K = G Gᵀ = Σ_l (X Xᵀ + 1)∘(Δ Δᵀ). Memory O(N²) plus two N×512
+    /// blocks. Only the lower triangle is computed (by column blocks); the upper is mirrored.
     pub fn gram(&self) -> Mat<f64> {
-        match self.cross_gram(self) {
-            Ok(k) => k,
-            Err(_) => unreachable!("a set of factors has its own sizes"),
+        let n = self.n;
+        let mut k = Mat::<f64>::zeros(n, n);
+        let block = 512;
+        let mut xx = Mat::<f64>::zeros(n, block.min(n.max(1)));
+        let mut dd = Mat::<f64>::zeros(n, block.min(n.max(1)));
+        for c0 in (0..n).step_by(block) {
+            let w = block.min(n - c0);
+            let rows = n - c0;
+            for lf in &self.layers {
+                let (x, d) = (lf.x(), lf.d());
+                matmul(
+                    xx.as_mut().submatrix_mut(0, 0, rows, w),
+                    Accum::Replace,
+                    x.subrows(c0, rows),
+                    x.subrows(c0, w).transpose(),
+                    1.0,
+                    par(),
+                );
+                matmul(
+                    dd.as_mut().submatrix_mut(0, 0, rows, w),
+                    Accum::Replace,
+                    d.subrows(c0, rows),
+                    d.subrows(c0, w).transpose(),
+                    1.0,
+                    par(),
+                );
+                for j in 0..w {
+                    let (Some(kc), Some(xc), Some(dc)) = (
+                        k.col_mut(c0 + j)
+                            .try_as_col_major_mut()
+                            .map(|c| c.as_slice_mut()),
+                        xx.col(j).try_as_col_major().map(|c| c.as_slice()),
+                        dd.col(j).try_as_col_major().map(|c| c.as_slice()),
+                    ) else {
+                        unreachable!("owned Mats have contiguous columns")
+                    };
+                    // rows c0 + j .. n of column c0 + j (the lower triangle)
+                    kc[c0 + j..]
+                        .iter_mut()
+                        .zip(&xc[j..rows])
+                        .zip(&dc[j..rows])
+                        .for_each(|((k, x), d)| *k += (x + 1.0) * d);
+                }
+            }
         }
+        for j in 0..n {
+            for i in 0..j {
+                k[(i, j)] = k[(j, i)];
+            }
+        }
+        k
     }
 
     /// gᵢᵀ diag(s) gᵢ for every example, without forming gᵢ:
