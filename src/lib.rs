@@ -53,7 +53,7 @@ pub mod params;
 pub mod qoi;
 pub mod sigma;
 
-pub use data::{BatchList, Dataset, TensorDataset};
+pub use data::{BatchList, BatchView, Dataset, MmapNpyDataset, TensorDataset};
 pub use delta::{
     build_sigma, build_sigma_reported, calculate_delta_variance, delta_variances,
     mlp_delta_variances, MlpDeltaVariances, SigmaOptions, SigmaStrategy,

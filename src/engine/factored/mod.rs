@@ -16,6 +16,7 @@ mod factors;
 mod fisher;
 pub(crate) mod native;
 pub(crate) mod scalar;
+use scalar::Rows;
 mod signals;
 
 pub use factors::{Factors, QueryFactors};
@@ -155,7 +156,7 @@ impl FactoredMlp {
     fn pass<T: Scalar>(
         m: &NativeMlp<T>,
         ws: &mut Workspace<T>,
-        x: &Tensor,
+        x: Rows<'_>,
         target: Target<'_>,
         first_row: usize,
     ) -> Result<Vec<f64>> {
@@ -165,11 +166,11 @@ impl FactoredMlp {
         let f: Vec<f64> = m.output(ws).iter().map(|v| v.f64()).collect();
         let (values, signal) = match target {
             Target::Likelihood(lik, y) => {
-                if y.dims().first() != Some(&b) {
+                if y.dims().0 != b {
                     return Err(Error::shape(
                         "targets y (one row per input row)",
                         b,
-                        format!("{:?}", y.dims()),
+                        y.dims().0,
                     ));
                 }
                 (Vec::new(), lik.signal(&f, b, o, y, first_row)?)
@@ -227,8 +228,9 @@ impl FactoredMlp {
                     };
                     for &start in run.iter() {
                         let len = bs.min(n - start);
-                        let (x, y) = data.get(start, len)?;
-                        Self::pass(m, &mut st.ws, &x, Target::Likelihood(lik, &y), start)?;
+                        let batch = Batch::load(data, start, len)?;
+                        let (x, y) = batch.rows();
+                        Self::pass(m, &mut st.ws, x, Target::Likelihood(lik, y), start)?;
                         for (l, &(w_off, b_off, inp, out)) in offsets.iter().enumerate() {
                             let xs = &st.ws.acts[l];
                             let ds = &st.ws.deltas[l];
@@ -281,8 +283,7 @@ impl FactoredMlp {
     ) -> Result<Factors> {
         let n = data.len();
         let (f, _) = dispatch!(self, m => self.collect_factors(m, n, opts, |start, len| {
-            let (x, y) = data.get(start, len)?;
-            Ok((x, Some(y)))
+            Batch::load(data, start, len)
         }, Some(lik), None))?;
         Ok(f)
     }
@@ -297,18 +298,18 @@ impl FactoredMlp {
     ) -> Result<QueryFactors> {
         let m_rows = queries.dims().first().copied().unwrap_or(0);
         let (factors, values) = dispatch!(self, m => self.collect_factors(m, m_rows, opts, |start, len| {
-            Ok((queries.narrow(0, start, len)?, None))
+            Ok(Batch::Inputs(queries.narrow(0, start, len)?))
         }, None, Some(qoi)))?;
         Ok(QueryFactors { factors, values })
     }
 
     #[allow(clippy::type_complexity)]
-    fn collect_factors<T: Scalar>(
+    fn collect_factors<'d, T: Scalar>(
         &self,
         m: &NativeMlp<T>,
         n: usize,
         opts: &FactoredOptions,
-        get: impl Fn(usize, usize) -> Result<(Tensor, Option<Tensor>)> + Sync,
+        get: impl Fn(usize, usize) -> Result<Batch<'d>> + Sync,
         lik: Option<&OutputLikelihood>,
         qoi: Option<&OutputQoi>,
     ) -> Result<(Factors, Vec<f64>)> {
@@ -319,17 +320,18 @@ impl FactoredMlp {
                 .par_iter()
                 .map_init(Workspace::<T>::default, |ws, &start| {
                     let len = bs.min(n - start);
-                    let (x, y) = get(start, len)?;
-                    let target = match (lik, qoi, y.as_ref()) {
-                        (Some(l), _, Some(y)) => Target::Likelihood(l, y),
-                        (_, Some(q), _) => Target::Qoi(q),
+                    let batch = get(start, len)?;
+                    let (x, y) = batch.rows();
+                    let target = match (lik, qoi) {
+                        (Some(l), _) => Target::Likelihood(l, y),
+                        (_, Some(q)) => Target::Qoi(q),
                         _ => {
                             return Err(Error::Unsupported(
                                 "factor pass without an objective".into(),
                             ))
                         }
                     };
-                    let values = Self::pass(m, ws, &x, target, start)?;
+                    let values = Self::pass(m, ws, x, target, start)?;
                     let xs = ws.acts[..m.layers.len()]
                         .iter()
                         .map(|a| a.iter().map(|v| v.f64()).collect())
@@ -366,7 +368,38 @@ pub(crate) fn rayon_threads(opts: &FactoredOptions) -> usize {
     }
 }
 
+/// One batch: owned candle tensors, or a zero-copy view of a mapped dataset.
+enum Batch<'a> {
+    Owned(Tensor, Tensor),
+    Inputs(Tensor),
+    View(crate::data::BatchView<'a>),
+}
+
+impl<'a> Batch<'a> {
+    fn load(data: &'a dyn Dataset, start: usize, len: usize) -> Result<Self> {
+        match data.view(start, len) {
+            Some(v) => Ok(Batch::View(v?)),
+            None => {
+                let (x, y) = data.get(start, len)?;
+                Ok(Batch::Owned(x, y))
+            }
+        }
+    }
+
+    /// (inputs, targets); a query batch has no targets (its inputs stand in, unused).
+    fn rows(&self) -> (Rows<'_>, Rows<'_>) {
+        match self {
+            Batch::Owned(x, y) => (Rows::Tensor(x), Rows::Tensor(y)),
+            Batch::Inputs(x) => (Rows::Tensor(x), Rows::Tensor(x)),
+            Batch::View(v) => (
+                Rows::View(v.x, v.x_cols, v.rows),
+                Rows::View(v.y, v.y_cols, v.rows),
+            ),
+        }
+    }
+}
+
 enum Target<'a> {
-    Likelihood(&'a OutputLikelihood, &'a Tensor),
+    Likelihood(&'a OutputLikelihood, Rows<'a>),
     Qoi(&'a OutputQoi),
 }

@@ -4,11 +4,10 @@
 //! All buffers are row-major (one example per row), so one example's factors are contiguous.
 //! Cost per batch: the forward's matmuls plus one matmul per layer but the first for Δ.
 
-use candle_core::Tensor;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use super::scalar::{copy_rows, Scalar};
+use super::scalar::{copy_rows, Rows, Scalar};
 use crate::error::{Error, Result};
 use crate::model::{Activation, Mlp};
 
@@ -94,22 +93,26 @@ impl<T: Scalar> NativeMlp<T> {
     }
 
     /// Loads the inputs `x` (B×in, any float dtype) into the workspace and runs the forward pass.
-    pub fn forward(&self, x: &Tensor, ws: &mut Workspace<T>, first_row: usize) -> Result<()> {
+    pub fn forward(&self, x: Rows<'_>, ws: &mut Workspace<T>, first_row: usize) -> Result<()> {
         let nl = self.layers.len();
         ws.acts.resize_with(nl + 1, Vec::new);
         ws.pre.resize_with(nl, Vec::new);
         ws.deltas.resize_with(nl, Vec::new);
-        let b = x.dims().first().copied().unwrap_or(0);
+        let (b, cols) = x.dims();
         let inp = self.num_inputs();
-        if x.rank() != 2 || x.dims()[1] != inp {
-            return Err(Error::shape(
-                "model inputs",
-                format!("[{b}, {inp}]"),
-                format!("{:?}", x.dims()),
-            ));
+        let rank_ok = match x {
+            Rows::Tensor(t) => t.rank() == 2,
+            Rows::View(..) => true,
+        };
+        if !rank_ok || cols != inp {
+            let got = match x {
+                Rows::Tensor(t) => format!("{:?}", t.dims()),
+                Rows::View(..) => format!("[{b}, {cols}]"),
+            };
+            return Err(Error::shape("model inputs", format!("[{b}, {inp}]"), got));
         }
         ws.rows = b;
-        copy_rows(x, &mut ws.acts[0], "input data x", first_row)?;
+        x.copy_into(&mut ws.acts[0], "input data x", first_row)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let (lo, hi) = ws.acts.split_at_mut(l + 1);
             let a_in = &lo[l];

@@ -42,6 +42,83 @@ impl Scalar for f64 {
     }
 }
 
+/// Rows of model inputs or targets: a candle tensor, or a zero-copy view of a mapped file.
+#[derive(Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    Tensor(&'a Tensor),
+    /// data, columns per row, rows
+    View(crate::data::RowsRef<'a>, usize, usize),
+}
+
+impl Rows<'_> {
+    /// (rows, columns per row); a rank-1 tensor has one column.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Rows::Tensor(t) => {
+                let rows = t.dims().first().copied().unwrap_or(1);
+                (rows, if rows == 0 { 0 } else { t.elem_count() / rows })
+            }
+            Rows::View(_, cols, rows) => (*rows, *cols),
+        }
+    }
+
+    /// Copies the rows into `dst` as `T`, failing on a non-finite entry.
+    pub fn copy_into<T: Scalar>(
+        &self,
+        dst: &mut Vec<T>,
+        what: &str,
+        first_row: usize,
+    ) -> Result<()> {
+        match self {
+            Rows::Tensor(t) => copy_rows(t, dst, what, first_row),
+            Rows::View(r, cols, _) => {
+                dst.clear();
+                let bad = match r {
+                    crate::data::RowsRef::F32(v) => {
+                        dst.extend(v.iter().map(|x| T::of(*x as f64)));
+                        first_non_finite(v, |x| x as f64)
+                    }
+                    crate::data::RowsRef::F64(v) => {
+                        dst.extend(v.iter().map(|x| T::of(*x)));
+                        first_non_finite(v, |x| x)
+                    }
+                    crate::data::RowsRef::I64(v) => {
+                        dst.extend(v.iter().map(|x| T::of(*x as f64)));
+                        None
+                    }
+                };
+                if let Some((k, v)) = bad {
+                    return Err(Error::NonFinite {
+                        what: what.into(),
+                        detail: format!(
+                            "row {}, column {} is {v}",
+                            first_row + k / (*cols).max(1),
+                            k % (*cols).max(1)
+                        ),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// As a candle tensor (copying a view).
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Rows::Tensor(t) => Ok((*t).clone()),
+            Rows::View(r, cols, rows) => {
+                let dev = candle_core::Device::Cpu;
+                let shape = (*rows, *cols);
+                Ok(match r {
+                    crate::data::RowsRef::F32(v) => Tensor::from_slice(v, shape, &dev)?,
+                    crate::data::RowsRef::F64(v) => Tensor::from_slice(v, shape, &dev)?,
+                    crate::data::RowsRef::I64(v) => Tensor::from_slice(v, shape, &dev)?,
+                })
+            }
+        }
+    }
+}
+
 /// Copies a float tensor's elements (row-major) into `dst` as `T`, failing on a non-finite entry
 /// (named by its row, counted from `first_row`, and column).
 pub(crate) fn copy_rows<T: Scalar>(

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 
+use super::scalar::Rows;
+use crate::data::RowsRef;
 use crate::error::{Error, Result};
 use crate::likelihood::{class_labels, Likelihood};
 use crate::qoi::Qoi;
@@ -61,6 +63,48 @@ impl std::fmt::Debug for OutputQoi {
             OutputQoi::Builtin(q) => write!(f, "{q:?}"),
             OutputQoi::Custom(_) => write!(f, "Custom(closure)"),
         }
+    }
+}
+
+/// Class labels from a zero-copy view, checked to be integers in 0..c.
+fn view_labels(
+    r: RowsRef<'_>,
+    cols: usize,
+    rows: usize,
+    b: usize,
+    c: usize,
+    first_row: usize,
+) -> Result<Vec<usize>> {
+    if rows != b || cols != 1 {
+        return Err(Error::shape(
+            "categorical labels y",
+            format!("[{b}]"),
+            format!("[{rows}, {cols}]"),
+        ));
+    }
+    let check = |i: usize, l: f64| {
+        if l.fract() != 0.0 || !l.is_finite() || l < 0.0 || l >= c as f64 {
+            Err(Error::invalid(
+                format!("categorical label of example {}", first_row + i),
+                l,
+                format!("must be an integer in 0..{c} (the model has {c} outputs)"),
+            ))
+        } else {
+            Ok(l as usize)
+        }
+    };
+    match r {
+        RowsRef::I64(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, l)| check(i, *l as f64))
+            .collect(),
+        RowsRef::F32(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, l)| check(i, *l as f64))
+            .collect(),
+        RowsRef::F64(v) => v.iter().enumerate().map(|(i, l)| check(i, *l)).collect(),
     }
 }
 
@@ -132,7 +176,7 @@ impl OutputLikelihood {
         f: &[f64],
         b: usize,
         o: usize,
-        y: &Tensor,
+        y: Rows<'_>,
         first_row: usize,
     ) -> Result<Vec<f64>> {
         check_output(f, o, first_row)?;
@@ -152,15 +196,16 @@ impl OutputLikelihood {
                         "must be finite and > 0",
                     ));
                 }
-                if y.elem_count() != b * o || y.dims().first() != Some(&b) {
+                let (yr, yc) = y.dims();
+                if yr != b || yc != o {
                     return Err(Error::shape(
                         "gaussian targets y",
                         format!("[{b}, {o}]"),
-                        format!("{:?}", y.dims()),
+                        format!("[{yr}, {yc}]"),
                     ));
                 }
                 let mut yv: Vec<f64> = Vec::new();
-                super::scalar::copy_rows(y, &mut yv, "targets y", first_row)?;
+                y.copy_into(&mut yv, "targets y", first_row)?;
                 let inv: Vec<f64> = (0..o)
                     .map(|k| 1.0 / sigma[if sigma.len() == 1 { 0 } else { k }].powi(2))
                     .collect();
@@ -171,7 +216,10 @@ impl OutputLikelihood {
                     .collect()
             }
             OutputLikelihood::Builtin(Likelihood::Categorical) => {
-                let labels = class_labels(y, b, o, first_row)?;
+                let labels = match y {
+                    Rows::Tensor(t) => class_labels(t, b, o, first_row)?,
+                    Rows::View(r, cols, rows) => view_labels(r, cols, rows, b, o, first_row)?,
+                };
                 let mut signal = vec![0.0; b * o];
                 for (i, l) in labels.into_iter().enumerate() {
                     let row = &mut signal[i * o..(i + 1) * o];
@@ -184,11 +232,12 @@ impl OutputLikelihood {
                 signal
             }
             OutputLikelihood::Custom(c) => {
+                let yt = y.tensor()?;
                 closure_signal(
                     f,
                     b,
                     o,
-                    |out| c(out, y),
+                    |out| c(out, &yt),
                     "log-likelihood closure",
                     first_row,
                 )?

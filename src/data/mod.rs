@@ -4,9 +4,28 @@
 //! examples as a pair of candle tensors whose first dimension is the example index. Engines pick
 //! their own chunking (the `batch_size` option), so results never depend on how data was batched.
 
-use candle_core::Tensor;
+pub mod npy;
+
+use candle_core::{Device, Tensor};
+
+pub use npy::{write_npy, NpyArray, NpyDtype, RowsRef};
 
 use crate::error::{Error, Result};
+
+/// A batch borrowed from a dataset without copying (rows are contiguous, row-major).
+#[derive(Debug, Clone, Copy)]
+pub struct BatchView<'a> {
+    /// Inputs, `rows × x_cols`.
+    pub x: RowsRef<'a>,
+    /// Input width.
+    pub x_cols: usize,
+    /// Targets, `rows × y_cols` (`y_cols` = 1 for class labels).
+    pub y: RowsRef<'a>,
+    /// Target width.
+    pub y_cols: usize,
+    /// Number of rows.
+    pub rows: usize,
+}
 
 /// A source of training examples. `x` and `y` of a range both have the range's length as their
 /// first dimension; `y` may be f32/f64 targets (gaussian) or integer class labels (categorical).
@@ -21,6 +40,118 @@ pub trait Dataset: Sync {
 
     /// Examples `start .. start + len` as `(x, y)`.
     fn get(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)>;
+
+    /// Examples `start .. start + len` borrowed without copying, for sources that hold them
+    /// contiguously (memory-mapped files); `None` for the others. The factored engine reads
+    /// batches this way when it can.
+    fn view(&self, _start: usize, _len: usize) -> Option<Result<BatchView<'_>>> {
+        None
+    }
+}
+
+/// A dataset of two memory-mapped `.npy` files: inputs `x` (N, in) as f32 or f64, and targets
+/// `y`, either (N, out) floats (gaussian) or (N,) int64 class labels (categorical).
+///
+/// Memory: only the pages being read (the OS maps them on demand and may drop them), so the
+/// files can be far larger than RAM. The factored engine reads batches straight from the
+/// mapping ([`Dataset::view`]); [`Dataset::get`] copies one batch into candle tensors. The files
+/// must not be truncated by another process while mapped.
+#[derive(Debug)]
+pub struct MmapNpyDataset {
+    x: NpyArray,
+    y: NpyArray,
+}
+
+impl MmapNpyDataset {
+    /// Maps both files and checks them against each other.
+    pub fn open(x: impl AsRef<std::path::Path>, y: impl AsRef<std::path::Path>) -> Result<Self> {
+        let x = NpyArray::open(x)?;
+        let y = NpyArray::open(y)?;
+        if x.dtype() == NpyDtype::I64 {
+            return Err(Error::BadFile {
+                path: x.path().display().to_string(),
+                detail: "inputs x must be float32 or float64, not int64".into(),
+            });
+        }
+        if x.shape().len() != 2 {
+            return Err(Error::BadFile {
+                path: x.path().display().to_string(),
+                detail: format!(
+                    "inputs x must have shape (N, features), got {:?}",
+                    x.shape()
+                ),
+            });
+        }
+        if y.shape().is_empty() || y.shape().len() > 2 {
+            return Err(Error::BadFile {
+                path: y.path().display().to_string(),
+                detail: format!(
+                    "targets y must have shape (N,) or (N, outputs), got {:?}",
+                    y.shape()
+                ),
+            });
+        }
+        if x.rows() != y.rows() {
+            return Err(Error::BadFile {
+                path: y.path().display().to_string(),
+                detail: format!(
+                    "has {} rows but {} has {}",
+                    y.rows(),
+                    x.path().display(),
+                    x.rows()
+                ),
+            });
+        }
+        Ok(Self { x, y })
+    }
+
+    /// The inputs.
+    pub fn x(&self) -> &NpyArray {
+        &self.x
+    }
+
+    /// The targets.
+    pub fn y(&self) -> &NpyArray {
+        &self.y
+    }
+}
+
+fn rows_tensor(r: RowsRef<'_>, rows: usize, cols: usize, keep_2d: bool) -> Result<Tensor> {
+    let dev = Device::Cpu;
+    Ok(match (r, keep_2d) {
+        (RowsRef::F32(v), true) => Tensor::from_slice(v, (rows, cols), &dev)?,
+        (RowsRef::F64(v), true) => Tensor::from_slice(v, (rows, cols), &dev)?,
+        (RowsRef::I64(v), true) => Tensor::from_slice(v, (rows, cols), &dev)?,
+        (RowsRef::F32(v), false) => Tensor::from_slice(v, rows, &dev)?,
+        (RowsRef::F64(v), false) => Tensor::from_slice(v, rows, &dev)?,
+        (RowsRef::I64(v), false) => Tensor::from_slice(v, rows, &dev)?,
+    })
+}
+
+impl Dataset for MmapNpyDataset {
+    fn len(&self) -> usize {
+        self.x.rows()
+    }
+    fn get(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let v = self
+            .view(start, len)
+            .unwrap_or_else(|| Err(Error::Unsupported("no view".into())))?;
+        Ok((
+            rows_tensor(v.x, len, v.x_cols, true)?,
+            rows_tensor(v.y, len, v.y_cols, self.y.shape().len() == 2)?,
+        ))
+    }
+    fn view(&self, start: usize, len: usize) -> Option<Result<BatchView<'_>>> {
+        Some((|| {
+            Ok(BatchView {
+                x: self.x.rows_ref(start, len)?,
+                x_cols: self.x.row_len(),
+                y: self.y.rows_ref(start, len)?,
+                y_cols: self.y.row_len().max(1),
+                rows: len,
+            })
+        })())
+    }
 }
 
 /// An in-memory dataset of two tensors sharing their first dimension.

@@ -1,0 +1,286 @@
+//! `.npy` files, memory-mapped (memmap2): header parsing, validation and zero-copy row views.
+//!
+//! Supported: C-order arrays of little-endian f32 (`<f4`), f64 (`<f8`) and i64 (`<i8`), format
+//! versions 1.0–3.0. Anything else (Fortran order, other dtypes, big-endian, a file shorter than
+//! its header says) is an [`Error::BadFile`] naming the file and what was expected.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// Element type of an `.npy` array.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NpyDtype {
+    /// `<f4`.
+    F32,
+    /// `<f8`.
+    F64,
+    /// `<i8`.
+    I64,
+}
+
+impl NpyDtype {
+    /// Bytes per element.
+    pub fn size(&self) -> usize {
+        match self {
+            NpyDtype::F32 => 4,
+            NpyDtype::F64 | NpyDtype::I64 => 8,
+        }
+    }
+}
+
+/// A borrowed run of rows of an `.npy` array.
+#[derive(Debug, Clone, Copy)]
+pub enum RowsRef<'a> {
+    /// f32 data.
+    F32(&'a [f32]),
+    /// f64 data.
+    F64(&'a [f64]),
+    /// i64 data.
+    I64(&'a [i64]),
+}
+
+/// A memory-mapped `.npy` array. Memory: the mapping only (pages are read on demand and can be
+/// dropped by the OS), so files far larger than RAM work.
+#[derive(Debug)]
+pub struct NpyArray {
+    path: PathBuf,
+    mmap: Mmap,
+    offset: usize,
+    dtype: NpyDtype,
+    shape: Vec<usize>,
+}
+
+fn bad(path: &Path, detail: impl Into<String>) -> Error {
+    Error::BadFile {
+        path: path.display().to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// Parses the Python-dict header of an `.npy` file: returns (descr, fortran_order, shape).
+fn parse_header(path: &Path, h: &str) -> Result<(String, bool, Vec<usize>)> {
+    let field = |key: &str| -> Result<&str> {
+        let k = format!("'{key}':");
+        let i = h
+            .find(&k)
+            .ok_or_else(|| bad(path, format!("npy header has no '{key}' entry: {h}")))?;
+        Ok(h[i + k.len()..].trim_start())
+    };
+    let descr = field("descr")?;
+    let descr = descr
+        .strip_prefix('\'')
+        .and_then(|d| d.split('\'').next())
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("cannot read the dtype in the npy header: {h}"),
+            )
+        })?
+        .to_string();
+    let fortran = field("fortran_order")?.starts_with("True");
+    let shape = field("shape")?;
+    let inner = shape
+        .strip_prefix('(')
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("cannot read the shape in the npy header: {h}"),
+            )
+        })?;
+    let dims = inner
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.trim_end_matches('L')
+                .parse::<usize>()
+                .map_err(|_| bad(path, format!("bad shape entry '{s}' in {h}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((descr, fortran, dims))
+}
+
+impl NpyArray {
+    /// Maps `path` and checks its header and size.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        // SAFETY: the mapping is read-only; as with any memory map, the file must not be
+        // truncated by another process while it is mapped (documented on `MmapNpyDataset`).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        if mmap.len() < 10 || &mmap[..6] != b"\x93NUMPY" {
+            return Err(bad(path, "not an .npy file (missing the \\x93NUMPY magic)"));
+        }
+        let major = mmap[6];
+        let (hlen, hstart) = match major {
+            1 => (u16::from_le_bytes([mmap[8], mmap[9]]) as usize, 10),
+            2 | 3 => {
+                if mmap.len() < 12 {
+                    return Err(bad(path, "truncated npy header"));
+                }
+                (
+                    u32::from_le_bytes([mmap[8], mmap[9], mmap[10], mmap[11]]) as usize,
+                    12,
+                )
+            }
+            v => return Err(bad(path, format!("unsupported npy format version {v}"))),
+        };
+        if mmap.len() < hstart + hlen {
+            return Err(bad(path, "truncated npy header"));
+        }
+        let header = std::str::from_utf8(&mmap[hstart..hstart + hlen])
+            .map_err(|_| bad(path, "npy header is not text"))?;
+        let (descr, fortran, shape) = parse_header(path, header)?;
+        if fortran {
+            return Err(bad(
+                path,
+                "Fortran-order arrays are not supported; save with np.ascontiguousarray(a)",
+            ));
+        }
+        let dtype = match descr.as_str() {
+            "<f4" => NpyDtype::F32,
+            "<f8" => NpyDtype::F64,
+            "<i8" => NpyDtype::I64,
+            d => {
+                return Err(bad(
+                    path,
+                    format!("dtype '{d}' is not supported; use little-endian float32 (<f4), float64 (<f8) or int64 (<i8)"),
+                ))
+            }
+        };
+        let offset = hstart + hlen;
+        let count: usize = shape.iter().product();
+        let need = offset + count * dtype.size();
+        if mmap.len() < need {
+            return Err(bad(
+                path,
+                format!(
+                    "truncated: shape {shape:?} of {descr} needs {need} bytes, the file has {}",
+                    mmap.len()
+                ),
+            ));
+        }
+        if offset % dtype.size() != 0 {
+            return Err(bad(path, "npy data is not aligned to its element size"));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            offset,
+            dtype,
+            shape,
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// The element type.
+    pub fn dtype(&self) -> NpyDtype {
+        self.dtype
+    }
+    /// Rows (the first dimension; 1 for a scalar).
+    pub fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+    /// Elements per row.
+    pub fn row_len(&self) -> usize {
+        self.shape.iter().skip(1).product()
+    }
+
+    /// Rows `start .. start + len` without copying.
+    pub fn rows_ref(&self, start: usize, len: usize) -> Result<RowsRef<'_>> {
+        super::check_range(self.rows(), start, len)?;
+        let w = self.row_len();
+        let bytes = &self.mmap[self.offset..];
+        let (a, b) = (start * w, (start + len) * w);
+        // SAFETY: the region was checked to lie inside the mapping in `open`, its start is
+        // aligned (mmap is page-aligned and `offset` is a multiple of the element size), and
+        // every bit pattern is a valid f32/f64/i64.
+        Ok(unsafe {
+            match self.dtype {
+                NpyDtype::F32 => {
+                    RowsRef::F32(&std::slice::from_raw_parts(bytes.as_ptr() as *const f32, b)[a..b])
+                }
+                NpyDtype::F64 => {
+                    RowsRef::F64(&std::slice::from_raw_parts(bytes.as_ptr() as *const f64, b)[a..b])
+                }
+                NpyDtype::I64 => {
+                    RowsRef::I64(&std::slice::from_raw_parts(bytes.as_ptr() as *const i64, b)[a..b])
+                }
+            }
+        })
+    }
+}
+
+/// Writes a C-order `.npy` file (format 1.0) of f32, f64 or i64 data.
+pub fn write_npy(path: impl AsRef<Path>, shape: &[usize], data: RowsRef<'_>) -> Result<()> {
+    use std::io::Write;
+    let path = path.as_ref();
+    let (descr, bytes): (&str, &[u8]) = match data {
+        // SAFETY: plain-old-data slices viewed as bytes
+        RowsRef::F32(v) => ("<f4", unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4)
+        }),
+        RowsRef::F64(v) => ("<f8", unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 8)
+        }),
+        RowsRef::I64(v) => ("<i8", unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 8)
+        }),
+    };
+    let count: usize = shape.iter().product();
+    let elem = if descr == "<f4" { 4 } else { 8 };
+    if bytes.len() != count * elem {
+        return Err(Error::shape(
+            format!("data for {}", path.display()),
+            count,
+            bytes.len() / elem,
+        ));
+    }
+    let shape_s = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_s}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let io = |e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    let mut f = std::io::BufWriter::new(File::create(path).map_err(io)?);
+    f.write_all(b"\x93NUMPY\x01\x00").map_err(io)?;
+    f.write_all(&(header.len() as u16).to_le_bytes())
+        .map_err(io)?;
+    f.write_all(header.as_bytes()).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.flush().map_err(io)?;
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! Memory-mapped `.npy` datasets: equal results to in-memory data, and an error per bad file.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use deltavar::data::{write_npy, NpyArray, NpyDtype, RowsRef};
+use deltavar::*;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("deltavar-ds-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn fixtures_through_mmap_match_in_memory() {
+    for name in CASES {
+        let case = Case::load(name);
+        let mm = MmapNpyDataset::open(case.dir.join("train_x.npy"), case.dir.join("train_y.npy"))
+            .unwrap();
+        let mem = case.data(DType::F32);
+        assert_eq!(mm.len(), mem.len());
+        let (mlp, _vm) = case.model(DType::F64);
+        let engine = FactoredMlp::new(&mlp).unwrap();
+        let lik: OutputLikelihood = case.likelihood().into();
+        let opts = FactoredOptions {
+            batch_size: 17,
+            threads: 2,
+        };
+        let a = engine.fisher_diag(&lik, &mm, &opts).unwrap();
+        let b = engine.fisher_diag(&lik, &mem, &opts).unwrap();
+        assert_eq!(a.sums(), b.sums(), "{name}");
+        assert!(
+            norm_rel_err(&a.mean(), &case.vec("fim_diagonal")) < 1e-6,
+            "{name}"
+        );
+        // get() copies one batch into tensors with the same values
+        let (x, y) = mm.get(3, 5).unwrap();
+        let (xm, ym) = mem.get(3, 5).unwrap();
+        assert_eq!(
+            x.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
+            xm.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        );
+        assert_eq!(y.dims(), ym.dims());
+    }
+}
+
+#[test]
+fn write_then_read_every_dtype() {
+    let p = tmp("f64.npy");
+    write_npy(&p, &[3, 2], RowsRef::F64(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])).unwrap();
+    let a = NpyArray::open(&p).unwrap();
+    assert_eq!((a.shape(), a.dtype()), (&[3usize, 2][..], NpyDtype::F64));
+    match a.rows_ref(1, 2).unwrap() {
+        RowsRef::F64(v) => assert_eq!(v, &[3.0, 4.0, 5.0, 6.0]),
+        _ => panic!("dtype"),
+    }
+    let p = tmp("i64.npy");
+    write_npy(&p, &[4], RowsRef::I64(&[0, 1, 2, 3])).unwrap();
+    assert_eq!(NpyArray::open(&p).unwrap().dtype(), NpyDtype::I64);
+    // numpy can read what we write: candle's reader agrees too
+    let t = Tensor::read_npy(&p).unwrap();
+    assert_eq!(t.to_vec1::<i64>().unwrap(), vec![0, 1, 2, 3]);
+    let p = tmp("f32.npy");
+    write_npy(&p, &[2, 2], RowsRef::F32(&[1.5, -2.0, 0.25, 8.0])).unwrap();
+    let t = Tensor::read_npy(&p).unwrap();
+    assert_eq!(t.dims(), &[2, 2]);
+    assert_eq!(
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![1.5, -2.0, 0.25, 8.0]
+    );
+}
+
+fn raw_npy(path: &PathBuf, header: &str, data: &[u8]) {
+    let mut h = header.to_string();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(h.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn every_bad_file_is_an_error_naming_it() {
+    let good_y = tmp("y.npy");
+    write_npy(&good_y, &[4], RowsRef::I64(&[0, 1, 2, 0])).unwrap();
+    let x4 = tmp("x4.npy");
+    write_npy(&x4, &[4, 2], RowsRef::F32(&[0.0; 8])).unwrap();
+
+    let cases: Vec<(&str, String, Vec<u8>, &str)> = vec![
+        (
+            "int32.npy",
+            "{'descr': '<i4', 'fortran_order': False, 'shape': (4, 2), }".into(),
+            vec![0; 32],
+            "<i4",
+        ),
+        (
+            "bigend.npy",
+            "{'descr': '>f4', 'fortran_order': False, 'shape': (4, 2), }".into(),
+            vec![0; 32],
+            ">f4",
+        ),
+        (
+            "fortran.npy",
+            "{'descr': '<f4', 'fortran_order': True, 'shape': (4, 2), }".into(),
+            vec![0; 32],
+            "Fortran",
+        ),
+        (
+            "truncated.npy",
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 2), }".into(),
+            vec![0; 20],
+            "truncated",
+        ),
+    ];
+    for (name, header, data, needle) in cases {
+        let p = tmp(name);
+        raw_npy(&p, &header, &data);
+        let e = MmapNpyDataset::open(&p, &good_y).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains(name) && msg.contains(needle), "{name}: {msg}");
+    }
+    // not an npy file at all
+    let p = tmp("text.npy");
+    std::fs::write(&p, "hello, I am text").unwrap();
+    let e = MmapNpyDataset::open(&p, &good_y).unwrap_err();
+    assert!(
+        e.to_string().contains("text.npy") && e.to_string().contains("NUMPY"),
+        "{e}"
+    );
+    // a missing file
+    let e = MmapNpyDataset::open(tmp("nope.npy"), &good_y).unwrap_err();
+    assert!(
+        matches!(e, Error::Io { .. }) && e.to_string().contains("nope.npy"),
+        "{e}"
+    );
+    // x and y lengths differ
+    let y3 = tmp("y3.npy");
+    write_npy(&y3, &[3], RowsRef::I64(&[0, 1, 2])).unwrap();
+    let e = MmapNpyDataset::open(&x4, &y3).unwrap_err();
+    assert!(
+        e.to_string().contains("3 rows") && e.to_string().contains("x4.npy"),
+        "{e}"
+    );
+    // int64 inputs
+    let e = MmapNpyDataset::open(&good_y, &good_y).unwrap_err();
+    assert!(e.to_string().contains("float32 or float64"), "{e}");
+    // a label out of range is caught by the likelihood, naming the example
+    let ybad = tmp("ybad.npy");
+    write_npy(&ybad, &[4], RowsRef::I64(&[0, 1, 9, 0])).unwrap();
+    let ds = MmapNpyDataset::open(&x4, &ybad).unwrap();
+    let vm = candle_nn::VarMap::new();
+    let mlp = Mlp::new(
+        candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        &[2, 3],
+        Activation::Identity,
+        None,
+    )
+    .unwrap();
+    let e = FactoredMlp::new(&mlp)
+        .unwrap()
+        .fisher_diag(
+            &Likelihood::Categorical.into(),
+            &ds,
+            &FactoredOptions::default(),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("example 2") && e.to_string().contains("0..3"),
+        "{e}"
+    );
+    // non-finite inputs name the row
+    let xnan = tmp("xnan.npy");
+    write_npy(
+        &xnan,
+        &[4, 2],
+        RowsRef::F32(&[0.0, 0.0, 0.0, 0.0, 0.0, f32::NAN, 0.0, 0.0]),
+    )
+    .unwrap();
+    let ds = MmapNpyDataset::open(&xnan, &good_y).unwrap();
+    let e = FactoredMlp::new(&mlp)
+        .unwrap()
+        .fisher_diag(
+            &Likelihood::Categorical.into(),
+            &ds,
+            &FactoredOptions::default(),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("row 2"), "{e}");
+}
