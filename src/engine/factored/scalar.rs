@@ -56,7 +56,7 @@ impl Rows<'_> {
         match self {
             Rows::Tensor(t) => {
                 let rows = t.dims().first().copied().unwrap_or(1);
-                (rows, if rows == 0 { 0 } else { t.elem_count() / rows })
+                (rows, t.elem_count().checked_div(rows).unwrap_or(0))
             }
             Rows::View(_, cols, rows) => (*rows, *cols),
         }
