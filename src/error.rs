@@ -154,7 +154,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn invalid(
+    /// An [`Error::InvalidOption`] for `option = value` with a hint of what is accepted.
+    pub fn invalid(
         option: impl Into<String>,
         value: impl ToString,
         hint: impl Into<String>,

@@ -44,6 +44,7 @@
 
 pub mod data;
 pub mod delta;
+pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod fisher;
@@ -53,7 +54,7 @@ pub mod params;
 pub mod qoi;
 pub mod sigma;
 
-pub use data::{BatchList, BatchView, Dataset, MmapNpyDataset, TensorDataset};
+pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, TensorDataset};
 pub use delta::{
     build_sigma, build_sigma_reported, calculate_delta_variance, delta_variances,
     mlp_delta_variances, MlpDeltaVariances, SigmaOptions, SigmaStrategy,
@@ -65,7 +66,8 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use fisher::{
     calculate_empirical_fim_diagonal, calculate_empirical_fim_full, calculate_inverse_fim_diagonal,
-    calculate_inverse_fim_full, FisherDense, FisherDiag, FisherSource, DEFAULT_MEMORY_BUDGET,
+    calculate_inverse_fim_full, fisher_pass, FisherArtifact, FisherDense, FisherDiag, FisherSource,
+    PassKind, PassOptions, DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
 pub use model::{Activation, Mlp};

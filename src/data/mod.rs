@@ -286,6 +286,37 @@ impl Dataset for BatchList {
     }
 }
 
+/// Examples `start .. start + len` of another dataset, as a dataset (for shards and chunks).
+pub struct DatasetRange<'a> {
+    data: &'a dyn Dataset,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> DatasetRange<'a> {
+    /// The range; fails if it does not lie inside `data`.
+    pub fn new(data: &'a dyn Dataset, start: usize, len: usize) -> Result<Self> {
+        check_range(data.len(), start, len)?;
+        Ok(Self { data, start, len })
+    }
+}
+
+impl Dataset for DatasetRange<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn get(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        check_range(self.len, start, len)?;
+        self.data.get(self.start + start, len)
+    }
+    fn view(&self, start: usize, len: usize) -> Option<Result<BatchView<'_>>> {
+        if let Err(e) = check_range(self.len, start, len) {
+            return Some(Err(e));
+        }
+        self.data.view(self.start + start, len)
+    }
+}
+
 pub(crate) fn check_range(n: usize, start: usize, len: usize) -> Result<()> {
     if start.checked_add(len).is_none_or(|e| e > n) {
         return Err(Error::shape(

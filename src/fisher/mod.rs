@@ -9,6 +9,12 @@
 //! | [`FisherDiag`] | O(P) |
 //! | [`FisherDense`] | O(P²): formed only when asked, under a memory budget |
 
+pub mod artifact;
+pub mod offline;
+
+pub use artifact::{shard_range, weights_fingerprint, FisherArtifact, FisherMeta};
+pub use offline::{fisher_pass, PassKind, PassOptions};
+
 use faer::{Mat, MatRef};
 
 use crate::engine::gradients::GradientMatrix;

@@ -2,12 +2,11 @@
 
 use std::sync::Arc;
 
-use candle_core::Tensor;
 use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::{Accum, Mat, Par};
 
 use super::{FactoredMlp, FactoredOptions, Factors, OutputLikelihood};
-use crate::data::Dataset;
+use crate::data::{Dataset, DatasetRange};
 use crate::engine::gradients::GradientMatrix;
 use crate::error::{Error, Result};
 use crate::fisher::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
@@ -34,22 +33,6 @@ pub struct FactoredFisher<'a> {
     lik: OutputLikelihood,
     data: &'a dyn Dataset,
     opts: FactoredOptions,
-}
-
-struct Range<'a> {
-    data: &'a dyn Dataset,
-    start: usize,
-    len: usize,
-}
-
-impl Dataset for Range<'_> {
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn get(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        crate::data::check_range(self.len, start, len)?;
-        self.data.get(self.start + start, len)
-    }
 }
 
 impl<'a> FactoredFisher<'a> {
@@ -114,11 +97,7 @@ impl FisherSource for FactoredFisher<'_> {
             let len = bs.min(n - start);
             let f = self.engine.factors(
                 &self.lik,
-                &Range {
-                    data: self.data,
-                    start,
-                    len,
-                },
+                &DatasetRange::new(self.data, start, len)?,
                 &self.opts,
             )?;
             let g = f.gradients(0, len)?;

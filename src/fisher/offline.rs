@@ -1,0 +1,128 @@
+//! Offline Fisher passes over a dataset (whole or one shard), for saving and reusing later.
+
+use super::artifact::{
+    shard_range, weights_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
+};
+use super::FisherSource;
+use crate::data::{Dataset, DatasetRange};
+use crate::engine::{FactoredFisher, FactoredMlp, FactoredOptions, OutputLikelihood};
+use crate::error::{Error, Result};
+use crate::fisher::FisherDiag;
+use crate::model::Mlp;
+use crate::params::Params;
+
+/// What a pass accumulates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassKind {
+    /// Σ gᵢ∘gᵢ, O(P).
+    Diag,
+    /// Σ gᵢgᵢᵀ (and its diagonal), O(P²): small P only.
+    Dense,
+}
+
+/// Options of [`fisher_pass`].
+#[derive(Debug, Clone)]
+pub struct PassOptions {
+    /// Diag or dense.
+    pub kind: PassKind,
+    /// `Some((i, n))`: only shard i of n.
+    pub shard: Option<(usize, usize)>,
+    /// The engine's options (batch size, threads).
+    pub engine: FactoredOptions,
+    /// Budget for the dense pass, bytes.
+    pub memory_budget: u64,
+    /// Batches per progress step (each step runs in parallel on the workers). Default 64.
+    pub batches_per_step: usize,
+}
+
+impl Default for PassOptions {
+    fn default() -> Self {
+        Self {
+            kind: PassKind::Diag,
+            shard: None,
+            engine: FactoredOptions::default(),
+            memory_budget: super::DEFAULT_MEMORY_BUDGET,
+            batches_per_step: 64,
+        }
+    }
+}
+
+/// Runs a Fisher pass of an [`Mlp`] over `data` (or one shard of it) on the factored engine,
+/// calling `progress(done, total)` as examples are processed. `likelihood_name` is recorded in
+/// the metadata (for example "categorical" or "gaussian:0.5").
+///
+/// Memory: the engine's (weights + per worker a P-vector and one batch) for diag, plus O(P²)
+/// for dense; the dataset is read batch by batch (memory-mapped files stay on disk).
+pub fn fisher_pass(
+    mlp: &Mlp,
+    params: &Params,
+    lik: OutputLikelihood,
+    likelihood_name: &str,
+    data: &dyn Dataset,
+    opts: &PassOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<FisherArtifact> {
+    let engine = FactoredMlp::new(mlp)?;
+    if engine.num_params() != params.num_params() {
+        return Err(Error::shape(
+            "parameters for the Fisher pass",
+            engine.num_params(),
+            params.num_params(),
+        ));
+    }
+    let (start, end) = match opts.shard {
+        Some((i, n)) => shard_range(i, n, data.len())?,
+        None => (0, data.len()),
+    };
+    let total = end - start;
+    let meta = FisherMeta {
+        format_version: FORMAT_VERSION,
+        num_examples: total,
+        convention: "sum".into(),
+        kind: match opts.kind {
+            PassKind::Diag => "diag".into(),
+            PassKind::Dense => "dense".into(),
+        },
+        likelihood: likelihood_name.into(),
+        param_names: params.names(),
+        param_shapes: params.entries().iter().map(|e| e.dims.clone()).collect(),
+        weights_fingerprint: weights_fingerprint(params)?,
+        ranges: vec![(start, end)],
+        dataset_len: data.len(),
+    };
+    progress(0, total);
+    match opts.kind {
+        PassKind::Diag => {
+            let step = opts.engine.batch_size.max(1) * opts.batches_per_step.max(1);
+            let mut diag = FisherDiag::from_sums(vec![0.0; params.num_params()], 0)?;
+            let mut done = 0;
+            while done < total {
+                let len = step.min(total - done);
+                let part = engine.fisher_diag(
+                    &lik,
+                    &DatasetRange::new(data, start + done, len)?,
+                    &opts.engine,
+                )?;
+                diag.merge(&part)?;
+                done += len;
+                progress(done, total);
+            }
+            Ok(FisherArtifact {
+                meta,
+                diag,
+                dense: None,
+            })
+        }
+        PassKind::Dense => {
+            let range = DatasetRange::new(data, start, total)?;
+            let f = FactoredFisher::new(mlp, lik, &range, opts.engine.clone())?;
+            let dense = f.fisher_dense(opts.memory_budget)?;
+            progress(total, total);
+            Ok(FisherArtifact {
+                meta,
+                diag: dense.diag(),
+                dense: Some(dense),
+            })
+        }
+    }
+}
