@@ -1,0 +1,342 @@
+//! The `deltavar` command line, run as a built binary: parity with the reference package through
+//! `variance --json`, Fisher passes in shards merged back, and one clear error line per bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use deltavar::data::{write_npy, RowsRef};
+use serde_json::Value;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_deltavar"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("deltavar-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn arch(case: &Case) -> String {
+    let sizes: Vec<String> = case.meta["sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    format!(
+        "mlp:{}:{}",
+        sizes.join(","),
+        case.meta["act"].as_str().unwrap()
+    )
+}
+
+fn likelihood(case: &Case) -> String {
+    match case.meta["lik"].as_str().unwrap() {
+        "gaussian" => format!("gaussian:{}", case.meta["sigma"].as_f64().unwrap()),
+        _ => "categorical".into(),
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.trim().lines().count(),
+        1,
+        "one JSON object: {stdout}"
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        !out.status.success(),
+        "expected a failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    err
+}
+
+fn vec_of(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn variance(case: &Case, sigma: &str) -> Command {
+    let d = &case.dir;
+    let mut c = bin();
+    c.args(["variance", "--weights"])
+        .arg(d.join("model.safetensors"));
+    c.args(["--arch", &arch(case), "--queries"])
+        .arg(d.join("queries.npy"));
+    c.args([
+        "--qoi",
+        case.meta["qoi"].as_str().unwrap(),
+        "--sigma",
+        sigma,
+    ]);
+    c.args([
+        "--damping",
+        &case.damping().to_string(),
+        "--dtype",
+        "f64",
+        "--json",
+    ]);
+    c
+}
+
+#[test]
+fn parity_fixtures_through_the_cli() {
+    for name in CASES {
+        let case = Case::load(name);
+        for (sigma, key) in [
+            ("identity", "identity"),
+            ("diag-fim", "diagonal_empirical_fim"),
+            ("full-fim", "inverse_full_empirical_fim"),
+        ] {
+            let mut c = variance(&case, sigma);
+            if sigma != "identity" {
+                c.arg("--train-x").arg(case.dir.join("train_x.npy"));
+                c.arg("--train-y").arg(case.dir.join("train_y.npy"));
+                c.args(["--likelihood", &likelihood(&case)]);
+            }
+            let v = run_ok(&mut c);
+            let err = max_rel_err(&vec_of(&v["delta_variance"]), &case.vec(key));
+            assert!(err < 1e-6, "{name} {sigma}: {err:e}");
+            assert!(norm_rel_err(&vec_of(&v["qoi"]), &case.vec("qoi_value")) < 1e-6);
+            assert_eq!(
+                v["num_params"].as_u64(),
+                case.expected["num_params"].as_u64()
+            );
+            assert!(v["seconds"].as_f64().unwrap() >= 0.0);
+            if sigma == "full-fim" {
+                assert!(
+                    v["method"].is_string() && v["method_reason"].is_string(),
+                    "{v}"
+                );
+            }
+        }
+        // each full method by name
+        for method in ["dense", "kernel", "cg"] {
+            let mut c = variance(&case, "full-fim");
+            c.arg("--train-x").arg(case.dir.join("train_x.npy"));
+            c.arg("--train-y").arg(case.dir.join("train_y.npy"));
+            c.args(["--likelihood", &likelihood(&case), "--method", method]);
+            let v = run_ok(&mut c);
+            assert_eq!(v["method"].as_str(), Some(method));
+            let err = max_rel_err(
+                &vec_of(&v["delta_variance"]),
+                &case.vec("inverse_full_empirical_fim"),
+            );
+            assert!(err < 1e-6, "{name} {method}: {err:e}");
+        }
+    }
+}
+
+fn fim(case: &Case, out: &Path, extra: &[&str]) -> Value {
+    let d = &case.dir;
+    let mut c = bin();
+    c.args(["fim", "--weights"])
+        .arg(d.join("model.safetensors"));
+    c.args(["--arch", &arch(case), "--train-x"])
+        .arg(d.join("train_x.npy"));
+    c.arg("--train-y").arg(d.join("train_y.npy"));
+    c.args([
+        "--likelihood",
+        &likelihood(case),
+        "--dtype",
+        "f64",
+        "--batch-size",
+        "16",
+        "--json",
+        "--out",
+    ])
+    .arg(out);
+    c.args(extra);
+    run_ok(&mut c)
+}
+
+#[test]
+fn sharded_fisher_passes_merge_to_the_one_pass_result() {
+    let case = Case::load("cls-6-12-4-tanh");
+    let whole = tmp("whole.safetensors");
+    let v = fim(&case, &whole, &[]);
+    assert_eq!(v["num_train"].as_u64(), Some(300));
+    let shards: Vec<PathBuf> = (0..3)
+        .map(|i| tmp(&format!("shard{i}.safetensors")))
+        .collect();
+    for (i, s) in shards.iter().enumerate() {
+        fim(&case, s, &["--shard", &format!("{i}/3")]);
+    }
+    let merged = tmp("merged.safetensors");
+    let mut c = bin();
+    c.arg("merge")
+        .args(&shards)
+        .arg("--out")
+        .arg(&merged)
+        .arg("--json");
+    let m = run_ok(&mut c);
+    assert_eq!(m["num_train"].as_u64(), Some(300));
+    assert_eq!(m["complete"].as_bool(), Some(true));
+    let a = deltavar::FisherArtifact::load(&whole).unwrap();
+    let b = deltavar::FisherArtifact::load(&merged).unwrap();
+    assert!(max_rel_err(b.diag.sums(), a.diag.sums()) < 1e-13);
+    assert_eq!(b.meta.num_examples, a.meta.num_examples);
+    // the same shard twice is refused
+    let mut c = bin();
+    c.arg("merge")
+        .arg(&shards[0])
+        .arg(&shards[0])
+        .arg("--out")
+        .arg(tmp("twice.safetensors"));
+    assert!(run_err(&mut c).contains("overlaps"));
+    // variance from the saved pass equals variance from the data
+    let mut c = variance(&case, "diag-fim");
+    c.arg("--fisher").arg(&merged);
+    let v = run_ok(&mut c);
+    let err = max_rel_err(
+        &vec_of(&v["delta_variance"]),
+        &case.vec("diagonal_empirical_fim"),
+    );
+    assert!(err < 1e-6, "{err:e}");
+    // a dense pass serves full-fim
+    let dense = tmp("dense.safetensors");
+    fim(&case, &dense, &["--kind", "dense"]);
+    let mut c = variance(&case, "full-fim");
+    c.arg("--fisher").arg(&dense);
+    let v = run_ok(&mut c);
+    assert!(
+        max_rel_err(
+            &vec_of(&v["delta_variance"]),
+            &case.vec("inverse_full_empirical_fim")
+        ) < 1e-6
+    );
+    // a diag pass cannot serve full-fim
+    let mut c = variance(&case, "full-fim");
+    c.arg("--fisher").arg(&whole);
+    assert!(run_err(&mut c).contains("diagonal only"));
+    // a Fisher file of other weights is refused
+    let other = Case::load("tanh-4-16-16-3");
+    let mut c = variance(&other, "diag-fim");
+    c.arg("--fisher").arg(&whole);
+    assert!(run_err(&mut c).contains("Fisher file"));
+}
+
+#[test]
+fn bad_inputs_give_one_clear_error_line() {
+    let case = Case::load("tanh-4-16-16-3");
+    let d = &case.dir;
+    // missing file
+    let mut c = bin();
+    c.args([
+        "variance",
+        "--weights",
+        "/nonexistent/model.safetensors",
+        "--arch",
+        &arch(&case),
+        "--queries",
+    ]);
+    c.arg(d.join("queries.npy"));
+    assert!(run_err(&mut c).contains("/nonexistent/model.safetensors"));
+    let mut c = bin();
+    c.args(["variance", "--weights"])
+        .arg(d.join("model.safetensors"));
+    c.args(["--arch", &arch(&case), "--queries", "/nonexistent/q.npy"]);
+    assert!(run_err(&mut c).contains("/nonexistent/q.npy"));
+    // wrong arch for the weights
+    let mut c = bin();
+    c.args(["variance", "--weights"])
+        .arg(d.join("model.safetensors"));
+    c.args(["--arch", "mlp:4,8,3:tanh", "--queries"])
+        .arg(d.join("queries.npy"));
+    let e = run_err(&mut c);
+    assert!(e.contains("--arch") && e.contains("[4, 16, 16, 3]"), "{e}");
+    // a bad arch string
+    let mut c = bin();
+    c.args(["variance", "--weights"])
+        .arg(d.join("model.safetensors"));
+    c.args(["--arch", "cnn:4,3", "--queries"])
+        .arg(d.join("queries.npy"));
+    assert!(run_err(&mut c).contains("mlp:IN"));
+    // wrong query width
+    let q = tmp("q3.npy");
+    write_npy(&q, &[2, 3], RowsRef::F32(&[0.0; 6])).unwrap();
+    let mut c = bin();
+    c.args(["variance", "--weights"])
+        .arg(d.join("model.safetensors"));
+    c.args(["--arch", &arch(&case), "--queries"]).arg(&q);
+    let e = run_err(&mut c);
+    assert!(e.contains("(M, 4)") && e.contains("q3.npy"), "{e}");
+    // non-finite values in the training data
+    let x = tmp("xnan.npy");
+    let mut xv = vec![0.5f32; 200 * 4];
+    xv[37 * 4 + 2] = f32::INFINITY;
+    write_npy(&x, &[200, 4], RowsRef::F32(&xv)).unwrap();
+    let mut c = variance(&case, "diag-fim");
+    c.arg("--train-x")
+        .arg(&x)
+        .arg("--train-y")
+        .arg(d.join("train_y.npy"));
+    c.args(["--likelihood", &likelihood(&case)]);
+    let e = run_err(&mut c);
+    assert!(e.contains("row 37") && e.contains("inf"), "{e}");
+    // FIM strategy without data
+    let mut c = variance(&case, "diag-fim");
+    assert!(run_err(&mut c).contains("training data"));
+    // bad QoI and likelihood strings
+    let mut c = bin();
+    c.args(["variance", "--weights"])
+        .arg(d.join("model.safetensors"));
+    c.args(["--arch", &arch(&case), "--qoi", "max", "--queries"])
+        .arg(d.join("queries.npy"));
+    assert!(run_err(&mut c).contains("output:K"));
+    let mut c = variance(&case, "diag-fim");
+    c.arg("--train-x")
+        .arg(d.join("train_x.npy"))
+        .arg("--train-y")
+        .arg(d.join("train_y.npy"));
+    c.args(["--likelihood", "poisson"]);
+    assert!(run_err(&mut c).contains("categorical"));
+    // a bad shard
+    let mut c = bin();
+    c.args(["fim", "--weights"])
+        .arg(d.join("model.safetensors"));
+    c.args(["--arch", &arch(&case), "--train-x"])
+        .arg(d.join("train_x.npy"));
+    c.arg("--train-y").arg(d.join("train_y.npy"));
+    c.args(["--likelihood", "gaussian", "--shard", "3/3", "--out"])
+        .arg(tmp("bad.safetensors"));
+    assert!(run_err(&mut c).contains("I/N"));
+    // text output without --json is a table
+    let mut c = bin();
+    c.args(["variance", "--weights"])
+        .arg(d.join("model.safetensors"));
+    c.args(["--arch", &arch(&case), "--queries"])
+        .arg(d.join("queries.npy"))
+        .args(["--sigma", "identity"]);
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("delta_var") && text.lines().count() == 2 + 8,
+        "{text}"
+    );
+}
