@@ -3,26 +3,15 @@
 //!
 //!     cargo bench --bench engine
 
+mod common;
+use common::lcg;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, Criterion};
 use deltavar::sigma::DiagonalSigma;
 use deltavar::*;
 use faer::Mat;
-
-fn lcg(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn setup(n: usize) -> (Mlp, VarMap, TensorDataset) {
     let vm = VarMap::new();

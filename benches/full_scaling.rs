@@ -5,6 +5,9 @@
 //!     cargo bench --bench full_scaling             # about 3 minutes on 2 cores
 //!     cargo bench --bench full_scaling -- --quick  # the P ≈ 1.9M points only
 
+mod common;
+use common::{lcg, peak_rss_bytes};
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,34 +20,6 @@ use deltavar::*;
 const ARCHS: [[usize; 4]; 2] = [[256, 256, 128, 10], [784, 1024, 1024, 10]];
 const M: usize = 4;
 const DAMPING: f64 = 1e-1;
-
-fn lcg(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
 
 fn point(arch: usize, n: usize, method: &str) {
     let sizes = ARCHS[arch];

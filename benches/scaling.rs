@@ -8,6 +8,9 @@
 //! the O(·) bound predicts: data + weights (the candle model and the engine's snapshot) +
 //! threads × (P f64 accumulator + the largest layer product + one batch of activations).
 
+mod common;
+use common::{lcg, peak_rss_bytes};
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -21,34 +24,6 @@ const ARCHS: [(&str, [usize; 4]); 4] = [
     ("1M", [784, 1024, 256, 10]),
     ("10M", [1024, 2048, 4096, 10]),
 ];
-
-fn lcg(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
 
 fn point(arch: usize, n: usize) {
     let sizes = ARCHS[arch].1;

@@ -5,6 +5,9 @@
 //!
 //! Prints one JSON line per measurement (best of `DV_REPS`, default 2, runs).
 
+mod common;
+use common::peak_rss_bytes;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -22,20 +25,6 @@ fn best_of<T>(reps: usize, mut f: impl FnMut() -> T) -> (f64, T) {
         out = Some(r);
     }
     (best, out.expect("reps >= 1"))
-}
-
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 fn load_diag(dir: &std::path::Path) -> Option<(Mlp, TensorDataset, usize)> {

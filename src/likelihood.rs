@@ -48,20 +48,7 @@ impl Likelihood {
         })?;
         match self {
             Likelihood::Gaussian { sigma } => {
-                if sigma.is_empty() || (sigma.len() != 1 && sigma.len() != out) {
-                    return Err(Error::shape(
-                        "gaussian sigma (one value, or one per output)",
-                        format!("1 or {out} values"),
-                        format!("{} values", sigma.len()),
-                    ));
-                }
-                if let Some(s) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-                    return Err(Error::invalid(
-                        "gaussian sigma",
-                        s,
-                        "must be finite and > 0",
-                    ));
-                }
+                check_sigma(sigma, out)?;
                 let y = if y.rank() == 1 && out == 1 {
                     y.unsqueeze(1)?
                 } else {
@@ -97,6 +84,25 @@ impl Likelihood {
             }
         }
     }
+}
+
+/// Checks gaussian σ values: one shared or one per output, each finite and > 0.
+pub(crate) fn check_sigma(sigma: &[f64], out: usize) -> Result<()> {
+    if sigma.is_empty() || (sigma.len() != 1 && sigma.len() != out) {
+        return Err(Error::shape(
+            "gaussian sigma (one value, or one per output)",
+            format!("1 or {out} values"),
+            format!("{} values", sigma.len()),
+        ));
+    }
+    if let Some(s) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        return Err(Error::invalid(
+            "gaussian sigma",
+            s,
+            "must be finite and > 0",
+        ));
+    }
+    Ok(())
 }
 
 /// One-hot (B, C) in `like`'s dtype from integer labels (B,); labels out of 0..C are an error.

@@ -47,6 +47,10 @@ pub trait Dataset: Sync {
     fn view(&self, _start: usize, _len: usize) -> Option<Result<BatchView<'_>>> {
         None
     }
+
+    /// Tells the source that examples `start .. start + len` are done with, so a memory-mapped
+    /// source can drop their pages. Default: nothing.
+    fn release(&self, _start: usize, _len: usize) {}
 }
 
 /// A dataset of two memory-mapped `.npy` files: inputs `x` (N, in) as f32 or f64, and targets
@@ -140,6 +144,10 @@ impl Dataset for MmapNpyDataset {
             rows_tensor(v.x, len, v.x_cols, true)?,
             rows_tensor(v.y, len, v.y_cols, self.y.shape().len() == 2)?,
         ))
+    }
+    fn release(&self, start: usize, len: usize) {
+        self.x.release_rows(start, len);
+        self.y.release_rows(start, len);
     }
     fn view(&self, start: usize, len: usize) -> Option<Result<BatchView<'_>>> {
         Some((|| {
@@ -314,6 +322,9 @@ impl Dataset for DatasetRange<'_> {
             return Some(Err(e));
         }
         self.data.view(self.start + start, len)
+    }
+    fn release(&self, start: usize, len: usize) {
+        self.data.release(self.start + start, len)
     }
 }
 

@@ -204,6 +204,25 @@ impl NpyArray {
         self.shape.iter().skip(1).product()
     }
 
+    /// Drops the pages that hold only rows `start .. start + len` from this process's memory
+    /// (`madvise(MADV_DONTNEED)`; they are read from the file again if touched later), so a
+    /// streaming pass over a file larger than RAM keeps its resident set small.
+    pub fn release_rows(&self, start: usize, len: usize) {
+        let row_bytes = self.row_len() * self.dtype.size();
+        let page = 4096;
+        let a = self.offset + start * row_bytes;
+        let b = (self.offset + (start + len) * row_bytes).min(self.mmap.len());
+        let (a, b) = (a.div_ceil(page) * page, b / page * page);
+        if a < b {
+            // SAFETY: a private read-only file mapping: dropped pages are re-read from the
+            // unchanged file on the next access, so any live view keeps seeing the same bytes.
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+            };
+        }
+    }
+
     /// Rows `start .. start + len` without copying.
     pub fn rows_ref(&self, start: usize, len: usize) -> Result<RowsRef<'_>> {
         super::check_range(self.rows(), start, len)?;

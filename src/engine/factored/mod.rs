@@ -231,6 +231,8 @@ impl FactoredMlp {
                         let batch = Batch::load(data, start, len)?;
                         let (x, y) = batch.rows();
                         Self::pass(m, &mut st.ws, x, Target::Likelihood(lik, y), start)?;
+                        drop(batch);
+                        data.release(start, len);
                         for (l, &(w_off, b_off, inp, out)) in offsets.iter().enumerate() {
                             let xs = &st.ws.acts[l];
                             let ds = &st.ws.deltas[l];

@@ -182,20 +182,7 @@ impl OutputLikelihood {
         check_output(f, o, first_row)?;
         let signal = match self {
             OutputLikelihood::Builtin(Likelihood::Gaussian { sigma }) => {
-                if sigma.is_empty() || (sigma.len() != 1 && sigma.len() != o) {
-                    return Err(Error::shape(
-                        "gaussian sigma (one value, or one per output)",
-                        format!("1 or {o} values"),
-                        format!("{} values", sigma.len()),
-                    ));
-                }
-                if let Some(s) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-                    return Err(Error::invalid(
-                        "gaussian sigma",
-                        s,
-                        "must be finite and > 0",
-                    ));
-                }
+                crate::likelihood::check_sigma(sigma, o)?;
                 let (yr, yc) = y.dims();
                 if yr != b || yc != o {
                     return Err(Error::shape(
