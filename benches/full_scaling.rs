@@ -31,6 +31,19 @@ fn point(arch: usize, n: usize, method: &str) {
         None,
     )
     .expect("mlp");
+    // the same weights in every child process (candle-nn's initialiser draws from the thread RNG)
+    let params = mlp.params(&vm).expect("params");
+    let w: Vec<f64> = params
+        .entries()
+        .iter()
+        .enumerate()
+        .flat_map(|(k, e)| {
+            let fan_in = if e.dims.len() == 2 { e.dims[1] } else { 1 };
+            let s = 1.0 / (fan_in as f64).sqrt();
+            lcg(e.numel, 11 + k as u64).into_iter().map(move |v| v as f64 * s)
+        })
+        .collect();
+    params.set_flat_values(&w).expect("weights");
     let x = Tensor::from_vec(lcg(n * sizes[0], 1), (n, sizes[0]), &Device::Cpu).expect("x");
     let y: Vec<i64> = lcg(n, 2)
         .iter()
