@@ -40,7 +40,9 @@ fn point(arch: usize, n: usize, method: &str) {
         .flat_map(|(k, e)| {
             let fan_in = if e.dims.len() == 2 { e.dims[1] } else { 1 };
             let s = 1.0 / (fan_in as f64).sqrt();
-            lcg(e.numel, 11 + k as u64).into_iter().map(move |v| v as f64 * s)
+            lcg(e.numel, 11 + k as u64)
+                .into_iter()
+                .map(move |v| v as f64 * s)
         })
         .collect();
     params.set_flat_values(&w).expect("weights");
