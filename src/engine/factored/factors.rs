@@ -147,13 +147,7 @@ impl Factors {
         let mut g = Mat::<f64>::zeros(p, len);
         let offsets = layer_offsets(&self.sizes);
         for j in 0..len {
-            let col = g
-                .col_mut(j)
-                .try_as_col_major_mut()
-                .map(|c| c.as_slice_mut());
-            let Some(col) = col else {
-                unreachable!("an owned Mat has contiguous columns")
-            };
+            let col = g.col_as_slice_mut(j);
             for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&offsets) {
                 let (x, d) = (lf.x_row(start + j), lf.d_row(start + j));
                 for (r, dr) in d.iter().enumerate() {
@@ -178,13 +172,7 @@ impl Factors {
         let mut t = vec![0.0; self.n * max_out];
         for c in 0..k {
             let vc = col_vec(v, c);
-            let oc = out
-                .col_mut(c)
-                .try_as_col_major_mut()
-                .map(|c| c.as_slice_mut());
-            let Some(oc) = oc else {
-                unreachable!("an owned Mat has contiguous columns")
-            };
+            let oc = out.col_as_slice_mut(c);
             for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&offsets) {
                 let t = &mut t[..self.n * o];
                 matmul(
@@ -220,13 +208,7 @@ impl Factors {
         let mut a = vec![0.0; self.n * max_out];
         for c in 0..k {
             let uc = col_vec(u, c);
-            let oc = out
-                .col_mut(c)
-                .try_as_col_major_mut()
-                .map(|c| c.as_slice_mut());
-            let Some(oc) = oc else {
-                unreachable!("an owned Mat has contiguous columns")
-            };
+            let oc = out.col_as_slice_mut(c);
             for (lf, &(w_off, b_off, inp, o)) in self.layers.iter().zip(&offsets) {
                 let a = &mut a[..self.n * o];
                 for (i, ui) in uc.iter().enumerate() {
@@ -305,17 +287,11 @@ impl Factors {
                     par(),
                 );
                 for j in 0..w {
-                    let kc = k
-                        .col_mut(c0 + j)
-                        .try_as_col_major_mut()
-                        .map(|c| c.as_slice_mut());
-                    let (Some(kc), Some(xc), Some(dc)) = (
-                        kc,
-                        xx.col(j).try_as_col_major().map(|c| c.as_slice()),
-                        dd.col(j).try_as_col_major().map(|c| c.as_slice()),
-                    ) else {
-                        unreachable!("owned Mats have contiguous columns")
-                    };
+                    let (kc, xc, dc) = (
+                        k.col_as_slice_mut(c0 + j),
+                        xx.col_as_slice(j),
+                        dd.col_as_slice(j),
+                    );
                     kc.iter_mut()
                         .zip(xc)
                         .zip(dc)
@@ -356,15 +332,11 @@ impl Factors {
                     par(),
                 );
                 for j in 0..w {
-                    let (Some(kc), Some(xc), Some(dc)) = (
-                        k.col_mut(c0 + j)
-                            .try_as_col_major_mut()
-                            .map(|c| c.as_slice_mut()),
-                        xx.col(j).try_as_col_major().map(|c| c.as_slice()),
-                        dd.col(j).try_as_col_major().map(|c| c.as_slice()),
-                    ) else {
-                        unreachable!("owned Mats have contiguous columns")
-                    };
+                    let (kc, xc, dc) = (
+                        k.col_as_slice_mut(c0 + j),
+                        xx.col_as_slice(j),
+                        dd.col_as_slice(j),
+                    );
                     // rows c0 + j .. n of column c0 + j (the lower triangle)
                     kc[c0 + j..]
                         .iter_mut()
