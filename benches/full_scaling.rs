@@ -76,7 +76,7 @@ fn point(arch: usize, n: usize, method: &str) {
     let (dv, iters) = match method {
         "kernel" => {
             let s = KernelInverseFisher::new(Arc::clone(&g), DAMPING).expect("kernel");
-            (qf.delta_variances(&s).expect("dv"), 0)
+            (query_delta_variances(&qf, &s).expect("dv"), 0)
         }
         _ => {
             let s = CgInverseFisher::new(
@@ -89,8 +89,8 @@ fn point(arch: usize, n: usize, method: &str) {
                 },
             )
             .expect("cg");
-            let dv = qf.delta_variances(&s).expect("dv");
-            (dv, s.last_report().map(|r| r.iterations).unwrap_or(0))
+            let (dv, _) = query_delta_variances_reported(&qf, &s).expect("dv");
+            (dv.values, dv.cg.map(|r| r.iterations).unwrap_or(0))
         }
     };
     let secs = t.elapsed().as_secs_f64();

@@ -106,7 +106,7 @@ fn main() {
             let qoi: OutputQoi = Qoi::Output(3).into();
             let (t, dv) = best_of(reps.max(5), || {
                 let qf = engine.query_factors(&qoi, &q, &opts).expect("queries");
-                qf.delta_variances(&sigma).expect("dv")
+                query_delta_variances(&qf, &sigma).expect("dv")
             });
             println!(
                 "{{\"workload\":\"queries\",\"path\":\"factored\",\"M\":{},\"seconds\":{t:.4},\"dv0\":{:.6e}}}",
@@ -223,7 +223,7 @@ fn main() {
             let t_factors = t.elapsed().as_secs_f64();
             let kernel =
                 deltavar::sigma::KernelInverseFisher::new(g.clone(), 1e-3).expect("kernel");
-            let dv = qf.delta_variances(&kernel).expect("dv");
+            let dv = query_delta_variances(&qf, &kernel).expect("dv");
             let t_kernel = t.elapsed().as_secs_f64();
             println!(
                 "{{\"workload\":\"cg\",\"method\":\"kernel\",\"seconds\":{t_kernel:.3},\"factors_seconds\":{t_factors:.3},\"peak_rss_mib\":{:.1},\"delta_variance\":{:?}}}",
@@ -239,6 +239,7 @@ fn main() {
             for pre in [
                 deltavar::sigma::CgPreconditioner::Identity,
                 deltavar::sigma::CgPreconditioner::Jacobi,
+                deltavar::sigma::CgPreconditioner::Nystrom { rank: 0 },
             ] {
                 let cg = deltavar::sigma::CgInverseFisher::new(
                     g.clone(),
@@ -248,13 +249,14 @@ fn main() {
                         max_iter: iters,
                         accept_unconverged: true,
                         preconditioner: pre,
+                        ..Default::default()
                     },
                 )
                 .expect("cg");
                 let t = Instant::now();
-                let _ = cg.quad_forms(qg.as_ref());
+                let r = cg.quad_forms_reported(qg.as_ref()).expect("cg");
                 let secs = t.elapsed().as_secs_f64();
-                let r = cg.last_report().expect("report");
+                let r = r.cg.expect("report");
                 println!(
                     "{{\"workload\":\"cg\",\"method\":\"cg\",\"preconditioner\":\"{pre:?}\",\"iterations\":{},\"seconds_per_iteration\":{:.3},\"worst_rel_residual\":{:.2e}}}",
                     r.iterations,
@@ -267,6 +269,7 @@ fn main() {
                 for pre in [
                     deltavar::sigma::CgPreconditioner::Identity,
                     deltavar::sigma::CgPreconditioner::Jacobi,
+                    deltavar::sigma::CgPreconditioner::Nystrom { rank: 0 },
                 ] {
                     let cg = deltavar::sigma::CgInverseFisher::new(
                         g.clone(),
@@ -276,12 +279,13 @@ fn main() {
                             max_iter: 2000,
                             accept_unconverged: true,
                             preconditioner: pre,
+                            ..Default::default()
                         },
                     )
                     .expect("cg");
                     let t = Instant::now();
-                    let got = cg.quad_forms(qg.as_ref()).expect("cg");
-                    let r = cg.last_report().expect("report");
+                    let got = cg.quad_forms_reported(qg.as_ref()).expect("cg");
+                    let (got, r) = (got.values, got.cg.expect("report"));
                     let err = got
                         .iter()
                         .zip(&dv)
@@ -320,21 +324,22 @@ fn main() {
         let y = Tensor::read_npy(d.join("train_y.npy")).expect("y");
         let data = TensorDataset::new(x, y).expect("data");
         let lik = Likelihood::Categorical;
-        let variants: Vec<(usize, bool)> = match std::env::var("DV_VARIANT").ok().as_deref() {
-            Some("one") => vec![(0, true)],
-            _ => vec![(0, true), (0, false), (1, true)],
+        // candle's matmul threading follows RAYON_NUM_THREADS (set it in the shell to compare)
+        let env = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into());
+        let variants: Vec<usize> = match std::env::var("DV_VARIANT").ok().as_deref() {
+            Some("one") => vec![0],
+            _ => vec![0, 1],
         };
-        for (threads, single) in variants {
+        for threads in variants {
             let opts = GenericOptions {
                 batch_size: 512,
                 threads,
-                single_threaded_candle: single,
             };
             let fisher = GenericFisher::new(&params, lik.of(&mlp), &data, opts);
             let (t, diag) = best_of(reps, || fisher.fisher_diag().expect("diag"));
             let s: f64 = diag.mean().iter().sum();
             println!(
-                "{{\"workload\":\"diag\",\"path\":\"generic\",\"threads\":{threads},\"single_threaded_candle\":{single},\"seconds\":{t:.4},\"P\":{},\"N\":{},\"trace_F\":{s:.6e}}}",
+                "{{\"workload\":\"diag\",\"path\":\"generic\",\"threads\":{threads},\"RAYON_NUM_THREADS\":\"{env}\",\"seconds\":{t:.4},\"P\":{},\"N\":{},\"trace_F\":{s:.6e}}}",
                 params.num_params(),
                 data.len()
             );

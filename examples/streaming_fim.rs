@@ -49,7 +49,6 @@ fn main() -> deltavar::Result<()> {
     let t = std::time::Instant::now();
     let artifact = fisher_pass(
         &mlp,
-        &params,
         Likelihood::Categorical.into(),
         "categorical",
         &data,
@@ -81,7 +80,7 @@ fn main() -> deltavar::Result<()> {
     )?;
     println!(
         "ΔVar of p(class 3) at 4 random inputs: {:?}",
-        q.delta_variances(&*sigma)?
+        query_delta_variances(&q, &*sigma)?
     );
     Ok(())
 }

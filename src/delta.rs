@@ -7,7 +7,7 @@ use crate::fisher::{FisherSource, DEFAULT_MEMORY_BUDGET};
 use crate::sigma::{
     choose_full_method, CgInverseFisher, CgOptions, CustomSigma, DenseSigma, DiagonalSigma,
     FullMethod, IdentitySigma, InverseDiagonalFisher, InverseFullFisher, KernelInverseFisher,
-    MethodChoice, ScaledSigma, SigmaOp,
+    MethodChoice, QuadForms, ScaledSigma, SigmaOp,
 };
 
 /// How Σ is chosen (the seed's `sigma_strategy`).
@@ -59,7 +59,7 @@ pub struct SigmaOptions {
     pub memory_budget: u64,
     /// How the full inverse Fisher is applied. Default [`FullMethod::Auto`].
     pub full_method: FullMethod,
-    /// Options of the CG method.
+    /// Options of the CG method (its `memory_budget` is replaced by this struct's).
     pub cg: CgOptions,
     /// Right-hand sides the automatic method choice plans for. Default 16.
     pub expected_queries: usize,
@@ -196,7 +196,10 @@ fn build_full<'a>(
         FullMethod::Cg if n > 0 => Box::new(CgInverseFisher::new(
             src.gradient_matrix(opts.memory_budget)?,
             opts.damping,
-            opts.cg.clone(),
+            CgOptions {
+                memory_budget: opts.memory_budget,
+                ..opts.cg.clone()
+            },
         )?),
         // dense, and the empty dataset for every method (F = 0, so Σ = I/λ exactly)
         _ => Box::new(InverseFullFisher::new(
@@ -232,6 +235,62 @@ pub fn calculate_delta_variance(
 /// ΔVar for a P×M block of query gradients (one column each) under a built Σ.
 pub fn delta_variances(qoi_gradients: MatRef<'_, f64>, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
     sigma.quad_forms(qoi_gradients)
+}
+
+/// Which route [`query_delta_variances`] took for a Σ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryPath {
+    /// A diagonal Σ on the factors: Σ_l rowsum((Δq∘Δq)∘((Xq∘Xq)S_Wᵀ)) + (Δq∘Δq)s_b, no
+    /// gradients formed.
+    DiagonalFactored,
+    /// The Σ's own factored quadratic forms (the kernel Σ: G·q from the factors), no gradients
+    /// formed.
+    Factored,
+    /// The P×M block of query gradients formed and handed to the Σ.
+    Gradients,
+}
+
+/// ΔVarⱼ = qⱼᵀ Σ qⱼ for query gradients given as factors, with the route taken and, for CG,
+/// the solver's report. A diagonal Σ (identity, diagonal, inverse diagonal Fisher, and their
+/// scalings) and the kernel Σ (and its scalings) never form the Jacobian; any other Σ gets the
+/// P×M block (O(P·M) memory).
+pub fn query_delta_variances_reported(
+    q: &crate::QueryFactors,
+    sigma: &dyn SigmaOp,
+) -> Result<(QuadForms, QueryPath)> {
+    let p = q.factors().num_params();
+    if sigma.dim() != p {
+        return Err(Error::shape(
+            format!(
+                "Sigma '{}' (its size must equal the number of parameters P)",
+                sigma.name()
+            ),
+            format!("P = {p}"),
+            format!("P = {}", sigma.dim()),
+        ));
+    }
+    if let Some(d) = sigma.diagonal() {
+        let out = q.factors().quad_forms_diag(&d)?;
+        let values = crate::sigma::finish(&sigma.name(), out)?;
+        return Ok((QuadForms { values, cg: None }, QueryPath::DiagonalFactored));
+    }
+    if let Some(r) = sigma.quad_forms_factored(q) {
+        return Ok((
+            QuadForms {
+                values: r?,
+                cg: None,
+            },
+            QueryPath::Factored,
+        ));
+    }
+    let r = sigma.quad_forms_reported(q.gradients()?.as_ref())?;
+    Ok((r, QueryPath::Gradients))
+}
+
+/// ΔVarⱼ for query gradients given as factors (see [`query_delta_variances_reported`]).
+pub fn query_delta_variances(q: &crate::QueryFactors, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
+    Ok(query_delta_variances_reported(q, sigma)?.0.values)
 }
 
 /// The delta variances of a known [`crate::Mlp`], end to end on the factored engine: Σ from
@@ -283,13 +342,14 @@ pub fn mlp_delta_variances(
         fisher.as_ref().map(|f| f as &dyn FisherSource),
     )?;
     let q = engine.query_factors(&qoi.into(), queries, engine_opts)?;
-    let delta_variance = q.delta_variances(&*sigma)?;
+    let (forms, path) = query_delta_variances_reported(&q, &*sigma)?;
     Ok(MlpDeltaVariances {
         qoi: q.values().to_vec(),
-        delta_variance,
+        delta_variance: forms.values,
         sigma: sigma.name(),
         method: choice,
-        cg: sigma.solver_report(),
+        cg: forms.cg,
+        path,
         num_params: p,
         num_train: fisher.as_ref().map(|f| f.num_examples()).unwrap_or(0),
     })
@@ -308,6 +368,8 @@ pub struct MlpDeltaVariances {
     pub method: Option<MethodChoice>,
     /// For the CG method: iterations and per-query residuals.
     pub cg: Option<crate::sigma::CgReport>,
+    /// How the quadratic forms were computed.
+    pub path: QueryPath,
     /// P.
     pub num_params: usize,
     /// N (0 without training data).

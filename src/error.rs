@@ -108,8 +108,8 @@ pub enum Error {
     /// An iterative solver stopped before reaching its tolerance.
     #[error(
         "{what} did not converge: after {iterations} iterations the worst relative residual is {residual:e} \
-         (tolerance {tol:e}); raise max_iter, loosen the tolerance, increase the damping, use the \
-         kernel or dense method, or opt in to accept the approximation"
+         (tolerance {tol:e}); {hint}; or raise max_iter, loosen the tolerance, increase the \
+         damping, or opt in to accept the approximation"
     )]
     NotConverged {
         /// The solver.
@@ -120,6 +120,8 @@ pub enum Error {
         residual: f64,
         /// The tolerance asked for.
         tol: f64,
+        /// A method that would answer instead.
+        hint: String,
     },
 
     /// A file could not be read or written.

@@ -57,7 +57,8 @@ pub mod sigma;
 pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, TensorDataset};
 pub use delta::{
     build_sigma, build_sigma_reported, calculate_delta_variance, delta_variances,
-    mlp_delta_variances, MlpDeltaVariances, SigmaOptions, SigmaStrategy,
+    mlp_delta_variances, query_delta_variances, query_delta_variances_reported, MlpDeltaVariances,
+    QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
     FactoredFisher, FactoredMlp, FactoredOptions, Factors, GenericFisher, GenericOptions,
@@ -66,8 +67,9 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use fisher::{
     calculate_empirical_fim_diagonal, calculate_empirical_fim_full, calculate_inverse_fim_diagonal,
-    calculate_inverse_fim_full, fisher_pass, FisherArtifact, FisherDense, FisherDiag, FisherSource,
-    PassKind, PassOptions, DEFAULT_MEMORY_BUDGET,
+    calculate_inverse_fim_full, fisher_pass, tensors_fingerprint, weights_fingerprint,
+    FisherArtifact, FisherDense, FisherDiag, FisherSource, PassKind, PassOptions,
+    DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
 pub use model::{Activation, Mlp};

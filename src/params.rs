@@ -62,6 +62,19 @@ pub struct ParamEntry {
 pub struct Params {
     entries: Vec<ParamEntry>,
     total: usize,
+    /// Names of parameters allowed to receive no gradient (see [`Params::allow_unused`]).
+    allowed_unused: Vec<String>,
+}
+
+/// The error for parameters that received no gradient from a backward pass.
+fn no_gradient_error(names: &[&str]) -> Error {
+    Error::Parameter(format!(
+        "no gradient reached parameter(s) {names:?}: the output does not depend on them, or an \
+         op on the path has no backward pass (candle-nn 0.11's fused layer_norm / LayerNorm, \
+         rms_norm / RmsNorm, softmax_last_dim and rotary embeddings have none: use \
+         candle_nn::ops::layer_norm_slow, rms_norm_slow or softmax(x, dim) instead); if they are \
+         truly unused, allow it with Params::allow_unused"
+    ))
 }
 
 /// Compares two parameter names in [`ParamOrder::Natural`] order.
@@ -120,6 +133,7 @@ impl Params {
         Ok(Self {
             entries,
             total: offset,
+            allowed_unused: Vec::new(),
         })
     }
 
@@ -154,6 +168,59 @@ impl Params {
         Self::from_vars(pairs)
     }
 
+    /// Allows the named parameters to receive no gradient (their gradient is then zero).
+    /// Without this, a parameter missing from a backward pass is an [`Error::Parameter`] naming
+    /// it, because the usual cause is an op without a backward pass upstream, which would
+    /// otherwise give silently zero gradients. Every name must belong to the set.
+    ///
+    /// ```
+    /// use candle_core::{Device, DType, Tensor, Var};
+    /// use deltavar::{qoi_gradient, Params};
+    /// let w = Var::from_tensor(&Tensor::new(&[2.0f64], &Device::Cpu).unwrap()).unwrap();
+    /// let unused = Var::from_tensor(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap()).unwrap();
+    /// let params = Params::from_vars(vec![("w".into(), w.clone()), ("u".into(), unused)]).unwrap();
+    /// let z = Tensor::new(&[3.0f64], &Device::Cpu).unwrap();
+    /// let q = |z: &Tensor| (z * w.as_tensor())?.sum_all();
+    /// assert!(qoi_gradient(&params, &z, q).is_err()); // 'u' gets no gradient
+    /// let params = params.allow_unused(&["u"]).unwrap();
+    /// assert_eq!(qoi_gradient(&params, &z, q).unwrap().flat, vec![3.0, 0.0]);
+    /// ```
+    pub fn allow_unused(mut self, names: &[&str]) -> Result<Self> {
+        for n in names {
+            if !self.entries.iter().any(|e| e.name == *n) {
+                return Err(Error::Parameter(format!(
+                    "allow_unused: '{n}' is not a parameter of this set (it has {:?})",
+                    self.names()
+                )));
+            }
+            if !self.allowed_unused.iter().any(|a| a == n) {
+                self.allowed_unused.push(n.to_string());
+            }
+        }
+        Ok(self)
+    }
+
+    /// Names allowed to receive no gradient.
+    pub fn allowed_unused(&self) -> &[String] {
+        &self.allowed_unused
+    }
+
+    /// Fails naming every parameter that has no gradient in `grads` and is not allowed to.
+    fn check_all_present(&self, grads: &GradStore) -> Result<()> {
+        let missing: Vec<&str> = self
+            .entries
+            .iter()
+            .filter(|e| grads.get(e.var.as_tensor()).is_none())
+            .map(|e| e.name.as_str())
+            .filter(|n| !self.allowed_unused.iter().any(|a| a == n))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(no_gradient_error(&missing))
+        }
+    }
+
     /// Total number of scalar parameters P.
     pub fn num_params(&self) -> usize {
         self.total
@@ -175,7 +242,8 @@ impl Params {
     }
 
     /// Flattens the gradients in `grads` into one f64 vector of length P in the flat layout.
-    /// A parameter with no gradient in the store (the output does not depend on it) gets zeros.
+    /// A parameter with no gradient in the store is an error naming it, unless allowed by
+    /// [`Params::allow_unused`] (then it gets zeros).
     pub fn flatten_grads(&self, grads: &GradStore) -> Result<Vec<f64>> {
         let mut out = vec![0.0f64; self.total];
         self.flatten_grads_into(grads, &mut out)?;
@@ -187,6 +255,7 @@ impl Params {
         if out.len() != self.total {
             return Err(Error::shape("flat gradient buffer", self.total, out.len()));
         }
+        self.check_all_present(grads)?;
         for e in &self.entries {
             let dst = &mut out[e.offset..e.offset + e.numel];
             match grads.get(e.var.as_tensor()) {
@@ -295,6 +364,7 @@ impl Params {
                 acc.len(),
             ));
         }
+        self.check_all_present(grads)?;
         let mut bad = None;
         for e in &self.entries {
             let Some(g) = grads.get(e.var.as_tensor()) else {

@@ -135,7 +135,9 @@ fn scalar_value(q: &Tensor, what: &str) -> Result<f64> {
 /// model, z)`.
 ///
 /// Errors if the closure fails, its output is not a single element, or the value or gradient is
-/// not finite. Parameters the output does not depend on get zero gradient.
+/// not finite. A parameter that receives no gradient is an error naming it (usually an op
+/// without a backward pass upstream, such as candle-nn's fused `layer_norm`), unless it was
+/// allowed with [`Params::allow_unused`].
 ///
 /// ```
 /// use candle_core::{Device, DType, Tensor, Var};

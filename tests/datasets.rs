@@ -205,3 +205,52 @@ fn every_bad_file_is_an_error_naming_it() {
         .unwrap_err();
     assert!(e.to_string().contains("row 2"), "{e}");
 }
+
+/// Issue 8, defect 1: a header whose shape product wraps around usize (f32 shape
+/// (300, 2^62 + 6): 300·(2^62 + 6)·4 wraps to 7200 bytes, exactly a real 300×6 payload) must be
+/// refused by the dataset itself, naming the file, before any row is read.
+#[test]
+fn wrapping_shape_product_is_a_bad_file() {
+    let big = (1u64 << 62) + 6;
+    let p = tmp("wrap.npy");
+    raw_npy(
+        &p,
+        &format!("{{'descr': '<f4', 'fortran_order': False, 'shape': (300, {big}), }}"),
+        &vec![0u8; 300 * 6 * 4],
+    );
+    let e = NpyArray::open(&p).unwrap_err();
+    assert!(
+        matches!(e, Error::BadFile { .. }) && e.to_string().contains("wrap.npy"),
+        "{e}"
+    );
+    let y = tmp("wrap_y.npy");
+    write_npy(&y, &[300], RowsRef::I64(&[0; 300])).unwrap();
+    let e = MmapNpyDataset::open(&p, &y).unwrap_err();
+    assert!(
+        matches!(e, Error::BadFile { .. }) && e.to_string().contains("wrap.npy"),
+        "{e}"
+    );
+    // a row product that wraps while the row count is 0 (total 0 elements) is refused too
+    let p0 = tmp("wrap0.npy");
+    raw_npy(
+        &p0,
+        &format!("{{'descr': '<f8', 'fortran_order': False, 'shape': (0, {big}, {big}), }}"),
+        &[],
+    );
+    assert!(matches!(NpyArray::open(&p0), Err(Error::BadFile { .. })));
+    // trailing bytes after the payload are a size mismatch, not silently ignored
+    let pt = tmp("trailing.npy");
+    raw_npy(
+        &pt,
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (4, 2), }",
+        &[0u8; 36],
+    );
+    let e = NpyArray::open(&pt).unwrap_err();
+    assert!(e.to_string().contains("trailing"), "{e}");
+    // releasing a range outside the file is a no-op, not an overflow
+    let ok = tmp("ok.npy");
+    write_npy(&ok, &[4, 2], RowsRef::F32(&[0.0; 8])).unwrap();
+    let a = NpyArray::open(&ok).unwrap();
+    a.release_rows(usize::MAX, 2);
+    assert!(a.rows_ref(usize::MAX, 2).is_err());
+}

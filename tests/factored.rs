@@ -163,7 +163,7 @@ fn check(pb: &Problem, label: &str) {
         ];
         for s in &sigmas {
             let want = s.quad_forms(qg.as_ref()).unwrap();
-            let got = qf.delta_variances(&**s).unwrap();
+            let got = query_delta_variances(&qf, &**s).unwrap();
             assert!(
                 max_rel_err(&got, &want) < TOL,
                 "{label} {qoi:?}: ΔVar under {}",
@@ -298,7 +298,7 @@ fn parity_fixtures_through_the_factored_engine() {
             ),
         ] {
             let sigma = build_sigma(strategy, p, &opts, Some(&fisher)).unwrap();
-            let dv = qf.delta_variances(&*sigma).unwrap();
+            let dv = query_delta_variances(&qf, &*sigma).unwrap();
             let err = max_rel_err(&dv, &case.vec(key));
             assert!(err < 1e-6, "{name} {key}: {err:e}");
         }
@@ -384,7 +384,7 @@ fn factored_errors_name_the_culprit() {
     let q = engine
         .query_factors(&Qoi::Sum.into(), &pb.queries, &opts)
         .unwrap();
-    let e = q.delta_variances(&IdentitySigma::new(3)).unwrap_err();
+    let e = query_delta_variances(&q, &IdentitySigma::new(3)).unwrap_err();
     assert!(e.to_string().contains("P = "), "{e}");
 }
 

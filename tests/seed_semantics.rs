@@ -117,7 +117,6 @@ fn batch_size_does_not_change_the_fisher() {
                 GenericOptions {
                     batch_size: bs,
                     threads,
-                    ..Default::default()
                 },
             );
             let d = f.fisher_diag().unwrap().mean();

@@ -74,6 +74,9 @@ enum Command {
         /// A saved Fisher pass (from `deltavar fim`) instead of training data.
         #[arg(long)]
         fisher: Option<PathBuf>,
+        /// Use a Fisher file that covers only part of its dataset (prints the fraction covered).
+        #[arg(long)]
+        allow_partial: bool,
         /// Damping λ.
         #[arg(long, default_value_t = 1e-5)]
         damping: f64,
@@ -302,6 +305,7 @@ fn run(cli: Cli) -> Result<()> {
             train_y,
             likelihood,
             fisher,
+            allow_partial,
             damping,
             posterior_scale,
             memory_budget,
@@ -332,17 +336,22 @@ fn run(cli: Cli) -> Result<()> {
                     return Err(Error::invalid("--fisher", "with --train-x/--train-y", "give either a saved Fisher or training data, not both"))
                 }
                 (Some(f), None, None) if needs_fisher => {
-                    let art = FisherArtifact::load(f)?;
-                    art.check_model(&params)?;
+                    let art = FisherArtifact::load(f)?.with_partial_allowed(allow_partial);
+                    art.check_tensors(&mlp.named_tensors())?;
+                    if let Some(w) = art.check_complete()? {
+                        eprintln!("{w}");
+                    }
                     let engine = FactoredMlp::new(&mlp)?;
                     let (s, choice) = build_sigma_reported(strategy, params.num_params(), &opts, Some(&art))?;
                     let qf = engine.query_factors(&qoi.into(), &q, &eo)?;
+                    let (forms, path) = query_delta_variances_reported(&qf, &*s)?;
                     MlpDeltaVariances {
                         qoi: qf.values().to_vec(),
-                        delta_variance: qf.delta_variances(&*s)?,
+                        delta_variance: forms.values,
                         sigma: s.name(),
                         method: choice,
-                        cg: s.solver_report(),
+                        cg: forms.cg,
+                        path,
                         num_params: params.num_params(),
                         num_train: art.meta.num_examples,
                     }
@@ -445,7 +454,6 @@ fn run(cli: Cli) -> Result<()> {
             let pb = progress_bar(data.len(), quiet || json);
             let art = fisher_pass(
                 &mlp,
-                &params,
                 lik.into(),
                 &likelihood,
                 &data,

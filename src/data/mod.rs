@@ -287,8 +287,14 @@ impl Dataset for BatchList {
             return Ok((xs.remove(0), ys.remove(0)));
         }
         if xs.is_empty() {
-            let b = &self.batches[0];
-            return b.get(0, 0);
+            // an empty range: zero rows shaped like the first batch (none for an empty list)
+            return match self.batches.first() {
+                Some(b) => b.get(0, 0),
+                None => Err(Error::Unsupported(
+                    "the batch list is empty: it has no rows, and no shape to give an empty range"
+                        .into(),
+                )),
+            };
         }
         Ok((Tensor::cat(&xs, 0)?, Tensor::cat(&ys, 0)?))
     }

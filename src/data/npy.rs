@@ -52,6 +52,7 @@ pub struct NpyArray {
     offset: usize,
     dtype: NpyDtype,
     shape: Vec<usize>,
+    row_len: usize,
 }
 
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
@@ -160,9 +161,53 @@ impl NpyArray {
             }
         };
         let offset = hstart + hlen;
-        let count: usize = shape.iter().product();
-        let need = offset + count * dtype.size();
-        if mmap.len() < need {
+        // checked arithmetic: a hostile header whose shape product wraps must not pass the size
+        // check (rows_ref would then read outside the mapping)
+        let count = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!("shape {shape:?} has more elements than this machine can address"),
+                )
+            })?;
+        // elements per row, checked on its own: with zero rows the total is 0 whatever the
+        // trailing dimensions are
+        let row_len = shape
+            .iter()
+            .skip(1)
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .filter(|r| r.checked_mul(dtype.size()).is_some())
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!(
+                        "shape {shape:?}: one row has more elements than this machine can address"
+                    ),
+                )
+            })?;
+        let need = count
+            .checked_mul(dtype.size())
+            .and_then(|b| b.checked_add(offset))
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!(
+                        "shape {shape:?} of {descr} needs more bytes than this machine can address"
+                    ),
+                )
+            })?;
+        if mmap.len() != need {
+            if mmap.len() > need {
+                return Err(bad(
+                    path,
+                    format!(
+                        "size mismatch: shape {shape:?} of {descr} needs {need} bytes, the file has {} (trailing data)",
+                        mmap.len()
+                    ),
+                ));
+            }
             return Err(bad(
                 path,
                 format!(
@@ -180,6 +225,7 @@ impl NpyArray {
             offset,
             dtype,
             shape,
+            row_len,
         })
     }
 
@@ -201,13 +247,16 @@ impl NpyArray {
     }
     /// Elements per row.
     pub fn row_len(&self) -> usize {
-        self.shape.iter().skip(1).product()
+        self.row_len
     }
 
     /// Drops the pages that hold only rows `start .. start + len` from this process's memory
     /// (`madvise(MADV_DONTNEED)`; they are read from the file again if touched later), so a
     /// streaming pass over a file larger than RAM keeps its resident set small.
     pub fn release_rows(&self, start: usize, len: usize) {
+        if super::check_range(self.rows(), start, len).is_err() {
+            return;
+        }
         let row_bytes = self.row_len() * self.dtype.size();
         let page = 4096;
         let a = self.offset + start * row_bytes;
@@ -264,9 +313,12 @@ pub fn write_npy(path: impl AsRef<Path>, shape: &[usize], data: RowsRef<'_>) -> 
             std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 8)
         }),
     };
-    let count: usize = shape.iter().product();
     let elem = if descr == "<f4" { 4 } else { 8 };
-    if bytes.len() != count * elem {
+    let count = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .unwrap_or(usize::MAX);
+    if count.checked_mul(elem) != Some(bytes.len()) {
         return Err(Error::shape(
             format!("data for {}", path.display()),
             count,

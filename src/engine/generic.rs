@@ -24,6 +24,15 @@ use crate::fisher::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
 use crate::params::Params;
 
 /// Options of the generic path.
+///
+/// Speed note: candle 0.11 decides the threading of every CPU matmul by reading the
+/// `RAYON_NUM_THREADS` environment variable, and when it is unset it parses `/proc/cpuinfo` on
+/// every call. This path runs many tiny per-example products, so it is about 1.4× faster when
+/// the process starts with `RAYON_NUM_THREADS=1` set (in the shell, or at the top of `main`
+/// before any thread starts; it also sizes rayon's global pool, which this crate does not use).
+/// The library itself never reads or changes the environment: there is no scoped way to
+/// change candle's matmul threading, and changing the environment while other threads run
+/// races with them.
 #[derive(Debug, Clone)]
 pub struct GenericOptions {
     /// Examples loaded from the dataset at a time (the seed's `vmap_batch_size`). Results do not
@@ -31,11 +40,6 @@ pub struct GenericOptions {
     pub batch_size: usize,
     /// Worker threads; 0 means one per available core. Default 0.
     pub threads: usize,
-    /// Run candle's own matmuls single-threaded while the workers run, by setting
-    /// `RAYON_NUM_THREADS=1` for the duration of the pass when it is not already set (candle
-    /// reads it on every matmul). Default true; it affects other candle work running at the same
-    /// time in this process.
-    pub single_threaded_candle: bool,
 }
 
 impl Default for GenericOptions {
@@ -43,7 +47,6 @@ impl Default for GenericOptions {
         Self {
             batch_size: 64,
             threads: 0,
-            single_threaded_candle: true,
         }
     }
 }
@@ -64,52 +67,6 @@ fn non_finite_grad(example: usize, entry: usize, value: f64) -> Error {
     }
 }
 
-/// Sets `RAYON_NUM_THREADS=1` while alive, if it was unset; restores on drop.
-struct CandleThreadsGuard {
-    set: bool,
-}
-
-impl CandleThreadsGuard {
-    fn new(active: bool) -> Self {
-        let set = active && std::env::var_os("RAYON_NUM_THREADS").is_none();
-        if set {
-            std::env::set_var("RAYON_NUM_THREADS", "1");
-        }
-        Self { set }
-    }
-}
-
-impl Drop for CandleThreadsGuard {
-    fn drop(&mut self) {
-        if self.set {
-            std::env::remove_var("RAYON_NUM_THREADS");
-        }
-    }
-}
-
-/// Runs `f` inside a pool of `opts.threads` workers with the candle threading guard.
-pub(crate) fn in_pool<T: Send>(opts: &GenericOptions, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    } else {
-        opts.threads
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| {
-            Error::invalid(
-                "threads",
-                threads,
-                format!("could not start the worker pool: {e}"),
-            )
-        })?;
-    let _guard = CandleThreadsGuard::new(opts.single_threaded_candle);
-    Ok(pool.install(f))
-}
-
 /// Maps `f` over 0..n in parallel on the options' pool, keeping order.
 pub(crate) fn map_examples<T: Send>(
     n: usize,
@@ -117,9 +74,7 @@ pub(crate) fn map_examples<T: Send>(
     f: impl Fn(usize) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
     opts.validate()?;
-    in_pool(opts, || {
-        (0..n).into_par_iter().map(&f).collect::<Result<Vec<T>>>()
-    })?
+    super::pool::map_indices(n, opts.threads, f)
 }
 
 /// The empirical Fisher of a user log-likelihood closure over a dataset, by the generic path.
@@ -251,7 +206,7 @@ where
         let n = self.data.len();
         let bs = self.opts.batch_size;
         let mut total = vec![0.0f64; p];
-        in_pool(&self.opts, || -> Result<()> {
+        super::pool::in_pool(self.opts.threads, || -> Result<()> {
             for start in (0..n).step_by(bs) {
                 let len = bs.min(n - start);
                 let (x, y) = self.data.get(start, len)?;
@@ -301,7 +256,7 @@ where
         }
         let mut sum = Mat::<f64>::zeros(p, p);
         let mut gt = Mat::<f64>::zeros(p, bs.min(n.max(1)));
-        in_pool(&self.opts, || -> Result<()> {
+        super::pool::in_pool(self.opts.threads, || -> Result<()> {
             for start in (0..n).step_by(bs) {
                 let len = bs.min(n - start);
                 let (x, y) = self.data.get(start, len)?;

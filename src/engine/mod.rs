@@ -11,6 +11,7 @@
 pub mod factored;
 pub mod generic;
 pub mod gradients;
+mod pool;
 
 pub use factored::{
     FactoredFisher, FactoredMlp, FactoredOptions, Factors, OutputLikelihood, OutputQoi,

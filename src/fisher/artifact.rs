@@ -56,11 +56,25 @@ pub struct FisherArtifact {
     pub diag: FisherDiag,
     /// Σᵢ gᵢgᵢᵀ for dense passes.
     pub dense: Option<FisherDense>,
+    /// Whether this artifact may serve as a Fisher when it covers only part of its dataset
+    /// (not saved; default false: an incomplete artifact is an error when used).
+    pub allow_partial: bool,
 }
 
 /// FNV-1a 64 over the parameter names, shapes and values (rounded to f32, so f32 and f64 loads
 /// of the same weights agree), as 16 hex digits.
 pub fn weights_fingerprint(params: &Params) -> Result<String> {
+    let named: Vec<(String, candle_core::Tensor)> = params
+        .entries()
+        .iter()
+        .map(|e| (e.name.clone(), e.var.as_tensor().clone()))
+        .collect();
+    tensors_fingerprint(&named)
+}
+
+/// [`weights_fingerprint`] of named tensors in the given order (for a model's own weights,
+/// e.g. [`crate::Mlp::named_tensors`]: the fingerprint of exactly what a pass sums over).
+pub fn tensors_fingerprint(named: &[(String, candle_core::Tensor)]) -> Result<String> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |bytes: &[u8]| {
         for b in bytes {
@@ -68,13 +82,14 @@ pub fn weights_fingerprint(params: &Params) -> Result<String> {
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
     };
-    let values = params.flat_values()?;
-    for e in params.entries() {
-        eat(e.name.as_bytes());
-        for d in &e.dims {
+    for (name, t) in named {
+        eat(name.as_bytes());
+        for d in t.dims() {
             eat(&(*d as u64).to_le_bytes());
         }
-        for v in &values[e.offset..e.offset + e.numel] {
+        let mut values = vec![0.0f64; t.elem_count()];
+        crate::params::copy_tensor_f64(t, &mut values)?;
+        for v in &values {
             eat(&(*v as f32).to_bits().to_le_bytes());
         }
     }
@@ -90,7 +105,8 @@ pub fn shard_range(i: usize, n: usize, len: usize) -> Result<(usize, usize)> {
             "use I/N with 0 <= I < N",
         ));
     }
-    Ok((i * len / n, (i + 1) * len / n))
+    let at = |k: usize| (k as u128 * len as u128 / n as u128) as usize;
+    Ok((at(i), at(i + 1)))
 }
 
 fn f64_bytes(v: &[f64]) -> &[u8] {
@@ -194,11 +210,33 @@ impl FisherArtifact {
                 meta.convention
             )));
         }
-        let p: usize = meta
+        let p = meta
             .param_shapes
             .iter()
-            .map(|s| s.iter().product::<usize>())
-            .sum();
+            .try_fold(0usize, |acc, s| {
+                s.iter()
+                    .try_fold(1usize, |a, &d| a.checked_mul(d))
+                    .and_then(|n| acc.checked_add(n))
+            })
+            .ok_or_else(|| bad("the parameter shapes in the metadata overflow".into()))?;
+        if meta.param_names.len() != meta.param_shapes.len() {
+            return Err(bad(format!(
+                "the metadata has {} parameter names but {} shapes",
+                meta.param_names.len(),
+                meta.param_shapes.len()
+            )));
+        }
+        if meta
+            .ranges
+            .iter()
+            .any(|r| r.0 > r.1 || r.1 > meta.dataset_len)
+            || meta.ranges.iter().map(|r| r.1 - r.0).sum::<usize>() != meta.num_examples
+        {
+            return Err(bad(format!(
+                "the metadata's example ranges {:?} do not fit its dataset of {} examples or its count {}",
+                meta.ranges, meta.dataset_len, meta.num_examples
+            )));
+        }
         let diag_view = st
             .tensor("diag_sum")
             .map_err(|e| bad(format!("no 'diag_sum' tensor: {e}")))?;
@@ -230,20 +268,36 @@ impl FisherArtifact {
             }
             Err(_) => None,
         };
-        Ok(Self { meta, diag, dense })
+        Ok(Self {
+            meta,
+            diag,
+            dense,
+            allow_partial: false,
+        })
     }
 
     /// Fails unless this artifact was computed for exactly these parameters and weights.
     pub fn check_model(&self, params: &Params) -> Result<()> {
-        let names = params.names();
-        let shapes: Vec<Vec<usize>> = params.entries().iter().map(|e| e.dims.clone()).collect();
+        let named: Vec<(String, candle_core::Tensor)> = params
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.var.as_tensor().clone()))
+            .collect();
+        self.check_tensors(&named)
+    }
+
+    /// Fails unless this artifact was computed for exactly these named weight tensors (in flat
+    /// order), e.g. [`crate::Mlp::named_tensors`].
+    pub fn check_tensors(&self, named: &[(String, candle_core::Tensor)]) -> Result<()> {
+        let names: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+        let shapes: Vec<&[usize]> = named.iter().map(|(_, t)| t.dims()).collect();
         if names != self.meta.param_names || shapes != self.meta.param_shapes {
             return Err(Error::Parameter(format!(
                 "the Fisher file is for parameters {:?} with shapes {:?}, the model has {:?} with {:?}",
                 self.meta.param_names, self.meta.param_shapes, names, shapes
             )));
         }
-        let fp = weights_fingerprint(params)?;
+        let fp = tensors_fingerprint(named)?;
         if fp != self.meta.weights_fingerprint {
             return Err(Error::Parameter(format!(
                 "the Fisher file was computed with other weights (fingerprint {}, the model's is {fp}); rerun the Fisher pass for these weights",
@@ -308,19 +362,76 @@ impl FisherArtifact {
 
     /// Whether the merged ranges cover the whole dataset.
     pub fn is_complete(&self) -> bool {
+        self.missing_ranges().is_empty()
+    }
+
+    /// The example ranges [start, end) of the dataset that no merged shard covers.
+    pub fn missing_ranges(&self) -> Vec<(usize, usize)> {
+        let mut ranges = self.meta.ranges.clone();
+        ranges.sort_unstable();
+        let mut missing = Vec::new();
         let mut next = 0;
-        for r in &self.meta.ranges {
-            if r.0 != next {
-                return false;
+        for (a, b) in ranges {
+            if a > next {
+                missing.push((next, a));
             }
-            next = r.1;
+            next = next.max(b);
         }
-        next == self.meta.dataset_len
+        if next < self.meta.dataset_len {
+            missing.push((next, self.meta.dataset_len));
+        }
+        missing
+    }
+
+    /// The fraction of the dataset's examples this artifact covers (1 when the dataset is empty).
+    pub fn coverage(&self) -> f64 {
+        if self.meta.dataset_len == 0 {
+            1.0
+        } else {
+            self.meta.num_examples as f64 / self.meta.dataset_len as f64
+        }
+    }
+
+    /// This artifact, allowed (or not) to serve as the Fisher while it covers only part of
+    /// its dataset.
+    pub fn with_partial_allowed(mut self, allow: bool) -> Self {
+        self.allow_partial = allow;
+        self
+    }
+
+    /// Ok when the artifact covers its whole dataset or partial use is allowed; otherwise an
+    /// error naming the missing example ranges. With partial use allowed and ranges missing,
+    /// returns a one-line warning with the fraction covered.
+    pub fn check_complete(&self) -> Result<Option<String>> {
+        let missing = self.missing_ranges();
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let list = missing
+            .iter()
+            .map(|(a, b)| format!("{a}..{b}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.allow_partial {
+            return Ok(Some(format!(
+                "warning: the Fisher file covers {} of {} examples ({:.1}%); missing {list}",
+                self.meta.num_examples,
+                self.meta.dataset_len,
+                100.0 * self.coverage()
+            )));
+        }
+        Err(Error::Unsupported(format!(
+            "the Fisher file covers {} of {} examples: examples {list} are missing; merge the \
+             missing shards (deltavar merge) or allow partial use (--allow-partial, \
+             FisherArtifact::with_partial_allowed)",
+            self.meta.num_examples, self.meta.dataset_len
+        )))
     }
 }
 
 /// A saved pass as a [`crate::FisherSource`] (no per-example gradients: the dense method only
-/// for the full inverse, and only if the pass was dense).
+/// for the full inverse, and only if the pass was dense). An artifact that does not cover its
+/// whole dataset is refused unless [`FisherArtifact::with_partial_allowed`].
 impl crate::fisher::FisherSource for FisherArtifact {
     fn num_params(&self) -> usize {
         self.diag.sums().len()
@@ -329,9 +440,11 @@ impl crate::fisher::FisherSource for FisherArtifact {
         self.meta.num_examples
     }
     fn fisher_diag(&self) -> Result<FisherDiag> {
+        self.check_complete()?;
         Ok(self.diag.clone())
     }
     fn fisher_dense(&self, memory_budget: u64) -> Result<FisherDense> {
+        self.check_complete()?;
         let need = crate::fisher::dense_fisher_bytes(self.num_params());
         if need > memory_budget {
             return Err(Error::MemoryBudget {

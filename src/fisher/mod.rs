@@ -12,7 +12,9 @@
 pub mod artifact;
 pub mod offline;
 
-pub use artifact::{shard_range, weights_fingerprint, FisherArtifact, FisherMeta};
+pub use artifact::{
+    shard_range, tensors_fingerprint, weights_fingerprint, FisherArtifact, FisherMeta,
+};
 pub use offline::{fisher_pass, PassKind, PassOptions};
 
 use faer::{Mat, MatRef};

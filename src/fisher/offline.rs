@@ -1,15 +1,14 @@
 //! Offline Fisher passes over a dataset (whole or one shard), for saving and reusing later.
 
 use super::artifact::{
-    shard_range, weights_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
+    shard_range, tensors_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
 };
 use super::FisherSource;
 use crate::data::{Dataset, DatasetRange};
 use crate::engine::{FactoredFisher, FactoredMlp, FactoredOptions, OutputLikelihood};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::fisher::FisherDiag;
 use crate::model::Mlp;
-use crate::params::Params;
 
 /// What a pass accumulates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,13 +48,13 @@ impl Default for PassOptions {
 
 /// Runs a Fisher pass of an [`Mlp`] over `data` (or one shard of it) on the factored engine,
 /// calling `progress(done, total)` as examples are processed. `likelihood_name` is recorded in
-/// the metadata (for example "categorical" or "gaussian:0.5").
+/// the metadata (for example "categorical" or "gaussian:0.5"). The artifact's parameter names,
+/// shapes and weight fingerprint are those of `mlp`, the weights that were summed over.
 ///
 /// Memory: the engine's (weights + per worker a P-vector and one batch) for diag, plus O(P²)
 /// for dense; the dataset is read batch by batch (memory-mapped files stay on disk).
 pub fn fisher_pass(
     mlp: &Mlp,
-    params: &Params,
     lik: OutputLikelihood,
     likelihood_name: &str,
     data: &dyn Dataset,
@@ -63,18 +62,13 @@ pub fn fisher_pass(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FisherArtifact> {
     let engine = FactoredMlp::new(mlp)?;
-    if engine.num_params() != params.num_params() {
-        return Err(Error::shape(
-            "parameters for the Fisher pass",
-            engine.num_params(),
-            params.num_params(),
-        ));
-    }
+    let named = mlp.named_tensors();
     let (start, end) = match opts.shard {
         Some((i, n)) => shard_range(i, n, data.len())?,
         None => (0, data.len()),
     };
     let total = end - start;
+    let p = engine.num_params();
     let meta = FisherMeta {
         format_version: FORMAT_VERSION,
         num_examples: total,
@@ -84,9 +78,9 @@ pub fn fisher_pass(
             PassKind::Dense => "dense".into(),
         },
         likelihood: likelihood_name.into(),
-        param_names: params.names(),
-        param_shapes: params.entries().iter().map(|e| e.dims.clone()).collect(),
-        weights_fingerprint: weights_fingerprint(params)?,
+        param_names: named.iter().map(|(n, _)| n.clone()).collect(),
+        param_shapes: named.iter().map(|(_, t)| t.dims().to_vec()).collect(),
+        weights_fingerprint: tensors_fingerprint(&named)?,
         ranges: vec![(start, end)],
         dataset_len: data.len(),
     };
@@ -94,7 +88,7 @@ pub fn fisher_pass(
     match opts.kind {
         PassKind::Diag => {
             let step = opts.engine.batch_size.max(1) * opts.batches_per_step.max(1);
-            let mut diag = FisherDiag::from_sums(vec![0.0; params.num_params()], 0)?;
+            let mut diag = FisherDiag::from_sums(vec![0.0; p], 0)?;
             let mut done = 0;
             while done < total {
                 let len = step.min(total - done);
@@ -111,6 +105,7 @@ pub fn fisher_pass(
                 meta,
                 diag,
                 dense: None,
+                allow_partial: false,
             })
         }
         PassKind::Dense => {
@@ -122,6 +117,7 @@ pub fn fisher_pass(
                 meta,
                 diag: dense.diag(),
                 dense: Some(dense),
+                allow_partial: false,
             })
         }
     }

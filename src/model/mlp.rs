@@ -187,6 +187,22 @@ impl Mlp {
             .collect()
     }
 
+    /// The weight and bias tensors in state-dict order, with their names (the values the
+    /// factored engine snapshots).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.names
+            .iter()
+            .zip(&self.layers)
+            .flat_map(|(n, l)| {
+                let mut v = vec![(format!("{n}.weight"), l.weight().clone())];
+                if let Some(b) = l.bias() {
+                    v.push((format!("{n}.bias"), b.clone()));
+                }
+                v
+            })
+            .collect()
+    }
+
     /// The parameters of this MLP from its `VarMap`, in state-dict order.
     pub fn params(&self, varmap: &VarMap) -> Result<Params> {
         Params::from_varmap(varmap, ParamOrder::Explicit(self.param_names()))

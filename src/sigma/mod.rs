@@ -11,7 +11,7 @@
 //! | [`InverseDiagonalFisher`] | diag(F + λ)⁻¹ | O(P) |
 //! | [`InverseFullFisher`] | (F + λI)⁻¹ as a Cholesky factor (the "dense" method) | O(P²) |
 //! | [`KernelInverseFisher`] | (F + λI)⁻¹ exactly, via the N×N kernel (Woodbury) | O(N²) + the gradient operator |
-//! | [`CgInverseFisher`] | (F + λI)⁻¹ by preconditioned block CG | O(P·M) + the gradient operator |
+//! | [`CgInverseFisher`] | (F + λI)⁻¹ by preconditioned CG ([`solver`]), all right-hand sides at once | O(P·M) + the preconditioner (O(P·rank) Nyström, O(P) Jacobi) + the gradient operator |
 //! | [`ScaledSigma`] | c·Σ (for example the paper's 1/N) | the inner operator's |
 //!
 //! All arithmetic is f64. Every quadratic form checks its result is finite.
@@ -25,8 +25,9 @@ mod identity;
 mod inverse_fisher;
 mod kernel;
 mod scaled;
+pub mod solver;
 
-pub use cg::{CgInverseFisher, CgOptions, CgPreconditioner, CgReport};
+pub use cg::{default_nystrom_rank, CgInverseFisher, CgOptions, CgPreconditioner};
 pub use custom::CustomSigma;
 pub use dense::DenseSigma;
 pub use diagonal::DiagonalSigma;
@@ -36,6 +37,7 @@ pub(crate) use inverse_fisher::inverse_fim_diagonal as inverse_fisher_diag_value
 pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
 pub use kernel::KernelInverseFisher;
 pub use scaled::ScaledSigma;
+pub use solver::CgReport;
 
 use faer::{Mat, MatRef};
 
@@ -77,9 +79,13 @@ pub trait SigmaOp: Send + Sync {
         None
     }
 
-    /// The report of the last iterative solve, for Σ kinds that iterate (CG).
-    fn solver_report(&self) -> Option<CgReport> {
-        None
+    /// [`SigmaOp::quad_forms`] with the report of the iterative solve behind them, for Σ kinds
+    /// that iterate (CG); `cg` is `None` for the others.
+    fn quad_forms_reported(&self, g: MatRef<'_, f64>) -> Result<QuadForms> {
+        Ok(QuadForms {
+            values: self.quad_forms(g)?,
+            cg: None,
+        })
     }
 
     /// The quadratic form gᵀ Σ g for one flat gradient of length P.
@@ -87,6 +93,15 @@ pub trait SigmaOp: Send + Sync {
         let m = MatRef::from_column_major_slice(g, g.len(), 1);
         Ok(self.quad_forms(m)?[0])
     }
+}
+
+/// Quadratic forms gⱼᵀΣgⱼ and, for an iterative Σ, the report of the solve that gave them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuadForms {
+    /// One value per column.
+    pub values: Vec<f64>,
+    /// The CG report, for the CG Σ.
+    pub cg: Option<CgReport>,
 }
 
 /// Checks that a gradient block has P rows and finite entries.

@@ -46,12 +46,32 @@ impl<S: SigmaOp> SigmaOp for ScaledSigma<S> {
         Ok(m)
     }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
-        Ok(self
-            .inner
-            .quad_forms(g)?
-            .into_iter()
-            .map(|v| v * self.factor)
-            .collect())
+        Ok(self.scale(self.inner.quad_forms(g)?))
+    }
+    /// c·diag when the inner Σ is diagonal, so engines keep their Jacobian-free path.
+    fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
+        let d = self.inner.diagonal()?;
+        Some(std::borrow::Cow::Owned(
+            d.iter().map(|v| v * self.factor).collect(),
+        ))
+    }
+    /// The inner Σ's factored quadratic forms, scaled (the kernel Σ never forms query gradients).
+    fn quad_forms_factored(&self, q: &crate::engine::QueryFactors) -> Option<Result<Vec<f64>>> {
+        Some(self.inner.quad_forms_factored(q)?.map(|v| self.scale(v)))
+    }
+    /// The inner solve's report, with the values scaled.
+    fn quad_forms_reported(&self, g: MatRef<'_, f64>) -> Result<super::QuadForms> {
+        let r = self.inner.quad_forms_reported(g)?;
+        Ok(super::QuadForms {
+            values: self.scale(r.values),
+            cg: r.cg,
+        })
+    }
+}
+
+impl<S: SigmaOp> ScaledSigma<S> {
+    fn scale(&self, v: Vec<f64>) -> Vec<f64> {
+        v.into_iter().map(|x| x * self.factor).collect()
     }
 }
 
@@ -74,7 +94,7 @@ impl SigmaOp for Box<dyn SigmaOp + '_> {
     fn quad_forms_factored(&self, q: &crate::engine::QueryFactors) -> Option<Result<Vec<f64>>> {
         (**self).quad_forms_factored(q)
     }
-    fn solver_report(&self) -> Option<super::CgReport> {
-        (**self).solver_report()
+    fn quad_forms_reported(&self, g: MatRef<'_, f64>) -> Result<super::QuadForms> {
+        (**self).quad_forms_reported(g)
     }
 }

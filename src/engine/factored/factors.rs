@@ -6,7 +6,6 @@ use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::layer_offsets;
 use crate::error::{Error, Result};
-use crate::sigma::SigmaOp;
 
 /// One Linear layer's factors for N examples: inputs X (N×in) and signals Δ (N×out), f64,
 /// stored row-major (one example per row).
@@ -426,29 +425,5 @@ impl QueryFactors {
     /// The M query gradients as a P×M block (O(P·M) memory).
     pub fn gradients(&self) -> Result<Mat<f64>> {
         self.factors.gradients(0, self.factors.num_examples())
-    }
-
-    /// ΔVarⱼ = qⱼᵀ Σ qⱼ for every query. A diagonal Σ (identity, diagonal, inverse diagonal
-    /// Fisher, and their scalings) and the kernel Σ never form the Jacobian; any other Σ gets
-    /// the P×M block.
-    pub fn delta_variances(&self, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
-        if sigma.dim() != self.factors.num_params() {
-            return Err(Error::shape(
-                format!(
-                    "Sigma '{}' (its size must equal the number of parameters P)",
-                    sigma.name()
-                ),
-                format!("P = {}", self.factors.num_params()),
-                format!("P = {}", sigma.dim()),
-            ));
-        }
-        if let Some(d) = sigma.diagonal() {
-            let out = self.factors.quad_forms_diag(&d)?;
-            return crate::sigma::finish(&sigma.name(), out);
-        }
-        if let Some(r) = sigma.quad_forms_factored(self) {
-            return r;
-        }
-        sigma.quad_forms(self.gradients()?.as_ref())
     }
 }

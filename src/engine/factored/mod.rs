@@ -143,12 +143,7 @@ impl FactoredMlp {
 
     fn pool<R: Send>(opts: &FactoredOptions, f: impl FnOnce() -> R + Send) -> Result<R> {
         opts.validate()?;
-        let g = crate::engine::GenericOptions {
-            threads: opts.threads,
-            single_threaded_candle: false,
-            batch_size: 1,
-        };
-        crate::engine::generic::in_pool(&g, f)
+        crate::engine::pool::in_pool(opts.threads, f)
     }
 
     /// Runs forward, output signal and backward for one batch into `ws`; returns the objective
@@ -361,13 +356,7 @@ impl FactoredMlp {
 }
 
 pub(crate) fn rayon_threads(opts: &FactoredOptions) -> usize {
-    if opts.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    } else {
-        opts.threads
-    }
+    crate::engine::pool::resolve_threads(opts.threads)
 }
 
 /// One batch: owned candle tensors, or a zero-copy view of a mapped dataset.
