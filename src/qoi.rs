@@ -173,7 +173,13 @@ pub fn qoi_gradients<F>(
 where
     F: Fn(&Tensor) -> candle_core::Result<Tensor> + Sync,
 {
-    let m = queries.dims().first().copied().unwrap_or(0);
+    let m = *queries.dims().first().ok_or_else(|| {
+        Error::shape(
+            "queries (one row per query: the first dimension indexes the queries)",
+            "a tensor of rank >= 1",
+            "a scalar",
+        )
+    })?;
     let p = params.num_params();
     let cols = crate::engine::generic::map_examples(m, opts, |j| {
         let z = queries.narrow(0, j, 1)?;

@@ -1,11 +1,13 @@
 //! Parity with the reference Python package `deltavar` 0.1.1: the four fixture cases × the three
 //! strategies, plus `fim_diagonal` and `first_qoi_gradient`.
 //!
-//! f64: every value within 1e-6 relative (observed: see `parity_f64`).
-//! f32: the model runs in f32 (Fisher sums and solves still f64). Observed maximum relative
-//! errors on this machine: identity / diagonal ≈ 1e-6, full inverse up to ≈ 2e-2 on the
-//! deliberately ill-conditioned `seed-mlp-3-5-2-relu` case (n < P, λ = 1e-5) and ≈ 1e-4 elsewhere;
-//! `parity_f32` asserts loose bounds of that order.
+//! f64: every value within about 100× the error measured here (`common::parity_tol`: 1e-13
+//! for everything but the full inverse, whose error depends on the case's conditioning).
+//! f32: the model runs in f32 (Fisher sums and solves still f64). The reference numbers were
+//! computed in f64 from the f32-rounded weights and data, so an f32 model only adds the f32
+//! rounding of the forward and backward passes: observed maximum relative error 5.9e-7 (the
+//! diagonal strategy of `seed-mlp-3-5-2-relu`), every other value ≤ 4.5e-7; `parity_f32`
+//! asserts 1e-5.
 
 mod common;
 
@@ -94,13 +96,14 @@ fn parity_f64() {
         );
         for (what, v) in [
             ("identity", e.identity),
-            ("diagonal", e.diag),
-            ("full", e.full),
+            ("diagonal_empirical_fim", e.diag),
+            ("inverse_full_empirical_fim", e.full),
             ("fim_diagonal", e.fim_diag),
             ("first_qoi_gradient", e.grad),
             ("qoi_value", e.qoi),
         ] {
-            assert!(v <= 1e-6, "{name}: {what} relative error {v:e} > 1e-6");
+            let tol = parity_tol(name, what, "direct");
+            assert!(v <= tol, "{name}: {what} relative error {v:e} > {tol:e}");
         }
     }
 }

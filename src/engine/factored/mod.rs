@@ -293,7 +293,16 @@ impl FactoredMlp {
         queries: &Tensor,
         opts: &FactoredOptions,
     ) -> Result<QueryFactors> {
-        let m_rows = queries.dims().first().copied().unwrap_or(0);
+        let m_rows = match queries.dims() {
+            [m, w] if *w == self.sizes[0] => *m,
+            d => {
+                return Err(Error::shape(
+                    "queries for the MLP (one row per query)",
+                    format!("(M, {})", self.sizes[0]),
+                    format!("{d:?}"),
+                ))
+            }
+        };
         let (factors, values) = dispatch!(self, m => self.collect_factors(m, m_rows, opts, |start, len| {
             Ok(Batch::Inputs(queries.narrow(0, start, len)?))
         }, None, Some(qoi)))?;

@@ -1,0 +1,434 @@
+//! Issue 8, defect 6: every public constructor and entry point called with empty, zero-size or
+//! degenerate inputs returns a value or an `Error`, never a panic. Where a value is returned it
+//! is checked.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use common::*;
+use deltavar::data::{write_npy, NpyArray, RowsRef};
+use deltavar::engine::{DenseGradients, GradientMatrix};
+use deltavar::sigma::solver::{
+    conjugate_gradient, CgSettings, IdentityPreconditioner, JacobiPreconditioner, LinOp,
+    NystromPreconditioner,
+};
+use deltavar::sigma::*;
+use deltavar::*;
+use faer::{Mat, MatRef};
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("deltavar-degenerate-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+#[test]
+fn datasets_empty_and_degenerate() {
+    // an empty batch list: length 0, reads are errors (it has no shape), not a panic
+    let bl = BatchList::new(vec![]).unwrap();
+    assert_eq!(bl.len(), 0);
+    assert!(bl.is_empty());
+    assert!(bl.get(0, 0).is_err());
+    assert!(bl.get(0, 1).is_err());
+    // batches of zero rows
+    let z = |r| Tensor::zeros((r, 2), DType::F64, &Device::Cpu).unwrap();
+    let bl = BatchList::new(vec![(z(0), z(0)), (z(3), z(3))]).unwrap();
+    assert_eq!(bl.len(), 3);
+    assert_eq!(bl.get(1, 2).unwrap().0.dims(), &[2, 2]);
+    assert_eq!(bl.get(3, 0).unwrap().0.dims(), &[0, 2]);
+    // ranges
+    let td = TensorDataset::new(z(0), z(0)).unwrap();
+    assert_eq!(td.len(), 0);
+    assert!(DatasetRange::new(&td, 0, 1).is_err());
+    assert!(DatasetRange::new(&td, usize::MAX, 2).is_err());
+    assert_eq!(DatasetRange::new(&td, 0, 0).unwrap().len(), 0);
+    // scalars are refused, mismatched rows too
+    let s = Tensor::new(1.0f64, &Device::Cpu).unwrap();
+    assert!(TensorDataset::new(s.clone(), s).is_err());
+    assert!(TensorDataset::new(z(2), z(3)).is_err());
+    // npy: zero rows, a scalar, empty shapes
+    let p = tmp("empty.npy");
+    write_npy(&p, &[0, 3], RowsRef::F32(&[])).unwrap();
+    let a = NpyArray::open(&p).unwrap();
+    assert_eq!((a.rows(), a.row_len()), (0, 3));
+    assert!(a.rows_ref(0, 1).is_err());
+    a.release_rows(0, 10);
+    let y = tmp("empty_y.npy");
+    write_npy(&y, &[0], RowsRef::I64(&[])).unwrap();
+    let ds = MmapNpyDataset::open(&p, &y).unwrap();
+    assert_eq!(ds.len(), 0);
+    let sc = tmp("scalar.npy");
+    write_npy(&sc, &[], RowsRef::F64(&[2.5])).unwrap();
+    let a = NpyArray::open(&sc).unwrap();
+    assert_eq!((a.rows(), a.row_len()), (1, 1));
+    assert!(MmapNpyDataset::open(&sc, &sc).is_err());
+    assert!(write_npy(tmp("bad.npy"), &[2, 2], RowsRef::F32(&[1.0])).is_err());
+    assert!(write_npy(tmp("bad.npy"), &[usize::MAX, 2], RowsRef::F32(&[1.0])).is_err());
+}
+
+#[test]
+fn params_empty_and_degenerate() {
+    let p = Params::from_vars(vec![]).unwrap();
+    assert_eq!(p.num_params(), 0);
+    assert_eq!(p.flat_values().unwrap(), Vec::<f64>::new());
+    assert!(p.unflatten(&[]).unwrap().is_empty());
+    assert!(p.unflatten(&[1.0]).is_err());
+    assert!(p.set_flat_values(&[1.0]).is_err());
+    assert_eq!(p.dtype(), None);
+    let vm = VarMap::new();
+    let e = Params::from_varmap(&vm, ParamOrder::Explicit(vec!["x".into()])).unwrap_err();
+    assert!(e.to_string().contains("'x'"), "{e}");
+    assert_eq!(
+        Params::from_varmap(&vm, ParamOrder::Natural)
+            .unwrap()
+            .num_params(),
+        0
+    );
+    // a zero-size parameter
+    let w = Var::from_tensor(&Tensor::zeros((0, 3), DType::F64, &Device::Cpu).unwrap()).unwrap();
+    let p = Params::from_vars(vec![("w".into(), w)]).unwrap();
+    assert_eq!(p.num_params(), 0);
+    // duplicates
+    let v = Var::from_tensor(&Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap()).unwrap();
+    assert!(Params::from_vars(vec![("a".into(), v.clone()), ("a".into(), v)]).is_err());
+}
+
+#[test]
+fn models_and_engines_on_empty_inputs() {
+    assert!(Mlp::new(
+        VarBuilder::from_varmap(&VarMap::new(), DType::F64, &Device::Cpu),
+        &[3],
+        Activation::Tanh,
+        None
+    )
+    .is_err());
+    assert!(Mlp::new(
+        VarBuilder::from_varmap(&VarMap::new(), DType::F64, &Device::Cpu),
+        &[3, 0, 2],
+        Activation::Tanh,
+        None
+    )
+    .is_err());
+    assert!(Mlp::load_safetensors(
+        tmp("missing.safetensors"),
+        Activation::Relu,
+        DType::F32,
+        &Device::Cpu,
+        "",
+        None
+    )
+    .is_err());
+    let (mlp, vm, params) = random_mlp(&[3, 4, 2], Activation::Tanh, 1);
+    let engine = FactoredMlp::new(&mlp).unwrap();
+    let p = engine.num_params();
+    let empty = TensorDataset::new(
+        Tensor::zeros((0, 3), DType::F64, &Device::Cpu).unwrap(),
+        Tensor::zeros((0, 2), DType::F64, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let lik: OutputLikelihood = Likelihood::gaussian(1.0).into();
+    let opts = FactoredOptions::default();
+    // factored engine on no data
+    let d = engine.fisher_diag(&lik, &empty, &opts).unwrap();
+    assert_eq!((d.num_examples(), d.sums().len()), (0, p));
+    assert!(d.sums().iter().all(|v| *v == 0.0));
+    let f = engine.factors(&lik, &empty, &opts).unwrap();
+    assert_eq!(f.num_examples(), 0);
+    assert_eq!(f.gram().nrows(), 0);
+    assert_eq!(f.jv(Mat::zeros(p, 2).as_ref()).unwrap().nrows(), 0);
+    assert!(f.jv(Mat::zeros(p + 1, 2).as_ref()).is_err());
+    assert!(f.jtu(Mat::zeros(1, 2).as_ref()).is_err());
+    assert!(f.gradients(0, 1).is_err());
+    assert!(f.gradients(usize::MAX, 2).is_err());
+    assert!(f.quad_forms_diag(&[1.0]).is_err());
+    // zero queries, queries of the wrong shape
+    let q0 = Tensor::zeros((0, 3), DType::F64, &Device::Cpu).unwrap();
+    let qf = engine.query_factors(&Qoi::Sum.into(), &q0, &opts).unwrap();
+    assert!(qf.values().is_empty());
+    assert!(query_delta_variances(&qf, &IdentitySigma::new(p))
+        .unwrap()
+        .is_empty());
+    for bad in [
+        Tensor::zeros((2, 5), DType::F64, &Device::Cpu).unwrap(),
+        Tensor::zeros(3, DType::F64, &Device::Cpu).unwrap(),
+        Tensor::zeros((2, 3, 1), DType::F64, &Device::Cpu).unwrap(),
+        Tensor::new(1.0f64, &Device::Cpu).unwrap(),
+    ] {
+        assert!(
+            engine.query_factors(&Qoi::Sum.into(), &bad, &opts).is_err(),
+            "{:?}",
+            bad.dims()
+        );
+    }
+    assert!(engine
+        .query_factors(
+            &Qoi::Prob(7).into(),
+            &random_tensor(2, 3, 1),
+            &FactoredOptions::default()
+        )
+        .is_err());
+    assert!(engine
+        .fisher_diag(
+            &lik,
+            &empty,
+            &FactoredOptions {
+                batch_size: 0,
+                threads: 0
+            }
+        )
+        .is_err());
+    // every Σ strategy on an empty training set: F = 0, so the inverses are I/λ
+    let z = random_tensor(2, 3, 2);
+    for strategy in [
+        SigmaStrategy::Identity,
+        SigmaStrategy::DiagonalEmpiricalFim,
+        SigmaStrategy::InverseFullEmpiricalFim,
+    ] {
+        let name = strategy.name();
+        let opts = SigmaOptions {
+            damping: 0.5,
+            ..Default::default()
+        };
+        let out = mlp_delta_variances(
+            &mlp,
+            Qoi::Sum,
+            &z,
+            strategy,
+            &opts,
+            Some((&empty, lik.clone())),
+            &FactoredOptions::default(),
+        )
+        .unwrap();
+        let id = mlp_delta_variances(
+            &mlp,
+            Qoi::Sum,
+            &z,
+            SigmaStrategy::Identity,
+            &SigmaOptions::default(),
+            None,
+            &FactoredOptions::default(),
+        )
+        .unwrap();
+        let scale = if name == "identity" { 1.0 } else { 2.0 };
+        let want: Vec<f64> = id.delta_variance.iter().map(|v| v * scale).collect();
+        assert!(max_rel_err(&out.delta_variance, &want) < 1e-12, "{name}");
+    }
+    // posterior scale on an empty set is an error (no N)
+    assert!(mlp_delta_variances(
+        &mlp,
+        Qoi::Sum,
+        &z,
+        SigmaStrategy::DiagonalEmpiricalFim,
+        &SigmaOptions {
+            posterior_scale: true,
+            ..Default::default()
+        },
+        Some((&empty, lik.clone())),
+        &FactoredOptions::default(),
+    )
+    .is_err());
+    // generic engine on no data and no queries
+    let ll = Likelihood::gaussian(1.0);
+    let gf = GenericFisher::new(&params, ll.of(&mlp), &empty, GenericOptions::default());
+    assert_eq!(gf.fisher_diag().unwrap().num_examples(), 0);
+    assert_eq!(
+        gf.fisher_dense(DEFAULT_MEMORY_BUDGET)
+            .unwrap()
+            .sum()
+            .nrows(),
+        p
+    );
+    assert_eq!(gf.per_example_gradients(0, 0).unwrap().ncols(), 0);
+    assert!(gf.per_example_gradients(0, 1).is_err());
+    let (g, v) =
+        qoi_gradients(&params, &q0, Qoi::Sum.of(&mlp), &GenericOptions::default()).unwrap();
+    assert_eq!((g.nrows(), g.ncols(), v.len()), (p, 0, 0));
+    let scalar = Tensor::new(1.0f64, &Device::Cpu).unwrap();
+    assert!(qoi_gradients(
+        &params,
+        &scalar,
+        Qoi::Sum.of(&mlp),
+        &GenericOptions::default()
+    )
+    .is_err());
+    assert!(GenericFisher::new(
+        &params,
+        ll.of(&mlp),
+        &empty,
+        GenericOptions {
+            batch_size: 0,
+            threads: 0
+        }
+    )
+    .fisher_diag()
+    .is_err());
+    drop(vm);
+}
+
+struct Zero(usize);
+impl LinOp for Zero {
+    fn dim(&self) -> usize {
+        self.0
+    }
+    fn apply(&self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        Ok(Mat::zeros(x.nrows(), x.ncols()))
+    }
+}
+
+#[test]
+fn sigma_kinds_on_empty_and_degenerate_inputs() {
+    // P = 0
+    assert_eq!(apply_identity_sigma(&[]).unwrap(), 0.0);
+    assert_eq!(apply_diagonal_sigma(&[], &[]).unwrap(), 0.0);
+    assert_eq!(
+        apply_full_sigma(&[], Mat::<f64>::zeros(0, 0).as_ref()).unwrap(),
+        0.0
+    );
+    assert!(apply_diagonal_sigma(&[1.0], &[]).is_err());
+    assert!(DenseSigma::new(Mat::zeros(2, 3)).is_err());
+    assert!(DiagonalSigma::new(vec![f64::NAN]).is_err());
+    assert!(InverseDiagonalFisher::new(&[], 1e-3)
+        .unwrap()
+        .diag()
+        .is_empty());
+    assert!(InverseDiagonalFisher::new(&[1.0], -1.0).is_err());
+    let full = InverseFullFisher::new(Mat::<f64>::zeros(0, 0).as_ref(), 1e-3).unwrap();
+    assert_eq!(full.to_dense().nrows(), 0);
+    assert!(InverseFullFisher::new(Mat::<f64>::zeros(2, 3).as_ref(), 1e-3).is_err());
+    assert!(InverseFullFisher::new(Mat::<f64>::zeros(2, 2).as_ref(), 0.0).is_err());
+    assert!(ScaledSigma::new(IdentitySigma::new(2), 0.0).is_err());
+    assert!(ScaledSigma::new(IdentitySigma::new(2), f64::INFINITY).is_err());
+    // zero queries
+    let id = IdentitySigma::new(3);
+    assert!(id
+        .quad_forms(Mat::<f64>::zeros(3, 0).as_ref())
+        .unwrap()
+        .is_empty());
+    assert!(id.quad_forms(Mat::<f64>::zeros(2, 1).as_ref()).is_err());
+    // kernel and CG with N = 0 examples, and with P = 0
+    for (p, n) in [(4, 0), (0, 3), (0, 0)] {
+        let g: Arc<dyn GradientMatrix> = Arc::new(DenseGradients::new(Mat::zeros(p, n)));
+        let q = Mat::from_fn(p, 2, |i, j| (i + j) as f64 + 1.0);
+        let k = KernelInverseFisher::new(g.clone(), 0.5).unwrap();
+        let v = k.quad_forms(q.as_ref()).unwrap();
+        let want: Vec<f64> = (0..2)
+            .map(|j| (0..p).map(|i| q[(i, j)] * q[(i, j)] / 0.5).sum())
+            .collect();
+        assert!(max_rel_err(&v, &want) < 1e-14, "kernel p={p} n={n}");
+        for pre in [
+            CgPreconditioner::Identity,
+            CgPreconditioner::Jacobi,
+            CgPreconditioner::Nystrom { rank: 0 },
+            CgPreconditioner::Nystrom { rank: 5 },
+        ] {
+            let cg = CgInverseFisher::new(
+                g.clone(),
+                0.5,
+                CgOptions {
+                    preconditioner: pre,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let v = cg.quad_forms(q.as_ref()).unwrap();
+            assert!(max_rel_err(&v, &want) < 1e-12, "cg {pre:?} p={p} n={n}");
+        }
+    }
+    // the solver pieces on their own
+    assert!(JacobiPreconditioner::new(&[1.0, 0.0]).is_err());
+    assert!(NystromPreconditioner::new(&Zero(3), 2, 0.0).is_err());
+    assert_eq!(
+        NystromPreconditioner::new(&Zero(3), 2, 1.0).unwrap().rank(),
+        0
+    );
+    assert_eq!(
+        NystromPreconditioner::new(&Zero(0), 2, 1.0).unwrap().rank(),
+        0
+    );
+    let settings = CgSettings {
+        tol: 1e-10,
+        max_iter: 10,
+    };
+    let (x, r) = conjugate_gradient(
+        &Zero(3),
+        &IdentityPreconditioner,
+        Mat::<f64>::zeros(3, 0).as_ref(),
+        &settings,
+    )
+    .unwrap();
+    assert_eq!((x.ncols(), r.iterations, r.converged), (0, 0, true));
+    // a zero operator with a nonzero right-hand side is not positive definite
+    assert!(matches!(
+        conjugate_gradient(
+            &Zero(3),
+            &IdentityPreconditioner,
+            Mat::from_fn(3, 1, |_, _| 1.0).as_ref(),
+            &settings
+        ),
+        Err(Error::NotPositiveDefinite { .. })
+    ));
+    assert!(conjugate_gradient(
+        &Zero(3),
+        &IdentityPreconditioner,
+        Mat::<f64>::zeros(2, 1).as_ref(),
+        &settings
+    )
+    .is_err());
+    // the method choice with nothing to choose from
+    assert!(choose_full_method(FullMethod::Auto, 0, 0, 0, 0, 0, 0).is_ok());
+    assert!(choose_full_method(FullMethod::Auto, 1 << 20, 1 << 20, 1 << 20, 0, 1, 1).is_err());
+}
+
+#[test]
+fn fisher_results_and_artifacts_degenerate() {
+    assert!(FisherDiag::from_sums(vec![], 0).unwrap().mean().is_empty());
+    assert!(FisherDiag::from_sums(vec![-1.0], 1).is_err());
+    assert!(FisherDiag::from_sums(vec![f64::NAN], 1).is_err());
+    let mut a = FisherDiag::from_sums(vec![1.0], 1).unwrap();
+    assert!(a.merge(&FisherDiag::from_sums(vec![], 0).unwrap()).is_err());
+    assert_eq!(
+        FisherDense::from_lower_sum(Mat::zeros(0, 0), 0)
+            .unwrap()
+            .mean()
+            .nrows(),
+        0
+    );
+    assert!(FisherDense::from_lower_sum(Mat::zeros(2, 3), 0).is_err());
+    assert!(FisherArtifact::merge(&[]).is_err());
+    assert!(deltavar::fisher::shard_range(0, 0, 10).is_err());
+    assert!(deltavar::fisher::shard_range(3, 3, 10).is_err());
+    assert_eq!(deltavar::fisher::shard_range(0, 1, 0).unwrap(), (0, 0));
+    assert_eq!(
+        deltavar::fisher::shard_range(2, 3, usize::MAX).unwrap().1,
+        usize::MAX
+    );
+    // hostile artifact files
+    let p = tmp("notsafetensors.safetensors");
+    std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage").unwrap();
+    assert!(matches!(
+        FisherArtifact::load(&p),
+        Err(Error::BadFile { .. })
+    ));
+    std::fs::write(&p, b"").unwrap();
+    assert!(matches!(
+        FisherArtifact::load(&p),
+        Err(Error::BadFile { .. })
+    ));
+    // metadata whose shapes overflow, or whose ranges do not fit the dataset
+    for meta in [
+        r#"{"format_version":1,"num_examples":1,"convention":"sum","kind":"diag","likelihood":"x","param_names":["a","b"],"param_shapes":[[4611686018427387904,4],[1]],"weights_fingerprint":"0","ranges":[[0,1]],"dataset_len":1}"#,
+        r#"{"format_version":1,"num_examples":5,"convention":"sum","kind":"diag","likelihood":"x","param_names":["a"],"param_shapes":[[1]],"weights_fingerprint":"0","ranges":[[0,5]],"dataset_len":1}"#,
+        r#"{"format_version":1,"num_examples":1,"convention":"sum","kind":"diag","likelihood":"x","param_names":["a","b"],"param_shapes":[[1]],"weights_fingerprint":"0","ranges":[[0,1]],"dataset_len":1}"#,
+    ] {
+        let data = 1.0f64.to_le_bytes();
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![1], &data).unwrap();
+        let info = std::collections::HashMap::from([("deltavar".to_string(), meta.to_string())]);
+        safetensors::serialize_to_file(vec![("diag_sum", view)], Some(info), &p).unwrap();
+        let e = FisherArtifact::load(&p).unwrap_err();
+        assert!(matches!(e, Error::BadFile { .. }), "{e}");
+    }
+}
