@@ -35,14 +35,14 @@ fn benches(c: &mut Criterion) {
     let n = 2048;
     let (mlp, _vm, data) = setup(n);
     let engine = FactoredMlp::new(&mlp).expect("engine");
-    let lik: OutputLikelihood = Likelihood::Categorical.into();
+    let lik: Likelihood = Likelihood::Categorical.into();
     let opts = FactoredOptions::default();
     let p = engine.num_params();
 
     let mut g = c.benchmark_group("factored-784-256-256-10-N2048");
     g.sample_size(10);
     g.bench_function("diag F (streamed)", |b| {
-        b.iter(|| engine.fisher_diag(&lik, &data, &opts).expect("diag"))
+        b.iter(|| engine.sum_sq(&lik, &data, &opts).expect("diag"))
     });
     g.bench_function("factors (X, Δ) of the dataset", |b| {
         b.iter(|| engine.factors(&lik, &data, &opts).expect("factors"))
@@ -57,7 +57,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("Gram N×N", |b| b.iter(|| factors.gram()));
     let queries = Tensor::from_vec(lcg(256 * 784, 3), (256, 784), &Device::Cpu).expect("q");
     let sigma = DiagonalSigma::new(vec![0.5; p]).expect("sigma");
-    let qoi: OutputQoi = Qoi::Output(3).into();
+    let qoi: Qoi = Qoi::Output(3).into();
     g.bench_function("256 queries, diagonal Σ", |b| {
         b.iter(|| {
             let q = engine.query_factors(&qoi, &queries, &opts).expect("q");

@@ -43,12 +43,12 @@ fn point(arch: usize, n: usize) {
     let data =
         TensorDataset::new(x, Tensor::from_vec(y, n, &Device::Cpu).expect("y")).expect("data");
     let engine = FactoredMlp::new(&mlp).expect("engine");
-    let lik: OutputLikelihood = Likelihood::Categorical.into();
+    let lik: Likelihood = Likelihood::Categorical.into();
     let opts = FactoredOptions::default();
     let t = Instant::now();
-    let d = engine.fisher_diag(&lik, &data, &opts).expect("diag");
+    let d = engine.sum_sq(&lik, &data, &opts).expect("diag");
     let secs = t.elapsed().as_secs_f64();
-    let s: f64 = d.sums().iter().sum();
+    let s: f64 = d.iter().sum();
     println!(
         "{{\"P\":{},\"N\":{n},\"seconds\":{secs:.4},\"peak_rss\":{},\"data_bytes\":{},\"check\":{s:.3e}}}",
         engine.num_params(),

@@ -69,11 +69,11 @@ fn main() {
                     threads: 0,
                 };
                 let engine = FactoredMlp::new(&mlp).expect("engine");
-                let lik: OutputLikelihood = Likelihood::Categorical.into();
+                let lik: Likelihood = Likelihood::Categorical.into();
                 let (t, diag) = best_of(reps.max(3), || {
-                    engine.fisher_diag(&lik, &data, &opts).expect("diag")
+                    engine.sum_sq(&lik, &data, &opts).expect("diag")
                 });
-                let s: f64 = diag.mean().iter().sum();
+                let s: f64 = diag.iter().sum::<f64>() / data.len() as f64;
                 println!(
                     "{{\"workload\":\"diag\",\"path\":\"factored\",\"batch_size\":{bs},\"seconds\":{t:.4},\"P\":{p},\"N\":{},\"trace_F\":{s:.6e},\"peak_rss_mib\":{:.1}}}",
                     data.len(),
@@ -103,7 +103,7 @@ fn main() {
                 .collect();
             let sigma = deltavar::sigma::DiagonalSigma::new(diag).expect("sigma");
             let opts = FactoredOptions::default();
-            let qoi: OutputQoi = Qoi::Output(3).into();
+            let qoi: Qoi = Qoi::Output(3).into();
             let (t, dv) = best_of(reps.max(5), || {
                 let qf = engine.query_factors(&qoi, &q, &opts).expect("queries");
                 query_delta_variances(&qf, &sigma).expect("dv")

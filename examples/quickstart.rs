@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use deltavar::seed::*;
 use deltavar::sigma::CustomSigma;
 use deltavar::*;
 use faer::Mat;

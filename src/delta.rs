@@ -1,9 +1,16 @@
-//! Stage 5: the delta variance ΔVar(z) = ∇q(z)ᵀ Σ ∇q(z) — the seed's `calculate_delta_variance`.
+//! Stage 5: the delta variance ΔVar(z) = ∇q(z)ᵀ Σ ∇q(z): Σ built once from a strategy
+//! ([`build_sigma`]), applied to blocks of query gradients ([`delta_variances`]) or to query
+//! factors ([`query_delta_variances`]), and the whole pipeline for an MLP
+//! ([`mlp_delta_variances`]).
 
 use faer::{Mat, MatRef};
 
+use crate::data::Dataset;
+use crate::engine::{FactoredMlp, FactoredOptions, QueryFactors};
 use crate::error::{Error, Result};
-use crate::fisher::{FisherSource, DEFAULT_MEMORY_BUDGET};
+use crate::fisher::{FactoredFisher, FisherSource, DEFAULT_MEMORY_BUDGET};
+use crate::likelihood::Likelihood;
+use crate::qoi::Qoi;
 use crate::sigma::{
     choose_full_method, CgInverseFisher, CgOptions, CustomSigma, DenseSigma, DiagonalSigma,
     FullMethod, IdentitySigma, InverseDiagonalFisher, InverseFullFisher, KernelInverseFisher,
@@ -210,28 +217,6 @@ fn build_full<'a>(
     Ok((sigma, choice))
 }
 
-/// The seed's `calculate_delta_variance(qoi_gradient, sigma_strategy, sigma_options, ...)` for one
-/// flat QoI gradient: builds Σ and returns gᵀΣg. To evaluate many queries, build Σ once with
-/// [`build_sigma`] and call [`delta_variances`].
-///
-/// ```
-/// use deltavar::{calculate_delta_variance, SigmaOptions, SigmaStrategy};
-/// let g = [1.0, 2.0];
-/// let v = calculate_delta_variance(&g, SigmaStrategy::Identity, &SigmaOptions::default(), None).unwrap();
-/// assert_eq!(v, 5.0);
-/// let v = calculate_delta_variance(&g, SigmaStrategy::Diagonal(vec![0.1, 0.1]), &SigmaOptions::default(), None).unwrap();
-/// assert!((v - 0.5).abs() < 1e-15);
-/// ```
-pub fn calculate_delta_variance(
-    qoi_gradient: &[f64],
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-) -> Result<f64> {
-    let sigma = build_sigma(strategy, qoi_gradient.len(), opts, fisher)?;
-    sigma.quad_form(qoi_gradient)
-}
-
 /// ΔVar for a P×M block of query gradients (one column each) under a built Σ.
 pub fn delta_variances(qoi_gradients: MatRef<'_, f64>, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
     sigma.quad_forms(qoi_gradients)
@@ -256,7 +241,7 @@ pub enum QueryPath {
 /// scalings) and the kernel Σ (and its scalings) never form the Jacobian; any other Σ gets the
 /// P×M block (O(P·M) memory).
 pub fn query_delta_variances_reported(
-    q: &crate::QueryFactors,
+    q: &QueryFactors,
     sigma: &dyn SigmaOp,
 ) -> Result<(QuadForms, QueryPath)> {
     let p = q.factors().num_params();
@@ -289,7 +274,7 @@ pub fn query_delta_variances_reported(
 }
 
 /// ΔVarⱼ for query gradients given as factors (see [`query_delta_variances_reported`]).
-pub fn query_delta_variances(q: &crate::QueryFactors, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
+pub fn query_delta_variances(q: &QueryFactors, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
     Ok(query_delta_variances_reported(q, sigma)?.0.values)
 }
 
@@ -311,37 +296,50 @@ pub fn query_delta_variances(q: &crate::QueryFactors, sigma: &dyn SigmaOp) -> Re
 /// let out = mlp_delta_variances(
 ///     &mlp, Qoi::Sum, &z, SigmaStrategy::DiagonalEmpiricalFim,
 ///     &SigmaOptions { damping: 1e-3, ..Default::default() },
-///     Some((&data, Likelihood::gaussian(0.5).into())), &FactoredOptions::default(),
+///     Some((&data, Likelihood::gaussian(0.5))), &FactoredOptions::default(),
 /// ).unwrap();
 /// assert_eq!(out.delta_variance.len(), 2);
 /// ```
 pub fn mlp_delta_variances(
     mlp: &crate::Mlp,
-    qoi: impl Into<crate::OutputQoi>,
+    qoi: Qoi,
     queries: &candle_core::Tensor,
     strategy: SigmaStrategy,
     opts: &SigmaOptions,
-    training: Option<(&dyn crate::Dataset, crate::OutputLikelihood)>,
-    engine_opts: &crate::FactoredOptions,
+    training: Option<(&dyn Dataset, Likelihood)>,
+    engine_opts: &FactoredOptions,
 ) -> Result<MlpDeltaVariances> {
-    let engine = crate::FactoredMlp::new(mlp)?;
-    let p = engine.num_params();
     let fisher = match training {
-        Some((data, lik)) => Some(crate::FactoredFisher::new(
-            mlp,
-            lik,
-            data,
-            engine_opts.clone(),
-        )?),
+        Some((data, lik)) => Some(FactoredFisher::new(mlp, lik, data, engine_opts.clone())?),
         None => None,
     };
-    let (sigma, choice) = build_sigma_reported(
+    mlp_delta_variances_with(
+        mlp,
+        qoi,
+        queries,
         strategy,
-        p,
         opts,
         fisher.as_ref().map(|f| f as &dyn FisherSource),
-    )?;
-    let q = engine.query_factors(&qoi.into(), queries, engine_opts)?;
+        engine_opts,
+    )
+}
+
+/// [`mlp_delta_variances`] with any [`FisherSource`] for the Fisher strategies: the factored
+/// Fisher of training data, a saved [`crate::FisherArtifact`], or a generic Fisher of the same
+/// parameters (flat layout of [`crate::Mlp::param_names`]).
+pub fn mlp_delta_variances_with(
+    mlp: &crate::Mlp,
+    qoi: Qoi,
+    queries: &candle_core::Tensor,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+    engine_opts: &FactoredOptions,
+) -> Result<MlpDeltaVariances> {
+    let engine = FactoredMlp::new(mlp)?;
+    let p = engine.num_params();
+    let (sigma, choice) = build_sigma_reported(strategy, p, opts, fisher)?;
+    let q = engine.query_factors(&qoi, queries, engine_opts)?;
     let (forms, path) = query_delta_variances_reported(&q, &*sigma)?;
     Ok(MlpDeltaVariances {
         qoi: q.values().to_vec(),
@@ -351,7 +349,7 @@ pub fn mlp_delta_variances(
         cg: forms.cg,
         path,
         num_params: p,
-        num_train: fisher.as_ref().map(|f| f.num_examples()).unwrap_or(0),
+        num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
     })
 }
 

@@ -16,6 +16,7 @@
 //! use candle_core::{DType, Device, Module, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
 //! use deltavar::*;
+//! use deltavar::seed::calculate_delta_variance;
 //!
 //! // a small regression MLP (weights from candle-nn's initialiser)
 //! let dev = Device::Cpu;
@@ -44,6 +45,7 @@
 
 pub mod data;
 pub mod delta;
+#[cfg(feature = "cli")]
 pub mod demo;
 pub mod engine;
 pub mod error;
@@ -51,28 +53,29 @@ pub mod fisher;
 pub mod likelihood;
 pub mod model;
 pub mod params;
+pub mod prelude;
 pub mod qoi;
+pub mod seed;
 pub mod sigma;
 
 pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, TensorDataset};
 pub use delta::{
-    build_sigma, build_sigma_reported, calculate_delta_variance, delta_variances,
-    mlp_delta_variances, query_delta_variances, query_delta_variances_reported, MlpDeltaVariances,
-    QueryPath, SigmaOptions, SigmaStrategy,
+    build_sigma, build_sigma_reported, delta_variances, mlp_delta_variances,
+    mlp_delta_variances_with, query_delta_variances, query_delta_variances_reported,
+    MlpDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
-    FactoredFisher, FactoredMlp, FactoredOptions, Factors, GenericFisher, GenericOptions,
-    OutputLikelihood, OutputQoi, QueryFactors,
+    qoi_gradient, qoi_gradients, FactoredMlp, FactoredOptions, Factors, GenericGradients,
+    GenericOptions, QoiGradient, QueryFactors,
 };
 pub use error::{Error, Result};
 pub use fisher::{
-    calculate_empirical_fim_diagonal, calculate_empirical_fim_full, calculate_inverse_fim_diagonal,
-    calculate_inverse_fim_full, fisher_pass, tensors_fingerprint, weights_fingerprint,
-    FisherArtifact, FisherDense, FisherDiag, FisherSource, PassKind, PassOptions,
+    fisher_pass, tensors_fingerprint, weights_fingerprint, FactoredFisher, FisherArtifact,
+    FisherDense, FisherDiag, FisherSource, GenericFisher, PassKind, PassOptions,
     DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
 pub use model::{Activation, Mlp};
 pub use params::{ParamOrder, Params};
-pub use qoi::{qoi_gradient, qoi_gradients, Qoi, QoiGradient};
-pub use sigma::{apply_diagonal_sigma, apply_full_sigma, apply_identity_sigma, SigmaOp};
+pub use qoi::Qoi;
+pub use sigma::{FullMethod, SigmaOp};

@@ -3,12 +3,23 @@
 //! Both are written with plain tensor ops (a one-hot product, not `gather`), so they also
 //! differentiate twice in candle.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
 
-/// A per-example log-likelihood of the model output.
-#[derive(Debug, Clone, PartialEq)]
+/// A user closure `(output (B, out), y) -> log-likelihoods (B,)`, row i depending on output row i
+/// and target row i only.
+pub type LikelihoodFn = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// A per-example log-likelihood of the model output: gaussian, categorical, or a user closure.
+///
+/// Both engines take it: the generic path differentiates `log_likelihood` through the whole
+/// model with candle; the factored engine needs only its gradient with respect to the output,
+/// computed in closed form for the built-ins and by candle on the (B, out) output alone for a
+/// closure.
+#[derive(Clone)]
 pub enum Likelihood {
     /// Σ_k log N(y_k | f_k, σ_k²): `sigma` has one entry (shared) or one per output.
     /// Targets y: float, shape (B, out).
@@ -18,9 +29,60 @@ pub enum Likelihood {
     },
     /// log softmax(f)[y] with f the logits. Targets y: integer class indices, shape (B,).
     Categorical,
+    /// `log p(y | f)` per row from the output f and the targets y, shape (B,).
+    Custom(Arc<LikelihoodFn>),
+}
+
+impl std::fmt::Debug for Likelihood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Likelihood::Gaussian { sigma } => write!(f, "Gaussian {{ sigma: {sigma:?} }}"),
+            Likelihood::Categorical => write!(f, "Categorical"),
+            Likelihood::Custom(_) => write!(f, "Custom(closure)"),
+        }
+    }
+}
+
+impl std::str::FromStr for Likelihood {
+    type Err = Error;
+    /// Parses `gaussian` (σ = 1), `gaussian:SIGMA` or `categorical`.
+    ///
+    /// ```
+    /// use deltavar::Likelihood;
+    /// assert!(matches!("gaussian:0.5".parse::<Likelihood>().unwrap(), Likelihood::Gaussian { .. }));
+    /// assert!("poisson".parse::<Likelihood>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "likelihood",
+                s,
+                "expected gaussian, gaussian:SIGMA (SIGMA > 0) or categorical",
+            )
+        };
+        match s.split_once(':') {
+            None if s == "gaussian" => Ok(Likelihood::gaussian(1.0)),
+            None if s == "categorical" => Ok(Likelihood::Categorical),
+            Some(("gaussian", sig)) => {
+                let v: f64 = sig.parse().map_err(|_| bad())?;
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(bad());
+                }
+                Ok(Likelihood::gaussian(v))
+            }
+            _ => Err(bad()),
+        }
+    }
 }
 
 impl Likelihood {
+    /// A user closure `(output, y) -> log-likelihoods (B,)`.
+    pub fn custom(
+        f: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+    ) -> Self {
+        Likelihood::Custom(Arc::new(f))
+    }
+
     /// Gaussian with one shared σ.
     pub fn gaussian(sigma: f64) -> Self {
         Likelihood::Gaussian { sigma: vec![sigma] }
@@ -39,6 +101,9 @@ impl Likelihood {
 
     /// Per-example log-likelihoods, shape (B,), of `output` (B, out) against targets `y`.
     pub fn log_likelihood(&self, output: &Tensor, y: &Tensor) -> Result<Tensor> {
+        if let Likelihood::Custom(f) = self {
+            return Ok(f(output, y)?);
+        }
         let (b, out) = output.dims2().map_err(|_| {
             Error::shape(
                 "model output for the likelihood",
@@ -82,6 +147,7 @@ impl Likelihood {
                 let lsm = candle_nn::ops::log_softmax(output, D::Minus1)?;
                 Ok((lsm * onehot)?.sum(1)?)
             }
+            Likelihood::Custom(f) => Ok(f(output, y)?),
         }
     }
 }
@@ -146,16 +212,19 @@ pub(crate) fn class_labels(y: &Tensor, b: usize, c: usize, first_row: usize) -> 
     labels
         .into_iter()
         .enumerate()
-        .map(|(i, l)| {
-            if l.fract() != 0.0 || !l.is_finite() || l < 0.0 || l >= c as f64 {
-                Err(Error::invalid(
-                    format!("categorical label of example {}", first_row + i),
-                    l,
-                    format!("must be an integer in 0..{c} (the model has {c} outputs)"),
-                ))
-            } else {
-                Ok(l as usize)
-            }
-        })
+        .map(|(i, l)| check_label(l, c, first_row + i))
         .collect()
+}
+
+/// One class label, checked to be an integer in 0..c; `example` numbers it in the error.
+pub(crate) fn check_label(l: f64, c: usize, example: usize) -> Result<usize> {
+    if l.fract() != 0.0 || !l.is_finite() || l < 0.0 || l >= c as f64 {
+        Err(Error::invalid(
+            format!("categorical label of example {example}"),
+            l,
+            format!("must be an integer in 0..{c} (the model has {c} outputs)"),
+        ))
+    } else {
+        Ok(l as usize)
+    }
 }

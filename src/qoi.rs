@@ -1,13 +1,17 @@
-//! Stage 2a: the quantity of interest q(θ, z) and its gradient ∇θ q (the seed's `get_qoi_gradient`).
+//! The quantity of interest q(θ, z) on a model's output (its gradients are taken by the engines:
+//! [`crate::qoi_gradient`], [`crate::FactoredMlp::query_factors`]).
+
+use std::sync::Arc;
 
 use candle_core::{Tensor, D};
-use faer::Mat;
 
 use crate::error::{Error, Result};
-use crate::params::Params;
 
-/// Built-in quantities of interest on a model output row f(z).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A user closure `output (B, out) -> QoI values (B,)`, row i depending on output row i only.
+pub type QoiFn = dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// A quantity of interest on a model output row f(z): built-in, or a user closure.
+#[derive(Clone)]
 pub enum Qoi {
     /// Σ_k f_k(z).
     Sum,
@@ -15,6 +19,19 @@ pub enum Qoi {
     Output(usize),
     /// softmax(f(z))_k.
     Prob(usize),
+    /// Values (B,) from the output (B, out), row i depending on output row i only.
+    Custom(Arc<QoiFn>),
+}
+
+impl std::fmt::Debug for Qoi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Qoi::Sum => write!(f, "Sum"),
+            Qoi::Output(k) => write!(f, "Output({k})"),
+            Qoi::Prob(k) => write!(f, "Prob({k})"),
+            Qoi::Custom(_) => write!(f, "Custom(closure)"),
+        }
+    }
 }
 
 impl Qoi {
@@ -29,6 +46,7 @@ impl Qoi {
         })?;
         let k = match self {
             Qoi::Sum => return Ok(output.sum(1)?),
+            Qoi::Custom(f) => return Ok(f(output)?),
             Qoi::Output(k) | Qoi::Prob(k) => *k,
         };
         if k >= out {
@@ -48,6 +66,13 @@ impl Qoi {
 }
 
 impl Qoi {
+    /// A user closure `output (B, out) -> values (B,)`.
+    pub fn custom(
+        f: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+    ) -> Self {
+        Qoi::Custom(Arc::new(f))
+    }
+
     /// The closure `z ↦ Σ_rows qoi(model(z))` for [`qoi_gradient`] / [`qoi_gradients`] (for one
     /// query row it is the QoI itself).
     ///
@@ -63,11 +88,12 @@ impl Qoi {
     /// assert!(g.value > 0.0 && g.value < 1.0);
     /// ```
     pub fn of<'a, M: candle_core::Module + Sync>(
-        self,
+        &self,
         model: &'a M,
     ) -> impl Fn(&Tensor) -> candle_core::Result<Tensor> + Sync + 'a {
+        let q = self.clone();
         move |z| {
-            self.eval(&model.forward(z)?)
+            q.eval(&model.forward(z)?)
                 .map_err(candle_core::Error::wrap)?
                 .sum_all()
         }
@@ -90,115 +116,4 @@ impl std::str::FromStr for Qoi {
             _ => Err(bad()),
         }
     }
-}
-
-/// A QoI value and its gradient with respect to every parameter.
-#[derive(Debug, Clone)]
-pub struct QoiGradient {
-    /// q(θ, z).
-    pub value: f64,
-    /// ∇θ q in the flat layout of the [`Params`] it was taken against (length P).
-    pub flat: Vec<f64>,
-}
-
-impl QoiGradient {
-    /// The gradient per parameter tensor (name, f64 tensor shaped like the parameter), the
-    /// seed's pytree form.
-    pub fn per_tensor(&self, params: &Params) -> Result<Vec<(String, Tensor)>> {
-        params.unflatten(&self.flat)
-    }
-}
-
-/// Takes the scalar `q` returned by a closure and checks it.
-fn scalar_value(q: &Tensor, what: &str) -> Result<f64> {
-    if q.elem_count() != 1 {
-        return Err(Error::NotScalar {
-            what: what.into(),
-            shape: format!("{:?}", q.dims()),
-        });
-    }
-    let v = q
-        .flatten_all()?
-        .to_dtype(candle_core::DType::F64)?
-        .to_vec1::<f64>()?[0];
-    if !v.is_finite() {
-        return Err(Error::NonFinite {
-            what: format!("{what} output"),
-            detail: format!("the value is {v}"),
-        });
-    }
-    Ok(v)
-}
-
-/// ∇θ q(θ, z) for a user closure `qoi(z)` that runs the model (capturing it) and returns a scalar
-/// tensor (a single element of any shape). The seed's `get_qoi_gradient(qoi_functional, params,
-/// model, z)`.
-///
-/// Errors if the closure fails, its output is not a single element, or the value or gradient is
-/// not finite. A parameter that receives no gradient is an error naming it (usually an op
-/// without a backward pass upstream, such as candle-nn's fused `layer_norm`), unless it was
-/// allowed with [`Params::allow_unused`].
-///
-/// ```
-/// use candle_core::{Device, DType, Tensor, Var};
-/// use deltavar::{qoi_gradient, Params};
-/// let w = Var::from_tensor(&Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu).unwrap()).unwrap();
-/// let params = Params::from_vars(vec![("w".into(), w.clone())]).unwrap();
-/// let z = Tensor::new(&[[3.0f64], [4.0]], &Device::Cpu).unwrap();
-/// let g = qoi_gradient(&params, &z, |z| w.as_tensor().matmul(z)).unwrap();
-/// assert_eq!(g.value, 11.0);
-/// assert_eq!(g.flat, vec![3.0, 4.0]);
-/// ```
-pub fn qoi_gradient<F>(params: &Params, z: &Tensor, qoi: F) -> Result<QoiGradient>
-where
-    F: Fn(&Tensor) -> candle_core::Result<Tensor>,
-{
-    let q = qoi(z)?;
-    let value = scalar_value(&q, "QoI closure")?;
-    let grads = q.sum_all()?.backward()?;
-    let flat = params.flatten_grads(&grads)?;
-    crate::error::check_finite("QoI gradient", &flat)?;
-    Ok(QoiGradient { value, flat })
-}
-
-/// Gradients of a QoI at M query points, the rows of `queries` (M, …), as a P×M block (one
-/// column per query) plus the M values. Generic path: one forward/backward per query, in parallel
-/// on `threads` workers (see [`crate::engine::GenericOptions`]). Memory O(P·M).
-pub fn qoi_gradients<F>(
-    params: &Params,
-    queries: &Tensor,
-    qoi: F,
-    opts: &crate::engine::GenericOptions,
-) -> Result<(Mat<f64>, Vec<f64>)>
-where
-    F: Fn(&Tensor) -> candle_core::Result<Tensor> + Sync,
-{
-    let m = *queries.dims().first().ok_or_else(|| {
-        Error::shape(
-            "queries (one row per query: the first dimension indexes the queries)",
-            "a tensor of rank >= 1",
-            "a scalar",
-        )
-    })?;
-    let p = params.num_params();
-    let cols = crate::engine::generic::map_examples(m, opts, |j| {
-        let z = queries.narrow(0, j, 1)?;
-        let g = qoi_gradient(params, &z, &qoi).map_err(|e| match e {
-            Error::NonFinite { what, detail } => Error::NonFinite {
-                what,
-                detail: format!("{detail} (query {j})"),
-            },
-            e => e,
-        })?;
-        Ok(g)
-    })?;
-    let mut mat = Mat::<f64>::zeros(p, m);
-    let mut values = Vec::with_capacity(m);
-    for (j, g) in cols.into_iter().enumerate() {
-        for (i, v) in g.flat.into_iter().enumerate() {
-            mat[(i, j)] = v;
-        }
-        values.push(g.value);
-    }
-    Ok((mat, values))
 }

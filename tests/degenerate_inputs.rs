@@ -11,6 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use deltavar::data::{write_npy, NpyArray, RowsRef};
 use deltavar::engine::{DenseGradients, GradientMatrix};
+use deltavar::seed::*;
 use deltavar::sigma::solver::{
     conjugate_gradient, CgSettings, IdentityPreconditioner, JacobiPreconditioner, LinOp,
     NystromPreconditioner,
@@ -129,12 +130,12 @@ fn models_and_engines_on_empty_inputs() {
         Tensor::zeros((0, 2), DType::F64, &Device::Cpu).unwrap(),
     )
     .unwrap();
-    let lik: OutputLikelihood = Likelihood::gaussian(1.0).into();
+    let lik: Likelihood = Likelihood::gaussian(1.0).into();
     let opts = FactoredOptions::default();
     // factored engine on no data
-    let d = engine.fisher_diag(&lik, &empty, &opts).unwrap();
-    assert_eq!((d.num_examples(), d.sums().len()), (0, p));
-    assert!(d.sums().iter().all(|v| *v == 0.0));
+    let d = engine.sum_sq(&lik, &empty, &opts).unwrap();
+    assert_eq!(d.len(), p);
+    assert!(d.iter().all(|v| *v == 0.0));
     let f = engine.factors(&lik, &empty, &opts).unwrap();
     assert_eq!(f.num_examples(), 0);
     assert_eq!(f.gram().nrows(), 0);
@@ -171,7 +172,7 @@ fn models_and_engines_on_empty_inputs() {
         )
         .is_err());
     assert!(engine
-        .fisher_diag(
+        .sum_sq(
             &lik,
             &empty,
             &FactoredOptions {

@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use deltavar::seed::*;
 use deltavar::sigma::*;
 use deltavar::*;
 use faer::Mat;

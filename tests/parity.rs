@@ -13,6 +13,7 @@ mod common;
 
 use candle_core::DType;
 use common::*;
+use deltavar::seed::*;
 use deltavar::*;
 
 struct Errors {

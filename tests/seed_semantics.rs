@@ -4,6 +4,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use common::*;
+use deltavar::seed::*;
 use deltavar::sigma::{CustomSigma, InverseFullFisher};
 use deltavar::*;
 use faer::Mat;

@@ -343,7 +343,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     let engine = FactoredMlp::new(&mlp)?;
                     let (s, choice) = build_sigma_reported(strategy, params.num_params(), &opts, Some(&art))?;
-                    let qf = engine.query_factors(&qoi.into(), &q, &eo)?;
+                    let qf = engine.query_factors(&qoi.clone(), &q, &eo)?;
                     let (forms, path) = query_delta_variances_reported(&qf, &*s)?;
                     MlpDeltaVariances {
                         qoi: qf.values().to_vec(),

@@ -1,12 +1,12 @@
 //! The generic per-example path: works for ANY candle closure.
 //!
 //! Each example's gradient comes from its own forward and backward pass (candle has no `vmap`),
-//! run on a dedicated rayon pool. Measured here (2 cores, see ARCHITECTURE.md): running the
-//! examples on our own pool while candle's inner matmul threading is set to 1 is the fastest
-//! arrangement, because candle parallelises even one-row products.
+//! run on a dedicated rayon pool. [`GenericGradients`] gives the per-example log-likelihood
+//! gradients of a dataset (their squared sums, their outer-product sum, or a chunk of them);
+//! [`qoi_gradient`] / [`qoi_gradients`] the gradients of a quantity of interest.
 //!
-//! Memory: diag F holds one P-vector accumulator and one P-vector gradient buffer per worker,
-//! O(threads·P); dense F holds the P×P matrix plus one chunk of `batch_size` gradients,
+//! Memory: the squared sums hold one P-vector accumulator per worker, O(threads·P); the
+//! outer-product sum holds the P×P matrix plus one chunk of `batch_size` gradients,
 //! O(P² + batch_size·P). The N×P matrix is never formed.
 
 use candle_core::backprop::GradStore;
@@ -15,12 +15,8 @@ use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::{Accum, Mat, Par};
 use rayon::prelude::*;
 
-use std::sync::Arc;
-
 use crate::data::Dataset;
-use crate::engine::gradients::{DenseGradients, GradientMatrix, StreamedGradients};
 use crate::error::{Error, Result};
-use crate::fisher::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
 use crate::params::Params;
 
 /// Options of the generic path.
@@ -77,40 +73,24 @@ pub(crate) fn map_examples<T: Send>(
     super::pool::map_indices(n, opts.threads, f)
 }
 
-/// The empirical Fisher of a user log-likelihood closure over a dataset, by the generic path.
+/// Per-example log-likelihood gradients gᵢ = ∇θ log p(yᵢ|xᵢ, θ) of a user closure over a
+/// dataset, by the generic path (one candle backward per example). [`crate::GenericFisher`] is
+/// the empirical Fisher built on it.
 ///
 /// The closure `log_lik(x, y)` runs the model on a batch (B, …) and returns the per-example
 /// log-likelihoods, shape (B,). It is called with B = 1.
-///
-/// ```
-/// use candle_core::{Device, Tensor, Var};
-/// use deltavar::{FisherSource, GenericFisher, GenericOptions, Params, TensorDataset};
-/// // one parameter w, model f(x) = w x, gaussian log-likelihood -(y - w x)^2 / 2
-/// let w = Var::from_tensor(&Tensor::new(&[2.0f64], &Device::Cpu).unwrap()).unwrap();
-/// let params = Params::from_vars(vec![("w".into(), w.clone())]).unwrap();
-/// let x = Tensor::new(&[[1.0f64], [2.0]], &Device::Cpu).unwrap();
-/// let y = Tensor::new(&[[3.0f64], [3.0]], &Device::Cpu).unwrap();
-/// let data = TensorDataset::new(x, y).unwrap();
-/// let ll = |x: &Tensor, y: &Tensor| {
-///     let r = (y - x.broadcast_mul(w.as_tensor())?)?;
-///     (r.sqr()? * -0.5)?.sum(1)
-/// };
-/// let fisher = GenericFisher::new(&params, ll, &data, GenericOptions::default());
-/// // g_i = (y - w x) x: 1 and -2, so F = (1 + 4) / 2
-/// assert_eq!(fisher.fisher_diag().unwrap().mean(), vec![2.5]);
-/// ```
-pub struct GenericFisher<'a, L> {
+pub struct GenericGradients<'a, L> {
     params: &'a Params,
     log_lik: L,
     data: &'a dyn Dataset,
     opts: GenericOptions,
 }
 
-impl<'a, L> GenericFisher<'a, L>
+impl<'a, L> GenericGradients<'a, L>
 where
     L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
 {
-    /// The generic Fisher of `log_lik` over `data` with respect to `params`.
+    /// The gradients of `log_lik` over `data` with respect to `params`.
     pub fn new(
         params: &'a Params,
         log_lik: L,
@@ -123,6 +103,21 @@ where
             data,
             opts,
         }
+    }
+
+    /// P.
+    pub fn num_params(&self) -> usize {
+        self.params.num_params()
+    }
+
+    /// N.
+    pub fn num_examples(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The options.
+    pub fn options(&self) -> &GenericOptions {
+        &self.opts
     }
 
     /// Backward pass of example `i` (local index `i` of the chunk `x`, `y`).
@@ -174,7 +169,7 @@ where
     }
 
     /// The per-example gradients of examples `start .. start+len` as a P×len matrix (one
-    /// column per example). O(P·len) memory: for tests and small problems.
+    /// column per example). O(P·len) memory.
     pub fn per_example_gradients(&self, start: usize, len: usize) -> Result<Mat<f64>> {
         self.opts.validate()?;
         let p = self.params.num_params();
@@ -186,21 +181,9 @@ where
         })?;
         Ok(Mat::from_fn(p, len, |i, j| cols[j][i]))
     }
-}
 
-impl<L> FisherSource for GenericFisher<'_, L>
-where
-    L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
-{
-    fn num_params(&self) -> usize {
-        self.params.num_params()
-    }
-
-    fn num_examples(&self) -> usize {
-        self.data.len()
-    }
-
-    fn fisher_diag(&self) -> Result<FisherDiag> {
+    /// Σᵢ gᵢ∘gᵢ over the dataset (length P), summed in f64. Memory O(threads·P).
+    pub fn sum_sq(&self) -> Result<Vec<f64>> {
         self.opts.validate()?;
         let p = self.params.num_params();
         let n = self.data.len();
@@ -237,23 +220,17 @@ where
             }
             Ok(())
         })??;
-        FisherDiag::from_sums(total, n)
+        Ok(total)
     }
 
-    fn fisher_dense(&self, memory_budget: u64) -> Result<FisherDense> {
+    /// Σᵢ gᵢgᵢᵀ over the dataset: a P×P matrix whose LOWER triangle holds the sum (faer's
+    /// triangular matmul, one chunk of `batch_size` gradients at a time). Memory
+    /// O(P² + batch_size·P); the caller checks its budget first.
+    pub fn outer_sum_lower(&self) -> Result<Mat<f64>> {
         self.opts.validate()?;
         let p = self.params.num_params();
         let n = self.data.len();
         let bs = self.opts.batch_size;
-        let needed = dense_fisher_bytes(p) + 2 * (bs.min(n.max(1)) * p * 8) as u64;
-        if needed > memory_budget {
-            return Err(Error::MemoryBudget {
-                what: format!("the dense {p}×{p} empirical Fisher"),
-                needed,
-                budget: memory_budget,
-                hint: "use the diagonal Fisher, raise the memory budget, or (for the full inverse) a matrix-free method".into(),
-            });
-        }
         let mut sum = Mat::<f64>::zeros(p, p);
         let mut gt = Mat::<f64>::zeros(p, bs.min(n.max(1)));
         super::pool::in_pool(self.opts.threads, || -> Result<()> {
@@ -286,28 +263,117 @@ where
             }
             Ok(())
         })??;
-        FisherDense::from_lower_sum(sum, n)
+        Ok(sum)
     }
+}
 
-    fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
-        let full = (self.data.len() * self.params.num_params() * 8) as u64;
-        if full <= memory_budget / 2 {
-            full
-        } else {
-            (self.opts.batch_size * self.params.num_params() * 8) as u64
-        }
-    }
+/// A QoI value and its gradient with respect to every parameter.
+#[derive(Debug, Clone)]
+pub struct QoiGradient {
+    /// q(θ, z).
+    pub value: f64,
+    /// ∇θ q in the flat layout of the [`Params`] it was taken against (length P).
+    pub flat: Vec<f64>,
+}
 
-    /// G in memory (P×N f64) when it takes at most half the budget; otherwise recomputed in
-    /// chunks of `batch_size` examples on every product.
-    fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
-        let n = self.data.len();
-        let full = (n * self.params.num_params() * 8) as u64;
-        if full <= memory_budget / 2 {
-            return Ok(Arc::new(DenseGradients::new(
-                self.per_example_gradients(0, n)?,
-            )));
-        }
-        Ok(Arc::new(StreamedGradients::new(self, self.opts.batch_size)))
+impl QoiGradient {
+    /// The gradient per parameter tensor (name, f64 tensor shaped like the parameter), the
+    /// seed's pytree form.
+    pub fn per_tensor(&self, params: &Params) -> Result<Vec<(String, Tensor)>> {
+        params.unflatten(&self.flat)
     }
+}
+
+/// Takes the scalar `q` returned by a closure and checks it.
+fn scalar_value(q: &Tensor, what: &str) -> Result<f64> {
+    if q.elem_count() != 1 {
+        return Err(Error::NotScalar {
+            what: what.into(),
+            shape: format!("{:?}", q.dims()),
+        });
+    }
+    let v = q
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?[0];
+    if !v.is_finite() {
+        return Err(Error::NonFinite {
+            what: format!("{what} output"),
+            detail: format!("the value is {v}"),
+        });
+    }
+    Ok(v)
+}
+
+/// ∇θ q(θ, z) for a user closure `qoi(z)` that runs the model (capturing it) and returns a scalar
+/// tensor (a single element of any shape). The seed's `get_qoi_gradient(qoi_functional, params,
+/// model, z)`.
+///
+/// Errors if the closure fails, its output is not a single element, or the value or gradient is
+/// not finite. A parameter that receives no gradient is an error naming it (usually an op
+/// without a backward pass upstream, such as candle-nn's fused `layer_norm`), unless it was
+/// allowed with [`Params::allow_unused`].
+///
+/// ```
+/// use candle_core::{Device, DType, Tensor, Var};
+/// use deltavar::{qoi_gradient, Params};
+/// let w = Var::from_tensor(&Tensor::new(&[[1.0f64, 2.0]], &Device::Cpu).unwrap()).unwrap();
+/// let params = Params::from_vars(vec![("w".into(), w.clone())]).unwrap();
+/// let z = Tensor::new(&[[3.0f64], [4.0]], &Device::Cpu).unwrap();
+/// let g = qoi_gradient(&params, &z, |z| w.as_tensor().matmul(z)).unwrap();
+/// assert_eq!(g.value, 11.0);
+/// assert_eq!(g.flat, vec![3.0, 4.0]);
+/// ```
+pub fn qoi_gradient<F>(params: &Params, z: &Tensor, qoi: F) -> Result<QoiGradient>
+where
+    F: Fn(&Tensor) -> candle_core::Result<Tensor>,
+{
+    let q = qoi(z)?;
+    let value = scalar_value(&q, "QoI closure")?;
+    let grads = q.sum_all()?.backward()?;
+    let flat = params.flatten_grads(&grads)?;
+    crate::error::check_finite("QoI gradient", &flat)?;
+    Ok(QoiGradient { value, flat })
+}
+
+/// Gradients of a QoI at M query points, the rows of `queries` (M, …), as a P×M block (one
+/// column per query) plus the M values. Generic path: one forward/backward per query, in parallel
+/// on `threads` workers (see [`GenericOptions`]). Memory O(P·M).
+pub fn qoi_gradients<F>(
+    params: &Params,
+    queries: &Tensor,
+    qoi: F,
+    opts: &GenericOptions,
+) -> Result<(Mat<f64>, Vec<f64>)>
+where
+    F: Fn(&Tensor) -> candle_core::Result<Tensor> + Sync,
+{
+    let m = *queries.dims().first().ok_or_else(|| {
+        Error::shape(
+            "queries (one row per query: the first dimension indexes the queries)",
+            "a tensor of rank >= 1",
+            "a scalar",
+        )
+    })?;
+    let p = params.num_params();
+    let cols = map_examples(m, opts, |j| {
+        let z = queries.narrow(0, j, 1)?;
+        let g = qoi_gradient(params, &z, &qoi).map_err(|e| match e {
+            Error::NonFinite { what, detail } => Error::NonFinite {
+                what,
+                detail: format!("{detail} (query {j})"),
+            },
+            e => e,
+        })?;
+        Ok(g)
+    })?;
+    let mut mat = Mat::<f64>::zeros(p, m);
+    let mut values = Vec::with_capacity(m);
+    for (j, g) in cols.into_iter().enumerate() {
+        for (i, v) in g.flat.into_iter().enumerate() {
+            mat[(i, j)] = v;
+        }
+        values.push(g.value);
+    }
+    Ok((mat, values))
 }

@@ -6,7 +6,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 
 use super::factored::{Factors, QueryFactors};
-use super::generic::GenericFisher;
+use super::generic::GenericGradients;
 use crate::error::{Error, Result};
 
 /// G, the N×P matrix of per-example log-likelihood gradients, seen through its products.
@@ -157,7 +157,7 @@ impl GradientMatrix for DenseGradients {
 /// G recomputed chunk by chunk on every product (the generic path when N·P does not fit):
 /// memory O(chunk·P), each product costs one generic pass over the data.
 pub struct StreamedGradients<'a, L> {
-    fisher: &'a GenericFisher<'a, L>,
+    grads: &'a GenericGradients<'a, L>,
     chunk: usize,
 }
 
@@ -165,16 +165,16 @@ impl<'a, L> StreamedGradients<'a, L>
 where
     L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
 {
-    /// Streams the generic Fisher's gradients in chunks of `chunk` examples.
-    pub fn new(fisher: &'a GenericFisher<'a, L>, chunk: usize) -> Self {
+    /// Streams the generic engine's gradients in chunks of `chunk` examples.
+    pub fn new(grads: &'a GenericGradients<'a, L>, chunk: usize) -> Self {
         Self {
-            fisher,
+            grads,
             chunk: chunk.max(1),
         }
     }
 
     fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let n = crate::fisher::FisherSource::num_examples(self.fisher);
+        let n = self.grads.num_examples();
         (0..n)
             .step_by(self.chunk)
             .map(move |s| (s, self.chunk.min(n - s)))
@@ -186,16 +186,16 @@ where
     L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
 {
     fn num_params(&self) -> usize {
-        crate::fisher::FisherSource::num_params(self.fisher)
+        self.grads.num_params()
     }
     fn num_examples(&self) -> usize {
-        crate::fisher::FisherSource::num_examples(self.fisher)
+        self.grads.num_examples()
     }
     fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
         check("V in G·V (P rows)", v.nrows(), self.num_params())?;
         let mut out = Mat::zeros(self.num_examples(), v.ncols());
         for (s, len) in self.chunks() {
-            let g = self.fisher.per_example_gradients(s, len)?;
+            let g = self.grads.per_example_gradients(s, len)?;
             matmul(
                 out.as_mut().subrows_mut(s, len),
                 Accum::Replace,
@@ -211,7 +211,7 @@ where
         check("U in Gᵀ·U (N rows)", u.nrows(), self.num_examples())?;
         let mut out = Mat::zeros(self.num_params(), u.ncols());
         for (s, len) in self.chunks() {
-            let g = self.fisher.per_example_gradients(s, len)?;
+            let g = self.grads.per_example_gradients(s, len)?;
             matmul(
                 out.as_mut(),
                 Accum::Add,
@@ -229,12 +229,12 @@ where
         let mut k = Mat::zeros(n, n);
         let chunks: Vec<(usize, usize)> = self.chunks().collect();
         for (a, &(sa, la)) in chunks.iter().enumerate() {
-            let ga = self.fisher.per_example_gradients(sa, la)?;
+            let ga = self.grads.per_example_gradients(sa, la)?;
             for &(sb, lb) in &chunks[..=a] {
                 let gb = if sb == sa {
                     ga.clone()
                 } else {
-                    self.fisher.per_example_gradients(sb, lb)?
+                    self.grads.per_example_gradients(sb, lb)?
                 };
                 let mut blk = Mat::zeros(la, lb);
                 matmul(
@@ -256,9 +256,7 @@ where
         Ok(k)
     }
     fn diag_sums(&self) -> Result<Vec<f64>> {
-        Ok(crate::fisher::FisherSource::fisher_diag(self.fisher)?
-            .sums()
-            .to_vec())
+        self.grads.sum_sq()
     }
     fn bytes(&self) -> u64 {
         (self.chunk * self.num_params() * 8) as u64

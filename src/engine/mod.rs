@@ -1,21 +1,21 @@
 //! Stage 2: the per-example engine — per-example log-likelihood gradients gᵢ = ∇θ log p(yᵢ|xᵢ,θ)
-//! and query gradients, without ever storing the N×P gradient matrix.
+//! and query gradients, without ever storing the N×P gradient matrix. It sees parameters, data
+//! and models (stage 1) only; the Fisher (stage 3) is built on it.
 //!
-//! - [`generic`]: any candle closure; one forward+backward per example, run in parallel.
-//!   Memory O(threads·P) for diag F, O(batch·P) extra for dense F.
-
+//! - [`generic`]: any candle closure; one forward+backward per example, run in parallel
+//!   ([`GenericGradients`], [`qoi_gradient`], [`qoi_gradients`]).
+//!   Memory O(threads·P) for the squared sums, O(batch·P) extra for the outer-product sum.
 //! - [`factored`]: models it knows ([`crate::Mlp`]); a native batched forward/backward gives each
-//!   layer's factors (X, Δ), from which diag F, F·V, J·V, Jᵀ·U, the Gram matrix and query
+//!   layer's factors (X, Δ), from which Σgᵢ∘gᵢ, F·V, J·V, Jᵀ·U, the Gram matrix and query
 //!   gradients follow without the N×P matrix.
+//! - [`gradients`]: the N×P gradient matrix G as an operator ([`GradientMatrix`]): the factors,
+//!   G in memory, or G recomputed in chunks.
 
 pub mod factored;
 pub mod generic;
 pub mod gradients;
 mod pool;
 
-pub use factored::{
-    FactoredFisher, FactoredMlp, FactoredOptions, Factors, OutputLikelihood, OutputQoi,
-    QueryFactors,
-};
-pub use generic::{GenericFisher, GenericOptions};
+pub use factored::{FactoredMlp, FactoredOptions, Factors, QueryFactors};
+pub use generic::{qoi_gradient, qoi_gradients, GenericGradients, GenericOptions, QoiGradient};
 pub use gradients::{DenseGradients, GradientMatrix, StreamedGradients};

@@ -10,11 +10,15 @@
 //! | [`FisherDense`] | O(P²): formed only when asked, under a memory budget |
 
 pub mod artifact;
+mod factored;
+mod generic;
 pub mod offline;
 
 pub use artifact::{
     shard_range, tensors_fingerprint, weights_fingerprint, FisherArtifact, FisherMeta,
 };
+pub use factored::FactoredFisher;
+pub use generic::GenericFisher;
 pub use offline::{fisher_pass, PassKind, PassOptions};
 
 use faer::{Mat, MatRef};
@@ -173,37 +177,4 @@ impl FisherDense {
             n: self.n,
         }
     }
-}
-
-/// Seed counterpart of `calculate_empirical_fim_diagonal`: the MEAN Fisher diagonal (length P).
-pub fn calculate_empirical_fim_diagonal(source: &dyn FisherSource) -> Result<Vec<f64>> {
-    Ok(source.fisher_diag()?.mean())
-}
-
-/// Seed counterpart of `calculate_inverse_fim_diagonal(..., damping)`: 1/(F_ii + λ) (length P).
-pub fn calculate_inverse_fim_diagonal(source: &dyn FisherSource, damping: f64) -> Result<Vec<f64>> {
-    crate::sigma::inverse_fisher_diag_values(&source.fisher_diag()?.mean(), damping)
-}
-
-/// Seed counterpart of `calculate_empirical_fim_full`: the MEAN P×P Fisher (refused above
-/// `memory_budget` bytes; see [`DEFAULT_MEMORY_BUDGET`]).
-pub fn calculate_empirical_fim_full(
-    source: &dyn FisherSource,
-    memory_budget: u64,
-) -> Result<Mat<f64>> {
-    Ok(source.fisher_dense(memory_budget)?.mean())
-}
-
-/// Seed counterpart of `calculate_inverse_fim_full(..., damping)`: (F + λI)⁻¹ as a
-/// Cholesky-factored operator; call [`crate::sigma::InverseFullFisher::to_dense`] for the
-/// explicit matrix the seed returns.
-pub fn calculate_inverse_fim_full(
-    source: &dyn FisherSource,
-    damping: f64,
-    memory_budget: u64,
-) -> Result<crate::sigma::InverseFullFisher> {
-    crate::sigma::InverseFullFisher::new(
-        source.fisher_dense(memory_budget)?.mean().as_ref(),
-        damping,
-    )
 }

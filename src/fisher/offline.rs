@@ -3,11 +3,13 @@
 use super::artifact::{
     shard_range, tensors_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
 };
+use super::FactoredFisher;
 use super::FisherSource;
 use crate::data::{Dataset, DatasetRange};
-use crate::engine::{FactoredFisher, FactoredMlp, FactoredOptions, OutputLikelihood};
+use crate::engine::{FactoredMlp, FactoredOptions};
 use crate::error::Result;
 use crate::fisher::FisherDiag;
+use crate::likelihood::Likelihood;
 use crate::model::Mlp;
 
 /// What a pass accumulates.
@@ -55,7 +57,7 @@ impl Default for PassOptions {
 /// for dense; the dataset is read batch by batch (memory-mapped files stay on disk).
 pub fn fisher_pass(
     mlp: &Mlp,
-    lik: OutputLikelihood,
+    lik: Likelihood,
     likelihood_name: &str,
     data: &dyn Dataset,
     opts: &PassOptions,
@@ -92,12 +94,12 @@ pub fn fisher_pass(
             let mut done = 0;
             while done < total {
                 let len = step.min(total - done);
-                let part = engine.fisher_diag(
+                let part = engine.sum_sq(
                     &lik,
                     &DatasetRange::new(data, start + done, len)?,
                     &opts.engine,
                 )?;
-                diag.merge(&part)?;
+                diag.merge(&FisherDiag::from_sums(part, len)?)?;
                 done += len;
                 progress(done, total);
             }

@@ -6,3 +6,4 @@ mod mlp;
 
 pub use activation::Activation;
 pub use mlp::Mlp;
+pub(crate) use mlp::{gram_width, layer_offsets, num_params_of};

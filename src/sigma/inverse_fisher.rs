@@ -1,5 +1,5 @@
 use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
-use faer::{Mat, MatRef, Par, Side};
+use faer::{Mat, MatRef, Par};
 
 use super::{check_block, col_sum_sq, finish, DiagonalSigma, SigmaOp};
 use crate::error::{check_finite, Error, Result};
@@ -15,13 +15,7 @@ fn check_damping(damping: f64) -> Result<()> {
     Ok(())
 }
 
-fn suggest(damping: f64, scale: f64) -> f64 {
-    if damping > 0.0 {
-        damping * 100.0
-    } else {
-        (1e-6 * scale).max(1e-8)
-    }
-}
+use super::suggest_damping as suggest;
 
 /// Σ = diag(F + λ)⁻¹, the inverse of the damped diagonal empirical Fisher (the seed's
 /// `diagonal_empirical_fim` strategy). Holds O(P).
@@ -118,7 +112,6 @@ impl InverseFullFisher {
             ));
         }
         let mut a = Mat::<f64>::zeros(p, p);
-        let mut trace = 0.0;
         for j in 0..p {
             for i in j..p {
                 let v = fisher[(i, j)];
@@ -131,33 +124,9 @@ impl InverseFullFisher {
                 a[(i, j)] = v;
                 a[(j, i)] = v;
             }
-            trace += fisher[(j, j)];
             a[(j, j)] += damping;
         }
-        let llt = a.as_ref().llt(Side::Lower).map_err(|e| {
-            let faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } = e;
-            Error::NotPositiveDefinite {
-                what: "empirical Fisher + damping·I".into(),
-                pivot: index,
-                dim: p,
-                damping,
-                suggestion: suggest(damping, if p > 0 { trace / p as f64 } else { 1.0 }),
-            }
-        })?;
-        // faer only rejects pivots <= 0; a pivot that survived by rounding on a numerically
-        // singular matrix would give meaningless, huge variances, so reject those too.
-        let l = llt.L().to_owned();
-        let max_diag = (0..p).map(|i| a[(i, i)]).fold(0.0f64, f64::max);
-        let tol = (p.max(1) as f64) * f64::EPSILON * max_diag;
-        if let Some(i) = (0..p).find(|&i| l[(i, i)] * l[(i, i)] <= tol) {
-            return Err(Error::NotPositiveDefinite {
-                what: "empirical Fisher + damping·I (numerically singular)".into(),
-                pivot: i,
-                dim: p,
-                damping,
-                suggestion: suggest(damping, if p > 0 { trace / p as f64 } else { 1.0 }),
-            });
-        }
+        let l = super::cholesky_lower(a.as_ref(), "empirical Fisher + damping·I", damping)?;
         Ok(Self { l, damping })
     }
 

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use faer::linalg::triangular_solve::{
     solve_lower_triangular_in_place, solve_upper_triangular_in_place,
 };
-use faer::{Mat, MatRef, Par, Side};
+use faer::{Mat, MatRef, Par};
 
 use super::{check_block, col_sum_sq, finish, SigmaOp};
 use crate::engine::gradients::GradientMatrix;
@@ -52,21 +52,8 @@ impl<'a> KernelInverseFisher<'a> {
             }
             a[(j, j)] += n as f64 * damping;
         }
-        let llt = a.as_ref().llt(Side::Lower).map_err(|e| {
-            let faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } = e;
-            Error::NotPositiveDefinite {
-                what: "the kernel system N·λ·I + G Gᵀ".into(),
-                pivot: index,
-                dim: n,
-                damping,
-                suggestion: damping * 100.0,
-            }
-        })?;
-        Ok(Self {
-            l: llt.L().to_owned(),
-            g,
-            damping,
-        })
+        let l = super::cholesky_lower(a.as_ref(), "the kernel system N·λ·I + G Gᵀ", damping)?;
+        Ok(Self { l, g, damping })
     }
 
     /// λ.

@@ -140,19 +140,44 @@ pub(crate) fn col_sum_sq(m: MatRef<'_, f64>) -> Vec<f64> {
         .collect()
 }
 
-/// Seed counterpart of `apply_identity_sigma(flat_grads)`: ‖g‖².
-pub fn apply_identity_sigma(flat_grads: &[f64]) -> Result<f64> {
-    IdentitySigma::new(flat_grads.len()).quad_form(flat_grads)
+/// λ·100, or for λ = 0 a small multiple of the matrix's scale: the damping an error suggests.
+pub(crate) fn suggest_damping(damping: f64, scale: f64) -> f64 {
+    if damping > 0.0 {
+        damping * 100.0
+    } else {
+        (1e-6 * scale).max(1e-8)
+    }
 }
 
-/// Seed counterpart of `apply_diagonal_sigma(flat_grads, diag_elements)`: Σᵢ dᵢ gᵢ².
-/// Fails if the lengths differ.
-pub fn apply_diagonal_sigma(flat_grads: &[f64], diag_elements: &[f64]) -> Result<f64> {
-    DiagonalSigma::new(diag_elements.to_vec())?.quad_form(flat_grads)
-}
-
-/// Seed counterpart of `apply_full_sigma(flat_grads, sigma_matrix)`: gᵀ S g.
-/// Fails if the matrix is not P×P.
-pub fn apply_full_sigma(flat_grads: &[f64], sigma_matrix: MatRef<'_, f64>) -> Result<f64> {
-    DenseSigma::new(sigma_matrix.to_owned())?.quad_form(flat_grads)
+/// The lower Cholesky factor of the symmetric matrix `a` (lower triangle read), or
+/// [`Error::NotPositiveDefinite`] naming `what`, the pivot, λ and a larger λ to try. faer only
+/// rejects pivots ≤ 0; a pivot that survives by rounding on a numerically singular matrix would
+/// give meaningless, huge variances, so pivots below dim·ε·max(diag) are refused too. The one
+/// place that maps a failed factorization to an error (dense and kernel Σ both use it).
+pub(crate) fn cholesky_lower(a: MatRef<'_, f64>, what: &str, damping: f64) -> Result<Mat<f64>> {
+    let p = a.nrows();
+    let trace: f64 = (0..p).map(|i| a[(i, i)]).sum();
+    let scale = if p > 0 { trace / p as f64 } else { 1.0 };
+    let fail = |pivot: usize, singular: bool| Error::NotPositiveDefinite {
+        what: if singular {
+            format!("{what} (numerically singular)")
+        } else {
+            what.to_string()
+        },
+        pivot,
+        dim: p,
+        damping,
+        suggestion: suggest_damping(damping, scale),
+    };
+    let llt = a.llt(faer::Side::Lower).map_err(|e| {
+        let faer::linalg::cholesky::llt::factor::LltError::NonPositivePivot { index } = e;
+        fail(index, false)
+    })?;
+    let l = llt.L().to_owned();
+    let max_diag = (0..p).map(|i| a[(i, i)]).fold(0.0f64, f64::max);
+    let tol = (p.max(1) as f64) * f64::EPSILON * max_diag;
+    if let Some(i) = (0..p).find(|&i| l[(i, i)] * l[(i, i)] <= tol) {
+        return Err(fail(i, true));
+    }
+    Ok(l)
 }

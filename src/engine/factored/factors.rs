@@ -4,8 +4,8 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
-use super::layer_offsets;
 use crate::error::{Error, Result};
+use crate::model::{gram_width, layer_offsets, num_params_of};
 
 /// One Linear layer's factors for N examples: inputs X (N×in) and signals Δ (N×out), f64,
 /// stored row-major (one example per row).
@@ -93,7 +93,7 @@ impl Factors {
 
     /// P.
     pub fn num_params(&self) -> usize {
-        self.sizes.windows(2).map(|w| w[0] * w[1] + w[1]).sum()
+        num_params_of(&self.sizes)
     }
 
     /// The per-layer factors.
@@ -103,7 +103,7 @@ impl Factors {
 
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
-        (self.n * self.sizes.windows(2).map(|w| w[0] + w[1]).sum::<usize>() * 8) as u64
+        (self.n * gram_width(&self.sizes) * 8) as u64
     }
 
     fn check_rows(&self, what: &str, rows: usize, want: usize) -> Result<()> {

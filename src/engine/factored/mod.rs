@@ -13,16 +13,13 @@
 //!   diagonal Σ never forms the M×P Jacobian.
 
 mod factors;
-mod fisher;
 pub(crate) mod native;
 pub(crate) mod scalar;
 use scalar::Rows;
 mod signals;
 
 pub use factors::{Factors, QueryFactors};
-pub use fisher::FactoredFisher;
 pub use scalar::Scalar;
-pub use signals::{LikelihoodFn, OutputLikelihood, OutputQoi, QoiFn};
 
 use candle_core::{DType, Tensor};
 use faer::linalg::matmul::matmul;
@@ -31,8 +28,9 @@ use rayon::prelude::*;
 
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::fisher::FisherDiag;
-use crate::model::Mlp;
+use crate::likelihood::Likelihood;
+use crate::model::{layer_offsets, Mlp};
+use crate::qoi::Qoi;
 use native::{NativeMlp, Workspace};
 
 /// Options of the factored engine.
@@ -76,20 +74,6 @@ enum Inner {
 pub struct FactoredMlp {
     inner: Inner,
     sizes: Vec<usize>,
-}
-
-/// Flat offsets of each layer's weight block: (weight offset, bias offset, in, out).
-pub(crate) fn layer_offsets(sizes: &[usize]) -> Vec<(usize, usize, usize, usize)> {
-    let mut off = 0;
-    sizes
-        .windows(2)
-        .map(|w| {
-            let (inp, out) = (w[0], w[1]);
-            let r = (off, off + out * inp, inp, out);
-            off += out * inp + out;
-            r
-        })
-        .collect()
 }
 
 macro_rules! dispatch {
@@ -180,27 +164,32 @@ impl FactoredMlp {
         Ok(values)
     }
 
-    /// The empirical Fisher diagonal Σᵢ gᵢ∘gᵢ over `data`, streamed: per batch and layer one
-    /// matmul (Δ∘Δ)ᵀ(X∘X) in the model's precision, summed into f64.
+    /// Σᵢ gᵢ∘gᵢ over `data` (the empirical Fisher diagonal's sum, length P), streamed: per
+    /// batch and layer one matmul (Δ∘Δ)ᵀ(X∘X) in the model's precision, summed into f64.
     ///
     /// Memory per worker: one batch of activations and signals, one P-vector f64 accumulator,
     /// and one out×in product buffer.
-    pub fn fisher_diag(
+    pub fn sum_sq(
         &self,
-        lik: &OutputLikelihood,
+        lik: &Likelihood,
         data: &dyn Dataset,
         opts: &FactoredOptions,
-    ) -> Result<FisherDiag> {
-        dispatch!(self, m => self.fisher_diag_t(m, lik, data, opts))
+    ) -> Result<Vec<f64>> {
+        dispatch!(self, m => self.sum_sq_t(m, lik, data, opts))
     }
 
-    fn fisher_diag_t<T: Scalar>(
+    /// Σ_l (in + out): the cost of one Gram entry from the factors.
+    pub fn gram_width(&self) -> usize {
+        crate::model::gram_width(&self.sizes)
+    }
+
+    fn sum_sq_t<T: Scalar>(
         &self,
         m: &NativeMlp<T>,
-        lik: &OutputLikelihood,
+        lik: &Likelihood,
         data: &dyn Dataset,
         opts: &FactoredOptions,
-    ) -> Result<FisherDiag> {
+    ) -> Result<Vec<f64>> {
         let n = data.len();
         let p = m.num_params();
         let bs = opts.batch_size.max(1);
@@ -267,14 +256,14 @@ impl FactoredMlp {
                     },
                 )
         })??;
-        FisherDiag::from_sums(sums, n)
+        Ok(sums)
     }
 
     /// The per-layer factors (X, Δ) of the log-likelihood of every example of `data`, in f64.
     /// Memory O(N·Σ(in+out)).
     pub fn factors(
         &self,
-        lik: &OutputLikelihood,
+        lik: &Likelihood,
         data: &dyn Dataset,
         opts: &FactoredOptions,
     ) -> Result<Factors> {
@@ -289,7 +278,7 @@ impl FactoredMlp {
     /// (never the M×P Jacobian unless asked through [`QueryFactors::gradients`]).
     pub fn query_factors(
         &self,
-        qoi: &OutputQoi,
+        qoi: &Qoi,
         queries: &Tensor,
         opts: &FactoredOptions,
     ) -> Result<QueryFactors> {
@@ -316,8 +305,8 @@ impl FactoredMlp {
         n: usize,
         opts: &FactoredOptions,
         get: impl Fn(usize, usize) -> Result<Batch<'d>> + Sync,
-        lik: Option<&OutputLikelihood>,
-        qoi: Option<&OutputQoi>,
+        lik: Option<&Likelihood>,
+        qoi: Option<&Qoi>,
     ) -> Result<(Factors, Vec<f64>)> {
         let bs = opts.batch_size.max(1);
         let starts: Vec<usize> = (0..n).step_by(bs).collect();
@@ -400,6 +389,6 @@ impl<'a> Batch<'a> {
 }
 
 enum Target<'a> {
-    Likelihood(&'a OutputLikelihood, Rows<'a>),
-    Qoi(&'a OutputQoi),
+    Likelihood(&'a Likelihood, Rows<'a>),
+    Qoi(&'a Qoi),
 }

@@ -1,70 +1,13 @@
 //! Output signals: the derivative of each example's objective (log-likelihood or QoI) with
 //! respect to its own model output row, ∂uᵢ/∂fᵢ (B×out). Everything here is f64.
 
-use std::sync::Arc;
-
 use candle_core::{Device, Tensor, Var};
 
 use super::scalar::Rows;
 use crate::data::RowsRef;
 use crate::error::{Error, Result};
-use crate::likelihood::{class_labels, Likelihood};
+use crate::likelihood::{check_label, class_labels, Likelihood};
 use crate::qoi::Qoi;
-
-/// A user closure `(output (B, out), y) -> log-likelihoods (B,)`.
-pub type LikelihoodFn = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
-/// A user closure `output (B, out) -> QoI values (B,)`, row i depending on output row i only.
-pub type QoiFn = dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync;
-
-/// The per-example log-likelihood the factored engine differentiates: a built-in one, or a user
-/// closure on the model output (differentiated by candle on the (B, out) output alone).
-#[derive(Clone)]
-pub enum OutputLikelihood {
-    /// Gaussian or categorical.
-    Builtin(Likelihood),
-    /// `log p(y | f)` per row from the output f (f64) and the targets.
-    Custom(Arc<LikelihoodFn>),
-}
-
-impl From<Likelihood> for OutputLikelihood {
-    fn from(l: Likelihood) -> Self {
-        OutputLikelihood::Builtin(l)
-    }
-}
-
-impl std::fmt::Debug for OutputLikelihood {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            OutputLikelihood::Builtin(l) => write!(f, "{l:?}"),
-            OutputLikelihood::Custom(_) => write!(f, "Custom(closure)"),
-        }
-    }
-}
-
-/// The quantity of interest the factored engine differentiates: a built-in one, or a user
-/// closure on the output rows.
-#[derive(Clone)]
-pub enum OutputQoi {
-    /// sum, output:k, prob:k.
-    Builtin(Qoi),
-    /// Values (B,) from the output (B, out), f64.
-    Custom(Arc<QoiFn>),
-}
-
-impl From<Qoi> for OutputQoi {
-    fn from(q: Qoi) -> Self {
-        OutputQoi::Builtin(q)
-    }
-}
-
-impl std::fmt::Debug for OutputQoi {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            OutputQoi::Builtin(q) => write!(f, "{q:?}"),
-            OutputQoi::Custom(_) => write!(f, "Custom(closure)"),
-        }
-    }
-}
 
 /// Class labels from a zero-copy view, checked to be integers in 0..c.
 fn view_labels(
@@ -82,17 +25,7 @@ fn view_labels(
             format!("[{rows}, {cols}]"),
         ));
     }
-    let check = |i: usize, l: f64| {
-        if l.fract() != 0.0 || !l.is_finite() || l < 0.0 || l >= c as f64 {
-            Err(Error::invalid(
-                format!("categorical label of example {}", first_row + i),
-                l,
-                format!("must be an integer in 0..{c} (the model has {c} outputs)"),
-            ))
-        } else {
-            Ok(l as usize)
-        }
-    };
+    let check = |i: usize, l: f64| check_label(l, c, first_row + i);
     match r {
         RowsRef::I64(v) => v
             .iter()
@@ -169,7 +102,7 @@ fn closure_signal(
     Ok((values, signal))
 }
 
-impl OutputLikelihood {
+impl Likelihood {
     /// ∂ log p(yᵢ|fᵢ) / ∂fᵢ for the rows of `f` (B×o, row-major).
     pub(crate) fn signal(
         &self,
@@ -181,7 +114,7 @@ impl OutputLikelihood {
     ) -> Result<Vec<f64>> {
         check_output(f, o, first_row)?;
         let signal = match self {
-            OutputLikelihood::Builtin(Likelihood::Gaussian { sigma }) => {
+            Likelihood::Gaussian { sigma } => {
                 crate::likelihood::check_sigma(sigma, o)?;
                 let (yr, yc) = y.dims();
                 if yr != b || yc != o {
@@ -202,7 +135,7 @@ impl OutputLikelihood {
                     .map(|(k, (fi, yi))| (yi - fi) * inv[k % o])
                     .collect()
             }
-            OutputLikelihood::Builtin(Likelihood::Categorical) => {
+            Likelihood::Categorical => {
                 let labels = match y {
                     Rows::Tensor(t) => class_labels(t, b, o, first_row)?,
                     Rows::View(r, cols, rows) => view_labels(r, cols, rows, b, o, first_row)?,
@@ -218,7 +151,7 @@ impl OutputLikelihood {
                 }
                 signal
             }
-            OutputLikelihood::Custom(c) => {
+            Likelihood::Custom(c) => {
                 let yt = y.tensor()?;
                 closure_signal(
                     f,
@@ -246,7 +179,7 @@ impl OutputLikelihood {
     }
 }
 
-impl OutputQoi {
+impl Qoi {
     /// QoI values (B,) and ∂qᵢ/∂fᵢ (B×o) for the rows of `f`.
     pub(crate) fn signal(
         &self,
@@ -257,7 +190,7 @@ impl OutputQoi {
     ) -> Result<(Vec<f64>, Vec<f64>)> {
         check_output(f, o, first_row)?;
         let k = match self {
-            OutputQoi::Builtin(Qoi::Output(k)) | OutputQoi::Builtin(Qoi::Prob(k)) => *k,
+            Qoi::Output(k) | Qoi::Prob(k) => *k,
             _ => 0,
         };
         if k >= o {
@@ -268,18 +201,18 @@ impl OutputQoi {
             ));
         }
         match self {
-            OutputQoi::Builtin(Qoi::Sum) => Ok((
+            Qoi::Sum => Ok((
                 f.chunks_exact(o).map(|r| r.iter().sum()).collect(),
                 vec![1.0; b * o],
             )),
-            OutputQoi::Builtin(Qoi::Output(_)) => {
+            Qoi::Output(_) => {
                 let mut s = vec![0.0; b * o];
                 for i in 0..b {
                     s[i * o + k] = 1.0;
                 }
                 Ok((f.chunks_exact(o).map(|r| r[k]).collect(), s))
             }
-            OutputQoi::Builtin(Qoi::Prob(_)) => {
+            Qoi::Prob(_) => {
                 let mut s = vec![0.0; b * o];
                 let mut values = Vec::with_capacity(b);
                 for i in 0..b {
@@ -294,7 +227,7 @@ impl OutputQoi {
                 }
                 Ok((values, s))
             }
-            OutputQoi::Custom(c) => closure_signal(f, b, o, |out| c(out), "QoI closure", first_row),
+            Qoi::Custom(c) => closure_signal(f, b, o, |out| c(out), "QoI closure", first_row),
         }
     }
 }

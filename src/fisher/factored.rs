@@ -5,11 +5,12 @@ use std::sync::Arc;
 use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
 use faer::{Accum, Mat, Par};
 
-use super::{FactoredMlp, FactoredOptions, Factors, OutputLikelihood};
+use super::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
 use crate::data::{Dataset, DatasetRange};
 use crate::engine::gradients::GradientMatrix;
+use crate::engine::{FactoredMlp, FactoredOptions, Factors};
 use crate::error::{Error, Result};
-use crate::fisher::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
+use crate::likelihood::Likelihood;
 use crate::model::Mlp;
 
 /// The empirical Fisher of an [`Mlp`] and a log-likelihood over a dataset, computed by the
@@ -30,7 +31,7 @@ use crate::model::Mlp;
 /// ```
 pub struct FactoredFisher<'a> {
     engine: FactoredMlp,
-    lik: OutputLikelihood,
+    lik: Likelihood,
     data: &'a dyn Dataset,
     opts: FactoredOptions,
 }
@@ -39,13 +40,13 @@ impl<'a> FactoredFisher<'a> {
     /// Snapshots the MLP's weights and pairs them with a likelihood and a dataset.
     pub fn new(
         mlp: &Mlp,
-        lik: impl Into<OutputLikelihood>,
+        lik: Likelihood,
         data: &'a dyn Dataset,
         opts: FactoredOptions,
     ) -> Result<Self> {
         Ok(Self {
             engine: FactoredMlp::new(mlp)?,
-            lik: lik.into(),
+            lik,
             data,
             opts,
         })
@@ -73,7 +74,10 @@ impl FisherSource for FactoredFisher<'_> {
     }
 
     fn fisher_diag(&self) -> Result<FisherDiag> {
-        self.engine.fisher_diag(&self.lik, self.data, &self.opts)
+        FisherDiag::from_sums(
+            self.engine.sum_sq(&self.lik, self.data, &self.opts)?,
+            self.data.len(),
+        )
     }
 
     /// Streams chunks of per-example gradients built from the factors into the lower triangle
@@ -117,7 +121,7 @@ impl FisherSource for FactoredFisher<'_> {
     }
 
     fn gram_width(&self) -> usize {
-        self.engine.sizes().windows(2).map(|w| w[0] + w[1]).sum()
+        self.engine.gram_width()
     }
 
     fn gradient_operator_bytes(&self, _memory_budget: u64) -> u64 {
