@@ -35,7 +35,7 @@ fn benches(c: &mut Criterion) {
     let n = 2048;
     let (mlp, _vm, data) = setup(n);
     let engine = FactoredMlp::new(&mlp).expect("engine");
-    let lik: Likelihood = Likelihood::Categorical.into();
+    let lik: Likelihood = Likelihood::Categorical;
     let opts = FactoredOptions::default();
     let p = engine.num_params();
 
@@ -57,7 +57,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("Gram N×N", |b| b.iter(|| factors.gram()));
     let queries = Tensor::from_vec(lcg(256 * 784, 3), (256, 784), &Device::Cpu).expect("q");
     let sigma = DiagonalSigma::new(vec![0.5; p]).expect("sigma");
-    let qoi: Qoi = Qoi::Output(3).into();
+    let qoi: Qoi = Qoi::Output(3);
     g.bench_function("256 queries, diagonal Σ", |b| {
         b.iter(|| {
             let q = engine.query_factors(&qoi, &queries, &opts).expect("q");
@@ -108,7 +108,7 @@ fn benches(c: &mut Criterion) {
                     &q,
                     SigmaStrategy::InverseFullEmpiricalFim,
                     &opts,
-                    Some((&data, Likelihood::gaussian(1.0).into())),
+                    Some((&data, Likelihood::gaussian(1.0))),
                     &FactoredOptions::default(),
                 )
                 .expect("full")

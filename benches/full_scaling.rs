@@ -63,11 +63,7 @@ fn point(arch: usize, n: usize, method: &str) {
     .expect("fisher");
     let qf = fisher
         .engine()
-        .query_factors(
-            &Qoi::Output(0).into(),
-            &queries,
-            &FactoredOptions::default(),
-        )
+        .query_factors(&Qoi::Output(0), &queries, &FactoredOptions::default())
         .expect("q");
     let t = Instant::now();
     let g = fisher

@@ -43,7 +43,7 @@ fn point(arch: usize, n: usize) {
     let data =
         TensorDataset::new(x, Tensor::from_vec(y, n, &Device::Cpu).expect("y")).expect("data");
     let engine = FactoredMlp::new(&mlp).expect("engine");
-    let lik: Likelihood = Likelihood::Categorical.into();
+    let lik: Likelihood = Likelihood::Categorical;
     let opts = FactoredOptions::default();
     let t = Instant::now();
     let d = engine.sum_sq(&lik, &data, &opts).expect("diag");

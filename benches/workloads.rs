@@ -69,7 +69,7 @@ fn main() {
                     threads: 0,
                 };
                 let engine = FactoredMlp::new(&mlp).expect("engine");
-                let lik: Likelihood = Likelihood::Categorical.into();
+                let lik: Likelihood = Likelihood::Categorical;
                 let (t, diag) = best_of(reps.max(3), || {
                     engine.sum_sq(&lik, &data, &opts).expect("diag")
                 });
@@ -103,7 +103,7 @@ fn main() {
                 .collect();
             let sigma = deltavar::sigma::DiagonalSigma::new(diag).expect("sigma");
             let opts = FactoredOptions::default();
-            let qoi: Qoi = Qoi::Output(3).into();
+            let qoi: Qoi = Qoi::Output(3);
             let (t, dv) = best_of(reps.max(5), || {
                 let qf = engine.query_factors(&qoi, &q, &opts).expect("queries");
                 query_delta_variances(&qf, &sigma).expect("dv")
@@ -157,7 +157,7 @@ fn main() {
                             &qd,
                             SigmaStrategy::InverseFullEmpiricalFim,
                             &opts,
-                            Some((&data, Likelihood::gaussian(1.0).into())),
+                            Some((&data, Likelihood::gaussian(1.0))),
                             &FactoredOptions::default(),
                         )
                         .expect("full")
@@ -213,7 +213,7 @@ fn main() {
             .expect("fisher");
             let engine = fisher.engine().clone();
             let qf = engine
-                .query_factors(&Qoi::Output(3).into(), &q, &FactoredOptions::default())
+                .query_factors(&Qoi::Output(3), &q, &FactoredOptions::default())
                 .expect("queries");
             // the exact answer by the kernel method, end to end (factors, Gram, Cholesky, queries)
             let t = Instant::now();

@@ -49,7 +49,7 @@ fn main() -> deltavar::Result<()> {
     let t = std::time::Instant::now();
     let artifact = fisher_pass(
         &mlp,
-        Likelihood::Categorical.into(),
+        Likelihood::Categorical,
         "categorical",
         &data,
         &PassOptions::default(),
@@ -74,7 +74,7 @@ fn main() -> deltavar::Result<()> {
     )?;
     let queries = Tensor::randn(0f32, 1.0, (4, 784), &Device::Cpu)?;
     let q = FactoredMlp::new(&mlp)?.query_factors(
-        &Qoi::Prob(3).into(),
+        &Qoi::Prob(3),
         &queries,
         &FactoredOptions::default(),
     )?;

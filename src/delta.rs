@@ -54,6 +54,24 @@ impl SigmaStrategy {
     }
 }
 
+impl std::str::FromStr for SigmaStrategy {
+    type Err = Error;
+    /// The Fisher-free and Fisher strategies by name: `identity`, `diag-fim` (or the seed's
+    /// `diagonal_empirical_fim`), `full-fim` (or `inverse_full_empirical_fim`).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "identity" => Ok(SigmaStrategy::Identity),
+            "diag-fim" | "diagonal_empirical_fim" => Ok(SigmaStrategy::DiagonalEmpiricalFim),
+            "full-fim" | "inverse_full_empirical_fim" => Ok(SigmaStrategy::InverseFullEmpiricalFim),
+            _ => Err(Error::invalid(
+                "sigma",
+                s,
+                "expected identity, diag-fim or full-fim",
+            )),
+        }
+    }
+}
+
 /// Options of Σ (the seed's `sigma_options`).
 #[derive(Debug, Clone)]
 pub struct SigmaOptions {
@@ -134,10 +152,7 @@ pub fn build_sigma_reported<'a>(
         let n = src.num_examples();
         let (sigma, choice): (Box<dyn SigmaOp + 'a>, Option<MethodChoice>) = match strategy {
             SigmaStrategy::DiagonalEmpiricalFim => (
-                Box::new(InverseDiagonalFisher::new(
-                    &src.fisher_diag()?.mean(),
-                    opts.damping,
-                )?),
+                Box::new(InverseDiagonalFisher::from_fisher(src, opts.damping)?),
                 None,
             ),
             _ => {
@@ -196,12 +211,13 @@ fn build_full<'a>(
         opts.memory_budget,
     )?;
     let sigma: Box<dyn SigmaOp + 'a> = match choice.method {
-        FullMethod::Kernel if n > 0 => Box::new(KernelInverseFisher::new(
-            src.gradient_matrix(opts.memory_budget)?,
+        FullMethod::Kernel if n > 0 => Box::new(KernelInverseFisher::from_fisher(
+            src,
             opts.damping,
+            opts.memory_budget,
         )?),
-        FullMethod::Cg if n > 0 => Box::new(CgInverseFisher::new(
-            src.gradient_matrix(opts.memory_budget)?,
+        FullMethod::Cg if n > 0 => Box::new(CgInverseFisher::from_fisher(
+            src,
             opts.damping,
             CgOptions {
                 memory_budget: opts.memory_budget,
@@ -209,9 +225,10 @@ fn build_full<'a>(
             },
         )?),
         // dense, and the empty dataset for every method (F = 0, so Σ = I/λ exactly)
-        _ => Box::new(InverseFullFisher::new(
-            src.fisher_dense(opts.memory_budget)?.mean().as_ref(),
+        _ => Box::new(InverseFullFisher::from_fisher(
+            src,
             opts.damping,
+            opts.memory_budget,
         )?),
     };
     Ok((sigma, choice))

@@ -165,7 +165,7 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
             &z,
             strategy,
             &opts,
-            Some((&data, lik.clone().into())),
+            Some((&data, lik.clone())),
             &eo,
         )
     };
@@ -206,52 +206,109 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
     })
 }
 
-/// Mean ± 2·sqrt(ΔVar) (full Fisher, shaded) and the training points. No text is drawn (so no
-/// font is needed): x runs from -6 to 6, the band is ±2 standard deviations.
+/// DejaVu Sans (Bitstream Vera license, assets/fonts/LICENSE-DejaVu.txt), compiled into the
+/// binary so the plot's text needs no system font.
+static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+/// Mean ± 2·sqrt(ΔVar) under the full Σ = F⁻¹/N (shaded) and under the diagonal Σ (dashed
+/// bounds), the training points, axes with tick labels, a caption and a legend.
 fn plot(path: &Path, points: &[DemoPoint], train: &[(f64, f64)]) -> Result<()> {
     use plotters::prelude::*;
     let err = |e: String| Error::BadFile {
         path: path.display().to_string(),
         detail: format!("could not draw the plot: {e}"),
     };
-    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| err("the built-in font could not be read".into()))?;
+    let root = BitMapBackend::new(path, (960, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let (ylo, yhi) = (-3.0f64, 3.0f64);
     let mut chart = ChartBuilder::on(&root)
-        .margin(20)
-        .build_cartesian_2d(-6.0f64..6.0f64, -3.0f64..3.0f64)
+        .caption(
+            "Delta variance of a 1-32-32-1 tanh MLP trained on sin(x) with a gap",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(52)
+        .build_cartesian_2d(-6.0f64..6.0f64, ylo..yhi)
         .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("x")
+        .y_desc("f(x)")
+        .x_labels(13)
+        .y_labels(7)
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 17))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    let clamp = |y: f64| y.clamp(ylo, yhi);
     let band: Vec<(f64, f64)> = points
         .iter()
-        .map(|p| (p.x, p.mean + 2.0 * p.full_fim.sqrt()))
+        .map(|p| (p.x, clamp(p.mean + 2.0 * p.full_fim.sqrt())))
         .chain(
             points
                 .iter()
                 .rev()
-                .map(|p| (p.x, p.mean - 2.0 * p.full_fim.sqrt())),
+                .map(|p| (p.x, clamp(p.mean - 2.0 * p.full_fim.sqrt()))),
         )
-        .map(|(x, y)| (x, y.clamp(-3.0, 3.0)))
         .collect();
+    let blue = RGBColor(120, 160, 230);
     chart
-        .draw_series(std::iter::once(Polygon::new(
-            band,
-            RGBColor(120, 160, 230).mix(0.45).filled(),
-        )))
-        .map_err(|e| err(e.to_string()))?;
+        .draw_series(std::iter::once(Polygon::new(band, blue.mix(0.45).filled())))
+        .map_err(|e| err(e.to_string()))?
+        .label("mean ± 2·sqrt(ΔVar), full Σ = F⁻¹/N")
+        .legend(move |(x, y)| {
+            Rectangle::new([(x, y - 6), (x + 20, y + 6)], blue.mix(0.45).filled())
+        });
+    let green = RGBColor(30, 140, 60);
+    for sign in [1.0, -1.0] {
+        let series = chart
+            .draw_series(DashedLineSeries::new(
+                points
+                    .iter()
+                    .map(|p| (p.x, clamp(p.mean + sign * 2.0 * p.diag_fim.sqrt()))),
+                6,
+                4,
+                green.stroke_width(2),
+            ))
+            .map_err(|e| err(e.to_string()))?;
+        if sign > 0.0 {
+            series
+                .label("mean ± 2·sqrt(ΔVar), diagonal Σ = diag(F)⁻¹/N")
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], green.stroke_width(2))
+                });
+        }
+    }
+    let dark = RGBColor(20, 60, 160);
     chart
         .draw_series(LineSeries::new(
-            points.iter().map(|p| (p.x, p.mean.clamp(-3.0, 3.0))),
-            RGBColor(20, 60, 160).stroke_width(3),
+            points.iter().map(|p| (p.x, clamp(p.mean))),
+            dark.stroke_width(3),
         ))
-        .map_err(|e| err(e.to_string()))?;
-    chart
-        .draw_series(LineSeries::new([(-6.0, 0.0), (6.0, 0.0)], BLACK.mix(0.3)))
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(e.to_string()))?
+        .label("network mean f(x)")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], dark.stroke_width(3)));
+    let red = RGBColor(200, 40, 40);
     chart
         .draw_series(
             train
                 .iter()
-                .map(|(x, y)| Circle::new((*x, *y), 3, RGBColor(200, 40, 40).filled())),
+                .map(|(x, y)| Circle::new((*x, clamp(*y)), 3, red.filled())),
         )
+        .map_err(|e| err(e.to_string()))?
+        .label("training data")
+        .legend(move |(x, y)| Circle::new((x + 10, y), 4, red.filled()));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .draw()
         .map_err(|e| err(e.to_string()))?;
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(())

@@ -1,6 +1,8 @@
 //! The `deltavar` command line, run as a built binary: parity with the reference package through
 //! `variance --json`, Fisher passes in shards merged back, and one clear error line per bad input.
 
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::path::{Path, PathBuf};

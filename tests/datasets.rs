@@ -25,7 +25,7 @@ fn fixtures_through_mmap_match_in_memory() {
         assert_eq!(mm.len(), mem.len());
         let (mlp, _vm) = case.model(DType::F64);
         let engine = FactoredMlp::new(&mlp).unwrap();
-        let lik: Likelihood = case.likelihood().into();
+        let lik: Likelihood = case.likelihood();
         let opts = FactoredOptions {
             batch_size: 17,
             threads: 2,
@@ -178,11 +178,7 @@ fn every_bad_file_is_an_error_naming_it() {
     .unwrap();
     let e = FactoredMlp::new(&mlp)
         .unwrap()
-        .sum_sq(
-            &Likelihood::Categorical.into(),
-            &ds,
-            &FactoredOptions::default(),
-        )
+        .sum_sq(&Likelihood::Categorical, &ds, &FactoredOptions::default())
         .unwrap_err();
     assert!(
         e.to_string().contains("example 2") && e.to_string().contains("0..3"),
@@ -199,11 +195,7 @@ fn every_bad_file_is_an_error_naming_it() {
     let ds = MmapNpyDataset::open(&xnan, &good_y).unwrap();
     let e = FactoredMlp::new(&mlp)
         .unwrap()
-        .sum_sq(
-            &Likelihood::Categorical.into(),
-            &ds,
-            &FactoredOptions::default(),
-        )
+        .sum_sq(&Likelihood::Categorical, &ds, &FactoredOptions::default())
         .unwrap_err();
     assert!(e.to_string().contains("row 2"), "{e}");
 }

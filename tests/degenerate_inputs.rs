@@ -130,7 +130,7 @@ fn models_and_engines_on_empty_inputs() {
         Tensor::zeros((0, 2), DType::F64, &Device::Cpu).unwrap(),
     )
     .unwrap();
-    let lik: Likelihood = Likelihood::gaussian(1.0).into();
+    let lik: Likelihood = Likelihood::gaussian(1.0);
     let opts = FactoredOptions::default();
     // factored engine on no data
     let d = engine.sum_sq(&lik, &empty, &opts).unwrap();
@@ -147,7 +147,7 @@ fn models_and_engines_on_empty_inputs() {
     assert!(f.quad_forms_diag(&[1.0]).is_err());
     // zero queries, queries of the wrong shape
     let q0 = Tensor::zeros((0, 3), DType::F64, &Device::Cpu).unwrap();
-    let qf = engine.query_factors(&Qoi::Sum.into(), &q0, &opts).unwrap();
+    let qf = engine.query_factors(&Qoi::Sum, &q0, &opts).unwrap();
     assert!(qf.values().is_empty());
     assert!(query_delta_variances(&qf, &IdentitySigma::new(p))
         .unwrap()
@@ -159,14 +159,14 @@ fn models_and_engines_on_empty_inputs() {
         Tensor::new(1.0f64, &Device::Cpu).unwrap(),
     ] {
         assert!(
-            engine.query_factors(&Qoi::Sum.into(), &bad, &opts).is_err(),
+            engine.query_factors(&Qoi::Sum, &bad, &opts).is_err(),
             "{:?}",
             bad.dims()
         );
     }
     assert!(engine
         .query_factors(
-            &Qoi::Prob(7).into(),
+            &Qoi::Prob(7),
             &random_tensor(2, 3, 1),
             &FactoredOptions::default()
         )

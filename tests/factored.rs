@@ -211,7 +211,7 @@ fn custom_closures_match_builtins() {
 
     let engine = FactoredMlp::new(&pb.mlp).unwrap();
     let q = engine
-        .query_factors(&Qoi::Prob(0).into(), &pb.queries, &opts)
+        .query_factors(&Qoi::Prob(0), &pb.queries, &opts)
         .unwrap();
     let custom_q = Qoi::Custom(Arc::new(|f: &Tensor| {
         Qoi::Prob(0).eval(f).map_err(candle_core::Error::wrap)
@@ -227,7 +227,7 @@ fn batch_size_and_threads_do_not_change_results() {
     let reference = FactoredMlp::new(&pb.mlp)
         .unwrap()
         .sum_sq(
-            &pb.lik.clone().into(),
+            &pb.lik.clone(),
             &pb.data,
             &FactoredOptions {
                 batch_size: 1,
@@ -240,7 +240,7 @@ fn batch_size_and_threads_do_not_change_results() {
             let d = FactoredMlp::new(&pb.mlp)
                 .unwrap()
                 .sum_sq(
-                    &pb.lik.clone().into(),
+                    &pb.lik.clone(),
                     &pb.data,
                     &FactoredOptions {
                         batch_size: bs,
@@ -276,7 +276,7 @@ fn parity_fixtures_through_the_factored_engine() {
         let queries = case.npy("queries.npy", Some(DType::F64));
         let qf = fisher
             .engine()
-            .query_factors(&case.qoi().into(), &queries, &FactoredOptions::default())
+            .query_factors(&case.qoi(), &queries, &FactoredOptions::default())
             .unwrap();
         assert!(
             norm_rel_err(qf.values(), &case.vec("qoi_value"))
@@ -336,7 +336,7 @@ fn factored_errors_name_the_culprit() {
     // wrong input width
     let bad = TensorDataset::new(random_tensor(5, 3, 1), random_labels(5, 3, 2)).unwrap();
     let e = engine
-        .sum_sq(&Likelihood::Categorical.into(), &bad, &opts)
+        .sum_sq(&Likelihood::Categorical, &bad, &opts)
         .unwrap_err();
     assert!(
         matches!(e, Error::Shape { .. }) && e.to_string().contains("[5, 4]"),
@@ -346,7 +346,7 @@ fn factored_errors_name_the_culprit() {
     let labels = Tensor::new(&[0i64, 1, 7, 2, 0], &candle_core::Device::Cpu).unwrap();
     let bad = TensorDataset::new(random_tensor(5, 4, 1), labels).unwrap();
     let e = engine
-        .sum_sq(&Likelihood::Categorical.into(), &bad, &opts)
+        .sum_sq(&Likelihood::Categorical, &bad, &opts)
         .unwrap_err();
     assert!(
         e.to_string().contains("example 2") && e.to_string().contains("0..3"),
@@ -359,7 +359,7 @@ fn factored_errors_name_the_culprit() {
     let bad = TensorDataset::new(x, random_labels(5, 3, 2)).unwrap();
     let e = engine
         .sum_sq(
-            &Likelihood::Categorical.into(),
+            &Likelihood::Categorical,
             &bad,
             &FactoredOptions {
                 batch_size: 2,
@@ -373,13 +373,13 @@ fn factored_errors_name_the_culprit() {
     );
     // QoI index out of range
     let e = engine
-        .query_factors(&Qoi::Output(5).into(), &pb.queries, &opts)
+        .query_factors(&Qoi::Output(5), &pb.queries, &opts)
         .unwrap_err();
     assert!(e.to_string().contains("3 outputs"), "{e}");
     // batch size 0
     let e = engine
         .sum_sq(
-            &Likelihood::Categorical.into(),
+            &Likelihood::Categorical,
             &pb.data,
             &FactoredOptions {
                 batch_size: 0,
@@ -389,9 +389,7 @@ fn factored_errors_name_the_culprit() {
         .unwrap_err();
     assert!(e.to_string().contains("batch_size"), "{e}");
     // Σ of the wrong size
-    let q = engine
-        .query_factors(&Qoi::Sum.into(), &pb.queries, &opts)
-        .unwrap();
+    let q = engine.query_factors(&Qoi::Sum, &pb.queries, &opts).unwrap();
     let e = query_delta_variances(&q, &IdentitySigma::new(3)).unwrap_err();
     assert!(e.to_string().contains("P = "), "{e}");
 }
@@ -403,7 +401,7 @@ fn f32_model_runs_in_f32_close_to_f64() {
     let (m32, _b) = case.model(DType::F32);
     let d64 = case.data(DType::F64);
     let d32 = case.data(DType::F32);
-    let lik: Likelihood = case.likelihood().into();
+    let lik: Likelihood = case.likelihood();
     let e64 = FactoredMlp::new(&m64).unwrap();
     let e32 = FactoredMlp::new(&m32).unwrap();
     assert_eq!(e32.dtype(), DType::F32);

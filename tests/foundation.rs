@@ -26,7 +26,7 @@ fn posterior_scale_keeps_the_fast_paths_and_the_report() {
     let q = FactoredMlp::new(&mlp)
         .unwrap()
         .query_factors(
-            &Qoi::Sum.into(),
+            &Qoi::Sum,
             &random_tensor(4, 3, 8),
             &FactoredOptions::default(),
         )
@@ -86,7 +86,7 @@ fn posterior_scale_keeps_the_fast_paths_and_the_report() {
             full_method: FullMethod::Cg,
             ..Default::default()
         },
-        Some((&data, lik.into())),
+        Some((&data, lik)),
         &FactoredOptions::default(),
     )
     .unwrap();
@@ -99,7 +99,7 @@ fn fisher_pass_fingerprints_the_summed_weights() {
     let (mlp, vm, data) = small_factored_problem();
     let art = fisher_pass(
         &mlp,
-        Likelihood::gaussian(0.5).into(),
+        Likelihood::gaussian(0.5),
         "gaussian:0.5",
         &data,
         &PassOptions::default(),
@@ -126,7 +126,7 @@ fn an_incomplete_fisher_artifact_is_refused_unless_allowed() {
     let shard = |i| {
         fisher_pass(
             &mlp,
-            Likelihood::gaussian(0.5).into(),
+            Likelihood::gaussian(0.5),
             "gaussian:0.5",
             &data,
             &PassOptions {
@@ -309,7 +309,7 @@ fn cg_on_small_damping_converges_with_the_default_preconditioner() {
     let q = FactoredMlp::new(&mlp)
         .unwrap()
         .query_factors(
-            &case.qoi().into(),
+            &case.qoi(),
             &case.npy("queries.npy", Some(DType::F64)),
             &FactoredOptions::default(),
         )

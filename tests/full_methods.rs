@@ -97,11 +97,7 @@ fn check_problem(act: Activation, categorical: bool, seed: u64) {
     let fmean = factored.fisher_dense(DEFAULT_MEMORY_BUDGET).unwrap().mean();
     let qf = factored
         .engine()
-        .query_factors(
-            &Qoi::Output(1).into(),
-            &queries,
-            &FactoredOptions::default(),
-        )
+        .query_factors(&Qoi::Output(1), &queries, &FactoredOptions::default())
         .unwrap();
     let q = qf.gradients().unwrap();
     for lam in [1e-6, 1e-3, 1.0] {
@@ -235,7 +231,7 @@ fn parity_fixtures_with_each_method() {
         let queries = case.npy("queries.npy", Some(DType::F64));
         let qf = fisher
             .engine()
-            .query_factors(&case.qoi().into(), &queries, &FactoredOptions::default())
+            .query_factors(&case.qoi(), &queries, &FactoredOptions::default())
             .unwrap();
         let want = case.vec("inverse_full_empirical_fim");
         for method in [FullMethod::Dense, FullMethod::Kernel, FullMethod::Cg] {
@@ -384,7 +380,7 @@ fn both_preconditioners_converge_to_the_same_answer() {
     let q = f
         .engine()
         .query_factors(
-            &Qoi::Output(0).into(),
+            &Qoi::Output(0),
             &random_tensor(4, 4, 3),
             &FactoredOptions::default(),
         )

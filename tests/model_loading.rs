@@ -96,7 +96,7 @@ fn default_prefixed_and_named_layers_load_to_the_same_model() {
     let z = random_tensor(2, 3, 6);
     let q = FactoredMlp::new(&mc)
         .unwrap()
-        .query_factors(&Qoi::Sum.into(), &z, &FactoredOptions::default())
+        .query_factors(&Qoi::Sum, &z, &FactoredOptions::default())
         .unwrap();
     let (g, _) = qoi_gradients(&pc, &z, Qoi::Sum.of(&mc), &GenericOptions::default()).unwrap();
     let qg = q.gradients().unwrap();

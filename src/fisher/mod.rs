@@ -19,7 +19,7 @@ pub use artifact::{
 };
 pub use factored::FactoredFisher;
 pub use generic::GenericFisher;
-pub use offline::{fisher_pass, PassKind, PassOptions};
+pub use offline::{fisher_pass, parse_shard, PassKind, PassOptions};
 
 use faer::{Mat, MatRef};
 

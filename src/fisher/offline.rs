@@ -21,6 +21,41 @@ pub enum PassKind {
     Dense,
 }
 
+impl std::str::FromStr for PassKind {
+    type Err = crate::error::Error;
+    /// `diag` or `dense`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "diag" => Ok(PassKind::Diag),
+            "dense" => Ok(PassKind::Dense),
+            _ => Err(crate::error::Error::invalid(
+                "kind",
+                s,
+                "expected diag or dense",
+            )),
+        }
+    }
+}
+
+/// Parses a shard `I/N` (0 ≤ I < N) into `(I, N)`.
+///
+/// ```
+/// assert_eq!(deltavar::fisher::parse_shard("2/8").unwrap(), (2, 8));
+/// assert!(deltavar::fisher::parse_shard("8/8").is_err());
+/// ```
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let bad = || crate::error::Error::invalid("shard", s, "expected I/N with 0 <= I < N");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
 /// Options of [`fisher_pass`].
 #[derive(Debug, Clone)]
 pub struct PassOptions {

@@ -46,6 +46,49 @@ pub(crate) fn gram_width(sizes: &[usize]) -> usize {
     sizes.windows(2).map(|w| w[0] + w[1]).sum()
 }
 
+/// An MLP architecture, `mlp:IN,H1,...,OUT:ACT` (for example `mlp:784,256,10:relu`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MlpSpec {
+    /// Layer widths `[in, h1, ..., out]`.
+    pub sizes: Vec<usize>,
+    /// The activation between Linear layers.
+    pub activation: Activation,
+}
+
+impl std::str::FromStr for MlpSpec {
+    type Err = Error;
+    /// ```
+    /// use deltavar::model::MlpSpec;
+    /// let a: MlpSpec = "mlp:4,16,3:tanh".parse().unwrap();
+    /// assert_eq!(a.sizes, vec![4, 16, 3]);
+    /// assert!("mlp:4,0,3:tanh".parse::<MlpSpec>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "arch",
+                s,
+                "expected mlp:IN,H1,...,OUT:ACT, for example mlp:784,256,10:relu",
+            )
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 3 || parts[0] != "mlp" {
+            return Err(bad());
+        }
+        let sizes = parts[1]
+            .split(',')
+            .map(|w| w.trim().parse::<usize>().map_err(|_| bad()))
+            .collect::<Result<Vec<_>>>()?;
+        if sizes.len() < 2 || sizes.contains(&0) {
+            return Err(bad());
+        }
+        Ok(Self {
+            sizes,
+            activation: parts[2].parse()?,
+        })
+    }
+}
+
 /// The default `nn.Sequential` layer names `0, 2, 4, ...` for `n` Linear layers.
 pub fn sequential_layer_names(n: usize) -> Vec<String> {
     (0..n).map(|i| (2 * i).to_string()).collect()

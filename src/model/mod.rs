@@ -5,5 +5,5 @@ mod activation;
 mod mlp;
 
 pub use activation::Activation;
-pub use mlp::Mlp;
 pub(crate) use mlp::{gram_width, layer_offsets, num_params_of};
+pub use mlp::{Mlp, MlpSpec};

@@ -124,6 +124,16 @@ pub struct CgInverseFisher<'a> {
 }
 
 impl<'a> CgInverseFisher<'a> {
+    /// The CG Σ of a Fisher source, over its per-example gradient operator (within
+    /// `opts.memory_budget`).
+    pub fn from_fisher(
+        fisher: &'a dyn crate::fisher::FisherSource,
+        damping: f64,
+        opts: CgOptions,
+    ) -> Result<Self> {
+        Self::new(fisher.gradient_matrix(opts.memory_budget)?, damping, opts)
+    }
+
     /// The CG Σ over `g` with damping λ > 0 (builds the preconditioner).
     pub fn new(g: Arc<dyn GradientMatrix + 'a>, damping: f64, opts: CgOptions) -> Result<Self> {
         if !(damping.is_finite() && damping > 0.0) {

@@ -28,6 +28,11 @@ pub struct InverseDiagonalFisher {
 impl InverseDiagonalFisher {
     /// From the MEAN Fisher diagonal F_ii (length P) and the damping λ ≥ 0.
     /// Fails if some F_ii + λ is not positive (λ = 0 and an unused parameter), naming it.
+    /// diag(F + λ)⁻¹ of a Fisher source's mean diagonal.
+    pub fn from_fisher(fisher: &dyn crate::fisher::FisherSource, damping: f64) -> Result<Self> {
+        Self::new(&fisher.fisher_diag()?.mean(), damping)
+    }
+
     pub fn new(fisher_diag: &[f64], damping: f64) -> Result<Self> {
         Ok(Self {
             inner: DiagonalSigma::new(inverse_fim_diagonal(fisher_diag, damping)?)?,
@@ -98,6 +103,16 @@ pub struct InverseFullFisher {
 }
 
 impl InverseFullFisher {
+    /// (F + λI)⁻¹ of a Fisher source's dense mean Fisher (formed in f64, refused over
+    /// `memory_budget`: the dense method).
+    pub fn from_fisher(
+        fisher: &dyn crate::fisher::FisherSource,
+        damping: f64,
+        memory_budget: u64,
+    ) -> Result<Self> {
+        Self::new(fisher.fisher_dense(memory_budget)?.mean().as_ref(), damping)
+    }
+
     /// From the MEAN Fisher F (P×P; only its lower triangle is read) and the damping λ ≥ 0.
     /// Fails with [`Error::NotPositiveDefinite`] (naming λ and a larger one to try) if F + λI has
     /// a non-positive Cholesky pivot.

@@ -29,6 +29,16 @@ pub struct KernelInverseFisher<'a> {
 }
 
 impl<'a> KernelInverseFisher<'a> {
+    /// The kernel Σ of a Fisher source, over its per-example gradient operator (within
+    /// `memory_budget`).
+    pub fn from_fisher(
+        fisher: &'a dyn crate::fisher::FisherSource,
+        damping: f64,
+        memory_budget: u64,
+    ) -> Result<Self> {
+        Self::new(fisher.gradient_matrix(memory_budget)?, damping)
+    }
+
     /// Builds the kernel factorization. Needs λ > 0 (with λ = 0 and N < P the kernel system is
     /// singular) and N > 0.
     pub fn new(g: Arc<dyn GradientMatrix + 'a>, damping: f64) -> Result<Self> {
