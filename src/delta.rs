@@ -103,24 +103,54 @@ impl Default for SigmaOptions {
     }
 }
 
-/// Builds Σ once, to apply to as many query gradients as needed.
+/// A built Σ and, for the full inverse Fisher, the method chosen and why. Dereferences to the
+/// operator, so `&*built` is a `&dyn SigmaOp`.
+pub struct BuiltSigma<'a> {
+    /// The operator.
+    pub op: Box<dyn SigmaOp + 'a>,
+    /// The full-inverse method chosen and why (`None` for the other strategies).
+    pub method: Option<MethodChoice>,
+}
+
+impl<'a> BuiltSigma<'a> {
+    /// (operator, method choice).
+    pub fn into_parts(self) -> (Box<dyn SigmaOp + 'a>, Option<MethodChoice>) {
+        (self.op, self.method)
+    }
+}
+
+impl<'a> std::ops::Deref for BuiltSigma<'a> {
+    type Target = dyn SigmaOp + 'a;
+    fn deref(&self) -> &Self::Target {
+        &*self.op
+    }
+}
+
+/// Builds Σ once, to apply to as many query gradients as needed, together with the method
+/// chosen for the full inverse Fisher (and why).
 ///
 /// `num_params` is P (the query gradients' length); `fisher` is required for the empirical-FIM
 /// strategies (an [`Error::MissingInput`] otherwise) and its P must match. The full inverse
-/// Fisher is applied by the method of `opts.full_method` (see [`build_sigma_reported`] for the
-/// choice made).
+/// Fisher is applied by the method of `opts.full_method`; each Σ kind is built from the Fisher
+/// source ([`FisherSource`]), the only thing it sees.
+///
+/// ```
+/// use deltavar::{build_sigma, SigmaOptions, SigmaStrategy};
+/// let s = build_sigma(SigmaStrategy::Diagonal(vec![2.0, 3.0]), 2, &SigmaOptions::default(), None).unwrap();
+/// assert_eq!(s.quad_form(&[1.0, 1.0]).unwrap(), 5.0);
+/// assert!(s.method.is_none());
+/// ```
 pub fn build_sigma<'a>(
     strategy: SigmaStrategy,
     num_params: usize,
     opts: &SigmaOptions,
     fisher: Option<&'a dyn FisherSource>,
-) -> Result<Box<dyn SigmaOp + 'a>> {
-    Ok(build_sigma_reported(strategy, num_params, opts, fisher)?.0)
+) -> Result<BuiltSigma<'a>> {
+    let (op, method) = build(strategy, num_params, opts, fisher)?;
+    Ok(BuiltSigma { op, method })
 }
 
-/// [`build_sigma`], also returning the full-inverse method chosen and why (`None` for the other
-/// strategies).
-pub fn build_sigma_reported<'a>(
+fn build<'a>(
     strategy: SigmaStrategy,
     num_params: usize,
     opts: &SigmaOptions,
@@ -134,59 +164,68 @@ pub fn build_sigma_reported<'a>(
             format!("the 1/N posterior scaling applies to the empirical-FIM strategies only, not '{name}'"),
         ));
     }
-    if strategy.needs_fisher() {
-        let src = fisher.ok_or_else(|| Error::MissingInput {
-            strategy: name.into(),
-            missing: "a Fisher source (log-likelihood closure, parameters and training dataset)"
-                .into(),
-        })?;
-        if src.num_params() != num_params {
-            return Err(Error::shape(
-                format!(
-                    "Fisher source for '{name}' (its parameters must be those of the QoI gradient)"
-                ),
-                format!("{num_params} parameters"),
-                format!("{} parameters", src.num_params()),
-            ));
-        }
-        let n = src.num_examples();
-        let (sigma, choice): (Box<dyn SigmaOp + 'a>, Option<MethodChoice>) = match strategy {
-            SigmaStrategy::DiagonalEmpiricalFim => (
-                Box::new(InverseDiagonalFisher::from_fisher(src, opts.damping)?),
-                None,
-            ),
-            _ => {
-                let (s, c) = build_full(src, opts)?;
-                (s, Some(c))
-            }
-        };
-        if opts.posterior_scale {
-            if n == 0 {
-                return Err(Error::invalid(
-                    "posterior_scale",
-                    true,
-                    "the training dataset is empty, so there is no N to divide by",
-                ));
-            }
-            return Ok((Box::new(ScaledSigma::new(sigma, 1.0 / n as f64)?), choice));
-        }
-        return Ok((sigma, choice));
-    }
-    let sigma: Box<dyn SigmaOp> = match strategy {
+    let user: Box<dyn SigmaOp> = match strategy {
         SigmaStrategy::Identity => Box::new(IdentitySigma::new(num_params)),
         SigmaStrategy::Diagonal(d) => Box::new(DiagonalSigma::new(d)?),
         SigmaStrategy::Dense(m) => Box::new(DenseSigma::new(m)?),
         SigmaStrategy::Custom(c) => Box::new(c),
-        _ => unreachable!("FIM strategies are handled above"),
+        SigmaStrategy::DiagonalEmpiricalFim | SigmaStrategy::InverseFullEmpiricalFim => {
+            return build_fisher_sigma(strategy, num_params, opts, fisher)
+        }
     };
-    if sigma.dim() != num_params {
+    if user.dim() != num_params {
         return Err(Error::shape(
             format!("Sigma '{name}' (its size must equal the number of parameters P)"),
             format!("P = {num_params}"),
-            format!("P = {}", sigma.dim()),
+            format!("P = {}", user.dim()),
         ));
     }
-    Ok((sigma, None))
+    Ok((user, None))
+}
+
+/// The empirical-FIM strategies: Σ from the Fisher source, scaled by 1/N if asked.
+fn build_fisher_sigma<'a>(
+    strategy: SigmaStrategy,
+    num_params: usize,
+    opts: &SigmaOptions,
+    fisher: Option<&'a dyn FisherSource>,
+) -> Result<(Box<dyn SigmaOp + 'a>, Option<MethodChoice>)> {
+    let name = strategy.name();
+    let src = fisher.ok_or_else(|| Error::MissingInput {
+        strategy: name.into(),
+        missing: "a Fisher source (log-likelihood closure, parameters and training dataset)".into(),
+    })?;
+    if src.num_params() != num_params {
+        return Err(Error::shape(
+            format!(
+                "Fisher source for '{name}' (its parameters must be those of the QoI gradient)"
+            ),
+            format!("{num_params} parameters"),
+            format!("{} parameters", src.num_params()),
+        ));
+    }
+    let n = src.num_examples();
+    let (sigma, choice): (Box<dyn SigmaOp + 'a>, Option<MethodChoice>) =
+        if matches!(strategy, SigmaStrategy::DiagonalEmpiricalFim) {
+            (
+                Box::new(InverseDiagonalFisher::from_fisher(src, opts.damping)?),
+                None,
+            )
+        } else {
+            let (s, c) = build_full(src, opts)?;
+            (s, Some(c))
+        };
+    if opts.posterior_scale {
+        if n == 0 {
+            return Err(Error::invalid(
+                "posterior_scale",
+                true,
+                "the training dataset is empty, so there is no N to divide by",
+            ));
+        }
+        return Ok((Box::new(ScaledSigma::new(sigma, 1.0 / n as f64)?), choice));
+    }
+    Ok((sigma, choice))
 }
 
 /// Σ = (F + λI)⁻¹ by the chosen method.
@@ -355,7 +394,7 @@ pub fn mlp_delta_variances_with(
 ) -> Result<MlpDeltaVariances> {
     let engine = FactoredMlp::new(mlp)?;
     let p = engine.num_params();
-    let (sigma, choice) = build_sigma_reported(strategy, p, opts, fisher)?;
+    let (sigma, choice) = build(strategy, p, opts, fisher)?;
     let q = engine.query_factors(&qoi, queries, engine_opts)?;
     let (forms, path) = query_delta_variances_reported(&q, &*sigma)?;
     Ok(MlpDeltaVariances {

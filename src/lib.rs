@@ -4,13 +4,19 @@
 //! ΔVar(z) = ∇θq(z)ᵀ Σ ∇θq(z) of any scalar quantity of interest q(θ, z), with Σ an
 //! approximation of the parameter covariance, usually the damped inverse empirical Fisher.
 //!
-//! The pipeline, one module per stage:
+//! The pipeline, one module per stage; each imports only the stages before it:
 //!
-//! 1. [`params`] — the parameters θ and their flat layout;
-//! 2. [`qoi`] and [`engine`] — QoI gradients and per-example log-likelihood gradients;
-//! 3. [`fisher`] — the empirical Fisher F (diagonal or dense), accumulated in f64;
-//! 4. [`sigma`] — Σ as a linear operator ([`SigmaOp`]);
-//! 5. [`delta`] — ΔVar, the seed's `calculate_delta_variance`.
+//! 1. [`params`], [`data`], [`model`], [`likelihood`], [`qoi`] — the parameters θ and their flat
+//!    layout, training data, the models the fast engine knows, and the objectives;
+//! 2. [`engine`] — per-example log-likelihood gradients and QoI gradients (generic: any candle
+//!    closure; factored: per-layer factors, never the N×P matrix);
+//! 3. [`fisher`] — the empirical Fisher F as one operator ([`FisherSource`]), summed in f64;
+//! 4. [`sigma`] — Σ as a linear operator ([`SigmaOp`]), the full inverse by dense Cholesky, the
+//!    exact N×N kernel, or preconditioned CG;
+//! 5. [`delta`] — ΔVar for blocks of query gradients or query factors;
+//! 6. [`seed`] — the Python package's functions by their names; [`prelude`] — the common imports.
+//!
+//! The `cli` feature (default) adds the `deltavar` binary and the demo.
 //!
 //! ```
 //! use candle_core::{DType, Device, Module, Tensor};
@@ -60,9 +66,9 @@ pub mod sigma;
 
 pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, TensorDataset};
 pub use delta::{
-    build_sigma, build_sigma_reported, delta_variances, mlp_delta_variances,
-    mlp_delta_variances_with, query_delta_variances, query_delta_variances_reported,
-    MlpDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
+    build_sigma, delta_variances, mlp_delta_variances, mlp_delta_variances_with,
+    query_delta_variances, query_delta_variances_reported, BuiltSigma, MlpDeltaVariances,
+    QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
     qoi_gradient, qoi_gradients, FactoredMlp, FactoredOptions, Factors, GenericGradients,

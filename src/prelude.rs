@@ -12,8 +12,8 @@
 
 pub use crate::data::{Dataset, MmapNpyDataset, TensorDataset};
 pub use crate::delta::{
-    build_sigma, build_sigma_reported, delta_variances, mlp_delta_variances,
-    mlp_delta_variances_with, query_delta_variances, SigmaOptions, SigmaStrategy,
+    build_sigma, delta_variances, mlp_delta_variances, mlp_delta_variances_with,
+    query_delta_variances, SigmaOptions, SigmaStrategy,
 };
 pub use crate::engine::{
     qoi_gradient, qoi_gradients, FactoredMlp, FactoredOptions, GenericOptions,

@@ -14,11 +14,6 @@ use faer::Mat;
 
 const TOL: f64 = 1e-10;
 
-fn mat_rel_err(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
-    assert_eq!((a.nrows(), a.ncols()), (b.nrows(), b.ncols()));
-    norm_rel_err(&to_rows(a.as_ref()).concat(), &to_rows(b.as_ref()).concat())
-}
-
 fn matmul(a: &Mat<f64>, b: &Mat<f64>) -> Mat<f64> {
     Mat::from_fn(a.nrows(), b.ncols(), |i, j| {
         (0..a.ncols()).map(|k| a[(i, k)] * b[(k, j)]).sum()

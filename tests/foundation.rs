@@ -61,12 +61,12 @@ fn posterior_scale_keeps_the_fast_paths_and_the_report() {
             SigmaStrategy::DiagonalEmpiricalFim => SigmaStrategy::DiagonalEmpiricalFim,
             _ => SigmaStrategy::InverseFullEmpiricalFim,
         };
-        let (plain, _) =
-            build_sigma_reported(strategy, fisher.num_params(), &base(false), Some(&fisher))
-                .unwrap();
-        let (scaled, _) =
-            build_sigma_reported(strategy2, fisher.num_params(), &base(true), Some(&fisher))
-                .unwrap();
+        let (plain, _) = build_sigma(strategy, fisher.num_params(), &base(false), Some(&fisher))
+            .unwrap()
+            .into_parts();
+        let (scaled, _) = build_sigma(strategy2, fisher.num_params(), &base(true), Some(&fisher))
+            .unwrap()
+            .into_parts();
         let (a, pa) = query_delta_variances_reported(&q, &*plain).unwrap();
         let (b, pb) = query_delta_variances_reported(&q, &*scaled).unwrap();
         assert_eq!((pa, pb), (path, path), "{name}");
@@ -393,4 +393,43 @@ fn nystrom_rank_trades_iterations_for_memory() {
     assert_eq!(default_nystrom_rank(1000, 60, DEFAULT_MEMORY_BUDGET), 60);
     assert_eq!(default_nystrom_rank(1000, 6000, DEFAULT_MEMORY_BUDGET), 256);
     assert_eq!(default_nystrom_rank(1 << 30, 6000, 1 << 30), 0);
+}
+
+/// The Fisher operator: F·V from every source equals the dense mean Fisher times V.
+#[test]
+fn fisher_apply_matches_the_dense_fisher_on_every_source() {
+    let (mlp, vm, data) = small_factored_problem();
+    let params = mlp.params(&vm).unwrap();
+    let lik = Likelihood::gaussian(0.5);
+    let factored =
+        FactoredFisher::new(&mlp, lik.clone(), &data, FactoredOptions::default()).unwrap();
+    let generic = GenericFisher::new(&params, lik.of(&mlp), &data, GenericOptions::default());
+    let art = fisher_pass(
+        &mlp,
+        lik.clone(),
+        "gaussian:0.5",
+        &data,
+        &PassOptions {
+            kind: PassKind::Dense,
+            ..Default::default()
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let p = factored.num_params();
+    let v = Mat::from_fn(p, 3, |i, j| pseudo_random(3 * p, 11)[i * 3 + j]);
+    let f = factored.fisher_dense(DEFAULT_MEMORY_BUDGET).unwrap().mean();
+    let want = &f * &v;
+    for (name, src) in [
+        ("factored", &factored as &dyn FisherSource),
+        ("generic", &generic as &dyn FisherSource),
+        ("artifact", &art as &dyn FisherSource),
+    ] {
+        let got = src.fisher_apply(v.as_ref(), DEFAULT_MEMORY_BUDGET).unwrap();
+        let err = mat_rel_err(&got, &want);
+        assert!(err < 1e-12, "{name}: {err:e}");
+    }
+    assert!(factored
+        .fisher_apply(Mat::<f64>::zeros(p + 1, 1).as_ref(), DEFAULT_MEMORY_BUDGET)
+        .is_err());
 }

@@ -241,13 +241,14 @@ fn parity_fixtures_with_each_method() {
                 cg: tight_cg(),
                 ..Default::default()
             };
-            let (sigma, choice) = build_sigma_reported(
+            let (sigma, choice) = build_sigma(
                 SigmaStrategy::InverseFullEmpiricalFim,
                 fisher.num_params(),
                 &opts,
                 Some(&fisher),
             )
-            .unwrap();
+            .unwrap()
+            .into_parts();
             assert_eq!(choice.unwrap().method, method);
             let (dv, _) = query_delta_variances_reported(&qf, &*sigma).unwrap();
             let err = max_rel_err(&dv.values, &want);

@@ -17,5 +17,8 @@ pub mod gradients;
 mod pool;
 
 pub use factored::{FactoredMlp, FactoredOptions, Factors, QueryFactors};
-pub use generic::{qoi_gradient, qoi_gradients, GenericGradients, GenericOptions, QoiGradient};
+pub use generic::{
+    candle_single_threaded_matmuls, qoi_gradient, qoi_gradients, GenericGradients, GenericOptions,
+    QoiGradient,
+};
 pub use gradients::{DenseGradients, GradientMatrix, StreamedGradients};

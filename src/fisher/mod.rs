@@ -53,6 +53,26 @@ pub trait FisherSource: Sync {
     fn gradient_operator_bytes(&self, _memory_budget: u64) -> u64 {
         0
     }
+    /// F·V with the MEAN Fisher F for a P×k block: Gᵀ(G V)/N through the gradient operator
+    /// when the source has one (never forming F), otherwise through the dense Fisher.
+    fn fisher_apply(&self, v: MatRef<'_, f64>, memory_budget: u64) -> Result<Mat<f64>> {
+        let (p, n) = (self.num_params(), self.num_examples());
+        if v.nrows() != p {
+            return Err(Error::shape("V in F·V (P rows)", p, v.nrows()));
+        }
+        if n == 0 {
+            return Ok(Mat::zeros(p, v.ncols()));
+        }
+        match self.gradient_matrix(memory_budget) {
+            Ok(g) => {
+                let mut out = g.jtu(g.jv(v)?.as_ref())?;
+                out *= faer::Scale(1.0 / n as f64);
+                Ok(out)
+            }
+            Err(Error::Unsupported(_)) => Ok(self.fisher_dense(memory_budget)?.mean() * v),
+            Err(e) => Err(e),
+        }
+    }
     /// The per-example gradient matrix G as an operator (for the kernel and CG methods),
     /// within `memory_budget`. Sources that cannot provide one say so.
     fn gradient_matrix(

@@ -240,3 +240,9 @@ pub fn parity_tol(case: &str, quantity: &str, method: &str) -> f64 {
         _ => 5e-13,
     }
 }
+
+/// ‖A − B‖_F / ‖B‖_F for two matrices of the same shape.
+pub fn mat_rel_err(a: &faer::Mat<f64>, b: &faer::Mat<f64>) -> f64 {
+    assert_eq!((a.nrows(), a.ncols()), (b.nrows(), b.ncols()));
+    norm_rel_err(&to_rows(a.as_ref()).concat(), &to_rows(b.as_ref()).concat())
+}
