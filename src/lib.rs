@@ -58,6 +58,7 @@ pub mod error;
 pub mod fisher;
 pub mod likelihood;
 pub mod model;
+pub mod nn;
 pub mod params;
 pub mod prelude;
 pub mod qoi;
@@ -71,13 +72,13 @@ pub use delta::{
     QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
-    qoi_gradient, qoi_gradients, FactoredMlp, FactoredOptions, Factors, GenericGradients,
-    GenericOptions, QoiGradient, QueryFactors,
+    qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions,
+    Factors, GenericGradients, GenericOptions, QoiGradient, QueryFactors,
 };
 pub use error::{Error, Result};
 pub use fisher::{
-    fisher_pass, tensors_fingerprint, weights_fingerprint, FactoredFisher, FisherArtifact,
-    FisherDense, FisherDiag, FisherSource, GenericFisher, PassKind, PassOptions,
+    fisher_pass, tensors_fingerprint, weights_fingerprint, CapturedFisher, FactoredFisher,
+    FisherArtifact, FisherDense, FisherDiag, FisherSource, GenericFisher, PassKind, PassOptions,
     DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;

@@ -11,11 +11,13 @@
 //! - [`gradients`]: the N×P gradient matrix G as an operator ([`GradientMatrix`]): the factors,
 //!   G in memory, or G recomputed in chunks.
 
+pub mod capture;
 pub mod factored;
 pub mod generic;
 pub mod gradients;
 mod pool;
 
+pub use capture::{CaptureEngine, CaptureOptions};
 pub use factored::{FactoredMlp, FactoredOptions, Factors, QueryFactors};
 pub use generic::{
     candle_single_threaded_matmuls, qoi_gradient, qoi_gradients, GenericGradients, GenericOptions,

@@ -10,6 +10,7 @@
 //! | [`FisherDense`] | O(P²): formed only when asked, under a memory budget |
 
 pub mod artifact;
+mod capture;
 mod factored;
 mod generic;
 pub mod offline;
@@ -17,6 +18,7 @@ pub mod offline;
 pub use artifact::{
     shard_range, tensors_fingerprint, weights_fingerprint, FisherArtifact, FisherMeta,
 };
+pub use capture::CapturedFisher;
 pub use factored::FactoredFisher;
 pub use generic::GenericFisher;
 pub use offline::{fisher_pass, parse_shard, PassKind, PassOptions};

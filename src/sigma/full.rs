@@ -12,7 +12,8 @@ pub enum FullMethod {
     Dense,
     /// Woodbury through K = GGᵀ (N×N). Exact.
     Kernel,
-    /// Preconditioned block CG on the implicit F + λI. Iterative, residual reported.
+    /// Preconditioned CG on the implicit F + λI, all right-hand sides at once (per-column
+    /// recurrences). Iterative, residual reported.
     Cg,
 }
 

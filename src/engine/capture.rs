@@ -1,0 +1,469 @@
+//! The capture engine: per-example gradients of any candle network built from
+//! [`crate::nn`] layers, from ONE batched forward and backward pass per batch.
+//!
+//! During the forward pass every `nn` layer with parameters records each use: its input rows
+//! (unfolded patches for a convolution) and a zero probe on its output ([`crate::nn::capture`]).
+//! After one backward of Σᵢ uᵢ (uᵢ: example i's log-likelihood, or the QoI at query i) the
+//! probes' gradients are the output signals δ of every example and use. A layer used T times in
+//! an example (output pixels, sequence positions, rollout steps) has the per-example gradient
+//! gᵢᵂ = Σₜ δᵢₜ xᵢₜᵀ, gᵢᵇ = Σₜ δᵢₜ; uses of the same layer within one pass are stacked, so shared
+//! weights sum over their uses.
+//!
+//! - [`CaptureEngine::sum_sq`]: Σᵢ gᵢ∘gᵢ per layer — (Δ∘Δ)ᵀ(X∘X) for T = 1, per-example gᵢ
+//!   materialised in chunks (a batched matmul, 2·T·in·out per example) and squared otherwise —
+//!   accumulated in f64. Memory: one batch of activations + O(P).
+//! - [`CaptureEngine::per_example_gradients`]: the P×len block of gradients of a range of
+//!   examples (O(P·len)): what the dense, kernel and CG methods use for now.
+//! - [`CaptureEngine::query_gradients`]: QoI gradients of M queries from one pass per batch.
+//!
+//! Examples in a batch must be independent (no batch statistics such as BatchNorm in training
+//! mode). Every parameter of the set must belong to a captured layer: one that does not (a
+//! candle-nn layer, a free `Var`) is an error naming it.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Module, Tensor, TensorId};
+use faer::Mat;
+
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::likelihood::Likelihood;
+use crate::nn::capture::{CaptureGuard, UseRecord};
+use crate::params::Params;
+use crate::qoi::Qoi;
+
+/// Options of the capture engine.
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    /// Examples per batched forward/backward. Results do not depend on it. Default 256.
+    pub batch_size: usize,
+    /// Largest per-example gradient block materialised at once (elements), for layers used
+    /// several times per example. Default 2²⁴.
+    pub chunk_elements: usize,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            chunk_elements: 1 << 24,
+        }
+    }
+}
+
+/// One layer's stacked uses in one batch: X (B, T, in), Δ (B, T, out), and where its weight and
+/// bias sit in the flat layout.
+struct LayerBatch {
+    x: Tensor,
+    d: Tensor,
+    w_off: usize,
+    b_off: Option<usize>,
+    inp: usize,
+    out: usize,
+}
+
+/// The capture engine over a model and its parameters.
+pub struct CaptureEngine<'a, M> {
+    model: &'a M,
+    params: &'a Params,
+    by_id: HashMap<TensorId, usize>,
+}
+
+impl<'a, M: Module> CaptureEngine<'a, M> {
+    /// The engine for `model`, whose parameters (in the flat layout) are `params`. Every
+    /// parameter must be the weight or bias of an [`crate::nn`] layer the model uses.
+    pub fn new(model: &'a M, params: &'a Params) -> Self {
+        let by_id = params
+            .entries()
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.var.as_tensor().id(), i))
+            .collect();
+        Self {
+            model,
+            params,
+            by_id,
+        }
+    }
+
+    /// P.
+    pub fn num_params(&self) -> usize {
+        self.params.num_params()
+    }
+
+    fn dtype(&self) -> DType {
+        self.params.dtype().unwrap_or(DType::F32)
+    }
+
+    /// One captured forward + backward of Σ u over a batch; returns u's values and the layers.
+    fn pass(
+        &self,
+        x: &Tensor,
+        objective: impl FnOnce(&Tensor) -> Result<Tensor>,
+        first_row: usize,
+    ) -> Result<(Vec<f64>, Vec<LayerBatch>)> {
+        let x = x.to_dtype(self.dtype())?;
+        let b = x.dims().first().copied().unwrap_or(0);
+        let (out, records) = {
+            let guard = CaptureGuard::begin()?;
+            let out = self.model.forward(&x)?;
+            (out, guard.take())
+        };
+        let u = objective(&out)?;
+        if u.dims() != [b] {
+            return Err(Error::shape(
+                "objective values (one per example)",
+                format!("[{b}]"),
+                format!("{:?}", u.dims()),
+            ));
+        }
+        let values = u.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "objective (log-likelihood or QoI)".into(),
+                detail: format!("example {} gives {}", first_row + i, values[i]),
+            });
+        }
+        let grads = u.sum_all()?.backward()?;
+        let layers = self.group(records, &grads)?;
+        Ok((values, layers))
+    }
+
+    /// Stacks the uses of each layer (by its weight) and maps them to the flat layout; fails
+    /// naming the parameters no captured layer owns.
+    fn group(
+        &self,
+        records: Vec<UseRecord>,
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<Vec<LayerBatch>> {
+        let mut order: Vec<usize> = vec![];
+        let mut uses: HashMap<usize, Vec<(Tensor, Tensor)>> = HashMap::new();
+        let mut bias_of: HashMap<usize, Option<usize>> = HashMap::new();
+        for r in records {
+            let w = *self.by_id.get(&r.weight.id()).ok_or_else(|| {
+                Error::Parameter(
+                    "a captured layer's weight is not in the parameter set: build the Params \
+                     from the same VarMap as the model"
+                        .into(),
+                )
+            })?;
+            let b = match &r.bias {
+                Some(t) => Some(*self.by_id.get(&t.id()).ok_or_else(|| {
+                    Error::Parameter(
+                        "a captured layer's bias is not in the parameter set: build the Params \
+                         from the same VarMap as the model"
+                            .into(),
+                    )
+                })?),
+                None => None,
+            };
+            let d = match grads.get(r.probe.as_tensor()) {
+                Some(g) => g.clone(),
+                // this use does not reach the objective
+                None => r.probe.as_tensor().zeros_like()?,
+            };
+            if !uses.contains_key(&w) {
+                order.push(w);
+            }
+            bias_of.insert(w, b);
+            uses.entry(w).or_default().push((r.input, d));
+        }
+        let mut covered = vec![false; self.params.entries().len()];
+        let mut out = Vec::with_capacity(order.len());
+        for w in order {
+            let list = uses.remove(&w).unwrap_or_default();
+            let b = bias_of.get(&w).copied().flatten();
+            covered[w] = true;
+            if let Some(b) = b {
+                covered[b] = true;
+            }
+            let (xs, ds): (Vec<Tensor>, Vec<Tensor>) = list.into_iter().unzip();
+            let x = Tensor::cat(&xs, 1)?;
+            let d = Tensor::cat(&ds, 1)?;
+            let entries = self.params.entries();
+            let (inp, o) = (x.dim(2)?, d.dim(2)?);
+            if entries[w].numel != inp * o {
+                return Err(Error::shape(
+                    format!("captured layer '{}'", entries[w].name),
+                    entries[w].numel,
+                    inp * o,
+                ));
+            }
+            out.push(LayerBatch {
+                x,
+                d,
+                w_off: entries[w].offset,
+                b_off: b.map(|b| entries[b].offset),
+                inp,
+                out: o,
+            });
+        }
+        let missing: Vec<&str> = self
+            .params
+            .entries()
+            .iter()
+            .zip(&covered)
+            .filter(|(e, c)| !**c && !self.params.allowed_unused().contains(&e.name))
+            .map(|(e, _)| e.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Parameter(format!(
+                "parameter(s) {missing:?} belong to no captured layer: build the model from \
+                 deltavar::nn layers (linear, conv2d, ...), or use the generic path"
+            )));
+        }
+        Ok(out)
+    }
+
+    fn batches(&self, n: usize, bs: usize) -> Result<Vec<(usize, usize)>> {
+        if bs == 0 {
+            return Err(Error::invalid("batch_size", 0, "must be at least 1"));
+        }
+        Ok((0..n).step_by(bs).map(|s| (s, bs.min(n - s))).collect())
+    }
+
+    /// Σᵢ gᵢ∘gᵢ of the log-likelihood over `data` (length P), in f64.
+    pub fn sum_sq(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &CaptureOptions,
+    ) -> Result<Vec<f64>> {
+        let mut acc = vec![0.0f64; self.num_params()];
+        for (start, len) in self.batches(data.len(), opts.batch_size)? {
+            let (x, y) = data.get(start, len)?;
+            let (_, layers) = self.pass(&x, |f| lik.log_likelihood(f, &y), start)?;
+            data.release(start, len);
+            for l in &layers {
+                add_sum_sq(l, opts, &mut acc)?;
+            }
+        }
+        crate::error::check_finite("Fisher diagonal sums (capture engine)", &acc)?;
+        Ok(acc)
+    }
+
+    /// The log-likelihood gradients of examples `start .. start + len` of `data` as a P×len
+    /// matrix (one column per example). O(P·len) memory.
+    pub fn per_example_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        start: usize,
+        len: usize,
+        opts: &CaptureOptions,
+    ) -> Result<Mat<f64>> {
+        crate::data::check_range(data.len(), start, len)?;
+        let mut g = Mat::<f64>::zeros(self.num_params(), len);
+        for (s, l) in self.batches(len, opts.batch_size)? {
+            let (x, y) = data.get(start + s, l)?;
+            let (_, layers) = self.pass(&x, |f| lik.log_likelihood(f, &y), start + s)?;
+            write_gradients(&layers, &mut g, s, opts)?;
+        }
+        Ok(g)
+    }
+
+    /// The gradients of a QoI at the M queries (the rows of `queries`) as a P×M block, and the
+    /// values.
+    pub fn query_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        opts: &CaptureOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        let m = *queries
+            .dims()
+            .first()
+            .ok_or_else(|| Error::shape("queries (one per row)", "rank >= 1", "a scalar"))?;
+        let mut g = Mat::<f64>::zeros(self.num_params(), m);
+        let mut values = Vec::with_capacity(m);
+        for (s, l) in self.batches(m, opts.batch_size)? {
+            let z = queries.narrow(0, s, l)?;
+            let (v, layers) = self.pass(&z, |f| qoi.eval(f), s)?;
+            write_gradients(&layers, &mut g, s, opts)?;
+            values.extend(v);
+        }
+        Ok((g, values))
+    }
+}
+
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// Per-example weight gradients Δᵢᵀ Xᵢ of rows `s .. s + n` of a layer batch: (n, out, in).
+fn example_grads(l: &LayerBatch, s: usize, n: usize) -> Result<Tensor> {
+    let d = l.d.narrow(0, s, n)?.transpose(1, 2)?.contiguous()?;
+    let x = l.x.narrow(0, s, n)?.contiguous()?;
+    Ok(d.matmul(&x)?)
+}
+
+fn chunk_rows(l: &LayerBatch, opts: &CaptureOptions) -> usize {
+    (opts.chunk_elements / (l.inp * l.out).max(1)).max(1)
+}
+
+fn add_sum_sq(l: &LayerBatch, opts: &CaptureOptions, acc: &mut [f64]) -> Result<()> {
+    let (b, t) = (l.x.dim(0)?, l.x.dim(1)?);
+    let w = if t == 1 {
+        let x2 = l.x.squeeze(1)?.sqr()?;
+        let d2 = l.d.squeeze(1)?.sqr()?;
+        to_f64(&d2.t()?.matmul(&x2)?)?
+    } else {
+        let mut sum = vec![0.0f64; l.inp * l.out];
+        let step = chunk_rows(l, opts);
+        for s in (0..b).step_by(step) {
+            let n = step.min(b - s);
+            let part = to_f64(&example_grads(l, s, n)?.sqr()?.sum(0)?)?;
+            sum.iter_mut().zip(&part).for_each(|(a, v)| *a += v);
+        }
+        sum
+    };
+    for (a, v) in acc[l.w_off..l.w_off + l.inp * l.out].iter_mut().zip(&w) {
+        *a += v;
+    }
+    if let Some(bo) = l.b_off {
+        let bias = to_f64(&l.d.sum(1)?.sqr()?.sum(0)?)?;
+        for (a, v) in acc[bo..bo + l.out].iter_mut().zip(&bias) {
+            *a += v;
+        }
+    }
+    Ok(())
+}
+
+fn write_gradients(
+    layers: &[LayerBatch],
+    g: &mut Mat<f64>,
+    col0: usize,
+    opts: &CaptureOptions,
+) -> Result<()> {
+    for l in layers {
+        let b = l.x.dim(0)?;
+        let step = chunk_rows(l, opts);
+        let io = l.inp * l.out;
+        for s in (0..b).step_by(step) {
+            let n = step.min(b - s);
+            let w = to_f64(&example_grads(l, s, n)?)?;
+            for i in 0..n {
+                let col = g.col_mut(col0 + s + i).try_as_col_major_mut();
+                let Some(col) = col else {
+                    return Err(Error::Unsupported("gradient block not column-major".into()));
+                };
+                col.as_slice_mut()[l.w_off..l.w_off + io].copy_from_slice(&w[i * io..(i + 1) * io]);
+            }
+        }
+        if let Some(bo) = l.b_off {
+            let bias = to_f64(&l.d.sum(1)?)?;
+            for i in 0..b {
+                for k in 0..l.out {
+                    g[(bo + k, col0 + i)] = bias[i * l.out + k];
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// G recomputed from the capture engine chunk by chunk on every product: the gradient operator
+/// of a captured model when N·P does not fit in memory. Memory O(chunk·P); each product costs
+/// one captured pass over the data.
+pub struct CapturedGradients<'a, M> {
+    engine: &'a CaptureEngine<'a, M>,
+    lik: &'a Likelihood,
+    data: &'a dyn Dataset,
+    opts: CaptureOptions,
+}
+
+impl<'a, M: Module + Sync> CapturedGradients<'a, M> {
+    /// Streams the engine's log-likelihood gradients over `data` in chunks of `opts.batch_size`.
+    pub fn new(
+        engine: &'a CaptureEngine<'a, M>,
+        lik: &'a Likelihood,
+        data: &'a dyn Dataset,
+        opts: CaptureOptions,
+    ) -> Self {
+        Self {
+            engine,
+            lik,
+            data,
+            opts,
+        }
+    }
+
+    fn chunks(&self) -> Vec<(usize, usize)> {
+        let n = self.data.len();
+        let bs = self.opts.batch_size.max(1);
+        (0..n).step_by(bs).map(|s| (s, bs.min(n - s))).collect()
+    }
+
+    fn block(&self, s: usize, l: usize) -> Result<Mat<f64>> {
+        self.engine
+            .per_example_gradients(self.lik, self.data, s, l, &self.opts)
+    }
+}
+
+impl<M: Module + Sync> super::gradients::GradientMatrix for CapturedGradients<'_, M> {
+    fn num_params(&self) -> usize {
+        self.engine.num_params()
+    }
+    fn num_examples(&self) -> usize {
+        self.data.len()
+    }
+    fn jv(&self, v: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
+        if v.nrows() != self.num_params() {
+            return Err(Error::shape(
+                "V in G·V (P rows)",
+                self.num_params(),
+                v.nrows(),
+            ));
+        }
+        let mut out = Mat::zeros(self.num_examples(), v.ncols());
+        for (s, l) in self.chunks() {
+            let g = self.block(s, l)?;
+            out.as_mut().subrows_mut(s, l).copy_from(g.transpose() * v);
+        }
+        Ok(out)
+    }
+    fn jtu(&self, u: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
+        if u.nrows() != self.num_examples() {
+            return Err(Error::shape(
+                "U in Gᵀ·U (N rows)",
+                self.num_examples(),
+                u.nrows(),
+            ));
+        }
+        let mut out = Mat::zeros(self.num_params(), u.ncols());
+        for (s, l) in self.chunks() {
+            let g = self.block(s, l)?;
+            out += &g * u.subrows(s, l);
+        }
+        Ok(out)
+    }
+    fn gram(&self) -> Result<Mat<f64>> {
+        let n = self.num_examples();
+        let mut k = Mat::zeros(n, n);
+        let chunks = self.chunks();
+        for (a, &(sa, la)) in chunks.iter().enumerate() {
+            let ga = self.block(sa, la)?;
+            for &(sb, lb) in &chunks[..=a] {
+                let gb = if sb == sa {
+                    ga.clone()
+                } else {
+                    self.block(sb, lb)?
+                };
+                let blk = ga.transpose() * &gb;
+                for j in 0..lb {
+                    for i in 0..la {
+                        k[(sa + i, sb + j)] = blk[(i, j)];
+                        k[(sb + j, sa + i)] = blk[(i, j)];
+                    }
+                }
+            }
+        }
+        Ok(k)
+    }
+    fn diag_sums(&self) -> Result<Vec<f64>> {
+        self.engine.sum_sq(self.lik, self.data, &self.opts)
+    }
+    fn bytes(&self) -> u64 {
+        (self.opts.batch_size * self.num_params() * 8) as u64
+    }
+}

@@ -1,0 +1,197 @@
+//! `Conv2d` as unfolded patches times the weight (im2col), so the capture engine sees each
+//! output pixel as a use of a linear layer on its patch (capture.md).
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use super::capture;
+
+/// Padding, stride and dilation of a [`Conv2d`] (groups = 1). The same fields and meaning as
+/// `candle_nn::Conv2dConfig` and PyTorch's `nn.Conv2d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    /// Zero padding on each side of both spatial dimensions.
+    pub padding: usize,
+    /// Step between output pixels.
+    pub stride: usize,
+    /// Spacing between kernel taps.
+    pub dilation: usize,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Self {
+            padding: 0,
+            stride: 1,
+            dilation: 1,
+        }
+    }
+}
+
+/// A 2-D convolution, a drop-in for `candle_nn::Conv2d` with groups = 1 (same `VarBuilder` names
+/// `weight` (out, in, k, k) and `bias` (out), same initialisation), captured by the capture
+/// engine. Input (B, C, H, W), output (B, out, H_out, W_out).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    cfg: Conv2dConfig,
+}
+
+impl Conv2d {
+    /// From a weight (out, in, kh, kw), an optional bias (out) and the configuration.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
+        Self { weight, bias, cfg }
+    }
+    /// The weight (out, in, kh, kw).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// The bias (out).
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    /// The configuration.
+    pub fn config(&self) -> Conv2dConfig {
+        self.cfg
+    }
+}
+
+fn check_cfg(cfg: &Conv2dConfig) -> candle_core::Result<()> {
+    if cfg.stride == 0 || cfg.dilation == 0 {
+        candle_core::bail!("Conv2d: stride and dilation must be >= 1, got {cfg:?}");
+    }
+    Ok(())
+}
+
+/// `candle_nn::conv2d`'s counterpart (groups = 1): `weight` (out, in, k, k) and `bias` (out).
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    check_cfg(&cfg)?;
+    let c = candle_nn::conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        candle_nn::Conv2dConfig {
+            padding: cfg.padding,
+            stride: cfg.stride,
+            dilation: cfg.dilation,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        },
+        vb,
+    )?;
+    Ok(Conv2d::new(c.weight().clone(), c.bias().cloned(), cfg))
+}
+
+/// `candle_nn::conv2d_no_bias`'s counterpart (groups = 1).
+pub fn conv2d_no_bias(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    check_cfg(&cfg)?;
+    let c = candle_nn::conv2d_no_bias(
+        in_channels,
+        out_channels,
+        kernel_size,
+        candle_nn::Conv2dConfig {
+            padding: cfg.padding,
+            stride: cfg.stride,
+            dilation: cfg.dilation,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        },
+        vb,
+    )?;
+    Ok(Conv2d::new(c.weight().clone(), None, cfg))
+}
+
+/// The output size of a convolution along one dimension, or an error when the kernel does not
+/// fit.
+fn out_size(n: usize, k: usize, cfg: &Conv2dConfig, what: &str) -> candle_core::Result<usize> {
+    let span = cfg.dilation * (k - 1) + 1;
+    let padded = n + 2 * cfg.padding;
+    if k == 0 || padded < span {
+        candle_core::bail!(
+            "Conv2d: the {what} {n} (padded {padded}) is smaller than the kernel's span {span}"
+        );
+    }
+    Ok((padded - span) / cfg.stride + 1)
+}
+
+/// The unfolded patches of `x` (B, C, H, W): (B, T, C·kh·kw), T = H_out·W_out, patch entries
+/// in the weight's flat order (c, ky, kx). Differentiable (an index_select).
+pub(crate) fn unfold2d(
+    x: &Tensor,
+    kh: usize,
+    kw: usize,
+    cfg: &Conv2dConfig,
+) -> candle_core::Result<(Tensor, usize, usize)> {
+    let (b, c, h, w) = x.dims4()?;
+    let (ho, wo) = (
+        out_size(h, kh, cfg, "height")?,
+        out_size(w, kw, cfg, "width")?,
+    );
+    let p = cfg.padding;
+    let x = if p > 0 {
+        x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?
+    } else {
+        x.clone()
+    };
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let ckk = c * kh * kw;
+    let mut idx = Vec::with_capacity(ho * wo * ckk);
+    for oy in 0..ho {
+        for ox in 0..wo {
+            for ci in 0..c {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let y = oy * cfg.stride + ky * cfg.dilation;
+                        let xx = ox * cfg.stride + kx * cfg.dilation;
+                        idx.push((ci * hp * wp + y * wp + xx) as u32);
+                    }
+                }
+            }
+        }
+    }
+    let n = idx.len();
+    let idx = Tensor::from_vec(idx, n, x.device())?;
+    let flat = x.reshape((b, c * hp * wp))?;
+    let patches = flat.index_select(&idx, 1)?.reshape((b, ho * wo, ckk))?;
+    Ok((patches, ho, wo))
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (out, cin, kh, kw) = self.weight.dims4()?;
+        let (b, c, _, _) = x.dims4()?;
+        if c != cin {
+            candle_core::bail!("Conv2d: input has {c} channels, the layer takes {cin}");
+        }
+        let (patches, ho, wo) = unfold2d(x, kh, kw, &self.cfg)?;
+        let capturing = capture::active();
+        let w2 = self.weight.reshape((out, cin * kh * kw))?;
+        let w2 = if capturing { w2.detach() } else { w2 };
+        let mut z = patches.broadcast_matmul(&w2.t()?)?;
+        if let Some(bias) = &self.bias {
+            let bias = if capturing {
+                bias.detach()
+            } else {
+                bias.clone()
+            };
+            z = z.broadcast_add(&bias)?;
+        }
+        let z = capture::probe_use(z, &patches, &self.weight, self.bias.as_ref())?;
+        z.reshape((b, ho, wo, out))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
+    }
+}

@@ -1,0 +1,25 @@
+//! Layers the capture engine sees: drop-ins for candle-nn's constructors (same `VarBuilder`
+//! names, so existing weights load unchanged), equal to candle-nn's layers in value outside a
+//! capture, and differentiable (never the fused ops without a backward pass).
+//!
+//! Inside a capture ([`capture`]) each layer with parameters records, per use, its input (the
+//! unfolded patches for a convolution) and a zero probe on its output; one batched backward then
+//! gives every example's output signal δ, and the per-example gradients follow per layer without
+//! a backward pass per example. Examples in a batch must be independent (no batch statistics).
+//!
+//! | layer | parameters | per-use input recorded |
+//! |---|---|---|
+//! | [`Linear`] ([`linear`], [`linear_no_bias`]) | W (out, in), b | the input rows (B, T, in) |
+//! | [`Conv2d`] ([`conv2d`], [`conv2d_no_bias`]) | W (out, C, kh, kw), b | unfolded patches (B, H_out·W_out, C·kh·kw) |
+//! | [`max_pool2d`], [`avg_pool2d`] | none | — (correct backward: candle 0.11.1's max-pool backward is 4× small for 2×2) |
+//!
+//! Not yet here (see the project's issues): conv1d, embedding, layer and RMS norm.
+
+pub mod capture;
+mod conv;
+mod linear;
+mod pool;
+
+pub use conv::{conv2d, conv2d_no_bias, Conv2d, Conv2dConfig};
+pub use linear::{linear, linear_no_bias, Linear};
+pub use pool::{avg_pool2d, max_pool2d};
