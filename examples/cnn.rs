@@ -48,7 +48,8 @@ impl Module for LeNet {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let h = nn::max_pool2d(&self.c1.forward(x)?.relu()?, 2, 2)?;
         let h = nn::max_pool2d(&self.c2.forward(&h)?.relu()?, 2, 2)?;
-        self.f2.forward(&self.f1.forward(&h.flatten_from(1)?)?.relu()?)
+        self.f2
+            .forward(&self.f1.forward(&h.flatten_from(1)?)?.relu()?)
     }
 }
 
@@ -61,7 +62,11 @@ fn main() -> deltavar::Result<()> {
             .cloned()
     };
     let dir = PathBuf::from(arg("--dir").ok_or_else(|| {
-        Error::invalid("--dir", "missing", "the folder peers.py wrote for the cnn workload")
+        Error::invalid(
+            "--dir",
+            "missing",
+            "the folder peers.py wrote for the cnn workload",
+        )
     })?);
     let json = args.iter().any(|a| a == "--json");
     let out = arg("--out").map(PathBuf::from);

@@ -128,7 +128,9 @@ fn out_size(n: usize, k: usize, cfg: &Conv2dConfig, what: &str) -> candle_core::
 }
 
 /// The unfolded patches of `x` (B, C, H, W): (B, T, C·kh·kw), T = H_out·W_out, patch entries
-/// in the weight's flat order (c, ky, kx). Differentiable (an index_select).
+/// in the weight's flat order (c, ky, kx). Dilation 1: strided views (`unfold`) and one copy;
+/// otherwise a gather. Used on detached inputs (the capture records them), so no backward is
+/// needed through it.
 pub(crate) fn unfold2d(
     x: &Tensor,
     kh: usize,
@@ -146,8 +148,18 @@ pub(crate) fn unfold2d(
     } else {
         x.clone()
     };
-    let (hp, wp) = (h + 2 * p, w + 2 * p);
     let ckk = c * kh * kw;
+    if cfg.dilation == 1 {
+        // (B, C, Ho, Wo, kh, kw) as strided views, then (B, Ho, Wo, C, kh, kw) in one copy
+        let v = x
+            .unfold(2, kh, cfg.stride)?
+            .unfold(3, kw, cfg.stride)?
+            .narrow(2, 0, ho)?
+            .narrow(3, 0, wo)?;
+        let v = v.permute((0, 2, 3, 1, 4, 5))?.contiguous()?;
+        return Ok((v.reshape((b, ho * wo, ckk))?, ho, wo));
+    }
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
     let mut idx = Vec::with_capacity(ho * wo * ckk);
     for oy in 0..ho {
         for ox in 0..wo {
@@ -172,26 +184,37 @@ pub(crate) fn unfold2d(
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (out, cin, kh, kw) = self.weight.dims4()?;
-        let (b, c, _, _) = x.dims4()?;
+        let (_b, c, _, _) = x.dims4()?;
         if c != cin {
             candle_core::bail!("Conv2d: input has {c} channels, the layer takes {cin}");
         }
-        let (patches, ho, wo) = unfold2d(x, kh, kw, &self.cfg)?;
+        if kh != kw {
+            candle_core::bail!("Conv2d: square kernels only, got {kh}×{kw}");
+        }
         let capturing = capture::active();
-        let w2 = self.weight.reshape((out, cin * kh * kw))?;
-        let w2 = if capturing { w2.detach() } else { w2 };
-        let mut z = patches.broadcast_matmul(&w2.t()?)?;
+        // while capturing, the weights are detached: the probe carries every gradient needed
+        let w = if capturing {
+            self.weight.detach()
+        } else {
+            self.weight.clone()
+        };
+        let mut z = x.conv2d(&w, self.cfg.padding, self.cfg.stride, self.cfg.dilation, 1)?;
         if let Some(bias) = &self.bias {
             let bias = if capturing {
                 bias.detach()
             } else {
                 bias.clone()
             };
-            z = z.broadcast_add(&bias)?;
+            z = z.broadcast_add(&bias.reshape((1, out, 1, 1))?)?;
         }
-        let z = capture::probe_use(z, &patches, &self.weight, self.bias.as_ref())?;
-        z.reshape((b, ho, wo, out))?
-            .permute((0, 3, 1, 2))?
-            .contiguous()
+        if !capturing {
+            return Ok(z);
+        }
+        // the probe in the (B, T, out) layout of the patches, seen as (B, out, Ho, Wo)
+        let (b, _, ho, wo) = z.dims4()?;
+        let (patches, _, _) = unfold2d(&x.detach(), kh, kw, &self.cfg)?;
+        let zt = z.permute((0, 2, 3, 1))?.reshape((b, ho * wo, out))?;
+        let zt = capture::probe_use(zt, &patches, &self.weight, self.bias.as_ref())?;
+        zt.reshape((b, ho, wo, out))?.permute((0, 3, 1, 2))
     }
 }

@@ -87,7 +87,13 @@ impl Pool {
         Ok((out, Shape::from((b, c, ho, wo))))
     }
 
-    fn backward(&self, x: &[f64], g: &[f64], dims: &[usize]) -> candle_core::Result<Vec<f64>> {
+    fn backward<T: Copy + PartialOrd + Into<f64>>(
+        &self,
+        x: &[T],
+        g: &[T],
+        dims: &[usize],
+        from_f64: impl Fn(f64) -> T,
+    ) -> candle_core::Result<Vec<T>> {
         let (b, c, h, w, ho, wo) = self.out_dims(dims)?;
         let mut gx = vec![0.0f64; x.len()];
         let inv = 1.0 / (self.kh * self.kw) as f64;
@@ -95,7 +101,7 @@ impl Pool {
             let base = plane * h * w;
             for oy in 0..ho {
                 for ox in 0..wo {
-                    let gi = g[plane * ho * wo + oy * wo + ox];
+                    let gi: f64 = g[plane * ho * wo + oy * wo + ox].into();
                     let (y0, x0) = (oy * self.sh, ox * self.sw);
                     if self.max {
                         let mut at = base + y0 * w + x0;
@@ -118,7 +124,7 @@ impl Pool {
                 }
             }
         }
-        Ok(gx)
+        Ok(gx.into_iter().map(from_f64).collect())
     }
 }
 
@@ -159,19 +165,28 @@ impl CustomOp1 for Pool {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let dt = arg.dtype();
-        let x = arg
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?;
-        let g = grad_res
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?;
-        let gx = self.backward(&x, &g, arg.dims())?;
-        Ok(Some(
-            Tensor::from_vec(gx, arg.shape(), arg.device())?.to_dtype(dt)?,
-        ))
+        let arg = arg.contiguous()?;
+        let grad = grad_res.contiguous()?;
+        let dims = arg.dims().to_vec();
+        let (sa, la) = arg.storage_and_layout();
+        let (sg, lg) = grad.storage_and_layout();
+        let (Some((a0, a1)), Some((g0, g1))) = (la.contiguous_offsets(), lg.contiguous_offsets())
+        else {
+            candle_core::bail!("pool2d backward: non-contiguous tensors");
+        };
+        use candle_core::Storage::Cpu;
+        let out = match (&*sa, &*sg) {
+            (Cpu(CpuStorage::F32(x)), Cpu(CpuStorage::F32(g))) => {
+                let v = self.backward(&x[a0..a1], &g[g0..g1], &dims, |f| f as f32)?;
+                Tensor::from_vec(v, dims.as_slice(), arg.device())?
+            }
+            (Cpu(CpuStorage::F64(x)), Cpu(CpuStorage::F64(g))) => {
+                let v = self.backward(&x[a0..a1], &g[g0..g1], &dims, |f| f)?;
+                Tensor::from_vec(v, dims.as_slice(), arg.device())?
+            }
+            _ => candle_core::bail!("pool2d backward: f32 or f64 CPU tensors of one dtype only"),
+        };
+        Ok(Some(out))
     }
 }
 
