@@ -422,3 +422,178 @@ fn layers_equal_candle_nn_outside_capture_and_foreign_parameters_are_named() {
         "{e}"
     );
 }
+
+/// A tiny transformer block classifier: token + position embeddings, pre-LayerNorm multi-head
+/// attention and GELU MLP with residuals, final layer norm, mean-pool, linear head.
+struct Tiny {
+    emb: nn::Embedding,
+    pos: nn::Embedding,
+    ln1: nn::Norm,
+    qkv: nn::Linear,
+    proj: nn::Linear,
+    ln2: nn::Norm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    lnf: nn::Norm,
+    head: nn::Linear,
+    heads: usize,
+}
+
+impl Tiny {
+    fn new(vb: VarBuilder, v: usize, t: usize, d: usize, heads: usize, c: usize) -> Tiny {
+        Tiny {
+            emb: nn::embedding(v, d, vb.pp("emb")).unwrap(),
+            pos: nn::embedding(t, d, vb.pp("pos")).unwrap(),
+            ln1: nn::layer_norm(d, 1e-5, vb.pp("ln1")).unwrap(),
+            qkv: nn::linear(d, 3 * d, vb.pp("qkv")).unwrap(),
+            proj: nn::linear(d, d, vb.pp("proj")).unwrap(),
+            ln2: nn::layer_norm(d, 1e-5, vb.pp("ln2")).unwrap(),
+            fc1: nn::linear(d, 2 * d, vb.pp("fc1")).unwrap(),
+            fc2: nn::linear(2 * d, d, vb.pp("fc2")).unwrap(),
+            lnf: nn::rms_norm(d, 1e-5, vb.pp("lnf")).unwrap(),
+            head: nn::linear(d, c, vb.pp("head")).unwrap(),
+            heads,
+        }
+    }
+}
+
+impl Module for Tiny {
+    fn forward(&self, tok: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = tok.dims2()?;
+        let pos_ids = Tensor::arange(0u32, t as u32, tok.device())?
+            .unsqueeze(0)?
+            .broadcast_as((b, t))?
+            .contiguous()?;
+        let x = (self.emb.forward(tok)? + self.pos.forward(&pos_ids)?)?;
+        let d = x.dim(2)?;
+        let hd = d / self.heads;
+        let qkv = self.qkv.forward(&self.ln1.forward(&x)?)?;
+        let split = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, i * d, d)?
+                .reshape((b, t, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let x = (x + self.proj.forward(&y)?)?;
+        let h = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu_erf()?;
+        let x = (&x + self.fc2.forward(&h)?)?;
+        self.head.forward(&self.lnf.forward(&x)?.mean(1)?)
+    }
+}
+
+#[test]
+fn transformer_capture_matches_the_generic_path_and_finite_differences() {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+    let (v, t, d, c) = (11, 5, 8, 3);
+    let model = Tiny::new(vb, v, t, d, 2, c);
+    // non-trivial norm parameters
+    let params = Params::from_varmap(&vm, ParamOrder::Natural).unwrap();
+    let theta: Vec<f64> = params
+        .flat_values()
+        .unwrap()
+        .iter()
+        .zip(pseudo_random(params.num_params(), 31))
+        .map(|(a, r)| a + 0.1 * r)
+        .collect();
+    params.set_flat_values(&theta).unwrap();
+    let n = 9;
+    let ids: Vec<u32> = (0..n * t).map(|i| ((i * 7 + i / 3) % v) as u32).collect();
+    let tok = Tensor::from_vec(ids, (n, t), &Device::Cpu).unwrap();
+    let data = TensorDataset::new(tok.clone(), random_labels(n, c, 3)).unwrap();
+    let lik = Likelihood::Categorical;
+    let engine = CaptureEngine::new(&model, &params);
+    let generic = GenericFisher::new(&params, lik.of(&model), &data, GenericOptions::default());
+    let want = generic.fisher_diag().unwrap();
+    for bs in [1, 4, 9] {
+        let got = engine.sum_sq(&lik, &data, &opts(bs)).unwrap();
+        // norm-wise: the key bias of attention has an exactly zero gradient (softmax is shift
+        // invariant), so entrywise relative errors there compare rounding noise
+        let err = norm_rel_err(&got, want.sums());
+        assert!(err < 1e-12, "diag, batch {bs}: {err:e}");
+        for e in params.entries() {
+            let a = &got[e.offset..e.offset + e.numel];
+            let b = &want.sums()[e.offset..e.offset + e.numel];
+            let diff: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let scale: f64 = want.sums().iter().map(|y| y * y).sum::<f64>().sqrt();
+            assert!(diff <= 1e-12 * scale, "{}: {diff:e}", e.name);
+        }
+    }
+    let g = engine
+        .per_example_gradients(&lik, &data, 0, n, &opts(4))
+        .unwrap();
+    let gw = generic.per_example_gradients(0, n).unwrap();
+    assert!(mat_rel_err(&g, &gw) < 1e-10, "{}", mat_rel_err(&g, &gw));
+    let (qg, _) = engine
+        .query_gradients(&Qoi::Prob(1), &tok, &opts(4))
+        .unwrap();
+    let (qgw, _) = qoi_gradients(
+        &params,
+        &tok,
+        Qoi::Prob(1).of(&model),
+        &GenericOptions::default(),
+    )
+    .unwrap();
+    assert!(mat_rel_err(&qg, &qgw) < 1e-10);
+    // the generic oracle against central finite differences (embeddings, norms, attention)
+    let (x, y) = data.get(2, 1).unwrap();
+    let f = |th: &[f64]| {
+        params.set_flat_values(th).unwrap();
+        let out = lik
+            .log_likelihood(&model.forward(&x).unwrap(), &y)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
+        params.set_flat_values(&theta).unwrap();
+        out
+    };
+    let g2 = generic.per_example_gradients(2, 1).unwrap();
+    for k in (0..params.num_params()).step_by(13) {
+        let h = 1e-6;
+        let (mut up, mut dn) = (theta.clone(), theta.clone());
+        up[k] += h;
+        dn[k] -= h;
+        let fd = (f(&up) - f(&dn)) / (2.0 * h);
+        assert!(
+            (fd - g2[(k, 0)]).abs() <= 1e-6 * (1.0 + fd.abs()),
+            "entry {k}: fd {fd} vs {}",
+            g2[(k, 0)]
+        );
+    }
+    // a candle-nn fused layer norm in the same place would give no gradient: an error, not zeros
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let l1 = nn::linear(4, 4, vb.pp("a")).unwrap();
+    let fused = candle_nn::layer_norm(4, 1e-5, vb.pp("ln")).unwrap();
+    let params = Params::from_varmap(&vm, ParamOrder::Natural).unwrap();
+    struct WithFused<'a>(&'a nn::Linear, &'a candle_nn::LayerNorm);
+    impl Module for WithFused<'_> {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.1.forward(&self.0.forward(x)?)
+        }
+    }
+    let m = WithFused(&l1, &fused);
+    let data = TensorDataset::new(
+        random_tensor(3, 4, 1).to_dtype(DType::F32).unwrap(),
+        random_tensor(3, 4, 2).to_dtype(DType::F32).unwrap(),
+    )
+    .unwrap();
+    let e = CaptureEngine::new(&m, &params)
+        .sum_sq(
+            &Likelihood::gaussian(1.0),
+            &data,
+            &CaptureOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ln.weight"), "{e}");
+}

@@ -28,7 +28,7 @@ use faer::Mat;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::likelihood::Likelihood;
-use crate::nn::capture::{CaptureGuard, UseRecord};
+use crate::nn::capture::{CaptureGuard, UseInput, UseRecord};
 use crate::params::Params;
 use crate::qoi::Qoi;
 
@@ -51,10 +51,21 @@ impl Default for CaptureOptions {
     }
 }
 
-/// One layer's stacked uses in one batch: X (B, T, in), Δ (B, T, out), and where its weight and
-/// bias sit in the flat layout.
+/// What a layer's stacked uses read.
+enum Kind {
+    /// Input rows X (B, T, in).
+    Rows(Tensor),
+    /// Token ids (B·T, row-major), T per example.
+    Tokens { ids: Vec<usize>, t: usize },
+    /// Normalised inputs x̂ (B, T, d).
+    Scale(Tensor),
+}
+
+/// One layer's stacked uses in one batch: what they read, Δ (B, T, out), and where its weight
+/// and bias sit in the flat layout (`inp`·`out` weight entries: in for rows, the vocabulary for
+/// tokens, 1 for a scale).
 struct LayerBatch {
-    x: Tensor,
+    kind: Kind,
     d: Tensor,
     w_off: usize,
     b_off: Option<usize>,
@@ -102,7 +113,12 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
         objective: impl FnOnce(&Tensor) -> Result<Tensor>,
         first_row: usize,
     ) -> Result<(Vec<f64>, Vec<LayerBatch>)> {
-        let x = x.to_dtype(self.dtype())?;
+        // float inputs run in the model's precision; integer inputs (token ids) stay as they are
+        let x = if x.dtype().is_float() {
+            x.to_dtype(self.dtype())?
+        } else {
+            x.clone()
+        };
         let b = x.dims().first().copied().unwrap_or(0);
         let (out, records) = {
             let guard = CaptureGuard::begin()?;
@@ -137,7 +153,7 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
         grads: &candle_core::backprop::GradStore,
     ) -> Result<Vec<LayerBatch>> {
         let mut order: Vec<usize> = vec![];
-        let mut uses: HashMap<usize, Vec<(Tensor, Tensor)>> = HashMap::new();
+        let mut uses: HashMap<usize, Vec<(UseInput, Tensor)>> = HashMap::new();
         let mut bias_of: HashMap<usize, Option<usize>> = HashMap::new();
         for r in records {
             let w = *self.by_id.get(&r.weight.id()).ok_or_else(|| {
@@ -170,6 +186,7 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
         }
         let mut covered = vec![false; self.params.entries().len()];
         let mut out = Vec::with_capacity(order.len());
+        let entries = self.params.entries();
         for w in order {
             let list = uses.remove(&w).unwrap_or_default();
             let b = bias_of.get(&w).copied().flatten();
@@ -177,20 +194,73 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
             if let Some(b) = b {
                 covered[b] = true;
             }
-            let (xs, ds): (Vec<Tensor>, Vec<Tensor>) = list.into_iter().unzip();
-            let x = Tensor::cat(&xs, 1)?;
+            let name = &entries[w].name;
+            let ds: Vec<Tensor> = list.iter().map(|(_, d)| d.clone()).collect();
             let d = Tensor::cat(&ds, 1)?;
-            let entries = self.params.entries();
-            let (inp, o) = (x.dim(2)?, d.dim(2)?);
+            let o = d.dim(2)?;
+            let (kind, inp) = match &list[0].0 {
+                UseInput::Rows(_) => {
+                    let xs = list
+                        .iter()
+                        .map(|(u, _)| match u {
+                            UseInput::Rows(x) => Ok(x.clone()),
+                            _ => Err(mixed(name)),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let x = Tensor::cat(&xs, 1)?;
+                    let inp = x.dim(2)?;
+                    (Kind::Rows(x), inp)
+                }
+                UseInput::Scale(_) => {
+                    let xs = list
+                        .iter()
+                        .map(|(u, _)| match u {
+                            UseInput::Scale(x) => Ok(x.clone()),
+                            _ => Err(mixed(name)),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    (Kind::Scale(Tensor::cat(&xs, 1)?), 1)
+                }
+                UseInput::Tokens { vocab, .. } => {
+                    let vocab = *vocab;
+                    let ids = list
+                        .iter()
+                        .map(|(u, _)| match u {
+                            UseInput::Tokens { ids, .. } => Ok(ids.to_dtype(DType::I64)?),
+                            _ => Err(mixed(name)),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let ids = Tensor::cat(&ids, 1)?;
+                    let t = ids.dim(1)?;
+                    let ids = ids
+                        .flatten_all()?
+                        .to_vec1::<i64>()?
+                        .into_iter()
+                        .map(|v| {
+                            usize::try_from(v)
+                                .ok()
+                                .filter(|v| *v < vocab)
+                                .ok_or_else(|| {
+                                    Error::invalid(
+                                        format!("token id for '{name}'"),
+                                        v,
+                                        format!("must lie in 0..{vocab}"),
+                                    )
+                                })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    (Kind::Tokens { ids, t }, vocab)
+                }
+            };
             if entries[w].numel != inp * o {
                 return Err(Error::shape(
-                    format!("captured layer '{}'", entries[w].name),
+                    format!("captured layer '{name}'"),
                     entries[w].numel,
                     inp * o,
                 ));
             }
             out.push(LayerBatch {
-                x,
+                kind,
                 d,
                 w_off: entries[w].offset,
                 b_off: b.map(|b| entries[b].offset),
@@ -290,35 +360,93 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
-/// Per-example weight gradients Δᵢᵀ Xᵢ of rows `s .. s + n` of a layer batch: (n, out, in).
-fn example_grads(l: &LayerBatch, s: usize, n: usize) -> Result<Tensor> {
-    let d = l.d.narrow(0, s, n)?.transpose(1, 2)?.contiguous()?;
-    let x = l.x.narrow(0, s, n)?.contiguous()?;
-    Ok(d.matmul(&x)?)
+fn mixed(name: &str) -> Error {
+    Error::Unsupported(format!(
+        "layer '{name}' was used as two different kinds of layer in one pass"
+    ))
+}
+
+/// Per-example weight gradients Δᵢᵀ Xᵢ of rows `s .. s + n` of a rows batch: (n, out, in).
+fn example_grads(x: &Tensor, d: &Tensor, s: usize, n: usize) -> Result<Tensor> {
+    let dt = d.narrow(0, s, n)?.transpose(1, 2)?.contiguous()?;
+    let x = x.narrow(0, s, n)?.contiguous()?;
+    Ok(dt.matmul(&x)?)
 }
 
 fn chunk_rows(l: &LayerBatch, opts: &CaptureOptions) -> usize {
     (opts.chunk_elements / (l.inp * l.out).max(1)).max(1)
 }
 
-fn add_sum_sq(l: &LayerBatch, opts: &CaptureOptions, acc: &mut [f64]) -> Result<()> {
-    let (b, t) = (l.x.dim(0)?, l.x.dim(1)?);
-    let w = if t == 1 {
-        let x2 = l.x.squeeze(1)?.sqr()?;
-        let d2 = l.d.squeeze(1)?.sqr()?;
-        to_f64(&d2.t()?.matmul(&x2)?)?
-    } else {
-        let mut sum = vec![0.0f64; l.inp * l.out];
-        let step = chunk_rows(l, opts);
-        for s in (0..b).step_by(step) {
-            let n = step.min(b - s);
-            let part = to_f64(&example_grads(l, s, n)?.sqr()?.sum(0)?)?;
-            sum.iter_mut().zip(&part).for_each(|(a, v)| *a += v);
+/// Per example, the token rows Σ_{t: idₜ = v} δₜ: calls `f(example, v, row)` once per distinct
+/// token of each example.
+fn token_rows(
+    ids: &[usize],
+    t: usize,
+    d: &[f64],
+    out: usize,
+    mut f: impl FnMut(usize, usize, &[f64]),
+) {
+    let b = ids.len().checked_div(t).unwrap_or(0);
+    let mut order: Vec<usize> = Vec::with_capacity(t);
+    let mut row = vec![0.0f64; out];
+    for i in 0..b {
+        order.clear();
+        order.extend(0..t);
+        order.sort_by_key(|&k| ids[i * t + k]);
+        let mut k = 0;
+        while k < t {
+            let v = ids[i * t + order[k]];
+            row.iter_mut().for_each(|r| *r = 0.0);
+            while k < t && ids[i * t + order[k]] == v {
+                let at = (i * t + order[k]) * out;
+                row.iter_mut()
+                    .zip(&d[at..at + out])
+                    .for_each(|(r, x)| *r += x);
+                k += 1;
+            }
+            f(i, v, &row);
         }
-        sum
-    };
-    for (a, v) in acc[l.w_off..l.w_off + l.inp * l.out].iter_mut().zip(&w) {
-        *a += v;
+    }
+}
+
+fn add_sum_sq(l: &LayerBatch, opts: &CaptureOptions, acc: &mut [f64]) -> Result<()> {
+    let b = l.d.dim(0)?;
+    let io = l.inp * l.out;
+    match &l.kind {
+        Kind::Rows(x) => {
+            let t = x.dim(1)?;
+            let w = if t == 1 {
+                let x2 = x.squeeze(1)?.sqr()?;
+                let d2 = l.d.squeeze(1)?.sqr()?;
+                to_f64(&d2.t()?.matmul(&x2)?)?
+            } else {
+                let mut sum = vec![0.0f64; io];
+                let step = chunk_rows(l, opts);
+                for s in (0..b).step_by(step) {
+                    let n = step.min(b - s);
+                    let part = to_f64(&example_grads(x, &l.d, s, n)?.sqr()?.sum(0)?)?;
+                    sum.iter_mut().zip(&part).for_each(|(a, v)| *a += v);
+                }
+                sum
+            };
+            for (a, v) in acc[l.w_off..l.w_off + io].iter_mut().zip(&w) {
+                *a += v;
+            }
+        }
+        Kind::Scale(xhat) => {
+            let g = to_f64(&(&l.d * xhat)?.sum(1)?.sqr()?.sum(0)?)?;
+            for (a, v) in acc[l.w_off..l.w_off + l.out].iter_mut().zip(&g) {
+                *a += v;
+            }
+        }
+        Kind::Tokens { ids, t } => {
+            let d = to_f64(&l.d)?;
+            let (w_off, out) = (l.w_off, l.out);
+            token_rows(ids, *t, &d, out, |_, v, row| {
+                let dst = &mut acc[w_off + v * out..w_off + (v + 1) * out];
+                dst.iter_mut().zip(row).for_each(|(a, r)| *a += r * r);
+            });
+        }
     }
     if let Some(bo) = l.b_off {
         let bias = to_f64(&l.d.sum(1)?.sqr()?.sum(0)?)?;
@@ -336,18 +464,37 @@ fn write_gradients(
     opts: &CaptureOptions,
 ) -> Result<()> {
     for l in layers {
-        let b = l.x.dim(0)?;
-        let step = chunk_rows(l, opts);
-        let io = l.inp * l.out;
-        for s in (0..b).step_by(step) {
-            let n = step.min(b - s);
-            let w = to_f64(&example_grads(l, s, n)?)?;
-            for i in 0..n {
-                let col = g.col_mut(col0 + s + i).try_as_col_major_mut();
-                let Some(col) = col else {
-                    return Err(Error::Unsupported("gradient block not column-major".into()));
-                };
-                col.as_slice_mut()[l.w_off..l.w_off + io].copy_from_slice(&w[i * io..(i + 1) * io]);
+        let b = l.d.dim(0)?;
+        match &l.kind {
+            Kind::Rows(x) => {
+                let step = chunk_rows(l, opts);
+                let io = l.inp * l.out;
+                for s in (0..b).step_by(step) {
+                    let n = step.min(b - s);
+                    let w = to_f64(&example_grads(x, &l.d, s, n)?)?;
+                    for i in 0..n {
+                        for (k, v) in w[i * io..(i + 1) * io].iter().enumerate() {
+                            g[(l.w_off + k, col0 + s + i)] = *v;
+                        }
+                    }
+                }
+            }
+            Kind::Scale(xhat) => {
+                let w = to_f64(&(&l.d * xhat)?.sum(1)?)?;
+                for i in 0..b {
+                    for k in 0..l.out {
+                        g[(l.w_off + k, col0 + i)] = w[i * l.out + k];
+                    }
+                }
+            }
+            Kind::Tokens { ids, t } => {
+                let d = to_f64(&l.d)?;
+                let (w_off, out) = (l.w_off, l.out);
+                token_rows(ids, *t, &d, out, |i, v, row| {
+                    for (k, r) in row.iter().enumerate() {
+                        g[(w_off + v * out + k, col0 + i)] = *r;
+                    }
+                });
             }
         }
         if let Some(bo) = l.b_off {

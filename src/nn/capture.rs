@@ -9,16 +9,33 @@ use std::cell::RefCell;
 
 use candle_core::{Tensor, Var};
 
+/// What a layer use read, in the form its per-example gradient needs.
+#[derive(Debug, Clone)]
+pub enum UseInput {
+    /// A linear map of input rows (B, T, in): gᵂ = Σₜ δₜ xₜᵀ (Linear, the patches of a conv).
+    Rows(Tensor),
+    /// An embedding lookup of token ids (B, T) (integers) in a table of `vocab` rows: row v of
+    /// gᵂ is Σ_{t: idₜ = v} δₜ.
+    Tokens {
+        /// The ids, (B, T).
+        ids: Tensor,
+        /// Rows of the table.
+        vocab: usize,
+    },
+    /// An elementwise scale of the normalised input x̂ (B, T, d) (layer / RMS norm):
+    /// gᵞ = Σₜ δₜ∘x̂ₜ.
+    Scale(Tensor),
+}
+
 /// One use of a layer inside a captured forward pass.
 #[derive(Debug, Clone)]
 pub struct UseRecord {
-    /// The layer's weight tensor itself (the parameter): its first dimension is `out`, the rest
-    /// flattened row-major is `in` (a conv's (out, C, kh, kw) weight is (out, C·kh·kw)).
+    /// The layer's weight tensor itself (the parameter).
     pub weight: Tensor,
-    /// The layer's bias (out), if any.
+    /// The layer's bias (out), if any: gᵇ = Σₜ δₜ.
     pub bias: Option<Tensor>,
-    /// What the layer read, (B, T, in), detached.
-    pub input: Tensor,
+    /// What the layer read, detached.
+    pub input: UseInput,
     /// The zero probe added to what it wrote, (B, T, out).
     pub probe: Var,
 }
@@ -87,6 +104,17 @@ pub(crate) fn probe_use(
     weight: &Tensor,
     bias: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
+    probe_with(z, UseInput::Rows(input.detach()), weight, bias)
+}
+
+/// Adds a zero probe to `z` (B, T, out) and records the use with the given input, when
+/// capturing.
+pub(crate) fn probe_with(
+    z: Tensor,
+    input: UseInput,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     if !active() {
         return Ok(z);
     }
@@ -95,7 +123,7 @@ pub(crate) fn probe_use(
     push(UseRecord {
         weight: weight.clone(),
         bias: bias.cloned(),
-        input: input.detach(),
+        input,
         probe,
     });
     Ok(out)
