@@ -161,9 +161,12 @@ fn every_bad_file_is_an_error_naming_it() {
         e.to_string().contains("3 rows") && e.to_string().contains("x4.npy"),
         "{e}"
     );
-    // int64 inputs
+    // inputs without a feature dimension
     let e = MmapNpyDataset::open(&good_y, &good_y).unwrap_err();
-    assert!(e.to_string().contains("float32 or float64"), "{e}");
+    assert!(
+        e.to_string().contains("at least one feature dimension") && e.to_string().contains("y.npy"),
+        "{e}"
+    );
     // a label out of range is caught by the likelihood, naming the example
     let ybad = tmp("ybad.npy");
     write_npy(&ybad, &[4], RowsRef::I64(&[0, 1, 9, 0])).unwrap();

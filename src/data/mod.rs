@@ -53,8 +53,10 @@ pub trait Dataset: Sync {
     fn release(&self, _start: usize, _len: usize) {}
 }
 
-/// A dataset of two memory-mapped `.npy` files: inputs `x` (N, in) as f32 or f64, and targets
-/// `y`, either (N, out) floats (gaussian) or (N,) int64 class labels (categorical).
+/// A dataset of two memory-mapped `.npy` files: inputs `x` (N, ...) — features (N, in), images
+/// (N, C, H, W) as f32 or f64, or token ids (N, T) as int64 — and targets `y`, either (N, out)
+/// floats (gaussian) or (N,) int64 class labels (categorical). Rows of any trailing shape come
+/// back from [`Dataset::get`] with that shape.
 ///
 /// Memory: only the pages being read (the OS maps them on demand and may drop them), so the
 /// files can be far larger than RAM. The factored engine reads batches straight from the
@@ -71,17 +73,12 @@ impl MmapNpyDataset {
     pub fn open(x: impl AsRef<std::path::Path>, y: impl AsRef<std::path::Path>) -> Result<Self> {
         let x = NpyArray::open(x)?;
         let y = NpyArray::open(y)?;
-        if x.dtype() == NpyDtype::I64 {
-            return Err(Error::BadFile {
-                path: x.path().display().to_string(),
-                detail: "inputs x must be float32 or float64, not int64".into(),
-            });
-        }
-        if x.shape().len() != 2 {
+        if x.shape().len() < 2 {
             return Err(Error::BadFile {
                 path: x.path().display().to_string(),
                 detail: format!(
-                    "inputs x must have shape (N, features), got {:?}",
+                    "inputs x must have shape (N, ...) with at least one feature dimension \
+                     (features, (C, H, W) images, (T,) token ids), got {:?}",
                     x.shape()
                 ),
             });
@@ -140,8 +137,10 @@ impl Dataset for MmapNpyDataset {
         let v = self
             .view(start, len)
             .unwrap_or_else(|| Err(Error::Unsupported("no view".into())))?;
+        let mut xshape = self.x.shape().to_vec();
+        xshape[0] = len;
         Ok((
-            rows_tensor(v.x, len, v.x_cols, true)?,
+            rows_tensor(v.x, len, v.x_cols, true)?.reshape(xshape)?,
             rows_tensor(v.y, len, v.y_cols, self.y.shape().len() == 2)?,
         ))
     }
