@@ -77,9 +77,9 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use fisher::{
-    fisher_pass, tensors_fingerprint, weights_fingerprint, CapturedFisher, FactoredFisher,
-    FisherArtifact, FisherDense, FisherDiag, FisherSource, GenericFisher, PassKind, PassOptions,
-    DEFAULT_MEMORY_BUDGET,
+    fisher_pass, fisher_pass_captured, tensors_fingerprint, weights_fingerprint, CapturedFisher,
+    FactoredFisher, FisherArtifact, FisherDense, FisherDiag, FisherSource, GenericFisher, PassKind,
+    PassOptions, DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
 pub use model::{Activation, Mlp};

@@ -645,3 +645,71 @@ fn memory_mapped_images_and_token_ids() {
     let b = e.sum_sq(&lik, &mem, &opts(4)).unwrap();
     assert_eq!(a, b);
 }
+
+/// Offline passes of a captured model: three shards merge to the whole pass, the artifact is
+/// checked against the parameters it summed, and serves the diagonal strategy.
+#[test]
+fn offline_passes_and_shards_for_a_captured_model() {
+    let (cnn, _vm, params, data, q) = cnn_problem();
+    let lik = Likelihood::Categorical;
+    let pass = |shard, kind| {
+        fisher_pass_captured(
+            &cnn,
+            &params,
+            lik.clone(),
+            "categorical",
+            &data,
+            &PassOptions {
+                kind,
+                shard,
+                engine: FactoredOptions {
+                    batch_size: 4,
+                    threads: 0,
+                },
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        )
+        .unwrap()
+    };
+    let whole = pass(None, PassKind::Diag);
+    let shards: Vec<FisherArtifact> = (0..3).map(|i| pass(Some((i, 3)), PassKind::Diag)).collect();
+    let merged = FisherArtifact::merge(&shards).unwrap();
+    assert!(merged.is_complete());
+    assert!(max_rel_err(merged.diag.sums(), whole.diag.sums()) < 1e-12);
+    merged.check_model(&params).unwrap();
+    let direct = CaptureEngine::new(&cnn, &params)
+        .sum_sq(&lik, &data, &opts(5))
+        .unwrap();
+    assert!(max_rel_err(whole.diag.sums(), &direct) < 1e-12);
+    // the dense pass serves the full inverse; equal to the captured Fisher's
+    let dense = pass(None, PassKind::Dense);
+    let o = SigmaOptions {
+        damping: 1e-2,
+        full_method: FullMethod::Dense,
+        ..Default::default()
+    };
+    let (qg, _) = CaptureEngine::new(&cnn, &params)
+        .query_gradients(&Qoi::Output(0), &q, &opts(5))
+        .unwrap();
+    let a = build_sigma(
+        SigmaStrategy::InverseFullEmpiricalFim,
+        params.num_params(),
+        &o,
+        Some(&dense),
+    )
+    .unwrap()
+    .quad_forms(qg.as_ref())
+    .unwrap();
+    let captured = CapturedFisher::new(&cnn, &params, lik.clone(), &data, opts(5));
+    let b = build_sigma(
+        SigmaStrategy::InverseFullEmpiricalFim,
+        params.num_params(),
+        &o,
+        Some(&captured),
+    )
+    .unwrap()
+    .quad_forms(qg.as_ref())
+    .unwrap();
+    assert!(max_rel_err(&a, &b) < 1e-10);
+}

@@ -21,7 +21,7 @@ pub use artifact::{
 pub use capture::CapturedFisher;
 pub use factored::FactoredFisher;
 pub use generic::GenericFisher;
-pub use offline::{fisher_pass, parse_shard, PassKind, PassOptions};
+pub use offline::{fisher_pass, fisher_pass_captured, parse_shard, PassKind, PassOptions};
 
 use faer::{Mat, MatRef};
 

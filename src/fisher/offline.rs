@@ -3,14 +3,15 @@
 use super::artifact::{
     shard_range, tensors_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
 };
-use super::FactoredFisher;
 use super::FisherSource;
+use super::{CapturedFisher, FactoredFisher, FisherDense};
 use crate::data::{Dataset, DatasetRange};
-use crate::engine::{FactoredMlp, FactoredOptions};
+use crate::engine::{CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions};
 use crate::error::Result;
 use crate::fisher::FisherDiag;
 use crate::likelihood::Likelihood;
 use crate::model::Mlp;
+use crate::params::Params;
 
 /// What a pass accumulates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,13 +100,73 @@ pub fn fisher_pass(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FisherArtifact> {
     let engine = FactoredMlp::new(mlp)?;
-    let named = mlp.named_tensors();
+    run_pass(
+        &mlp.named_tensors(),
+        likelihood_name,
+        data,
+        opts,
+        progress,
+        &|range| engine.sum_sq(&lik, range, &opts.engine),
+        &|range| {
+            FactoredFisher::new(mlp, lik.clone(), range, opts.engine.clone())?
+                .fisher_dense(opts.memory_budget)
+        },
+    )
+}
+
+/// [`fisher_pass`] for any model built from [`crate::nn`] layers, on the capture engine
+/// (batches of `opts.engine.batch_size`). The artifact's parameter names, shapes and weight
+/// fingerprint are those of `params`, the parameters summed over; shards merge as for an MLP.
+pub fn fisher_pass_captured<M: candle_core::Module + Sync>(
+    model: &M,
+    params: &Params,
+    lik: Likelihood,
+    likelihood_name: &str,
+    data: &dyn Dataset,
+    opts: &PassOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<FisherArtifact> {
+    let named: Vec<(String, candle_core::Tensor)> = params
+        .entries()
+        .iter()
+        .map(|e| (e.name.clone(), e.var.as_tensor().clone()))
+        .collect();
+    let copts = CaptureOptions {
+        batch_size: opts.engine.batch_size,
+        ..Default::default()
+    };
+    let engine = CaptureEngine::new(model, params);
+    run_pass(
+        &named,
+        likelihood_name,
+        data,
+        opts,
+        progress,
+        &|range| engine.sum_sq(&lik, range, &copts),
+        &|range| {
+            CapturedFisher::new(model, params, lik.clone(), range, copts.clone())
+                .fisher_dense(opts.memory_budget)
+        },
+    )
+}
+
+/// The pass itself: the metadata of `named`, then diag sums step by step (with progress) or
+/// the dense sum of the range.
+fn run_pass(
+    named: &[(String, candle_core::Tensor)],
+    likelihood_name: &str,
+    data: &dyn Dataset,
+    opts: &PassOptions,
+    progress: &mut dyn FnMut(usize, usize),
+    diag_sums: &dyn Fn(&DatasetRange<'_>) -> Result<Vec<f64>>,
+    dense_sum: &dyn Fn(&DatasetRange<'_>) -> Result<FisherDense>,
+) -> Result<FisherArtifact> {
     let (start, end) = match opts.shard {
         Some((i, n)) => shard_range(i, n, data.len())?,
         None => (0, data.len()),
     };
     let total = end - start;
-    let p = engine.num_params();
+    let p: usize = named.iter().map(|(_, t)| t.elem_count()).sum();
     let meta = FisherMeta {
         format_version: FORMAT_VERSION,
         num_examples: total,
@@ -117,7 +178,7 @@ pub fn fisher_pass(
         likelihood: likelihood_name.into(),
         param_names: named.iter().map(|(n, _)| n.clone()).collect(),
         param_shapes: named.iter().map(|(_, t)| t.dims().to_vec()).collect(),
-        weights_fingerprint: tensors_fingerprint(&named)?,
+        weights_fingerprint: tensors_fingerprint(named)?,
         ranges: vec![(start, end)],
         dataset_len: data.len(),
     };
@@ -129,11 +190,7 @@ pub fn fisher_pass(
             let mut done = 0;
             while done < total {
                 let len = step.min(total - done);
-                let part = engine.sum_sq(
-                    &lik,
-                    &DatasetRange::new(data, start + done, len)?,
-                    &opts.engine,
-                )?;
+                let part = diag_sums(&DatasetRange::new(data, start + done, len)?)?;
                 diag.merge(&FisherDiag::from_sums(part, len)?)?;
                 done += len;
                 progress(done, total);
@@ -146,9 +203,7 @@ pub fn fisher_pass(
             })
         }
         PassKind::Dense => {
-            let range = DatasetRange::new(data, start, total)?;
-            let f = FactoredFisher::new(mlp, lik, &range, opts.engine.clone())?;
-            let dense = f.fisher_dense(opts.memory_budget)?;
+            let dense = dense_sum(&DatasetRange::new(data, start, total)?)?;
             progress(total, total);
             Ok(FisherArtifact {
                 meta,
