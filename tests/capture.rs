@@ -713,3 +713,201 @@ fn offline_passes_and_shards_for_a_captured_model() {
     .unwrap();
     assert!(max_rel_err(&a, &b) < 1e-10);
 }
+
+/// conv1d (stride, padding, dilation) → tanh → conv1d → flatten → linear, against the generic
+/// path and finite differences.
+#[test]
+fn conv1d_capture_matches_the_generic_path() {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+    let c1 = nn::conv1d(
+        2,
+        3,
+        3,
+        Conv2dConfig {
+            padding: 2,
+            stride: 2,
+            dilation: 2,
+        },
+        vb.pp("0"),
+    )
+    .unwrap();
+    let c2 = nn::conv1d(3, 4, 2, Conv2dConfig::default(), vb.pp("2")).unwrap();
+    // L = 12 → c1: (12 + 4 − 5)/2 + 1 = 6 → c2: 5 → 4·5 = 20
+    let fc = nn::linear(20, 2, vb.pp("4")).unwrap();
+    struct Net<'a>(&'a nn::Conv1d, &'a nn::Conv1d, &'a nn::Linear);
+    impl Module for Net<'_> {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            let h = self.1.forward(&self.0.forward(x)?.tanh()?)?.tanh()?;
+            self.2.forward(&h.flatten_from(1)?)
+        }
+    }
+    let net = Net(&c1, &c2, &fc);
+    let params = Params::from_varmap(&vm, ParamOrder::Natural).unwrap();
+    let n = 7;
+    let x = Tensor::from_vec(pseudo_random(n * 24, 41), (n, 2, 12), &Device::Cpu).unwrap();
+    let data = TensorDataset::new(x, random_tensor(n, 2, 42)).unwrap();
+    let lik = Likelihood::gaussian(0.5);
+    let generic = GenericFisher::new(&params, lik.of(&net), &data, GenericOptions::default());
+    let engine = CaptureEngine::new(&net, &params);
+    let got = engine.sum_sq(&lik, &data, &opts(3)).unwrap();
+    let want = generic.fisher_diag().unwrap();
+    let g = engine
+        .per_example_gradients(&lik, &data, 0, n, &opts(3))
+        .unwrap();
+    let gw = generic.per_example_gradients(0, n).unwrap();
+    // the oracle against finite differences
+    let (x1, y1) = data.get(4, 1).unwrap();
+    let theta = params.flat_values().unwrap();
+    let f = |t: &[f64]| {
+        params.set_flat_values(t).unwrap();
+        let v = lik
+            .log_likelihood(&net.forward(&x1).unwrap(), &y1)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
+        params.set_flat_values(&theta).unwrap();
+        v
+    };
+    for k in (0..params.num_params()).step_by(3) {
+        let h = 1e-6;
+        let (mut up, mut dn) = (theta.clone(), theta.clone());
+        up[k] += h;
+        dn[k] -= h;
+        let fd = (f(&up) - f(&dn)) / (2.0 * h);
+        assert!(
+            (fd - gw[(k, 4)]).abs() <= 1e-6 * (1.0 + fd.abs()),
+            "entry {k}: fd {fd} vs {}",
+            gw[(k, 4)]
+        );
+    }
+    assert!(max_rel_err(&got, want.sums()) < 1e-10);
+    assert!(mat_rel_err(&g, &gw) < 1e-10);
+}
+
+/// candle 0.11.1's conv1d backward is wrong for every example of a batch but the first; ours
+/// (through conv2d) gives each example the gradient it gets alone.
+#[test]
+fn conv1d_input_gradients_are_per_example_in_a_batch() {
+    let x = Tensor::from_vec(pseudo_random(3 * 3 * 6, 51), (3, 3, 6), &Device::Cpu).unwrap();
+    let w = Tensor::from_vec(pseudo_random(4 * 3 * 2, 52), (4, 3, 2), &Device::Cpu).unwrap();
+    let r = Tensor::from_vec(pseudo_random(3 * 4 * 5, 53), (3, 4, 5), &Device::Cpu).unwrap();
+    let ours = nn::Conv1d::new(w.clone(), None, Conv2dConfig::default());
+    let grad_of = |f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, r: &Tensor| -> Tensor {
+        let v = candle_core::Var::from_tensor(x).unwrap();
+        let g = (f(v.as_tensor()) * r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        g.get(v.as_tensor()).unwrap().clone()
+    };
+    let ours_f = |t: &Tensor| ours.forward(t).unwrap();
+    let candle_f = |t: &Tensor| t.conv1d(&w, 0, 1, 1, 1).unwrap();
+    let maxdiff = |a: Tensor, b: Tensor| -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let gb = grad_of(&ours_f, &x, &r);
+    let gc = grad_of(&candle_f, &x, &r);
+    let mut candle_wrong = 0.0f64;
+    for i in 0..3 {
+        let xi = x.narrow(0, i, 1).unwrap();
+        let ri = r.narrow(0, i, 1).unwrap();
+        let alone = grad_of(&ours_f, &xi, &ri);
+        let d = maxdiff(alone.clone(), gb.narrow(0, i, 1).unwrap());
+        assert!(d < 1e-12, "ours, example {i}: {d}");
+        candle_wrong = candle_wrong.max(maxdiff(alone, gc.narrow(0, i, 1).unwrap()));
+    }
+    // the trap we avoid (if candle fixes it, this documents the fix)
+    assert!(
+        candle_wrong > 1e-3,
+        "candle's conv1d batch backward now agrees: {candle_wrong}"
+    );
+    // the values agree with candle's conv1d
+    assert!(maxdiff(ours_f(&x), candle_f(&x)) < 1e-12);
+}
+
+/// A strided conv2d on a non-square input (9×10, stride 2): candle's conv backward fails on
+/// the uneven width remainder unless the input is cropped to the span it reads; the capture
+/// engine and the generic oracle agree, and the oracle matches finite differences.
+#[test]
+fn strided_conv2d_on_a_non_square_input() {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu);
+    let c1 = nn::conv2d(
+        1,
+        2,
+        3,
+        Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            dilation: 1,
+        },
+        vb.pp("0"),
+    )
+    .unwrap();
+    let c2 = nn::conv2d(
+        2,
+        2,
+        2,
+        Conv2dConfig {
+            padding: 0,
+            stride: 2,
+            dilation: 1,
+        },
+        vb.pp("1"),
+    )
+    .unwrap();
+    // 9×10 → c1 5×5 → c2 2×2 → 8
+    let fc = nn::linear(8, 2, vb.pp("2")).unwrap();
+    struct Net<'a>(&'a nn::Conv2d, &'a nn::Conv2d, &'a nn::Linear);
+    impl Module for Net<'_> {
+        fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            let h = self.1.forward(&self.0.forward(x)?.tanh()?)?.tanh()?;
+            self.2.forward(&h.flatten_from(1)?)
+        }
+    }
+    let net = Net(&c1, &c2, &fc);
+    let params = Params::from_varmap(&vm, ParamOrder::Natural).unwrap();
+    let n = 5;
+    let x = Tensor::from_vec(pseudo_random(n * 90, 61), (n, 1, 9, 10), &Device::Cpu).unwrap();
+    let data = TensorDataset::new(x, random_tensor(n, 2, 62)).unwrap();
+    let lik = Likelihood::gaussian(1.0);
+    let generic = GenericFisher::new(&params, lik.of(&net), &data, GenericOptions::default());
+    let g = CaptureEngine::new(&net, &params)
+        .per_example_gradients(&lik, &data, 0, n, &opts(3))
+        .unwrap();
+    let gw = generic.per_example_gradients(0, n).unwrap();
+    assert!(mat_rel_err(&g, &gw) < 1e-10);
+    let (x1, y1) = data.get(3, 1).unwrap();
+    let theta = params.flat_values().unwrap();
+    let f = |t: &[f64]| {
+        params.set_flat_values(t).unwrap();
+        let v = lik
+            .log_likelihood(&net.forward(&x1).unwrap(), &y1)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
+        params.set_flat_values(&theta).unwrap();
+        v
+    };
+    for k in 0..params.num_params() {
+        let h = 1e-6;
+        let (mut up, mut dn) = (theta.clone(), theta.clone());
+        up[k] += h;
+        dn[k] -= h;
+        let fd = (f(&up) - f(&dn)) / (2.0 * h);
+        assert!(
+            (fd - gw[(k, 3)]).abs() <= 1e-6 * (1.0 + fd.abs()),
+            "entry {k}"
+        );
+    }
+}

@@ -114,6 +114,32 @@ pub fn conv2d_no_bias(
     Ok(Conv2d::new(c.weight().clone(), None, cfg))
 }
 
+/// `x` zero-padded along `dim` and cropped to the span the convolution reads, (o − 1)·s +
+/// d·(k − 1) + 1. Trailing positions no output reads get a zero gradient either way; cropping
+/// them keeps candle 0.11.1's conv backward exact (it derives one output padding from the height
+/// and applies it to both spatial dimensions, so an uneven remainder in the width fails).
+fn padded_used(
+    x: &Tensor,
+    dim: usize,
+    k: usize,
+    cfg: &Conv2dConfig,
+) -> candle_core::Result<Tensor> {
+    let n = x.dim(dim)?;
+    let o = out_size(n, k, cfg, "input")?;
+    let p = cfg.padding;
+    let xp = if p > 0 {
+        x.pad_with_zeros(dim, p, p)?
+    } else {
+        x.clone()
+    };
+    let used = (o - 1) * cfg.stride + cfg.dilation * (k - 1) + 1;
+    if used < n + 2 * p {
+        xp.narrow(dim, 0, used)
+    } else {
+        Ok(xp)
+    }
+}
+
 /// The output size of a convolution along one dimension, or an error when the kernel does not
 /// fit.
 fn out_size(n: usize, k: usize, cfg: &Conv2dConfig, what: &str) -> candle_core::Result<usize> {
@@ -198,7 +224,8 @@ impl Module for Conv2d {
         } else {
             self.weight.clone()
         };
-        let mut z = x.conv2d(&w, self.cfg.padding, self.cfg.stride, self.cfg.dilation, 1)?;
+        let xp = padded_used(&padded_used(x, 2, kh, &self.cfg)?, 3, kw, &self.cfg)?;
+        let mut z = xp.conv2d(&w, 0, self.cfg.stride, self.cfg.dilation, 1)?;
         if let Some(bias) = &self.bias {
             let bias = if capturing {
                 bias.detach()
@@ -216,5 +243,126 @@ impl Module for Conv2d {
         let zt = z.permute((0, 2, 3, 1))?.reshape((b, ho * wo, out))?;
         let zt = capture::probe_use(zt, &patches, &self.weight, self.bias.as_ref())?;
         zt.reshape((b, ho, wo, out))?.permute((0, 3, 1, 2))
+    }
+}
+
+/// A 1-D convolution, a drop-in for `candle_nn::Conv1d` with groups = 1 (`weight` (out, in, k),
+/// `bias` (out)), captured by the capture engine (each output position is a use on its patch).
+/// Input (B, C, L), output (B, out, L_out). Padding, stride and dilation as in [`Conv2dConfig`].
+///
+/// It runs as a 2-D convolution over (B, C, 1, L): candle 0.11.1's own `conv1d` backward gives
+/// wrong input gradients for every example of a batch but the first (measured, see
+/// tests/capture.rs), which would corrupt the signals of every layer below it.
+#[derive(Debug, Clone)]
+pub struct Conv1d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    cfg: Conv2dConfig,
+}
+
+impl Conv1d {
+    /// From a weight (out, in, k), an optional bias (out) and the configuration.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
+        Self { weight, bias, cfg }
+    }
+    /// The weight (out, in, k).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// The bias (out).
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+/// `candle_nn::conv1d`'s counterpart (groups = 1): `weight` (out, in, k) and `bias` (out).
+pub fn conv1d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel_size: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv1d> {
+    check_cfg(&cfg)?;
+    let c = candle_nn::conv1d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        candle_nn::Conv1dConfig {
+            padding: cfg.padding,
+            stride: cfg.stride,
+            dilation: cfg.dilation,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        },
+        vb,
+    )?;
+    Ok(Conv1d::new(c.weight().clone(), c.bias().cloned(), cfg))
+}
+
+/// The unfolded patches of `x` (B, C, L): (B, L_out, C·k), entries in the weight's order (c, j).
+fn unfold1d(x: &Tensor, k: usize, cfg: &Conv2dConfig) -> candle_core::Result<(Tensor, usize)> {
+    let (b, c, l) = x.dims3()?;
+    let lo = out_size(l, k, cfg, "length")?;
+    let p = cfg.padding;
+    let x = if p > 0 {
+        x.pad_with_zeros(2, p, p)?
+    } else {
+        x.clone()
+    };
+    let lp = l + 2 * p;
+    let mut idx = Vec::with_capacity(lo * c * k);
+    for o in 0..lo {
+        for ci in 0..c {
+            for j in 0..k {
+                idx.push((ci * lp + o * cfg.stride + j * cfg.dilation) as u32);
+            }
+        }
+    }
+    let n = idx.len();
+    let idx = Tensor::from_vec(idx, n, x.device())?;
+    let patches = x
+        .reshape((b, c * lp))?
+        .index_select(&idx, 1)?
+        .reshape((b, lo, c * k))?;
+    Ok((patches, lo))
+}
+
+impl Module for Conv1d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (out, cin, k) = self.weight.dims3()?;
+        let (_b, c, _) = x.dims3()?;
+        if c != cin {
+            candle_core::bail!("Conv1d: input has {c} channels, the layer takes {cin}");
+        }
+        let capturing = capture::active();
+        let w = if capturing {
+            self.weight.detach()
+        } else {
+            self.weight.clone()
+        };
+        // through conv2d on (B, C, 1, L): candle 0.11.1's conv1d backward gives wrong input
+        // gradients for every example but the first of a batch (its conv_transpose1d)
+        let xp = padded_used(x, 2, k, &self.cfg)?;
+        let mut z = xp
+            .unsqueeze(2)?
+            .conv2d(&w.unsqueeze(2)?, 0, self.cfg.stride, self.cfg.dilation, 1)?
+            .squeeze(2)?;
+        if let Some(bias) = &self.bias {
+            let bias = if capturing {
+                bias.detach()
+            } else {
+                bias.clone()
+            };
+            z = z.broadcast_add(&bias.reshape((1, out, 1))?)?;
+        }
+        if !capturing {
+            return Ok(z);
+        }
+        let (b, _, lo) = z.dims3()?;
+        let (patches, _) = unfold1d(&x.detach(), k, &self.cfg)?;
+        let zt = z.transpose(1, 2)?.contiguous()?;
+        let zt = capture::probe_use(zt, &patches, &self.weight, self.bias.as_ref())?;
+        zt.reshape((b, lo, out))?.transpose(1, 2)
     }
 }

@@ -11,11 +11,10 @@
 //! |---|---|---|
 //! | [`Linear`] ([`linear`], [`linear_no_bias`]) | W (out, in), b | the input rows (B, T, in) |
 //! | [`Conv2d`] ([`conv2d`], [`conv2d_no_bias`]) | W (out, C, kh, kw), b | unfolded patches (B, H_out·W_out, C·kh·kw) |
+//! | [`Conv1d`] ([`conv1d`]) | W (out, C, k), b | unfolded patches (B, L_out, C·k) |
 //! | [`Embedding`] ([`embedding`]) | table (vocab, d) | the token ids (B, T) |
 //! | [`Norm`] ([`layer_norm`], [`rms_norm`]) | γ (d), β | the normalised input x̂ (B, T, d) |
 //! | [`max_pool2d`], [`avg_pool2d`] | none | — (correct backward: candle 0.11.1's max-pool backward is 4× small for 2×2) |
-//!
-//! Not yet here (see the project's issues): conv1d.
 
 pub mod capture;
 mod conv;
@@ -24,7 +23,7 @@ mod linear;
 mod norm;
 mod pool;
 
-pub use conv::{conv2d, conv2d_no_bias, Conv2d, Conv2dConfig};
+pub use conv::{conv1d, conv2d, conv2d_no_bias, Conv1d, Conv2d, Conv2dConfig};
 pub use embedding::{embedding, Embedding};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use norm::{layer_norm, rms_norm, Norm};
