@@ -144,32 +144,20 @@ fn the_generic_oracle_matches_finite_differences_on_the_cnn() {
     let generic = GenericFisher::new(&params, lik.of(&cnn), &data, GenericOptions::default());
     let g = generic.per_example_gradients(3, 1).unwrap();
     let (x, y) = data.get(3, 1).unwrap();
-    let theta = params.flat_values().unwrap();
-    let f = |t: &[f64]| {
-        params.set_flat_values(t).unwrap();
-        let v = lik
-            .log_likelihood(&cnn.forward(&x).unwrap(), &y)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()[0];
-        params.set_flat_values(&theta).unwrap();
-        v
-    };
     let p = params.num_params();
     // every conv weight and bias entry of the first conv, a spread of the rest
-    let idx: Vec<usize> = (0..30).chain((30..p).step_by(7)).collect();
-    for k in idx {
-        let h = 1e-6;
-        let (mut up, mut dn) = (theta.clone(), theta.clone());
-        up[k] += h;
-        dn[k] -= h;
-        let fd = (f(&up) - f(&dn)) / (2.0 * h);
-        assert!(
-            (fd - g[(k, 0)]).abs() <= 1e-6 * (1.0 + fd.abs()),
-            "entry {k}: fd {fd} vs {}",
-            g[(k, 0)]
-        );
-    }
+    assert_matches_fd(
+        &params,
+        (0..30).chain((30..p).step_by(7)),
+        |k| g[(k, 0)],
+        || {
+            lik.log_likelihood(&cnn.forward(&x).unwrap(), &y)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[0]
+        },
+        "cnn",
+    );
 }
 
 #[test]
@@ -546,29 +534,19 @@ fn transformer_capture_matches_the_generic_path_and_finite_differences() {
     assert!(mat_rel_err(&qg, &qgw) < 1e-10);
     // the generic oracle against central finite differences (embeddings, norms, attention)
     let (x, y) = data.get(2, 1).unwrap();
-    let f = |th: &[f64]| {
-        params.set_flat_values(th).unwrap();
-        let out = lik
-            .log_likelihood(&model.forward(&x).unwrap(), &y)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()[0];
-        params.set_flat_values(&theta).unwrap();
-        out
-    };
     let g2 = generic.per_example_gradients(2, 1).unwrap();
-    for k in (0..params.num_params()).step_by(13) {
-        let h = 1e-6;
-        let (mut up, mut dn) = (theta.clone(), theta.clone());
-        up[k] += h;
-        dn[k] -= h;
-        let fd = (f(&up) - f(&dn)) / (2.0 * h);
-        assert!(
-            (fd - g2[(k, 0)]).abs() <= 1e-6 * (1.0 + fd.abs()),
-            "entry {k}: fd {fd} vs {}",
-            g2[(k, 0)]
-        );
-    }
+    assert_matches_fd(
+        &params,
+        (0..params.num_params()).step_by(13),
+        |k| g2[(k, 0)],
+        || {
+            lik.log_likelihood(&model.forward(&x).unwrap(), &y)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[0]
+        },
+        "transformer",
+    );
     // a candle-nn fused layer norm in the same place would give no gradient: an error, not zeros
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
@@ -758,29 +736,18 @@ fn conv1d_capture_matches_the_generic_path() {
     let gw = generic.per_example_gradients(0, n).unwrap();
     // the oracle against finite differences
     let (x1, y1) = data.get(4, 1).unwrap();
-    let theta = params.flat_values().unwrap();
-    let f = |t: &[f64]| {
-        params.set_flat_values(t).unwrap();
-        let v = lik
-            .log_likelihood(&net.forward(&x1).unwrap(), &y1)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()[0];
-        params.set_flat_values(&theta).unwrap();
-        v
-    };
-    for k in (0..params.num_params()).step_by(3) {
-        let h = 1e-6;
-        let (mut up, mut dn) = (theta.clone(), theta.clone());
-        up[k] += h;
-        dn[k] -= h;
-        let fd = (f(&up) - f(&dn)) / (2.0 * h);
-        assert!(
-            (fd - gw[(k, 4)]).abs() <= 1e-6 * (1.0 + fd.abs()),
-            "entry {k}: fd {fd} vs {}",
-            gw[(k, 4)]
-        );
-    }
+    assert_matches_fd(
+        &params,
+        (0..params.num_params()).step_by(3),
+        |k| gw[(k, 4)],
+        || {
+            lik.log_likelihood(&net.forward(&x1).unwrap(), &y1)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[0]
+        },
+        "conv1d",
+    );
     assert!(max_rel_err(&got, want.sums()) < 1e-10);
     assert!(mat_rel_err(&g, &gw) < 1e-10);
 }
@@ -888,26 +855,42 @@ fn strided_conv2d_on_a_non_square_input() {
     let gw = generic.per_example_gradients(0, n).unwrap();
     assert!(mat_rel_err(&g, &gw) < 1e-10);
     let (x1, y1) = data.get(3, 1).unwrap();
-    let theta = params.flat_values().unwrap();
-    let f = |t: &[f64]| {
-        params.set_flat_values(t).unwrap();
-        let v = lik
-            .log_likelihood(&net.forward(&x1).unwrap(), &y1)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()[0];
-        params.set_flat_values(&theta).unwrap();
-        v
-    };
-    for k in 0..params.num_params() {
-        let h = 1e-6;
-        let (mut up, mut dn) = (theta.clone(), theta.clone());
-        up[k] += h;
-        dn[k] -= h;
-        let fd = (f(&up) - f(&dn)) / (2.0 * h);
-        assert!(
-            (fd - gw[(k, 3)]).abs() <= 1e-6 * (1.0 + fd.abs()),
-            "entry {k}"
-        );
-    }
+    assert_matches_fd(
+        &params,
+        0..params.num_params(),
+        |k| gw[(k, 3)],
+        || {
+            lik.log_likelihood(&net.forward(&x1).unwrap(), &y1)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[0]
+        },
+        "strided conv2d",
+    );
+}
+
+/// The streamed gradient operator of a captured model (used when G does not fit the budget)
+/// equals the in-memory one: G·V, Gᵀ·U, the Gram matrix and the squared sums.
+#[test]
+fn streamed_captured_gradients_match_the_block() {
+    use deltavar::engine::capture::CapturedGradients;
+    use deltavar::engine::GradientMatrix;
+    let (cnn, _vm, params, data, _q) = cnn_problem();
+    let lik = Likelihood::Categorical;
+    let engine = CaptureEngine::new(&cnn, &params);
+    let g = engine
+        .per_example_gradients(&lik, &data, 0, data.len(), &opts(4))
+        .unwrap();
+    let streamed = CapturedGradients::new(&engine, &lik, &data, opts(4));
+    let p = params.num_params();
+    let n = data.len();
+    let v = faer::Mat::from_fn(p, 2, |i, j| pseudo_random(2 * p, 71)[i * 2 + j]);
+    let u = faer::Mat::from_fn(n, 3, |i, j| pseudo_random(3 * n, 72)[i * 3 + j]);
+    assert!(mat_rel_err(&streamed.jv(v.as_ref()).unwrap(), &(g.transpose() * &v)) < 1e-12);
+    assert!(mat_rel_err(&streamed.jtu(u.as_ref()).unwrap(), &(&g * &u)) < 1e-12);
+    assert!(mat_rel_err(&streamed.gram().unwrap(), &(g.transpose() * &g)) < 1e-12);
+    let sq: Vec<f64> = (0..p)
+        .map(|i| (0..n).map(|j| g[(i, j)] * g[(i, j)]).sum())
+        .collect();
+    assert!(max_rel_err(&streamed.diag_sums().unwrap(), &sq) < 1e-10);
 }

@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Module, Tensor, TensorId};
 use faer::Mat;
 
+use super::gradients::Chunked;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::likelihood::Likelihood;
@@ -555,57 +556,17 @@ impl<M: Module + Sync> super::gradients::GradientMatrix for CapturedGradients<'_
         self.data.len()
     }
     fn jv(&self, v: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
-        if v.nrows() != self.num_params() {
-            return Err(Error::shape(
-                "V in G·V (P rows)",
-                self.num_params(),
-                v.nrows(),
-            ));
-        }
-        let mut out = Mat::zeros(self.num_examples(), v.ncols());
-        for (s, l) in self.chunks() {
-            let g = self.block(s, l)?;
-            out.as_mut().subrows_mut(s, l).copy_from(g.transpose() * v);
-        }
-        Ok(out)
+        let chunks = self.chunks();
+        Chunked::new(self.num_params(), self.num_examples(), &chunks).jv(v, |s, l| self.block(s, l))
     }
     fn jtu(&self, u: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
-        if u.nrows() != self.num_examples() {
-            return Err(Error::shape(
-                "U in Gᵀ·U (N rows)",
-                self.num_examples(),
-                u.nrows(),
-            ));
-        }
-        let mut out = Mat::zeros(self.num_params(), u.ncols());
-        for (s, l) in self.chunks() {
-            let g = self.block(s, l)?;
-            out += &g * u.subrows(s, l);
-        }
-        Ok(out)
+        let chunks = self.chunks();
+        Chunked::new(self.num_params(), self.num_examples(), &chunks)
+            .jtu(u, |s, l| self.block(s, l))
     }
     fn gram(&self) -> Result<Mat<f64>> {
-        let n = self.num_examples();
-        let mut k = Mat::zeros(n, n);
         let chunks = self.chunks();
-        for (a, &(sa, la)) in chunks.iter().enumerate() {
-            let ga = self.block(sa, la)?;
-            for &(sb, lb) in &chunks[..=a] {
-                let gb = if sb == sa {
-                    ga.clone()
-                } else {
-                    self.block(sb, lb)?
-                };
-                let blk = ga.transpose() * &gb;
-                for j in 0..lb {
-                    for i in 0..la {
-                        k[(sa + i, sb + j)] = blk[(i, j)];
-                        k[(sb + j, sa + i)] = blk[(i, j)];
-                    }
-                }
-            }
-        }
-        Ok(k)
+        Chunked::new(self.num_params(), self.num_examples(), &chunks).gram(|s, l| self.block(s, l))
     }
     fn diag_sums(&self) -> Result<Vec<f64>> {
         self.engine.sum_sq(self.lik, self.data, &self.opts)

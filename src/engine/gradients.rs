@@ -192,10 +192,51 @@ where
         self.grads.num_examples()
     }
     fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        check("V in G·V (P rows)", v.nrows(), self.num_params())?;
-        let mut out = Mat::zeros(self.num_examples(), v.ncols());
-        for (s, len) in self.chunks() {
-            let g = self.grads.per_example_gradients(s, len)?;
+        let chunks: Vec<(usize, usize)> = self.chunks().collect();
+        Chunked::new(self.num_params(), self.num_examples(), &chunks)
+            .jv(v, |s, l| self.grads.per_example_gradients(s, l))
+    }
+    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        let chunks: Vec<(usize, usize)> = self.chunks().collect();
+        Chunked::new(self.num_params(), self.num_examples(), &chunks)
+            .jtu(u, |s, l| self.grads.per_example_gradients(s, l))
+    }
+    fn gram(&self) -> Result<Mat<f64>> {
+        let chunks: Vec<(usize, usize)> = self.chunks().collect();
+        Chunked::new(self.num_params(), self.num_examples(), &chunks)
+            .gram(|s, l| self.grads.per_example_gradients(s, l))
+    }
+    fn diag_sums(&self) -> Result<Vec<f64>> {
+        self.grads.sum_sq()
+    }
+    fn bytes(&self) -> u64 {
+        (self.chunk * self.num_params() * 8) as u64
+    }
+}
+
+/// The products of a gradient matrix G recomputed chunk by chunk (`block(start, len)` gives the
+/// P×len gradients of a range): what every streamed operator shares. Memory: one or two blocks.
+pub(crate) struct Chunked<'c> {
+    p: usize,
+    n: usize,
+    chunks: &'c [(usize, usize)],
+}
+
+impl<'c> Chunked<'c> {
+    pub(crate) fn new(p: usize, n: usize, chunks: &'c [(usize, usize)]) -> Self {
+        Self { p, n, chunks }
+    }
+
+    /// G·V, N×k.
+    pub(crate) fn jv(
+        &self,
+        v: MatRef<'_, f64>,
+        block: impl Fn(usize, usize) -> Result<Mat<f64>>,
+    ) -> Result<Mat<f64>> {
+        check("V in G·V (P rows)", v.nrows(), self.p)?;
+        let mut out = Mat::zeros(self.n, v.ncols());
+        for &(s, len) in self.chunks {
+            let g = block(s, len)?;
             matmul(
                 out.as_mut().subrows_mut(s, len),
                 Accum::Replace,
@@ -207,11 +248,17 @@ where
         }
         Ok(out)
     }
-    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        check("U in Gᵀ·U (N rows)", u.nrows(), self.num_examples())?;
-        let mut out = Mat::zeros(self.num_params(), u.ncols());
-        for (s, len) in self.chunks() {
-            let g = self.grads.per_example_gradients(s, len)?;
+
+    /// Gᵀ·U, P×k.
+    pub(crate) fn jtu(
+        &self,
+        u: MatRef<'_, f64>,
+        block: impl Fn(usize, usize) -> Result<Mat<f64>>,
+    ) -> Result<Mat<f64>> {
+        check("U in Gᵀ·U (N rows)", u.nrows(), self.n)?;
+        let mut out = Mat::zeros(self.p, u.ncols());
+        for &(s, len) in self.chunks {
+            let g = block(s, len)?;
             matmul(
                 out.as_mut(),
                 Accum::Add,
@@ -223,19 +270,17 @@ where
         }
         Ok(out)
     }
-    fn gram(&self) -> Result<Mat<f64>> {
-        // K = G Gᵀ chunk pair by chunk pair: O((N/chunk)²/2) gradient recomputations
-        let n = self.num_examples();
-        let mut k = Mat::zeros(n, n);
-        let chunks: Vec<(usize, usize)> = self.chunks().collect();
-        for (a, &(sa, la)) in chunks.iter().enumerate() {
-            let ga = self.grads.per_example_gradients(sa, la)?;
-            for &(sb, lb) in &chunks[..=a] {
-                let gb = if sb == sa {
-                    ga.clone()
-                } else {
-                    self.grads.per_example_gradients(sb, lb)?
-                };
+
+    /// K = G Gᵀ chunk pair by chunk pair: O((N/chunk)²/2) block recomputations.
+    pub(crate) fn gram(
+        &self,
+        block: impl Fn(usize, usize) -> Result<Mat<f64>>,
+    ) -> Result<Mat<f64>> {
+        let mut k = Mat::zeros(self.n, self.n);
+        for (a, &(sa, la)) in self.chunks.iter().enumerate() {
+            let ga = block(sa, la)?;
+            for &(sb, lb) in &self.chunks[..=a] {
+                let gb = if sb == sa { ga.clone() } else { block(sb, lb)? };
                 let mut blk = Mat::zeros(la, lb);
                 matmul(
                     blk.as_mut(),
@@ -254,11 +299,5 @@ where
             }
         }
         Ok(k)
-    }
-    fn diag_sums(&self) -> Result<Vec<f64>> {
-        self.grads.sum_sq()
-    }
-    fn bytes(&self) -> u64 {
-        (self.chunk * self.num_params() * 8) as u64
     }
 }

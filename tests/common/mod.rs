@@ -246,3 +246,34 @@ pub fn mat_rel_err(a: &faer::Mat<f64>, b: &faer::Mat<f64>) -> f64 {
     assert_eq!((a.nrows(), a.ncols()), (b.nrows(), b.ncols()));
     norm_rel_err(&to_rows(a.as_ref()).concat(), &to_rows(b.as_ref()).concat())
 }
+
+/// Checks a gradient against central finite differences of `value()` (evaluated at the current
+/// parameters) for the given flat entries: |fd − g| ≤ 1e-6·(1 + |fd|) with step 1e-6. The
+/// parameters are restored afterwards.
+pub fn assert_matches_fd(
+    params: &Params,
+    entries: impl IntoIterator<Item = usize>,
+    grad: impl Fn(usize) -> f64,
+    value: impl Fn() -> f64,
+    label: &str,
+) {
+    let theta = params.flat_values().unwrap();
+    let at = |t: &[f64]| {
+        params.set_flat_values(t).unwrap();
+        let v = value();
+        params.set_flat_values(&theta).unwrap();
+        v
+    };
+    for k in entries {
+        let h = 1e-6;
+        let (mut up, mut dn) = (theta.clone(), theta.clone());
+        up[k] += h;
+        dn[k] -= h;
+        let fd = (at(&up) - at(&dn)) / (2.0 * h);
+        let g = grad(k);
+        assert!(
+            (fd - g).abs() <= 1e-6 * (1.0 + fd.abs()),
+            "{label}: entry {k}: finite differences {fd} vs gradient {g}"
+        );
+    }
+}
