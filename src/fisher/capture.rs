@@ -3,15 +3,14 @@
 use std::sync::Arc;
 
 use candle_core::Module;
-use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
-use faer::{Accum, Mat, Par};
+use faer::Mat;
 
-use super::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
+use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::Dataset;
 use crate::engine::capture::CapturedGradients;
 use crate::engine::gradients::{DenseGradients, GradientMatrix};
 use crate::engine::{CaptureEngine, CaptureOptions};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::likelihood::Likelihood;
 use crate::params::Params;
 
@@ -75,34 +74,13 @@ impl<M: Module + Sync> FisherSource for CapturedFisher<'_, M> {
     }
 
     fn fisher_dense(&self, memory_budget: u64) -> Result<FisherDense> {
-        let (p, n) = (self.num_params(), self.num_examples());
-        let bs = self.opts.batch_size.max(1);
-        let needed = dense_fisher_bytes(p) + (2 * bs.min(n.max(1)) * p * 8) as u64;
-        if needed > memory_budget {
-            return Err(Error::MemoryBudget {
-                what: format!("the dense {p}×{p} empirical Fisher"),
-                needed,
-                budget: memory_budget,
-                hint: "use the diagonal Fisher, raise the memory budget, or a matrix-free method for the full inverse".into(),
-            });
-        }
-        let mut sum = Mat::<f64>::zeros(p, p);
-        for start in (0..n).step_by(bs) {
-            let len = bs.min(n - start);
-            let g = self.per_example_gradients(start, len)?;
-            tri_matmul(
-                sum.as_mut(),
-                BlockStructure::TriangularLower,
-                Accum::Add,
-                g.as_ref(),
-                BlockStructure::Rectangular,
-                g.as_ref().transpose(),
-                BlockStructure::Rectangular,
-                1.0,
-                Par::rayon(0),
-            );
-        }
-        FisherDense::from_lower_sum(sum, n)
+        super::dense_from_blocks(
+            self.num_params(),
+            self.num_examples(),
+            self.opts.batch_size,
+            memory_budget,
+            |start, len| self.per_example_gradients(start, len),
+        )
     }
 
     fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {

@@ -2,10 +2,7 @@
 
 use std::sync::Arc;
 
-use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
-use faer::{Accum, Mat, Par};
-
-use super::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
+use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::{Dataset, DatasetRange};
 use crate::engine::gradients::GradientMatrix;
 use crate::engine::{FactoredMlp, FactoredOptions, Factors};
@@ -83,41 +80,21 @@ impl FisherSource for FactoredFisher<'_> {
     /// Streams chunks of per-example gradients built from the factors into the lower triangle
     /// of Σᵢ gᵢgᵢᵀ. Memory O(P² + batch·P).
     fn fisher_dense(&self, memory_budget: u64) -> Result<FisherDense> {
-        let p = self.engine.num_params();
-        let n = self.data.len();
-        let bs = self.opts.batch_size.max(1);
-        let chunk = bs.min(n.max(1));
-        let needed = dense_fisher_bytes(p) + (2 * chunk * p * 8) as u64;
-        if needed > memory_budget {
-            return Err(Error::MemoryBudget {
-                what: format!("the dense {p}×{p} empirical Fisher"),
-                needed,
-                budget: memory_budget,
-                hint: "use the diagonal Fisher, raise the memory budget, or a matrix-free method for the full inverse".into(),
-            });
-        }
-        let mut sum = Mat::<f64>::zeros(p, p);
-        for start in (0..n).step_by(bs) {
-            let len = bs.min(n - start);
-            let f = self.engine.factors(
-                &self.lik,
-                &DatasetRange::new(self.data, start, len)?,
-                &self.opts,
-            )?;
-            let g = f.gradients(0, len)?;
-            tri_matmul(
-                sum.as_mut(),
-                BlockStructure::TriangularLower,
-                Accum::Add,
-                g.as_ref(),
-                BlockStructure::Rectangular,
-                g.as_ref().transpose(),
-                BlockStructure::Rectangular,
-                1.0,
-                Par::rayon(0),
-            );
-        }
-        FisherDense::from_lower_sum(sum, n)
+        super::dense_from_blocks(
+            self.engine.num_params(),
+            self.data.len(),
+            self.opts.batch_size,
+            memory_budget,
+            |start, len| {
+                self.engine
+                    .factors(
+                        &self.lik,
+                        &DatasetRange::new(self.data, start, len)?,
+                        &self.opts,
+                    )?
+                    .gradients(0, len)
+            },
+        )
     }
 
     fn gram_width(&self) -> usize {

@@ -36,6 +36,47 @@ pub fn dense_fisher_bytes(p: usize) -> u64 {
     (p as u64).saturating_mul(p as u64).saturating_mul(8)
 }
 
+/// Σᵢ gᵢgᵢᵀ of N examples from P×len gradient blocks of consecutive ranges of `bs` examples
+/// (`block(start, len)`), the lower triangle accumulated with faer's triangular matmul; refused
+/// (with [`Error::MemoryBudget`]) when the P×P sum and two blocks exceed `memory_budget`.
+/// Memory O(P² + bs·P).
+pub(crate) fn dense_from_blocks(
+    p: usize,
+    n: usize,
+    bs: usize,
+    memory_budget: u64,
+    block: impl Fn(usize, usize) -> Result<Mat<f64>>,
+) -> Result<FisherDense> {
+    use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
+    let bs = bs.max(1);
+    let needed = dense_fisher_bytes(p) + (2 * bs.min(n.max(1)) * p * 8) as u64;
+    if needed > memory_budget {
+        return Err(Error::MemoryBudget {
+            what: format!("the dense {p}×{p} empirical Fisher"),
+            needed,
+            budget: memory_budget,
+            hint: "use the diagonal Fisher, raise the memory budget, or a matrix-free method for the full inverse".into(),
+        });
+    }
+    let mut sum = Mat::<f64>::zeros(p, p);
+    for start in (0..n).step_by(bs) {
+        let len = bs.min(n - start);
+        let g = block(start, len)?;
+        tri_matmul(
+            sum.as_mut(),
+            BlockStructure::TriangularLower,
+            faer::Accum::Add,
+            g.as_ref(),
+            BlockStructure::Rectangular,
+            g.as_ref().transpose(),
+            BlockStructure::Rectangular,
+            1.0,
+            faer::Par::rayon(0),
+        );
+    }
+    FisherDense::from_lower_sum(sum, n)
+}
+
 /// Anything that can produce the empirical Fisher of a model over a dataset.
 pub trait FisherSource: Sync {
     /// P.
