@@ -10,6 +10,10 @@
 //! DIR/train_x.npy (int64 tokens) and DIR/train_y.npy, written to FILE per parameter, compared
 //! with DIR/diag_reference.safetensors (opacus), ΔVar of p(class 0) at DIR/queries.npy under the
 //! diagonal Σ, and with `--json` one object with `seconds` (the Fisher pass alone).
+//!
+//! `--full [kernel|cg]` then also computes the exact full-Fisher ΔVar (Σ = (F + λI)⁻¹, λ = 1e-3)
+//! at the 256 queries by the kernel method, or by CG (Nyström preconditioner, tol 1e-6), and
+//! prints its time and the process's peak resident memory.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -176,6 +180,54 @@ fn main() -> deltavar::Result<()> {
     let (qg, qv) = engine.query_gradients(&Qoi::Prob(0), &q, &opts)?;
     let sigma = deltavar::sigma::InverseDiagonalFisher::new(&mean, 1e-3)?;
     let dv = sigma.quad_forms(qg.as_ref())?;
+    if let Some(method) = arg("--full") {
+        let method: FullMethod = method.parse()?;
+        let t = Instant::now();
+        let fisher = deltavar::CapturedFisher::new(
+            &model,
+            &params,
+            Likelihood::Categorical,
+            &data,
+            opts.clone(),
+        );
+        let sopts = SigmaOptions {
+            damping: 1e-3,
+            full_method: method,
+            memory_budget: 8 << 30,
+            cg: deltavar::sigma::CgOptions {
+                tol: 1e-6,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let full = build_sigma(
+            SigmaStrategy::InverseFullEmpiricalFim,
+            params.num_params(),
+            &sopts,
+            Some(&fisher),
+        )?;
+        let r = full.quad_forms_reported(qg.as_ref())?;
+        let rss = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        println!(
+            "{}",
+            serde_json::json!({
+                "workload": "transformer-full",
+                "method": method.name(),
+                "queries": qv.len(),
+                "seconds": t.elapsed().as_secs_f64(),
+                "peak_rss_mib": rss as f64 / 1024.0,
+                "cg_iterations": r.cg.as_ref().map(|c| c.iterations),
+                "delta_variance_first": &r.values[..r.values.len().min(4)],
+            })
+        );
+    }
     if json {
         println!(
             "{}",
