@@ -10,7 +10,8 @@
 //! prints ΔVar of p(class 0) at DIR/queries.npy under the diagonal Σ, and with `--json` one object
 //! with `seconds` (the Fisher pass alone, loading excluded), `num_params`, `num_train`.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -88,30 +89,9 @@ fn main() -> deltavar::Result<()> {
     let mean: Vec<f64> = sums.iter().map(|s| s / n as f64).collect();
 
     // the mean diagonal per parameter, named and shaped as in the state dict
-    let per_tensor = params.unflatten(&mean)?;
-    if let Some(path) = &out {
-        let named: HashMap<String, Tensor> = per_tensor
-            .iter()
-            .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?)))
-            .collect::<deltavar::Result<_>>()?;
-        candle_core::safetensors::save(&named, path)?;
-    }
-    let reference = dir.join("diag_reference.safetensors");
-    let mut worst = None;
-    if reference.exists() {
-        let r = candle_core::safetensors::load(&reference, &Device::Cpu)?;
-        let mut w = 0.0f64;
-        for (name, t) in &per_tensor {
-            if let Some(rt) = r.get(name) {
-                let a = t.flatten_all()?.to_vec1::<f64>()?;
-                let b = rt.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
-                let den: f64 = b.iter().map(|y| y * y).sum();
-                w = w.max((num / den.max(f64::MIN_POSITIVE)).sqrt());
-            }
-        }
-        worst = Some(w);
-    }
+    let per_tensor = common::per_tensor_diag(&params, &mean, out.as_deref())?;
+    let worst =
+        common::worst_vs_reference(&per_tensor, &dir.join("diag_reference.safetensors"), false)?;
 
     // ΔVar of p(class 0) at the queries under Σ = diag(F + λ)⁻¹
     let q = Tensor::read_npy(dir.join("queries.npy"))?.to_dtype(DType::F32)?;

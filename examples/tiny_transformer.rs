@@ -15,7 +15,8 @@
 //! at the 256 queries by the kernel method, or by CG (Nyström preconditioner, tol 1e-6), and
 //! prints its time and the process's peak resident memory.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -147,34 +148,12 @@ fn main() -> deltavar::Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     let mean: Vec<f64> = sums.iter().map(|s| s / n as f64).collect();
 
-    let per_tensor = params.unflatten(&mean)?;
-    if let Some(path) = &out {
-        let named: HashMap<String, Tensor> = per_tensor
-            .iter()
-            .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?)))
-            .collect::<deltavar::Result<_>>()?;
-        candle_core::safetensors::save(&named, path)?;
-    }
-    let reference = dir.join("diag_reference.safetensors");
-    let mut worst = None;
-    if reference.exists() {
-        let r = candle_core::safetensors::load(&reference, &Device::Cpu)?;
-        let mut w = 0.0f64;
-        for (name, t) in &per_tensor {
-            if let Some(rt) = r.get(name) {
-                let a = t.flatten_all()?.to_vec1::<f64>()?;
-                let b = rt.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
-                let den: f64 = b.iter().map(|y| y * y).sum();
-                let e = (num / den.max(f64::MIN_POSITIVE)).sqrt();
-                if std::env::var("DV_VERBOSE").is_ok() {
-                    eprintln!("{name}: {e:.2e}");
-                }
-                w = w.max(e);
-            }
-        }
-        worst = Some(w);
-    }
+    let per_tensor = common::per_tensor_diag(&params, &mean, out.as_deref())?;
+    let worst = common::worst_vs_reference(
+        &per_tensor,
+        &dir.join("diag_reference.safetensors"),
+        std::env::var("DV_VERBOSE").is_ok(),
+    )?;
 
     let q = Tensor::read_npy(dir.join("queries.npy"))?;
     let (qg, qv) = engine.query_gradients(&Qoi::Prob(0), &q, &opts)?;

@@ -64,6 +64,29 @@ fn check_cfg(cfg: &Conv2dConfig) -> candle_core::Result<()> {
     Ok(())
 }
 
+impl Conv2dConfig {
+    /// candle-nn's 2-D configuration with groups = 1.
+    fn candle2d(&self) -> candle_nn::Conv2dConfig {
+        candle_nn::Conv2dConfig {
+            padding: self.padding,
+            stride: self.stride,
+            dilation: self.dilation,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        }
+    }
+    /// candle-nn's 1-D configuration with groups = 1.
+    fn candle1d(&self) -> candle_nn::Conv1dConfig {
+        candle_nn::Conv1dConfig {
+            padding: self.padding,
+            stride: self.stride,
+            dilation: self.dilation,
+            groups: 1,
+            cudnn_fwd_algo: None,
+        }
+    }
+}
+
 /// `candle_nn::conv2d`'s counterpart (groups = 1): `weight` (out, in, k, k) and `bias` (out).
 pub fn conv2d(
     in_channels: usize,
@@ -73,19 +96,7 @@ pub fn conv2d(
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
     check_cfg(&cfg)?;
-    let c = candle_nn::conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        candle_nn::Conv2dConfig {
-            padding: cfg.padding,
-            stride: cfg.stride,
-            dilation: cfg.dilation,
-            groups: 1,
-            cudnn_fwd_algo: None,
-        },
-        vb,
-    )?;
+    let c = candle_nn::conv2d(in_channels, out_channels, kernel_size, cfg.candle2d(), vb)?;
     Ok(Conv2d::new(c.weight().clone(), c.bias().cloned(), cfg))
 }
 
@@ -98,19 +109,7 @@ pub fn conv2d_no_bias(
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
     check_cfg(&cfg)?;
-    let c = candle_nn::conv2d_no_bias(
-        in_channels,
-        out_channels,
-        kernel_size,
-        candle_nn::Conv2dConfig {
-            padding: cfg.padding,
-            stride: cfg.stride,
-            dilation: cfg.dilation,
-            groups: 1,
-            cudnn_fwd_algo: None,
-        },
-        vb,
-    )?;
+    let c = candle_nn::conv2d_no_bias(in_channels, out_channels, kernel_size, cfg.candle2d(), vb)?;
     Ok(Conv2d::new(c.weight().clone(), None, cfg))
 }
 
@@ -284,19 +283,7 @@ pub fn conv1d(
     vb: VarBuilder,
 ) -> candle_core::Result<Conv1d> {
     check_cfg(&cfg)?;
-    let c = candle_nn::conv1d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        candle_nn::Conv1dConfig {
-            padding: cfg.padding,
-            stride: cfg.stride,
-            dilation: cfg.dilation,
-            groups: 1,
-            cudnn_fwd_algo: None,
-        },
-        vb,
-    )?;
+    let c = candle_nn::conv1d(in_channels, out_channels, kernel_size, cfg.candle1d(), vb)?;
     Ok(Conv1d::new(c.weight().clone(), c.bias().cloned(), cfg))
 }
 
