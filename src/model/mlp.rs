@@ -89,6 +89,31 @@ impl std::str::FromStr for MlpSpec {
     }
 }
 
+impl MlpSpec {
+    /// The same network as an `nn.Sequential` architecture (Linear at 0, 2, 4, ..., the
+    /// activation modules between them).
+    ///
+    /// ```
+    /// use deltavar::model::MlpSpec;
+    /// let a: MlpSpec = "mlp:4,16,3:tanh".parse().unwrap();
+    /// assert_eq!(a.to_seq().to_string(), "seq:linear(4,16),tanh,linear(16,3)");
+    /// ```
+    pub fn to_seq(&self) -> super::SeqSpec {
+        let mut layers = vec![];
+        for (i, w) in self.sizes.windows(2).enumerate() {
+            if i > 0 {
+                layers.push(super::SeqLayer::Act(self.activation));
+            }
+            layers.push(super::SeqLayer::Linear {
+                inp: w[0],
+                out: w[1],
+                bias: true,
+            });
+        }
+        super::SeqSpec { layers }
+    }
+}
+
 /// The default `nn.Sequential` layer names `0, 2, 4, ...` for `n` Linear layers.
 pub fn sequential_layer_names(n: usize) -> Vec<String> {
     (0..n).map(|i| (2 * i).to_string()).collect()

@@ -1,9 +1,13 @@
-//! Models `deltavar` knows: a sequential MLP of Linear layers with an elementwise activation,
-//! loadable from a PyTorch `nn.Sequential` safetensors export.
+//! Models `deltavar` knows, loadable from a PyTorch `nn.Sequential` safetensors export: a
+//! sequential MLP of Linear layers with an elementwise activation ([`Mlp`]), and any
+//! `nn.Sequential` of convolutions, pooling, flatten, Linear, norms and activations
+//! ([`Sequential`], architecture string [`SeqSpec`]).
 
 mod activation;
 mod mlp;
+mod sequential;
 
 pub use activation::Activation;
 pub(crate) use mlp::{gram_width, layer_offsets, num_params_of};
 pub use mlp::{Mlp, MlpSpec};
+pub use sequential::{ConvArgs, Rollout, SeqLayer, SeqSpec, Sequential};

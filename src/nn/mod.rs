@@ -14,8 +14,10 @@
 //! | [`Conv1d`] ([`conv1d`]) | W (out, C, k), b | unfolded patches (B, L_out, C·k) |
 //! | [`Embedding`] ([`embedding`]) | table (vocab, d) | the token ids (B, T) |
 //! | [`Norm`] ([`layer_norm`], [`rms_norm`]) | γ (d), β | the normalised input x̂ (B, T, d) |
+//! | [`BatchNorm2d`] (eval mode) | γ (C), β | the normalised input x̂ as (B, H·W, C) |
 //! | [`max_pool2d`], [`avg_pool2d`] | none | — (correct backward: candle 0.11.1's max-pool backward is 4× small for 2×2) |
 
+mod batch_norm;
 pub mod capture;
 mod conv;
 mod embedding;
@@ -23,6 +25,7 @@ mod linear;
 mod norm;
 mod pool;
 
+pub use batch_norm::BatchNorm2d;
 pub use conv::{conv1d, conv2d, conv2d_no_bias, Conv1d, Conv2d, Conv2dConfig};
 pub use embedding::{embedding, Embedding};
 pub use linear::{linear, linear_no_bias, Linear};
