@@ -234,8 +234,10 @@ fn build_full<'a>(
     opts: &SigmaOptions,
 ) -> Result<(Box<dyn SigmaOp + 'a>, MethodChoice)> {
     let (p, n) = (src.num_params(), src.num_examples());
-    let requested = if opts.damping == 0.0 && opts.full_method == FullMethod::Auto {
-        // the kernel and CG methods need λ > 0
+    let requested = if opts.full_method == FullMethod::Auto
+        && (opts.damping == 0.0 || !src.has_gradient_operator())
+    {
+        // the kernel and CG methods need λ > 0 and per-example gradients
         FullMethod::Dense
     } else {
         opts.full_method
@@ -409,7 +411,60 @@ pub fn mlp_delta_variances_with(
     })
 }
 
-/// The result of [`mlp_delta_variances`].
+/// The delta variances of a [`crate::Sequential`] model on the native sequential engine: Σ from
+/// `strategy` (the Fisher strategies read `fisher`: a [`crate::SeqFisher`] of training data or a
+/// saved artifact of the same parameters), the QoI gradients of the rows of `queries` read after
+/// `rollout` applications of the network (1: the network itself; K > 1: a step function rolled
+/// out K times, gradients through every step), and ΔVar for every row. The P×M block of query
+/// gradients is formed (O(P·M)).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use deltavar::*;
+/// let spec: SeqSpec = "seq:linear(2,8),tanh,linear(8,2)".parse().unwrap();
+/// let model = Sequential::init(spec, &[2], DType::F64, 0).unwrap();
+/// let x = Tensor::randn(0f64, 1., (32, 2), &Device::Cpu).unwrap();
+/// let y = Tensor::randn(0f64, 1., (32, 2), &Device::Cpu).unwrap();
+/// let data = TensorDataset::new(x, y).unwrap();
+/// let fisher = SeqFisher::new(&model, Likelihood::gaussian(0.5), &data, FactoredOptions::default()).unwrap();
+/// let z = Tensor::new(&[[0.0f64, 0.0], [1.0, -1.0]], &Device::Cpu).unwrap();
+/// // the QoI: output 0 after 3 steps of the network
+/// let out = seq_delta_variances_with(
+///     &model, Qoi::Output(0), &z, 3, SigmaStrategy::InverseFullEmpiricalFim,
+///     &SigmaOptions { damping: 1e-3, ..Default::default() },
+///     Some(&fisher), &FactoredOptions::default(),
+/// ).unwrap();
+/// assert_eq!(out.delta_variance.len(), 2);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn seq_delta_variances_with(
+    model: &crate::Sequential,
+    qoi: Qoi,
+    queries: &candle_core::Tensor,
+    rollout: usize,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+    engine_opts: &FactoredOptions,
+) -> Result<MlpDeltaVariances> {
+    let engine = crate::engine::FactoredSeq::new(model)?;
+    let p = engine.num_params();
+    let (sigma, choice) = build(strategy, p, opts, fisher)?;
+    let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
+    let forms = sigma.quad_forms_reported(qg.as_ref())?;
+    Ok(MlpDeltaVariances {
+        qoi: values,
+        delta_variance: forms.values,
+        sigma: sigma.name(),
+        method: choice,
+        cg: forms.cg,
+        path: QueryPath::Gradients,
+        num_params: p,
+        num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
+    })
+}
+
+/// The result of [`mlp_delta_variances`] and [`seq_delta_variances_with`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MlpDeltaVariances {
     /// q(θ, zⱼ) for every query row.

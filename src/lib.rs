@@ -68,21 +68,21 @@ pub mod sigma;
 pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, TensorDataset};
 pub use delta::{
     build_sigma, delta_variances, mlp_delta_variances, mlp_delta_variances_with,
-    query_delta_variances, query_delta_variances_reported, BuiltSigma, MlpDeltaVariances,
-    QueryPath, SigmaOptions, SigmaStrategy,
+    query_delta_variances, query_delta_variances_reported, seq_delta_variances_with, BuiltSigma,
+    MlpDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
     qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions,
-    Factors, GenericGradients, GenericOptions, QoiGradient, QueryFactors,
+    FactoredSeq, Factors, GenericGradients, GenericOptions, QoiGradient, QueryFactors,
 };
 pub use error::{Error, Result};
 pub use fisher::{
-    fisher_pass, fisher_pass_captured, tensors_fingerprint, weights_fingerprint, CapturedFisher,
-    FactoredFisher, FisherArtifact, FisherDense, FisherDiag, FisherSource, GenericFisher, PassKind,
-    PassOptions, DEFAULT_MEMORY_BUDGET,
+    fisher_pass, fisher_pass_captured, fisher_pass_seq, tensors_fingerprint, weights_fingerprint,
+    CapturedFisher, FactoredFisher, FisherArtifact, FisherDense, FisherDiag, FisherSource,
+    GenericFisher, PassKind, PassOptions, SeqFisher, DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
-pub use model::{Activation, Mlp};
+pub use model::{Activation, Mlp, SeqSpec, Sequential};
 pub use params::{ParamOrder, Params};
 pub use qoi::Qoi;
 pub use sigma::{FullMethod, SigmaOp};

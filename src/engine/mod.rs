@@ -8,6 +8,11 @@
 //! - [`factored`]: models it knows ([`crate::Mlp`]); a native batched forward/backward gives each
 //!   layer's factors (X, Δ), from which Σgᵢ∘gᵢ, F·V, J·V, Jᵀ·U, the Gram matrix and query
 //!   gradients follow without the N×P matrix.
+//! - [`sequential`]: [`crate::model::Sequential`] models (convolutions, pooling, Linear, norms);
+//!   a native batched forward/backward keeps each layer's input (patches) and signal, and the
+//!   per-example gradients follow per layer and example; no candle autograd.
+//! - [`capture`]: any candle network built from [`crate::nn`] layers; one batched candle
+//!   forward/backward with probes per batch.
 //! - [`gradients`]: the N×P gradient matrix G as an operator ([`GradientMatrix`]): the factors,
 //!   G in memory, or G recomputed in chunks.
 
@@ -15,7 +20,8 @@ pub mod capture;
 pub mod factored;
 pub mod generic;
 pub mod gradients;
-mod pool;
+pub(crate) mod pool;
+pub mod sequential;
 
 pub use capture::{CaptureEngine, CaptureOptions};
 pub use factored::{FactoredMlp, FactoredOptions, Factors, QueryFactors};
@@ -24,3 +30,4 @@ pub use generic::{
     QoiGradient,
 };
 pub use gradients::{DenseGradients, GradientMatrix, StreamedGradients};
+pub use sequential::FactoredSeq;

@@ -92,6 +92,10 @@ impl<M: Module + Sync> FisherSource for CapturedFisher<'_, M> {
         }
     }
 
+    fn has_gradient_operator(&self) -> bool {
+        true
+    }
+
     fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
         let n = self.num_examples();
         if ((n * self.num_params() * 8) as u64) <= memory_budget / 2 {

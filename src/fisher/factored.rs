@@ -106,6 +106,10 @@ impl FisherSource for FactoredFisher<'_> {
     }
 
     /// The factors of the whole dataset, O(N·Σ(in+out)) f64.
+    fn has_gradient_operator(&self) -> bool {
+        true
+    }
+
     fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
         let needed = self.gradient_operator_bytes(memory_budget);
         if needed > memory_budget {

@@ -113,6 +113,10 @@ where
 
     /// G in memory (P×N f64) when it takes at most half the budget; otherwise recomputed in
     /// chunks of `batch_size` examples on every product.
+    fn has_gradient_operator(&self) -> bool {
+        true
+    }
+
     fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
         let n = self.num_examples();
         let full = (n * self.num_params() * 8) as u64;

@@ -14,6 +14,7 @@ mod capture;
 mod factored;
 mod generic;
 pub mod offline;
+mod sequential;
 
 pub use artifact::{
     shard_range, tensors_fingerprint, weights_fingerprint, FisherArtifact, FisherMeta,
@@ -21,7 +22,10 @@ pub use artifact::{
 pub use capture::CapturedFisher;
 pub use factored::FactoredFisher;
 pub use generic::GenericFisher;
-pub use offline::{fisher_pass, fisher_pass_captured, parse_shard, PassKind, PassOptions};
+pub use offline::{
+    fisher_pass, fisher_pass_captured, fisher_pass_seq, parse_shard, PassKind, PassOptions,
+};
+pub use sequential::SeqFisher;
 
 use faer::{Mat, MatRef};
 
@@ -91,6 +95,11 @@ pub trait FisherSource: Sync {
     /// Σ_l(in + out) for a factored source (the cost of one Gram entry); P otherwise.
     fn gram_width(&self) -> usize {
         self.num_params()
+    }
+    /// Whether [`FisherSource::gradient_matrix`] can give an operator (the kernel and CG
+    /// methods need one; a saved Fisher has none, so `auto` picks the dense method for it).
+    fn has_gradient_operator(&self) -> bool {
+        false
     }
     /// Bytes the gradient operator of [`FisherSource::gradient_matrix`] would hold.
     fn gradient_operator_bytes(&self, _memory_budget: u64) -> u64 {

@@ -4,13 +4,13 @@ use super::artifact::{
     shard_range, tensors_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
 };
 use super::FisherSource;
-use super::{CapturedFisher, FactoredFisher, FisherDense};
+use super::{CapturedFisher, FactoredFisher, FisherDense, SeqFisher};
 use crate::data::{Dataset, DatasetRange};
-use crate::engine::{CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions};
+use crate::engine::{CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, FactoredSeq};
 use crate::error::Result;
 use crate::fisher::FisherDiag;
 use crate::likelihood::Likelihood;
-use crate::model::Mlp;
+use crate::model::{Mlp, Sequential};
 use crate::params::Params;
 
 /// What a pass accumulates.
@@ -109,6 +109,32 @@ pub fn fisher_pass(
         &|range| engine.sum_sq(&lik, range, &opts.engine),
         &|range| {
             FactoredFisher::new(mlp, lik.clone(), range, opts.engine.clone())?
+                .fisher_dense(opts.memory_budget)
+        },
+    )
+}
+
+/// [`fisher_pass`] for a [`Sequential`] model, on the native sequential engine. The artifact's
+/// parameter names, shapes and weight fingerprint are the model's state-dict parameters; shards
+/// merge as for an MLP.
+pub fn fisher_pass_seq(
+    model: &Sequential,
+    lik: Likelihood,
+    likelihood_name: &str,
+    data: &dyn Dataset,
+    opts: &PassOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<FisherArtifact> {
+    let engine = FactoredSeq::new(model)?;
+    run_pass(
+        &model.named_tensors(),
+        likelihood_name,
+        data,
+        opts,
+        progress,
+        &|range| engine.sum_sq(&lik, range, &opts.engine),
+        &|range| {
+            SeqFisher::new(model, lik.clone(), range, opts.engine.clone())?
                 .fisher_dense(opts.memory_budget)
         },
     )

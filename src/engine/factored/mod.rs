@@ -15,7 +15,7 @@
 mod factors;
 pub(crate) mod native;
 pub(crate) mod scalar;
-use scalar::Rows;
+pub(crate) use scalar::{copy_rows, Rows};
 mod signals;
 
 pub use factors::{Factors, QueryFactors};
@@ -358,14 +358,14 @@ pub(crate) fn rayon_threads(opts: &FactoredOptions) -> usize {
 }
 
 /// One batch: owned candle tensors, or a zero-copy view of a mapped dataset.
-enum Batch<'a> {
+pub(crate) enum Batch<'a> {
     Owned(Tensor, Tensor),
     Inputs(Tensor),
     View(crate::data::BatchView<'a>),
 }
 
 impl<'a> Batch<'a> {
-    fn load(data: &'a dyn Dataset, start: usize, len: usize) -> Result<Self> {
+    pub(crate) fn load(data: &'a dyn Dataset, start: usize, len: usize) -> Result<Self> {
         match data.view(start, len) {
             Some(v) => Ok(Batch::View(v?)),
             None => {
@@ -376,7 +376,7 @@ impl<'a> Batch<'a> {
     }
 
     /// (inputs, targets); a query batch has no targets (its inputs stand in, unused).
-    fn rows(&self) -> (Rows<'_>, Rows<'_>) {
+    pub(crate) fn rows(&self) -> (Rows<'_>, Rows<'_>) {
         match self {
             Batch::Owned(x, y) => (Rows::Tensor(x), Rows::Tensor(y)),
             Batch::Inputs(x) => (Rows::Tensor(x), Rows::Tensor(x)),
@@ -388,7 +388,7 @@ impl<'a> Batch<'a> {
     }
 }
 
-enum Target<'a> {
+pub(crate) enum Target<'a> {
     Likelihood(&'a Likelihood, Rows<'a>),
     Qoi(&'a Qoi),
 }

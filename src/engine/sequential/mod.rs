@@ -1,0 +1,453 @@
+//! The native sequential engine: per-example gradients of a [`Sequential`] model (convolutions,
+//! pooling, Linear, norms, activations) from one native batched forward and backward pass per
+//! batch, without candle's autograd.
+//!
+//! A batch's pass keeps, per layer with parameters, its input (the unfolded patches of a
+//! convolution) and its output signal Δ; example i's gradient then follows per layer:
+//! a convolution's Δᵢ (out×L) times its patches Pᵢᵀ (L×K), a Linear layer's Δᵢᵀ Xᵢ, a norm's
+//! Σ δ∘x̂ — one small matmul per example and layer, in the model's precision.
+//!
+//! - [`FactoredSeq::sum_sq`]: Σᵢ gᵢ∘gᵢ accumulated in f64 (a Linear layer used once per
+//!   example: one matmul (Δ∘Δ)ᵀ(X∘X) per batch). Memory per worker: one batch of activations
+//!   (patches included) and an O(P) accumulator.
+//! - [`FactoredSeq::per_example_gradients`]: the P×len block of a range of examples (O(P·len)),
+//!   what the dense, kernel and CG methods consume.
+//! - [`FactoredSeq::query_gradients`]: QoI gradients of M queries, through a rollout of K
+//!   applications of the network if asked (each layer used K times: the gradients sum over the
+//!   steps).
+//!
+//! Batches run in parallel (one per worker, matmuls single-threaded inside); results do not
+//! depend on the batch size or the number of workers beyond float rounding.
+
+mod native;
+
+use candle_core::{DType, Tensor};
+use faer::Mat;
+use rayon::prelude::*;
+
+use super::factored::{rayon_threads, Batch, FactoredOptions, Rows, Scalar, Target};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::likelihood::Likelihood;
+use crate::model::Sequential;
+use crate::qoi::Qoi;
+use native::{NativeSeq, SeqWorkspace};
+
+#[derive(Debug, Clone)]
+enum Inner {
+    F32(NativeSeq<f32>),
+    F64(NativeSeq<f64>),
+}
+
+macro_rules! dispatch {
+    ($self:expr, $m:ident => $body:expr) => {
+        match &$self.inner {
+            Inner::F32($m) => $body,
+            Inner::F64($m) => $body,
+        }
+    };
+}
+
+/// The native engine for a [`Sequential`] model: a snapshot of its weights in the model's
+/// precision (f64 for f64 models, f32 otherwise). Rebuild it after changing the model's variables.
+///
+/// Its flat parameter layout is the model's state-dict order ([`Sequential::param_names`]).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use deltavar::{engine::FactoredSeq, model::Sequential, FactoredOptions, Likelihood, TensorDataset};
+/// let spec = "seq:conv2d(1,4,3,padding=1),relu,maxpool2d(2),flatten,linear(64,3)".parse().unwrap();
+/// let model = Sequential::init(spec, &[1, 8, 8], DType::F64, 0).unwrap();
+/// let x = Tensor::randn(0f64, 1., (16, 1, 8, 8), &Device::Cpu).unwrap();
+/// let y = Tensor::new(&[0i64, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0], &Device::Cpu).unwrap();
+/// let data = TensorDataset::new(x, y).unwrap();
+/// let engine = FactoredSeq::new(&model).unwrap();
+/// let s = engine.sum_sq(&Likelihood::Categorical, &data, &FactoredOptions::default()).unwrap();
+/// assert_eq!(s.len(), model.num_params());
+/// ```
+#[derive(Debug, Clone)]
+pub struct FactoredSeq {
+    inner: Inner,
+    input_shape: Vec<usize>,
+    output_shape: Vec<usize>,
+}
+
+/// Per-worker state of a Fisher-diagonal pass.
+struct DiagState<T> {
+    ws: SeqWorkspace<T>,
+    acc: Vec<f64>,
+    s1: Vec<T>,
+    s2: Vec<T>,
+}
+
+impl FactoredSeq {
+    /// Snapshots the model's weights.
+    pub fn new(model: &Sequential) -> Result<Self> {
+        let dtype = model
+            .named_tensors()
+            .first()
+            .map(|(_, t)| t.dtype())
+            .unwrap_or(DType::F32);
+        let inner = match dtype {
+            DType::F64 => Inner::F64(NativeSeq::from_model(model)?),
+            _ => Inner::F32(NativeSeq::from_model(model)?),
+        };
+        Ok(Self {
+            inner,
+            input_shape: model.input_shape().to_vec(),
+            output_shape: model.output_shape().to_vec(),
+        })
+    }
+
+    /// P.
+    pub fn num_params(&self) -> usize {
+        dispatch!(self, m => m.num_params)
+    }
+
+    /// The precision the passes run in.
+    pub fn dtype(&self) -> DType {
+        match self.inner {
+            Inner::F32(_) => DType::F32,
+            Inner::F64(_) => DType::F64,
+        }
+    }
+
+    /// One example's input shape.
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
+    /// One example's output shape.
+    pub fn output_shape(&self) -> &[usize] {
+        &self.output_shape
+    }
+
+    fn pool<R: Send>(opts: &FactoredOptions, f: impl FnOnce() -> R + Send) -> Result<R> {
+        if opts.batch_size == 0 {
+            return Err(Error::invalid("batch_size", 0, "must be at least 1"));
+        }
+        crate::engine::pool::in_pool(opts.threads, f)
+    }
+
+    /// Forward through `wss.len()` applications of the network (a rollout when more than one),
+    /// the objective's signal at the last output, and the backward pass through every
+    /// application. Returns the objective values for a QoI.
+    fn pass<T: Scalar>(
+        m: &NativeSeq<T>,
+        wss: &mut [SeqWorkspace<T>],
+        x: Rows<'_>,
+        target: Target<'_>,
+        first_row: usize,
+    ) -> Result<Vec<f64>> {
+        let steps = wss.len();
+        m.forward(x, &mut wss[0], first_row)?;
+        let b = wss[0].rows;
+        for k in 1..steps {
+            let (prev, next) = wss.split_at_mut(k);
+            let input = m.output(&prev[k - 1]).to_vec();
+            m.forward_from(input, b, &mut next[0]);
+        }
+        let last = &mut wss[steps - 1];
+        let o = m.num_outputs();
+        let f: Vec<f64> = m.output(last).iter().map(|v| v.f64()).collect();
+        let (values, signal) = match target {
+            Target::Likelihood(lik, y) => {
+                if y.dims().0 != b {
+                    return Err(Error::shape(
+                        "targets y (one row per input row)",
+                        b,
+                        y.dims().0,
+                    ));
+                }
+                (Vec::new(), lik.signal(&f, b, o, y, first_row)?)
+            }
+            Target::Qoi(q) => q.signal(&f, b, o, first_row)?,
+        };
+        let nl = m.layers.len();
+        for k in (0..steps).rev() {
+            let sig: Vec<T> = if k + 1 == steps {
+                signal.iter().map(|v| T::of(*v)).collect()
+            } else {
+                std::mem::take(&mut wss[k + 1].d_input)
+            };
+            let ws = &mut wss[k];
+            ws.deltas[nl - 1] = sig;
+            m.backward(ws, k > 0);
+        }
+        Ok(values)
+    }
+
+    /// Σᵢ gᵢ∘gᵢ of the log-likelihood over `data` (length P), in f64.
+    pub fn sum_sq(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<Vec<f64>> {
+        let s = dispatch!(self, m => Self::sum_sq_t(m, lik, data, opts))?;
+        crate::error::check_finite("Fisher diagonal sums (sequential engine)", &s)?;
+        Ok(s)
+    }
+
+    fn sum_sq_t<T: Scalar>(
+        m: &NativeSeq<T>,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<Vec<f64>> {
+        let n = data.len();
+        let p = m.num_params;
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let threads = rayon_threads(opts);
+        let per = starts.len().div_ceil(threads.max(1)).max(1);
+        let runs: Vec<&[usize]> = starts.chunks(per).collect();
+        Self::pool(opts, || {
+            runs.par_iter()
+                .map(|run| {
+                    let mut st = DiagState {
+                        ws: SeqWorkspace::default(),
+                        acc: vec![0.0; p],
+                        s1: vec![],
+                        s2: vec![],
+                    };
+                    for &start in run.iter() {
+                        let len = bs.min(n - start);
+                        let batch = Batch::load(data, start, len)?;
+                        let (x, y) = batch.rows();
+                        Self::pass(
+                            m,
+                            std::slice::from_mut(&mut st.ws),
+                            x,
+                            Target::Likelihood(lik, y),
+                            start,
+                        )?;
+                        drop(batch);
+                        data.release(start, len);
+                        for (l, layer) in m.layers.iter().enumerate() {
+                            if layer.np == 0 {
+                                continue;
+                            }
+                            m.add_sum_sq(
+                                &st.ws,
+                                l,
+                                &mut st.acc[layer.off..layer.off + layer.np],
+                                &mut st.s1,
+                                &mut st.s2,
+                            );
+                        }
+                    }
+                    Ok::<_, Error>(st.acc)
+                })
+                .try_reduce(
+                    || vec![0.0; p],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                        Ok(a)
+                    },
+                )
+        })?
+    }
+
+    /// Per-example gradients of the batch in `wss` (summed over the rollout steps) into `out`,
+    /// column-major P × B.
+    fn write_grads<T: Scalar>(m: &NativeSeq<T>, wss: &[SeqWorkspace<T>], out: &mut [f64]) {
+        let p = m.num_params;
+        let b = wss[0].rows;
+        let mut g: Vec<T> = vec![];
+        for (i, col) in out.chunks_exact_mut(p).enumerate().take(b) {
+            col.fill(0.0);
+            for (l, layer) in m.layers.iter().enumerate() {
+                if layer.np == 0 {
+                    continue;
+                }
+                g.resize(layer.np, T::default());
+                for ws in wss {
+                    m.example_grad(ws, l, i, &mut g);
+                    col[layer.off..layer.off + layer.np]
+                        .iter_mut()
+                        .zip(&g)
+                        .for_each(|(a, v)| *a += v.f64());
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gradient_block<'d, T: Scalar>(
+        m: &NativeSeq<T>,
+        n: usize,
+        steps: usize,
+        opts: &FactoredOptions,
+        get: impl Fn(usize, usize) -> Result<Batch<'d>> + Sync,
+        lik: Option<&Likelihood>,
+        qoi: Option<&Qoi>,
+        offset: usize,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        let p = m.num_params;
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let mut cols = vec![0.0f64; p * n];
+        let values = Self::pool(opts, || {
+            cols.par_chunks_mut(p * bs)
+                .zip(starts.par_iter())
+                .map_init(
+                    || {
+                        (0..steps)
+                            .map(|_| SeqWorkspace::default())
+                            .collect::<Vec<_>>()
+                    },
+                    |wss, (out, &start)| {
+                        let len = bs.min(n - start);
+                        let batch = get(start, len)?;
+                        let (x, y) = batch.rows();
+                        let target = match (lik, qoi) {
+                            (Some(l), _) => Target::Likelihood(l, y),
+                            (_, Some(q)) => Target::Qoi(q),
+                            _ => {
+                                return Err(Error::Unsupported(
+                                    "a pass without an objective".into(),
+                                ))
+                            }
+                        };
+                        let v = Self::pass(m, wss, x, target, offset + start)?;
+                        Self::write_grads(m, wss, out);
+                        Ok(v)
+                    },
+                )
+                .collect::<Result<Vec<_>>>()
+        })??;
+        crate::error::check_finite("per-example gradients (sequential engine)", &cols)?;
+        let g = faer::MatRef::from_column_major_slice(&cols, p, n).to_owned();
+        Ok((g, values.into_iter().flatten().collect()))
+    }
+
+    /// The log-likelihood gradients of examples `start .. start + len` of `data` as a P×len
+    /// matrix (one column per example). O(P·len) memory.
+    pub fn per_example_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        start: usize,
+        len: usize,
+        opts: &FactoredOptions,
+    ) -> Result<Mat<f64>> {
+        crate::data::check_range(data.len(), start, len)?;
+        let (g, _) = dispatch!(self, m => Self::gradient_block(m, len, 1, opts, |s, l| {
+            Batch::load(data, start + s, l)
+        }, Some(lik), None, start))?;
+        Ok(g)
+    }
+
+    /// The gradients of a QoI at the M queries (the rows of `queries`, shape (M, *input shape)
+    /// or (M, elements)) as a P×M block, and the QoI values. With `steps` = K > 1 the QoI is
+    /// read after K applications of the network (its input and output shapes must agree) and the
+    /// gradients flow through all of them.
+    pub fn query_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &FactoredOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        if steps == 0 {
+            return Err(Error::invalid("rollout steps", 0, "must be at least 1"));
+        }
+        if steps > 1 && self.input_shape != self.output_shape {
+            return Err(Error::shape(
+                "a rolled-out step network (its output is its next input)",
+                format!("{:?}", self.input_shape),
+                format!("output {:?}", self.output_shape),
+            ));
+        }
+        let m_rows = *queries
+            .dims()
+            .first()
+            .ok_or_else(|| Error::shape("queries (one per row)", "rank >= 1", "a scalar"))?;
+        let per: usize = self.input_shape.iter().product();
+        if queries.rank() < 2 || queries.elem_count() != m_rows * per {
+            return Err(Error::shape(
+                "queries for the sequential model (one example per row)",
+                format!("(M, {:?}) or (M, {per})", self.input_shape),
+                format!("{:?}", queries.dims()),
+            ));
+        }
+        let q = queries.reshape((m_rows, per))?;
+        dispatch!(self, m => Self::gradient_block(m, m_rows, steps, opts, |s, l| {
+            Ok(Batch::Inputs(q.narrow(0, s, l)?))
+        }, None, Some(qoi), 0))
+    }
+}
+
+/// G recomputed by the sequential engine chunk by chunk on every product: the gradient operator
+/// of a [`Sequential`] model when N·P does not fit in memory. Memory O(chunk·P); each product
+/// costs one pass over the data.
+pub struct SeqGradients<'a> {
+    engine: &'a FactoredSeq,
+    lik: &'a Likelihood,
+    data: &'a dyn Dataset,
+    opts: FactoredOptions,
+}
+
+impl<'a> SeqGradients<'a> {
+    /// Streams the engine's log-likelihood gradients over `data` in chunks of
+    /// `opts.batch_size` × workers examples.
+    pub fn new(
+        engine: &'a FactoredSeq,
+        lik: &'a Likelihood,
+        data: &'a dyn Dataset,
+        opts: FactoredOptions,
+    ) -> Self {
+        Self {
+            engine,
+            lik,
+            data,
+            opts,
+        }
+    }
+
+    fn chunk(&self) -> usize {
+        self.opts.batch_size.max(1) * rayon_threads(&self.opts)
+    }
+
+    fn chunks(&self) -> Vec<(usize, usize)> {
+        let n = self.data.len();
+        let bs = self.chunk();
+        (0..n).step_by(bs).map(|s| (s, bs.min(n - s))).collect()
+    }
+
+    fn block(&self, s: usize, l: usize) -> Result<Mat<f64>> {
+        self.engine
+            .per_example_gradients(self.lik, self.data, s, l, &self.opts)
+    }
+}
+
+impl super::gradients::GradientMatrix for SeqGradients<'_> {
+    fn num_params(&self) -> usize {
+        self.engine.num_params()
+    }
+    fn num_examples(&self) -> usize {
+        self.data.len()
+    }
+    fn jv(&self, v: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
+        let chunks = self.chunks();
+        super::gradients::Chunked::new(self.num_params(), self.num_examples(), &chunks)
+            .jv(v, |s, l| self.block(s, l))
+    }
+    fn jtu(&self, u: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
+        let chunks = self.chunks();
+        super::gradients::Chunked::new(self.num_params(), self.num_examples(), &chunks)
+            .jtu(u, |s, l| self.block(s, l))
+    }
+    fn gram(&self) -> Result<Mat<f64>> {
+        let chunks = self.chunks();
+        super::gradients::Chunked::new(self.num_params(), self.num_examples(), &chunks)
+            .gram(|s, l| self.block(s, l))
+    }
+    fn diag_sums(&self) -> Result<Vec<f64>> {
+        self.engine.sum_sq(self.lik, self.data, &self.opts)
+    }
+    fn bytes(&self) -> u64 {
+        (self.chunk() * self.num_params() * 8) as u64
+    }
+}

@@ -1,0 +1,114 @@
+//! The empirical Fisher of a [`Sequential`] model on the native sequential engine.
+
+use std::sync::Arc;
+
+use faer::Mat;
+
+use super::{FisherDense, FisherDiag, FisherSource};
+use crate::data::Dataset;
+use crate::engine::gradients::{DenseGradients, GradientMatrix};
+use crate::engine::sequential::SeqGradients;
+use crate::engine::{FactoredOptions, FactoredSeq};
+use crate::error::Result;
+use crate::likelihood::Likelihood;
+use crate::model::Sequential;
+
+/// The empirical Fisher of a [`Sequential`] model (convolutions, pooling, Linear, norms) and a
+/// likelihood over a dataset, by the native sequential engine.
+///
+/// Memory: diag F O(P) + one batch of activations and patches per worker; dense F
+/// O(P² + chunk·P); the gradient operator for the kernel and CG methods holds G (N·P f64) when
+/// that takes at most half the budget and otherwise recomputes it in chunks on every product.
+pub struct SeqFisher<'a> {
+    engine: FactoredSeq,
+    lik: Likelihood,
+    data: &'a dyn Dataset,
+    opts: FactoredOptions,
+}
+
+impl<'a> SeqFisher<'a> {
+    /// The Fisher of `lik` on `model`'s outputs over `data` (a snapshot of the weights).
+    pub fn new(
+        model: &Sequential,
+        lik: Likelihood,
+        data: &'a dyn Dataset,
+        opts: FactoredOptions,
+    ) -> Result<Self> {
+        Ok(Self {
+            engine: FactoredSeq::new(model)?,
+            lik,
+            data,
+            opts,
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &FactoredSeq {
+        &self.engine
+    }
+
+    /// The per-example gradients of examples `start .. start+len` (P×len).
+    pub fn per_example_gradients(&self, start: usize, len: usize) -> Result<Mat<f64>> {
+        self.engine
+            .per_example_gradients(&self.lik, self.data, start, len, &self.opts)
+    }
+
+    fn block_size(&self) -> usize {
+        self.opts.batch_size.max(1) * crate::engine::pool::resolve_threads(self.opts.threads)
+    }
+}
+
+impl FisherSource for SeqFisher<'_> {
+    fn num_params(&self) -> usize {
+        self.engine.num_params()
+    }
+
+    fn num_examples(&self) -> usize {
+        self.data.len()
+    }
+
+    fn fisher_diag(&self) -> Result<FisherDiag> {
+        FisherDiag::from_sums(
+            self.engine.sum_sq(&self.lik, self.data, &self.opts)?,
+            self.data.len(),
+        )
+    }
+
+    fn fisher_dense(&self, memory_budget: u64) -> Result<FisherDense> {
+        super::dense_from_blocks(
+            self.num_params(),
+            self.num_examples(),
+            self.block_size(),
+            memory_budget,
+            |start, len| self.per_example_gradients(start, len),
+        )
+    }
+
+    fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
+        let full = (self.num_examples() * self.num_params() * 8) as u64;
+        if full <= memory_budget / 2 {
+            full
+        } else {
+            (self.block_size() * self.num_params() * 8) as u64
+        }
+    }
+
+    fn has_gradient_operator(&self) -> bool {
+        true
+    }
+
+    fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
+        let n = self.num_examples();
+        if ((n * self.num_params() * 8) as u64) <= memory_budget / 2 {
+            return Ok(Arc::new(DenseGradients::new(
+                self.per_example_gradients(0, n)?,
+            )));
+        }
+        Ok(Arc::new(SeqGradients::new(
+            &self.engine,
+            &self.lik,
+            self.data,
+            self.opts.clone(),
+        )))
+    }
+}

@@ -1,0 +1,425 @@
+//! The native sequential engine (`FactoredSeq`) on `nn.Sequential` models, checked in f64
+//! against the generic path (one candle backward per example through `deltavar::nn` layers) and
+//! the capture engine; the generic oracle against central finite differences on the layers new
+//! here (batch norm, a Linear on the last axis of an image, layer norm over rows, avg pooling).
+
+mod common;
+
+use candle_core::{DType, Device, Module, Tensor};
+use common::*;
+use deltavar::engine::FactoredSeq;
+use deltavar::model::{SeqSpec, Sequential};
+use deltavar::sigma::*;
+use deltavar::*;
+
+/// Every layer kind: strided non-square conv, tanh, max-pool, batch norm, a dilated conv without
+/// bias, avg-pool with stride 1, GELU, a Linear on the last axis (6 rows per example), layer norm
+/// over those rows, flatten, dropout, Linear.
+const ZOO: &str = "seq:conv2d(2,4,3,stride=2,padding=1),tanh,maxpool2d(2),batchnorm2d(4),\
+conv2d(4,3,2,padding=1,dilation=2,bias=false),avgpool2d(2,stride=1),gelu,linear(1,4),\
+layernorm(4),flatten,dropout,linear(24,3)";
+
+fn zoo() -> (Sequential, TensorDataset, Tensor) {
+    let spec: SeqSpec = ZOO.parse().unwrap();
+    let model = Sequential::init(spec, &[2, 11, 9], DType::F64, 3).unwrap();
+    let n = 11;
+    let x = Tensor::from_vec(pseudo_random(n * 198, 5), (n, 2, 11, 9), &Device::Cpu).unwrap();
+    let data = TensorDataset::new(x, random_labels(n, 3, 6)).unwrap();
+    let q = Tensor::from_vec(pseudo_random(4 * 198, 7), (4, 2, 11, 9), &Device::Cpu).unwrap();
+    (model, data, q)
+}
+
+fn eo(bs: usize) -> FactoredOptions {
+    FactoredOptions {
+        batch_size: bs,
+        threads: 2,
+    }
+}
+
+#[test]
+fn spec_parses_pytorch_arguments_and_names_every_mistake() {
+    let s: SeqSpec = ZOO.parse().unwrap();
+    assert_eq!(s.layers.len(), 12);
+    assert_eq!(s.output_shape(&[2, 11, 9]).unwrap(), vec![3]);
+    // round trip through Display
+    let again: SeqSpec = s.to_string().parse().unwrap();
+    assert_eq!(again, s);
+    assert_eq!(
+        s.param_names("")[..3],
+        ["0.weight".to_string(), "0.bias".into(), "3.weight".into()]
+    );
+    let lenet = "seq:conv2d(1,16,5,padding=2),relu,maxpool2d(2),conv2d(16,32,5,padding=2),relu,\
+                 maxpool2d(2),flatten,linear(1568,128),relu,linear(128,10)";
+    let s: SeqSpec = lenet.parse().unwrap();
+    assert_eq!(s.num_params(), 215_370);
+    for (bad, needle) in [
+        ("seq:conv2d(1,16,5,pad=2)", "unknown keyword 'pad'"),
+        ("seq:conv3d(1,16,5)", "unknown layer 'conv3d'"),
+        ("seq:linear(3)", "takes 2 positional"),
+        ("seq:linear(3,0)", "not a valid size"),
+        ("seq:relu(2)", "takes no arguments"),
+        ("seq:linear(3,4", "unbalanced"),
+        ("mlp:3,4:relu", "expected seq:"),
+    ] {
+        let e = bad.parse::<SeqSpec>().unwrap_err().to_string();
+        assert!(e.contains(needle), "{bad}: {e}");
+    }
+    // an input the network cannot take names the module where it breaks
+    let e = s.shapes(&[1, 28, 20]).unwrap_err().to_string();
+    assert!(e.contains("module 7 (linear(1568,128))"), "{e}");
+    let e = s.shapes(&[3, 28, 28]).unwrap_err().to_string();
+    assert!(e.contains("module 0"), "{e}");
+}
+
+#[test]
+fn loading_checks_every_tensor_against_the_architecture() {
+    let spec: SeqSpec = "seq:linear(3,4),relu,linear(4,2)".parse().unwrap();
+    let dev = Device::Cpu;
+    let mut t = std::collections::HashMap::new();
+    t.insert(
+        "0.weight".to_string(),
+        Tensor::zeros((4, 3), DType::F32, &dev).unwrap(),
+    );
+    t.insert(
+        "0.bias".to_string(),
+        Tensor::zeros(4, DType::F32, &dev).unwrap(),
+    );
+    t.insert(
+        "2.weight".to_string(),
+        Tensor::zeros((2, 5), DType::F32, &dev).unwrap(),
+    );
+    t.insert(
+        "2.bias".to_string(),
+        Tensor::zeros(2, DType::F32, &dev).unwrap(),
+    );
+    let e = Sequential::from_tensors(spec.clone(), &[3], &t, "", DType::F32, "m.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'2.weight'") && e.contains("[2, 5]") && e.contains("[2, 4]"),
+        "{e}"
+    );
+    t.insert(
+        "2.weight".to_string(),
+        Tensor::zeros((2, 4), DType::F32, &dev).unwrap(),
+    );
+    t.insert(
+        "4.weight".to_string(),
+        Tensor::zeros((2, 2), DType::F32, &dev).unwrap(),
+    );
+    let e = Sequential::from_tensors(spec.clone(), &[3], &t, "", DType::F32, "m.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("4.weight") && e.contains("used by no module"),
+        "{e}"
+    );
+    t.remove("4.weight");
+    t.remove("0.bias");
+    let e = Sequential::from_tensors(spec.clone(), &[3], &t, "", DType::F32, "m.safetensors")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'0.bias'") && e.contains("missing"), "{e}");
+    t.insert(
+        "0.bias".to_string(),
+        Tensor::zeros(4, DType::F32, &dev).unwrap(),
+    );
+    let m = Sequential::from_tensors(spec, &[3], &t, "", DType::F32, "m.safetensors").unwrap();
+    assert_eq!(m.num_params(), 26);
+    assert_eq!(
+        m.param_names(),
+        ["0.weight", "0.bias", "2.weight", "2.bias"]
+    );
+}
+
+#[test]
+fn native_engine_matches_the_generic_path_on_every_layer_kind() {
+    let (model, data, q) = zoo();
+    let params = model.params().unwrap();
+    let lik = Likelihood::Categorical;
+    let generic = GenericFisher::new(&params, lik.of(&model), &data, GenericOptions::default());
+    let engine = FactoredSeq::new(&model).unwrap();
+    assert_eq!(engine.num_params(), params.num_params());
+    let want = generic.fisher_diag().unwrap();
+    for bs in [1, 4, 11, 64] {
+        let got = engine.sum_sq(&lik, &data, &eo(bs)).unwrap();
+        let err = max_rel_err(&got, want.sums());
+        assert!(err < 1e-10, "diag, batch {bs}: {err:e}");
+    }
+    let g = engine
+        .per_example_gradients(&lik, &data, 2, 8, &eo(3))
+        .unwrap();
+    let gw = generic.per_example_gradients(2, 8).unwrap();
+    assert!(mat_rel_err(&g, &gw) < 1e-10, "{}", mat_rel_err(&g, &gw));
+    let (qg, qv) = engine
+        .query_gradients(&Qoi::Prob(1), &q, 1, &eo(3))
+        .unwrap();
+    let (qgw, qvw) = qoi_gradients(
+        &params,
+        &q,
+        Qoi::Prob(1).of(&model),
+        &GenericOptions::default(),
+    )
+    .unwrap();
+    assert!(mat_rel_err(&qg, &qgw) < 1e-10);
+    assert!(max_rel_err(&qv, &qvw) < 1e-12);
+    // the capture engine agrees too (its BatchNorm2d use included)
+    let cap = CaptureEngine::new(&model, &params)
+        .sum_sq(&lik, &data, &CaptureOptions::default())
+        .unwrap();
+    assert!(max_rel_err(&cap, want.sums()) < 1e-10);
+    // ΔVar through the native Fisher source under every strategy and method
+    let native = SeqFisher::new(&model, lik.clone(), &data, eo(4)).unwrap();
+    for (strategy, method) in [
+        (SigmaStrategy::Identity, FullMethod::Auto),
+        (SigmaStrategy::DiagonalEmpiricalFim, FullMethod::Auto),
+        (SigmaStrategy::InverseFullEmpiricalFim, FullMethod::Dense),
+        (SigmaStrategy::InverseFullEmpiricalFim, FullMethod::Kernel),
+        (SigmaStrategy::InverseFullEmpiricalFim, FullMethod::Cg),
+    ] {
+        let o = SigmaOptions {
+            damping: 1e-3,
+            full_method: method,
+            ..Default::default()
+        };
+        let name = strategy.name();
+        let same = match &strategy {
+            SigmaStrategy::Identity => SigmaStrategy::Identity,
+            SigmaStrategy::DiagonalEmpiricalFim => SigmaStrategy::DiagonalEmpiricalFim,
+            _ => SigmaStrategy::InverseFullEmpiricalFim,
+        };
+        let a = build_sigma(same, params.num_params(), &o, Some(&native)).unwrap();
+        let b = build_sigma(strategy, params.num_params(), &o, Some(&generic)).unwrap();
+        let va = a.quad_forms(qg.as_ref()).unwrap();
+        let vb = b.quad_forms(qgw.as_ref()).unwrap();
+        let err = max_rel_err(&va, &vb);
+        assert!(err < 1e-9, "{name} {method:?}: {err:e}");
+    }
+}
+
+#[test]
+fn the_generic_oracle_matches_finite_differences_on_the_zoo() {
+    let (model, data, _) = zoo();
+    let params = model.params().unwrap();
+    let lik = Likelihood::Categorical;
+    let generic = GenericFisher::new(&params, lik.of(&model), &data, GenericOptions::default());
+    let g = generic.per_example_gradients(5, 1).unwrap();
+    let (x, y) = data.get(5, 1).unwrap();
+    let p = params.num_params();
+    assert_matches_fd(
+        &params,
+        (0..p).step_by(3),
+        |k| g[(k, 0)],
+        || {
+            lik.log_likelihood(&model.forward(&x).unwrap(), &y)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()[0]
+        },
+        "zoo",
+    );
+}
+
+#[test]
+fn conv1d_and_regression_match_the_generic_path() {
+    let spec: SeqSpec =
+        "seq:conv1d(3,4,3,stride=2,padding=1,dilation=2),silu,conv1d(4,2,2),flatten,linear(6,2)"
+            .parse()
+            .unwrap();
+    let model = Sequential::init(spec, &[3, 9], DType::F64, 11).unwrap();
+    assert_eq!(model.output_shape(), [2]);
+    let params = model.params().unwrap();
+    let n = 9;
+    let x = Tensor::from_vec(pseudo_random(n * 27, 1), (n, 3, 9), &Device::Cpu).unwrap();
+    let y = random_tensor(n, 2, 2);
+    let data = TensorDataset::new(x, y).unwrap();
+    let lik = Likelihood::gaussian(0.7);
+    let generic = GenericFisher::new(&params, lik.of(&model), &data, GenericOptions::default());
+    let engine = FactoredSeq::new(&model).unwrap();
+    let got = engine.sum_sq(&lik, &data, &eo(4)).unwrap();
+    let want = generic.fisher_diag().unwrap();
+    assert!(max_rel_err(&got, want.sums()) < 1e-10);
+    let g = engine
+        .per_example_gradients(&lik, &data, 0, n, &eo(2))
+        .unwrap();
+    assert!(mat_rel_err(&g, &generic.per_example_gradients(0, n).unwrap()) < 1e-10);
+}
+
+#[test]
+fn rollouts_flow_through_every_step() {
+    let spec: SeqSpec = "seq:linear(3,8),tanh,linear(8,3)".parse().unwrap();
+    let model = Sequential::init(spec, &[3], DType::F64, 4).unwrap();
+    let params = model.params().unwrap();
+    let z = random_tensor(6, 3, 21);
+    let engine = FactoredSeq::new(&model).unwrap();
+    for k in [1, 2, 5] {
+        let roll = model.rollout(k).unwrap();
+        let (g, v) = engine
+            .query_gradients(&Qoi::Output(2), &z, k, &eo(4))
+            .unwrap();
+        let (gw, vw) = qoi_gradients(
+            &params,
+            &z,
+            Qoi::Output(2).of(&roll),
+            &GenericOptions::default(),
+        )
+        .unwrap();
+        assert!(
+            mat_rel_err(&g, &gw) < 1e-10,
+            "K = {k}: {}",
+            mat_rel_err(&g, &gw)
+        );
+        assert!(max_rel_err(&v, &vw) < 1e-12);
+    }
+    // a network whose output is not its input cannot be rolled out
+    let spec: SeqSpec = "seq:linear(3,2)".parse().unwrap();
+    let m2 = Sequential::init(spec, &[3], DType::F64, 4).unwrap();
+    assert!(m2.rollout(2).is_err());
+    let e = FactoredSeq::new(&m2)
+        .unwrap()
+        .query_gradients(&Qoi::Sum, &z, 2, &eo(4))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rolled-out"), "{e}");
+}
+
+#[test]
+fn f32_models_agree_with_f64_to_single_precision() {
+    let (model, data, _) = zoo();
+    let lik = Likelihood::Categorical;
+    let want = FactoredSeq::new(&model)
+        .unwrap()
+        .sum_sq(&lik, &data, &eo(4))
+        .unwrap();
+    let named: std::collections::HashMap<String, Tensor> = model
+        .named_tensors()
+        .into_iter()
+        .chain([
+            (
+                "3.running_mean".to_string(),
+                Tensor::zeros(4, DType::F64, &Device::Cpu).unwrap(),
+            ),
+            (
+                "3.running_var".to_string(),
+                Tensor::ones(4, DType::F64, &Device::Cpu).unwrap(),
+            ),
+        ])
+        .collect();
+    // same weights, BatchNorm statistics reset: compare f32 with f64 on the same tensors
+    let m64 = Sequential::from_tensors(
+        model.spec().clone(),
+        &[2, 11, 9],
+        &named,
+        "",
+        DType::F64,
+        "t",
+    )
+    .unwrap();
+    let m32 = Sequential::from_tensors(
+        model.spec().clone(),
+        &[2, 11, 9],
+        &named,
+        "",
+        DType::F32,
+        "t",
+    )
+    .unwrap();
+    let a = FactoredSeq::new(&m64)
+        .unwrap()
+        .sum_sq(&lik, &data, &eo(4))
+        .unwrap();
+    let b = FactoredSeq::new(&m32)
+        .unwrap()
+        .sum_sq(&lik, &data, &eo(4))
+        .unwrap();
+    assert_eq!(FactoredSeq::new(&m32).unwrap().dtype(), DType::F32);
+    assert!(norm_rel_err(&b, &a) < 1e-4, "{}", norm_rel_err(&b, &a));
+    assert_eq!(want.len(), a.len());
+}
+
+#[test]
+fn offline_passes_of_a_sequential_model_serve_every_method() {
+    let (model, data, q) = zoo();
+    let lik = Likelihood::Categorical;
+    let engine = FactoredSeq::new(&model).unwrap();
+    let (qg, _) = engine
+        .query_gradients(&Qoi::Prob(1), &q, 1, &eo(4))
+        .unwrap();
+    let live = SeqFisher::new(&model, lik.clone(), &data, eo(4)).unwrap();
+    let mut opts = PassOptions {
+        kind: PassKind::Dense,
+        engine: eo(4),
+        ..Default::default()
+    };
+    let art = fisher_pass_seq(
+        &model,
+        lik.clone(),
+        "categorical",
+        &data,
+        &opts,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(art.meta.param_names, model.param_names());
+    art.check_tensors(&model.named_tensors()).unwrap();
+    // N = 11 < P: auto would pick the kernel method for live data; a saved Fisher has no
+    // per-example gradients, so auto takes the dense method for it
+    let o = SigmaOptions {
+        damping: 1e-3,
+        ..Default::default()
+    };
+    let a = build_sigma(
+        SigmaStrategy::InverseFullEmpiricalFim,
+        model.num_params(),
+        &o,
+        Some(&art),
+    )
+    .unwrap();
+    assert_eq!(a.method.as_ref().map(|m| m.method), Some(FullMethod::Dense));
+    let b = build_sigma(
+        SigmaStrategy::InverseFullEmpiricalFim,
+        model.num_params(),
+        &o,
+        Some(&live),
+    )
+    .unwrap();
+    assert_eq!(
+        b.method.as_ref().map(|m| m.method),
+        Some(FullMethod::Kernel)
+    );
+    let err = max_rel_err(
+        &a.quad_forms(qg.as_ref()).unwrap(),
+        &b.quad_forms(qg.as_ref()).unwrap(),
+    );
+    assert!(err < 1e-9, "{err:e}");
+    // shards of the diagonal pass merge to the whole
+    opts.kind = PassKind::Diag;
+    let whole = fisher_pass_seq(
+        &model,
+        lik.clone(),
+        "categorical",
+        &data,
+        &opts,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let parts: Vec<FisherArtifact> = (0..3)
+        .map(|i| {
+            let o = PassOptions {
+                shard: Some((i, 3)),
+                ..opts.clone()
+            };
+            fisher_pass_seq(
+                &model,
+                lik.clone(),
+                "categorical",
+                &data,
+                &o,
+                &mut |_, _| {},
+            )
+            .unwrap()
+        })
+        .collect();
+    let merged = FisherArtifact::merge(&parts).unwrap();
+    assert!(max_rel_err(merged.diag.sums(), whole.diag.sums()) < 1e-13);
+}
