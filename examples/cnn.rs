@@ -1,8 +1,10 @@
-//! The peers' W-cnn workload on the capture engine: a LeNet-style CNN built from `deltavar::nn`
-//! layers, loaded from the PyTorch state dict that `../shared/bench/peers.py ... cnn` writes.
+//! The peers' W-cnn workload: a LeNet-style CNN loaded from the PyTorch state dict that
+//! `../shared/bench/peers.py ... cnn` writes, on the native sequential engine (`--engine native`,
+//! the default: a `Sequential` from its `seq:` architecture string) or the capture engine
+//! (`--engine capture`: the same network built from `deltavar::nn` layers).
 //!
 //!     /tmp/peers-venv/bin/python ../shared/bench/peers.py /tmp/dv-workloads cnn
-//!     cargo run --release --example cnn -- --dir /tmp/dv-workloads/cnn [--out FILE] [--json]
+//!     cargo run --release --example cnn -- --dir /tmp/dv-workloads/cnn [--engine native|capture] [--out FILE] [--json]
 //!
 //! Computes the mean diagonal empirical Fisher (categorical) over DIR/train_x.npy and
 //! DIR/train_y.npy, writes it to FILE (safetensors, one tensor per parameter, named and shaped as
@@ -19,7 +21,11 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use deltavar::nn::{self, Conv2dConfig};
 use deltavar::prelude::*;
-use deltavar::{CaptureEngine, CaptureOptions, Params};
+use deltavar::{CaptureEngine, CaptureOptions, FactoredSeq, Params, SeqSpec, Sequential};
+
+/// The same network as an architecture string.
+const ARCH: &str = "seq:conv2d(1,16,5,padding=2),relu,maxpool2d(2),conv2d(16,32,5,padding=2),relu,\
+maxpool2d(2),flatten,linear(1568,128),relu,linear(128,10)";
 
 /// `nn.Sequential(Conv2d(1,16,5,padding=2), ReLU, MaxPool2d(2), Conv2d(16,32,5,padding=2), ReLU,
 /// MaxPool2d(2), Flatten, Linear(1568,128), ReLU, Linear(128,10))`, state-dict names 0, 3, 7, 9.
@@ -81,21 +87,55 @@ fn main() -> deltavar::Result<()> {
     let data = TensorDataset::new(x, y)?;
     let n = data.len();
 
-    let engine = CaptureEngine::new(&model, &params);
-    let opts = CaptureOptions::default();
-    let t0 = Instant::now();
-    let sums = engine.sum_sq(&Likelihood::Categorical, &data, &opts)?;
-    let seconds = t0.elapsed().as_secs_f64();
+    let native = arg("--engine").as_deref() != Some("capture");
+    // the native engine's precision (--dtype f64: a reference for the f32 run)
+    let dt = if arg("--dtype").as_deref() == Some("f64") {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let q = Tensor::read_npy(dir.join("queries.npy"))?.to_dtype(DType::F32)?;
+    let (sums, seconds, qg, qv, layout) = if native {
+        let spec: SeqSpec = ARCH.parse()?;
+        let seq = Sequential::load_safetensors(
+            dir.join("model.safetensors"),
+            spec,
+            &[1, 28, 28],
+            dt,
+            "",
+        )?;
+        let fo = FactoredOptions {
+            batch_size: arg("--batch-size")
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(64),
+            threads: 0,
+        };
+        let t0 = Instant::now();
+        let engine = FactoredSeq::new(&seq)?;
+        let sums = engine.sum_sq(&Likelihood::Categorical, &data, &fo)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let (qg, qv) = engine.query_gradients(&Qoi::Prob(0), &q, 1, &fo)?;
+        (sums, seconds, qg, qv, seq.params()?)
+    } else {
+        let engine = CaptureEngine::new(&model, &params);
+        let opts = CaptureOptions::default();
+        let t0 = Instant::now();
+        let sums = engine.sum_sq(&Likelihood::Categorical, &data, &opts)?;
+        let seconds = t0.elapsed().as_secs_f64();
+        let (qg, qv) = engine.query_gradients(&Qoi::Prob(0), &q, &opts)?;
+        (sums, seconds, qg, qv, params.clone())
+    };
     let mean: Vec<f64> = sums.iter().map(|s| s / n as f64).collect();
 
     // the mean diagonal per parameter, named and shaped as in the state dict
-    let per_tensor = common::per_tensor_diag(&params, &mean, out.as_deref())?;
-    let worst =
-        common::worst_vs_reference(&per_tensor, &dir.join("diag_reference.safetensors"), false)?;
+    let per_tensor = common::per_tensor_diag(&layout, &mean, out.as_deref())?;
+    let worst = common::worst_vs_reference(
+        &per_tensor,
+        &dir.join("diag_reference.safetensors"),
+        args.iter().any(|a| a == "--verbose"),
+    )?;
 
     // ΔVar of p(class 0) at the queries under Σ = diag(F + λ)⁻¹
-    let q = Tensor::read_npy(dir.join("queries.npy"))?.to_dtype(DType::F32)?;
-    let (qg, qv) = engine.query_gradients(&Qoi::Prob(0), &q, &opts)?;
     let sigma = deltavar::sigma::InverseDiagonalFisher::new(&mean, 1e-3)?;
     let dv = sigma.quad_forms(qg.as_ref())?;
 
@@ -104,6 +144,7 @@ fn main() -> deltavar::Result<()> {
             "{}",
             serde_json::json!({
                 "workload": "cnn",
+                "engine": if native { "native" } else { "capture" },
                 "seconds": seconds,
                 "num_params": params.num_params(),
                 "num_train": n,

@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 use deltavar::data::{NpyArray, RowsRef};
-use deltavar::model::MlpSpec;
+use deltavar::model::{MlpSpec, SeqSpec};
 use deltavar::*;
 
 #[derive(Parser)]
@@ -24,10 +24,14 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Weights of a PyTorch nn.Sequential MLP (safetensors).
+    /// Weights of a PyTorch nn.Sequential (its state dict as safetensors).
     #[arg(long)]
     weights: PathBuf,
-    /// Architecture: mlp:IN,H1,...,OUT:ACT with ACT one of identity, relu, tanh, sigmoid, gelu, gelu-tanh, silu, softplus.
+    /// Architecture: seq:LAYER,LAYER,... (one entry per nn.Sequential module: linear(in,out[,bias=false]),
+    /// conv1d/conv2d(in,out,k[,stride=s][,padding=p][,dilation=d][,bias=false]), maxpool2d(k[,stride=s]),
+    /// avgpool2d(k[,stride=s]), flatten, layernorm(d), batchnorm2d(c), dropout, relu, tanh, ...;
+    /// the input shape comes from the .npy), or mlp:IN,H1,...,OUT:ACT with ACT one of identity,
+    /// relu, tanh, sigmoid, gelu, gelu-tanh, silu, softplus.
     #[arg(long)]
     arch: String,
     /// Prefix of the tensor names (for example "model.").
@@ -60,7 +64,7 @@ enum Command {
 struct VarianceArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Query inputs (M, IN), .npy.
+    /// Query inputs, .npy: (M, IN) for an MLP, (M, C, H, W) or any (M, ...) the seq: model takes.
     #[arg(long)]
     queries: PathBuf,
     /// sum | output:K | prob:K
@@ -72,7 +76,7 @@ struct VarianceArgs {
     /// auto | dense | kernel | cg (full-fim only)
     #[arg(long, default_value = "auto")]
     method: String,
-    /// Training inputs (N, IN), .npy.
+    /// Training inputs, .npy: (N, IN), or (N, C, H, W) etc. for a seq: model.
     #[arg(long)]
     train_x: Option<PathBuf>,
     /// Training targets, .npy: (N, OUT) floats or (N,) int64 labels.
@@ -87,6 +91,10 @@ struct VarianceArgs {
     /// Use a Fisher file that covers only part of its dataset (prints the fraction covered).
     #[arg(long)]
     allow_partial: bool,
+    /// Read the QoI after K applications of the network (a step function whose input and
+    /// output shapes agree); the Fisher stays one-step (pairs in --train-x/--train-y).
+    #[arg(long, default_value_t = 1)]
+    rollout: usize,
     /// Damping λ.
     #[arg(long, default_value_t = 1e-5)]
     damping: f64,
@@ -156,14 +164,81 @@ fn dtype(s: &str) -> Result<DType> {
     }
 }
 
-fn load_model(m: &ModelArgs) -> Result<Mlp> {
-    let arch: MlpSpec = m.arch.parse()?;
-    if !m.weights.exists() {
+/// The model the CLI runs: an MLP (`mlp:`) or any `nn.Sequential` (`seq:`).
+enum Model {
+    Mlp(Mlp),
+    Seq(Sequential),
+}
+
+impl Model {
+    fn num_params(&self) -> usize {
+        match self {
+            Model::Mlp(m) => m.num_params(),
+            Model::Seq(m) => m.num_params(),
+        }
+    }
+    fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Model::Mlp(m) => m.named_tensors(),
+            Model::Seq(m) => m.named_tensors(),
+        }
+    }
+}
+
+fn check_exists(p: &Path) -> Result<()> {
+    if !p.exists() {
         return Err(Error::Io {
-            path: m.weights.display().to_string(),
+            path: p.display().to_string(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
     }
+    Ok(())
+}
+
+/// The per-example shape of an .npy file's rows.
+fn row_shape(path: &Path) -> Result<Vec<usize>> {
+    let a = NpyArray::open(path)?;
+    Ok(match a.shape() {
+        [] | [_] => vec![1],
+        s => s[1..].to_vec(),
+    })
+}
+
+/// Loads the model; a `seq:` model takes its per-example input shape from `input_shape` (the
+/// rows of the data it will see). With `rollout` > 1 an `mlp:` architecture is run as the
+/// equivalent `seq:` model (its default nn.Sequential names).
+fn load_model(m: &ModelArgs, input_shape: Option<&[usize]>, rollout: usize) -> Result<Model> {
+    check_exists(&m.weights)?;
+    let dt = dtype(&m.dtype)?;
+    let spec: SeqSpec = if m.arch.trim_start().starts_with("seq:") {
+        m.arch.parse()?
+    } else {
+        let arch: MlpSpec = m.arch.parse()?;
+        if rollout <= 1 {
+            return load_mlp(m, &arch, dt).map(Model::Mlp);
+        }
+        if m.layer_names.is_some() {
+            return Err(Error::invalid(
+                "--layer-names",
+                m.layer_names.as_deref().unwrap_or_default(),
+                "a rollout of an mlp: architecture uses the default nn.Sequential names; write it as seq:linear(..),ACT,... instead",
+            ));
+        }
+        arch.to_seq()
+    };
+    let shape = input_shape.ok_or_else(|| {
+        Error::invalid(
+            "--arch",
+            &m.arch,
+            "a seq: model needs data to take its input shape from",
+        )
+    })?;
+    Ok(Model::Seq(Sequential::load_safetensors(
+        &m.weights, spec, shape, dt, &m.prefix,
+    )?))
+}
+
+fn load_mlp(m: &ModelArgs, arch: &MlpSpec, dt: DType) -> Result<Mlp> {
     let names: Option<Vec<String>> = m
         .layer_names
         .as_ref()
@@ -171,7 +246,7 @@ fn load_model(m: &ModelArgs) -> Result<Mlp> {
     let (mlp, _varmap) = Mlp::load_safetensors(
         &m.weights,
         arch.activation,
-        dtype(&m.dtype)?,
+        dt,
         &Device::Cpu,
         &m.prefix,
         names.as_deref(),
@@ -190,21 +265,30 @@ fn load_model(m: &ModelArgs) -> Result<Mlp> {
     Ok(mlp)
 }
 
-fn read_queries(path: &Path, width: usize, dt: DType) -> Result<Tensor> {
+/// The queries as a tensor of shape (M, *shape) in `dt`, checked finite.
+fn read_queries(path: &Path, shape: &[usize], dt: DType) -> Result<Tensor> {
     let a = NpyArray::open(path)?;
-    if a.shape().len() != 2 || a.row_len() != width {
+    let width: usize = shape.iter().product();
+    if a.shape().len() < 2 || a.shape()[1..] != *shape {
         return Err(Error::BadFile {
             path: path.display().to_string(),
             detail: format!(
-                "queries must have shape (M, {width}) for this model, got {:?}",
+                "queries must have shape (M, {}) for this model, got {:?}",
+                shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 a.shape()
             ),
         });
     }
     let rows = a.rows();
+    let mut full = vec![rows];
+    full.extend_from_slice(shape);
     let t = match a.rows_ref(0, rows)? {
-        RowsRef::F32(v) => Tensor::from_slice(v, (rows, width), &Device::Cpu)?,
-        RowsRef::F64(v) => Tensor::from_slice(v, (rows, width), &Device::Cpu)?,
+        RowsRef::F32(v) => Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?,
+        RowsRef::F64(v) => Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?,
         RowsRef::I64(_) => {
             return Err(Error::BadFile {
                 path: path.display().to_string(),
@@ -216,7 +300,7 @@ fn read_queries(path: &Path, width: usize, dt: DType) -> Result<Tensor> {
     if let Some(k) = vals.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite {
             what: format!("queries {}", path.display()),
-            detail: format!("row {}, column {} is {}", k / width, k % width, vals[k]),
+            detail: format!("row {}, element {} is {}", k / width, k % width, vals[k]),
         });
     }
     Ok(t.to_dtype(dt)?)
@@ -252,13 +336,19 @@ fn variance(a: VarianceArgs) -> Result<()> {
         posterior_scale,
         memory_budget,
         json,
+        rollout,
     } = a;
     let t0 = Instant::now();
-    let mlp = load_model(&model)?;
+    let qshape = row_shape(&queries)?;
+    let net = load_model(&model, Some(&qshape), rollout)?;
     let qoi: Qoi = qoi.parse()?;
     let strategy: SigmaStrategy = sigma.parse()?;
     let sigma_name = strategy.name();
-    let q = read_queries(&queries, mlp.sizes()[0], dtype(&model.dtype)?)?;
+    let in_shape = match &net {
+        Model::Mlp(m) => vec![m.sizes()[0]],
+        Model::Seq(m) => m.input_shape().to_vec(),
+    };
+    let q = read_queries(&queries, &in_shape, dtype(&model.dtype)?)?;
     let mut opts = SigmaOptions {
         damping,
         posterior_scale,
@@ -277,45 +367,65 @@ fn variance(a: VarianceArgs) -> Result<()> {
         strategy: sigma.clone(),
         missing: what.into(),
     };
-    // the Fisher source: a saved pass, or the training data on the factored engine; both
-    // then run the same pipeline
+    // the Fisher source: a saved pass, or the training data on the model's engine; both then
+    // run the same pipeline
     let data;
-    let source: Option<Box<dyn FisherSource + '_>> =
-        match (fisher, train_x, train_y) {
-            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-                return Err(Error::invalid(
-                    "--fisher",
-                    "with --train-x/--train-y",
-                    "give either a saved Fisher or training data, not both",
-                ))
+    let source: Option<Box<dyn FisherSource + '_>> = match (fisher, train_x, train_y) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err(Error::invalid(
+                "--fisher",
+                "with --train-x/--train-y",
+                "give either a saved Fisher or training data, not both",
+            ))
+        }
+        _ if !needs_fisher => None,
+        (Some(f), None, None) => {
+            let art = FisherArtifact::load(f)?.with_partial_allowed(allow_partial);
+            art.check_tensors(&net.named_tensors())?;
+            if let Some(w) = art.check_complete()? {
+                eprintln!("{w}");
             }
-            _ if !needs_fisher => None,
-            (Some(f), None, None) => {
-                let art = FisherArtifact::load(f)?.with_partial_allowed(allow_partial);
-                art.check_tensors(&mlp.named_tensors())?;
-                if let Some(w) = art.check_complete()? {
-                    eprintln!("{w}");
-                }
-                Some(Box::new(art))
+            Some(Box::new(art))
+        }
+        (None, Some(x), Some(y)) => {
+            let lik: Likelihood = likelihood
+                .as_deref()
+                .ok_or_else(|| {
+                    missing("--likelihood gaussian[:SIGMA]|categorical with the training data")
+                })?
+                .parse()?;
+            let xs = row_shape(&x)?;
+            if xs != in_shape {
+                return Err(Error::BadFile {
+                        path: x.display().to_string(),
+                        detail: format!(
+                            "training inputs have rows of shape {xs:?}, the model (and the queries) take {in_shape:?}"
+                        ),
+                    });
             }
-            (None, Some(x), Some(y)) => {
-                let lik: Likelihood = likelihood
-                    .as_deref()
-                    .ok_or_else(|| {
-                        missing("--likelihood gaussian[:SIGMA]|categorical with the training data")
-                    })?
-                    .parse()?;
-                data = MmapNpyDataset::open(x, y)?;
-                Some(Box::new(FactoredFisher::new(&mlp, lik, &data, eo.clone())?))
+            data = MmapNpyDataset::open(x, y)?;
+            match &net {
+                Model::Mlp(m) => Some(Box::new(FactoredFisher::new(m, lik, &data, eo.clone())?)),
+                Model::Seq(m) => Some(Box::new(SeqFisher::new(m, lik, &data, eo.clone())?)),
             }
-            (None, Some(_), None) | (None, None, Some(_)) => {
-                return Err(missing("both --train-x and --train-y"))
-            }
-            (None, None, None) => return Err(missing(
+        }
+        (None, Some(_), None) | (None, None, Some(_)) => {
+            return Err(missing("both --train-x and --train-y"))
+        }
+        (None, None, None) => {
+            return Err(missing(
                 "training data (--train-x, --train-y, --likelihood) or a saved Fisher (--fisher)",
-            )),
-        };
-    let out = mlp_delta_variances_with(&mlp, qoi, &q, strategy, &opts, source.as_deref(), &eo)?;
+            ))
+        }
+    };
+    let out = match &net {
+        Model::Mlp(m) => {
+            mlp_delta_variances_with(m, qoi, &q, strategy, &opts, source.as_deref(), &eo)?
+        }
+        Model::Seq(m) => {
+            seq_delta_variances_with(m, qoi, &q, rollout, strategy, &opts, source.as_deref(), &eo)?
+        }
+    };
     let seconds = t0.elapsed().as_secs_f64();
     if json {
         println!(
@@ -332,6 +442,7 @@ fn variance(a: VarianceArgs) -> Result<()> {
                 "num_train": out.num_train,
                 "damping": damping,
                 "posterior_scale": posterior_scale,
+                "rollout": rollout,
                 "seconds": seconds,
             })
         );
@@ -371,7 +482,7 @@ fn fim(a: FimArgs) -> Result<()> {
         quiet,
     } = a;
     let t0 = Instant::now();
-    let mlp = load_model(&model)?;
+    let net = load_model(&model, Some(&row_shape(&train_x)?), 1)?;
     let lik: Likelihood = likelihood.parse()?;
     let data = MmapNpyDataset::open(&train_x, &train_y)?;
     let mut opts = PassOptions {
@@ -390,10 +501,14 @@ fn fim(a: FimArgs) -> Result<()> {
         opts.memory_budget = b;
     }
     let pb = progress_bar(data.len(), quiet || json);
-    let art = fisher_pass(&mlp, lik, &likelihood, &data, &opts, &mut |done, total| {
+    let mut progress = |done: usize, total: usize| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
-    })?;
+    };
+    let art = match &net {
+        Model::Mlp(m) => fisher_pass(m, lik, &likelihood, &data, &opts, &mut progress)?,
+        Model::Seq(m) => fisher_pass_seq(m, lik, &likelihood, &data, &opts, &mut progress)?,
+    };
     pb.finish_and_clear();
     art.save(&out)?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -401,7 +516,7 @@ fn fim(a: FimArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "num_params": mlp.num_params(),
+                "num_params": net.num_params(),
                 "num_train": art.meta.num_examples,
                 "kind": art.meta.kind,
                 "ranges": art.meta.ranges,
@@ -414,7 +529,7 @@ fn fim(a: FimArgs) -> Result<()> {
             "{} Fisher over {} examples (P = {}) in {seconds:.3} s -> {}",
             art.meta.kind,
             art.meta.num_examples,
-            mlp.num_params(),
+            net.num_params(),
             out.display()
         );
     }
