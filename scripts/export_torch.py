@@ -68,7 +68,7 @@ def layer_string(i, m):
         k = _one(m.kernel_size, "kernel_size")
         st = _one(m.stride if m.stride is not None else k, "stride")
         kind = "maxpool2d" if isinstance(m, nn.MaxPool2d) else "avgpool2d"
-        return f"{kind}({k},stride={st})"
+        return f"{kind}({k})" if st == k else f"{kind}({k},stride={st})"
     if isinstance(m, nn.Flatten):
         if m.start_dim != 1 or m.end_dim != -1:
             raise ValueError(f"module {i} (Flatten): only start_dim=1, end_dim=-1")
@@ -76,11 +76,11 @@ def layer_string(i, m):
     if isinstance(m, nn.LayerNorm):
         if len(m.normalized_shape) != 1 or not m.elementwise_affine or m.bias is None:
             raise ValueError(f"module {i} (LayerNorm): one normalised dimension with weight and bias only")
-        return f"layernorm({m.normalized_shape[0]},eps={m.eps})"
+        return f"layernorm({m.normalized_shape[0]}" + ("" if m.eps == 1e-5 else f",eps={m.eps}") + ")"
     if isinstance(m, nn.BatchNorm2d):
         if not m.affine or not m.track_running_stats:
             raise ValueError(f"module {i} (BatchNorm2d): affine with running statistics only")
-        return f"batchnorm2d({m.num_features},eps={m.eps})"
+        return f"batchnorm2d({m.num_features}" + ("" if m.eps == 1e-5 else f",eps={m.eps}") + ")"
     if isinstance(m, nn.Dropout):
         return "dropout"
     acts = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu", nn.Identity: "identity"}

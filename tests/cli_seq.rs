@@ -480,3 +480,34 @@ fn rollouts_of_a_step_network_through_the_cli() {
     let e = run_err(&mut cmd);
     assert!(e.contains("2.weight") || e.contains("rolled-out"), "{e}");
 }
+
+/// `variance --rollout 5` on the fixture deltavar 0.1.1 computed with a QoI functional that loops
+/// the step network five times (tests/data/seq, scripts/make_seq_fixtures.py).
+#[test]
+fn rollout_fixture_from_deltavar_through_the_cli() {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/seq/rollout-4-16-4-tanh-k5");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
+    for (sigma, key, tol) in [
+        ("identity", "identity", 1e-12),
+        ("diag-fim", "diagonal_empirical_fim", 1e-12),
+        ("full-fim", "inverse_full_empirical_fim", 5e-6),
+    ] {
+        let mut cmd = bin();
+        cmd.args(["variance", "--weights"])
+            .arg(d.join("model.safetensors"))
+            .args(["--arch", "seq:linear(4,16),tanh,linear(16,4)", "--queries"])
+            .arg(d.join("queries.npy"))
+            .args(["--qoi", "output:1", "--sigma", sigma, "--damping", "1e-3"])
+            .args(["--dtype", "f64", "--json", "--rollout", "5"])
+            .arg("--train-x")
+            .arg(d.join("train_x.npy"))
+            .arg("--train-y")
+            .arg(d.join("train_y.npy"))
+            .args(["--likelihood", "gaussian:0.5"]);
+        let v = run_ok(&mut cmd);
+        let err = max_rel_err(&vec_of(&v["delta_variance"]), &vec_of(&expected[key]));
+        assert!(err < tol, "{sigma}: {err:e}");
+        assert!(max_rel_err(&vec_of(&v["qoi"]), &vec_of(&expected["qoi_value"])) < 1e-12);
+    }
+}
