@@ -423,3 +423,111 @@ fn offline_passes_of_a_sequential_model_serve_every_method() {
     let merged = FisherArtifact::merge(&parts).unwrap();
     assert!(max_rel_err(merged.diag.sums(), whole.diag.sums()) < 1e-13);
 }
+
+#[test]
+fn hostile_architectures_and_inputs_are_errors() {
+    use deltavar::model::{ConvArgs, SeqLayer};
+    let conv = |stride, k, dilation| SeqSpec {
+        layers: vec![SeqLayer::Conv2d(ConvArgs {
+            inp: 1,
+            out: 2,
+            k,
+            stride,
+            padding: 0,
+            dilation,
+            bias: true,
+        })],
+    };
+    for (s, needle) in [
+        (conv(0, 3, 1), "stride = 0"),
+        (conv(1, 0, 1), "kernel_size = 0"),
+        (conv(1, 3, 0), "dilation = 0"),
+        (conv(1, usize::MAX, 1), "kernel_size"),
+        (conv(1, 3, 1 << 30), "dilation"),
+    ] {
+        let e = s.shapes(&[1, 8, 8]).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    let s = SeqSpec {
+        layers: vec![SeqLayer::MaxPool2d { k: 0, stride: 1 }],
+    };
+    assert!(s.shapes(&[1, 4, 4]).is_err());
+    let s = SeqSpec {
+        layers: vec![SeqLayer::BatchNorm2d { c: 1, eps: 0.0 }],
+    };
+    assert!(s
+        .shapes(&[1, 4, 4])
+        .unwrap_err()
+        .to_string()
+        .contains("eps"));
+    // an input too large to address
+    let s: SeqSpec = "seq:conv2d(1,4096,3,padding=1)".parse().unwrap();
+    assert!(s.shapes(&[1, 1 << 20, 1 << 20]).is_err());
+    // NaN in the data and in the weights: errors naming them
+    let (model, data, _) = zoo();
+    let engine = FactoredSeq::new(&model).unwrap();
+    let (x, y) = data.get(0, data.len()).unwrap();
+    let mut v = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    v[200] = f64::NAN;
+    let bad = TensorDataset::new(Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap(), y).unwrap();
+    let e = engine
+        .sum_sq(&Likelihood::Categorical, &bad, &eo(4))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 1"), "{e}");
+    let mut named: std::collections::HashMap<String, Tensor> =
+        model.named_tensors().into_iter().collect();
+    named.insert(
+        "3.running_mean".into(),
+        Tensor::zeros(4, DType::F64, &Device::Cpu).unwrap(),
+    );
+    named.insert(
+        "3.running_var".into(),
+        Tensor::new(&[1.0f64, -1.0, 1.0, 1.0], &Device::Cpu).unwrap(),
+    );
+    let e = Sequential::from_tensors(
+        model.spec().clone(),
+        &[2, 11, 9],
+        &named,
+        "",
+        DType::F64,
+        "f",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("running_var") && e.contains("-1"), "{e}");
+    named.insert(
+        "3.running_var".into(),
+        Tensor::ones(4, DType::F64, &Device::Cpu).unwrap(),
+    );
+    named.insert(
+        "0.bias".into(),
+        Tensor::new(&[0.0f64, f64::INFINITY, 0.0, 0.0], &Device::Cpu).unwrap(),
+    );
+    let m = Sequential::from_tensors(
+        model.spec().clone(),
+        &[2, 11, 9],
+        &named,
+        "",
+        DType::F64,
+        "f",
+    )
+    .unwrap();
+    let e = FactoredSeq::new(&m).unwrap_err().to_string();
+    assert!(e.contains("module 0 bias"), "{e}");
+    // zero queries, zero examples, zero batch size
+    let z = Tensor::zeros((0, 2, 11, 9), DType::F64, &Device::Cpu).unwrap();
+    let (g, v) = engine.query_gradients(&Qoi::Sum, &z, 1, &eo(4)).unwrap();
+    assert_eq!((g.ncols(), v.len()), (0, 0));
+    let empty = DatasetRange::new(&data, 3, 0).unwrap();
+    let s = engine
+        .sum_sq(&Likelihood::Categorical, &empty, &eo(4))
+        .unwrap();
+    assert!(s.iter().all(|v| *v == 0.0));
+    assert!(engine
+        .sum_sq(&Likelihood::Categorical, &data, &eo(0))
+        .is_err());
+    // queries of the wrong shape
+    let z = Tensor::zeros((2, 3, 11, 9), DType::F64, &Device::Cpu).unwrap();
+    assert!(engine.query_gradients(&Qoi::Sum, &z, 1, &eo(4)).is_err());
+}

@@ -138,8 +138,51 @@ impl SeqLayer {
         }
     }
 
+    /// Why the layer's own arguments are invalid (a zero size, stride, kernel or dilation, or a
+    /// size beyond 2²⁴), if they are.
+    pub fn check_args(&self) -> std::result::Result<(), String> {
+        const MAX: usize = 1 << 24;
+        let ok = |v: usize, what: &str, zero_ok: bool| {
+            if (v == 0 && !zero_ok) || v > MAX {
+                Err(format!(
+                    "{what} = {v} must lie in {}..={MAX}",
+                    usize::from(!zero_ok)
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            SeqLayer::Linear { inp, out, .. } => {
+                ok(*inp, "in_features", false)?;
+                ok(*out, "out_features", false)
+            }
+            SeqLayer::Conv1d(a) | SeqLayer::Conv2d(a) => {
+                ok(a.inp, "in_channels", false)?;
+                ok(a.out, "out_channels", false)?;
+                ok(a.k, "kernel_size", false)?;
+                ok(a.stride, "stride", false)?;
+                ok(a.padding, "padding", true)?;
+                ok(a.dilation, "dilation", false)
+            }
+            SeqLayer::MaxPool2d { k, stride } | SeqLayer::AvgPool2d { k, stride } => {
+                ok(*k, "kernel_size", false)?;
+                ok(*stride, "stride", false)
+            }
+            SeqLayer::LayerNorm { d: c, eps } | SeqLayer::BatchNorm2d { c, eps } => {
+                ok(*c, "features", false)?;
+                if !(eps.is_finite() && *eps > 0.0) {
+                    return Err(format!("eps = {eps} must be finite and > 0"));
+                }
+                Ok(())
+            }
+            SeqLayer::Flatten | SeqLayer::Dropout | SeqLayer::Act(_) => Ok(()),
+        }
+    }
+
     /// The output shape for a per-example input shape, or why the layer cannot take it.
     pub fn output_shape(&self, s: &[usize]) -> std::result::Result<Vec<usize>, String> {
+        self.check_args()?;
         let conv_out = |n: usize, a: &ConvArgs, what: &str| {
             let span = a.dilation * (a.k - 1) + 1;
             let padded = n + 2 * a.padding;
@@ -546,6 +589,32 @@ impl SeqSpec {
                     shapes[i]
                 ))
             })?;
+            // per-example sizes (and a convolution's patches K·L) must stay addressable
+            let prod = |v: &[usize]| v.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
+            let patches = match l {
+                SeqLayer::Conv1d(a) | SeqLayer::Conv2d(a) => {
+                    let spatial = prod(&next[1..]);
+                    let k = a.inp.checked_mul(a.k).and_then(|v| {
+                        if matches!(l, SeqLayer::Conv2d(_)) {
+                            v.checked_mul(a.k)
+                        } else {
+                            Some(v)
+                        }
+                    });
+                    spatial.zip(k).and_then(|(s, k)| s.checked_mul(k))
+                }
+                _ => Some(0),
+            };
+            let limit = 1usize << 40;
+            if [prod(&next), patches]
+                .iter()
+                .any(|v| v.is_none_or(|v| v > limit))
+            {
+                return Err(Error::Unsupported(format!(
+                    "module {i} ({l}): the per-example sizes {:?} -> {next:?} are too large",
+                    shapes[i]
+                )));
+            }
             shapes.push(next);
         }
         Ok(shapes)
