@@ -1,5 +1,6 @@
 //! Criterion benches of the factored engine on a synthetic 784-256-256-10 relu classifier
-//! (P = 269,322), N = 2048 training examples, f32 model.
+//! (P = 269,322), N = 2048 training examples, f32 model (also on the sequential engine, for the
+//! comparison), the sequential engine on a LeNet-style CNN, and the full-inverse methods.
 //!
 //!     cargo bench --bench engine
 
@@ -62,6 +63,58 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             let q = engine.query_factors(&qoi, &queries, &opts).expect("q");
             query_delta_variances(&q, &sigma).expect("dv")
+        })
+    });
+    // the same MLP on the native sequential engine: what the MLP engine's special case buys
+    let seq = Sequential::from_tensors(
+        "seq:linear(784,256),relu,linear(256,256),relu,linear(256,10)"
+            .parse()
+            .expect("spec"),
+        &[784],
+        &mlp.named_tensors().into_iter().collect(),
+        "",
+        DType::F32,
+        "mlp",
+    )
+    .expect("seq");
+    let seq_engine = FactoredSeq::new(&seq).expect("engine");
+    g.bench_function("diag F, same MLP on the sequential engine", |b| {
+        b.iter(|| seq_engine.sum_sq(&lik, &data, &opts).expect("diag"))
+    });
+    g.finish();
+
+    // a LeNet-style CNN (W-cnn's architecture, P = 215,370) on N = 1024 synthetic 28×28 images
+    let spec: SeqSpec = "seq:conv2d(1,16,5,padding=2),relu,maxpool2d(2),conv2d(16,32,5,padding=2),\
+                         relu,maxpool2d(2),flatten,linear(1568,128),relu,linear(128,10)"
+        .parse()
+        .expect("spec");
+    let cnn = Sequential::init(spec, &[1, 28, 28], DType::F32, 1).expect("cnn");
+    let n_img = 1024;
+    let x = Tensor::from_vec(lcg(n_img * 784, 8), (n_img, 1, 28, 28), &Device::Cpu).expect("x");
+    let y: Vec<i64> = lcg(n_img, 9)
+        .iter()
+        .map(|v| ((v + 1.0) * 4.99) as i64)
+        .collect();
+    let images = TensorDataset::new(x, Tensor::from_vec(y, n_img, &Device::Cpu).expect("y"))
+        .expect("data");
+    let cnn_engine = FactoredSeq::new(&cnn).expect("engine");
+    let mut g = c.benchmark_group("sequential-lenet-N1024");
+    g.sample_size(10);
+    for bs in [32, 64, 256] {
+        let o = FactoredOptions {
+            batch_size: bs,
+            threads: 0,
+        };
+        g.bench_function(format!("diag F, batch {bs}"), |b| {
+            b.iter(|| cnn_engine.sum_sq(&lik, &images, &o).expect("diag"))
+        });
+    }
+    let qs = Tensor::from_vec(lcg(256 * 784, 10), (256, 1, 28, 28), &Device::Cpu).expect("q");
+    g.bench_function("256 query gradients (P×M block)", |b| {
+        b.iter(|| {
+            cnn_engine
+                .query_gradients(&Qoi::Output(3), &qs, 1, &opts)
+                .expect("q")
         })
     });
     g.finish();

@@ -16,6 +16,8 @@ pub trait Scalar:
     fn of(v: f64) -> Self;
     /// To f64.
     fn f64(self) -> f64;
+    /// Whether it is NaN.
+    fn nan(self) -> bool;
 }
 
 impl Scalar for f32 {
@@ -28,6 +30,10 @@ impl Scalar for f32 {
     fn f64(self) -> f64 {
         self as f64
     }
+    #[inline]
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
 }
 
 impl Scalar for f64 {
@@ -39,6 +45,10 @@ impl Scalar for f64 {
     #[inline]
     fn f64(self) -> f64 {
         self
+    }
+    #[inline]
+    fn nan(self) -> bool {
+        self.is_nan()
     }
 }
 

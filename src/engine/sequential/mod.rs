@@ -78,6 +78,7 @@ struct DiagState<T> {
     acc: Vec<f64>,
     s1: Vec<T>,
     s2: Vec<T>,
+    s3: Vec<T>,
 }
 
 impl FactoredSeq {
@@ -210,6 +211,7 @@ impl FactoredSeq {
                         acc: vec![0.0; p],
                         s1: vec![],
                         s2: vec![],
+                        s3: vec![],
                     };
                     for &start in run.iter() {
                         let len = bs.min(n - start);
@@ -234,6 +236,7 @@ impl FactoredSeq {
                                 &mut st.acc[layer.off..layer.off + layer.np],
                                 &mut st.s1,
                                 &mut st.s2,
+                                &mut st.s3,
                             );
                         }
                     }
@@ -249,26 +252,21 @@ impl FactoredSeq {
         })?
     }
 
-    /// Per-example gradients of the batch in `wss` (summed over the rollout steps) into `out`,
-    /// column-major P × B.
-    fn write_grads<T: Scalar>(m: &NativeSeq<T>, wss: &[SeqWorkspace<T>], out: &mut [f64]) {
-        let p = m.num_params;
-        let b = wss[0].rows;
+    /// Example `i`'s gradient (summed over the rollout steps) into `col` (length P).
+    fn write_grads<T: Scalar>(m: &NativeSeq<T>, wss: &[SeqWorkspace<T>], i: usize, col: &mut [f64]) {
         let mut g: Vec<T> = vec![];
-        for (i, col) in out.chunks_exact_mut(p).enumerate().take(b) {
-            col.fill(0.0);
-            for (l, layer) in m.layers.iter().enumerate() {
-                if layer.np == 0 {
-                    continue;
-                }
-                g.resize(layer.np, T::default());
-                for ws in wss {
-                    m.example_grad(ws, l, i, &mut g);
-                    col[layer.off..layer.off + layer.np]
-                        .iter_mut()
-                        .zip(&g)
-                        .for_each(|(a, v)| *a += v.f64());
-                }
+        col.fill(0.0);
+        for (l, layer) in m.layers.iter().enumerate() {
+            if layer.np == 0 {
+                continue;
+            }
+            g.resize(layer.np, T::default());
+            for ws in wss {
+                m.example_grad(ws, l, i, &mut g);
+                col[layer.off..layer.off + layer.np]
+                    .iter_mut()
+                    .zip(&g)
+                    .for_each(|(a, v)| *a += v.f64());
             }
         }
     }
@@ -287,17 +285,22 @@ impl FactoredSeq {
         let p = m.num_params;
         let bs = opts.batch_size.max(1);
         let starts: Vec<usize> = (0..n).step_by(bs).collect();
-        let mut cols = vec![0.0f64; p * n];
+        // the P×n result, split into one column block per batch, written in parallel
+        let mut g = Mat::<f64>::zeros(p, n);
+        let mut blocks = Vec::with_capacity(starts.len());
+        let mut rest = g.as_mut();
+        for &start in &starts {
+            let (block, tail) = rest.split_at_col_mut(bs.min(n - start));
+            blocks.push(block);
+            rest = tail;
+        }
         let values = Self::pool(opts, || {
-            cols.par_chunks_mut(p * bs)
+            blocks
+                .into_par_iter()
                 .zip(starts.par_iter())
                 .map_init(
-                    || {
-                        (0..steps)
-                            .map(|_| SeqWorkspace::default())
-                            .collect::<Vec<_>>()
-                    },
-                    |wss, (out, &start)| {
+                    || (0..steps).map(|_| SeqWorkspace::default()).collect::<Vec<_>>(),
+                    |wss, (mut block, &start)| {
                         let len = bs.min(n - start);
                         let batch = get(start, len)?;
                         let (x, y) = batch.rows();
@@ -311,14 +314,25 @@ impl FactoredSeq {
                             }
                         };
                         let v = Self::pass(m, wss, x, target, offset + start)?;
-                        Self::write_grads(m, wss, out);
+                        let mut col = vec![0.0f64; p];
+                        for j in 0..len {
+                            Self::write_grads(m, wss, j, &mut col);
+                            crate::error::check_finite(
+                                "per-example gradients (sequential engine)",
+                                &col,
+                            )?;
+                            block
+                                .as_mut()
+                                .col_mut(j)
+                                .iter_mut()
+                                .zip(&col)
+                                .for_each(|(d, v)| *d = *v);
+                        }
                         Ok(v)
                     },
                 )
                 .collect::<Result<Vec<_>>>()
         })??;
-        crate::error::check_finite("per-example gradients (sequential engine)", &cols)?;
-        let g = faer::MatRef::from_column_major_slice(&cols, p, n).to_owned();
         Ok((g, values.into_iter().flatten().collect()))
     }
 

@@ -43,16 +43,17 @@ impl ConvGeom {
         self.ho * self.wo
     }
 
-    /// Unfolds one example's input (C, H, W) into its patches P (K×L, row-major): row
-    /// (c, i, j), column (oh, ow) holds x[c, oh·sh − ph + i·dh, ow·sw − pw + j·dw] or 0.
-    fn im2col<T: Scalar>(&self, x: &[T], p: &mut [T]) {
+    /// Unfolds one example's input (C, H, W) into its patches P (K×L): row (c, i, j), column
+    /// (oh, ow) holds x[c, oh·sh − ph + i·dh, ow·sw − pw + j·dw] or 0. Row r is written at
+    /// `p[r·stride + off ..][..L]` (the batch's patches are K × (B·L), example i at off = i·L).
+    fn im2col<T: Scalar>(&self, x: &[T], p: &mut [T], stride: usize, off: usize) {
         let l = self.l();
         let mut r = 0;
         for c in 0..self.cin {
             let xc = &x[c * self.h * self.w..(c + 1) * self.h * self.w];
             for i in 0..self.kh {
                 for j in 0..self.kw {
-                    let row = &mut p[r * l..(r + 1) * l];
+                    let row = &mut p[r * stride + off..r * stride + off + l];
                     let (lo, hi) = self.valid_cols(j);
                     for oh in 0..self.ho {
                         let dst = &mut row[oh * self.wo..(oh + 1) * self.wo];
@@ -80,15 +81,16 @@ impl ConvGeom {
         }
     }
 
-    /// Adds the patch gradients dP (K×L) back onto the input gradient (C, H, W).
-    fn col2im<T: Scalar>(&self, dp: &[T], dx: &mut [T]) {
+    /// Adds the patch gradients dP (K×L, row r at `dp[r·stride + off ..]`) back onto the input
+    /// gradient (C, H, W).
+    fn col2im<T: Scalar>(&self, dp: &[T], dx: &mut [T], stride: usize, off: usize) {
         let l = self.l();
         let mut r = 0;
         for c in 0..self.cin {
             let xc = &mut dx[c * self.h * self.w..(c + 1) * self.h * self.w];
             for i in 0..self.kh {
                 for j in 0..self.kw {
-                    let row = &dp[r * l..(r + 1) * l];
+                    let row = &dp[r * stride + off..r * stride + off + l];
                     let (lo, hi) = self.valid_cols(j);
                     for oh in 0..self.ho {
                         let ih = (oh * self.sh + i * self.dh) as isize - self.ph as isize;
@@ -98,8 +100,15 @@ impl ConvGeom {
                         let src = &row[oh * self.wo..(oh + 1) * self.wo];
                         let dst = &mut xc[ih as usize * self.w..(ih as usize + 1) * self.w];
                         let base = j * self.dw;
-                        for (ow, v) in src.iter().enumerate().take(hi).skip(lo) {
-                            dst[ow * self.sw + base - self.pw] += *v;
+                        if self.sw == 1 {
+                            let d0 = lo + base - self.pw;
+                            for (d, v) in dst[d0..d0 + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                                *d += *v;
+                            }
+                        } else {
+                            for (ow, v) in src.iter().enumerate().take(hi).skip(lo) {
+                                dst[ow * self.sw + base - self.pw] += *v;
+                            }
                         }
                     }
                     r += 1;
@@ -200,7 +209,7 @@ pub(crate) struct NativeSeq<T> {
 pub(crate) struct SeqWorkspace<T> {
     /// acts[l]: input of layer l (B×n_in); acts[L]: the output.
     pub acts: Vec<Vec<T>>,
-    /// Conv: patches (B×K×L); LayerNorm: x̂ (B×n).
+    /// Conv: patches (B×K×L, example-major); LayerNorm: x̂ (B×n).
     pub aux: Vec<Vec<T>>,
     /// LayerNorm: 1/σ per row.
     pub inv: Vec<Vec<T>>,
@@ -210,7 +219,7 @@ pub(crate) struct SeqWorkspace<T> {
     pub deltas: Vec<Vec<T>>,
     /// ∂u/∂(input of the network), when asked (rollouts).
     pub d_input: Vec<T>,
-    /// Scratch for patch gradients (K×L).
+    /// Scratch for one example's patch gradients (K×L).
     scratch: Vec<T>,
     pub rows: usize,
 }
@@ -234,6 +243,20 @@ fn tensor_vec<T: Scalar>(t: &candle_core::Tensor, what: &str) -> Result<Vec<T>> 
     let mut v = Vec::new();
     crate::engine::factored::copy_rows(&t.flatten_all()?, &mut v, what, 0)?;
     Ok(v)
+}
+
+/// Whether `v` holds a NaN, by Σ x·0 over 8 lanes (vectorises; NaN or ±Inf make it NaN).
+fn has_nan<T: Scalar>(v: &[T]) -> bool {
+    let mut lanes = [T::default(); 8];
+    let zero = T::default();
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, x) in lanes.iter_mut().zip(c) {
+            *a += *x * zero;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(zero, |a, x| a + *x * zero);
+    lanes.iter().fold(tail, |a, x| a + *x).nan() && v.iter().any(|x| x.nan())
 }
 
 fn gemm<T: Scalar>(dst: MatMut<'_, T>, accum: Accum, a: MatRef<'_, T>, b: MatRef<'_, T>) {
@@ -404,7 +427,7 @@ impl<T: Scalar> NativeSeq<T> {
             let (lo, hi) = ws.acts.split_at_mut(l + 1);
             let x = &lo[l];
             let y = &mut hi[0];
-            y.clear();
+            // every layer overwrites all of its output: no zero fill
             y.resize(b * layer.n_out, T::default());
             match &layer.op {
                 NOp::Linear {
@@ -427,14 +450,17 @@ impl<T: Scalar> NativeSeq<T> {
                     }
                 }
                 NOp::Conv { w, b: bias, g } => {
+                    // per example: its patches Pᵢ (K×L, contiguous, still in cache) and W·Pᵢ
                     let (k, ll) = (g.k(), g.l());
                     let p = &mut ws.aux[l];
-                    p.clear();
+                    // im2col writes every entry
                     p.resize(b * k * ll, T::default());
-                    for i in 0..b {
-                        let pi = &mut p[i * k * ll..(i + 1) * k * ll];
-                        g.im2col(&x[i * layer.n_in..(i + 1) * layer.n_in], pi);
-                        let yi = &mut y[i * layer.n_out..(i + 1) * layer.n_out];
+                    for ((xi, pi), yi) in x
+                        .chunks_exact(layer.n_in)
+                        .zip(p.chunks_exact_mut(k * ll))
+                        .zip(y.chunks_exact_mut(layer.n_out))
+                    {
+                        g.im2col(xi, pi, ll, 0);
                         gemm(
                             rm_mut(yi, g.cout, ll),
                             Accum::Replace,
@@ -460,43 +486,53 @@ impl<T: Scalar> NativeSeq<T> {
                 } => {
                     let arg = &mut ws.arg[l];
                     if *max {
-                        arg.clear();
                         arg.resize(b * layer.n_out, 0);
+                        // a NaN would lose every comparison and vanish: make it visible instead
+                        if has_nan(x) {
+                            let nan = T::of(f64::NAN);
+                            y.fill(nan);
+                            continue;
+                        }
                     }
                     let inv = T::of(1.0 / (k * k) as f64);
-                    for i in 0..b {
-                        let xi = &x[i * layer.n_in..(i + 1) * layer.n_in];
+                    for (i, (xi, yi)) in x
+                        .chunks_exact(layer.n_in)
+                        .zip(y.chunks_exact_mut(layer.n_out))
+                        .enumerate()
+                    {
+                        let ai = if *max {
+                            &mut arg[i * layer.n_out..(i + 1) * layer.n_out]
+                        } else {
+                            &mut arg[..0]
+                        };
                         for ch in 0..*c {
                             for oh in 0..*ho {
                                 for ow in 0..*wo {
                                     let o = (ch * ho + oh) * wo + ow;
-                                    let mut best = 0usize;
-                                    let mut acc = T::default();
-                                    let mut first = true;
-                                    for di in 0..*k {
-                                        let row = (ch * h + oh * s + di) * w + ow * s;
-                                        for dj in 0..*k {
-                                            let idx = row + dj;
-                                            let v = xi[idx];
-                                            if *max {
-                                                // the first maximum in scan order (PyTorch);
-                                                // NaN propagates
-                                                if first
-                                                    || v > acc
-                                                    || (v.f64().is_nan() && !acc.f64().is_nan())
-                                                {
+                                    let top = (ch * h + oh * s) * w + ow * s;
+                                    if *max {
+                                        // the first maximum in scan order (PyTorch)
+                                        let (mut acc, mut best) = (xi[top], top);
+                                        for di in 0..*k {
+                                            let row = top + di * w;
+                                            for (dj, &v) in xi[row..row + k].iter().enumerate() {
+                                                if v > acc {
                                                     acc = v;
-                                                    best = idx;
-                                                    first = false;
+                                                    best = row + dj;
                                                 }
-                                            } else {
+                                            }
+                                        }
+                                        yi[o] = acc;
+                                        ai[o] = best as u32;
+                                    } else {
+                                        let mut acc = T::default();
+                                        for di in 0..*k {
+                                            let row = top + di * w;
+                                            for &v in &xi[row..row + k] {
                                                 acc += v;
                                             }
                                         }
-                                    }
-                                    y[i * layer.n_out + o] = if *max { acc } else { acc * inv };
-                                    if *max {
-                                        arg[i * layer.n_out + o] = best as u32;
+                                        yi[o] = acc * inv;
                                     }
                                 }
                             }
@@ -593,8 +629,11 @@ impl<T: Scalar> NativeSeq<T> {
             } else {
                 std::mem::take(&mut ws.deltas[l - 1])
             };
-            dx.clear();
             dx.resize(b * layer.n_in, T::default());
+            if matches!(layer.op, NOp::Conv { .. } | NOp::Pool { .. }) {
+                // these scatter-add into the input gradient; the others overwrite it
+                dx.fill(T::default());
+            }
             let dy = &ws.deltas[l];
             let x = &ws.acts[l];
             let y = &ws.acts[l + 1];
@@ -608,16 +647,21 @@ impl<T: Scalar> NativeSeq<T> {
                     rm(w, *out, *inp),
                 ),
                 NOp::Conv { w, g, .. } => {
+                    // per example: dPᵢ = Wᵀ Δᵢ (K×L, stays in cache), then col2im
                     let (k, ll) = (g.k(), g.l());
-                    ws.scratch.resize(k * ll, T::default());
-                    for i in 0..b {
+                    let dp = &mut ws.scratch;
+                    dp.resize(k * ll, T::default());
+                    for (di, dxi) in dy
+                        .chunks_exact(layer.n_out)
+                        .zip(dx.chunks_exact_mut(layer.n_in))
+                    {
                         gemm(
-                            rm_mut(&mut ws.scratch, k, ll),
+                            rm_mut(dp, k, ll),
                             Accum::Replace,
                             rm(w, g.cout, k).transpose(),
-                            rm(&dy[i * layer.n_out..(i + 1) * layer.n_out], g.cout, ll),
+                            rm(di, g.cout, ll),
                         );
-                        g.col2im(&ws.scratch, &mut dx[i * layer.n_in..(i + 1) * layer.n_in]);
+                        g.col2im(dp, dxi, ll, 0);
                     }
                 }
                 NOp::Pool {
@@ -750,13 +794,13 @@ impl<T: Scalar> NativeSeq<T> {
             }
             NOp::Conv { b, g: geo, .. } => {
                 let (k, ll) = (geo.k(), geo.l());
-                let p = &ws.aux[l][i * k * ll..(i + 1) * k * ll];
+                let p = rm(&ws.aux[l][i * k * ll..(i + 1) * k * ll], k, ll);
                 let (gw, gb) = g.split_at_mut(geo.cout * k);
                 gemm(
                     rm_mut(gw, geo.cout, k),
                     Accum::Replace,
                     rm(dy, geo.cout, ll),
-                    rm(p, k, ll).transpose(),
+                    p.transpose(),
                 );
                 if b.is_some() {
                     for (a, r) in gb.iter_mut().zip(dy.chunks_exact(ll)) {
@@ -808,6 +852,7 @@ impl<T: Scalar> NativeSeq<T> {
         acc: &mut [f64],
         scratch: &mut Vec<T>,
         scratch2: &mut Vec<T>,
+        prod: &mut Vec<T>,
     ) {
         let layer = &self.layers[l];
         let b = ws.rows;
@@ -825,16 +870,16 @@ impl<T: Scalar> NativeSeq<T> {
             scratch.extend(x.iter().map(|v| *v * *v));
             scratch2.clear();
             scratch2.extend(dy.iter().map(|v| *v * *v));
-            let mut prod = vec![T::default(); inp * out];
+            prod.resize(inp * out, T::default());
             gemm(
-                rm_mut(&mut prod, *out, *inp),
+                rm_mut(prod, *out, *inp),
                 Accum::Replace,
                 rm(scratch2, b, *out).transpose(),
                 rm(scratch, b, *inp),
             );
             acc[..inp * out]
                 .iter_mut()
-                .zip(&prod)
+                .zip(prod.iter())
                 .for_each(|(a, v)| *a += v.f64());
             if bias.is_some() {
                 let accb = &mut acc[inp * out..inp * out + out];
@@ -851,6 +896,57 @@ impl<T: Scalar> NativeSeq<T> {
             acc.iter_mut()
                 .zip(scratch.iter())
                 .for_each(|(a, v)| *a += (*v * *v).f64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nan_probe_finds_nan_anywhere_and_ignores_infinities() {
+        let mut v = vec![1.0f32; 37];
+        assert!(!has_nan(&v));
+        v[36] = f32::INFINITY;
+        assert!(!has_nan(&v));
+        for k in [0, 5, 33, 36] {
+            let mut w = vec![0.5f64; 37];
+            w[k] = f64::NAN;
+            assert!(has_nan(&w), "{k}");
+        }
+    }
+
+    #[test]
+    fn im2col_and_col2im_are_adjoint() {
+        // ⟨im2col(x), p⟩ = ⟨x, col2im(p)⟩ for strides, padding and dilation
+        for (sw, pw, dw) in [(1, 0, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)] {
+            let g = ConvGeom {
+                cin: 2,
+                cout: 1,
+                h: 5,
+                w: 7,
+                kh: 3,
+                kw: 2,
+                sh: sw,
+                sw,
+                ph: pw,
+                pw,
+                dh: dw,
+                dw,
+                ho: (5 + 2 * pw - dw * 2 - 1) / sw + 1,
+                wo: (7 + 2 * pw - dw - 1) / sw + 1,
+            };
+            let x: Vec<f64> = (0..70).map(|i| ((i * 37) % 11) as f64 - 5.0).collect();
+            let n = g.k() * g.l();
+            let q: Vec<f64> = (0..n).map(|i| ((i * 13) % 7) as f64 - 3.0).collect();
+            let mut p = vec![0.0; n];
+            g.im2col(&x, &mut p, g.l(), 0);
+            let mut dx = vec![0.0; 70];
+            g.col2im(&q, &mut dx, g.l(), 0);
+            let a: f64 = p.iter().zip(&q).map(|(a, b)| a * b).sum();
+            let b: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
+            assert!((a - b).abs() < 1e-9, "{sw} {pw} {dw}: {a} vs {b}");
         }
     }
 }
