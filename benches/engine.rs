@@ -95,8 +95,8 @@ fn benches(c: &mut Criterion) {
         .iter()
         .map(|v| ((v + 1.0) * 4.99) as i64)
         .collect();
-    let images = TensorDataset::new(x, Tensor::from_vec(y, n_img, &Device::Cpu).expect("y"))
-        .expect("data");
+    let images =
+        TensorDataset::new(x, Tensor::from_vec(y, n_img, &Device::Cpu).expect("y")).expect("data");
     let cnn_engine = FactoredSeq::new(&cnn).expect("engine");
     let mut g = c.benchmark_group("sequential-lenet-N1024");
     g.sample_size(10);

@@ -253,7 +253,12 @@ impl FactoredSeq {
     }
 
     /// Example `i`'s gradient (summed over the rollout steps) into `col` (length P).
-    fn write_grads<T: Scalar>(m: &NativeSeq<T>, wss: &[SeqWorkspace<T>], i: usize, col: &mut [f64]) {
+    fn write_grads<T: Scalar>(
+        m: &NativeSeq<T>,
+        wss: &[SeqWorkspace<T>],
+        i: usize,
+        col: &mut [f64],
+    ) {
         let mut g: Vec<T> = vec![];
         col.fill(0.0);
         for (l, layer) in m.layers.iter().enumerate() {
@@ -299,7 +304,11 @@ impl FactoredSeq {
                 .into_par_iter()
                 .zip(starts.par_iter())
                 .map_init(
-                    || (0..steps).map(|_| SeqWorkspace::default()).collect::<Vec<_>>(),
+                    || {
+                        (0..steps)
+                            .map(|_| SeqWorkspace::default())
+                            .collect::<Vec<_>>()
+                    },
                     |wss, (mut block, &start)| {
                         let len = bs.min(n - start);
                         let batch = get(start, len)?;
