@@ -67,7 +67,8 @@ impl Module for Block {
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         let x = (x + self.proj.forward(&y)?)?;
-        let h = self.fc1.forward(&self.ln2.forward(&x)?)?.gelu_erf()?;
+        // GELU composed from erf (candle 0.11.1's fused gelu_erf backward is ~1.6e-7 off)
+        let h = Activation::Gelu.forward(&self.fc1.forward(&self.ln2.forward(&x)?)?)?;
         &x + self.fc2.forward(&h)?
     }
 }
@@ -138,17 +139,36 @@ fn main() -> deltavar::Result<()> {
     let data = TensorDataset::new(x, y)?;
     let n = data.len();
 
+    let native = arg("--engine").as_deref() != Some("capture");
+    let nat =
+        deltavar::Transformer::load_safetensors(dir.join("model.safetensors"), 4, DType::F32, "")?;
+    let fo = FactoredOptions {
+        batch_size: arg("--batch-size")
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(64),
+        threads: 0,
+    };
     let engine = CaptureEngine::new(&model, &params);
     let opts = CaptureOptions {
         batch_size: 128,
         ..Default::default()
     };
     let t0 = Instant::now();
-    let sums = engine.sum_sq(&Likelihood::Categorical, &data, &opts)?;
+    let nat_engine = deltavar::FactoredTransformer::new(&nat)?;
+    let sums = if native {
+        nat_engine.sum_sq(&Likelihood::Categorical, &data, &fo)?
+    } else {
+        engine.sum_sq(&Likelihood::Categorical, &data, &opts)?
+    };
     let seconds = t0.elapsed().as_secs_f64();
+    let layout = if native {
+        nat.params()?
+    } else {
+        params.clone()
+    };
     let mean: Vec<f64> = sums.iter().map(|s| s / n as f64).collect();
 
-    let per_tensor = common::per_tensor_diag(&params, &mean, out.as_deref())?;
+    let per_tensor = common::per_tensor_diag(&layout, &mean, out.as_deref())?;
     let worst = common::worst_vs_reference(
         &per_tensor,
         &dir.join("diag_reference.safetensors"),
@@ -156,19 +176,33 @@ fn main() -> deltavar::Result<()> {
     )?;
 
     let q = Tensor::read_npy(dir.join("queries.npy"))?;
-    let (qg, qv) = engine.query_gradients(&Qoi::Prob(0), &q, &opts)?;
+    let (qg, qv) = if native {
+        nat_engine.query_gradients(&Qoi::Prob(0), &q, &fo)?
+    } else {
+        engine.query_gradients(&Qoi::Prob(0), &q, &opts)?
+    };
     let sigma = deltavar::sigma::InverseDiagonalFisher::new(&mean, 1e-3)?;
     let dv = sigma.quad_forms(qg.as_ref())?;
     if let Some(method) = arg("--full") {
         let method: FullMethod = method.parse()?;
         let t = Instant::now();
-        let fisher = deltavar::CapturedFisher::new(
-            &model,
-            &params,
-            Likelihood::Categorical,
-            &data,
-            opts.clone(),
-        );
+        // the Fisher in the same flat layout as the query gradients
+        let fisher: Box<dyn FisherSource + '_> = if native {
+            Box::new(deltavar::TransformerFisher::new(
+                &nat,
+                Likelihood::Categorical,
+                &data,
+                fo.clone(),
+            )?)
+        } else {
+            Box::new(deltavar::CapturedFisher::new(
+                &model,
+                &params,
+                Likelihood::Categorical,
+                &data,
+                opts.clone(),
+            ))
+        };
         let sopts = SigmaOptions {
             damping: 1e-3,
             full_method: method,
@@ -183,7 +217,7 @@ fn main() -> deltavar::Result<()> {
             SigmaStrategy::InverseFullEmpiricalFim,
             params.num_params(),
             &sopts,
-            Some(&fisher),
+            Some(fisher.as_ref()),
         )?;
         let r = full.quad_forms_reported(qg.as_ref())?;
         let rss = std::fs::read_to_string("/proc/self/status")

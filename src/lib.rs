@@ -73,16 +73,18 @@ pub use delta::{
 };
 pub use engine::{
     qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions,
-    FactoredSeq, Factors, GenericGradients, GenericOptions, QoiGradient, QueryFactors,
+    FactoredSeq, FactoredTransformer, Factors, GenericGradients, GenericOptions, QoiGradient,
+    QueryFactors,
 };
 pub use error::{Error, Result};
 pub use fisher::{
-    fisher_pass, fisher_pass_captured, fisher_pass_seq, tensors_fingerprint, weights_fingerprint,
-    CapturedFisher, FactoredFisher, FisherArtifact, FisherDense, FisherDiag, FisherSource,
-    GenericFisher, PassKind, PassOptions, SeqFisher, DEFAULT_MEMORY_BUDGET,
+    fisher_pass, fisher_pass_captured, fisher_pass_seq, fisher_pass_transformer,
+    tensors_fingerprint, weights_fingerprint, CapturedFisher, FactoredFisher, FisherArtifact,
+    FisherDense, FisherDiag, FisherSource, GenericFisher, PassKind, PassOptions, SeqFisher,
+    TransformerFisher, DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
-pub use model::{Activation, Mlp, SeqSpec, Sequential};
+pub use model::{Activation, Mlp, SeqSpec, Sequential, Transformer, TransformerConfig};
 pub use params::{ParamOrder, Params};
 pub use qoi::Qoi;
 pub use sigma::{FullMethod, SigmaOp};

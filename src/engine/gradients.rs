@@ -301,3 +301,96 @@ impl<'c> Chunked<'c> {
         Ok(k)
     }
 }
+
+/// A native engine's per-example log-likelihood gradients: what [`NativeStreamed`] and the
+/// native Fisher sources need ([`crate::engine::FactoredSeq`],
+/// [`crate::engine::FactoredTransformer`]).
+pub trait ExampleGradients: Sync {
+    /// P.
+    fn num_params(&self) -> usize;
+    /// Σᵢ gᵢ∘gᵢ over `data` (length P), f64.
+    fn sum_sq(
+        &self,
+        lik: &crate::likelihood::Likelihood,
+        data: &dyn crate::data::Dataset,
+        opts: &super::FactoredOptions,
+    ) -> Result<Vec<f64>>;
+    /// The P×len block of examples `start .. start + len`.
+    fn per_example_gradients(
+        &self,
+        lik: &crate::likelihood::Likelihood,
+        data: &dyn crate::data::Dataset,
+        start: usize,
+        len: usize,
+        opts: &super::FactoredOptions,
+    ) -> Result<Mat<f64>>;
+}
+
+/// G recomputed by a native engine chunk by chunk on every product: the gradient operator when
+/// N·P does not fit in memory. Memory O(chunk·P); each product costs one pass over the data.
+pub struct NativeStreamed<'a, E> {
+    engine: &'a E,
+    lik: &'a crate::likelihood::Likelihood,
+    data: &'a dyn crate::data::Dataset,
+    opts: super::FactoredOptions,
+}
+
+impl<'a, E: ExampleGradients> NativeStreamed<'a, E> {
+    /// Streams the engine's gradients over `data` in chunks of `opts.batch_size` × workers.
+    pub fn new(
+        engine: &'a E,
+        lik: &'a crate::likelihood::Likelihood,
+        data: &'a dyn crate::data::Dataset,
+        opts: super::FactoredOptions,
+    ) -> Self {
+        Self {
+            engine,
+            lik,
+            data,
+            opts,
+        }
+    }
+
+    fn chunk(&self) -> usize {
+        self.opts.batch_size.max(1) * super::factored::rayon_threads(&self.opts)
+    }
+
+    fn chunks(&self) -> Vec<(usize, usize)> {
+        let n = self.data.len();
+        let bs = self.chunk();
+        (0..n).step_by(bs).map(|s| (s, bs.min(n - s))).collect()
+    }
+
+    fn block(&self, s: usize, l: usize) -> Result<Mat<f64>> {
+        self.engine
+            .per_example_gradients(self.lik, self.data, s, l, &self.opts)
+    }
+}
+
+impl<E: ExampleGradients> GradientMatrix for NativeStreamed<'_, E> {
+    fn num_params(&self) -> usize {
+        self.engine.num_params()
+    }
+    fn num_examples(&self) -> usize {
+        self.data.len()
+    }
+    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        let chunks = self.chunks();
+        Chunked::new(self.num_params(), self.num_examples(), &chunks).jv(v, |s, l| self.block(s, l))
+    }
+    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        let chunks = self.chunks();
+        Chunked::new(self.num_params(), self.num_examples(), &chunks)
+            .jtu(u, |s, l| self.block(s, l))
+    }
+    fn gram(&self) -> Result<Mat<f64>> {
+        let chunks = self.chunks();
+        Chunked::new(self.num_params(), self.num_examples(), &chunks).gram(|s, l| self.block(s, l))
+    }
+    fn diag_sums(&self) -> Result<Vec<f64>> {
+        self.engine.sum_sq(self.lik, self.data, &self.opts)
+    }
+    fn bytes(&self) -> u64 {
+        (self.chunk() * self.num_params() * 8) as u64
+    }
+}

@@ -18,10 +18,12 @@
 
 pub mod capture;
 pub mod factored;
+mod fastmath;
 pub mod generic;
 pub mod gradients;
 pub(crate) mod pool;
 pub mod sequential;
+pub mod transformer;
 
 pub use capture::{CaptureEngine, CaptureOptions};
 pub use factored::{FactoredMlp, FactoredOptions, Factors, QueryFactors};
@@ -30,4 +32,6 @@ pub use generic::{
     QoiGradient,
 };
 pub use gradients::{DenseGradients, GradientMatrix, StreamedGradients};
+pub use gradients::{ExampleGradients, NativeStreamed};
 pub use sequential::FactoredSeq;
+pub use transformer::FactoredTransformer;

@@ -4,13 +4,15 @@ use super::artifact::{
     shard_range, tensors_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
 };
 use super::FisherSource;
-use super::{CapturedFisher, FactoredFisher, FisherDense, SeqFisher};
+use super::{CapturedFisher, FactoredFisher, FisherDense, SeqFisher, TransformerFisher};
 use crate::data::{Dataset, DatasetRange};
-use crate::engine::{CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, FactoredSeq};
+use crate::engine::{
+    CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, FactoredSeq, FactoredTransformer,
+};
 use crate::error::Result;
 use crate::fisher::FisherDiag;
 use crate::likelihood::Likelihood;
-use crate::model::{Mlp, Sequential};
+use crate::model::{Mlp, Sequential, Transformer};
 use crate::params::Params;
 
 /// What a pass accumulates.
@@ -135,6 +137,30 @@ pub fn fisher_pass_seq(
         &|range| engine.sum_sq(&lik, range, &opts.engine),
         &|range| {
             SeqFisher::new(model, lik.clone(), range, opts.engine.clone())?
+                .fisher_dense(opts.memory_budget)
+        },
+    )
+}
+
+/// [`fisher_pass`] for a [`Transformer`], on the native transformer engine (token-id data).
+pub fn fisher_pass_transformer(
+    model: &Transformer,
+    lik: Likelihood,
+    likelihood_name: &str,
+    data: &dyn Dataset,
+    opts: &PassOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<FisherArtifact> {
+    let engine = FactoredTransformer::new(model)?;
+    run_pass(
+        &model.named_tensors(),
+        likelihood_name,
+        data,
+        opts,
+        progress,
+        &|range| engine.sum_sq(&lik, range, &opts.engine),
+        &|range| {
+            TransformerFisher::new(model, lik.clone(), range, opts.engine.clone())?
                 .fisher_dense(opts.memory_budget)
         },
     )

@@ -1,4 +1,5 @@
-//! The empirical Fisher of a [`Sequential`] model on the native sequential engine.
+//! The empirical Fisher of the models the native engines know: a [`Sequential`] (convolutions,
+//! pooling, Linear, norms) and a [`Transformer`] (pre-LN encoder classifier).
 
 use std::sync::Arc;
 
@@ -6,27 +7,31 @@ use faer::Mat;
 
 use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::Dataset;
-use crate::engine::gradients::{DenseGradients, GradientMatrix};
-use crate::engine::sequential::SeqGradients;
-use crate::engine::{FactoredOptions, FactoredSeq};
+use crate::engine::gradients::{DenseGradients, ExampleGradients, GradientMatrix, NativeStreamed};
+use crate::engine::{FactoredOptions, FactoredSeq, FactoredTransformer};
 use crate::error::Result;
 use crate::likelihood::Likelihood;
-use crate::model::Sequential;
+use crate::model::{Sequential, Transformer};
 
-/// The empirical Fisher of a [`Sequential`] model (convolutions, pooling, Linear, norms) and a
-/// likelihood over a dataset, by the native sequential engine.
+/// The empirical Fisher of a model on a native engine `E` and a likelihood over a dataset.
 ///
-/// Memory: diag F O(P) + one batch of activations and patches per worker; dense F
-/// O(P² + chunk·P); the gradient operator for the kernel and CG methods holds G (N·P f64) when
-/// that takes at most half the budget and otherwise recomputes it in chunks on every product.
-pub struct SeqFisher<'a> {
-    engine: FactoredSeq,
+/// Memory: diag F O(P) + one batch of activations per worker; dense F O(P² + chunk·P); the
+/// gradient operator for the kernel and CG methods holds G (N·P f64) when that takes at most half
+/// the budget and otherwise recomputes it in chunks on every product.
+pub struct NativeFisher<'a, E> {
+    engine: E,
     lik: Likelihood,
     data: &'a dyn Dataset,
     opts: FactoredOptions,
 }
 
-impl<'a> SeqFisher<'a> {
+/// The empirical Fisher of a [`Sequential`] model on the native sequential engine.
+pub type SeqFisher<'a> = NativeFisher<'a, FactoredSeq>;
+
+/// The empirical Fisher of a [`Transformer`] on the native transformer engine.
+pub type TransformerFisher<'a> = NativeFisher<'a, FactoredTransformer>;
+
+impl<'a> NativeFisher<'a, FactoredSeq> {
     /// The Fisher of `lik` on `model`'s outputs over `data` (a snapshot of the weights).
     pub fn new(
         model: &Sequential,
@@ -34,16 +39,45 @@ impl<'a> SeqFisher<'a> {
         data: &'a dyn Dataset,
         opts: FactoredOptions,
     ) -> Result<Self> {
-        Ok(Self {
-            engine: FactoredSeq::new(model)?,
+        Ok(Self::with_engine(FactoredSeq::new(model)?, lik, data, opts))
+    }
+}
+
+impl<'a> NativeFisher<'a, FactoredTransformer> {
+    /// The Fisher of `lik` on `model`'s outputs over token data (a snapshot of the weights).
+    pub fn new(
+        model: &Transformer,
+        lik: Likelihood,
+        data: &'a dyn Dataset,
+        opts: FactoredOptions,
+    ) -> Result<Self> {
+        Ok(Self::with_engine(
+            FactoredTransformer::new(model)?,
             lik,
             data,
             opts,
-        })
+        ))
+    }
+}
+
+impl<'a, E: ExampleGradients> NativeFisher<'a, E> {
+    /// From an engine already built.
+    pub fn with_engine(
+        engine: E,
+        lik: Likelihood,
+        data: &'a dyn Dataset,
+        opts: FactoredOptions,
+    ) -> Self {
+        Self {
+            engine,
+            lik,
+            data,
+            opts,
+        }
     }
 
     /// The engine.
-    pub fn engine(&self) -> &FactoredSeq {
+    pub fn engine(&self) -> &E {
         &self.engine
     }
 
@@ -58,7 +92,7 @@ impl<'a> SeqFisher<'a> {
     }
 }
 
-impl FisherSource for SeqFisher<'_> {
+impl<E: ExampleGradients> FisherSource for NativeFisher<'_, E> {
     fn num_params(&self) -> usize {
         self.engine.num_params()
     }
@@ -84,6 +118,10 @@ impl FisherSource for SeqFisher<'_> {
         )
     }
 
+    fn has_gradient_operator(&self) -> bool {
+        true
+    }
+
     fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
         let full = (self.num_examples() * self.num_params() * 8) as u64;
         if full <= memory_budget / 2 {
@@ -93,10 +131,6 @@ impl FisherSource for SeqFisher<'_> {
         }
     }
 
-    fn has_gradient_operator(&self) -> bool {
-        true
-    }
-
     fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
         let n = self.num_examples();
         if ((n * self.num_params() * 8) as u64) <= memory_budget / 2 {
@@ -104,7 +138,7 @@ impl FisherSource for SeqFisher<'_> {
                 self.per_example_gradients(0, n)?,
             )));
         }
-        Ok(Arc::new(SeqGradients::new(
+        Ok(Arc::new(NativeStreamed::new(
             &self.engine,
             &self.lik,
             self.data,

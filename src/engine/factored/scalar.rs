@@ -18,6 +18,10 @@ pub trait Scalar:
     fn f64(self) -> f64;
     /// Whether it is NaN.
     fn nan(self) -> bool;
+    /// eˣ: branch-free (vectorising) in f32, libm's in f64.
+    fn exp(self) -> Self;
+    /// (GELU(z), GELU'(z)) of the exact (erf) GELU: branch-free in f32, libm's erf in f64.
+    fn gelu_pair(self) -> (Self, Self);
 }
 
 impl Scalar for f32 {
@@ -34,6 +38,14 @@ impl Scalar for f32 {
     fn nan(self) -> bool {
         self.is_nan()
     }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        crate::engine::fastmath::exp_f32(self)
+    }
+    #[inline(always)]
+    fn gelu_pair(self) -> (Self, Self) {
+        crate::engine::fastmath::gelu_f32(self)
+    }
 }
 
 impl Scalar for f64 {
@@ -49,6 +61,16 @@ impl Scalar for f64 {
     #[inline]
     fn nan(self) -> bool {
         self.is_nan()
+    }
+    #[inline]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline]
+    fn gelu_pair(self) -> (Self, Self) {
+        let cdf = 0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2));
+        let pdf = (-0.5 * self * self).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        (self * cdf, cdf + self * pdf)
     }
 }
 

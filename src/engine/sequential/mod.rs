@@ -402,75 +402,26 @@ impl FactoredSeq {
     }
 }
 
-/// G recomputed by the sequential engine chunk by chunk on every product: the gradient operator
-/// of a [`Sequential`] model when N·P does not fit in memory. Memory O(chunk·P); each product
-/// costs one pass over the data.
-pub struct SeqGradients<'a> {
-    engine: &'a FactoredSeq,
-    lik: &'a Likelihood,
-    data: &'a dyn Dataset,
-    opts: FactoredOptions,
-}
-
-impl<'a> SeqGradients<'a> {
-    /// Streams the engine's log-likelihood gradients over `data` in chunks of
-    /// `opts.batch_size` × workers examples.
-    pub fn new(
-        engine: &'a FactoredSeq,
-        lik: &'a Likelihood,
-        data: &'a dyn Dataset,
-        opts: FactoredOptions,
-    ) -> Self {
-        Self {
-            engine,
-            lik,
-            data,
-            opts,
-        }
-    }
-
-    fn chunk(&self) -> usize {
-        self.opts.batch_size.max(1) * rayon_threads(&self.opts)
-    }
-
-    fn chunks(&self) -> Vec<(usize, usize)> {
-        let n = self.data.len();
-        let bs = self.chunk();
-        (0..n).step_by(bs).map(|s| (s, bs.min(n - s))).collect()
-    }
-
-    fn block(&self, s: usize, l: usize) -> Result<Mat<f64>> {
-        self.engine
-            .per_example_gradients(self.lik, self.data, s, l, &self.opts)
-    }
-}
-
-impl super::gradients::GradientMatrix for SeqGradients<'_> {
+impl super::ExampleGradients for FactoredSeq {
     fn num_params(&self) -> usize {
-        self.engine.num_params()
+        FactoredSeq::num_params(self)
     }
-    fn num_examples(&self) -> usize {
-        self.data.len()
+    fn sum_sq(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<Vec<f64>> {
+        FactoredSeq::sum_sq(self, lik, data, opts)
     }
-    fn jv(&self, v: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
-        let chunks = self.chunks();
-        super::gradients::Chunked::new(self.num_params(), self.num_examples(), &chunks)
-            .jv(v, |s, l| self.block(s, l))
-    }
-    fn jtu(&self, u: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
-        let chunks = self.chunks();
-        super::gradients::Chunked::new(self.num_params(), self.num_examples(), &chunks)
-            .jtu(u, |s, l| self.block(s, l))
-    }
-    fn gram(&self) -> Result<Mat<f64>> {
-        let chunks = self.chunks();
-        super::gradients::Chunked::new(self.num_params(), self.num_examples(), &chunks)
-            .gram(|s, l| self.block(s, l))
-    }
-    fn diag_sums(&self) -> Result<Vec<f64>> {
-        self.engine.sum_sq(self.lik, self.data, &self.opts)
-    }
-    fn bytes(&self) -> u64 {
-        (self.chunk() * self.num_params() * 8) as u64
+    fn per_example_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        start: usize,
+        len: usize,
+        opts: &FactoredOptions,
+    ) -> Result<Mat<f64>> {
+        FactoredSeq::per_example_gradients(self, lik, data, start, len, opts)
     }
 }
