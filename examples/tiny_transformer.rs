@@ -1,19 +1,16 @@
-//! The peers' W-transformer workload on the capture engine: `TinyTransformer` of
-//! `../shared/bench/peers.py` (token + position embeddings, 2 pre-LayerNorm blocks with 4-head
-//! attention and a GELU MLP, final LayerNorm, mean-pool, linear head) built from `deltavar::nn`
-//! layers and loaded from its PyTorch state dict.
+//! The peers' W-transformer workload: `TinyTransformer` of `../shared/bench/peers.py` (token +
+//! position embeddings, 2 pre-LayerNorm blocks with 4-head attention and a GELU MLP, final
+//! LayerNorm, mean-pool, linear head) loaded from its PyTorch state dict, on the native
+//! transformer engine (`deltavar::Transformer`, the default, batch 16) or the capture engine
+//! (`--engine capture`: the same network built from `deltavar::nn` layers, batch 128).
 //!
 //!     /tmp/peers-venv/bin/python ../shared/bench/peers.py /tmp/dv-workloads transformer
-//!     cargo run --release --example tiny_transformer -- --dir /tmp/dv-workloads/transformer [--out FILE] [--json]
+//!     cargo run --release --example tiny_transformer -- --dir /tmp/dv-workloads/transformer [--engine native|capture] [--batch-size B] [--full kernel|cg] [--out FILE] [--json]
 //!
 //! Same outputs as `examples/cnn.rs`: the mean diagonal empirical Fisher (categorical) over
 //! DIR/train_x.npy (int64 tokens) and DIR/train_y.npy, written to FILE per parameter, compared
 //! with DIR/diag_reference.safetensors (opacus), ΔVar of p(class 0) at DIR/queries.npy under the
 //! diagonal Σ, and with `--json` one object with `seconds` (the Fisher pass alone).
-//!
-//! `--full [kernel|cg]` then also computes the exact full-Fisher ΔVar (Σ = (F + λI)⁻¹, λ = 1e-3)
-//! at the 256 queries by the kernel method, or by CG (Nyström preconditioner, tol 1e-6), and
-//! prints its time and the process's peak resident memory.
 
 mod common;
 
@@ -145,7 +142,7 @@ fn main() -> deltavar::Result<()> {
     let fo = FactoredOptions {
         batch_size: arg("--batch-size")
             .and_then(|b| b.parse().ok())
-            .unwrap_or(64),
+            .unwrap_or(16),
         threads: 0,
     };
     let engine = CaptureEngine::new(&model, &params);

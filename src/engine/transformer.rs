@@ -354,7 +354,7 @@ impl<T: Scalar> Native<T> {
                     // softmax per row: the exponentials in one pass (vectorises), then the sum
                     for row in pa.chunks_exact_mut(t) {
                         let m = row.iter().fold(row[0], |a, v| if *v > a { *v } else { a });
-                        row.iter_mut().for_each(|v| *v = (*v - m).exp());
+                        T::exp_shift(row, m);
                         let s = row.iter().fold(T::default(), |a, v| a + *v);
                         let inv = T::of(1.0) / s;
                         row.iter_mut().for_each(|v| *v *= inv);
@@ -383,11 +383,7 @@ impl<T: Scalar> Native<T> {
             // GELU in the model's precision, u = z·Φ(z); z is replaced by gelu'(z) = Φ(z) + z·φ(z)
             // for the backward pass (one erf and one exp per entry)
             bw.u.resize(bw.z.len(), T::default());
-            for (u, z) in bw.u.iter_mut().zip(bw.z.iter_mut()) {
-                let (g, dg) = z.gelu_pair();
-                *u = g;
-                *z = dg;
-            }
+            T::gelu_slice(&mut bw.z, &mut bw.u);
             lin_forward(&bw.u, &blk.fc2, &mut ws.tmp);
             ws.x.iter_mut().zip(&ws.tmp).for_each(|(x, y)| *x += *y);
         }
@@ -759,20 +755,14 @@ impl FactoredTransformer {
                         for i in 0..ws.b {
                             let acc_ref = &mut acc;
                             let mut dense = |off: usize, v: &[T]| {
-                                acc_ref[off..off + v.len()]
-                                    .iter_mut()
-                                    .zip(v)
-                                    .for_each(|(a, x)| *a += (*x * *x).f64());
+                                T::add_squares(&mut acc_ref[off..off + v.len()], v);
                             };
                             let mut emb_rows: Vec<(usize, Vec<T>)> = vec![];
                             m.example_grad(&ws, i, &mut g, &mut dense, &mut |v, row| {
                                 emb_rows.push((v, row.to_vec()))
                             });
                             for (v, row) in emb_rows {
-                                acc[v * d..(v + 1) * d]
-                                    .iter_mut()
-                                    .zip(&row)
-                                    .for_each(|(a, x)| *a += (*x * *x).f64());
+                                T::add_squares(&mut acc[v * d..(v + 1) * d], &row);
                             }
                         }
                     }

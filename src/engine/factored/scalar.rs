@@ -22,6 +22,24 @@ pub trait Scalar:
     fn exp(self) -> Self;
     /// (GELU(z), GELU'(z)) of the exact (erf) GELU: branch-free in f32, libm's erf in f64.
     fn gelu_pair(self) -> (Self, Self);
+    /// Over slices: `u = GELU(z)`, `z` replaced by GELU'(z).
+    fn gelu_slice(z: &mut [Self], u: &mut [Self]) {
+        for (zv, uv) in z.iter_mut().zip(u.iter_mut()) {
+            let (g, d) = zv.gelu_pair();
+            *uv = g;
+            *zv = d;
+        }
+    }
+    /// `row[k] = exp(row[k] − m)`.
+    fn exp_shift(row: &mut [Self], m: Self) {
+        row.iter_mut().for_each(|v| *v = (*v - m).exp());
+    }
+    /// `acc[k] += v[k]²` in f64.
+    fn add_squares(acc: &mut [f64], v: &[Self]) {
+        acc.iter_mut()
+            .zip(v)
+            .for_each(|(a, x)| *a += (*x * *x).f64());
+    }
 }
 
 impl Scalar for f32 {
@@ -45,6 +63,15 @@ impl Scalar for f32 {
     #[inline(always)]
     fn gelu_pair(self) -> (Self, Self) {
         crate::engine::fastmath::gelu_f32(self)
+    }
+    fn gelu_slice(z: &mut [Self], u: &mut [Self]) {
+        crate::engine::fastmath::gelu_slice_f32(z, u)
+    }
+    fn exp_shift(row: &mut [Self], m: Self) {
+        crate::engine::fastmath::exp_shift_f32(row, m)
+    }
+    fn add_squares(acc: &mut [f64], v: &[Self]) {
+        crate::engine::fastmath::add_squares_f32(acc, v)
     }
 }
 

@@ -893,9 +893,7 @@ impl<T: Scalar> NativeSeq<T> {
         scratch.resize(layer.np, T::default());
         for i in 0..b {
             self.example_grad(ws, l, i, scratch);
-            acc.iter_mut()
-                .zip(scratch.iter())
-                .for_each(|(a, v)| *a += (*v * *v).f64());
+            T::add_squares(acc, scratch);
         }
     }
 }
