@@ -677,10 +677,7 @@ impl FactoredTransformer {
     }
 
     fn pool<R: Send>(opts: &FactoredOptions, f: impl FnOnce() -> R + Send) -> Result<R> {
-        if opts.batch_size == 0 {
-            return Err(Error::invalid("batch_size", 0, "must be at least 1"));
-        }
-        crate::engine::pool::in_pool(opts.threads, f)
+        super::factored::run_in_pool(opts, f)
     }
 
     fn pass<T: Scalar>(
@@ -692,21 +689,7 @@ impl FactoredTransformer {
     ) -> Result<Vec<f64>> {
         m.read_ids(x, ws, first_row)?;
         m.forward(ws);
-        let (b, c) = (ws.b, m.cfg.classes);
-        let f: Vec<f64> = ws.out.iter().map(|v| v.f64()).collect();
-        let (values, signal) = match target {
-            Target::Likelihood(lik, y) => {
-                if y.dims().0 != b {
-                    return Err(Error::shape(
-                        "targets y (one row per input row)",
-                        b,
-                        y.dims().0,
-                    ));
-                }
-                (Vec::new(), lik.signal(&f, b, c, y, first_row)?)
-            }
-            Target::Qoi(q) => q.signal(&f, b, c, first_row)?,
-        };
+        let (values, signal) = target.signal(&ws.out, ws.b, m.cfg.classes, first_row)?;
         ws.d_out.clear();
         ws.d_out.extend(signal.iter().map(|v| T::of(*v)));
         m.backward(ws);

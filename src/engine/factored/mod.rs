@@ -126,8 +126,7 @@ impl FactoredMlp {
     }
 
     fn pool<R: Send>(opts: &FactoredOptions, f: impl FnOnce() -> R + Send) -> Result<R> {
-        opts.validate()?;
-        crate::engine::pool::in_pool(opts.threads, f)
+        run_in_pool(opts, f)
     }
 
     /// Runs forward, output signal and backward for one batch into `ws`; returns the objective
@@ -142,20 +141,7 @@ impl FactoredMlp {
         m.forward(x, ws, first_row)?;
         let b = ws.rows;
         let o = m.num_outputs();
-        let f: Vec<f64> = m.output(ws).iter().map(|v| v.f64()).collect();
-        let (values, signal) = match target {
-            Target::Likelihood(lik, y) => {
-                if y.dims().0 != b {
-                    return Err(Error::shape(
-                        "targets y (one row per input row)",
-                        b,
-                        y.dims().0,
-                    ));
-                }
-                (Vec::new(), lik.signal(&f, b, o, y, first_row)?)
-            }
-            Target::Qoi(q) => q.signal(&f, b, o, first_row)?,
-        };
+        let (values, signal) = target.signal(m.output(ws), b, o, first_row)?;
         let nl = m.layers.len();
         let last = &mut ws.deltas[nl - 1];
         last.clear();
@@ -353,6 +339,16 @@ impl FactoredMlp {
     }
 }
 
+/// Runs `f` on a fresh pool of `opts.threads` workers after checking the options (the native
+/// engines' one entry to parallel work).
+pub(crate) fn run_in_pool<R: Send>(
+    opts: &FactoredOptions,
+    f: impl FnOnce() -> R + Send,
+) -> Result<R> {
+    opts.validate()?;
+    crate::engine::pool::in_pool(opts.threads, f)
+}
+
 pub(crate) fn rayon_threads(opts: &FactoredOptions) -> usize {
     crate::engine::pool::resolve_threads(opts.threads)
 }
@@ -391,4 +387,31 @@ impl<'a> Batch<'a> {
 pub(crate) enum Target<'a> {
     Likelihood(&'a Likelihood, Rows<'a>),
     Qoi(&'a Qoi),
+}
+
+impl Target<'_> {
+    /// The objective's values (QoI only) and its signal ∂uᵢ/∂fᵢ (B×o, f64) at the model output
+    /// `out` (B×o, the engine's precision); the targets must have one row per output row.
+    pub(crate) fn signal<T: Scalar>(
+        &self,
+        out: &[T],
+        b: usize,
+        o: usize,
+        first_row: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let f: Vec<f64> = out.iter().map(|v| v.f64()).collect();
+        match self {
+            Target::Likelihood(lik, y) => {
+                if y.dims().0 != b {
+                    return Err(Error::shape(
+                        "targets y (one row per input row)",
+                        b,
+                        y.dims().0,
+                    ));
+                }
+                Ok((Vec::new(), lik.signal(&f, b, o, *y, first_row)?))
+            }
+            Target::Qoi(q) => q.signal(&f, b, o, first_row),
+        }
+    }
 }

@@ -124,10 +124,7 @@ impl FactoredSeq {
     }
 
     fn pool<R: Send>(opts: &FactoredOptions, f: impl FnOnce() -> R + Send) -> Result<R> {
-        if opts.batch_size == 0 {
-            return Err(Error::invalid("batch_size", 0, "must be at least 1"));
-        }
-        crate::engine::pool::in_pool(opts.threads, f)
+        super::factored::run_in_pool(opts, f)
     }
 
     /// Forward through `wss.len()` applications of the network (a rollout when more than one),
@@ -148,22 +145,8 @@ impl FactoredSeq {
             let input = m.output(&prev[k - 1]).to_vec();
             m.forward_from(input, b, &mut next[0]);
         }
-        let last = &mut wss[steps - 1];
-        let o = m.num_outputs();
-        let f: Vec<f64> = m.output(last).iter().map(|v| v.f64()).collect();
-        let (values, signal) = match target {
-            Target::Likelihood(lik, y) => {
-                if y.dims().0 != b {
-                    return Err(Error::shape(
-                        "targets y (one row per input row)",
-                        b,
-                        y.dims().0,
-                    ));
-                }
-                (Vec::new(), lik.signal(&f, b, o, y, first_row)?)
-            }
-            Target::Qoi(q) => q.signal(&f, b, o, first_row)?,
-        };
+        let last = &wss[steps - 1];
+        let (values, signal) = target.signal(m.output(last), b, m.num_outputs(), first_row)?;
         let nl = m.layers.len();
         for k in (0..steps).rev() {
             let sig: Vec<T> = if k + 1 == steps {
