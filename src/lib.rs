@@ -57,6 +57,7 @@ pub mod engine;
 pub mod error;
 pub mod fisher;
 pub mod likelihood;
+pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod params;

@@ -1,6 +1,6 @@
 //! The pipeline is one-way: each top-level module imports only modules of its own stage or
 //! below (params, data, model, likelihood, qoi → engine → fisher → sigma → delta → seed /
-//! prelude → demo), and there is no import cycle between top-level modules. Read from the
+//! prelude → demo; `metrics` sits with delta), and there is no import cycle between top-level modules. Read from the
 //! sources' `crate::` paths (code lines, not comments).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,7 +13,7 @@ fn stage(module: &str) -> Option<u32> {
         "engine" => 2,
         "fisher" => 3,
         "sigma" => 4,
-        "delta" => 5,
+        "delta" | "metrics" => 5,
         "seed" | "prelude" => 6,
         "demo" => 7,
         _ => return None,

@@ -56,6 +56,8 @@ enum Command {
     Fim(FimArgs),
     /// Merges the shards of a Fisher pass.
     Merge(MergeArgs),
+    /// How well variances rank and size errors: correlations, removal curve, fitted Gaussian NLL.
+    Metrics(MetricsArgs),
     /// Trains a small MLP on built-in data with a gap and shows its delta variance.
     Demo(DemoArgs),
 }
@@ -145,6 +147,19 @@ struct MergeArgs {
     inputs: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct MetricsArgs {
+    /// Errors e = y − f(x) of M held-out points, .npy (M,) or (M, 1), float.
+    #[arg(long)]
+    errors: PathBuf,
+    /// Their variances (ΔVar), .npy (M,) or (M, 1), float, >= 0.
+    #[arg(long)]
+    variances: PathBuf,
+    /// Print one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -546,6 +561,58 @@ fn fim(a: FimArgs) -> Result<()> {
 }
 
 /// `merge`: sums the shards of one pass.
+/// A float .npy of M values, shape (M,) or (M, 1).
+fn read_vector(path: &Path) -> Result<Vec<f64>> {
+    let a = NpyArray::open(path)?;
+    let ok = matches!(a.shape(), [_] | [_, 1]);
+    if !ok {
+        return Err(Error::BadFile {
+            path: path.display().to_string(),
+            detail: format!("expected shape (M,) or (M, 1), got {:?}", a.shape()),
+        });
+    }
+    Ok(match a.rows_ref(0, a.rows())? {
+        RowsRef::F32(v) => v.iter().map(|x| *x as f64).collect(),
+        RowsRef::F64(v) => v.to_vec(),
+        RowsRef::I64(_) => {
+            return Err(Error::BadFile {
+                path: path.display().to_string(),
+                detail: "expected float32 or float64 values".into(),
+            })
+        }
+    })
+}
+
+/// `metrics`: the uncertainty-quality metrics of errors and variances.
+fn metrics(a: MetricsArgs) -> Result<()> {
+    let e = read_vector(&a.errors)?;
+    let v = read_vector(&a.variances)?;
+    let m = deltavar::metrics::uncertainty_metrics(&e, &v)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&m).map_err(|e| Error::Unsupported(e.to_string()))?
+        );
+        return Ok(());
+    }
+    let opt = |x: Option<f64>| {
+        x.map(|v| format!("{v:.6}"))
+            .unwrap_or_else(|| "undefined".into())
+    };
+    println!("points              {}", m.m);
+    println!("pearson |e|, sqrt v {}", opt(m.pearson));
+    println!("spearman |e|, v     {}", opt(m.spearman));
+    println!(
+        "removal AUC         {:.6}  (oracle {:.6}; 1 = uninformative, lower is better)",
+        m.removal_auc, m.removal_auc_oracle
+    );
+    println!(
+        "Gaussian fit        alpha {:.6e}  beta {:.6e}  mean NLL {:.6}",
+        m.alpha, m.beta, m.nll
+    );
+    Ok(())
+}
+
 fn merge(a: MergeArgs) -> Result<()> {
     let MergeArgs { inputs, out, json } = a;
     let parts = inputs
@@ -596,6 +663,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Variance(a) => variance(a),
         Command::Fim(a) => fim(a),
         Command::Merge(a) => merge(a),
+        Command::Metrics(a) => metrics(a),
         Command::Demo(a) => demo(a),
     }
 }
