@@ -51,6 +51,9 @@ pub struct DemoReport {
     pub train_mse: f64,
     /// The PNG written, if any.
     pub png: Option<PathBuf>,
+    /// Uncertainty-quality metrics of ΔVar on 400 held-out points drawn over the whole range
+    /// [-6, 6] (errors e = y − f(x) with y = sin x + noise), per Σ.
+    pub metrics: Vec<(&'static str, crate::metrics::UncertaintyMetrics)>,
     /// Wall time.
     pub seconds: f64,
 }
@@ -184,6 +187,37 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
             region: region(xv),
         })
         .collect();
+    // is the uncertainty any good? held-out points over the whole range, gap and outside included
+    let m_out = 400;
+    let hx: Vec<f64> = (0..m_out).map(|_| -6.0 + 12.0 * lcg(&mut seed)).collect();
+    let hy: Vec<f64> = hx
+        .iter()
+        .map(|x| x.sin() + NOISE * normal(&mut seed))
+        .collect();
+    let hz = Tensor::from_vec(hx.clone(), (m_out, 1), &dev)?;
+    let held = |strategy, posterior| -> Result<crate::metrics::UncertaintyMetrics> {
+        let opts = SigmaOptions {
+            damping: 1e-4,
+            posterior_scale: posterior,
+            ..Default::default()
+        };
+        let r = mlp_delta_variances(
+            &mlp,
+            Qoi::Sum,
+            &hz,
+            strategy,
+            &opts,
+            Some((&data, lik.clone())),
+            &eo,
+        )?;
+        let e: Vec<f64> = hy.iter().zip(&r.qoi).map(|(y, f)| y - f).collect();
+        crate::metrics::uncertainty_metrics(&e, &r.delta_variance)
+    };
+    let metrics = vec![
+        ("identity", held(SigmaStrategy::Identity, false)?),
+        ("diag F⁻¹/N", held(SigmaStrategy::DiagonalEmpiricalFim, true)?),
+        ("full F⁻¹/N", held(SigmaStrategy::InverseFullEmpiricalFim, true)?),
+    ];
     let train: Vec<(f64, f64)> = xs.into_iter().zip(ys).collect();
     let png = match out_dir {
         Some(dir) => {
@@ -202,6 +236,7 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
         train,
         train_mse: mse,
         png,
+        metrics,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -351,5 +386,23 @@ pub fn demo_table(r: &DemoReport) -> String {
         ));
     }
     s.push('\n');
+    s.push_str(&format!(
+        "\nis the uncertainty any good? {} held-out points on [-6, 6] (errors y - f(x)):\n",
+        r.metrics.first().map(|m| m.1.m).unwrap_or(0)
+    ));
+    s.push_str("  Σ              spearman  pearson  removal AUC (oracle)   alpha      beta       NLL\n");
+    let opt = |x: Option<f64>| x.map(|v| format!("{v:>7.3}")).unwrap_or_else(|| "    n/a".into());
+    for (name, m) in &r.metrics {
+        s.push_str(&format!(
+            "  {name:<13} {}  {}  {:>6.3} ({:.3})      {:>9.3e}  {:>9.3e}  {:>6.3}\n",
+            opt(m.spearman),
+            opt(m.pearson),
+            m.removal_auc,
+            m.removal_auc_oracle,
+            m.alpha,
+            m.beta,
+            m.nll
+        ));
+    }
     s
 }
