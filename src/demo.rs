@@ -215,8 +215,14 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
     };
     let metrics = vec![
         ("identity", held(SigmaStrategy::Identity, false)?),
-        ("diag F⁻¹/N", held(SigmaStrategy::DiagonalEmpiricalFim, true)?),
-        ("full F⁻¹/N", held(SigmaStrategy::InverseFullEmpiricalFim, true)?),
+        (
+            "diag F⁻¹/N",
+            held(SigmaStrategy::DiagonalEmpiricalFim, true)?,
+        ),
+        (
+            "full F⁻¹/N",
+            held(SigmaStrategy::InverseFullEmpiricalFim, true)?,
+        ),
     ];
     let train: Vec<(f64, f64)> = xs.into_iter().zip(ys).collect();
     let png = match out_dir {
@@ -390,8 +396,13 @@ pub fn demo_table(r: &DemoReport) -> String {
         "\nis the uncertainty any good? {} held-out points on [-6, 6] (errors y - f(x)):\n",
         r.metrics.first().map(|m| m.1.m).unwrap_or(0)
     ));
-    s.push_str("  Σ              spearman  pearson  removal AUC (oracle)   alpha      beta       NLL\n");
-    let opt = |x: Option<f64>| x.map(|v| format!("{v:>7.3}")).unwrap_or_else(|| "    n/a".into());
+    s.push_str(
+        "  Σ              spearman  pearson  removal AUC (oracle)   alpha      beta       NLL\n",
+    );
+    let opt = |x: Option<f64>| {
+        x.map(|v| format!("{v:>7.3}"))
+            .unwrap_or_else(|| "    n/a".into())
+    };
     for (name, m) in &r.metrics {
         s.push_str(&format!(
             "  {name:<13} {}  {}  {:>6.3} ({:.3})      {:>9.3e}  {:>9.3e}  {:>6.3}\n",
@@ -405,4 +416,131 @@ pub fn demo_table(r: &DemoReport) -> String {
         ));
     }
     s
+}
+
+/// Draws an evaluation of delta variances on held-out data into a PNG: |e| against √ΔVar (log
+/// axes; zero values drawn at the smallest positive one) and the removal curves (points removed
+/// by ΔVar descending, and by e² — the oracle), with the metrics in the caption.
+pub fn evaluation_plot(
+    path: &Path,
+    errors: &[f64],
+    variances: &[f64],
+    m: &crate::metrics::UncertaintyMetrics,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let err = |e: String| Error::BadFile {
+        path: path.display().to_string(),
+        detail: format!("could not draw the plot: {e}"),
+    };
+    let (by_v, oracle) = crate::metrics::removal_curves(errors, variances)?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| err("the built-in font could not be read".into()))?;
+    let root = BitMapBackend::new(path, (1100, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let opt = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "n/a".into());
+    let root = root
+        .titled(
+            &format!(
+                "{} points: Spearman {}, Pearson {}, removal AUC {:.3} (oracle {:.3}), NLL {:.3}",
+                m.m,
+                opt(m.spearman),
+                opt(m.pearson),
+                m.removal_auc,
+                m.removal_auc_oracle,
+                m.nll
+            ),
+            ("sans-serif", 19),
+        )
+        .map_err(|e| err(e.to_string()))?;
+    let (left, right) = root.split_horizontally(560);
+    // scatter on log axes
+    let pos = |v: &[f64]| {
+        v.iter()
+            .cloned()
+            .filter(|x| *x > 0.0)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let sd: Vec<f64> = variances.iter().map(|v| v.sqrt()).collect();
+    let ae: Vec<f64> = errors.iter().map(|e| e.abs()).collect();
+    let (sd_min, ae_min) = (pos(&sd), pos(&ae));
+    let floor = |x: f64, lo: f64| if x > 0.0 { x } else { lo };
+    let span = |v: &[f64], lo: f64| {
+        let hi = v.iter().cloned().fold(lo, f64::max);
+        let lo = if lo.is_finite() { lo } else { 1e-6 };
+        (lo / 1.5, (hi * 1.5).max(lo * 10.0))
+    };
+    let (x0, x1) = span(&sd, sd_min);
+    let (y0, y1) = span(&ae, ae_min);
+    let mut c = ChartBuilder::on(&left)
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+        .map_err(|e| err(e.to_string()))?;
+    c.configure_mesh()
+        .light_line_style(WHITE.mix(0.0))
+        .x_desc("sqrt(ΔVar)")
+        .y_desc("|error|")
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    let blue = RGBColor(50, 90, 200);
+    c.draw_series(sd.iter().zip(&ae).map(|(x, y)| {
+        Circle::new(
+            (floor(*x, x0 * 1.2), floor(*y, y0 * 1.2)),
+            2,
+            blue.mix(0.5).filled(),
+        )
+    }))
+    .map_err(|e| err(e.to_string()))?;
+    // removal curves
+    let n = by_v.len().max(1) as f64;
+    let top = by_v.iter().chain(&oracle).cloned().fold(1.0f64, f64::max) * 1.05;
+    let mut r = ChartBuilder::on(&right)
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(52)
+        .build_cartesian_2d(0.0f64..1.0f64, 0.0f64..top)
+        .map_err(|e| err(e.to_string()))?;
+    r.configure_mesh()
+        .light_line_style(WHITE.mix(0.0))
+        .x_desc("fraction of points removed")
+        .y_desc("remaining MSE / MSE")
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    let line = |v: &[f64]| -> Vec<(f64, f64)> {
+        v.iter()
+            .enumerate()
+            .map(|(k, y)| (k as f64 / n, *y))
+            .collect()
+    };
+    r.draw_series(LineSeries::new(line(&by_v), blue.stroke_width(2)))
+        .map_err(|e| err(e.to_string()))?
+        .label("removed by ΔVar")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
+    let gray = RGBColor(120, 120, 120);
+    r.draw_series(LineSeries::new(line(&oracle), gray.stroke_width(2)))
+        .map_err(|e| err(e.to_string()))?
+        .label("oracle (removed by error)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], gray.stroke_width(2)));
+    r.draw_series(DashedLineSeries::new(
+        vec![(0.0, 1.0), (1.0, 1.0)],
+        6,
+        4,
+        BLACK.stroke_width(1),
+    ))
+    .map_err(|e| err(e.to_string()))?
+    .label("uninformative")
+    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+    r.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
 }

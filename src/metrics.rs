@@ -102,26 +102,42 @@ pub fn average_ranks(x: &[f64]) -> Vec<f64> {
     ranks
 }
 
-/// (1/M) Σ_k MSE_k / mean(e²) with the points removed in `order`.
-fn removal_auc(sq: &[f64], order: &[usize]) -> f64 {
+/// MSE_k / mean(e²) for k = 0..M−1, the points removed in `order` (all 1 when every error is 0).
+fn curve(sq: &[f64], order: &[usize]) -> Vec<f64> {
     let m = sq.len();
     let total: f64 = sq.iter().sum();
     if total <= 0.0 {
-        // every error is zero: every MSE_k is 0; the normalised curve is taken as flat 1
-        return 1.0;
+        return vec![1.0; m];
     }
     let mean_all = total / m as f64;
-    // MSE_k = (sum of the last m − k in the order) / (m − k)
-    let mut acc = 0.0;
+    let mut out = Vec::with_capacity(m);
     let mut left = total;
     for (k, &i) in order.iter().enumerate() {
-        acc += left / (m - k) as f64 / mean_all;
-        left -= sq[i];
-        if left < 0.0 {
-            left = 0.0;
-        }
+        out.push(left / (m - k) as f64 / mean_all);
+        left = (left - sq[i]).max(0.0);
     }
-    acc / m as f64
+    out
+}
+
+/// (1/M) Σ_k MSE_k / mean(e²) with the points removed in `order`.
+fn removal_auc(sq: &[f64], order: &[usize]) -> f64 {
+    curve(sq, order).iter().sum::<f64>() / sq.len() as f64
+}
+
+/// Indices sorted by `key` descending, ties by index.
+fn descending(key: &[f64]) -> Vec<usize> {
+    let mut o: Vec<usize> = (0..key.len()).collect();
+    o.sort_by(|&i, &j| key[j].total_cmp(&key[i]));
+    o
+}
+
+/// The removal curves: MSE_k / mean(e²) for k = 0..M−1 with the points removed by `v`
+/// descending, and by e² descending (the oracle). Their means are `removal_auc` and
+/// `removal_auc_oracle`.
+pub fn removal_curves(e: &[f64], v: &[f64]) -> Result<(Vec<f64>, Vec<f64>)> {
+    check(e, v)?;
+    let sq: Vec<f64> = e.iter().map(|x| x * x).collect();
+    Ok((curve(&sq, &descending(v)), curve(&sq, &descending(&sq))))
 }
 
 /// The mean NLL of variances c·wᵢ with the best c = mean(e²/w), or None when some w is zero
@@ -246,19 +262,13 @@ pub fn uncertainty_metrics(e: &[f64], v: &[f64]) -> Result<UncertaintyMetrics> {
     let sd: Vec<f64> = v.iter().map(|x| x.sqrt()).collect();
     let sq: Vec<f64> = e.iter().map(|x| x * x).collect();
     let spearman = pearson(&average_ranks(&abs), &average_ranks(v));
-    let by = |key: &[f64]| {
-        let mut o: Vec<usize> = (0..key.len()).collect();
-        // descending, ties by index (a stable sort keeps the index order)
-        o.sort_by(|&i, &j| key[j].total_cmp(&key[i]));
-        o
-    };
     let (alpha, beta, nll) = fit_gaussian(&sq, v)?;
     Ok(UncertaintyMetrics {
         m: e.len(),
         pearson: pearson(&abs, &sd),
         spearman,
-        removal_auc: removal_auc(&sq, &by(v)),
-        removal_auc_oracle: removal_auc(&sq, &by(&sq)),
+        removal_auc: removal_auc(&sq, &descending(v)),
+        removal_auc_oracle: removal_auc(&sq, &descending(&sq)),
         alpha,
         beta,
         nll,

@@ -185,3 +185,98 @@ fn the_metrics_command_prints_the_same_numbers() {
         1
     );
 }
+
+/// `deltavar evaluate`: ΔVar at held-out inputs through the `variance` pipeline, the errors of the
+/// QoI against the targets, the same metrics as the library, and a PNG.
+#[cfg(feature = "cli")]
+#[test]
+fn evaluate_equals_the_library_pipeline() {
+    use candle_core::DType;
+    use deltavar::*;
+    let case = common::Case::load("tanh-4-16-16-3");
+    let d = &case.dir;
+    let png = std::env::temp_dir().join(format!("dv-eval-{}.png", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_deltavar"))
+        .args(["evaluate", "--arch", "mlp:4,16,16,3:tanh", "--weights"])
+        .arg(d.join("model.safetensors"))
+        .arg("--val-x")
+        .arg(d.join("queries.npy"))
+        .arg("--val-y")
+        .arg(d.join("queries.npy")) // any (M, 4) floats serve as targets for output:1
+        .args([
+            "--qoi",
+            "output:1",
+            "--sigma",
+            "full-fim",
+            "--damping",
+            "1e-3",
+        ])
+        .args([
+            "--dtype",
+            "f64",
+            "--likelihood",
+            "gaussian:0.5",
+            "--json",
+            "--train-x",
+        ])
+        .arg(d.join("train_x.npy"))
+        .arg("--train-y")
+        .arg(d.join("train_y.npy"))
+        .arg("--plot")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(std::fs::metadata(&png).unwrap().len() > 10_000);
+    // the library: same ΔVar, errors y[:, 1] − f_1
+    let (mlp, _vm) = case.model(DType::F64);
+    let q = case.npy("queries.npy", Some(DType::F64));
+    let data = case.data(DType::F64);
+    let r = mlp_delta_variances(
+        &mlp,
+        Qoi::Output(1),
+        &q,
+        SigmaStrategy::InverseFullEmpiricalFim,
+        &SigmaOptions {
+            damping: 1e-3,
+            ..Default::default()
+        },
+        Some((&data, Likelihood::gaussian(0.5))),
+        &FactoredOptions::default(),
+    )
+    .unwrap();
+    let qv: Vec<f64> = q.flatten_all().unwrap().to_vec1().unwrap();
+    let e: Vec<f64> = (0..r.qoi.len()).map(|i| qv[i * 4 + 1] - r.qoi[i]).collect();
+    let m = uncertainty_metrics(&e, &r.delta_variance).unwrap();
+    let got = &j["metrics"];
+    assert!(close(
+        got["removal_auc"].as_f64().unwrap(),
+        m.removal_auc,
+        1e-9
+    ));
+    assert!(close(got["nll"].as_f64().unwrap(), m.nll, 1e-9));
+    assert_eq!(got["m"].as_u64(), Some(8));
+    // a target file of the wrong length is one clear line
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_deltavar"))
+        .args(["evaluate", "--arch", "mlp:4,16,16,3:tanh", "--weights"])
+        .arg(d.join("model.safetensors"))
+        .arg("--val-x")
+        .arg(d.join("queries.npy"))
+        .arg("--val-y")
+        .arg(d.join("train_y.npy"))
+        .args(["--qoi", "output:1", "--sigma", "identity", "--plot"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rows") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}

@@ -58,6 +58,9 @@ enum Command {
     Merge(MergeArgs),
     /// How well variances rank and size errors: correlations, removal curve, fitted Gaussian NLL.
     Metrics(MetricsArgs),
+    /// ΔVar on held-out data (the `variance` options, --val-x as the queries) against the errors
+    /// of the QoI: the metrics and a PNG.
+    Evaluate(EvaluateArgs),
     /// Trains a small MLP on built-in data with a gap and shows its delta variance.
     Demo(DemoArgs),
 }
@@ -66,9 +69,10 @@ enum Command {
 struct VarianceArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Query inputs, .npy: (M, IN) for an MLP, (M, C, H, W) or any (M, ...) the seq: model takes.
+    /// Query inputs, .npy: (M, IN) for an MLP, (M, C, H, W) or any (M, ...) the seq: model takes
+    /// (required by `variance`; `evaluate` uses --val-x).
     #[arg(long)]
-    queries: PathBuf,
+    queries: Option<PathBuf>,
     /// sum | output:K | prob:K
     #[arg(long, default_value = "sum")]
     qoi: String,
@@ -149,6 +153,21 @@ struct MergeArgs {
     out: PathBuf,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct EvaluateArgs {
+    #[command(flatten)]
+    v: VarianceArgs,
+    /// Held-out inputs, .npy (shaped like --queries would be).
+    #[arg(long)]
+    val_x: PathBuf,
+    /// Held-out targets, .npy: (M, OUT) floats for output:K and sum, (M,) int64 labels for prob:K.
+    #[arg(long)]
+    val_y: PathBuf,
+    /// The PNG to draw: |error| against sqrt(ΔVar) and the removal curves.
+    #[arg(long, default_value = "evaluation.png")]
+    plot: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -344,7 +363,19 @@ fn progress_bar(total: usize, quiet: bool) -> indicatif::ProgressBar {
 }
 
 /// `variance`: Σ from the training data or a saved Fisher, query factors, ΔVar.
-fn variance(a: VarianceArgs) -> Result<()> {
+/// What `variance` computed, with the options its output reports.
+struct Computed {
+    out: MlpDeltaVariances,
+    sigma_name: &'static str,
+    damping: f64,
+    posterior_scale: bool,
+    rollout: usize,
+    json: bool,
+    t0: Instant,
+}
+
+/// The `variance` pipeline: Σ from the training data or a saved Fisher, query gradients, ΔVar.
+fn compute_variances(a: VarianceArgs) -> Result<Computed> {
     let VarianceArgs {
         model,
         queries,
@@ -363,6 +394,8 @@ fn variance(a: VarianceArgs) -> Result<()> {
         rollout,
     } = a;
     let t0 = Instant::now();
+    let queries = queries
+        .ok_or_else(|| Error::invalid("--queries", "missing", "give the query inputs (.npy)"))?;
     let qshape = row_shape(&queries)?;
     let net = load_model(&model, Some(&qshape), rollout)?;
     let qoi: Qoi = qoi.parse()?;
@@ -450,6 +483,27 @@ fn variance(a: VarianceArgs) -> Result<()> {
             seq_delta_variances_with(m, qoi, &q, rollout, strategy, &opts, source.as_deref(), &eo)?
         }
     };
+    Ok(Computed {
+        out,
+        sigma_name,
+        damping,
+        posterior_scale,
+        rollout,
+        json,
+        t0,
+    })
+}
+
+fn variance(a: VarianceArgs) -> Result<()> {
+    let Computed {
+        out,
+        sigma_name,
+        damping,
+        posterior_scale,
+        rollout,
+        json,
+        t0,
+    } = compute_variances(a)?;
     let seconds = t0.elapsed().as_secs_f64();
     if json {
         println!(
@@ -583,6 +637,109 @@ fn read_vector(path: &Path) -> Result<Vec<f64>> {
     })
 }
 
+/// The QoI's target per held-out point: y[:, k] for output:K, Σ_k y[:, k] for sum, 1[y = k] for
+/// prob:K (class labels).
+fn qoi_targets(qoi: &Qoi, path: &Path, m: usize) -> Result<Vec<f64>> {
+    let a = NpyArray::open(path)?;
+    let bad = |detail: String| Error::BadFile {
+        path: path.display().to_string(),
+        detail,
+    };
+    if a.rows() != m {
+        return Err(bad(format!(
+            "{} rows, the held-out inputs have {m}",
+            a.rows()
+        )));
+    }
+    let w = a.row_len().max(1);
+    let vals: Vec<f64> = match a.rows_ref(0, a.rows())? {
+        RowsRef::F32(v) => v.iter().map(|x| *x as f64).collect(),
+        RowsRef::F64(v) => v.to_vec(),
+        RowsRef::I64(v) => v.iter().map(|x| *x as f64).collect(),
+    };
+    if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            what: format!("targets {}", path.display()),
+            detail: format!("row {}, column {} is {}", i / w, i % w, vals[i]),
+        });
+    }
+    match qoi {
+        Qoi::Output(k) if *k < w => Ok((0..m).map(|i| vals[i * w + k]).collect()),
+        Qoi::Output(k) => Err(bad(format!(
+            "output:{k} needs targets with more than {k} columns, these have {w}"
+        ))),
+        Qoi::Sum => Ok(vals.chunks_exact(w).map(|r| r.iter().sum()).collect()),
+        Qoi::Prob(k) if w == 1 => Ok(vals
+            .iter()
+            .map(|y| if *y == *k as f64 { 1.0 } else { 0.0 })
+            .collect()),
+        Qoi::Prob(_) => Err(bad(format!(
+            "prob:K needs class labels (M,), these rows have {w} values"
+        ))),
+        Qoi::Custom(_) => Err(Error::Unsupported(
+            "evaluate: a custom QoI has no target".into(),
+        )),
+    }
+}
+
+/// `evaluate`: ΔVar at held-out inputs, the errors of the QoI, the metrics and a PNG.
+fn evaluate(a: EvaluateArgs) -> Result<()> {
+    let EvaluateArgs {
+        mut v,
+        val_x,
+        val_y,
+        plot,
+    } = a;
+    if v.queries.is_some() {
+        return Err(Error::invalid(
+            "--queries",
+            "given",
+            "evaluate reads its queries from --val-x",
+        ));
+    }
+    let qoi: Qoi = v.qoi.parse()?;
+    v.queries = Some(val_x);
+    let c = compute_variances(v)?;
+    let targets = qoi_targets(&qoi, &val_y, c.out.qoi.len())?;
+    let e: Vec<f64> = targets.iter().zip(&c.out.qoi).map(|(y, f)| y - f).collect();
+    let m = deltavar::metrics::uncertainty_metrics(&e, &c.out.delta_variance)?;
+    deltavar::demo::evaluation_plot(&plot, &e, &c.out.delta_variance, &m)?;
+    let seconds = c.t0.elapsed().as_secs_f64();
+    if c.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "metrics": m,
+                "sigma": c.sigma_name,
+                "damping": c.damping,
+                "posterior_scale": c.posterior_scale,
+                "plot": plot.display().to_string(),
+                "seconds": seconds,
+            })
+        );
+        return Ok(());
+    }
+    let opt = |x: Option<f64>| {
+        x.map(|v| format!("{v:.4}"))
+            .unwrap_or_else(|| "undefined".into())
+    };
+    println!(
+        "{} held-out points, sigma {}: spearman {}, pearson {}, removal AUC {:.4} (oracle {:.4}), \
+         alpha {:.4e}, beta {:.4e}, NLL {:.4}  ({seconds:.3} s) -> {}",
+        m.m,
+        c.sigma_name,
+        opt(m.spearman),
+        opt(m.pearson),
+        m.removal_auc,
+        m.removal_auc_oracle,
+        m.alpha,
+        m.beta,
+        m.nll,
+        plot.display()
+    );
+    Ok(())
+}
+
 /// `metrics`: the uncertainty-quality metrics of errors and variances.
 fn metrics(a: MetricsArgs) -> Result<()> {
     let e = read_vector(&a.errors)?;
@@ -664,6 +821,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fim(a) => fim(a),
         Command::Merge(a) => merge(a),
         Command::Metrics(a) => metrics(a),
+        Command::Evaluate(a) => evaluate(a),
         Command::Demo(a) => demo(a),
     }
 }
