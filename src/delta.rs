@@ -484,3 +484,155 @@ pub struct MlpDeltaVariances {
     /// N (0 without training data).
     pub num_train: usize,
 }
+
+/// Covariances Jₘ Σ Jₘᵀ of a vector QoI (K outputs) at M queries: `per_output[k]` holds the
+/// gradients of output k at every query (P×M, one column per query). Returns M row-major K×K
+/// matrices (symmetrised); the diagonal of query m's matrix is the ΔVar of each output. Σ is
+/// applied to blocks of at most 64 queries (P×64K), so memory stays O(P·K·64) beyond the
+/// inputs.
+///
+/// ```
+/// use deltavar::{delta_covariances, sigma::DiagonalSigma};
+/// use faer::Mat;
+/// let g0 = Mat::from_fn(3, 2, |i, j| (i + j) as f64);      // output 0 at 2 queries, P = 3
+/// let g1 = Mat::from_fn(3, 2, |i, j| (i * j) as f64 + 1.0); // output 1
+/// let s = DiagonalSigma::new(vec![1.0, 2.0, 0.5]).unwrap();
+/// let c = delta_covariances(&[g0.clone(), g1], &s).unwrap();
+/// // c[m][a·K + b] = g_aᵀ Σ g_b at query m; the diagonal is each output's ΔVar
+/// let dv0 = deltavar::delta_variances(g0.as_ref(), &s).unwrap();
+/// assert!((c[1][0] - dv0[1]).abs() < 1e-12);
+/// ```
+pub fn delta_covariances(per_output: &[Mat<f64>], sigma: &dyn SigmaOp) -> Result<Vec<Vec<f64>>> {
+    let k = per_output.len();
+    let Some(first) = per_output.first() else {
+        return Ok(vec![]);
+    };
+    let (p, m) = (first.nrows(), first.ncols());
+    if let Some((i, g)) = per_output
+        .iter()
+        .enumerate()
+        .find(|(_, g)| g.nrows() != p || g.ncols() != m)
+    {
+        return Err(Error::shape(
+            format!("gradients of output {i} (P × M like output 0)"),
+            format!("{p} × {m}"),
+            format!("{} × {}", g.nrows(), g.ncols()),
+        ));
+    }
+    if sigma.dim() != p {
+        return Err(Error::shape(
+            format!("Sigma '{}' (its size must equal P)", sigma.name()),
+            p,
+            sigma.dim(),
+        ));
+    }
+    let chunk = 64usize;
+    let mut out = Vec::with_capacity(m);
+    for start in (0..m).step_by(chunk) {
+        let c = chunk.min(m - start);
+        // columns: query-major, output-minor
+        let block = Mat::from_fn(p, c * k, |i, j| per_output[j % k][(i, start + j / k)]);
+        let applied = sigma.apply(block.as_ref())?;
+        for q in 0..c {
+            let mut cov = vec![0.0; k * k];
+            for a in 0..k {
+                for b in a..k {
+                    let ga = block.col(q * k + a);
+                    let sb = applied.col(q * k + b);
+                    let gb = block.col(q * k + b);
+                    let sa = applied.col(q * k + a);
+                    // average of the two orders: exact symmetry whatever Σ's rounding
+                    let v = 0.5 * ((ga.transpose() * sb) + (gb.transpose() * sa));
+                    cov[a * k + b] = v;
+                    cov[b * k + a] = v;
+                }
+            }
+            out.push(crate::sigma::finish(&sigma.name(), cov)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The result of [`mlp_delta_covariances_with`] and [`seq_delta_covariances_with`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeltaCovariances {
+    /// The K outputs at each query (M × K).
+    pub outputs: Vec<Vec<f64>>,
+    /// Jₘ Σ Jₘᵀ per query, row-major K×K.
+    pub covariance: Vec<Vec<f64>>,
+    /// The Σ used.
+    pub sigma: String,
+    /// For the full inverse Fisher: the method and why.
+    pub method: Option<MethodChoice>,
+    /// P.
+    pub num_params: usize,
+}
+
+fn covariances_from(
+    grads: Vec<Mat<f64>>,
+    values: Vec<Vec<f64>>,
+    sigma: &dyn SigmaOp,
+    method: Option<MethodChoice>,
+) -> Result<DeltaCovariances> {
+    let m = values.first().map(|v| v.len()).unwrap_or(0);
+    let outputs = (0..m)
+        .map(|i| values.iter().map(|v| v[i]).collect())
+        .collect();
+    Ok(DeltaCovariances {
+        outputs,
+        covariance: delta_covariances(&grads, sigma)?,
+        sigma: sigma.name(),
+        method,
+        num_params: sigma.dim(),
+    })
+}
+
+/// The output covariance J Σ Jᵀ (K×K, every output of the model) at every row of `queries` for
+/// a known [`crate::Mlp`]: Σ built once from `strategy` (Fisher strategies read `fisher`), one
+/// batched query pass per output. Its diagonal equals [`mlp_delta_variances_with`] with
+/// `Qoi::Output(k)`.
+pub fn mlp_delta_covariances_with(
+    mlp: &crate::Mlp,
+    queries: &candle_core::Tensor,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+    engine_opts: &FactoredOptions,
+) -> Result<DeltaCovariances> {
+    let engine = FactoredMlp::new(mlp)?;
+    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
+    let k = engine.sizes().last().copied().unwrap_or(0);
+    let mut grads = Vec::with_capacity(k);
+    let mut values = Vec::with_capacity(k);
+    for o in 0..k {
+        let q = engine.query_factors(&Qoi::Output(o), queries, engine_opts)?;
+        values.push(q.values().to_vec());
+        grads.push(q.gradients()?);
+    }
+    covariances_from(grads, values, &*sigma, choice)
+}
+
+/// [`mlp_delta_covariances_with`] for a [`crate::Sequential`] model, the outputs read after
+/// `rollout` applications of the network (every element of the output is one of the K outputs).
+#[allow(clippy::too_many_arguments)]
+pub fn seq_delta_covariances_with(
+    model: &crate::Sequential,
+    queries: &candle_core::Tensor,
+    rollout: usize,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+    engine_opts: &FactoredOptions,
+) -> Result<DeltaCovariances> {
+    let engine = crate::engine::FactoredSeq::new(model)?;
+    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
+    let k: usize = engine.output_shape().iter().product();
+    let mut grads = Vec::with_capacity(k);
+    let mut values = Vec::with_capacity(k);
+    for o in 0..k {
+        let (g, v) = engine.query_gradients(&Qoi::Output(o), queries, rollout, engine_opts)?;
+        values.push(v);
+        grads.push(g);
+    }
+    covariances_from(grads, values, &*sigma, choice)
+}

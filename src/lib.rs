@@ -68,9 +68,10 @@ pub mod sigma;
 
 pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, TensorDataset};
 pub use delta::{
-    build_sigma, delta_variances, mlp_delta_variances, mlp_delta_variances_with,
-    query_delta_variances, query_delta_variances_reported, seq_delta_variances_with, BuiltSigma,
-    MlpDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
+    build_sigma, delta_covariances, delta_variances, mlp_delta_covariances_with,
+    mlp_delta_variances, mlp_delta_variances_with, query_delta_variances,
+    query_delta_variances_reported, seq_delta_covariances_with, seq_delta_variances_with,
+    BuiltSigma, DeltaCovariances, MlpDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
     qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions,

@@ -73,7 +73,7 @@ struct VarianceArgs {
     /// (required by `variance`; `evaluate` uses --val-x).
     #[arg(long)]
     queries: Option<PathBuf>,
-    /// sum | output:K | prob:K
+    /// sum | output:K | prob:K | outputs (every output: adds the K×K covariance per query)
     #[arg(long, default_value = "sum")]
     qoi: String,
     /// identity | diag-fim | full-fim
@@ -366,6 +366,8 @@ fn progress_bar(total: usize, quiet: bool) -> indicatif::ProgressBar {
 /// What `variance` computed, with the options its output reports.
 struct Computed {
     out: MlpDeltaVariances,
+    /// `--qoi outputs`: the per-query output covariances.
+    cov: Option<DeltaCovariances>,
     sigma_name: &'static str,
     damping: f64,
     posterior_scale: bool,
@@ -398,7 +400,9 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
         .ok_or_else(|| Error::invalid("--queries", "missing", "give the query inputs (.npy)"))?;
     let qshape = row_shape(&queries)?;
     let net = load_model(&model, Some(&qshape), rollout)?;
-    let qoi: Qoi = qoi.parse()?;
+    // `outputs`: the covariance of every output (a vector QoI)
+    let outputs = qoi.trim() == "outputs";
+    let qoi: Qoi = if outputs { Qoi::Sum } else { qoi.parse()? };
     let strategy: SigmaStrategy = sigma.parse()?;
     let sigma_name = strategy.name();
     let in_shape = match &net {
@@ -475,6 +479,41 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
             ))
         }
     };
+    if outputs {
+        let c = match &net {
+            Model::Mlp(m) => {
+                mlp_delta_covariances_with(m, &q, strategy, &opts, source.as_deref(), &eo)?
+            }
+            Model::Seq(m) => {
+                seq_delta_covariances_with(m, &q, rollout, strategy, &opts, source.as_deref(), &eo)?
+            }
+        };
+        let k = c.outputs.first().map(|o| o.len()).unwrap_or(0);
+        let out = MlpDeltaVariances {
+            qoi: c.outputs.iter().flatten().copied().collect(),
+            delta_variance: c
+                .covariance
+                .iter()
+                .flat_map(|m| (0..k).map(move |a| m[a * k + a]))
+                .collect(),
+            sigma: c.sigma.clone(),
+            method: c.method.clone(),
+            cg: None,
+            path: QueryPath::Gradients,
+            num_params: c.num_params,
+            num_train: source.as_ref().map(|f| f.num_examples()).unwrap_or(0),
+        };
+        return Ok(Computed {
+            out,
+            cov: Some(c),
+            sigma_name,
+            damping,
+            posterior_scale,
+            rollout,
+            json,
+            t0,
+        });
+    }
     let out = match &net {
         Model::Mlp(m) => {
             mlp_delta_variances_with(m, qoi, &q, strategy, &opts, source.as_deref(), &eo)?
@@ -485,6 +524,7 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
     };
     Ok(Computed {
         out,
+        cov: None,
         sigma_name,
         damping,
         posterior_scale,
@@ -497,6 +537,7 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
 fn variance(a: VarianceArgs) -> Result<()> {
     let Computed {
         out,
+        cov,
         sigma_name,
         damping,
         posterior_scale,
@@ -505,6 +546,37 @@ fn variance(a: VarianceArgs) -> Result<()> {
         t0,
     } = compute_variances(a)?;
     let seconds = t0.elapsed().as_secs_f64();
+    if let (true, Some(c)) = (json, &cov) {
+        let k = c.outputs.first().map(|o| o.len()).unwrap_or(0);
+        let nested: Vec<Vec<Vec<f64>>> = c
+            .covariance
+            .iter()
+            .map(|m| m.chunks(k.max(1)).map(|r| r.to_vec()).collect())
+            .collect();
+        let diag: Vec<Vec<f64>> = out
+            .delta_variance
+            .chunks(k.max(1))
+            .map(|r| r.to_vec())
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "qoi": c.outputs,
+                "delta_variance": diag,
+                "covariance": nested,
+                "sigma": sigma_name,
+                "method": out.method.as_ref().map(|m| m.method.name()),
+                "method_reason": out.method.as_ref().map(|m| m.reason.clone()),
+                "num_params": out.num_params,
+                "num_train": out.num_train,
+                "damping": damping,
+                "posterior_scale": posterior_scale,
+                "rollout": rollout,
+                "seconds": seconds,
+            })
+        );
+        return Ok(());
+    }
     if json {
         println!(
             "{}",
@@ -695,6 +767,13 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
             "--queries",
             "given",
             "evaluate reads its queries from --val-x",
+        ));
+    }
+    if v.qoi.trim() == "outputs" {
+        return Err(Error::invalid(
+            "--qoi",
+            "outputs",
+            "evaluate takes a scalar QoI (sum, output:K, prob:K)",
         ));
     }
     let qoi: Qoi = v.qoi.parse()?;
