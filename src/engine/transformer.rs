@@ -228,20 +228,25 @@ impl<T: Scalar> Native<T> {
             off += shape.iter().product::<usize>();
         }
         let v = |name: &str| -> Result<Vec<T>> { copy_vec(&m.tensor(name)?, name) };
+        let off_of = |name: String| -> Result<usize> {
+            offs.get(&name)
+                .copied()
+                .ok_or_else(|| Error::Parameter(format!("no parameter '{name}' in the layout")))
+        };
         let lin = |name: &str, inp: usize, out: usize| -> Result<Lin<T>> {
             Ok(Lin {
                 w: v(&format!("{name}.weight"))?,
                 b: v(&format!("{name}.bias"))?,
                 inp,
                 out,
-                off: offs[&format!("{name}.weight")],
+                off: off_of(format!("{name}.weight"))?,
             })
         };
         let ln = |name: &str| -> Result<Ln<T>> {
             Ok(Ln {
                 g: v(&format!("{name}.weight"))?,
                 b: v(&format!("{name}.bias"))?,
-                off: offs[&format!("{name}.weight")],
+                off: off_of(format!("{name}.weight"))?,
             })
         };
         let (d, h) = (cfg.d, cfg.hidden);
