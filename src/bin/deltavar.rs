@@ -76,7 +76,7 @@ struct VarianceArgs {
     /// sum | output:K | prob:K | outputs (every output: adds the K×K covariance per query)
     #[arg(long, default_value = "sum")]
     qoi: String,
-    /// identity | diag-fim | full-fim
+    /// identity | diag-fim | full-fim | kfac
     #[arg(long, default_value = "full-fim")]
     sigma: String,
     /// auto | dense | kernel | cg (full-fim only)
@@ -308,6 +308,23 @@ fn load_mlp(m: &ModelArgs, arch: &MlpSpec, dt: DType) -> Result<Mlp> {
     Ok(mlp)
 }
 
+/// An MLP as the equivalent nn.Sequential (Linear at 0, 2, 4, ...): the same flat layout.
+fn mlp_as_seq(m: &Mlp, dt: DType) -> Result<Sequential> {
+    let spec = MlpSpec {
+        sizes: m.sizes().to_vec(),
+        activation: m.activation(),
+    }
+    .to_seq();
+    let mut tensors = std::collections::HashMap::new();
+    for (i, l) in m.layers().iter().enumerate() {
+        tensors.insert(format!("{}.weight", 2 * i), l.weight().clone());
+        if let Some(b) = l.bias() {
+            tensors.insert(format!("{}.bias", 2 * i), b.clone());
+        }
+    }
+    Sequential::from_tensors(spec, &[m.sizes()[0]], &tensors, "", dt, "the MLP")
+}
+
 /// The queries as a tensor of shape (M, *shape) in `dt`, checked finite.
 fn read_queries(path: &Path, shape: &[usize], dt: DType) -> Result<Tensor> {
     let a = NpyArray::open(path)?;
@@ -403,8 +420,14 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
     // `outputs`: the covariance of every output (a vector QoI)
     let outputs = qoi.trim() == "outputs";
     let qoi: Qoi = if outputs { Qoi::Sum } else { qoi.parse()? };
-    let strategy: SigmaStrategy = sigma.parse()?;
-    let sigma_name = strategy.name();
+    // `kfac`: the Kronecker-factored Σ on the sequential engine (an MLP runs as its nn.Sequential)
+    let kfac = sigma.trim() == "kfac";
+    let strategy: SigmaStrategy = if kfac {
+        SigmaStrategy::Identity
+    } else {
+        sigma.parse()?
+    };
+    let sigma_name = if kfac { "kfac" } else { strategy.name() };
     let in_shape = match &net {
         Model::Mlp(m) => vec![m.sizes()[0]],
         Model::Seq(m) => m.input_shape().to_vec(),
@@ -423,11 +446,64 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
         batch_size: batch_size(&model, &net),
         threads: 0,
     };
-    let needs_fisher = !matches!(strategy, SigmaStrategy::Identity);
     let missing = |what: &str| Error::MissingInput {
         strategy: sigma.clone(),
         missing: what.into(),
     };
+    if kfac {
+        if outputs {
+            return Err(Error::invalid(
+                "--qoi",
+                "outputs",
+                "--sigma kfac takes a scalar QoI (sum, output:K, prob:K)",
+            ));
+        }
+        let (Some(x), Some(y), None) = (train_x, train_y, fisher.as_ref()) else {
+            return Err(missing(
+                "training data (--train-x, --train-y, --likelihood); a saved Fisher has no K-FAC factors",
+            ));
+        };
+        let lik: Likelihood = likelihood
+            .as_deref()
+            .ok_or_else(|| missing("--likelihood gaussian[:SIGMA]|categorical"))?
+            .parse()?;
+        let data = MmapNpyDataset::open(x, y)?;
+        let seq = match &net {
+            Model::Seq(m) => m.clone(),
+            Model::Mlp(m) => mlp_as_seq(m, dtype(&model.dtype)?)?,
+        };
+        let engine = FactoredSeq::new(&seq)?;
+        let f = engine.kfac_factors(&lik, &data, &eo)?;
+        let s = deltavar::sigma::KfacSigma::new(&f, damping)?;
+        let (qg, values) = engine.query_gradients(&qoi, &q, rollout, &eo)?;
+        let n = data.len();
+        let dv = if posterior_scale && n > 0 {
+            deltavar::sigma::ScaledSigma::new(s, 1.0 / n as f64)?.quad_forms(qg.as_ref())?
+        } else {
+            s.quad_forms(qg.as_ref())?
+        };
+        let out = MlpDeltaVariances {
+            qoi: values,
+            delta_variance: dv,
+            sigma: "kfac".into(),
+            method: None,
+            cg: None,
+            path: QueryPath::Gradients,
+            num_params: engine.num_params(),
+            num_train: n,
+        };
+        return Ok(Computed {
+            out,
+            cov: None,
+            sigma_name,
+            damping,
+            posterior_scale,
+            rollout,
+            json,
+            t0,
+        });
+    }
+    let needs_fisher = !matches!(strategy, SigmaStrategy::Identity);
     // the Fisher source: a saved pass, or the training data on the model's engine; both then
     // run the same pipeline
     let data;

@@ -21,6 +21,7 @@ pub mod factored;
 mod fastmath;
 pub mod generic;
 pub mod gradients;
+pub mod kfac;
 pub(crate) mod pool;
 pub mod sequential;
 pub mod transformer;

@@ -24,6 +24,7 @@ mod full;
 mod identity;
 mod inverse_fisher;
 mod kernel;
+mod kfac;
 mod scaled;
 pub mod solver;
 
@@ -36,6 +37,7 @@ pub use identity::IdentitySigma;
 pub(crate) use inverse_fisher::inverse_fim_diagonal as inverse_fisher_diag_values;
 pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
 pub use kernel::KernelInverseFisher;
+pub use kfac::{KfacFactors, KfacLayer, KfacSigma};
 pub use scaled::ScaledSigma;
 pub use solver::CgReport;
 

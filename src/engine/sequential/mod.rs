@@ -408,3 +408,169 @@ impl super::ExampleGradients for FactoredSeq {
         FactoredSeq::per_example_gradients(self, lik, data, start, len, opts)
     }
 }
+
+impl FactoredSeq {
+    /// The K-FAC factors of the log-likelihood over `data` (see [`crate::sigma::KfacSigma`]):
+    /// per Linear and convolution Ā = mean over all uses of [x; 1][x; 1]ᵀ (conv: the patches)
+    /// and Ḡ = mean over examples of Σ_uses δδᵀ; the norms' parameters get their exact mean
+    /// EF diagonal. Accumulated in f64; memory Σ_l (in + 1)² + out² per worker.
+    pub fn kfac_factors(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<crate::engine::kfac::KfacFactors> {
+        dispatch!(self, m => Self::kfac_t(m, lik, data, opts))
+    }
+
+    fn kfac_t<T: Scalar>(
+        m: &NativeSeq<T>,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<crate::engine::kfac::KfacFactors> {
+        use native::NOp;
+        let n = data.len();
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        // per layer: (A sum, G sum, uses) or a diagonal sum
+        let zero = || -> Vec<(Vec<f64>, Vec<f64>, f64)> {
+            m.layers
+                .iter()
+                .map(|l| match &l.op {
+                    NOp::Linear { b, inp, out, .. } => {
+                        let k = inp + usize::from(b.is_some());
+                        (vec![0.0; k * k], vec![0.0; out * out], 0.0)
+                    }
+                    NOp::Conv { b, g, .. } => {
+                        let k = g.k() + usize::from(b.is_some());
+                        (vec![0.0; k * k], vec![0.0; g.cout * g.cout], 0.0)
+                    }
+                    _ => (vec![0.0; l.np], vec![], 0.0),
+                })
+                .collect()
+        };
+        let sums = Self::pool(opts, || {
+            starts
+                .par_iter()
+                .map(|&start| {
+                    let len = bs.min(n - start);
+                    let mut ws = SeqWorkspace::default();
+                    let batch = Batch::load(data, start, len)?;
+                    let (x, y) = batch.rows();
+                    Self::pass(
+                        m,
+                        std::slice::from_mut(&mut ws),
+                        x,
+                        Target::Likelihood(lik, y),
+                        start,
+                    )?;
+                    let mut acc = zero();
+                    let mut g: Vec<T> = vec![];
+                    for (l, layer) in m.layers.iter().enumerate() {
+                        if layer.np == 0 {
+                            continue;
+                        }
+                        let (a, gg, uses) = &mut acc[l];
+                        // rows of inputs (with a trailing 1 for the bias) and signals
+                        let mut add = |xr: &[T], dr: &[T], bias: bool| {
+                            let k = xr.len() + usize::from(bias);
+                            for i in 0..xr.len() {
+                                let xi = xr[i].f64();
+                                for j in 0..xr.len() {
+                                    a[i * k + j] += xi * xr[j].f64();
+                                }
+                                if bias {
+                                    a[i * k + k - 1] += xi;
+                                    a[(k - 1) * k + i] += xi;
+                                }
+                            }
+                            if bias {
+                                a[k * k - 1] += 1.0;
+                            }
+                            let o = dr.len();
+                            for i in 0..o {
+                                let di = dr[i].f64();
+                                for j in 0..o {
+                                    gg[i * o + j] += di * dr[j].f64();
+                                }
+                            }
+                            *uses += 1.0;
+                        };
+                        match &layer.op {
+                            NOp::Linear { b, inp, out, .. } => {
+                                let (xs, ds) = (&ws.acts[l], &ws.deltas[l]);
+                                for (xr, dr) in xs.chunks_exact(*inp).zip(ds.chunks_exact(*out)) {
+                                    add(xr, dr, b.is_some());
+                                }
+                            }
+                            NOp::Conv { b, g: geo, .. } => {
+                                let (k, ll) = (geo.k(), geo.l());
+                                let mut col = vec![T::default(); k];
+                                let mut dcol = vec![T::default(); geo.cout];
+                                for i in 0..ws.rows {
+                                    let p = &ws.aux[l][i * k * ll..(i + 1) * k * ll];
+                                    let d = &ws.deltas[l][i * layer.n_out..(i + 1) * layer.n_out];
+                                    for t in 0..ll {
+                                        for (r, c) in col.iter_mut().enumerate() {
+                                            *c = p[r * ll + t];
+                                        }
+                                        for (o, c) in dcol.iter_mut().enumerate() {
+                                            *c = d[o * ll + t];
+                                        }
+                                        add(&col, &dcol, b.is_some());
+                                    }
+                                }
+                            }
+                            _ => {
+                                g.resize(layer.np, T::default());
+                                for i in 0..ws.rows {
+                                    m.example_grad(&ws, l, i, &mut g);
+                                    T::add_squares(a, &g);
+                                }
+                            }
+                        }
+                    }
+                    data.release(start, len);
+                    Ok::<_, Error>(acc)
+                })
+                .try_reduce(zero, |mut x, y| {
+                    for (p, q) in x.iter_mut().zip(y) {
+                        p.0.iter_mut().zip(&q.0).for_each(|(a, b)| *a += b);
+                        p.1.iter_mut().zip(&q.1).for_each(|(a, b)| *a += b);
+                        p.2 += q.2;
+                    }
+                    Ok(x)
+                })
+        })??;
+        let nf = n.max(1) as f64;
+        let mut f = crate::engine::kfac::KfacFactors {
+            num_params: m.num_params,
+            ..Default::default()
+        };
+        for (layer, (a, g, uses)) in m.layers.iter().zip(sums) {
+            if layer.np == 0 {
+                continue;
+            }
+            let (inp, out, bias) = match &layer.op {
+                NOp::Linear { b, inp, out, .. } => (*inp, *out, b.is_some()),
+                NOp::Conv { b, g: geo, .. } => (geo.k(), geo.cout, b.is_some()),
+                _ => {
+                    f.diagonal
+                        .push((layer.off, a.iter().map(|v| v / nf).collect()));
+                    continue;
+                }
+            };
+            let u = uses.max(1.0);
+            f.layers.push(crate::engine::kfac::KfacLayer {
+                w_off: layer.off,
+                b_off: bias.then_some(layer.off + out * inp),
+                inp,
+                out,
+                a: a.iter().map(|v| v / u).collect(),
+                g: g.iter().map(|v| v / nf).collect(),
+            });
+        }
+        Ok(f)
+    }
+}
