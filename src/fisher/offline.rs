@@ -4,8 +4,9 @@ use super::artifact::{
     shard_range, tensors_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
 };
 use super::FisherSource;
-use super::{CapturedFisher, FactoredFisher, FisherDense, SeqFisher, TransformerFisher};
+use super::{CapturedFisher, FactoredFisher, FisherDense, NativeFisher};
 use crate::data::{Dataset, DatasetRange};
+use crate::engine::gradients::ExampleGradients;
 use crate::engine::{
     CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, FactoredSeq, FactoredTransformer,
 };
@@ -128,17 +129,14 @@ pub fn fisher_pass_seq(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FisherArtifact> {
     let engine = FactoredSeq::new(model)?;
-    run_pass(
+    native_pass(
         &model.named_tensors(),
+        &engine,
+        lik,
         likelihood_name,
         data,
         opts,
         progress,
-        &|range| engine.sum_sq(&lik, range, &opts.engine),
-        &|range| {
-            SeqFisher::new(model, lik.clone(), range, opts.engine.clone())?
-                .fisher_dense(opts.memory_budget)
-        },
     )
 }
 
@@ -152,15 +150,36 @@ pub fn fisher_pass_transformer(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FisherArtifact> {
     let engine = FactoredTransformer::new(model)?;
-    run_pass(
+    native_pass(
         &model.named_tensors(),
+        &engine,
+        lik,
+        likelihood_name,
+        data,
+        opts,
+        progress,
+    )
+}
+
+/// The pass on a native engine (one weight snapshot for every range).
+fn native_pass<E: ExampleGradients + Clone>(
+    named: &[(String, candle_core::Tensor)],
+    engine: &E,
+    lik: Likelihood,
+    likelihood_name: &str,
+    data: &dyn Dataset,
+    opts: &PassOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<FisherArtifact> {
+    run_pass(
+        named,
         likelihood_name,
         data,
         opts,
         progress,
         &|range| engine.sum_sq(&lik, range, &opts.engine),
         &|range| {
-            TransformerFisher::new(model, lik.clone(), range, opts.engine.clone())?
+            NativeFisher::with_engine(engine.clone(), lik.clone(), range, opts.engine.clone())
                 .fisher_dense(opts.memory_budget)
         },
     )
