@@ -106,8 +106,9 @@ struct Cnn {
     q: Tensor,
 }
 
-fn cnn() -> Cnn {
-    let d = dir().join("cnn");
+/// The CNN case written into its own folder per test (tests run in parallel threads).
+fn cnn(test: &str) -> Cnn {
+    let d = dir().join(test);
     std::fs::create_dir_all(&d).unwrap();
     let spec: SeqSpec = CNN.parse().unwrap();
     let sd = state_dict(&spec, 40);
@@ -198,7 +199,7 @@ fn reference(c: &Cnn, strategy: SigmaStrategy, method: FullMethod) -> Vec<f64> {
 
 #[test]
 fn a_cnn_from_safetensors_matches_the_generic_path() {
-    let c = cnn();
+    let c = cnn("cnn-generic");
     for (sigma, method, strategy, m) in [
         (
             "diag-fim",
@@ -261,7 +262,7 @@ fn a_cnn_from_safetensors_matches_the_generic_path() {
 
 #[test]
 fn offline_passes_of_a_cnn_shard_and_merge() {
-    let c = cnn();
+    let c = cnn("cnn-offline");
     let fim = |out: &Path, extra: &[&str]| {
         let mut cmd = bin();
         cmd.args(["fim", "--weights"])
@@ -336,7 +337,7 @@ fn offline_passes_of_a_cnn_shard_and_merge() {
 
 #[test]
 fn every_mismatch_is_one_clear_line() {
-    let c = cnn();
+    let c = cnn("cnn-mismatch");
     let d = &c.d;
     // a layer's shape against the file: the tensor and both shapes
     let wrong = CNN.replace("linear(6,3)", "linear(6,4)");
