@@ -188,6 +188,12 @@ fn main() {
         }
     }
 
+    // the low-rank Σ against the exact kernel answer as k grows (only when asked: it is long)
+    if which.iter().any(|a| a == "lowrank") {
+        lowrank_sweep(&dir, "full", &[4, 16, 64, 256, 1024]);
+        lowrank_sweep(&dir, "cg", &[8, 32, 128]);
+    }
+
     if want("cg") {
         let d = dir.join("cg");
         if d.join("model.safetensors").exists() {
@@ -353,6 +359,109 @@ fn main() {
                 "{{\"workload\":\"diag\",\"path\":\"generic\",\"threads\":{threads},\"RAYON_NUM_THREADS\":\"{env}\",\"seconds\":{t:.4},\"P\":{},\"N\":{},\"trace_F\":{s:.6e}}}",
                 params.num_params(),
                 data.len()
+            );
+        }
+    }
+}
+
+/// `lowrank`: on W-full (f64 model, Gaussian, 256 queries) and W-cg (f32 model, categorical,
+/// 16 queries): the exact ΔVar by the kernel method, then `lowrank:K` with and without the
+/// diagonal for each K, with the error against the exact values, Spearman's rank correlation
+/// with them, the eigensolver's residuals and products, time and peak memory.
+fn lowrank_sweep(dir: &std::path::Path, name: &str, ranks: &[usize]) {
+    let d = dir.join(name);
+    if !d.join("model.safetensors").exists() {
+        eprintln!("no workload at {} (run peers.py ... {name} first)", d.display());
+        return;
+    }
+    let (act, dtype, lik, qoi) = if name == "full" {
+        (Activation::Tanh, DType::F64, Likelihood::gaussian(1.0), Qoi::Sum)
+    } else {
+        (Activation::Relu, DType::F32, Likelihood::Categorical, Qoi::Output(3))
+    };
+    let (mlp, _vm) = Mlp::load_safetensors(
+        d.join("model.safetensors"),
+        act,
+        dtype,
+        &Device::Cpu,
+        "",
+        None,
+    )
+    .expect("model");
+    let rd = |f: &str| {
+        Tensor::read_npy(d.join(f))
+            .expect("npy")
+            .to_dtype(dtype)
+            .expect("dtype")
+    };
+    let (x, q) = (rd("train_x.npy"), rd("queries.npy"));
+    let y = Tensor::read_npy(d.join("train_y.npy")).expect("y");
+    let y = if y.dtype() == DType::I64 {
+        y
+    } else {
+        y.to_dtype(dtype).expect("y")
+    };
+    let data = TensorDataset::new(x, y).expect("data");
+    let eo = FactoredOptions::default();
+    let run = |strategy: SigmaStrategy| {
+        let opts = SigmaOptions {
+            damping: 1e-3,
+            full_method: FullMethod::Kernel,
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let out = mlp_delta_variances(
+            &mlp,
+            qoi.clone(),
+            &q,
+            strategy,
+            &opts,
+            Some((&data, lik.clone())),
+            &eo,
+        )
+        .expect("delta variances");
+        (t.elapsed().as_secs_f64(), out)
+    };
+    let (t_exact, exact) = run(SigmaStrategy::InverseFullEmpiricalFim);
+    println!(
+        "{{\"workload\":\"lowrank-{name}\",\"sigma\":\"exact (kernel)\",\"seconds\":{t_exact:.3},\"num_params\":{},\"peak_rss_mib\":{:.1}}}",
+        exact.num_params,
+        peak_rss_bytes() as f64 / (1u64 << 20) as f64
+    );
+    let spearman = |a: &[f64], b: &[f64]| {
+        let (ra, rb) = (
+            deltavar::metrics::average_ranks(a),
+            deltavar::metrics::average_ranks(b),
+        );
+        let m = ra.len() as f64;
+        let (ma, mb) = (ra.iter().sum::<f64>() / m, rb.iter().sum::<f64>() / m);
+        let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+        let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+        cov / (va * vb).sqrt()
+    };
+    for &k in ranks {
+        for diag in [true, false] {
+            let s = format!("lowrank:{k}{}", if diag { "" } else { ":nodiag" });
+            let (t, out) = run(s.parse().expect("strategy"));
+            let mut rel: Vec<f64> = out
+                .delta_variance
+                .iter()
+                .zip(&exact.delta_variance)
+                .map(|(a, b)| ((a - b) / b).abs())
+                .collect();
+            rel.sort_by(|a, b| a.total_cmp(b));
+            let r = out.lowrank.as_ref().expect("report");
+            println!(
+                "{{\"workload\":\"lowrank-{name}\",\"sigma\":\"{s}\",\"seconds\":{t:.3},\"eigensolver\":\"{}\",\"rank\":{},\"matvecs\":{},\"worst_rel_residual\":{:.1e},\"median_rel_err\":{:.3e},\"max_rel_err\":{:.3e},\"spearman\":{:.4},\"peak_rss_mib\":{:.1}}}",
+                r.eigensolver,
+                r.rank,
+                r.matvecs,
+                r.relative_residuals.iter().cloned().fold(0.0, f64::max),
+                rel[rel.len() / 2],
+                rel[rel.len() - 1],
+                spearman(&out.delta_variance, &exact.delta_variance),
+                peak_rss_bytes() as f64 / (1u64 << 20) as f64
             );
         }
     }

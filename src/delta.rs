@@ -14,7 +14,7 @@ use crate::qoi::Qoi;
 use crate::sigma::{
     choose_full_method, CgInverseFisher, CgOptions, CustomSigma, DenseSigma, DiagonalSigma,
     FullMethod, IdentitySigma, InverseDiagonalFisher, InverseFullFisher, KernelInverseFisher,
-    MethodChoice, QuadForms, ScaledSigma, SigmaOp,
+    LowRankInverseFisher, LowRankOptions, MethodChoice, QuadForms, ScaledSigma, SigmaOp,
 };
 
 /// How Σ is chosen (the seed's `sigma_strategy`).
@@ -25,6 +25,10 @@ pub enum SigmaStrategy {
     DiagonalEmpiricalFim,
     /// `'inverse_full_empirical_fim'`: Σ = (F + λI)⁻¹. Needs a [`FisherSource`].
     InverseFullEmpiricalFim,
+    /// Beyond the seed: Σ = (U S Uᵀ + D + λI)⁻¹ from the top-k eigenpairs of F and a diagonal
+    /// correction ([`LowRankInverseFisher`]). Needs a [`FisherSource`]; the options'
+    /// `memory_budget` is replaced by [`SigmaOptions::memory_budget`].
+    LowRankEmpiricalFim(LowRankOptions),
     /// A 1-D tensor in the seed: Σ = diag(d).
     Diagonal(Vec<f64>),
     /// A 2-D tensor in the seed: Σ = S (P×P).
@@ -40,6 +44,7 @@ impl SigmaStrategy {
             SigmaStrategy::Identity => "identity",
             SigmaStrategy::DiagonalEmpiricalFim => "diagonal_empirical_fim",
             SigmaStrategy::InverseFullEmpiricalFim => "inverse_full_empirical_fim",
+            SigmaStrategy::LowRankEmpiricalFim(_) => "lowrank_empirical_fim",
             SigmaStrategy::Diagonal(_) => "diagonal",
             SigmaStrategy::Dense(_) => "dense",
             SigmaStrategy::Custom(_) => "custom",
@@ -49,7 +54,9 @@ impl SigmaStrategy {
     fn needs_fisher(&self) -> bool {
         matches!(
             self,
-            SigmaStrategy::DiagonalEmpiricalFim | SigmaStrategy::InverseFullEmpiricalFim
+            SigmaStrategy::DiagonalEmpiricalFim
+                | SigmaStrategy::InverseFullEmpiricalFim
+                | SigmaStrategy::LowRankEmpiricalFim(_)
         )
     }
 }
@@ -57,8 +64,32 @@ impl SigmaStrategy {
 impl std::str::FromStr for SigmaStrategy {
     type Err = Error;
     /// The Fisher-free and Fisher strategies by name: `identity`, `diag-fim` (or the seed's
-    /// `diagonal_empirical_fim`), `full-fim` (or `inverse_full_empirical_fim`).
+    /// `diagonal_empirical_fim`), `full-fim` (or `inverse_full_empirical_fim`), `lowrank:K`
+    /// (k eigenpairs and the diagonal correction) or `lowrank:K:nodiag` (without it).
     fn from_str(s: &str) -> Result<Self> {
+        if let Some(rest) = s.strip_prefix("lowrank:") {
+            let (k, diagonal) = match rest.split_once(':') {
+                None => (rest, true),
+                Some((k, "nodiag")) => (k, false),
+                Some((_, other)) => return Err(Error::invalid(
+                    "sigma",
+                    s,
+                    format!(
+                        "unknown low-rank option '{other}'; expected lowrank:K or lowrank:K:nodiag"
+                    ),
+                )),
+            };
+            let rank: usize = k.parse().map_err(|_| {
+                Error::invalid("sigma", s, "lowrank:K needs a positive integer rank K")
+            })?;
+            if rank == 0 {
+                return Err(Error::invalid("sigma", s, "lowrank:K needs K ≥ 1"));
+            }
+            return Ok(SigmaStrategy::LowRankEmpiricalFim(LowRankOptions {
+                diagonal,
+                ..LowRankOptions::rank(rank)
+            }));
+        }
         match s {
             "identity" => Ok(SigmaStrategy::Identity),
             "diag-fim" | "diagonal_empirical_fim" => Ok(SigmaStrategy::DiagonalEmpiricalFim),
@@ -66,7 +97,7 @@ impl std::str::FromStr for SigmaStrategy {
             _ => Err(Error::invalid(
                 "sigma",
                 s,
-                "expected identity, diag-fim or full-fim",
+                "expected identity, diag-fim, full-fim or lowrank:K",
             )),
         }
     }
@@ -169,7 +200,9 @@ fn build<'a>(
         SigmaStrategy::Diagonal(d) => Box::new(DiagonalSigma::new(d)?),
         SigmaStrategy::Dense(m) => Box::new(DenseSigma::new(m)?),
         SigmaStrategy::Custom(c) => Box::new(c),
-        SigmaStrategy::DiagonalEmpiricalFim | SigmaStrategy::InverseFullEmpiricalFim => {
+        SigmaStrategy::DiagonalEmpiricalFim
+        | SigmaStrategy::InverseFullEmpiricalFim
+        | SigmaStrategy::LowRankEmpiricalFim(_) => {
             return build_fisher_sigma(strategy, num_params, opts, fisher)
         }
     };
@@ -205,16 +238,26 @@ fn build_fisher_sigma<'a>(
         ));
     }
     let n = src.num_examples();
-    let (sigma, choice): (Box<dyn SigmaOp + 'a>, Option<MethodChoice>) =
-        if matches!(strategy, SigmaStrategy::DiagonalEmpiricalFim) {
+    let (sigma, choice): (Box<dyn SigmaOp + 'a>, Option<MethodChoice>) = match strategy {
+        SigmaStrategy::DiagonalEmpiricalFim => (
+            Box::new(InverseDiagonalFisher::from_fisher(src, opts.damping)?),
+            None,
+        ),
+        SigmaStrategy::LowRankEmpiricalFim(lo) => {
+            let lo = LowRankOptions {
+                memory_budget: opts.memory_budget,
+                ..lo
+            };
             (
-                Box::new(InverseDiagonalFisher::from_fisher(src, opts.damping)?),
+                Box::new(LowRankInverseFisher::from_fisher(src, opts.damping, &lo)?),
                 None,
             )
-        } else {
+        }
+        _ => {
             let (s, c) = build_full(src, opts)?;
             (s, Some(c))
-        };
+        }
+    };
     if opts.posterior_scale {
         if n == 0 {
             return Err(Error::invalid(
@@ -405,6 +448,7 @@ pub fn mlp_delta_variances_with(
         sigma: sigma.name(),
         method: choice,
         cg: forms.cg,
+        lowrank: sigma.lowrank_report(),
         path,
         num_params: p,
         num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
@@ -458,6 +502,7 @@ pub fn seq_delta_variances_with(
         sigma: sigma.name(),
         method: choice,
         cg: forms.cg,
+        lowrank: sigma.lowrank_report(),
         path: QueryPath::Gradients,
         num_params: p,
         num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
@@ -477,6 +522,8 @@ pub struct MlpDeltaVariances {
     pub method: Option<MethodChoice>,
     /// For the CG method: iterations and per-query residuals.
     pub cg: Option<crate::sigma::CgReport>,
+    /// For the low-rank Σ: the eigenpairs' values and residuals.
+    pub lowrank: Option<crate::sigma::LowRankReport>,
     /// How the quadratic forms were computed.
     pub path: QueryPath,
     /// P.

@@ -76,7 +76,8 @@ struct VarianceArgs {
     /// sum | output:K | prob:K | outputs (every output: adds the K×K covariance per query)
     #[arg(long, default_value = "sum")]
     qoi: String,
-    /// identity | diag-fim | full-fim | kfac
+    /// identity | diag-fim | full-fim | kfac | lowrank:K (top-K eigenpairs of F plus its
+    /// diagonal) | lowrank:K:nodiag
     #[arg(long, default_value = "full-fim")]
     sigma: String,
     /// auto | dense | kernel | cg (full-fim only)
@@ -488,6 +489,7 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
             sigma: "kfac".into(),
             method: None,
             cg: None,
+            lowrank: None,
             path: QueryPath::Gradients,
             num_params: engine.num_params(),
             num_train: n,
@@ -575,6 +577,7 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
             sigma: c.sigma.clone(),
             method: c.method.clone(),
             cg: None,
+            lowrank: None,
             path: QueryPath::Gradients,
             num_params: c.num_params,
             num_train: source.as_ref().map(|f| f.num_examples()).unwrap_or(0),
@@ -663,6 +666,7 @@ fn variance(a: VarianceArgs) -> Result<()> {
                 "method": out.method.as_ref().map(|m| m.method.name()),
                 "method_reason": out.method.as_ref().map(|m| m.reason.clone()),
                 "cg": out.cg,
+                "lowrank": out.lowrank,
                 "path": out.path,
                 "num_params": out.num_params,
                 "num_train": out.num_train,

@@ -12,6 +12,8 @@
 //! | [`InverseFullFisher`] | (F + λI)⁻¹ as a Cholesky factor (the "dense" method) | O(P²) |
 //! | [`KernelInverseFisher`] | (F + λI)⁻¹ exactly, via the N×N kernel (Woodbury) | O(N²) + the gradient operator |
 //! | [`CgInverseFisher`] | (F + λI)⁻¹ by preconditioned CG ([`solver`]), all right-hand sides at once | O(P·M) + the preconditioner (O(P·rank) Nyström, O(P) Jacobi) + the gradient operator |
+//! | [`LowRankInverseFisher`] | (U S Uᵀ + D + λI)⁻¹ from F's top-k eigenpairs (Lanczos, Gram or dense) and a diagonal correction, by Woodbury | O(k·P); Lanczos holds O(P·max(4k, 128)) while building |
+//! | [`KfacSigma`] | (Ā⊗Ḡ + λI)⁻¹ per layer (K-FAC) | Σ_l (in+1)² + out² |
 //! | [`ScaledSigma`] | c·Σ (for example the paper's 1/N) | the inner operator's |
 //!
 //! All arithmetic is f64. Every quadratic form checks its result is finite.
@@ -25,6 +27,7 @@ mod identity;
 mod inverse_fisher;
 mod kernel;
 mod kfac;
+mod lowrank;
 mod scaled;
 pub mod solver;
 
@@ -38,6 +41,10 @@ pub(crate) use inverse_fisher::inverse_fim_diagonal as inverse_fisher_diag_value
 pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
 pub use kernel::KernelInverseFisher;
 pub use kfac::{KfacFactors, KfacLayer, KfacSigma};
+pub use lowrank::{
+    fisher_top_eigenpairs, FisherEigenpairs, LowRankInverseFisher, LowRankMethod, LowRankOptions,
+    LowRankReport,
+};
 pub use scaled::ScaledSigma;
 pub use solver::CgReport;
 
@@ -88,6 +95,11 @@ pub trait SigmaOp: Send + Sync {
             values: self.quad_forms(g)?,
             cg: None,
         })
+    }
+
+    /// For a low-rank Σ: its eigenpairs' values and residuals; `None` for the other kinds.
+    fn lowrank_report(&self) -> Option<LowRankReport> {
+        None
     }
 
     /// The quadratic form gᵀ Σ g for one flat gradient of length P.

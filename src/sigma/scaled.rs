@@ -36,6 +36,9 @@ impl<S: SigmaOp> SigmaOp for ScaledSigma<S> {
     fn name(&self) -> String {
         self.inner.name()
     }
+    fn lowrank_report(&self) -> Option<super::LowRankReport> {
+        self.inner.lowrank_report()
+    }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
         let mut m = self.inner.apply(g)?;
         for j in 0..m.ncols() {
@@ -81,6 +84,9 @@ impl SigmaOp for Box<dyn SigmaOp + '_> {
     }
     fn name(&self) -> String {
         (**self).name()
+    }
+    fn lowrank_report(&self) -> Option<super::LowRankReport> {
+        (**self).lowrank_report()
     }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
         (**self).apply(g)

@@ -95,7 +95,7 @@ pub struct NystromPreconditioner {
 }
 
 /// Standard normal deviates from a fixed-seed xorshift generator (Box–Muller).
-fn gaussian_matrix(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
+pub(crate) fn gaussian_matrix(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
     let mut s = seed.max(1);
     let mut uniform = move || {
         s ^= s << 13;
