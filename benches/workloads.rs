@@ -371,13 +371,26 @@ fn main() {
 fn lowrank_sweep(dir: &std::path::Path, name: &str, ranks: &[usize]) {
     let d = dir.join(name);
     if !d.join("model.safetensors").exists() {
-        eprintln!("no workload at {} (run peers.py ... {name} first)", d.display());
+        eprintln!(
+            "no workload at {} (run peers.py ... {name} first)",
+            d.display()
+        );
         return;
     }
     let (act, dtype, lik, qoi) = if name == "full" {
-        (Activation::Tanh, DType::F64, Likelihood::gaussian(1.0), Qoi::Sum)
+        (
+            Activation::Tanh,
+            DType::F64,
+            Likelihood::gaussian(1.0),
+            Qoi::Sum,
+        )
     } else {
-        (Activation::Relu, DType::F32, Likelihood::Categorical, Qoi::Output(3))
+        (
+            Activation::Relu,
+            DType::F32,
+            Likelihood::Categorical,
+            Qoi::Output(3),
+        )
     };
     let (mlp, _vm) = Mlp::load_safetensors(
         d.join("model.safetensors"),

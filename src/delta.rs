@@ -71,13 +71,15 @@ impl std::str::FromStr for SigmaStrategy {
             let (k, diagonal) = match rest.split_once(':') {
                 None => (rest, true),
                 Some((k, "nodiag")) => (k, false),
-                Some((_, other)) => return Err(Error::invalid(
-                    "sigma",
-                    s,
-                    format!(
+                Some((_, other)) => {
+                    return Err(Error::invalid(
+                        "sigma",
+                        s,
+                        format!(
                         "unknown low-rank option '{other}'; expected lowrank:K or lowrank:K:nodiag"
                     ),
-                )),
+                    ))
+                }
             };
             let rank: usize = k.parse().map_err(|_| {
                 Error::invalid("sigma", s, "lowrank:K needs a positive integer rank K")
@@ -506,6 +508,102 @@ pub fn seq_delta_variances_with(
         path: QueryPath::Gradients,
         num_params: p,
         num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
+    })
+}
+
+/// Delta variances split by parameter group (one group per layer): the ordinary result and
+/// the L×L blocks C_lk(zₘ) = g_l(zₘ)ᵀ Σ_lk g_k(zₘ) for every query
+/// ([`crate::calibration::group_delta_variances`]), the input of learned Σ scales. Costs L
+/// applications of Σ to the P×M query-gradient block (formed: O(P·M)).
+#[derive(Debug, Clone)]
+pub struct GroupDeltaVariances {
+    /// The ordinary delta variances (and QoI values, Σ, method).
+    pub result: MlpDeltaVariances,
+    /// The groups, in parameter order.
+    pub groups: Vec<crate::calibration::ParamGroup>,
+    /// M row-major L×L blocks (entries sum to ΔVar; the diagonal is each group's own ΔVar_l).
+    pub blocks: Vec<Vec<f64>>,
+}
+
+/// The parameter groups (layers) of named tensors in flat order.
+fn tensor_groups(named: &[(String, candle_core::Tensor)]) -> Vec<crate::calibration::ParamGroup> {
+    let sizes: Vec<(&str, usize)> = named
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.elem_count()))
+        .collect();
+    crate::calibration::layer_groups(&sizes)
+}
+
+/// [`mlp_delta_variances_with`] with the delta variances split by layer
+/// ([`GroupDeltaVariances`]). The query gradients are formed (P×M).
+pub fn mlp_group_delta_variances_with(
+    mlp: &crate::Mlp,
+    qoi: Qoi,
+    queries: &candle_core::Tensor,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+    engine_opts: &FactoredOptions,
+) -> Result<GroupDeltaVariances> {
+    let engine = FactoredMlp::new(mlp)?;
+    let p = engine.num_params();
+    let (sigma, choice) = build(strategy, p, opts, fisher)?;
+    let q = engine.query_factors(&qoi, queries, engine_opts)?;
+    let qg = q.gradients()?;
+    let forms = sigma.quad_forms_reported(qg.as_ref())?;
+    let groups = tensor_groups(&mlp.named_tensors());
+    let blocks = crate::calibration::group_delta_variances(qg.as_ref(), &*sigma, &groups)?;
+    Ok(GroupDeltaVariances {
+        result: MlpDeltaVariances {
+            qoi: q.values().to_vec(),
+            delta_variance: forms.values,
+            sigma: sigma.name(),
+            method: choice,
+            cg: forms.cg,
+            lowrank: sigma.lowrank_report(),
+            path: QueryPath::Gradients,
+            num_params: p,
+            num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
+        },
+        groups,
+        blocks,
+    })
+}
+
+/// [`seq_delta_variances_with`] with the delta variances split by layer
+/// ([`GroupDeltaVariances`]; a module with parameters is a group).
+#[allow(clippy::too_many_arguments)]
+pub fn seq_group_delta_variances_with(
+    model: &crate::Sequential,
+    qoi: Qoi,
+    queries: &candle_core::Tensor,
+    rollout: usize,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+    engine_opts: &FactoredOptions,
+) -> Result<GroupDeltaVariances> {
+    let engine = crate::engine::FactoredSeq::new(model)?;
+    let p = engine.num_params();
+    let (sigma, choice) = build(strategy, p, opts, fisher)?;
+    let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
+    let forms = sigma.quad_forms_reported(qg.as_ref())?;
+    let groups = tensor_groups(&model.named_tensors());
+    let blocks = crate::calibration::group_delta_variances(qg.as_ref(), &*sigma, &groups)?;
+    Ok(GroupDeltaVariances {
+        result: MlpDeltaVariances {
+            qoi: values,
+            delta_variance: forms.values,
+            sigma: sigma.name(),
+            method: choice,
+            cg: forms.cg,
+            lowrank: sigma.lowrank_report(),
+            path: QueryPath::Gradients,
+            num_params: p,
+            num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
+        },
+        groups,
+        blocks,
     })
 }
 

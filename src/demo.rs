@@ -40,6 +40,19 @@ pub struct DemoPoint {
     pub region: &'static str,
 }
 
+/// The demo's calibration: per-layer scales against one scale, out of sample.
+#[derive(Debug, Clone)]
+pub struct DemoCalibration {
+    /// The fit (on the first half).
+    pub fit: crate::calibration::Calibration,
+    /// Mean NLL on the second half under α·ΔVar + β (α, β fitted on the first half).
+    pub nll_one_scale: f64,
+    /// The one-scale fit's mean NLL on the first half (in sample; `fit.nll` is the per-layer one).
+    pub nll_one_scale_in_sample: f64,
+    /// Mean NLL on the second half under Σ_l s_l ΔVar_l + β.
+    pub nll_per_layer: f64,
+}
+
 /// What the demo produced.
 #[derive(Debug, Clone)]
 pub struct DemoReport {
@@ -54,6 +67,9 @@ pub struct DemoReport {
     /// Uncertainty-quality metrics of ΔVar on 400 held-out points drawn over the whole range
     /// [-6, 6] (errors e = y − f(x) with y = sin x + noise), per Σ.
     pub metrics: Vec<(&'static str, crate::metrics::UncertaintyMetrics)>,
+    /// Learned per-layer scales of the full F⁻¹/N, fitted on the first half of the held-out
+    /// points and scored on the second half against one scale (α, β) fitted on the same half.
+    pub calibration: DemoCalibration,
     /// Wall time.
     pub seconds: f64,
 }
@@ -224,6 +240,55 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
             held(SigmaStrategy::InverseFullEmpiricalFim, true)?,
         ),
     ];
+    // learned per-layer scales: fit on one half of the held-out points, score on the other
+    let g = crate::mlp_group_delta_variances_with(
+        &mlp,
+        Qoi::Sum,
+        &hz,
+        SigmaStrategy::InverseFullEmpiricalFim,
+        &SigmaOptions {
+            damping: 1e-4,
+            posterior_scale: true,
+            ..Default::default()
+        },
+        Some(&crate::FactoredFisher::new(
+            &mlp,
+            lik.clone(),
+            &data,
+            eo.clone(),
+        )?),
+        &eo,
+    )?;
+    let e: Vec<f64> = hy.iter().zip(&g.result.qoi).map(|(y, f)| y - f).collect();
+    let half = m_out / 2;
+    let fit = crate::calibration::fit_calibration(
+        &e[..half],
+        &g.blocks[..half],
+        &g.groups,
+        &g.result.sigma,
+        &Default::default(),
+    )?;
+    let one = crate::metrics::uncertainty_metrics(&e[..half], &g.result.delta_variance[..half])?;
+    let one_cal = crate::calibration::Calibration {
+        groups: vec![crate::calibration::ParamGroup {
+            name: "all".into(),
+            offset: 0,
+            len: g.result.num_params,
+        }],
+        scales: vec![one.alpha],
+        beta: one.beta,
+        ..fit.clone()
+    };
+    let test_total: Vec<Vec<f64>> = g.result.delta_variance[half..]
+        .iter()
+        .map(|v| vec![*v])
+        .collect();
+    let calibration = DemoCalibration {
+        nll_one_scale_in_sample: one.nll,
+        nll_one_scale: crate::calibration::calibrated_nll(&e[half..], &test_total, &one_cal)?,
+        nll_per_layer: crate::calibration::calibrated_nll(&e[half..], &g.blocks[half..], &fit)?,
+        fit,
+    };
     let train: Vec<(f64, f64)> = xs.into_iter().zip(ys).collect();
     let png = match out_dir {
         Some(dir) => {
@@ -243,6 +308,7 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
         train_mse: mse,
         png,
         metrics,
+        calibration,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
@@ -415,6 +481,19 @@ pub fn demo_table(r: &DemoReport) -> String {
             m.nll
         ));
     }
+    let c = &r.calibration;
+    s.push_str(&format!(
+        "\nlearned per-layer scales of full F⁻¹/N (fitted on {} held-out points, scored on the other {}):\n  scales",
+        c.fit.num_points,
+        r.metrics.first().map(|m| m.1.m).unwrap_or(0) - c.fit.num_points
+    ));
+    for (g, sc) in c.fit.groups.iter().zip(&c.fit.scales) {
+        s.push_str(&format!("  layer {}: {sc:.3e}", g.name));
+    }
+    s.push_str(&format!(
+        "  beta {:.3e}\n  mean NLL in sample: one scale {:.3}, one scale per layer {:.3}; out of sample: {:.3}, {:.3}\n",
+        c.fit.beta, c.nll_one_scale_in_sample, c.fit.nll, c.nll_one_scale, c.nll_per_layer
+    ));
     s
 }
 

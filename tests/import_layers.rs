@@ -13,7 +13,7 @@ fn stage(module: &str) -> Option<u32> {
         "engine" => 2,
         "fisher" => 3,
         "sigma" => 4,
-        "delta" | "metrics" => 5,
+        "delta" | "metrics" | "calibration" => 5,
         "seed" | "prelude" => 6,
         "demo" => 7,
         _ => return None,

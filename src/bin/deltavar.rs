@@ -61,6 +61,10 @@ enum Command {
     /// ΔVar on held-out data (the `variance` options, --val-x as the queries) against the errors
     /// of the QoI: the metrics and a PNG.
     Evaluate(EvaluateArgs),
+    /// Fits one Σ scale per layer on held-out data (the `variance` options, --val-x as the
+    /// queries) by the Gaussian likelihood of the errors, and writes them for
+    /// `variance --calibration`.
+    Calibrate(CalibrateArgs),
     /// Trains a small MLP on built-in data with a gap and shows its delta variance.
     Demo(DemoArgs),
 }
@@ -108,6 +112,9 @@ struct VarianceArgs {
     /// Divide Σ by N (the paper's F⁻¹/N).
     #[arg(long)]
     posterior_scale: bool,
+    /// Learned per-layer Σ scales from `deltavar calibrate`: ΔVar = Σ_l s_l·ΔVar_l.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
     /// Memory budget in bytes for dense work.
     #[arg(long)]
     memory_budget: Option<u64>,
@@ -169,6 +176,21 @@ struct EvaluateArgs {
     /// The PNG to draw: |error| against sqrt(ΔVar) and the removal curves.
     #[arg(long, default_value = "evaluation.png")]
     plot: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    v: VarianceArgs,
+    /// Held-out inputs, .npy (shaped like --queries would be).
+    #[arg(long)]
+    val_x: PathBuf,
+    /// Held-out targets, .npy: (M, OUT) floats for output:K and sum, (M,) int64 labels for prob:K.
+    #[arg(long)]
+    val_y: PathBuf,
+    /// Where to write the scales (JSON).
+    #[arg(long, default_value = "calibration.json")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -384,6 +406,9 @@ fn progress_bar(total: usize, quiet: bool) -> indicatif::ProgressBar {
 /// What `variance` computed, with the options its output reports.
 struct Computed {
     out: MlpDeltaVariances,
+    /// The delta variances by layer (for `calibrate` and `--calibration`), and the calibration
+    /// applied to `out.delta_variance`.
+    groups: Option<Groups>,
     /// `--qoi outputs`: the per-query output covariances.
     cov: Option<DeltaCovariances>,
     sigma_name: &'static str,
@@ -394,8 +419,50 @@ struct Computed {
     t0: Instant,
 }
 
-/// The `variance` pipeline: Σ from the training data or a saved Fisher, query gradients, ΔVar.
-fn compute_variances(a: VarianceArgs) -> Result<Computed> {
+/// The per-layer split of a `variance` run.
+struct Groups {
+    groups: Vec<deltavar::calibration::ParamGroup>,
+    blocks: Vec<Vec<f64>>,
+    calibration: Option<deltavar::calibration::Calibration>,
+}
+
+/// Applies `--calibration` (when given) to a per-layer split: the delta variances become
+/// Σ_l s_l·ΔVar_l.
+fn finish_groups(
+    out: &mut MlpDeltaVariances,
+    groups: Vec<deltavar::calibration::ParamGroup>,
+    blocks: Vec<Vec<f64>>,
+    file: Option<&Path>,
+) -> Result<Groups> {
+    let calibration = match file {
+        None => None,
+        Some(f) => {
+            let c = deltavar::calibration::Calibration::load(f)?;
+            c.check_groups(&groups)?;
+            if c.sigma != out.sigma {
+                return Err(Error::invalid(
+                    "--calibration",
+                    f.display(),
+                    format!(
+                        "its scales were fitted for Sigma '{}', this run uses '{}'; calibrate again with this Sigma",
+                        c.sigma, out.sigma
+                    ),
+                ));
+            }
+            out.delta_variance = c.apply(&blocks)?;
+            Some(c)
+        }
+    };
+    Ok(Groups {
+        groups,
+        blocks,
+        calibration,
+    })
+}
+
+/// The `variance` pipeline: Σ from the training data or a saved Fisher, query gradients, ΔVar;
+/// split by layer when `want_groups` or `--calibration`.
+fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
     let VarianceArgs {
         model,
         queries,
@@ -409,11 +476,13 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
         allow_partial,
         damping,
         posterior_scale,
+        calibration,
         memory_budget,
         json,
         rollout,
     } = a;
     let t0 = Instant::now();
+    let split = want_groups || calibration.is_some();
     let queries = queries
         .ok_or_else(|| Error::invalid("--queries", "missing", "give the query inputs (.npy)"))?;
     let qshape = row_shape(&queries)?;
@@ -478,12 +547,13 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
         let s = deltavar::sigma::KfacSigma::new(&f, damping)?;
         let (qg, values) = engine.query_gradients(&qoi, &q, rollout, &eo)?;
         let n = data.len();
-        let dv = if posterior_scale && n > 0 {
-            deltavar::sigma::ScaledSigma::new(s, 1.0 / n as f64)?.quad_forms(qg.as_ref())?
+        let s: Box<dyn deltavar::sigma::SigmaOp> = if posterior_scale && n > 0 {
+            Box::new(deltavar::sigma::ScaledSigma::new(s, 1.0 / n as f64)?)
         } else {
-            s.quad_forms(qg.as_ref())?
+            Box::new(s)
         };
-        let out = MlpDeltaVariances {
+        let dv = s.quad_forms(qg.as_ref())?;
+        let mut out = MlpDeltaVariances {
             qoi: values,
             delta_variance: dv,
             sigma: "kfac".into(),
@@ -494,8 +564,26 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
             num_params: engine.num_params(),
             num_train: n,
         };
+        let groups = if split {
+            let sizes: Vec<(String, usize)> = seq
+                .named_tensors()
+                .into_iter()
+                .map(|(n, t)| (n, t.elem_count()))
+                .collect();
+            let groups = deltavar::calibration::layer_groups(&sizes);
+            let blocks = deltavar::calibration::group_delta_variances(qg.as_ref(), &*s, &groups)?;
+            Some(finish_groups(
+                &mut out,
+                groups,
+                blocks,
+                calibration.as_deref(),
+            )?)
+        } else {
+            None
+        };
         return Ok(Computed {
             out,
+            groups,
             cov: None,
             sigma_name,
             damping,
@@ -557,6 +645,13 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
             ))
         }
     };
+    if outputs && split {
+        return Err(Error::invalid(
+            "--qoi",
+            "outputs",
+            "per-layer scales (calibrate, --calibration) take a scalar QoI (sum, output:K, prob:K)",
+        ));
+    }
     if outputs {
         let c = match &net {
             Model::Mlp(m) => {
@@ -584,7 +679,38 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
         };
         return Ok(Computed {
             out,
+            groups: None,
             cov: Some(c),
+            sigma_name,
+            damping,
+            posterior_scale,
+            rollout,
+            json,
+            t0,
+        });
+    }
+    if split {
+        let g = match &net {
+            Model::Mlp(m) => {
+                mlp_group_delta_variances_with(m, qoi, &q, strategy, &opts, source.as_deref(), &eo)?
+            }
+            Model::Seq(m) => seq_group_delta_variances_with(
+                m,
+                qoi,
+                &q,
+                rollout,
+                strategy,
+                &opts,
+                source.as_deref(),
+                &eo,
+            )?,
+        };
+        let mut out = g.result;
+        let groups = finish_groups(&mut out, g.groups, g.blocks, calibration.as_deref())?;
+        return Ok(Computed {
+            out,
+            groups: Some(groups),
+            cov: None,
             sigma_name,
             damping,
             posterior_scale,
@@ -603,6 +729,7 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
     };
     Ok(Computed {
         out,
+        groups: None,
         cov: None,
         sigma_name,
         damping,
@@ -616,6 +743,7 @@ fn compute_variances(a: VarianceArgs) -> Result<Computed> {
 fn variance(a: VarianceArgs) -> Result<()> {
     let Computed {
         out,
+        groups,
         cov,
         sigma_name,
         damping,
@@ -623,7 +751,7 @@ fn variance(a: VarianceArgs) -> Result<()> {
         rollout,
         json,
         t0,
-    } = compute_variances(a)?;
+    } = compute_variances(a, false)?;
     let seconds = t0.elapsed().as_secs_f64();
     if let (true, Some(c)) = (json, &cov) {
         let k = c.outputs.first().map(|o| o.len()).unwrap_or(0);
@@ -667,6 +795,14 @@ fn variance(a: VarianceArgs) -> Result<()> {
                 "method_reason": out.method.as_ref().map(|m| m.reason.clone()),
                 "cg": out.cg,
                 "lowrank": out.lowrank,
+                "calibration": groups.as_ref().and_then(|g| g.calibration.as_ref()).map(|c| serde_json::json!({
+                    "scales": c.scales,
+                    "groups": c.groups.iter().map(|g| g.name.clone()).collect::<Vec<_>>(),
+                    "beta": c.beta,
+                })),
+                "predictive_variance": groups.as_ref().and_then(|g| g.calibration.as_ref()).map(|c| {
+                    out.delta_variance.iter().map(|v| v + c.beta).collect::<Vec<_>>()
+                }),
                 "path": out.path,
                 "num_params": out.num_params,
                 "num_train": out.num_train,
@@ -858,7 +994,7 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
     }
     let qoi: Qoi = v.qoi.parse()?;
     v.queries = Some(val_x);
-    let c = compute_variances(v)?;
+    let c = compute_variances(v, false)?;
     let targets = qoi_targets(&qoi, &val_y, c.out.qoi.len())?;
     let e: Vec<f64> = targets.iter().zip(&c.out.qoi).map(|(y, f)| y - f).collect();
     let m = deltavar::metrics::uncertainty_metrics(&e, &c.out.delta_variance)?;
@@ -896,6 +1032,86 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
         m.nll,
         plot.display()
     );
+    Ok(())
+}
+
+/// `calibrate`: per-layer Σ scales fitted on held-out data, written as JSON.
+fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let CalibrateArgs {
+        mut v,
+        val_x,
+        val_y,
+        out,
+    } = a;
+    if v.queries.is_some() {
+        return Err(Error::invalid(
+            "--queries",
+            "given",
+            "calibrate reads its queries from --val-x",
+        ));
+    }
+    if v.calibration.is_some() {
+        return Err(Error::invalid(
+            "--calibration",
+            "given",
+            "calibrate fits the scales; give --calibration to variance or evaluate",
+        ));
+    }
+    if v.qoi.trim() == "outputs" {
+        return Err(Error::invalid(
+            "--qoi",
+            "outputs",
+            "calibrate takes a scalar QoI (sum, output:K, prob:K)",
+        ));
+    }
+    let qoi: Qoi = v.qoi.parse()?;
+    v.queries = Some(val_x);
+    let c = compute_variances(v, true)?;
+    let g = c
+        .groups
+        .ok_or_else(|| Error::Unsupported("no per-layer split was computed".into()))?;
+    let targets = qoi_targets(&qoi, &val_y, c.out.qoi.len())?;
+    let e: Vec<f64> = targets.iter().zip(&c.out.qoi).map(|(y, f)| y - f).collect();
+    let fit = deltavar::calibration::fit_calibration(
+        &e,
+        &g.blocks,
+        &g.groups,
+        &c.out.sigma,
+        &deltavar::calibration::CalibrationOptions::default(),
+    )?;
+    // the one-scale fit (α·ΔVar + β) on the same points, to compare
+    let one = deltavar::metrics::uncertainty_metrics(&e, &c.out.delta_variance)?;
+    fit.save(&out)?;
+    let seconds = c.t0.elapsed().as_secs_f64();
+    if c.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "calibration": fit,
+                "nll_one_scale": one.nll,
+                "alpha_one_scale": one.alpha,
+                "beta_one_scale": one.beta,
+                "out": out.display().to_string(),
+                "seconds": seconds,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "{} held-out points, sigma {}: mean NLL {:.6} with one scale per layer, {:.6} with one scale (alpha {:.4e}){}  ({seconds:.3} s) -> {}",
+        fit.num_points,
+        c.sigma_name,
+        fit.nll,
+        one.nll,
+        one.alpha,
+        if fit.converged { "" } else { "; NOT converged" },
+        out.display()
+    );
+    println!("{:>16}  {:>12}  {:>14}", "layer", "parameters", "scale");
+    for (gr, sc) in fit.groups.iter().zip(&fit.scales) {
+        println!("{:>16}  {:>12}  {:>14.6e}", gr.name, gr.len, sc);
+    }
+    println!("{:>16}  {:>12}  {:>14.6e}", "beta", "", fit.beta);
     Ok(())
 }
 
@@ -981,6 +1197,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => merge(a),
         Command::Metrics(a) => metrics(a),
         Command::Evaluate(a) => evaluate(a),
+        Command::Calibrate(a) => calibrate(a),
         Command::Demo(a) => demo(a),
     }
 }
