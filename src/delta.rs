@@ -14,7 +14,7 @@ use crate::qoi::Qoi;
 use crate::sigma::{
     choose_full_method, CgInverseFisher, CgOptions, CustomSigma, DenseSigma, DiagonalSigma,
     FullMethod, IdentitySigma, InverseDiagonalFisher, InverseFullFisher, KernelInverseFisher,
-    LowRankInverseFisher, LowRankOptions, MethodChoice, QuadForms, ScaledSigma, SigmaOp,
+    KernelPrecision, LowRankInverseFisher, LowRankOptions, MethodChoice, QuadForms, ScaledSigma, SigmaOp,
 };
 
 /// How Σ is chosen (the seed's `sigma_strategy`).
@@ -121,6 +121,9 @@ pub struct SigmaOptions {
     pub cg: CgOptions,
     /// Right-hand sides the automatic method choice plans for. Default 16.
     pub expected_queries: usize,
+    /// Precision of the kernel method's factorization. Default [`KernelPrecision::Auto`]
+    /// (f32 factor refined in f64 for N ≥ 1024).
+    pub kernel_precision: KernelPrecision,
 }
 
 impl Default for SigmaOptions {
@@ -132,6 +135,7 @@ impl Default for SigmaOptions {
             full_method: FullMethod::Auto,
             cg: CgOptions::default(),
             expected_queries: 16,
+            kernel_precision: KernelPrecision::Auto,
         }
     }
 }
@@ -297,10 +301,10 @@ fn build_full<'a>(
         opts.memory_budget,
     )?;
     let sigma: Box<dyn SigmaOp + 'a> = match choice.method {
-        FullMethod::Kernel if n > 0 => Box::new(KernelInverseFisher::from_fisher(
-            src,
+        FullMethod::Kernel if n > 0 => Box::new(KernelInverseFisher::with_precision(
+            src.gradient_matrix(opts.memory_budget)?,
             opts.damping,
-            opts.memory_budget,
+            opts.kernel_precision,
         )?),
         FullMethod::Cg if n > 0 => Box::new(CgInverseFisher::from_fisher(
             src,

@@ -60,6 +60,13 @@ fn methods(src: &dyn FisherSource, lam: f64) -> Vec<(&'static str, Box<dyn Sigma
             Box::new(KernelInverseFisher::new(g.clone(), lam).unwrap()),
         ),
         (
+            "kernel-mixed",
+            Box::new(
+                KernelInverseFisher::with_precision(g.clone(), lam, KernelPrecision::Mixed)
+                    .unwrap(),
+            ),
+        ),
+        (
             "cg",
             Box::new(CgInverseFisher::new(g, lam, tight_cg()).unwrap()),
         ),
@@ -409,4 +416,63 @@ fn both_preconditioners_converge_to_the_same_answer() {
     );
     eprintln!("CG iterations to 1e-10: identity {plain}, Jacobi {jacobi}");
     assert!(max_rel_err(&a, &b) < 1e-9);
+}
+
+/// Issue 12: the kernel system factored in f32 and refined in f64 gives the f64 answer; where
+/// f32 cannot carry the system (tiny λ, κ·ε₃₂ ≳ 1) it falls back to the f64 factor, still exact.
+#[test]
+fn mixed_precision_kernel_refines_to_the_f64_answer() {
+    let (mlp, _vm, _p) = random_mlp(&[3, 8, 8, 2], Activation::Tanh, 41);
+    let n = 60;
+    let data = TensorDataset::new(random_tensor(n, 3, 42), random_tensor(n, 2, 43)).unwrap();
+    let f = FactoredFisher::new(
+        &mlp,
+        Likelihood::gaussian(0.5),
+        &data,
+        FactoredOptions::default(),
+    )
+    .unwrap();
+    let qf = f
+        .engine()
+        .query_factors(
+            &Qoi::Sum,
+            &random_tensor(7, 3, 44),
+            &FactoredOptions::default(),
+        )
+        .unwrap();
+    let q = qf.gradients().unwrap();
+    let g = f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
+    for (lam, expect_fallback) in [(1.0, false), (1e-2, false), (1e-9, true)] {
+        let exact =
+            KernelInverseFisher::with_precision(g.clone(), lam, KernelPrecision::F64).unwrap();
+        let mixed =
+            KernelInverseFisher::with_precision(g.clone(), lam, KernelPrecision::Mixed).unwrap();
+        let want = exact.quad_forms(q.as_ref()).unwrap();
+        let got = mixed.quad_forms(q.as_ref()).unwrap();
+        let err = max_rel_err(&got, &want);
+        assert!(err < 1e-10, "λ={lam}: {err:e}");
+        // the factored route against the f64 factor on the same route (at λ = 1e-9 the two
+        // routes' own roundings differ by more than 1e-10 after the 1/λ cancellation)
+        let got = query_delta_variances(&qf, &mixed).unwrap();
+        let want_f = query_delta_variances(&qf, &exact).unwrap();
+        assert!(max_rel_err(&got, &want_f) < 1e-10, "λ={lam} factored");
+        let sg = mixed.apply(q.as_ref()).unwrap();
+        let sw = exact.apply(q.as_ref()).unwrap();
+        assert!(mat_rel_err(&sg, &sw) < 1e-9, "λ={lam} apply");
+        let (steps, fallbacks) = mixed.refinement_stats();
+        if mixed.precision() == KernelPrecision::Mixed {
+            assert!(steps > 0, "λ={lam}: refinement ran");
+            assert_eq!(
+                fallbacks > 0,
+                expect_fallback,
+                "λ={lam}: {steps} steps, {fallbacks} fallbacks"
+            );
+        } else {
+            // the f32 factorization itself failed: only acceptable for the hard case
+            assert!(expect_fallback, "λ={lam}");
+        }
+    }
+    // Auto: f64 below N = 1024
+    let auto = KernelInverseFisher::new(g, 1e-2).unwrap();
+    assert_eq!(auto.precision(), KernelPrecision::F64);
 }

@@ -87,6 +87,9 @@ struct VarianceArgs {
     /// auto | dense | kernel | cg (full-fim only)
     #[arg(long, default_value = "auto")]
     method: String,
+    /// The kernel method's factorization: auto (f32 refined in f64 for N ≥ 1024) | f64 | mixed.
+    #[arg(long, default_value = "auto")]
+    kernel_precision: String,
     /// Training inputs, .npy: (N, IN), or (N, C, H, W) etc. for a seq: model.
     #[arg(long)]
     train_x: Option<PathBuf>,
@@ -469,6 +472,7 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         qoi,
         sigma,
         method,
+        kernel_precision,
         train_x,
         train_y,
         likelihood,
@@ -507,6 +511,18 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         damping,
         posterior_scale,
         full_method: method.parse()?,
+        kernel_precision: match kernel_precision.trim() {
+            "auto" => deltavar::sigma::KernelPrecision::Auto,
+            "f64" => deltavar::sigma::KernelPrecision::F64,
+            "mixed" => deltavar::sigma::KernelPrecision::Mixed,
+            other => {
+                return Err(Error::invalid(
+                    "--kernel-precision",
+                    other,
+                    "expected auto, f64 or mixed",
+                ))
+            }
+        },
         ..Default::default()
     };
     if let Some(b) = memory_budget {

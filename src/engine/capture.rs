@@ -15,6 +15,8 @@
 //! - [`CaptureEngine::per_example_gradients`]: the P×len block of gradients of a range of
 //!   examples (O(P·len)): what the dense, kernel and CG methods use for now.
 //! - [`CaptureEngine::query_gradients`]: QoI gradients of M queries from one pass per batch.
+//! - [`CaptureEngine::kfac_factors`]: the K-FAC factors (Ā, Ḡ per layer reading rows, exact
+//!   diagonal for embeddings and norms) from one pass.
 //!
 //! Examples in a batch must be independent (no batch statistics such as BatchNorm in training
 //! mode). Every parameter of the set must belong to a captured layer: one that does not (a
@@ -354,6 +356,130 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
             values.extend(v);
         }
         Ok((g, values))
+    }
+}
+
+/// One Kronecker-factored layer's running sums in [`CaptureEngine::kfac_factors`].
+struct KfacSums {
+    w_off: usize,
+    b_off: Option<usize>,
+    inp: usize,
+    out: usize,
+    a: Mat<f64>,
+    g: Mat<f64>,
+    uses: f64,
+}
+
+impl<M: Module> CaptureEngine<'_, M> {
+    /// The K-FAC factors of the log-likelihood over `data` (see [`crate::sigma::KfacSigma`]) for
+    /// any network built from [`crate::nn`] layers: per layer that reads input rows (Linear,
+    /// convolution patches), Ā = the mean over every use of [x; 1][x; 1]ᵀ and Ḡ = the mean over
+    /// examples of Σ_uses δδᵀ (the "expand" reduction: sequence positions, pixels, rollout steps
+    /// and shared weights all count as uses); embeddings and norm scales get their exact mean EF
+    /// diagonal. One captured pass; accumulated in f64 with matmuls over each batch's B·T rows;
+    /// memory Σ_l (in + 1)² + out² + O(P) and one batch's rows in f64.
+    pub fn kfac_factors(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &CaptureOptions,
+    ) -> Result<crate::engine::kfac::KfacFactors> {
+        use faer::linalg::matmul::matmul;
+        let p = self.num_params();
+        let n = data.len();
+        let mut diag = vec![0.0f64; p];
+        let mut diag_blocks: Vec<(usize, usize)> = vec![];
+        let mut layers: Vec<KfacSums> = vec![];
+        for (start, len) in self.batches(n, opts.batch_size)? {
+            let (x, y) = data.get(start, len)?;
+            let (_, batch) = self.pass(&x, |f| lik.log_likelihood(f, &y), start)?;
+            data.release(start, len);
+            for l in &batch {
+                let Kind::Rows(xr) = &l.kind else {
+                    add_sum_sq(l, opts, &mut diag)?;
+                    if !diag_blocks.iter().any(|(o, _)| *o == l.w_off) {
+                        diag_blocks.push((l.w_off, l.inp * l.out));
+                        if let Some(b) = l.b_off {
+                            diag_blocks.push((b, l.out));
+                        }
+                    }
+                    continue;
+                };
+                let rows = xr.dim(0)? * xr.dim(1)?;
+                let k = l.inp + usize::from(l.b_off.is_some());
+                let xv = to_f64(xr)?;
+                let dv = to_f64(&l.d)?;
+                let xm =
+                    Mat::<f64>::from_fn(
+                        rows,
+                        k,
+                        |r, c| {
+                            if c < l.inp {
+                                xv[r * l.inp + c]
+                            } else {
+                                1.0
+                            }
+                        },
+                    );
+                let dm = faer::MatRef::from_row_major_slice(&dv, rows, l.out);
+                let i = match layers.iter().position(|s| s.w_off == l.w_off) {
+                    Some(i) => i,
+                    None => {
+                        layers.push(KfacSums {
+                            w_off: l.w_off,
+                            b_off: l.b_off,
+                            inp: l.inp,
+                            out: l.out,
+                            a: Mat::zeros(k, k),
+                            g: Mat::zeros(l.out, l.out),
+                            uses: 0.0,
+                        });
+                        layers.len() - 1
+                    }
+                };
+                let s = &mut layers[i];
+                let par = faer::Par::rayon(0);
+                matmul(
+                    s.a.as_mut(),
+                    faer::Accum::Add,
+                    xm.transpose(),
+                    xm.as_ref(),
+                    1.0,
+                    par,
+                );
+                matmul(s.g.as_mut(), faer::Accum::Add, dm.transpose(), dm, 1.0, par);
+                s.uses += rows as f64;
+            }
+        }
+        crate::error::check_finite("K-FAC diagonal sums (capture engine)", &diag)?;
+        let nf = n.max(1) as f64;
+        let flat = |m: &Mat<f64>, c: f64| -> Result<Vec<f64>> {
+            let v: Vec<f64> = (0..m.nrows())
+                .flat_map(|i| (0..m.ncols()).map(move |j| (i, j)))
+                .map(|(i, j)| m[(i, j)] / c)
+                .collect();
+            crate::error::check_finite("K-FAC factors (capture engine)", &v)?;
+            Ok(v)
+        };
+        let mut f = crate::engine::kfac::KfacFactors {
+            num_params: p,
+            ..Default::default()
+        };
+        for s in &layers {
+            f.layers.push(crate::engine::kfac::KfacLayer {
+                w_off: s.w_off,
+                b_off: s.b_off,
+                inp: s.inp,
+                out: s.out,
+                a: flat(&s.a, s.uses.max(1.0))?,
+                g: flat(&s.g, nf)?,
+            });
+        }
+        for (off, len) in diag_blocks {
+            f.diagonal
+                .push((off, diag[off..off + len].iter().map(|v| v / nf).collect()));
+        }
+        Ok(f)
     }
 }
 

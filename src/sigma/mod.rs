@@ -12,7 +12,7 @@
 //! | [`InverseFullFisher`] | (F + λI)⁻¹ as a Cholesky factor (the "dense" method) | O(P²) |
 //! | [`KernelInverseFisher`] | (F + λI)⁻¹ exactly, via the N×N kernel (Woodbury) | O(N²) + the gradient operator |
 //! | [`CgInverseFisher`] | (F + λI)⁻¹ by preconditioned CG ([`solver`]), all right-hand sides at once | O(P·M) + the preconditioner (O(P·rank) Nyström, O(P) Jacobi) + the gradient operator |
-//! | [`LowRankInverseFisher`] | (U S Uᵀ + D + λI)⁻¹ from F's top-k eigenpairs (Lanczos, Gram or dense) and a diagonal correction, by Woodbury | O(k·P); Lanczos holds O(P·max(4k, 128)) while building |
+//! | [`LowRankInverseFisher`] | (U S Uᵀ + D + λI)⁻¹ from F's top-k eigenpairs (block Lanczos, Gram or dense) and a diagonal correction, by Woodbury | O(k·P); block Lanczos holds 2·P·(products) while building |
 //! | [`KfacSigma`] | (Ā⊗Ḡ + λI)⁻¹ per layer (K-FAC) | Σ_l (in+1)² + out² |
 //! | [`ScaledSigma`] | c·Σ (for example the paper's 1/N) | the inner operator's |
 //!
@@ -39,7 +39,7 @@ pub use full::{choose_full_method, FullMethod, MethodChoice};
 pub use identity::IdentitySigma;
 pub(crate) use inverse_fisher::inverse_fim_diagonal as inverse_fisher_diag_values;
 pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
-pub use kernel::KernelInverseFisher;
+pub use kernel::{KernelInverseFisher, KernelPrecision};
 pub use kfac::{KfacFactors, KfacLayer, KfacSigma};
 pub use lowrank::{
     fisher_top_eigenpairs, FisherEigenpairs, LowRankInverseFisher, LowRankMethod, LowRankOptions,
