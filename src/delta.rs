@@ -14,7 +14,8 @@ use crate::qoi::Qoi;
 use crate::sigma::{
     choose_full_method, CgInverseFisher, CgOptions, CustomSigma, DenseSigma, DiagonalSigma,
     FullMethod, IdentitySigma, InverseDiagonalFisher, InverseFullFisher, KernelInverseFisher,
-    KernelPrecision, LowRankInverseFisher, LowRankOptions, MethodChoice, QuadForms, ScaledSigma, SigmaOp,
+    KernelPrecision, LowRankInverseFisher, LowRankOptions, MethodChoice, QuadForms, ScaledSigma,
+    SigmaOp,
 };
 
 /// How Σ is chosen (the seed's `sigma_strategy`).
@@ -121,8 +122,7 @@ pub struct SigmaOptions {
     pub cg: CgOptions,
     /// Right-hand sides the automatic method choice plans for. Default 16.
     pub expected_queries: usize,
-    /// Precision of the kernel method's factorization. Default [`KernelPrecision::Auto`]
-    /// (f32 factor refined in f64 for N ≥ 1024).
+    /// Precision of the kernel method's factorization. Default [`KernelPrecision::Auto`] (f64).
     pub kernel_precision: KernelPrecision,
 }
 

@@ -472,7 +472,7 @@ fn mixed_precision_kernel_refines_to_the_f64_answer() {
             assert!(expect_fallback, "λ={lam}");
         }
     }
-    // Auto: f64 below N = 1024
+    // Auto: f64
     let auto = KernelInverseFisher::new(g, 1e-2).unwrap();
     assert_eq!(auto.precision(), KernelPrecision::F64);
 }

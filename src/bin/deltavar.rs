@@ -87,7 +87,7 @@ struct VarianceArgs {
     /// auto | dense | kernel | cg (full-fim only)
     #[arg(long, default_value = "auto")]
     method: String,
-    /// The kernel method's factorization: auto (f32 refined in f64 for N ≥ 1024) | f64 | mixed.
+    /// The kernel method's factorization: auto (f64) | f64 | mixed (an f32 factor refined in f64).
     #[arg(long, default_value = "auto")]
     kernel_precision: String,
     /// Training inputs, .npy: (N, IN), or (N, C, H, W) etc. for a seq: model.
