@@ -498,11 +498,26 @@ pub fn seq_delta_variances_with(
     engine_opts: &FactoredOptions,
 ) -> Result<MlpDeltaVariances> {
     let engine = crate::engine::FactoredSeq::new(model)?;
-    let p = engine.num_params();
-    let (sigma, choice) = build(strategy, p, opts, fisher)?;
+    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
     let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
-    let forms = sigma.quad_forms_reported(qg.as_ref())?;
-    Ok(MlpDeltaVariances {
+    Ok(from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, None)?.0)
+}
+
+/// The result of a pipeline whose query gradients are formed (P×M), and with `groups` the
+/// per-layer blocks too.
+fn from_gradients(
+    qg: MatRef<'_, f64>,
+    values: Vec<f64>,
+    sigma: &dyn SigmaOp,
+    choice: Option<MethodChoice>,
+    fisher: Option<&dyn FisherSource>,
+    groups: Option<&[crate::calibration::ParamGroup]>,
+) -> Result<(MlpDeltaVariances, Option<Vec<Vec<f64>>>)> {
+    let forms = sigma.quad_forms_reported(qg)?;
+    let blocks = groups
+        .map(|g| crate::calibration::group_delta_variances(qg, sigma, g))
+        .transpose()?;
+    let out = MlpDeltaVariances {
         qoi: values,
         delta_variance: forms.values,
         sigma: sigma.name(),
@@ -510,9 +525,10 @@ pub fn seq_delta_variances_with(
         cg: forms.cg,
         lowrank: sigma.lowrank_report(),
         path: QueryPath::Gradients,
-        num_params: p,
+        num_params: qg.nrows(),
         num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
-    })
+    };
+    Ok((out, blocks))
 }
 
 /// Delta variances split by parameter group (one group per layer): the ordinary result and
@@ -550,27 +566,21 @@ pub fn mlp_group_delta_variances_with(
     engine_opts: &FactoredOptions,
 ) -> Result<GroupDeltaVariances> {
     let engine = FactoredMlp::new(mlp)?;
-    let p = engine.num_params();
-    let (sigma, choice) = build(strategy, p, opts, fisher)?;
+    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
     let q = engine.query_factors(&qoi, queries, engine_opts)?;
-    let qg = q.gradients()?;
-    let forms = sigma.quad_forms_reported(qg.as_ref())?;
     let groups = tensor_groups(&mlp.named_tensors());
-    let blocks = crate::calibration::group_delta_variances(qg.as_ref(), &*sigma, &groups)?;
+    let (result, blocks) = from_gradients(
+        q.gradients()?.as_ref(),
+        q.values().to_vec(),
+        &*sigma,
+        choice,
+        fisher,
+        Some(&groups),
+    )?;
     Ok(GroupDeltaVariances {
-        result: MlpDeltaVariances {
-            qoi: q.values().to_vec(),
-            delta_variance: forms.values,
-            sigma: sigma.name(),
-            method: choice,
-            cg: forms.cg,
-            lowrank: sigma.lowrank_report(),
-            path: QueryPath::Gradients,
-            num_params: p,
-            num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
-        },
+        result,
         groups,
-        blocks,
+        blocks: blocks.unwrap_or_default(),
     })
 }
 
@@ -588,26 +598,15 @@ pub fn seq_group_delta_variances_with(
     engine_opts: &FactoredOptions,
 ) -> Result<GroupDeltaVariances> {
     let engine = crate::engine::FactoredSeq::new(model)?;
-    let p = engine.num_params();
-    let (sigma, choice) = build(strategy, p, opts, fisher)?;
+    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
     let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
-    let forms = sigma.quad_forms_reported(qg.as_ref())?;
     let groups = tensor_groups(&model.named_tensors());
-    let blocks = crate::calibration::group_delta_variances(qg.as_ref(), &*sigma, &groups)?;
+    let (result, blocks) =
+        from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, Some(&groups))?;
     Ok(GroupDeltaVariances {
-        result: MlpDeltaVariances {
-            qoi: values,
-            delta_variance: forms.values,
-            sigma: sigma.name(),
-            method: choice,
-            cg: forms.cg,
-            lowrank: sigma.lowrank_report(),
-            path: QueryPath::Gradients,
-            num_params: p,
-            num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
-        },
+        result,
         groups,
-        blocks,
+        blocks: blocks.unwrap_or_default(),
     })
 }
 

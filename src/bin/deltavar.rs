@@ -994,22 +994,7 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
         val_y,
         plot,
     } = a;
-    if v.queries.is_some() {
-        return Err(Error::invalid(
-            "--queries",
-            "given",
-            "evaluate reads its queries from --val-x",
-        ));
-    }
-    if v.qoi.trim() == "outputs" {
-        return Err(Error::invalid(
-            "--qoi",
-            "outputs",
-            "evaluate takes a scalar QoI (sum, output:K, prob:K)",
-        ));
-    }
-    let qoi: Qoi = v.qoi.parse()?;
-    v.queries = Some(val_x);
+    let qoi = held_out_queries(&mut v, val_x, "evaluate")?;
     let c = compute_variances(v, false)?;
     let targets = qoi_targets(&qoi, &val_y, c.out.qoi.len())?;
     let e: Vec<f64> = targets.iter().zip(&c.out.qoi).map(|(y, f)| y - f).collect();
@@ -1051,6 +1036,27 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
     Ok(())
 }
 
+/// For the held-out subcommands: --val-x becomes the queries (--queries refused) and the QoI
+/// must be scalar; returns it.
+fn held_out_queries(v: &mut VarianceArgs, val_x: PathBuf, cmd: &str) -> Result<Qoi> {
+    if v.queries.is_some() {
+        return Err(Error::invalid(
+            "--queries",
+            "given",
+            format!("{cmd} reads its queries from --val-x"),
+        ));
+    }
+    if v.qoi.trim() == "outputs" {
+        return Err(Error::invalid(
+            "--qoi",
+            "outputs",
+            format!("{cmd} takes a scalar QoI (sum, output:K, prob:K)"),
+        ));
+    }
+    v.queries = Some(val_x);
+    v.qoi.parse()
+}
+
 /// `calibrate`: per-layer Σ scales fitted on held-out data, written as JSON.
 fn calibrate(a: CalibrateArgs) -> Result<()> {
     let CalibrateArgs {
@@ -1059,13 +1065,6 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         val_y,
         out,
     } = a;
-    if v.queries.is_some() {
-        return Err(Error::invalid(
-            "--queries",
-            "given",
-            "calibrate reads its queries from --val-x",
-        ));
-    }
     if v.calibration.is_some() {
         return Err(Error::invalid(
             "--calibration",
@@ -1073,15 +1072,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
             "calibrate fits the scales; give --calibration to variance or evaluate",
         ));
     }
-    if v.qoi.trim() == "outputs" {
-        return Err(Error::invalid(
-            "--qoi",
-            "outputs",
-            "calibrate takes a scalar QoI (sum, output:K, prob:K)",
-        ));
-    }
-    let qoi: Qoi = v.qoi.parse()?;
-    v.queries = Some(val_x);
+    let qoi = held_out_queries(&mut v, val_x, "calibrate")?;
     let c = compute_variances(v, true)?;
     let g = c
         .groups

@@ -156,19 +156,9 @@ impl<'a> KernelInverseFisher<'a> {
 
     /// (NλI + K)⁻¹ B for an N×k block, or with `half`, L⁻¹B for the f64 factor L (the
     /// quadratic forms need only ‖L⁻¹b‖² = bᵀ(NλI+K)⁻¹b); returns whether it is the half solve.
-    fn solve(&self, mut b: Mat<f64>, half: bool) -> Result<(Mat<f64>, bool)> {
+    fn solve(&self, b: Mat<f64>, half: bool) -> Result<(Mat<f64>, bool)> {
         match &self.factor {
-            Factor::F64(l) => {
-                solve_lower_triangular_in_place(l.as_ref(), b.as_mut(), Par::rayon(0));
-                if !half {
-                    solve_upper_triangular_in_place(
-                        l.as_ref().transpose(),
-                        b.as_mut(),
-                        Par::rayon(0),
-                    );
-                }
-                Ok((b, half))
-            }
+            Factor::F64(l) => Ok((solve_f64(l, b, half), half)),
             Factor::Mixed {
                 a,
                 l32,
@@ -237,15 +227,7 @@ impl<'a> KernelInverseFisher<'a> {
                     })
                     .as_ref()
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
-                solve_lower_triangular_in_place(l.as_ref(), b.as_mut(), Par::rayon(0));
-                if !half {
-                    solve_upper_triangular_in_place(
-                        l.as_ref().transpose(),
-                        b.as_mut(),
-                        Par::rayon(0),
-                    );
-                }
-                Ok((b, half))
+                Ok((solve_f64(l, b, half), half))
             }
         }
     }
@@ -275,6 +257,15 @@ impl<'a> KernelInverseFisher<'a> {
             .collect();
         finish("inverse_full_empirical_fim (kernel)", out)
     }
+}
+
+/// L⁻¹B, or with `half` false L⁻ᵀL⁻¹B, for the f64 factor L.
+fn solve_f64(l: &Mat<f64>, mut b: Mat<f64>, half: bool) -> Mat<f64> {
+    solve_lower_triangular_in_place(l.as_ref(), b.as_mut(), Par::rayon(0));
+    if !half {
+        solve_upper_triangular_in_place(l.as_ref().transpose(), b.as_mut(), Par::rayon(0));
+    }
+    b
 }
 
 /// The f32 Cholesky factor of a (symmetric, lower triangle read) f64 matrix, or `None` when it
