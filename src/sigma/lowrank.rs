@@ -106,7 +106,8 @@ pub struct FisherEigenpairs {
     pub vectors: Mat<f64>,
     /// S: the k eigenvalues, descending, ≥ 0.
     pub values: Vec<f64>,
-    /// ‖F uⱼ − sⱼ uⱼ‖₂ for each pair, recomputed from one F·U after the solve.
+    /// ‖F uⱼ − sⱼ uⱼ‖₂ for each pair: from one F·U after the dense and Gram solves, from the
+    /// products the Lanczos solve stored (no extra product).
     pub residuals: Vec<f64>,
     /// The eigensolver that ran (never `Auto`).
     pub method: LowRankMethod,
@@ -203,6 +204,16 @@ pub fn fisher_top_eigenpairs(
     src: &dyn FisherSource,
     opts: &LowRankOptions,
 ) -> Result<FisherEigenpairs> {
+    top_eigenpairs(src, opts, None)
+}
+
+/// [`fisher_top_eigenpairs`], reusing the mean Fisher diagonal when the caller has it (the
+/// Lanczos route needs only its sum, the trace).
+fn top_eigenpairs(
+    src: &dyn FisherSource,
+    opts: &LowRankOptions,
+    mean_diag: Option<&[f64]>,
+) -> Result<FisherEigenpairs> {
     let (p, n) = (src.num_params(), src.num_examples());
     if opts.rank == 0 {
         return Err(Error::invalid(
@@ -236,13 +247,15 @@ pub fn fisher_top_eigenpairs(
         LowRankMethod::Auto => LowRankMethod::Lanczos,
         m => m,
     };
-    let (op, vectors, values, matvecs, trace) = match method {
+    // the Lanczos route brings its residuals (from the products it stored); the others get
+    // them from one F·U below
+    let (op, vectors, values, residuals, matvecs, trace) = match method {
         LowRankMethod::Dense => {
             let f = src.fisher_dense(opts.memory_budget)?.mean();
             let trace: f64 = (0..p).map(|i| f[(i, i)]).sum();
             let (u, s) = sym_eigen(f.as_ref(), "the dense Fisher")?;
             let u = u.subcols(0, k).to_owned();
-            (FisherOperator::Dense(f), u, s[..k].to_vec(), 0, trace)
+            (FisherOperator::Dense(f), u, s[..k].to_vec(), None, 0, trace)
         }
         LowRankMethod::Gram => {
             let g = src.gradient_matrix(opts.memory_budget)?;
@@ -267,14 +280,17 @@ pub fn fisher_top_eigenpairs(
                 u.col_mut(j).iter_mut().for_each(|x| *x *= inv);
                 values.push(l / n as f64);
             }
-            (FisherOperator::Gradients(g), u, values, 0, trace)
+            (FisherOperator::Gradients(g), u, values, None, 0, trace)
         }
         _ => {
             let g = src.gradient_matrix(opts.memory_budget)?;
-            let trace = src.fisher_diag()?.mean().iter().sum::<f64>();
+            let trace = match mean_diag {
+                Some(d) => d.iter().sum::<f64>(),
+                None => src.fisher_diag()?.mean().iter().sum::<f64>(),
+            };
             let op = FisherOperator::Gradients(g);
-            let (u, s, count) = lanczos(&op, p, k, opts)?;
-            (op, u, s, count, trace)
+            let (u, s, res, count) = lanczos(&op, p, k, opts)?;
+            (op, u, s, Some(res), count, trace)
         }
     };
     check_finite("Fisher eigenvalues", &values)?;
@@ -286,18 +302,23 @@ pub fn fisher_top_eigenpairs(
         .count();
     let vectors = vectors.subcols(0, keep).to_owned();
     let values: Vec<f64> = values[..keep].to_vec();
-    let fu = op.apply(vectors.as_ref())?;
-    let residuals: Vec<f64> = (0..keep)
-        .map(|j| {
-            (0..p)
-                .map(|i| {
-                    let r = fu[(i, j)] - values[j] * vectors[(i, j)];
-                    r * r
+    let residuals: Vec<f64> = match residuals {
+        Some(r) => r[..keep].to_vec(),
+        None => {
+            let fu = op.apply(vectors.as_ref())?;
+            (0..keep)
+                .map(|j| {
+                    (0..p)
+                        .map(|i| {
+                            let r = fu[(i, j)] - values[j] * vectors[(i, j)];
+                            r * r
+                        })
+                        .sum::<f64>()
+                        .sqrt()
                 })
-                .sum::<f64>()
-                .sqrt()
-        })
-        .collect();
+                .collect()
+        }
+    };
     check_finite("Fisher eigenpair residuals", &residuals)?;
     Ok(FisherEigenpairs {
         vectors,
@@ -354,7 +375,7 @@ fn lanczos(
     p: usize,
     k: usize,
     opts: &LowRankOptions,
-) -> Result<(Mat<f64>, Vec<f64>, usize)> {
+) -> Result<(Mat<f64>, Vec<f64>, Vec<f64>, usize)> {
     let b = if opts.block > 0 {
         opts.block
     } else {
@@ -399,21 +420,22 @@ fn lanczos(
         let u = &q * yk;
         let fu = &w * yk;
         let s1 = theta.first().copied().unwrap_or(0.0).max(0.0);
-        let worst = (0..kk)
+        let res: Vec<f64> = (0..kk)
             .map(|j| {
                 (0..p)
                     .map(|i| (fu[(i, j)] - theta[j] * u[(i, j)]).powi(2))
                     .sum::<f64>()
                     .sqrt()
             })
-            .fold(0.0f64, f64::max);
+            .collect();
+        let worst = res.iter().copied().fold(0.0f64, f64::max);
         let exhausted = m >= p;
         if kk == k && worst <= opts.tol * s1.max(f64::MIN_POSITIVE) || exhausted || s1 == 0.0 {
-            return Ok((u, theta[..kk].to_vec(), products));
+            return Ok((u, theta[..kk].to_vec(), res, products));
         }
         if products + b > max_products {
             if opts.accept_unconverged && kk == k {
-                return Ok((u, theta[..kk].to_vec(), products));
+                return Ok((u, theta[..kk].to_vec(), res, products));
             }
             return Err(Error::NotConverged {
                 what: format!("block Lanczos for the top {k} Fisher eigenpairs"),
@@ -433,7 +455,7 @@ fn lanczos(
         let next = orthonormal_block(q.as_ref(), last);
         if next.ncols() == 0 {
             // an invariant subspace: the Ritz pairs are exact
-            return Ok((u, theta[..kk].to_vec(), products));
+            return Ok((u, theta[..kk].to_vec(), res, products));
         }
         let wn = op.apply(next.as_ref())?;
         products += next.ncols();
@@ -485,12 +507,13 @@ impl LowRankInverseFisher {
         opts: &LowRankOptions,
     ) -> Result<Self> {
         check_damping(damping)?;
-        let eig = fisher_top_eigenpairs(src, opts)?;
+        // one diagonal pass serves both the correction D and the Lanczos trace
         let diag = if opts.diagonal {
             Some(src.fisher_diag()?.mean())
         } else {
             None
         };
+        let eig = top_eigenpairs(src, opts, diag.as_deref())?;
         Self::new(eig, diag.as_deref(), damping)
     }
 
