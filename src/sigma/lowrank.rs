@@ -289,8 +289,8 @@ fn top_eigenpairs(
                 None => src.fisher_diag()?.mean().iter().sum::<f64>(),
             };
             let op = FisherOperator::Gradients(g);
-            let (u, s, res, count) = lanczos(&op, p, k, opts)?;
-            (op, u, s, Some(res), count, trace)
+            let r = lanczos(&op, p, k, opts)?;
+            (op, r.u, r.theta, Some(r.res), r.products, trace)
         }
     };
     check_finite("Fisher eigenvalues", &values)?;
@@ -365,17 +365,20 @@ fn orthonormal_block(q: MatRef<'_, f64>, mut z: Mat<f64>) -> Mat<f64> {
     out.qr().compute_thin_Q()
 }
 
+/// What the block Lanczos returns: Ritz vectors, values, residuals and the products used.
+struct Ritz {
+    u: Mat<f64>,
+    theta: Vec<f64>,
+    res: Vec<f64>,
+    products: usize,
+}
+
 /// Block Lanczos (a block Krylov space with full reorthogonalisation) and Rayleigh–Ritz over
-/// F·V: (U, S, products used). The space grows by one block of b columns per step (one F·V of
+/// F·V. The space grows by one block of b columns per step (one F·V of
 /// b columns: the Fisher products cost the same per column in a block, so blocks buy level-3
 /// orthogonalisation, not cheaper products); after each step the top-k Ritz pairs and their
 /// residuals ‖F u − θ u‖ come from the stored F·Q without another product.
-fn lanczos(
-    op: &FisherOperator<'_>,
-    p: usize,
-    k: usize,
-    opts: &LowRankOptions,
-) -> Result<(Mat<f64>, Vec<f64>, Vec<f64>, usize)> {
+fn lanczos(op: &FisherOperator<'_>, p: usize, k: usize, opts: &LowRankOptions) -> Result<Ritz> {
     let b = if opts.block > 0 {
         opts.block
     } else {
@@ -431,11 +434,21 @@ fn lanczos(
         let worst = res.iter().copied().fold(0.0f64, f64::max);
         let exhausted = m >= p;
         if kk == k && worst <= opts.tol * s1.max(f64::MIN_POSITIVE) || exhausted || s1 == 0.0 {
-            return Ok((u, theta[..kk].to_vec(), res, products));
+            return Ok(Ritz {
+                u,
+                theta: theta[..kk].to_vec(),
+                res,
+                products,
+            });
         }
         if products + b > max_products {
             if opts.accept_unconverged && kk == k {
-                return Ok((u, theta[..kk].to_vec(), res, products));
+                return Ok(Ritz {
+                    u,
+                    theta: theta[..kk].to_vec(),
+                    res,
+                    products,
+                });
             }
             return Err(Error::NotConverged {
                 what: format!("block Lanczos for the top {k} Fisher eigenpairs"),
@@ -455,7 +468,12 @@ fn lanczos(
         let next = orthonormal_block(q.as_ref(), last);
         if next.ncols() == 0 {
             // an invariant subspace: the Ritz pairs are exact
-            return Ok((u, theta[..kk].to_vec(), res, products));
+            return Ok(Ritz {
+                u,
+                theta: theta[..kk].to_vec(),
+                res,
+                products,
+            });
         }
         let wn = op.apply(next.as_ref())?;
         products += next.ncols();
