@@ -499,8 +499,57 @@ pub fn seq_delta_variances_with(
 ) -> Result<MlpDeltaVariances> {
     let engine = crate::engine::FactoredSeq::new(model)?;
     let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
+    if rollout == 1 && sigma.diagonal().is_none() {
+        // the kernel Σ takes the queries layer by layer (no P×M block for factored layers)
+        let (ql, values) = engine.query_layered_gradients(
+            &qoi,
+            queries,
+            engine_opts,
+            crate::engine::LayerRoute::Auto,
+        )?;
+        let (forms, path) = layered_delta_variances_reported(&ql, &*sigma)?;
+        return Ok(MlpDeltaVariances {
+            qoi: values,
+            delta_variance: forms.values,
+            sigma: sigma.name(),
+            method: choice,
+            cg: forms.cg,
+            lowrank: sigma.lowrank_report(),
+            path,
+            num_params: engine.num_params(),
+            num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
+        });
+    }
     let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
     Ok(from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, None)?.0)
+}
+
+/// ΔVarⱼ = qⱼᵀ Σ qⱼ for query gradients held layer by layer
+/// ([`crate::engine::LayeredGradients`], from [`crate::engine::FactoredSeq::query_layered_gradients`]
+/// or [`crate::engine::CaptureEngine::query_layered_gradients`]), with the route taken: the
+/// kernel Σ over a layered gradient operator of the same layout takes them pair by pair
+/// ([`QueryPath::Factored`]); any other Σ gets the formed P×M block.
+pub fn layered_delta_variances_reported(
+    q: &crate::engine::LayeredGradients,
+    sigma: &dyn SigmaOp,
+) -> Result<(QuadForms, QueryPath)> {
+    use crate::engine::GradientMatrix;
+    if sigma.dim() != q.num_params() {
+        return Err(Error::shape(
+            format!(
+                "Sigma '{}' (its size must equal the number of parameters P)",
+                sigma.name()
+            ),
+            format!("P = {}", q.num_params()),
+            format!("P = {}", sigma.dim()),
+        ));
+    }
+    if let Some(r) = sigma.quad_forms_layered(q) {
+        let values = crate::sigma::finish(&sigma.name(), r?)?;
+        return Ok((QuadForms { values, cg: None }, QueryPath::Factored));
+    }
+    let r = sigma.quad_forms_reported(q.to_dense().as_ref())?;
+    Ok((r, QueryPath::Gradients))
 }
 
 /// The result of a pipeline whose query gradients are formed (P×M), and with `groups` the

@@ -69,11 +69,12 @@ pub mod sigma;
 
 pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, TensorDataset};
 pub use delta::{
-    build_sigma, delta_covariances, delta_variances, mlp_delta_covariances_with,
-    mlp_delta_variances, mlp_delta_variances_with, mlp_group_delta_variances_with,
-    query_delta_variances, query_delta_variances_reported, seq_delta_covariances_with,
-    seq_delta_variances_with, seq_group_delta_variances_with, BuiltSigma, DeltaCovariances,
-    GroupDeltaVariances, MlpDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
+    build_sigma, delta_covariances, delta_variances, layered_delta_variances_reported,
+    mlp_delta_covariances_with, mlp_delta_variances, mlp_delta_variances_with,
+    mlp_group_delta_variances_with, query_delta_variances, query_delta_variances_reported,
+    seq_delta_covariances_with, seq_delta_variances_with, seq_group_delta_variances_with,
+    BuiltSigma, DeltaCovariances, GroupDeltaVariances, MlpDeltaVariances, QueryPath, SigmaOptions,
+    SigmaStrategy,
 };
 pub use engine::{
     qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions,

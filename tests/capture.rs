@@ -71,6 +71,81 @@ fn cnn_problem() -> (Cnn, VarMap, Params, TensorDataset, Tensor) {
     (cnn, vm, params, data, q)
 }
 
+/// The layered gradient operator, under every route, equals the dense block `g` (P×N): G·V,
+/// Gᵀ·U, the Gram matrix and the squared sums.
+fn check_layered<M: Module + Sync>(
+    engine: &CaptureEngine<'_, M>,
+    lik: &Likelihood,
+    data: &dyn Dataset,
+    g: &faer::Mat<f64>,
+    queries: &Tensor,
+    bs: usize,
+) {
+    use deltavar::engine::{GradientMatrix, LayerRoute};
+    let (qg, qv) = engine
+        .query_gradients(&Qoi::Sum, queries, &opts(bs))
+        .unwrap();
+    let (p, n) = (g.nrows(), g.ncols());
+    let v = faer::Mat::from_fn(p, 2, |i, j| pseudo_random(2 * p, 81)[i * 2 + j]);
+    let u = faer::Mat::from_fn(n, 3, |i, j| pseudo_random(3 * n, 82)[i * 3 + j]);
+    let sq: Vec<f64> = (0..p)
+        .map(|i| (0..n).map(|j| g[(i, j)] * g[(i, j)]).sum())
+        .collect();
+    let mut factored_somewhere = false;
+    for route in [
+        LayerRoute::Auto,
+        LayerRoute::Materialise,
+        LayerRoute::Factor,
+    ] {
+        let lg = engine
+            .layered_gradients(lik, data, &opts(bs), route, 1 << 30)
+            .unwrap();
+        let routes = lg.layer_routes();
+        factored_somewhere |= routes.iter().any(|(_, f)| *f);
+        if route == LayerRoute::Materialise {
+            assert!(routes.iter().all(|(_, f)| !*f));
+        }
+        assert!(
+            mat_rel_err(&lg.jv(v.as_ref()).unwrap(), &(g.transpose() * &v)) < 1e-12,
+            "{route:?}"
+        );
+        assert!(
+            mat_rel_err(&lg.jtu(u.as_ref()).unwrap(), &(g * &u)) < 1e-12,
+            "{route:?}"
+        );
+        assert!(
+            mat_rel_err(&lg.gram().unwrap(), &(g.transpose() * g)) < 1e-12,
+            "{route:?}"
+        );
+        assert!(
+            norm_rel_err(&lg.diag_sums().unwrap(), &sq) < 1e-12,
+            "{route:?}"
+        );
+        // the queries held the same way: values, gradients and G·q pair by pair
+        let (ql, values) = engine
+            .query_layered_gradients(&Qoi::Sum, queries, &opts(bs), route, 1 << 30)
+            .unwrap();
+        assert!(max_rel_err(&values, &qv) < 1e-14);
+        assert!(mat_rel_err(&ql.to_dense(), &qg) < 1e-12, "{route:?}");
+        let cross = lg.cross_gram_layered(&ql).unwrap().unwrap();
+        assert!(
+            mat_rel_err(&cross, &(g.transpose() * &qg)) < 1e-12,
+            "{route:?}"
+        );
+        let norms: Vec<f64> = (0..qg.ncols())
+            .map(|j| (0..p).map(|i| qg[(i, j)] * qg[(i, j)]).sum())
+            .collect();
+        assert!(max_rel_err(&ql.sq_norms(), &norms) < 1e-12, "{route:?}");
+    }
+    assert!(factored_somewhere);
+    // too small a budget is an error naming it, not an allocation failure
+    let err = engine
+        .layered_gradients(lik, data, &opts(bs), LayerRoute::Auto, 16)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("memory budget"), "{err}");
+}
+
 fn opts(bs: usize) -> CaptureOptions {
     CaptureOptions {
         batch_size: bs,
@@ -521,6 +596,7 @@ fn transformer_capture_matches_the_generic_path_and_finite_differences() {
         .unwrap();
     let gw = generic.per_example_gradients(0, n).unwrap();
     assert!(mat_rel_err(&g, &gw) < 1e-10, "{}", mat_rel_err(&g, &gw));
+    check_layered(&engine, &lik, &data, &g, &tok, 4);
     let (qg, _) = engine
         .query_gradients(&Qoi::Prob(1), &tok, &opts(4))
         .unwrap();
@@ -724,7 +800,7 @@ fn conv1d_capture_matches_the_generic_path() {
     let params = Params::from_varmap(&vm, ParamOrder::Natural).unwrap();
     let n = 7;
     let x = Tensor::from_vec(pseudo_random(n * 24, 41), (n, 2, 12), &Device::Cpu).unwrap();
-    let data = TensorDataset::new(x, random_tensor(n, 2, 42)).unwrap();
+    let data = TensorDataset::new(x.clone(), random_tensor(n, 2, 42)).unwrap();
     let lik = Likelihood::gaussian(0.5);
     let generic = GenericFisher::new(&params, lik.of(&net), &data, GenericOptions::default());
     let engine = CaptureEngine::new(&net, &params);
@@ -750,6 +826,7 @@ fn conv1d_capture_matches_the_generic_path() {
     );
     assert!(max_rel_err(&got, want.sums()) < 1e-10);
     assert!(mat_rel_err(&g, &gw) < 1e-10);
+    check_layered(&engine, &lik, &data, &g, &x.narrow(0, 1, 4).unwrap(), 3);
 }
 
 /// candle 0.11.1's conv1d backward is wrong for every example of a batch but the first; ours
@@ -893,4 +970,5 @@ fn streamed_captured_gradients_match_the_block() {
         .map(|i| (0..n).map(|j| g[(i, j)] * g[(i, j)]).sum())
         .collect();
     assert!(max_rel_err(&streamed.diag_sums().unwrap(), &sq) < 1e-10);
+    check_layered(&engine, &lik, &data, &g, &_q, 4);
 }

@@ -531,3 +531,120 @@ fn hostile_architectures_and_inputs_are_errors() {
     let z = Tensor::zeros((2, 3, 11, 9), DType::F64, &Device::Cpu).unwrap();
     assert!(engine.query_gradients(&Qoi::Sum, &z, 1, &eo(4)).is_err());
 }
+
+/// The layered gradient operator (each Linear or convolution factored or materialised) equals
+/// the dense block under every route: G·V, Gᵀ·U, the Gram matrix, the squared sums, the
+/// queries' cross-Gram and norms; the kernel Σ through layered queries equals the kernel Σ on
+/// formed query gradients and a dense f64 inverse.
+#[test]
+fn layered_gradients_match_the_dense_block_under_every_route() {
+    use deltavar::engine::{DenseGradients, GradientMatrix, LayerRoute};
+    use std::sync::Arc;
+    let (model, data, q) = zoo();
+    let engine = FactoredSeq::new(&model).unwrap();
+    let lik = Likelihood::Categorical;
+    let n = data.len();
+    let g = engine
+        .per_example_gradients(&lik, &data, 0, n, &eo(3))
+        .unwrap();
+    let p = g.nrows();
+    let (qg, qv) = engine
+        .query_gradients(&Qoi::Prob(1), &q, 1, &eo(3))
+        .unwrap();
+    let v = faer::Mat::from_fn(p, 2, |i, j| pseudo_random(2 * p, 91)[i * 2 + j]);
+    let u = faer::Mat::from_fn(n, 3, |i, j| pseudo_random(3 * n, 92)[i * 3 + j]);
+    let sq: Vec<f64> = (0..p)
+        .map(|i| (0..n).map(|j| g[(i, j)] * g[(i, j)]).sum())
+        .collect();
+    let qnorms: Vec<f64> = (0..qg.ncols())
+        .map(|j| (0..p).map(|i| qg[(i, j)] * qg[(i, j)]).sum())
+        .collect();
+    let lam = 1e-3;
+    // dense f64 reference: qᵀ (GGᵀ/N + λI)⁻¹ q
+    let mut f = &g * g.transpose() * faer::Scale(1.0 / n as f64);
+    for i in 0..p {
+        f[(i, i)] += lam;
+    }
+    let inv = gauss_jordan_inverse(&to_rows(f.as_ref()));
+    let want: Vec<f64> = (0..qg.ncols())
+        .map(|j| {
+            let qj: Vec<f64> = (0..p).map(|i| qg[(i, j)]).collect();
+            bilinear(&qj, &inv, &qj)
+        })
+        .collect();
+    for route in [
+        LayerRoute::Auto,
+        LayerRoute::Materialise,
+        LayerRoute::Factor,
+    ] {
+        let lg = engine
+            .layered_gradients(&lik, &data, &eo(3), route, 1 << 30)
+            .unwrap();
+        let factored = lg.layer_routes().iter().filter(|(_, f)| *f).count();
+        match route {
+            LayerRoute::Materialise => assert_eq!(factored, 0),
+            // both convolutions, the Linear on rows and the last Linear
+            LayerRoute::Factor => assert_eq!(factored, 4),
+            LayerRoute::Auto => {}
+        }
+        assert!(mat_rel_err(&lg.jv(v.as_ref()).unwrap(), &(g.transpose() * &v)) < 1e-12);
+        assert!(mat_rel_err(&lg.jtu(u.as_ref()).unwrap(), &(&g * &u)) < 1e-12);
+        assert!(mat_rel_err(&lg.gram().unwrap(), &(g.transpose() * &g)) < 1e-12);
+        assert!(norm_rel_err(&lg.diag_sums().unwrap(), &sq) < 1e-12);
+        let (ql, values) = engine
+            .query_layered_gradients(&Qoi::Prob(1), &q, &eo(3), route)
+            .unwrap();
+        assert!(max_rel_err(&values, &qv) < 1e-14);
+        assert!(mat_rel_err(&ql.to_dense(), &qg) < 1e-12);
+        assert!(max_rel_err(&ql.sq_norms(), &qnorms) < 1e-12);
+        let cross = lg.cross_gram_layered(&ql).unwrap().unwrap();
+        assert!(mat_rel_err(&cross, &(g.transpose() * &qg)) < 1e-12);
+        let kernel = KernelInverseFisher::new(Arc::new(lg), lam).unwrap();
+        let layered = kernel.quad_forms_layered(&ql).unwrap().unwrap();
+        assert!(max_rel_err(&layered, &kernel.quad_forms(qg.as_ref()).unwrap()) < 1e-10);
+        assert!(max_rel_err(&layered, &want) < 1e-8, "{route:?}");
+        let (forms, path) = layered_delta_variances_reported(&ql, &kernel).unwrap();
+        assert_eq!(path, QueryPath::Factored);
+        assert!(max_rel_err(&forms.values, &layered) < 1e-14);
+    }
+    // queries laid out differently from the data: the kernel declines, the driver forms them
+    let lg = engine
+        .layered_gradients(&lik, &data, &eo(3), LayerRoute::Materialise, 1 << 30)
+        .unwrap();
+    let kernel = KernelInverseFisher::new(Arc::new(lg), lam).unwrap();
+    let (ql, _) = engine
+        .query_layered_gradients(&Qoi::Prob(1), &q, &eo(3), LayerRoute::Factor)
+        .unwrap();
+    assert!(kernel.quad_forms_layered(&ql).is_none());
+    let (forms, path) = layered_delta_variances_reported(&ql, &kernel).unwrap();
+    assert_eq!(path, QueryPath::Gradients);
+    assert!(max_rel_err(&forms.values, &want) < 1e-8);
+    // the dense operator declines layered queries too
+    let dense = KernelInverseFisher::new(Arc::new(DenseGradients::new(g.clone())), lam).unwrap();
+    assert!(dense.quad_forms_layered(&ql).is_none());
+    // the Fisher source hands out the layered operator; the end-to-end kernel result matches
+    let fisher = SeqFisher::new(&model, lik.clone(), &data, eo(3)).unwrap();
+    let out = seq_delta_variances_with(
+        &model,
+        Qoi::Prob(1),
+        &q,
+        1,
+        SigmaStrategy::InverseFullEmpiricalFim,
+        &SigmaOptions {
+            damping: lam,
+            full_method: FullMethod::Kernel,
+            ..Default::default()
+        },
+        Some(&fisher),
+        &eo(3),
+    )
+    .unwrap();
+    assert_eq!(out.path, QueryPath::Factored);
+    assert!(max_rel_err(&out.delta_variance, &want) < 1e-8);
+    // a budget too small for the layered store is an error that names it
+    let err = engine
+        .layered_gradients(&lik, &data, &eo(3), LayerRoute::Auto, 64)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("memory budget"), "{err}");
+}

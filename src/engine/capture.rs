@@ -335,6 +335,157 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
         Ok(g)
     }
 
+    /// The layers' shapes, read from a captured pass over the first example of `data`.
+    pub(crate) fn layer_shapes(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+    ) -> Result<Vec<super::layered::LayerShape>> {
+        if data.is_empty() {
+            return Ok(vec![]);
+        }
+        let (x, y) = data.get(0, 1)?;
+        let (_, layers) = self.pass(&x, |f| lik.log_likelihood(f, &y), 0)?;
+        layers.iter().map(|l| self.shape_of(l)).collect()
+    }
+
+    fn shape_of(&self, l: &LayerBatch) -> Result<super::layered::LayerShape> {
+        use super::layered::{LayerKind, LayerShape};
+        let entries = self.params.entries();
+        let name = entries
+            .iter()
+            .find(|e| e.offset == l.w_off)
+            .map(|e| e.name.clone())
+            .unwrap_or_default();
+        let t = l.d.dim(1)?;
+        let (kind, w_len) = match &l.kind {
+            Kind::Rows(_) => (
+                LayerKind::Rows {
+                    t,
+                    inp: l.inp,
+                    out: l.out,
+                },
+                l.inp * l.out,
+            ),
+            Kind::Tokens { .. } => (
+                LayerKind::Tokens {
+                    t,
+                    vocab: l.inp,
+                    out: l.out,
+                },
+                l.inp * l.out,
+            ),
+            Kind::Scale(_) => (LayerKind::Explicit, l.out),
+        };
+        Ok(LayerShape {
+            name,
+            kind,
+            w_off: l.w_off,
+            w_len,
+            b_off: l.b_off,
+            b_len: if l.b_off.is_some() { l.out } else { 0 },
+        })
+    }
+
+    /// The log-likelihood gradients of every example of `data`, held layer by layer
+    /// ([`super::LayeredGradients`]): each layer factored (its inputs and output signals) or
+    /// materialised, as `route` says. Memory [`super::LayeredGradients::bytes`]; fails with
+    /// [`Error::MemoryBudget`] when that exceeds `memory_budget`.
+    pub fn layered_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &CaptureOptions,
+        route: super::LayerRoute,
+        memory_budget: u64,
+    ) -> Result<super::LayeredGradients> {
+        let (g, _) = self.layered_with(data.len(), opts, route, memory_budget, |start, len| {
+            let (x, y) = data.get(start, len)?;
+            let r = self.pass(&x, |f| lik.log_likelihood(f, &y), start);
+            data.release(start, len);
+            r
+        })?;
+        Ok(g)
+    }
+
+    /// The QoI gradients at the M queries (the rows of `queries`) held layer by layer under
+    /// `route`, and the QoI values: the kernel Σ takes them pair by pair without forming the
+    /// P×M block ([`crate::sigma::SigmaOp::quad_forms_layered`]).
+    pub fn query_layered_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        opts: &CaptureOptions,
+        route: super::LayerRoute,
+        memory_budget: u64,
+    ) -> Result<(super::LayeredGradients, Vec<f64>)> {
+        let m = *queries
+            .dims()
+            .first()
+            .ok_or_else(|| Error::shape("queries (one per row)", "rank >= 1", "a scalar"))?;
+        self.layered_with(m, opts, route, memory_budget, |s, l| {
+            self.pass(&queries.narrow(0, s, l)?, |f| qoi.eval(f), s)
+        })
+    }
+
+    /// Runs `run(start, len)` (a captured pass) over `n` examples into a layered store.
+    fn layered_with(
+        &self,
+        n: usize,
+        opts: &CaptureOptions,
+        route: super::LayerRoute,
+        memory_budget: u64,
+        mut run: impl FnMut(usize, usize) -> Result<(Vec<f64>, Vec<LayerBatch>)>,
+    ) -> Result<(super::LayeredGradients, Vec<f64>)> {
+        use super::layered::LayeredGradients;
+        let shapes = if n == 0 {
+            vec![]
+        } else {
+            let (_, layers) = run(0, 1)?;
+            layers
+                .iter()
+                .map(|l| self.shape_of(l))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let need = LayeredGradients::bytes_for(&shapes, n, route);
+        if need > memory_budget {
+            return Err(Error::MemoryBudget {
+                what: "per-example gradients held layer by layer (capture engine)".into(),
+                needed: need,
+                budget: memory_budget,
+                hint: "raise the memory budget, or let the gradient operator stream \
+                       (CapturedGradients)"
+                    .into(),
+            });
+        }
+        let mut store = LayeredGradients::new(shapes, self.num_params(), n, route)?;
+        let mut values = Vec::with_capacity(n);
+        for (start, len) in self.batches(n, opts.batch_size)? {
+            let (v, layers) = run(start, len)?;
+            values.extend(v);
+            if layers.len() != store.shapes().len() {
+                return Err(Error::Unsupported(format!(
+                    "the model used {} captured layers on examples {start}..{} and {} on the \
+                     first: the layered gradients need the same layers for every example",
+                    layers.len(),
+                    start + len,
+                    store.shapes().len()
+                )));
+            }
+            for (li, l) in layers.iter().enumerate() {
+                if self.shape_of(l)?.kind != store.shapes()[li].kind {
+                    return Err(Error::Unsupported(format!(
+                        "layer '{}' changed shape between batches",
+                        store.shapes()[li].name
+                    )));
+                }
+                store_layer(l, li, start, &mut store, opts)?;
+            }
+        }
+        store.check_finite()?;
+        Ok((store, values))
+    }
+
     /// The gradients of a QoI at the M queries (the rows of `queries`) as a P×M block, and the
     /// values.
     pub fn query_gradients(
@@ -631,6 +782,82 @@ fn write_gradients(
                     g[(bo + k, col0 + i)] = bias[i * l.out + k];
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Writes one batch of a layer into the layered store (examples `col0 ..`).
+fn store_layer(
+    l: &LayerBatch,
+    li: usize,
+    col0: usize,
+    store: &mut super::LayeredGradients,
+    opts: &CaptureOptions,
+) -> Result<()> {
+    let b = l.d.dim(0)?;
+    let out = l.out;
+    if store.is_factored(li) {
+        let d = to_f64(&l.d)?;
+        let t = l.d.dim(1)?;
+        match &l.kind {
+            Kind::Rows(x) => {
+                let xv = to_f64(x)?;
+                let inp = l.inp;
+                for i in 0..b {
+                    let (xs, ds, k) = store.rows_mut(li, col0 + i);
+                    for r in 0..t {
+                        xs[r * k..r * k + inp]
+                            .copy_from_slice(&xv[(i * t + r) * inp..(i * t + r + 1) * inp]);
+                    }
+                    ds.copy_from_slice(&d[i * t * out..(i + 1) * t * out]);
+                }
+            }
+            Kind::Tokens { ids, .. } => {
+                for i in 0..b {
+                    let (is, ds) = store.tokens_mut(li, col0 + i);
+                    is.copy_from_slice(&ids[i * t..(i + 1) * t]);
+                    ds.copy_from_slice(&d[i * t * out..(i + 1) * t * out]);
+                }
+            }
+            Kind::Scale(_) => {}
+        }
+        return Ok(());
+    }
+    let wl = match &l.kind {
+        Kind::Scale(_) => out,
+        _ => l.inp * out,
+    };
+    match &l.kind {
+        Kind::Rows(x) => {
+            let step = chunk_rows(l, opts);
+            for s in (0..b).step_by(step) {
+                let n = step.min(b - s);
+                let w = to_f64(&example_grads(x, &l.d, s, n)?)?;
+                for i in 0..n {
+                    store.dense_mut(li, col0 + s + i)[..wl]
+                        .copy_from_slice(&w[i * wl..(i + 1) * wl]);
+                }
+            }
+        }
+        Kind::Scale(xhat) => {
+            let w = to_f64(&(&l.d * xhat)?.sum(1)?)?;
+            for i in 0..b {
+                store.dense_mut(li, col0 + i)[..out].copy_from_slice(&w[i * out..(i + 1) * out]);
+            }
+        }
+        Kind::Tokens { ids, t } => {
+            let d = to_f64(&l.d)?;
+            token_rows(ids, *t, &d, out, |i, v, row| {
+                store.dense_mut(li, col0 + i)[v * out..(v + 1) * out].copy_from_slice(row);
+            });
+        }
+    }
+    if l.b_off.is_some() {
+        let bias = to_f64(&l.d.sum(1)?)?;
+        for i in 0..b {
+            store.dense_mut(li, col0 + i)[wl..wl + out]
+                .copy_from_slice(&bias[i * out..(i + 1) * out]);
         }
     }
     Ok(())

@@ -34,6 +34,11 @@ pub trait GradientMatrix: Send + Sync {
     fn cross_gram_queries(&self, _q: &QueryFactors) -> Option<Result<Mat<f64>>> {
         None
     }
+    /// G·q for query gradients held layer by layer in the same layout (N×M), without forming
+    /// them; `None` when this operator cannot.
+    fn cross_gram_layered(&self, _q: &super::LayeredGradients) -> Option<Result<Mat<f64>>> {
+        None
+    }
 }
 
 impl GradientMatrix for Factors {
@@ -324,6 +329,23 @@ pub trait ExampleGradients: Sync {
         len: usize,
         opts: &super::FactoredOptions,
     ) -> Result<Mat<f64>>;
+    /// Bytes the gradients of `n` examples take held layer by layer under `route`; `None` when
+    /// the engine cannot hold them so.
+    fn layered_bytes(&self, _n: usize, _route: super::LayerRoute) -> Option<u64> {
+        None
+    }
+    /// The gradients of every example held layer by layer ([`super::LayeredGradients`]);
+    /// `None` when the engine cannot.
+    fn layered_gradients(
+        &self,
+        _lik: &crate::likelihood::Likelihood,
+        _data: &dyn crate::data::Dataset,
+        _opts: &super::FactoredOptions,
+        _route: super::LayerRoute,
+        _memory_budget: u64,
+    ) -> Option<Result<super::LayeredGradients>> {
+        None
+    }
 }
 
 /// G recomputed by a native engine chunk by chunk on every product: the gradient operator when

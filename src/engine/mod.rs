@@ -15,6 +15,8 @@
 //!   forward/backward with probes per batch.
 //! - [`gradients`]: the N×P gradient matrix G as an operator ([`GradientMatrix`]): the factors,
 //!   G in memory, or G recomputed in chunks.
+//! - [`layered`]: G held layer by layer, each layer materialised or factored, whichever makes
+//!   the Gram matrix cheaper ([`LayeredGradients`], [`LayerRoute`]).
 
 pub mod capture;
 pub mod factored;
@@ -22,6 +24,7 @@ mod fastmath;
 pub mod generic;
 pub mod gradients;
 pub mod kfac;
+pub mod layered;
 pub(crate) mod pool;
 pub mod sequential;
 pub mod transformer;
@@ -34,5 +37,6 @@ pub use generic::{
 };
 pub use gradients::{DenseGradients, GradientMatrix, StreamedGradients};
 pub use gradients::{ExampleGradients, NativeStreamed};
+pub use layered::{LayerRoute, LayeredGradients};
 pub use sequential::FactoredSeq;
 pub use transformer::FactoredTransformer;

@@ -8,8 +8,8 @@ use faer::Mat;
 use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::Dataset;
 use crate::engine::capture::CapturedGradients;
-use crate::engine::gradients::{DenseGradients, GradientMatrix};
-use crate::engine::{CaptureEngine, CaptureOptions};
+use crate::engine::gradients::GradientMatrix;
+use crate::engine::{CaptureEngine, CaptureOptions, LayerRoute, LayeredGradients};
 use crate::error::Result;
 use crate::likelihood::Likelihood;
 use crate::params::Params;
@@ -17,14 +17,17 @@ use crate::params::Params;
 /// The empirical Fisher of a model built from [`crate::nn`] layers and a likelihood over a
 /// dataset, by the capture engine (one batched forward and backward per batch).
 ///
-/// Memory: diag F O(P) + one batch of activations; dense F O(P² + batch·P); the gradient
-/// operator for the kernel and CG methods holds G (N·P f64) when that takes at most half the
-/// budget and otherwise recomputes it in chunks on every product.
+/// Memory: diag F O(P) + one batch of activations; dense F O(P² + batch·P). The gradient
+/// operator for the kernel and CG methods holds the gradients layer by layer
+/// ([`LayeredGradients`]: each layer factored or materialised, whichever makes the Gram matrix
+/// cheaper; at most N·P f64) when that takes at most half the budget, and otherwise recomputes
+/// G in chunks on every product.
 pub struct CapturedFisher<'a, M> {
     engine: CaptureEngine<'a, M>,
     lik: Likelihood,
     data: &'a dyn Dataset,
     opts: CaptureOptions,
+    route: LayerRoute,
 }
 
 impl<'a, M: Module + Sync> CapturedFisher<'a, M> {
@@ -42,10 +45,26 @@ impl<'a, M: Module + Sync> CapturedFisher<'a, M> {
             lik,
             data,
             opts,
+            route: LayerRoute::Auto,
         }
     }
 
-    /// The engine.
+    /// How the gradient operator holds each layer (default [`LayerRoute::Auto`]).
+    pub fn with_layer_route(mut self, route: LayerRoute) -> Self {
+        self.route = route;
+        self
+    }
+
+    /// Bytes the layered gradient operator would hold (one captured pass over one example
+    /// reads the layers).
+    fn layered_bytes(&self) -> Result<u64> {
+        let shapes = self.engine.layer_shapes(&self.lik, self.data)?;
+        Ok(LayeredGradients::bytes_for(
+            &shapes,
+            self.num_examples(),
+            self.route,
+        ))
+    }
     pub fn engine(&self) -> &CaptureEngine<'a, M> {
         &self.engine
     }
@@ -84,6 +103,11 @@ impl<M: Module + Sync> FisherSource for CapturedFisher<'_, M> {
     }
 
     fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
+        if let Ok(b) = self.layered_bytes() {
+            if b <= memory_budget / 2 {
+                return b;
+            }
+        }
         let full = (self.num_examples() * self.num_params() * 8) as u64;
         if full <= memory_budget / 2 {
             full
@@ -97,11 +121,11 @@ impl<M: Module + Sync> FisherSource for CapturedFisher<'_, M> {
     }
 
     fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
-        let n = self.num_examples();
-        if ((n * self.num_params() * 8) as u64) <= memory_budget / 2 {
-            return Ok(Arc::new(DenseGradients::new(
-                self.per_example_gradients(0, n)?,
-            )));
+        let half = memory_budget / 2;
+        if self.layered_bytes()? <= half {
+            return Ok(Arc::new(self.engine.layered_gradients(
+                &self.lik, self.data, &self.opts, self.route, half,
+            )?));
         }
         Ok(Arc::new(CapturedGradients::new(
             &self.engine,

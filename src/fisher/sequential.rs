@@ -8,21 +8,24 @@ use faer::Mat;
 use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::Dataset;
 use crate::engine::gradients::{DenseGradients, ExampleGradients, GradientMatrix, NativeStreamed};
-use crate::engine::{FactoredOptions, FactoredSeq, FactoredTransformer};
+use crate::engine::{FactoredOptions, FactoredSeq, FactoredTransformer, LayerRoute};
 use crate::error::Result;
 use crate::likelihood::Likelihood;
 use crate::model::{Sequential, Transformer};
 
 /// The empirical Fisher of a model on a native engine `E` and a likelihood over a dataset.
 ///
-/// Memory: diag F O(P) + one batch of activations per worker; dense F O(P² + chunk·P); the
-/// gradient operator for the kernel and CG methods holds G (N·P f64) when that takes at most half
-/// the budget and otherwise recomputes it in chunks on every product.
+/// Memory: diag F O(P) + one batch of activations per worker; dense F O(P² + chunk·P). The
+/// gradient operator for the kernel and CG methods holds, when that takes at most half the
+/// budget, the gradients layer by layer ([`crate::engine::LayeredGradients`]: each Linear or convolution
+/// factored or materialised, whichever makes the Gram matrix cheaper — for the sequential
+/// engine) or G (N·P f64); otherwise it recomputes G in chunks on every product.
 pub struct NativeFisher<'a, E> {
     engine: E,
     lik: Likelihood,
     data: &'a dyn Dataset,
     opts: FactoredOptions,
+    route: LayerRoute,
 }
 
 /// The empirical Fisher of a [`Sequential`] model on the native sequential engine.
@@ -73,7 +76,14 @@ impl<'a, E: ExampleGradients> NativeFisher<'a, E> {
             lik,
             data,
             opts,
+            route: LayerRoute::Auto,
         }
+    }
+
+    /// How the gradient operator holds each layer (default [`LayerRoute::Auto`]).
+    pub fn with_layer_route(mut self, route: LayerRoute) -> Self {
+        self.route = route;
+        self
     }
 
     /// The engine.
@@ -123,6 +133,13 @@ impl<E: ExampleGradients> FisherSource for NativeFisher<'_, E> {
     }
 
     fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
+        if let Some(b) = self
+            .engine
+            .layered_bytes(self.num_examples(), self.route)
+            .filter(|b| *b <= memory_budget / 2)
+        {
+            return b;
+        }
         let full = (self.num_examples() * self.num_params() * 8) as u64;
         if full <= memory_budget / 2 {
             full
@@ -133,6 +150,19 @@ impl<E: ExampleGradients> FisherSource for NativeFisher<'_, E> {
 
     fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
         let n = self.num_examples();
+        let half = memory_budget / 2;
+        if self
+            .engine
+            .layered_bytes(n, self.route)
+            .is_some_and(|b| b <= half)
+        {
+            if let Some(g) = self
+                .engine
+                .layered_gradients(&self.lik, self.data, &self.opts, self.route, half)
+            {
+                return Ok(Arc::new(g?));
+            }
+        }
         if ((n * self.num_params() * 8) as u64) <= memory_budget / 2 {
             return Ok(Arc::new(DenseGradients::new(
                 self.per_example_gradients(0, n)?,

@@ -309,4 +309,9 @@ impl SigmaOp for KernelInverseFisher<'_> {
         let gq = self.g.cross_gram_queries(q)?;
         Some(gq.and_then(|gq| self.finish_forms(q.sq_norms(), gq)))
     }
+    fn quad_forms_layered(&self, q: &crate::engine::LayeredGradients) -> Option<Result<Vec<f64>>> {
+        // G qⱼ pair by pair, layer by layer: the queries' gradients are never formed
+        let gq = self.g.cross_gram_layered(q)?;
+        Some(gq.and_then(|gq| self.finish_forms(q.sq_norms(), gq)))
+    }
 }

@@ -88,6 +88,13 @@ pub trait SigmaOp: Send + Sync {
         None
     }
 
+    /// The quadratic forms for query gradients held layer by layer, when this Σ can use them
+    /// without forming the gradients (the kernel Σ over a layered gradient operator of the
+    /// same layout); `None` otherwise.
+    fn quad_forms_layered(&self, _q: &crate::engine::LayeredGradients) -> Option<Result<Vec<f64>>> {
+        None
+    }
+
     /// [`SigmaOp::quad_forms`] with the report of the iterative solve behind them, for Σ kinds
     /// that iterate (CG); `cg` is `None` for the others.
     fn quad_forms_reported(&self, g: MatRef<'_, f64>) -> Result<QuadForms> {

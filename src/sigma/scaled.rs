@@ -62,6 +62,10 @@ impl<S: SigmaOp> SigmaOp for ScaledSigma<S> {
     fn quad_forms_factored(&self, q: &crate::engine::QueryFactors) -> Option<Result<Vec<f64>>> {
         Some(self.inner.quad_forms_factored(q)?.map(|v| self.scale(v)))
     }
+    /// The inner Σ's layered quadratic forms, scaled.
+    fn quad_forms_layered(&self, q: &crate::engine::LayeredGradients) -> Option<Result<Vec<f64>>> {
+        Some(self.inner.quad_forms_layered(q)?.map(|v| self.scale(v)))
+    }
     /// The inner solve's report, with the values scaled.
     fn quad_forms_reported(&self, g: MatRef<'_, f64>) -> Result<super::QuadForms> {
         let r = self.inner.quad_forms_reported(g)?;
@@ -99,6 +103,9 @@ impl SigmaOp for Box<dyn SigmaOp + '_> {
     }
     fn quad_forms_factored(&self, q: &crate::engine::QueryFactors) -> Option<Result<Vec<f64>>> {
         (**self).quad_forms_factored(q)
+    }
+    fn quad_forms_layered(&self, q: &crate::engine::LayeredGradients) -> Option<Result<Vec<f64>>> {
+        (**self).quad_forms_layered(q)
     }
     fn quad_forms_reported(&self, g: MatRef<'_, f64>) -> Result<super::QuadForms> {
         (**self).quad_forms_reported(g)

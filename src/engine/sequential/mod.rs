@@ -26,6 +26,7 @@ use faer::Mat;
 use rayon::prelude::*;
 
 use super::factored::{rayon_threads, Batch, FactoredOptions, Rows, Scalar, Target};
+use super::layered::{LayerKind, LayerRoute, LayerShape, LayeredGradients};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::likelihood::Likelihood;
@@ -366,6 +367,261 @@ impl FactoredSeq {
                 format!("output {:?}", self.output_shape),
             ));
         }
+        let q = self.query_rows(queries)?;
+        let m_rows = q.dim(0)?;
+        dispatch!(self, m => Self::gradient_block(m, m_rows, steps, opts, |s, l| {
+            Ok(Batch::Inputs(q.narrow(0, s, l)?))
+        }, None, Some(qoi), 0))
+    }
+}
+
+/// One batch of one layer, converted for the layered store.
+enum LayerPart {
+    None,
+    /// len × (w_len + b_len) per-example gradients.
+    Dense(Vec<f64>),
+    /// x rows (len·T × in) and Δ rows (len·T × out).
+    Rows(Vec<f64>, Vec<f64>),
+}
+
+impl FactoredSeq {
+    /// The layers with parameters as the layered store sees them.
+    fn shapes_t<T: Scalar>(m: &NativeSeq<T>) -> Vec<(usize, LayerShape)> {
+        use native::NOp;
+        m.layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.np > 0)
+            .map(|(i, l)| {
+                let rows = |t: usize, inp: usize, out: usize, bias: bool| LayerShape {
+                    name: format!("module {i}"),
+                    kind: LayerKind::Rows { t, inp, out },
+                    w_off: l.off,
+                    w_len: inp * out,
+                    b_off: bias.then_some(l.off + inp * out),
+                    b_len: if bias { out } else { 0 },
+                };
+                let shape = match &l.op {
+                    NOp::Linear {
+                        b,
+                        inp,
+                        out,
+                        rows: t,
+                        ..
+                    } => rows(*t, *inp, *out, b.is_some()),
+                    NOp::Conv { b, g, .. } => rows(g.l(), g.k(), g.cout, b.is_some()),
+                    _ => LayerShape {
+                        name: format!("module {i}"),
+                        kind: LayerKind::Explicit,
+                        w_off: l.off,
+                        w_len: l.np,
+                        b_off: None,
+                        b_len: 0,
+                    },
+                };
+                (i, shape)
+            })
+            .collect()
+    }
+
+    /// Bytes [`FactoredSeq::layered_gradients`] holds for `n` examples under `route`.
+    pub fn layered_bytes(&self, n: usize, route: LayerRoute) -> u64 {
+        let shapes: Vec<LayerShape> = dispatch!(self, m => Self::shapes_t(m))
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        LayeredGradients::bytes_for(&shapes, n, route)
+    }
+
+    /// The log-likelihood gradients of every example of `data` held layer by layer
+    /// ([`LayeredGradients`]): a Linear or convolution factored (its inputs or patches and its
+    /// output signals, T·(in + 1 + out) per example) or materialised, as `route` says; norms
+    /// materialised. Fails with [`Error::MemoryBudget`] above `memory_budget`.
+    pub fn layered_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+        route: LayerRoute,
+        memory_budget: u64,
+    ) -> Result<LayeredGradients> {
+        let need = self.layered_bytes(data.len(), route);
+        if need > memory_budget {
+            return Err(Error::MemoryBudget {
+                what: "per-example gradients held layer by layer (sequential engine)".into(),
+                needed: need,
+                budget: memory_budget,
+                hint: "raise the memory budget, or let the gradient operator stream \
+                       (NativeStreamed)"
+                    .into(),
+            });
+        }
+        let (g, _) = dispatch!(self, m => Self::layered_t(
+            m,
+            data.len(),
+            opts,
+            route,
+            |s, l| Batch::load(data, s, l),
+            |s, l| data.release(s, l),
+            (Some(lik), None),
+        ))?;
+        Ok(g)
+    }
+
+    /// The QoI gradients at the M queries (rows of `queries`, as in
+    /// [`FactoredSeq::query_gradients`] with one step) held layer by layer under `route`, and
+    /// the QoI values: the kernel Σ takes them pair by pair without forming the P×M block
+    /// ([`crate::sigma::SigmaOp::quad_forms_layered`]).
+    pub fn query_layered_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        opts: &FactoredOptions,
+        route: LayerRoute,
+    ) -> Result<(LayeredGradients, Vec<f64>)> {
+        let q = self.query_rows(queries)?;
+        let m_rows = q.dim(0)?;
+        dispatch!(self, m => Self::layered_t(
+            m,
+            m_rows,
+            opts,
+            route,
+            |s, l| Ok(Batch::Inputs(q.narrow(0, s, l)?)),
+            |_, _| {},
+            (None, Some(qoi)),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layered_t<'d, T: Scalar>(
+        m: &NativeSeq<T>,
+        n: usize,
+        opts: &FactoredOptions,
+        route: LayerRoute,
+        get: impl Fn(usize, usize) -> Result<Batch<'d>> + Sync,
+        release: impl Fn(usize, usize) + Sync,
+        objective: (Option<&Likelihood>, Option<&Qoi>),
+    ) -> Result<(LayeredGradients, Vec<f64>)> {
+        use native::NOp;
+        let with_idx = Self::shapes_t(m);
+        let idx: Vec<usize> = with_idx.iter().map(|(i, _)| *i).collect();
+        let shapes = with_idx.into_iter().map(|(_, s)| s).collect();
+        let mut store = LayeredGradients::new(shapes, m.num_params, n, route)?;
+        let factored: Vec<bool> = (0..idx.len()).map(|l| store.is_factored(l)).collect();
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let threads = rayon_threads(opts).max(1);
+        let mut values = Vec::with_capacity(n);
+        for group in starts.chunks(threads) {
+            let parts = Self::pool(opts, || {
+                group
+                    .par_iter()
+                    .map(|&start| {
+                        let len = bs.min(n - start);
+                        let mut ws = SeqWorkspace::default();
+                        let batch = get(start, len)?;
+                        let (x, y) = batch.rows();
+                        let target = match objective {
+                            (Some(l), _) => Target::Likelihood(l, y),
+                            (_, Some(q)) => Target::Qoi(q),
+                            _ => {
+                                return Err(Error::Unsupported(
+                                    "a pass without an objective".into(),
+                                ))
+                            }
+                        };
+                        let values =
+                            Self::pass(m, std::slice::from_mut(&mut ws), x, target, start)?;
+                        drop(batch);
+                        release(start, len);
+                        let mut out = Vec::with_capacity(idx.len());
+                        let mut g: Vec<T> = vec![];
+                        for (li, &l) in idx.iter().enumerate() {
+                            let layer = &m.layers[l];
+                            let dy = &ws.deltas[l];
+                            out.push(match (&layer.op, factored[li]) {
+                                (NOp::Linear { .. }, true) => LayerPart::Rows(
+                                    ws.acts[l][..len * layer.n_in]
+                                        .iter()
+                                        .map(|v| v.f64())
+                                        .collect(),
+                                    dy[..len * layer.n_out].iter().map(|v| v.f64()).collect(),
+                                ),
+                                (NOp::Conv { g: geo, .. }, true) => {
+                                    // patches K×L and Δ cout×L per example, as L rows each
+                                    let (k, ll, co) = (geo.k(), geo.l(), geo.cout);
+                                    let mut xs = vec![0.0; len * ll * k];
+                                    let mut ds = vec![0.0; len * ll * co];
+                                    for i in 0..len {
+                                        let p = &ws.aux[l][i * k * ll..(i + 1) * k * ll];
+                                        let d = &dy[i * co * ll..(i + 1) * co * ll];
+                                        for t in 0..ll {
+                                            for c in 0..k {
+                                                xs[(i * ll + t) * k + c] = p[c * ll + t].f64();
+                                            }
+                                            for o in 0..co {
+                                                ds[(i * ll + t) * co + o] = d[o * ll + t].f64();
+                                            }
+                                        }
+                                    }
+                                    LayerPart::Rows(xs, ds)
+                                }
+                                (_, true) => LayerPart::None,
+                                (_, false) => {
+                                    g.resize(layer.np, T::default());
+                                    let mut gs = Vec::with_capacity(len * layer.np);
+                                    for i in 0..len {
+                                        m.example_grad(&ws, l, i, &mut g);
+                                        gs.extend(g.iter().map(|v| v.f64()));
+                                    }
+                                    LayerPart::Dense(gs)
+                                }
+                            });
+                        }
+                        Ok::<_, Error>((start, len, out, values))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })??;
+            for (start, len, out, v) in parts {
+                values.extend(v);
+                for (li, part) in out.into_iter().enumerate() {
+                    match part {
+                        LayerPart::None => {}
+                        LayerPart::Dense(gs) => {
+                            let w = gs.len() / len.max(1);
+                            for i in 0..len {
+                                store
+                                    .dense_mut(li, start + i)
+                                    .copy_from_slice(&gs[i * w..(i + 1) * w]);
+                            }
+                        }
+                        LayerPart::Rows(xs, ds) => {
+                            let (inp, o) = match store.shapes()[li].kind {
+                                LayerKind::Rows { inp, out, .. } => (inp, out),
+                                _ => (0, 0),
+                            };
+                            let t = xs.len() / (len * inp).max(1);
+                            for i in 0..len {
+                                let (xd, dd, k) = store.rows_mut(li, start + i);
+                                for r in 0..t {
+                                    let at = (i * t + r) * inp;
+                                    xd[r * k..r * k + inp].copy_from_slice(&xs[at..at + inp]);
+                                }
+                                dd.copy_from_slice(&ds[i * t * o..(i + 1) * t * o]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        store.check_finite()?;
+        Ok((store, values))
+    }
+}
+
+impl FactoredSeq {
+    /// The queries as (M, elements per example), checked against the input shape.
+    fn query_rows(&self, queries: &Tensor) -> Result<Tensor> {
         let m_rows = *queries
             .dims()
             .first()
@@ -378,10 +634,7 @@ impl FactoredSeq {
                 format!("{:?}", queries.dims()),
             ));
         }
-        let q = queries.reshape((m_rows, per))?;
-        dispatch!(self, m => Self::gradient_block(m, m_rows, steps, opts, |s, l| {
-            Ok(Batch::Inputs(q.narrow(0, s, l)?))
-        }, None, Some(qoi), 0))
+        Ok(queries.reshape((m_rows, per))?)
     }
 }
 
@@ -406,6 +659,26 @@ impl super::ExampleGradients for FactoredSeq {
         opts: &FactoredOptions,
     ) -> Result<Mat<f64>> {
         FactoredSeq::per_example_gradients(self, lik, data, start, len, opts)
+    }
+    fn layered_bytes(&self, n: usize, route: LayerRoute) -> Option<u64> {
+        Some(FactoredSeq::layered_bytes(self, n, route))
+    }
+    fn layered_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+        route: LayerRoute,
+        memory_budget: u64,
+    ) -> Option<Result<LayeredGradients>> {
+        Some(FactoredSeq::layered_gradients(
+            self,
+            lik,
+            data,
+            opts,
+            route,
+            memory_budget,
+        ))
     }
 }
 

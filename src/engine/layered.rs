@@ -1,0 +1,805 @@
+//! Per-example gradients held layer by layer, each layer in the cheaper of two forms: what the
+//! kernel method's Gram matrix and the CG products of a CNN or any captured model need.
+//!
+//! A layer that reads rows (Linear, a convolution's patches, a layer used at T positions or
+//! rollout steps) has the per-example gradient gᵢ = Σₜ δᵢₜ x̃ᵢₜᵀ (x̃ = [x; 1] when it has a bias).
+//! Between two examples,
+//!
+//! ⟨gᵢ, gⱼ⟩ = Σₜ,ₛ (x̃ᵢₜ·x̃ⱼₛ)(δᵢₜ·δⱼₛ),
+//!
+//! which costs T²·(in + 1 + out) per pair against (in + 1)·out for the materialised gradients.
+//! [`LayerRoute::Auto`] keeps each layer in the cheaper form: a LeNet's Linear layers (T = 1)
+//! factored — 1,568 + 1 + 128 against 200,832 per pair — and its convolutions (T = 784 and
+//! 196 positions) materialised. Embedding rows compare token ids (T²·out against vocab·out);
+//! norms and other layers keep explicit per-example vectors.
+//!
+//! Memory: N·(P_m + Σ_factored T·(in + 1 + out)) f64, P_m the parameters of the materialised
+//! layers; the Gram matrix costs N²·(P_m + Σ_factored T²·(in + 1 + out)) multiply-adds.
+//! Everything is f64, whatever the model's precision.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par};
+
+use super::gradients::GradientMatrix;
+use crate::error::{Error, Result};
+
+/// How each layer's per-example gradients are held for the Gram matrix and the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LayerRoute {
+    /// Per layer, the cheaper form per pair of examples: factored when
+    /// T²·(in + 1 + out) < (in + 1)·out (rows) or T² < vocab (tokens), materialised otherwise.
+    #[default]
+    Auto,
+    /// Every layer's per-example gradients materialised (the N×P matrix, by layer).
+    Materialise,
+    /// Every layer that reads rows or tokens factored; the others materialised.
+    Factor,
+}
+
+/// What a layer's per-example gradient is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerKind {
+    /// gᵢᵂ = Σₜ δᵢₜ xᵢₜᵀ (weight out×in, row-major), gᵢᵇ = Σₜ δᵢₜ.
+    Rows { t: usize, inp: usize, out: usize },
+    /// Embedding: gᵢ[v] = Σ_{t: idᵢₜ = v} δᵢₜ (weight vocab×out).
+    Tokens { t: usize, vocab: usize, out: usize },
+    /// Explicit per-example vectors (norms and the like).
+    Explicit,
+}
+
+/// A layer with parameters: its kind and where its weight and bias sit in the flat layout.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerShape {
+    pub name: String,
+    pub kind: LayerKind,
+    pub w_off: usize,
+    pub w_len: usize,
+    pub b_off: Option<usize>,
+    pub b_len: usize,
+}
+
+impl LayerShape {
+    fn bias(&self) -> bool {
+        self.b_off.is_some()
+    }
+
+    /// Whether this layer is held factored under `route`.
+    fn factored(&self, route: LayerRoute) -> bool {
+        match (self.kind, route) {
+            (LayerKind::Explicit, _) | (_, LayerRoute::Materialise) => false,
+            (_, LayerRoute::Factor) => true,
+            (LayerKind::Rows { t, inp, out }, LayerRoute::Auto) => {
+                let k = inp + usize::from(self.bias());
+                ((t * t) as f64) * ((k + out) as f64) < ((k * out) as f64)
+            }
+            (LayerKind::Tokens { t, vocab, .. }, LayerRoute::Auto) => t * t < vocab,
+        }
+    }
+
+    /// f64 values held per example.
+    fn per_example(&self, route: LayerRoute) -> usize {
+        match (self.factored(route), self.kind) {
+            (true, LayerKind::Rows { t, inp, out }) => t * (inp + usize::from(self.bias()) + out),
+            (true, LayerKind::Tokens { t, out, .. }) => t * (out + 1),
+            _ => self.w_len + self.b_len,
+        }
+    }
+}
+
+/// How one layer is held.
+enum Stored {
+    /// Rows `row .. row + w_len + b_len` of every example's dense part (weight, then bias).
+    Dense { row: usize },
+    /// x̃ (N·T × k, row-major, k = in + bias) and Δ (N·T × out, row-major).
+    Rows {
+        x: Vec<f64>,
+        d: Vec<f64>,
+        t: usize,
+        k: usize,
+        out: usize,
+    },
+    /// Token ids (N·T) and Δ (N·T × out).
+    Tokens {
+        ids: Vec<usize>,
+        d: Vec<f64>,
+        t: usize,
+        out: usize,
+    },
+}
+
+/// The per-example gradients of N examples held layer by layer (see the module docs): the
+/// gradient operator of a captured or sequential model for the kernel and CG methods, in
+/// N·(P_m + Σ_factored T·(in + 1 + out)) f64 instead of N·P.
+pub struct LayeredGradients {
+    p: usize,
+    n: usize,
+    shapes: Vec<LayerShape>,
+    stored: Vec<Stored>,
+    /// N × pm, row-major: example j's materialised gradients at `j * pm`.
+    dense: Vec<f64>,
+    pm: usize,
+}
+
+/// Examples per block of the factored Gram: about this many rows per side.
+const BLOCK_ROWS: usize = 1024;
+
+impl LayeredGradients {
+    /// Bytes held for `n` examples of these layers under `route`.
+    pub(crate) fn bytes_for(shapes: &[LayerShape], n: usize, route: LayerRoute) -> u64 {
+        shapes
+            .iter()
+            .map(|s| s.per_example(route) as u64)
+            .sum::<u64>()
+            .saturating_mul(n as u64)
+            .saturating_mul(8)
+    }
+
+    /// An empty store for `n` examples (zeros), laid out by `route`. The shapes must cover
+    /// disjoint parts of the P parameters.
+    pub(crate) fn new(
+        shapes: Vec<LayerShape>,
+        p: usize,
+        n: usize,
+        route: LayerRoute,
+    ) -> Result<Self> {
+        let mut pm = 0;
+        let mut stored = Vec::with_capacity(shapes.len());
+        for s in &shapes {
+            let ends = [s.w_off + s.w_len, s.b_off.map_or(0, |b| b + s.b_len)];
+            if ends.iter().any(|e| *e > p) {
+                return Err(Error::shape(
+                    format!("parameters of layer '{}'", s.name),
+                    format!("inside the {p} parameters"),
+                    format!("ending at {}", ends[0].max(ends[1])),
+                ));
+            }
+            if let LayerKind::Rows { inp, out, .. } = s.kind {
+                if s.w_len != inp * out || (s.bias() && s.b_len != out) {
+                    return Err(Error::shape(
+                        format!("layer '{}' (weight out×in, bias out)", s.name),
+                        format!("{} and {}", inp * out, out),
+                        format!("{} and {}", s.w_len, s.b_len),
+                    ));
+                }
+            }
+            stored.push(match (s.factored(route), s.kind) {
+                (true, LayerKind::Rows { t, inp, out }) => {
+                    let k = inp + usize::from(s.bias());
+                    Stored::Rows {
+                        x: vec![0.0; n * t * k],
+                        d: vec![0.0; n * t * out],
+                        t,
+                        k,
+                        out,
+                    }
+                }
+                (true, LayerKind::Tokens { t, out, .. }) => Stored::Tokens {
+                    ids: vec![0; n * t],
+                    d: vec![0.0; n * t * out],
+                    t,
+                    out,
+                },
+                _ => {
+                    let row = pm;
+                    pm += s.w_len + s.b_len;
+                    Stored::Dense { row }
+                }
+            });
+        }
+        Ok(Self {
+            p,
+            n,
+            shapes,
+            stored,
+            dense: vec![0.0; n * pm],
+            pm,
+        })
+    }
+
+    /// Whether layer `l` is held factored.
+    pub(crate) fn is_factored(&self, l: usize) -> bool {
+        !matches!(self.stored[l], Stored::Dense { .. })
+    }
+
+    /// The layers' shapes.
+    pub(crate) fn shapes(&self) -> &[LayerShape] {
+        &self.shapes
+    }
+
+    /// Example `j`'s materialised gradient of layer `l` (weight, then bias), to write.
+    pub(crate) fn dense_mut(&mut self, l: usize, j: usize) -> &mut [f64] {
+        let len = self.shapes[l].w_len + self.shapes[l].b_len;
+        match self.stored[l] {
+            Stored::Dense { row } => {
+                let at = j * self.pm + row;
+                &mut self.dense[at..at + len]
+            }
+            _ => &mut [],
+        }
+    }
+
+    /// Example `j`'s rows of a factored rows layer, to write: x (T × in; the bias column is
+    /// set here) and Δ (T × out).
+    pub(crate) fn rows_mut(&mut self, l: usize, j: usize) -> (&mut [f64], &mut [f64], usize) {
+        let inp = match self.shapes[l].kind {
+            LayerKind::Rows { inp, .. } => inp,
+            _ => 0,
+        };
+        match &mut self.stored[l] {
+            Stored::Rows { x, d, t, k, out } => {
+                let xs = &mut x[j * *t * *k..(j + 1) * *t * *k];
+                if *k > inp {
+                    xs.chunks_exact_mut(*k).for_each(|r| r[inp] = 1.0);
+                }
+                (xs, &mut d[j * *t * *out..(j + 1) * *t * *out], *k)
+            }
+            _ => (&mut [], &mut [], 0),
+        }
+    }
+
+    /// Example `j`'s token ids (T) and Δ (T × out) of a factored embedding, to write.
+    pub(crate) fn tokens_mut(&mut self, l: usize, j: usize) -> (&mut [usize], &mut [f64]) {
+        match &mut self.stored[l] {
+            Stored::Tokens { ids, d, t, out } => (
+                &mut ids[j * *t..(j + 1) * *t],
+                &mut d[j * *t * *out..(j + 1) * *t * *out],
+            ),
+            _ => (&mut [], &mut []),
+        }
+    }
+
+    /// Fails naming the first layer that holds a NaN or an infinity.
+    pub(crate) fn check_finite(&self) -> Result<()> {
+        let bad = |v: &[f64]| v.iter().position(|x| !x.is_finite());
+        for (s, st) in self.shapes.iter().zip(&self.stored) {
+            let found = match st {
+                Stored::Dense { row } => {
+                    let len = s.w_len + s.b_len;
+                    (0..self.n).find_map(|j| {
+                        bad(&self.dense[j * self.pm + row..j * self.pm + row + len]).map(|_| j)
+                    })
+                }
+                Stored::Rows { x, d, t, k, out } => bad(x)
+                    .map(|i| i / (t * k))
+                    .or_else(|| bad(d).map(|i| i / (t * out))),
+                Stored::Tokens { d, t, out, .. } => bad(d).map(|i| i / (t * out)),
+            };
+            if let Some(j) = found {
+                return Err(Error::NonFinite {
+                    what: format!("per-example gradients of layer '{}'", s.name),
+                    detail: format!("example {j}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn dense_ref(&self) -> MatRef<'_, f64> {
+        MatRef::from_row_major_slice(&self.dense, self.n, self.pm)
+    }
+
+    /// The flat indices of the dense part's rows, in order.
+    fn dense_index(&self) -> Vec<usize> {
+        let mut idx = Vec::with_capacity(self.pm);
+        for (s, st) in self.shapes.iter().zip(&self.stored) {
+            if let Stored::Dense { .. } = st {
+                idx.extend(s.w_off..s.w_off + s.w_len);
+                if let Some(b) = s.b_off {
+                    idx.extend(b..b + s.b_len);
+                }
+            }
+        }
+        idx
+    }
+
+    /// How each layer is held: (name, factored).
+    pub fn layer_routes(&self) -> Vec<(String, bool)> {
+        self.shapes
+            .iter()
+            .enumerate()
+            .map(|(l, s)| (s.name.clone(), self.is_factored(l)))
+            .collect()
+    }
+
+    fn blocks(&self, t: usize) -> Vec<(usize, usize)> {
+        let e = (BLOCK_ROWS / t.max(1)).max(1);
+        (0..self.n)
+            .step_by(e)
+            .map(|s| (s, e.min(self.n - s)))
+            .collect()
+    }
+}
+
+impl LayeredGradients {
+    /// Whether `other` holds the same layers the same way (then pairs of their examples can
+    /// be taken factor by factor).
+    fn same_layout(&self, other: &LayeredGradients) -> bool {
+        self.p == other.p
+            && self.pm == other.pm
+            && self.shapes.len() == other.shapes.len()
+            && self
+                .shapes
+                .iter()
+                .zip(&other.shapes)
+                .all(|(a, b)| a.kind == b.kind && a.w_off == b.w_off && a.b_off == b.b_off)
+            && self
+                .stored
+                .iter()
+                .zip(&other.stored)
+                .all(|(a, b)| match (a, b) {
+                    (Stored::Dense { row: r }, Stored::Dense { row: s }) => r == s,
+                    (Stored::Rows { .. }, Stored::Rows { .. })
+                    | (Stored::Tokens { .. }, Stored::Tokens { .. }) => true,
+                    _ => false,
+                })
+    }
+
+    /// K[i, j] += ⟨gᵢ, g'ⱼ⟩ for i in self, j in `other` (same layout). With `symmetric`
+    /// (other = self) only the lower block triangle is computed and mirrored.
+    fn add_pairs(&self, other: &LayeredGradients, kmat: &mut Mat<f64>, symmetric: bool) {
+        if self.pm > 0 && self.n > 0 && other.n > 0 {
+            let mut dd = Mat::<f64>::zeros(self.n, other.n);
+            gemm(&mut dd, self.dense_ref(), other.dense_ref().transpose());
+            *kmat += &dd;
+        }
+        for (sa_st, sb_st) in self.stored.iter().zip(&other.stored) {
+            let (t, o) = match sa_st {
+                Stored::Dense { .. } => continue,
+                Stored::Rows { t, out, .. } | Stored::Tokens { t, out, .. } => (*t, *out),
+            };
+            let ba = self.blocks(t);
+            let bb = other.blocks(t);
+            for (a, &(sa, la)) in ba.iter().enumerate() {
+                let b_list = if symmetric { &bb[..=a] } else { &bb[..] };
+                for &(sb, lb) in b_list {
+                    let (ra, rb) = (la * t, lb * t);
+                    let (da, db) = match (sa_st, sb_st) {
+                        (Stored::Rows { d: x, .. }, Stored::Rows { d: y, .. })
+                        | (Stored::Tokens { d: x, .. }, Stored::Tokens { d: y, .. }) => (x, y),
+                        _ => continue,
+                    };
+                    let da =
+                        MatRef::from_row_major_slice(&da[sa * t * o..(sa + la) * t * o], ra, o);
+                    let db =
+                        MatRef::from_row_major_slice(&db[sb * t * o..(sb + lb) * t * o], rb, o);
+                    let mut dd = Mat::<f64>::zeros(ra, rb);
+                    gemm(&mut dd, da, db.transpose());
+                    let mirror = symmetric && sa != sb;
+                    match (sa_st, sb_st) {
+                        (Stored::Rows { x: xa, k, .. }, Stored::Rows { x: xb, .. }) => {
+                            let k = *k;
+                            let xa = MatRef::from_row_major_slice(
+                                &xa[sa * t * k..(sa + la) * t * k],
+                                ra,
+                                k,
+                            );
+                            let xb = MatRef::from_row_major_slice(
+                                &xb[sb * t * k..(sb + lb) * t * k],
+                                rb,
+                                k,
+                            );
+                            let mut xx = Mat::<f64>::zeros(ra, rb);
+                            gemm(&mut xx, xa, xb.transpose());
+                            add_block_sums(
+                                kmat,
+                                &dd,
+                                Some(&xx),
+                                None,
+                                t,
+                                (sa, la),
+                                (sb, lb),
+                                mirror,
+                            );
+                        }
+                        (Stored::Tokens { ids: ia, .. }, Stored::Tokens { ids: ib, .. }) => {
+                            let ia = &ia[sa * t..(sa + la) * t];
+                            let ib = &ib[sb * t..(sb + lb) * t];
+                            add_block_sums(
+                                kmat,
+                                &dd,
+                                None,
+                                Some((ia, ib)),
+                                t,
+                                (sa, la),
+                                (sb, lb),
+                                mirror,
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// ‖gᵢ‖² of every example.
+    pub fn sq_norms(&self) -> Vec<f64> {
+        let mut out: Vec<f64> = (0..self.n)
+            .map(|j| {
+                self.dense[j * self.pm..(j + 1) * self.pm]
+                    .iter()
+                    .map(|v| v * v)
+                    .sum()
+            })
+            .collect();
+        for st in &self.stored {
+            match st {
+                Stored::Dense { .. } => {}
+                Stored::Rows { x, d, t, k, out: o } => {
+                    for (j, acc) in out.iter_mut().enumerate() {
+                        for u in 0..*t {
+                            let (xu, du) = (j * t + u, j * t + u);
+                            for v in 0..*t {
+                                let (xv, dv) = (j * t + v, j * t + v);
+                                let xx: f64 = (0..*k).map(|c| x[xu * k + c] * x[xv * k + c]).sum();
+                                let dd: f64 = (0..*o).map(|c| d[du * o + c] * d[dv * o + c]).sum();
+                                *acc += xx * dd;
+                            }
+                        }
+                    }
+                }
+                Stored::Tokens { ids, d, t, out: o } => {
+                    for (j, acc) in out.iter_mut().enumerate() {
+                        for u in 0..*t {
+                            for v in 0..*t {
+                                if ids[j * t + u] == ids[j * t + v] {
+                                    *acc += (0..*o)
+                                        .map(|c| d[(j * t + u) * o + c] * d[(j * t + v) * o + c])
+                                        .sum::<f64>();
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The gradients as a P×N matrix (one column per example): for a Σ that needs them formed.
+    pub fn to_dense(&self) -> Mat<f64> {
+        let mut g = Mat::<f64>::zeros(self.p, self.n);
+        let idx = self.dense_index();
+        for j in 0..self.n {
+            for (r, &p) in idx.iter().enumerate() {
+                g[(p, j)] = self.dense[j * self.pm + r];
+            }
+        }
+        for (s, st) in self.shapes.iter().zip(&self.stored) {
+            match st {
+                Stored::Dense { .. } => {}
+                Stored::Rows { x, d, t, k, out: o } => {
+                    let inp = k - usize::from(s.bias());
+                    let mut w = Mat::<f64>::zeros(*o, *k);
+                    for j in 0..self.n {
+                        let xj =
+                            MatRef::from_row_major_slice(&x[j * t * k..(j + 1) * t * k], *t, *k);
+                        let dj =
+                            MatRef::from_row_major_slice(&d[j * t * o..(j + 1) * t * o], *t, *o);
+                        matmul(
+                            w.as_mut(),
+                            Accum::Replace,
+                            dj.transpose(),
+                            xj,
+                            1.0,
+                            Par::Seq,
+                        );
+                        for q in 0..*o {
+                            for i in 0..inp {
+                                g[(s.w_off + q * inp + i, j)] = w[(q, i)];
+                            }
+                            if let Some(b) = s.b_off {
+                                g[(b + q, j)] = w[(q, inp)];
+                            }
+                        }
+                    }
+                }
+                Stored::Tokens { ids, d, t, out: o } => {
+                    for r in 0..self.n * t {
+                        let base = s.w_off + ids[r] * o;
+                        for q in 0..*o {
+                            g[(base + q, r / t)] += d[r * o + q];
+                        }
+                    }
+                }
+            }
+        }
+        g
+    }
+}
+
+fn gemm(dst: &mut Mat<f64>, a: MatRef<'_, f64>, b: MatRef<'_, f64>) {
+    matmul(dst.as_mut(), Accum::Replace, a, b, 1.0, Par::rayon(0));
+}
+
+/// Σ over each example pair's T×T block of a ∘ b (both (la·t) × (lb·t)), added into
+/// `k[(sa + i, sb + j)]` (and its mirror with `mirror`).
+#[allow(clippy::too_many_arguments)]
+fn add_block_sums(
+    k: &mut Mat<f64>,
+    a: &Mat<f64>,
+    b: Option<&Mat<f64>>,
+    mask: Option<(&[usize], &[usize])>,
+    t: usize,
+    (sa, la): (usize, usize),
+    (sb, lb): (usize, usize),
+    mirror: bool,
+) {
+    for j in 0..lb {
+        for i in 0..la {
+            let mut s = 0.0;
+            for v in 0..t {
+                let c = j * t + v;
+                let ac = a.col(c);
+                for u in 0..t {
+                    let r = i * t + u;
+                    let w = match mask {
+                        Some((ia, ib)) => {
+                            if ia[r] != ib[c] {
+                                continue;
+                            }
+                            1.0
+                        }
+                        None => b.map_or(1.0, |b| b[(r, c)]),
+                    };
+                    s += ac[r] * w;
+                }
+            }
+            k[(sa + i, sb + j)] += s;
+            if mirror {
+                k[(sb + j, sa + i)] += s;
+            }
+        }
+    }
+}
+
+impl GradientMatrix for LayeredGradients {
+    fn num_params(&self) -> usize {
+        self.p
+    }
+
+    fn num_examples(&self) -> usize {
+        self.n
+    }
+
+    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        if v.nrows() != self.p {
+            return Err(Error::shape("V in G·V (P rows)", self.p, v.nrows()));
+        }
+        let c = v.ncols();
+        let mut out = Mat::<f64>::zeros(self.n, c);
+        if self.pm > 0 {
+            let idx = self.dense_index();
+            let vm = Mat::from_fn(self.pm, c, |r, j| v[(idx[r], j)]);
+            gemm(&mut out, self.dense_ref(), vm.as_ref());
+        }
+        for (s, st) in self.shapes.iter().zip(&self.stored) {
+            match st {
+                Stored::Dense { .. } => {}
+                Stored::Rows { x, d, t, k, out: o } => {
+                    let inp = k - usize::from(s.bias());
+                    let blocks = self.blocks(*t);
+                    for col in 0..c {
+                        // W̃ (k × out): column q holds weight row q and the bias entry
+                        let w = Mat::from_fn(*k, *o, |i, q| {
+                            if i < inp {
+                                v[(s.w_off + q * inp + i, col)]
+                            } else {
+                                v[(s.b_off.unwrap_or(0) + q, col)]
+                            }
+                        });
+                        for &(sa, la) in &blocks {
+                            let (r0, ra) = (sa * t, la * t);
+                            let xa =
+                                MatRef::from_row_major_slice(&x[r0 * k..(r0 + ra) * k], ra, *k);
+                            let mut y = Mat::<f64>::zeros(ra, *o);
+                            gemm(&mut y, xa, w.as_ref());
+                            for j in 0..la {
+                                let mut acc = 0.0;
+                                for r in j * t..(j + 1) * t {
+                                    let dr = &d[(r0 + r) * o..(r0 + r + 1) * o];
+                                    acc += dr
+                                        .iter()
+                                        .enumerate()
+                                        .map(|(q, dv)| dv * y[(r, q)])
+                                        .sum::<f64>();
+                                }
+                                out[(sa + j, col)] += acc;
+                            }
+                        }
+                    }
+                }
+                Stored::Tokens { ids, d, t, out: o } => {
+                    for col in 0..c {
+                        for j in 0..self.n {
+                            let mut acc = 0.0;
+                            for r in j * t..(j + 1) * t {
+                                let base = s.w_off + ids[r] * o;
+                                acc += (0..*o)
+                                    .map(|q| d[r * o + q] * v[(base + q, col)])
+                                    .sum::<f64>();
+                            }
+                            out[(j, col)] += acc;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        if u.nrows() != self.n {
+            return Err(Error::shape("U in Gᵀ·U (N rows)", self.n, u.nrows()));
+        }
+        let c = u.ncols();
+        let mut out = Mat::<f64>::zeros(self.p, c);
+        if self.pm > 0 {
+            let mut gm = Mat::<f64>::zeros(self.pm, c);
+            gemm(&mut gm, self.dense_ref().transpose(), u);
+            for (r, &p) in self.dense_index().iter().enumerate() {
+                for j in 0..c {
+                    out[(p, j)] = gm[(r, j)];
+                }
+            }
+        }
+        for (s, st) in self.shapes.iter().zip(&self.stored) {
+            match st {
+                Stored::Dense { .. } => {}
+                Stored::Rows { x, d, t, k, out: o } => {
+                    let inp = k - usize::from(s.bias());
+                    let blocks = self.blocks(*t);
+                    for col in 0..c {
+                        let mut g = Mat::<f64>::zeros(*o, *k);
+                        for &(sa, la) in &blocks {
+                            let (r0, ra) = (sa * t, la * t);
+                            let xa =
+                                MatRef::from_row_major_slice(&x[r0 * k..(r0 + ra) * k], ra, *k);
+                            let du = Mat::from_fn(ra, *o, |r, q| {
+                                d[(r0 + r) * o + q] * u[(sa + r / t, col)]
+                            });
+                            matmul(
+                                g.as_mut(),
+                                Accum::Add,
+                                du.transpose(),
+                                xa,
+                                1.0,
+                                Par::rayon(0),
+                            );
+                        }
+                        for q in 0..*o {
+                            for i in 0..inp {
+                                out[(s.w_off + q * inp + i, col)] += g[(q, i)];
+                            }
+                            if let Some(b) = s.b_off {
+                                out[(b + q, col)] += g[(q, inp)];
+                            }
+                        }
+                    }
+                }
+                Stored::Tokens { ids, d, t, out: o } => {
+                    for col in 0..c {
+                        for r in 0..self.n * t {
+                            let w = u[(r / t, col)];
+                            let base = s.w_off + ids[r] * o;
+                            for q in 0..*o {
+                                out[(base + q, col)] += w * d[r * o + q];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn gram(&self) -> Result<Mat<f64>> {
+        let mut kmat = Mat::<f64>::zeros(self.n, self.n);
+        self.add_pairs(self, &mut kmat, true);
+        Ok(kmat)
+    }
+
+    fn cross_gram_layered(&self, q: &LayeredGradients) -> Option<Result<Mat<f64>>> {
+        if !self.same_layout(q) {
+            return None;
+        }
+        let mut kmat = Mat::<f64>::zeros(self.n, q.n);
+        self.add_pairs(q, &mut kmat, false);
+        Some(Ok(kmat))
+    }
+
+    fn diag_sums(&self) -> Result<Vec<f64>> {
+        let mut acc = vec![0.0f64; self.p];
+        let idx = self.dense_index();
+        for j in 0..self.n {
+            let row = &self.dense[j * self.pm..(j + 1) * self.pm];
+            for (r, v) in row.iter().enumerate() {
+                acc[idx[r]] += v * v;
+            }
+        }
+        for (s, st) in self.shapes.iter().zip(&self.stored) {
+            match st {
+                Stored::Dense { .. } => {}
+                Stored::Rows { x, d, t, k, out: o } => {
+                    let inp = k - usize::from(s.bias());
+                    let mut g = Mat::<f64>::zeros(*o, *k);
+                    for j in 0..self.n {
+                        let xj =
+                            MatRef::from_row_major_slice(&x[j * t * k..(j + 1) * t * k], *t, *k);
+                        let dj =
+                            MatRef::from_row_major_slice(&d[j * t * o..(j + 1) * t * o], *t, *o);
+                        matmul(
+                            g.as_mut(),
+                            Accum::Replace,
+                            dj.transpose(),
+                            xj,
+                            1.0,
+                            Par::Seq,
+                        );
+                        for q in 0..*o {
+                            for i in 0..inp {
+                                acc[s.w_off + q * inp + i] += g[(q, i)] * g[(q, i)];
+                            }
+                            if let Some(b) = s.b_off {
+                                acc[b + q] += g[(q, inp)] * g[(q, inp)];
+                            }
+                        }
+                    }
+                }
+                Stored::Tokens { ids, d, t, out: o } => {
+                    let mut order: Vec<usize> = Vec::with_capacity(*t);
+                    let mut row = vec![0.0f64; *o];
+                    for j in 0..self.n {
+                        let id = &ids[j * t..(j + 1) * t];
+                        order.clear();
+                        order.extend(0..*t);
+                        order.sort_by_key(|&q| id[q]);
+                        let mut q = 0;
+                        while q < *t {
+                            let v = id[order[q]];
+                            row.iter_mut().for_each(|r| *r = 0.0);
+                            while q < *t && id[order[q]] == v {
+                                let at = (j * t + order[q]) * o;
+                                row.iter_mut()
+                                    .zip(&d[at..at + o])
+                                    .for_each(|(r, x)| *r += x);
+                                q += 1;
+                            }
+                            let base = s.w_off + v * o;
+                            acc[base..base + o]
+                                .iter_mut()
+                                .zip(&row)
+                                .for_each(|(a, r)| *a += r * r);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(acc)
+    }
+
+    fn gram_width(&self) -> usize {
+        self.pm
+            + self
+                .stored
+                .iter()
+                .map(|st| match st {
+                    Stored::Dense { .. } => 0,
+                    Stored::Rows { t, k, out, .. } => t * t * (k + out),
+                    Stored::Tokens { t, out, .. } => t * t * out,
+                })
+                .sum::<usize>()
+    }
+
+    fn bytes(&self) -> u64 {
+        let mut b = self.dense.len() as u64 * 8;
+        for st in &self.stored {
+            b += match st {
+                Stored::Dense { .. } => 0,
+                Stored::Rows { x, d, .. } => (x.len() + d.len()) as u64 * 8,
+                Stored::Tokens { ids, d, .. } => (ids.len() + d.len()) as u64 * 8,
+            };
+        }
+        b
+    }
+}
