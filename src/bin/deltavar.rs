@@ -1209,7 +1209,25 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// glibc returns every freed block above its (dynamic) mmap threshold to the kernel, so each
+/// pass's buffers come back as fresh zeroed pages: on W-queries (1024 queries) a quarter of the
+/// run was page faults and munmap. Keeping freed memory in the heap (blocks up to 32 MiB, the
+/// largest threshold glibc takes; a trim only above 512 MiB of free top) measured 0.054 → 0.045 s
+/// (median of 25 runs). Affects only this process's allocator.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes glibc's allocator parameters; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
