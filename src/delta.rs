@@ -446,6 +446,21 @@ pub fn mlp_delta_variances_with(
     let engine = FactoredMlp::new(mlp)?;
     let p = engine.num_params();
     let (sigma, choice) = build(strategy, p, opts, fisher)?;
+    if let Some(d) = sigma.diagonal() {
+        // a diagonal Σ straight from each batch's pass: no query factors kept
+        let (values, forms) = engine.query_diag_forms(&qoi, queries, engine_opts, &d)?;
+        return Ok(MlpDeltaVariances {
+            qoi: values,
+            delta_variance: crate::sigma::finish(&sigma.name(), forms)?,
+            sigma: sigma.name(),
+            method: choice,
+            cg: None,
+            lowrank: sigma.lowrank_report(),
+            path: QueryPath::DiagonalFactored,
+            num_params: p,
+            num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
+        });
+    }
     let q = engine.query_factors(&qoi, queries, engine_opts)?;
     let (forms, path) = query_delta_variances_reported(&q, &*sigma)?;
     Ok(MlpDeltaVariances {

@@ -23,7 +23,7 @@ pub use scalar::Scalar;
 
 use candle_core::{DType, Tensor};
 use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::data::Dataset;
@@ -282,6 +282,103 @@ impl FactoredMlp {
             Ok(Batch::Inputs(queries.narrow(0, start, len)?))
         }, None, Some(qoi)))?;
         Ok(QueryFactors { factors, values })
+    }
+
+    /// The QoI values at the M queries (rows of `queries`) and the quadratic forms qⱼᵀ S qⱼ
+    /// under a diagonal S (length P), straight from each batch's pass: per layer
+    /// Σₒ δₒ²·((x∘x)·S_Wᵀ + s_b)ₒ in f64, without keeping the query factors (what
+    /// [`Factors::quad_forms_diag`] computes from [`FactoredMlp::query_factors`], without their
+    /// O(M·Σ(in+out)) memory and its copies). Memory per worker: one batch.
+    pub fn query_diag_forms(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        opts: &FactoredOptions,
+        s: &[f64],
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        if s.len() != self.num_params() {
+            return Err(Error::shape("diagonal Sigma", self.num_params(), s.len()));
+        }
+        let m_rows = match queries.dims() {
+            [m, w] if *w == self.sizes[0] => *m,
+            d => {
+                return Err(Error::shape(
+                    "queries for the MLP (one row per query)",
+                    format!("(M, {})", self.sizes[0]),
+                    format!("{d:?}"),
+                ))
+            }
+        };
+        dispatch!(self, m => self.diag_forms_t(m, m_rows, opts, queries, qoi, s))
+    }
+
+    fn diag_forms_t<T: Scalar>(
+        &self,
+        m: &NativeMlp<T>,
+        n: usize,
+        opts: &FactoredOptions,
+        queries: &Tensor,
+        qoi: &Qoi,
+        s: &[f64],
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let offsets = layer_offsets(&self.sizes);
+        let parts: Vec<(Vec<f64>, Vec<f64>)> = Self::pool(opts, || {
+            starts
+                .par_iter()
+                .map_init(
+                    || (Workspace::<T>::default(), Vec::<f64>::new()),
+                    |(ws, sqx), &start| {
+                        let len = bs.min(n - start);
+                        let batch = Batch::Inputs(queries.narrow(0, start, len)?);
+                        let (x, _) = batch.rows();
+                        let values = Self::pass(m, ws, x, Target::Qoi(qoi), start)?;
+                        let mut forms = vec![0.0f64; len];
+                        for (l, &(w_off, b_off, inp, out)) in offsets.iter().enumerate() {
+                            sqx.clear();
+                            sqx.extend(ws.acts[l][..len * inp].iter().map(|v| {
+                                let v = v.f64();
+                                v * v
+                            }));
+                            let mut t = Mat::<f64>::zeros(len, out);
+                            matmul(
+                                t.as_mut(),
+                                Accum::Replace,
+                                MatRef::from_row_major_slice(sqx, len, inp),
+                                MatRef::from_row_major_slice(
+                                    &s[w_off..w_off + out * inp],
+                                    out,
+                                    inp,
+                                )
+                                .transpose(),
+                                1.0,
+                                Par::Seq,
+                            );
+                            let sb = &s[b_off..b_off + out];
+                            let d = &ws.deltas[l];
+                            for (i, f) in forms.iter_mut().enumerate() {
+                                let dr = &d[i * out..(i + 1) * out];
+                                *f += (0..out)
+                                    .map(|o| {
+                                        let dv = dr[o].f64();
+                                        dv * dv * (t[(i, o)] + sb[o])
+                                    })
+                                    .sum::<f64>();
+                            }
+                        }
+                        Ok((values, forms))
+                    },
+                )
+                .collect::<Result<Vec<_>>>()
+        })??;
+        let mut values = Vec::with_capacity(n);
+        let mut forms = Vec::with_capacity(n);
+        for (v, f) in parts {
+            values.extend(v);
+            forms.extend(f);
+        }
+        Ok((values, forms))
     }
 
     #[allow(clippy::type_complexity)]
