@@ -146,7 +146,7 @@ impl FactoredMlp {
         let last = &mut ws.deltas[nl - 1];
         last.clear();
         last.extend(signal.iter().map(|v| T::of(*v)));
-        m.backward(ws);
+        m.backward(ws)?;
         Ok(values)
     }
 
@@ -393,8 +393,39 @@ impl FactoredMlp {
     ) -> Result<(Factors, Vec<f64>)> {
         let bs = opts.batch_size.max(1);
         let starts: Vec<usize> = (0..n).step_by(bs).collect();
-        let parts: Vec<(Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<f64>)> = Self::pool(opts, || {
-            starts
+        let offsets = layer_offsets(&self.sizes);
+        let mut factors = Factors::zeros(&self.sizes, n);
+        let mut values = Vec::with_capacity(n);
+        // a few batches per worker at a time, written into the factors as they come: the f64
+        // copies never exceed one round (not a second copy of every factor)
+        let round = 2 * rayon_threads(opts).max(1);
+        for group in starts.chunks(round) {
+            let parts = self.factor_round(m, n, bs, group, opts, &get, lik, qoi)?;
+            for (&start, (xs, ds, v)) in group.iter().zip(parts) {
+                for (l, &(_, _, inp, out)) in offsets.iter().enumerate() {
+                    factors.write_rows(l, start, &xs[l], inp, &ds[l], out);
+                }
+                values.extend(v);
+            }
+        }
+        Ok((factors, values))
+    }
+
+    /// One round of batches of [`FactoredMlp::collect_factors`], in parallel.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn factor_round<'d, T: Scalar>(
+        &self,
+        m: &NativeMlp<T>,
+        n: usize,
+        bs: usize,
+        group: &[usize],
+        opts: &FactoredOptions,
+        get: &(impl Fn(usize, usize) -> Result<Batch<'d>> + Sync),
+        lik: Option<&Likelihood>,
+        qoi: Option<&Qoi>,
+    ) -> Result<Vec<(Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<f64>)>> {
+        Self::pool(opts, || {
+            group
                 .par_iter()
                 .map_init(Workspace::<T>::default, |ws, &start| {
                     let len = bs.min(n - start);
@@ -422,17 +453,7 @@ impl FactoredMlp {
                     Ok((xs, ds, values))
                 })
                 .collect::<Result<Vec<_>>>()
-        })??;
-        let offsets = layer_offsets(&self.sizes);
-        let mut factors = Factors::zeros(&self.sizes, n);
-        let mut values = Vec::with_capacity(n);
-        for (&start, (xs, ds, v)) in starts.iter().zip(parts) {
-            for (l, &(_, _, inp, out)) in offsets.iter().enumerate() {
-                factors.write_rows(l, start, &xs[l], inp, &ds[l], out);
-            }
-            values.extend(v);
-        }
-        Ok((factors, values))
+        })?
     }
 }
 

@@ -4,10 +4,11 @@
 //! All buffers are row-major (one example per row), so one example's factors are contiguous.
 //! Cost per batch: the forward's matmuls plus one matmul per layer but the first for Δ.
 
+use candle_core::Tensor;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use super::scalar::{copy_rows, Rows, Scalar};
+use super::scalar::{cast_slice, copy_rows, Rows, Scalar};
 use crate::error::{Error, Result};
 use crate::model::{Activation, Mlp};
 
@@ -19,19 +20,70 @@ fn needs_pre(act: Activation) -> bool {
     )
 }
 
+/// A weight tensor as the engine reads it.
+#[derive(Debug, Clone)]
+pub(crate) enum Weights<T> {
+    /// The model's own tensor (a contiguous CPU tensor in the engine's precision): no copy;
+    /// each pass reads it under candle's storage lock.
+    Shared(Tensor),
+    /// A copy converted to the engine's precision.
+    Owned(Vec<T>),
+}
+
+impl<T: Scalar> Weights<T> {
+    /// Shares `t` when it is a contiguous CPU tensor of the engine's precision, copies it
+    /// otherwise; fails naming `what` on a NaN or infinity.
+    fn of(t: &Tensor, what: &str) -> Result<Self> {
+        if t.dtype() == <T as Scalar>::DTYPE && t.is_contiguous() && t.device().is_cpu() {
+            let bad = crate::params::with_float_slice(t, |s| {
+                cast_slice::<T>(s).and_then(|v| v.iter().position(|x| !x.f64().is_finite()))
+            })?;
+            if let Some(k) = bad {
+                return Err(Error::NonFinite {
+                    what: what.into(),
+                    detail: format!("element {k}"),
+                });
+            }
+            return Ok(Weights::Shared(t.clone()));
+        }
+        let mut v = Vec::new();
+        copy_rows(t, &mut v, what, 0)?;
+        Ok(Weights::Owned(v))
+    }
+
+    /// Runs `f` on the values.
+    pub fn with<R>(&self, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+        match self {
+            Weights::Owned(v) => Ok(f(v)),
+            Weights::Shared(t) => {
+                crate::params::with_float_slice(t, |s| cast_slice::<T>(s).map(f))?.ok_or_else(
+                    || {
+                        Error::Unsupported(
+                        "a model weight changed its dtype or device after the engine was built: \
+                         rebuild the engine"
+                            .into(),
+                    )
+                    },
+                )
+            }
+        }
+    }
+}
+
 /// One Linear layer's weights in the engine's precision.
 #[derive(Debug, Clone)]
 pub(crate) struct NativeLayer<T> {
     /// out×in, row-major (PyTorch's and candle's layout).
-    pub w: Vec<T>,
+    pub w: Weights<T>,
     /// out.
-    pub b: Vec<T>,
+    pub b: Weights<T>,
     pub inp: usize,
     pub out: usize,
 }
 
-/// The weights of an [`Mlp`] copied once into the engine's precision (a snapshot: rebuild the
-/// engine after changing the model's variables).
+/// The weights of an [`Mlp`] as the engine reads them: the model's own tensors when they are
+/// contiguous CPU tensors in the engine's precision (no copy, so the engine sees later changes to
+/// the variables), otherwise a converted snapshot (rebuild the engine after changing them).
 #[derive(Debug, Clone)]
 pub(crate) struct NativeMlp<T> {
     pub layers: Vec<NativeLayer<T>>,
@@ -63,13 +115,9 @@ impl<T: Scalar> NativeMlp<T> {
                     "layer {i} has no bias; the factored engine expects Linear layers with bias"
                 ))
             })?;
-            let mut wv = Vec::new();
-            copy_rows(w, &mut wv, &format!("weight of layer {i}"), 0)?;
-            let mut bv = Vec::new();
-            copy_rows(b, &mut bv, &format!("bias of layer {i}"), 0)?;
             layers.push(NativeLayer {
-                w: wv,
-                b: bv,
+                w: Weights::of(w, &format!("weight of layer {i}"))?,
+                b: Weights::of(b, &format!("bias of layer {i}"))?,
                 inp,
                 out,
             });
@@ -119,31 +167,38 @@ impl<T: Scalar> NativeMlp<T> {
             let z = &mut hi[0];
             z.clear();
             z.resize(b * layer.out, T::default());
-            matmul(
-                MatMut::from_row_major_slice_mut(z, b, layer.out),
-                Accum::Replace,
-                MatRef::from_row_major_slice(a_in, b, layer.inp),
-                MatRef::from_row_major_slice(&layer.w, layer.out, layer.inp).transpose(),
-                T::of(1.0),
-                Par::Seq,
-            );
+            layer.w.with(|w| {
+                matmul(
+                    MatMut::from_row_major_slice_mut(z, b, layer.out),
+                    Accum::Replace,
+                    MatRef::from_row_major_slice(a_in, b, layer.inp),
+                    MatRef::from_row_major_slice(w, layer.out, layer.inp).transpose(),
+                    T::of(1.0),
+                    Par::Seq,
+                )
+            })?;
             let hidden = l + 1 < nl;
+            let bias_of = |z: &mut Vec<T>, relu: bool| {
+                layer.b.with(|bias| {
+                    for row in z.chunks_exact_mut(layer.out) {
+                        for (v, bb) in row.iter_mut().zip(bias) {
+                            let t = *v + *bb;
+                            *v = if !relu || t > T::default() {
+                                t
+                            } else {
+                                T::default()
+                            };
+                        }
+                    }
+                })
+            };
             match (hidden, self.act) {
                 (true, Activation::Relu) => {
                     // bias and ReLU in one pass; the backward reads the mask from the output
-                    for row in z.chunks_exact_mut(layer.out) {
-                        for (v, bias) in row.iter_mut().zip(&layer.b) {
-                            let t = *v + *bias;
-                            *v = if t > T::default() { t } else { T::default() };
-                        }
-                    }
+                    bias_of(z, true)?;
                 }
                 _ => {
-                    for row in z.chunks_exact_mut(layer.out) {
-                        for (v, bias) in row.iter_mut().zip(&layer.b) {
-                            *v += *bias;
-                        }
-                    }
+                    bias_of(z, false)?;
                     if hidden && self.act != Activation::Identity {
                         if needs_pre(self.act) {
                             let pre = &mut ws.pre[l];
@@ -161,7 +216,7 @@ impl<T: Scalar> NativeMlp<T> {
 
     /// Back-propagates the output signal already in `ws.deltas[L-1]` (B×out) through the
     /// network, filling every layer's Δ.
-    pub fn backward(&self, ws: &mut Workspace<T>) {
+    pub fn backward(&self, ws: &mut Workspace<T>) -> Result<()> {
         let b = ws.rows;
         for l in (1..self.layers.len()).rev() {
             let layer = &self.layers[l];
@@ -169,14 +224,16 @@ impl<T: Scalar> NativeMlp<T> {
             let d_prev = &mut lo[l - 1];
             d_prev.clear();
             d_prev.resize(b * layer.inp, T::default());
-            matmul(
-                MatMut::from_row_major_slice_mut(d_prev, b, layer.inp),
-                Accum::Replace,
-                MatRef::from_row_major_slice(&hi[0], b, layer.out),
-                MatRef::from_row_major_slice(&layer.w, layer.out, layer.inp),
-                T::of(1.0),
-                Par::Seq,
-            );
+            layer.w.with(|w| {
+                matmul(
+                    MatMut::from_row_major_slice_mut(d_prev, b, layer.inp),
+                    Accum::Replace,
+                    MatRef::from_row_major_slice(&hi[0], b, layer.out),
+                    MatRef::from_row_major_slice(w, layer.out, layer.inp),
+                    T::of(1.0),
+                    Par::Seq,
+                )
+            })?;
             let post = &ws.acts[l];
             match self.act {
                 Activation::Identity => {}
@@ -199,6 +256,7 @@ impl<T: Scalar> NativeMlp<T> {
                 }
             }
         }
+        Ok(())
     }
 
     /// The model output of the last forward pass (B×out, row-major).

@@ -12,6 +12,10 @@ pub trait Scalar:
 {
     /// The matching candle dtype.
     const DTYPE: DType;
+    /// The slice itself when this type is f32.
+    fn from_f32_slice(v: &[f32]) -> Option<&[Self]>;
+    /// The slice itself when this type is f64.
+    fn from_f64_slice(v: &[f64]) -> Option<&[Self]>;
     /// From f64 (rounding for f32).
     fn of(v: f64) -> Self;
     /// To f64.
@@ -44,6 +48,12 @@ pub trait Scalar:
 
 impl Scalar for f32 {
     const DTYPE: DType = DType::F32;
+    fn from_f32_slice(v: &[f32]) -> Option<&[Self]> {
+        Some(v)
+    }
+    fn from_f64_slice(_: &[f64]) -> Option<&[Self]> {
+        None
+    }
     #[inline]
     fn of(v: f64) -> Self {
         v as f32
@@ -77,6 +87,12 @@ impl Scalar for f32 {
 
 impl Scalar for f64 {
     const DTYPE: DType = DType::F64;
+    fn from_f32_slice(_: &[f32]) -> Option<&[Self]> {
+        None
+    }
+    fn from_f64_slice(v: &[f64]) -> Option<&[Self]> {
+        Some(v)
+    }
     #[inline]
     fn of(v: f64) -> Self {
         v
@@ -180,6 +196,14 @@ impl Rows<'_> {
 
 /// Copies a float tensor's elements (row-major) into `dst` as `T`, failing on a non-finite entry
 /// (named by its row, counted from `first_row`, and column).
+/// The slice itself when it holds `T`.
+pub(crate) fn cast_slice<T: Scalar>(s: FloatSlice<'_>) -> Option<&[T]> {
+    match s {
+        FloatSlice::F32(v) => T::from_f32_slice(v),
+        FloatSlice::F64(v) => T::from_f64_slice(v),
+    }
+}
+
 pub(crate) fn copy_rows<T: Scalar>(
     t: &Tensor,
     dst: &mut Vec<T>,
