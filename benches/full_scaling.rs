@@ -4,6 +4,13 @@
 //!
 //!     cargo bench --bench full_scaling             # about 3 minutes on 2 cores
 //!     cargo bench --bench full_scaling -- --quick  # the P ≈ 1.9M points only
+//!     cargo bench --bench full_scaling -- --huge [K]   # P = 10M, 107M, 1.1B from a safetensors
+//!                                                      # file, N = 10k, 16 queries (K: one point)
+//!
+//! `--huge` writes each model (f32, 1/√fan-in uniform weights) to a safetensors file under
+//! `$DV_SCALE_DIR` (default the temp dir; the 1.1B model takes 4.4 GB of disk), then runs the
+//! exact kernel ΔVar the way the CLI does: the weights memory-mapped and loaded once, the
+//! factors of 10,000 examples, the Gram matrix, its Cholesky factor and 16 query gradients.
 
 mod common;
 use common::{lcg, peak_rss_bytes};
@@ -98,8 +105,179 @@ fn point(arch: usize, n: usize, method: &str) {
     );
 }
 
+const HUGE: [&[usize]; 3] = [
+    &[784, 2048, 2048, 2048, 10],
+    &[784, 8192, 8192, 4096, 10],
+    &[784, 32768, 32768, 10],
+];
+const HUGE_N: usize = 10_000;
+const HUGE_M: usize = 16;
+
+/// Writes an MLP's weights (f32, uniform ±1/√fan-in from the LCG) as safetensors, streaming
+/// each tensor so the writer never holds a whole layer.
+fn write_model(path: &std::path::Path, sizes: &[usize]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut off = 0usize;
+    let mut parts: Vec<(usize, usize, f64)> = vec![];
+    for l in 0..sizes.len() - 1 {
+        let (inp, out) = (sizes[l], sizes[l + 1]);
+        let scale = 1.0 / (inp as f64).sqrt();
+        for (part, shape, n) in [
+            ("weight", vec![out, inp], out * inp),
+            ("bias", vec![out], out),
+        ] {
+            header.insert(
+                format!("{}.{part}", 2 * l),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [off, off + 4 * n]}),
+            );
+            off += 4 * n;
+            parts.push((n, parts.len() + 11, scale));
+        }
+    }
+    let mut h = serde_json::to_string(&header)?.into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut f = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(path)?);
+    f.write_all(&(h.len() as u64).to_le_bytes())?;
+    f.write_all(&h)?;
+    for (n, seed, scale) in parts {
+        let mut s = (seed as u64)
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut buf = Vec::with_capacity(1 << 20);
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(1 << 18);
+            buf.clear();
+            for _ in 0..k {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) as f64 * scale;
+                buf.extend_from_slice(&(v as f32).to_le_bytes());
+            }
+            f.write_all(&buf)?;
+            left -= k;
+        }
+    }
+    f.flush()
+}
+
+/// One `--huge` point in this process: load, factors, Gram, Cholesky, queries; JSON out.
+fn huge_point(path: &std::path::Path, k: usize) {
+    let sizes = HUGE[k];
+    let t = Instant::now();
+    let (mlp, _vm) =
+        Mlp::load_safetensors(path, Activation::Relu, DType::F32, &Device::Cpu, "", None)
+            .expect("load");
+    let load = t.elapsed().as_secs_f64();
+    let x =
+        Tensor::from_vec(lcg(HUGE_N * sizes[0], 1), (HUGE_N, sizes[0]), &Device::Cpu).expect("x");
+    let y: Vec<i64> = lcg(HUGE_N, 2)
+        .iter()
+        .map(|v| ((v + 1.0) * 4.99) as i64)
+        .collect();
+    let data =
+        TensorDataset::new(x, Tensor::from_vec(y, HUGE_N, &Device::Cpu).expect("y")).expect("data");
+    let queries =
+        Tensor::from_vec(lcg(HUGE_M * sizes[0], 3), (HUGE_M, sizes[0]), &Device::Cpu).expect("q");
+    let fisher = FactoredFisher::new(
+        &mlp,
+        Likelihood::Categorical,
+        &data,
+        FactoredOptions::default(),
+    )
+    .expect("fisher");
+    let budget = 20u64 << 30;
+    let g = fisher.gradient_matrix(budget).expect("factors");
+    let factors = t.elapsed().as_secs_f64();
+    let s = KernelInverseFisher::new(Arc::clone(&g), DAMPING).expect("kernel");
+    let kernel = t.elapsed().as_secs_f64();
+    let qf = fisher
+        .engine()
+        .query_factors(&Qoi::Output(0), &queries, &FactoredOptions::default())
+        .expect("q");
+    let dv = query_delta_variances(&qf, &s).expect("dv");
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{{\"P\":{},\"N\":{HUGE_N},\"seconds\":{secs:.1},\"load\":{load:.1},\"factors\":{:.1},\"gram_cholesky\":{:.1},\"peak_rss\":{},\"dv\":{:?}}}",
+        fisher.num_params(),
+        factors - load,
+        kernel - factors,
+        peak_rss_bytes(),
+        &dv[..4]
+    );
+}
+
+fn huge(args: &[String], exe: &std::path::Path) {
+    let dir = std::env::var_os("DV_SCALE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("deltavar-scale"));
+    std::fs::create_dir_all(&dir).expect("scale dir");
+    let only: Option<usize> = args
+        .iter()
+        .position(|a| a == "--huge")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok());
+    println!("| P | N | queries | seconds (all) | load | factors | Gram + Cholesky | peak RSS (GiB) | model file (GB) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (k, sizes) in HUGE.iter().enumerate() {
+        if only.is_some_and(|o| o != k) {
+            continue;
+        }
+        let path = dir.join(format!("mlp-{k}.safetensors"));
+        if !path.exists() {
+            write_model(&path, sizes).expect("write model");
+        }
+        let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let out = Command::new(exe)
+            .arg("--huge-point")
+            .arg(&path)
+            .arg(k.to_string())
+            .output()
+            .expect("child");
+        let v: serde_json::Value =
+            match serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()) {
+                Ok(v) => v,
+                Err(_) => {
+                    println!(
+                        "| {sizes:?} | {HUGE_N} | {HUGE_M} | failed: {} | | | | | {:.1} |",
+                        String::from_utf8_lossy(&out.stderr)
+                            .trim()
+                            .replace('\n', " "),
+                        bytes as f64 / 1e9
+                    );
+                    continue;
+                }
+            };
+        println!(
+            "| {} | {HUGE_N} | {HUGE_M} | {} | {} | {} | {} | {:.2} | {:.2} |",
+            v["P"],
+            v["seconds"],
+            v["load"],
+            v["factors"],
+            v["gram_cholesky"],
+            v["peak_rss"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
+            bytes as f64 / 1e9
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--huge-point") {
+        huge_point(
+            std::path::Path::new(&args[i + 1]),
+            args[i + 2].parse().expect("point"),
+        );
+        return;
+    }
+    if args.iter().any(|a| a == "--huge") {
+        huge(&args, &std::env::current_exe().expect("exe"));
+        return;
+    }
     if let Some(i) = args.iter().position(|a| a == "--point") {
         point(
             args[i + 1].parse().expect("arch"),
