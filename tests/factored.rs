@@ -460,3 +460,31 @@ fn fused_diagonal_query_forms_match_the_factors() {
     let want = q.factors().quad_forms_diag(&sd).unwrap();
     assert!(max_rel_err(&out.delta_variance, &want) < 1e-12);
 }
+
+/// The MLP engine reads the model's own f32/f64 weight tensors (no copy): it sees a change to
+/// the variables without a rebuild and equals a freshly built engine; a weight that becomes NaN
+/// is an error naming the layer, never a NaN result.
+#[test]
+fn engine_reads_the_live_weights_and_refuses_non_finite_ones() {
+    let pb = problem(Activation::Tanh, false, 1201);
+    let opts = FactoredOptions::default();
+    let engine = FactoredMlp::new(&pb.mlp).unwrap();
+    let before = engine.sum_sq(&pb.lik, &pb.data, &opts).unwrap();
+    let theta = pb.params.flat_values().unwrap();
+    let moved: Vec<f64> = theta.iter().map(|v| v * 1.5 + 0.01).collect();
+    pb.params.set_flat_values(&moved).unwrap();
+    let after = engine.sum_sq(&pb.lik, &pb.data, &opts).unwrap();
+    let fresh = FactoredMlp::new(&pb.mlp)
+        .unwrap()
+        .sum_sq(&pb.lik, &pb.data, &opts)
+        .unwrap();
+    assert_eq!(after, fresh);
+    assert!(max_rel_err(&after, &before) > 1e-3);
+    // a NaN written into a weight: the next pass fails naming it, a new engine too
+    let mut bad = moved.clone();
+    bad[3] = f64::NAN;
+    pb.params.set_flat_values(&bad).unwrap();
+    let err = FactoredMlp::new(&pb.mlp).err().unwrap();
+    assert!(err.to_string().contains("weight of layer 0"), "{err}");
+    assert!(engine.sum_sq(&pb.lik, &pb.data, &opts).is_err());
+}
