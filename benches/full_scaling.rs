@@ -28,6 +28,19 @@ const ARCHS: [[usize; 4]; 2] = [[256, 256, 128, 10], [784, 1024, 1024, 10]];
 const M: usize = 4;
 const DAMPING: f64 = 1e-1;
 
+/// `n` LCG inputs with 10 LCG classes, and `m` LCG queries.
+fn problem(n: usize, m: usize, inputs: usize) -> (TensorDataset, Tensor) {
+    let x = Tensor::from_vec(lcg(n * inputs, 1), (n, inputs), &Device::Cpu).expect("x");
+    let y: Vec<i64> = lcg(n, 2)
+        .iter()
+        .map(|v| ((v + 1.0) * 4.99) as i64)
+        .collect();
+    let data =
+        TensorDataset::new(x, Tensor::from_vec(y, n, &Device::Cpu).expect("y")).expect("data");
+    let queries = Tensor::from_vec(lcg(m * inputs, 3), (m, inputs), &Device::Cpu).expect("q");
+    (data, queries)
+}
+
 fn point(arch: usize, n: usize, method: &str) {
     let sizes = ARCHS[arch];
     let vm = VarMap::new();
@@ -53,14 +66,7 @@ fn point(arch: usize, n: usize, method: &str) {
         })
         .collect();
     params.set_flat_values(&w).expect("weights");
-    let x = Tensor::from_vec(lcg(n * sizes[0], 1), (n, sizes[0]), &Device::Cpu).expect("x");
-    let y: Vec<i64> = lcg(n, 2)
-        .iter()
-        .map(|v| ((v + 1.0) * 4.99) as i64)
-        .collect();
-    let data =
-        TensorDataset::new(x, Tensor::from_vec(y, n, &Device::Cpu).expect("y")).expect("data");
-    let queries = Tensor::from_vec(lcg(M * sizes[0], 3), (M, sizes[0]), &Device::Cpu).expect("q");
+    let (data, queries) = problem(n, M, sizes[0]);
     let fisher = FactoredFisher::new(
         &mlp,
         Likelihood::Categorical,
@@ -173,16 +179,7 @@ fn huge_point(path: &std::path::Path, k: usize) {
         Mlp::load_safetensors(path, Activation::Relu, DType::F32, &Device::Cpu, "", None)
             .expect("load");
     let load = t.elapsed().as_secs_f64();
-    let x =
-        Tensor::from_vec(lcg(HUGE_N * sizes[0], 1), (HUGE_N, sizes[0]), &Device::Cpu).expect("x");
-    let y: Vec<i64> = lcg(HUGE_N, 2)
-        .iter()
-        .map(|v| ((v + 1.0) * 4.99) as i64)
-        .collect();
-    let data =
-        TensorDataset::new(x, Tensor::from_vec(y, HUGE_N, &Device::Cpu).expect("y")).expect("data");
-    let queries =
-        Tensor::from_vec(lcg(HUGE_M * sizes[0], 3), (HUGE_M, sizes[0]), &Device::Cpu).expect("q");
+    let (data, queries) = problem(HUGE_N, HUGE_M, sizes[0]);
     let fisher = FactoredFisher::new(
         &mlp,
         Likelihood::Categorical,

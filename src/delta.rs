@@ -449,31 +449,24 @@ pub fn mlp_delta_variances_with(
     if let Some(d) = sigma.diagonal() {
         // a diagonal Σ straight from each batch's pass: no query factors kept
         let (values, forms) = engine.query_diag_forms(&qoi, queries, engine_opts, &d)?;
-        return Ok(MlpDeltaVariances {
-            qoi: values,
-            delta_variance: crate::sigma::finish(&sigma.name(), forms)?,
-            sigma: sigma.name(),
-            method: choice,
+        let forms = QuadForms {
+            values: crate::sigma::finish(&sigma.name(), forms)?,
             cg: None,
-            lowrank: sigma.lowrank_report(),
-            path: QueryPath::DiagonalFactored,
-            num_params: p,
-            num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
-        });
+        };
+        return Ok(assemble(
+            values,
+            forms,
+            QueryPath::DiagonalFactored,
+            &*sigma,
+            choice,
+            p,
+            fisher,
+        ));
     }
     let q = engine.query_factors(&qoi, queries, engine_opts)?;
     let (forms, path) = query_delta_variances_reported(&q, &*sigma)?;
-    Ok(MlpDeltaVariances {
-        qoi: q.values().to_vec(),
-        delta_variance: forms.values,
-        sigma: sigma.name(),
-        method: choice,
-        cg: forms.cg,
-        lowrank: sigma.lowrank_report(),
-        path,
-        num_params: p,
-        num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
-    })
+    let values = q.values().to_vec();
+    Ok(assemble(values, forms, path, &*sigma, choice, p, fisher))
 }
 
 /// The delta variances of a [`crate::Sequential`] model on the native sequential engine: Σ from
@@ -523,17 +516,8 @@ pub fn seq_delta_variances_with(
             crate::engine::LayerRoute::Auto,
         )?;
         let (forms, path) = layered_delta_variances_reported(&ql, &*sigma)?;
-        return Ok(MlpDeltaVariances {
-            qoi: values,
-            delta_variance: forms.values,
-            sigma: sigma.name(),
-            method: choice,
-            cg: forms.cg,
-            lowrank: sigma.lowrank_report(),
-            path,
-            num_params: engine.num_params(),
-            num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
-        });
+        let p = engine.num_params();
+        return Ok(assemble(values, forms, path, &*sigma, choice, p, fisher));
     }
     let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
     Ok(from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, None)?.0)
@@ -567,6 +551,29 @@ pub fn layered_delta_variances_reported(
     Ok((r, QueryPath::Gradients))
 }
 
+/// The result record from the values, the forms and the route taken.
+fn assemble(
+    values: Vec<f64>,
+    forms: QuadForms,
+    path: QueryPath,
+    sigma: &dyn SigmaOp,
+    choice: Option<MethodChoice>,
+    num_params: usize,
+    fisher: Option<&dyn FisherSource>,
+) -> MlpDeltaVariances {
+    MlpDeltaVariances {
+        qoi: values,
+        delta_variance: forms.values,
+        sigma: sigma.name(),
+        method: choice,
+        cg: forms.cg,
+        lowrank: sigma.lowrank_report(),
+        path,
+        num_params,
+        num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
+    }
+}
+
 /// The result of a pipeline whose query gradients are formed (P×M), and with `groups` the
 /// per-layer blocks too.
 fn from_gradients(
@@ -581,17 +588,15 @@ fn from_gradients(
     let blocks = groups
         .map(|g| crate::calibration::group_delta_variances(qg, sigma, g))
         .transpose()?;
-    let out = MlpDeltaVariances {
-        qoi: values,
-        delta_variance: forms.values,
-        sigma: sigma.name(),
-        method: choice,
-        cg: forms.cg,
-        lowrank: sigma.lowrank_report(),
-        path: QueryPath::Gradients,
-        num_params: qg.nrows(),
-        num_train: fisher.map(|f| f.num_examples()).unwrap_or(0),
-    };
+    let out = assemble(
+        values,
+        forms,
+        QueryPath::Gradients,
+        sigma,
+        choice,
+        qg.nrows(),
+        fisher,
+    );
     Ok((out, blocks))
 }
 

@@ -448,16 +448,7 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
                 .collect::<Result<Vec<_>>>()?
         };
         let need = LayeredGradients::bytes_for(&shapes, n, route);
-        if need > memory_budget {
-            return Err(Error::MemoryBudget {
-                what: "per-example gradients held layer by layer (capture engine)".into(),
-                needed: need,
-                budget: memory_budget,
-                hint: "raise the memory budget, or let the gradient operator stream \
-                       (CapturedGradients)"
-                    .into(),
-            });
-        }
+        super::layered::check_budget(need, memory_budget, "capture", "CapturedGradients")?;
         let mut store = LayeredGradients::new(shapes, self.num_params(), n, route)?;
         let mut values = Vec::with_capacity(n);
         for (start, len) in self.batches(n, opts.batch_size)? {

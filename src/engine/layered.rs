@@ -120,6 +120,22 @@ pub struct LayeredGradients {
     pm: usize,
 }
 
+/// Fails with [`Error::MemoryBudget`] when a layered store of `need` bytes exceeds the budget;
+/// `engine` names the engine, `streamed` the operator that recomputes G instead.
+pub(crate) fn check_budget(need: u64, budget: u64, engine: &str, streamed: &str) -> Result<()> {
+    if need > budget {
+        return Err(Error::MemoryBudget {
+            what: format!("per-example gradients held layer by layer ({engine} engine)"),
+            needed: need,
+            budget,
+            hint: format!(
+                "raise the memory budget, or let the gradient operator stream ({streamed})"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Examples per block of the factored Gram: about this many rows per side.
 const BLOCK_ROWS: usize = 1024;
 
@@ -456,6 +472,38 @@ impl LayeredGradients {
         out
     }
 
+    /// Forms each example's gradient of a factored rows layer (Δⱼᵀ X̃ⱼ, one small matmul) and
+    /// calls `f(example, flat index, value)` for every entry.
+    fn each_rows_gradient(
+        &self,
+        s: &LayerShape,
+        (x, d, t, k, o): (&[f64], &[f64], usize, usize, usize),
+        mut f: impl FnMut(usize, usize, f64),
+    ) {
+        let inp = k - usize::from(s.bias());
+        let mut w = Mat::<f64>::zeros(o, k);
+        for j in 0..self.n {
+            let xj = MatRef::from_row_major_slice(&x[j * t * k..(j + 1) * t * k], t, k);
+            let dj = MatRef::from_row_major_slice(&d[j * t * o..(j + 1) * t * o], t, o);
+            matmul(
+                w.as_mut(),
+                Accum::Replace,
+                dj.transpose(),
+                xj,
+                1.0,
+                Par::Seq,
+            );
+            for q in 0..o {
+                for i in 0..inp {
+                    f(j, s.w_off + q * inp + i, w[(q, i)]);
+                }
+                if let Some(b) = s.b_off {
+                    f(j, b + q, w[(q, inp)]);
+                }
+            }
+        }
+    }
+
     /// The gradients as a P×N matrix (one column per example): for a Σ that needs them formed.
     pub fn to_dense(&self) -> Mat<f64> {
         let mut g = Mat::<f64>::zeros(self.p, self.n);
@@ -469,30 +517,7 @@ impl LayeredGradients {
             match st {
                 Stored::Dense { .. } => {}
                 Stored::Rows { x, d, t, k, out: o } => {
-                    let inp = k - usize::from(s.bias());
-                    let mut w = Mat::<f64>::zeros(*o, *k);
-                    for j in 0..self.n {
-                        let xj =
-                            MatRef::from_row_major_slice(&x[j * t * k..(j + 1) * t * k], *t, *k);
-                        let dj =
-                            MatRef::from_row_major_slice(&d[j * t * o..(j + 1) * t * o], *t, *o);
-                        matmul(
-                            w.as_mut(),
-                            Accum::Replace,
-                            dj.transpose(),
-                            xj,
-                            1.0,
-                            Par::Seq,
-                        );
-                        for q in 0..*o {
-                            for i in 0..inp {
-                                g[(s.w_off + q * inp + i, j)] = w[(q, i)];
-                            }
-                            if let Some(b) = s.b_off {
-                                g[(b + q, j)] = w[(q, inp)];
-                            }
-                        }
-                    }
+                    self.each_rows_gradient(s, (x, d, *t, *k, *o), |j, p, v| g[(p, j)] = v);
                 }
                 Stored::Tokens { ids, d, t, out: o } => {
                     for r in 0..self.n * t {
@@ -721,30 +746,7 @@ impl GradientMatrix for LayeredGradients {
             match st {
                 Stored::Dense { .. } => {}
                 Stored::Rows { x, d, t, k, out: o } => {
-                    let inp = k - usize::from(s.bias());
-                    let mut g = Mat::<f64>::zeros(*o, *k);
-                    for j in 0..self.n {
-                        let xj =
-                            MatRef::from_row_major_slice(&x[j * t * k..(j + 1) * t * k], *t, *k);
-                        let dj =
-                            MatRef::from_row_major_slice(&d[j * t * o..(j + 1) * t * o], *t, *o);
-                        matmul(
-                            g.as_mut(),
-                            Accum::Replace,
-                            dj.transpose(),
-                            xj,
-                            1.0,
-                            Par::Seq,
-                        );
-                        for q in 0..*o {
-                            for i in 0..inp {
-                                acc[s.w_off + q * inp + i] += g[(q, i)] * g[(q, i)];
-                            }
-                            if let Some(b) = s.b_off {
-                                acc[b + q] += g[(q, inp)] * g[(q, inp)];
-                            }
-                        }
-                    }
+                    self.each_rows_gradient(s, (x, d, *t, *k, *o), |_, p, v| acc[p] += v * v);
                 }
                 Stored::Tokens { ids, d, t, out: o } => {
                     let mut order: Vec<usize> = Vec::with_capacity(*t);

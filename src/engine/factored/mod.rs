@@ -268,16 +268,7 @@ impl FactoredMlp {
         queries: &Tensor,
         opts: &FactoredOptions,
     ) -> Result<QueryFactors> {
-        let m_rows = match queries.dims() {
-            [m, w] if *w == self.sizes[0] => *m,
-            d => {
-                return Err(Error::shape(
-                    "queries for the MLP (one row per query)",
-                    format!("(M, {})", self.sizes[0]),
-                    format!("{d:?}"),
-                ))
-            }
-        };
+        let m_rows = self.query_count(queries)?;
         let (factors, values) = dispatch!(self, m => self.collect_factors(m, m_rows, opts, |start, len| {
             Ok(Batch::Inputs(queries.narrow(0, start, len)?))
         }, None, Some(qoi)))?;
@@ -299,16 +290,7 @@ impl FactoredMlp {
         if s.len() != self.num_params() {
             return Err(Error::shape("diagonal Sigma", self.num_params(), s.len()));
         }
-        let m_rows = match queries.dims() {
-            [m, w] if *w == self.sizes[0] => *m,
-            d => {
-                return Err(Error::shape(
-                    "queries for the MLP (one row per query)",
-                    format!("(M, {})", self.sizes[0]),
-                    format!("{d:?}"),
-                ))
-            }
-        };
+        let m_rows = self.query_count(queries)?;
         dispatch!(self, m => self.diag_forms_t(m, m_rows, opts, queries, qoi, s))
     }
 
@@ -379,6 +361,18 @@ impl FactoredMlp {
             forms.extend(f);
         }
         Ok((values, forms))
+    }
+
+    /// M, for queries shaped (M, inputs).
+    fn query_count(&self, queries: &Tensor) -> Result<usize> {
+        match queries.dims() {
+            [m, w] if *w == self.sizes[0] => Ok(*m),
+            d => Err(Error::shape(
+                "queries for the MLP (one row per query)",
+                format!("(M, {})", self.sizes[0]),
+                format!("{d:?}"),
+            )),
+        }
     }
 
     #[allow(clippy::type_complexity)]

@@ -446,16 +446,7 @@ impl FactoredSeq {
         memory_budget: u64,
     ) -> Result<LayeredGradients> {
         let need = self.layered_bytes(data.len(), route);
-        if need > memory_budget {
-            return Err(Error::MemoryBudget {
-                what: "per-example gradients held layer by layer (sequential engine)".into(),
-                needed: need,
-                budget: memory_budget,
-                hint: "raise the memory budget, or let the gradient operator stream \
-                       (NativeStreamed)"
-                    .into(),
-            });
-        }
+        super::layered::check_budget(need, memory_budget, "sequential", "NativeStreamed")?;
         let (g, _) = dispatch!(self, m => Self::layered_t(
             m,
             data.len(),
