@@ -4,7 +4,7 @@
 //! (`--engine capture`: the same network built from `deltavar::nn` layers).
 //!
 //!     /tmp/peers-venv/bin/python ../shared/bench/peers.py /tmp/dv-workloads cnn
-//!     cargo run --release --example cnn -- --dir /tmp/dv-workloads/cnn [--engine native|capture] [--out FILE] [--json]
+//!     cargo run --release --example cnn -- --dir /tmp/dv-workloads/cnn [--engine native|capture] [--full kernel|cg] [--out FILE] [--json]
 //!
 //! Computes the mean diagonal empirical Fisher (categorical) over DIR/train_x.npy and
 //! DIR/train_y.npy, writes it to FILE (safetensors, one tensor per parameter, named and shaped as
@@ -95,6 +95,7 @@ fn main() -> deltavar::Result<()> {
         DType::F32
     };
     let q = Tensor::read_npy(dir.join("queries.npy"))?.to_dtype(DType::F32)?;
+    let full = arg("--full");
     let (sums, seconds, qg, qv, layout) = if native {
         let spec: SeqSpec = ARCH.parse()?;
         let seq = Sequential::load_safetensors(
@@ -115,6 +116,13 @@ fn main() -> deltavar::Result<()> {
         let sums = engine.sum_sq(&Likelihood::Categorical, &data, &fo)?;
         let seconds = t0.elapsed().as_secs_f64();
         let (qg, qv) = engine.query_gradients(&Qoi::Prob(0), &q, 1, &fo)?;
+        if let Some(method) = &full {
+            // the exact (or CG) full-inverse ΔVar: the Fisher's layered gradient operator
+            let t = Instant::now();
+            let fisher =
+                deltavar::SeqFisher::new(&seq, Likelihood::Categorical, &data, fo.clone())?;
+            common::full_report("cnn-full", method, &fisher, &qg, t)?;
+        }
         (sums, seconds, qg, qv, seq.params()?)
     } else {
         let engine = CaptureEngine::new(&model, &params);
@@ -123,6 +131,17 @@ fn main() -> deltavar::Result<()> {
         let sums = engine.sum_sq(&Likelihood::Categorical, &data, &opts)?;
         let seconds = t0.elapsed().as_secs_f64();
         let (qg, qv) = engine.query_gradients(&Qoi::Prob(0), &q, &opts)?;
+        if let Some(method) = &full {
+            let t = Instant::now();
+            let fisher = deltavar::CapturedFisher::new(
+                &model,
+                &params,
+                Likelihood::Categorical,
+                &data,
+                opts.clone(),
+            );
+            common::full_report("cnn-full", method, &fisher, &qg, t)?;
+        }
         (sums, seconds, qg, qv, params.clone())
     };
     let mean: Vec<f64> = sums.iter().map(|s| s / n as f64).collect();

@@ -181,7 +181,6 @@ fn main() -> deltavar::Result<()> {
     let sigma = deltavar::sigma::InverseDiagonalFisher::new(&mean, 1e-3)?;
     let dv = sigma.quad_forms(qg.as_ref())?;
     if let Some(method) = arg("--full") {
-        let method: FullMethod = method.parse()?;
         let t = Instant::now();
         // the Fisher in the same flat layout as the query gradients
         let fisher: Box<dyn FisherSource + '_> = if native {
@@ -200,43 +199,7 @@ fn main() -> deltavar::Result<()> {
                 opts.clone(),
             ))
         };
-        let sopts = SigmaOptions {
-            damping: 1e-3,
-            full_method: method,
-            memory_budget: 8 << 30,
-            cg: deltavar::sigma::CgOptions {
-                tol: 1e-6,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let full = build_sigma(
-            SigmaStrategy::InverseFullEmpiricalFim,
-            params.num_params(),
-            &sopts,
-            Some(fisher.as_ref()),
-        )?;
-        let r = full.quad_forms_reported(qg.as_ref())?;
-        let rss = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            })
-            .unwrap_or(0);
-        println!(
-            "{}",
-            serde_json::json!({
-                "workload": "transformer-full",
-                "method": method.name(),
-                "queries": qv.len(),
-                "seconds": t.elapsed().as_secs_f64(),
-                "peak_rss_mib": rss as f64 / 1024.0,
-                "cg_iterations": r.cg.as_ref().map(|c| c.iterations),
-                "delta_variance_first": &r.values[..r.values.len().min(4)],
-            })
-        );
+        common::full_report("transformer-full", &method, fisher.as_ref(), &qg, t)?;
     }
     if json {
         println!(

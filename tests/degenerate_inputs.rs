@@ -433,3 +433,55 @@ fn fisher_results_and_artifacts_degenerate() {
         assert!(matches!(e, Error::BadFile { .. }), "{e}");
     }
 }
+
+/// The layered gradient operator on no data and on no queries: empty results and Σ = I/λ from
+/// the kernel method, never a panic; a query batch of the wrong shape names the expected one.
+#[test]
+fn layered_gradients_on_empty_inputs() {
+    use deltavar::engine::{GradientMatrix, LayerRoute};
+    use deltavar::model::{SeqSpec, Sequential};
+    let spec: SeqSpec = "seq:conv2d(1,2,3,padding=1),relu,flatten,linear(32,3)"
+        .parse()
+        .unwrap();
+    let model = Sequential::init(spec, &[1, 4, 4], DType::F64, 5).unwrap();
+    let engine = deltavar::engine::FactoredSeq::new(&model).unwrap();
+    let empty = TensorDataset::new(
+        Tensor::zeros((0, 1, 4, 4), DType::F64, &Device::Cpu).unwrap(),
+        Tensor::zeros(0, DType::I64, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let opts = FactoredOptions::default();
+    let lg = engine
+        .layered_gradients(
+            &Likelihood::Categorical,
+            &empty,
+            &opts,
+            LayerRoute::Auto,
+            1 << 30,
+        )
+        .unwrap();
+    assert_eq!(lg.num_examples(), 0);
+    assert_eq!(lg.gram().unwrap().nrows(), 0);
+    assert!(lg.diag_sums().unwrap().iter().all(|v| *v == 0.0));
+    // no data: F = 0 and Σ = I/λ
+    let p = engine.num_params();
+    let k = deltavar::sigma::KernelInverseFisher::new(std::sync::Arc::new(lg), 1e-3).unwrap();
+    let v = faer::Mat::from_fn(p, 1, |i, _| (i % 7) as f64 - 3.0);
+    let want: f64 = (0..p).map(|i| v[(i, 0)] * v[(i, 0)]).sum::<f64>() / 1e-3;
+    let got = k.quad_forms(v.as_ref()).unwrap()[0];
+    assert!((got - want).abs() <= 1e-12 * want);
+    // no queries: empty values
+    let none = Tensor::zeros((0, 1, 4, 4), DType::F64, &Device::Cpu).unwrap();
+    let (ql, v) = engine
+        .query_layered_gradients(&Qoi::Sum, &none, &opts, LayerRoute::Auto)
+        .unwrap();
+    assert!(v.is_empty());
+    assert!(ql.sq_norms().is_empty());
+    // queries of the wrong shape
+    let bad = Tensor::zeros((2, 1, 5, 4), DType::F64, &Device::Cpu).unwrap();
+    let err = engine
+        .query_layered_gradients(&Qoi::Sum, &bad, &opts, LayerRoute::Auto)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("(M, [1, 4, 4])"), "{err}");
+}

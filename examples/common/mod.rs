@@ -52,3 +52,55 @@ pub fn worst_vs_reference(
     }
     Ok(Some(worst))
 }
+
+/// The exact (`kernel`) or CG full-inverse ΔVar of the queries' gradients `qg` (P×M) under
+/// Σ = (F + 1e-3·I)⁻¹ of `fisher` (memory budget 8 GiB, CG to 1e-6), timed from `t0`, printed
+/// as one JSON object for `workload`.
+pub fn full_report(
+    workload: &str,
+    method: &str,
+    fisher: &dyn deltavar::FisherSource,
+    qg: &faer::Mat<f64>,
+    t0: std::time::Instant,
+) -> deltavar::Result<()> {
+    use deltavar::sigma::FullMethod;
+    let method: FullMethod = method.parse()?;
+    let sopts = deltavar::SigmaOptions {
+        damping: 1e-3,
+        full_method: method,
+        memory_budget: 8 << 30,
+        cg: deltavar::sigma::CgOptions {
+            tol: 1e-6,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let full = deltavar::build_sigma(
+        deltavar::SigmaStrategy::InverseFullEmpiricalFim,
+        qg.nrows(),
+        &sopts,
+        Some(fisher),
+    )?;
+    let r = full.quad_forms_reported(qg.as_ref())?;
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    println!(
+        "{}",
+        serde_json::json!({
+            "workload": workload,
+            "method": method.name(),
+            "queries": qg.ncols(),
+            "seconds": t0.elapsed().as_secs_f64(),
+            "peak_rss_mib": rss as f64 / 1024.0,
+            "cg_iterations": r.cg.as_ref().map(|c| c.iterations),
+            "delta_variance_first": &r.values[..r.values.len().min(4)],
+        })
+    );
+    Ok(())
+}

@@ -74,7 +74,7 @@ impl<'a> KernelInverseFisher<'a> {
     }
 
     /// Builds the kernel factorization with [`KernelPrecision::Auto`]. Needs λ > 0 (with λ = 0
-    /// and N < P the kernel system is singular) and N > 0.
+    /// and N < P the kernel system is singular); with N = 0 (no data, F = 0) Σ = I/λ.
     pub fn new(g: Arc<dyn GradientMatrix + 'a>, damping: f64) -> Result<Self> {
         Self::with_precision(g, damping, KernelPrecision::Auto)
     }
