@@ -507,11 +507,12 @@ pub fn seq_delta_variances_with(
 ) -> Result<MlpDeltaVariances> {
     let engine = crate::engine::FactoredSeq::new(model)?;
     let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
-    if rollout == 1 && sigma.diagonal().is_none() {
+    if sigma.diagonal().is_none() {
         // the kernel Σ takes the queries layer by layer (no P×M block for factored layers)
         let (ql, values) = engine.query_layered_gradients(
             &qoi,
             queries,
+            rollout,
             engine_opts,
             crate::engine::LayerRoute::Auto,
         )?;

@@ -473,14 +473,14 @@ fn layered_gradients_on_empty_inputs() {
     // no queries: empty values
     let none = Tensor::zeros((0, 1, 4, 4), DType::F64, &Device::Cpu).unwrap();
     let (ql, v) = engine
-        .query_layered_gradients(&Qoi::Sum, &none, &opts, LayerRoute::Auto)
+        .query_layered_gradients(&Qoi::Sum, &none, 1, &opts, LayerRoute::Auto)
         .unwrap();
     assert!(v.is_empty());
     assert!(ql.sq_norms().is_empty());
     // queries of the wrong shape
     let bad = Tensor::zeros((2, 1, 5, 4), DType::F64, &Device::Cpu).unwrap();
     let err = engine
-        .query_layered_gradients(&Qoi::Sum, &bad, &opts, LayerRoute::Auto)
+        .query_layered_gradients(&Qoi::Sum, &bad, 1, &opts, LayerRoute::Auto)
         .err()
         .unwrap();
     assert!(err.to_string().contains("(M, [1, 4, 4])"), "{err}");

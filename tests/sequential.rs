@@ -592,7 +592,7 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
         assert!(mat_rel_err(&lg.gram().unwrap(), &(g.transpose() * &g)) < 1e-12);
         assert!(norm_rel_err(&lg.diag_sums().unwrap(), &sq) < 1e-12);
         let (ql, values) = engine
-            .query_layered_gradients(&Qoi::Prob(1), &q, &eo(3), route)
+            .query_layered_gradients(&Qoi::Prob(1), &q, 1, &eo(3), route)
             .unwrap();
         assert!(max_rel_err(&values, &qv) < 1e-14);
         assert!(mat_rel_err(&ql.to_dense(), &qg) < 1e-12);
@@ -613,7 +613,7 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
         .unwrap();
     let kernel = KernelInverseFisher::new(Arc::new(lg), lam).unwrap();
     let (ql, _) = engine
-        .query_layered_gradients(&Qoi::Prob(1), &q, &eo(3), LayerRoute::Factor)
+        .query_layered_gradients(&Qoi::Prob(1), &q, 1, &eo(3), LayerRoute::Factor)
         .unwrap();
     assert!(kernel.quad_forms_layered(&ql).is_none());
     let (forms, path) = layered_delta_variances_reported(&ql, &kernel).unwrap();
@@ -647,4 +647,114 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("memory budget"), "{err}");
+}
+
+/// Rollout queries held layer by layer (every step's rows of a factored layer, norms summed
+/// over the steps) equal the formed K-step query gradients under every route, pair with the
+/// one-step layered data, and give the kernel ΔVar of a dense f64 inverse.
+#[test]
+fn layered_rollout_queries_match_the_formed_gradients() {
+    use deltavar::engine::{GradientMatrix, LayerRoute};
+    use std::sync::Arc;
+    let spec: SeqSpec = "seq:linear(3,6),tanh,layernorm(6),linear(6,3)"
+        .parse()
+        .unwrap();
+    let model = Sequential::init(spec, &[3], DType::F64, 8).unwrap();
+    let engine = FactoredSeq::new(&model).unwrap();
+    let n = 17;
+    let x = Tensor::from_vec(pseudo_random(n * 3, 81), (n, 3), &Device::Cpu).unwrap();
+    let data = TensorDataset::new(x, random_tensor(n, 3, 82)).unwrap();
+    let lik = Likelihood::gaussian(0.7);
+    let q = Tensor::from_vec(pseudo_random(5 * 3, 83), (5, 3), &Device::Cpu).unwrap();
+    let steps = 4;
+    let g = engine
+        .per_example_gradients(&lik, &data, 0, n, &eo(3))
+        .unwrap();
+    let p = g.nrows();
+    let (qg, qv) = engine
+        .query_gradients(&Qoi::Output(1), &q, steps, &eo(3))
+        .unwrap();
+    let lam = 1e-2;
+    let mut f = &g * g.transpose() * faer::Scale(1.0 / n as f64);
+    for i in 0..p {
+        f[(i, i)] += lam;
+    }
+    let inv = gauss_jordan_inverse(&to_rows(f.as_ref()));
+    let want: Vec<f64> = (0..qg.ncols())
+        .map(|j| {
+            let qj: Vec<f64> = (0..p).map(|i| qg[(i, j)]).collect();
+            bilinear(&qj, &inv, &qj)
+        })
+        .collect();
+    for route in [
+        LayerRoute::Auto,
+        LayerRoute::Materialise,
+        LayerRoute::Factor,
+    ] {
+        let lg = engine
+            .layered_gradients(&lik, &data, &eo(3), route, 1 << 30)
+            .unwrap();
+        let (ql, values) = engine
+            .query_layered_gradients(&Qoi::Output(1), &q, steps, &eo(3), route)
+            .unwrap();
+        assert!(max_rel_err(&values, &qv) < 1e-14);
+        assert!(mat_rel_err(&ql.to_dense(), &qg) < 1e-12, "{route:?}");
+        let norms: Vec<f64> = (0..qg.ncols())
+            .map(|j| (0..p).map(|i| qg[(i, j)] * qg[(i, j)]).sum())
+            .collect();
+        assert!(max_rel_err(&ql.sq_norms(), &norms) < 1e-12, "{route:?}");
+        let cross = lg.cross_gram_layered(&ql).unwrap().unwrap();
+        assert!(
+            mat_rel_err(&cross, &(g.transpose() * &qg)) < 1e-12,
+            "{route:?}"
+        );
+        let kernel = KernelInverseFisher::new(Arc::new(lg), lam).unwrap();
+        let got = kernel.quad_forms_layered(&ql).unwrap().unwrap();
+        assert!(max_rel_err(&got, &want) < 1e-8, "{route:?}");
+    }
+    // end to end through the pipeline: the rollout takes the layered route
+    let fisher = SeqFisher::new(&model, lik.clone(), &data, eo(3)).unwrap();
+    let out = seq_delta_variances_with(
+        &model,
+        Qoi::Output(1),
+        &q,
+        steps,
+        SigmaStrategy::InverseFullEmpiricalFim,
+        &SigmaOptions {
+            damping: lam,
+            full_method: FullMethod::Kernel,
+            ..Default::default()
+        },
+        Some(&fisher),
+        &eo(3),
+    )
+    .unwrap();
+    assert_eq!(out.path, QueryPath::Factored);
+    assert!(max_rel_err(&out.delta_variance, &want) < 1e-8);
+    // a convolutional step network (each step's patches stacked as rows)
+    let spec: SeqSpec = "seq:conv2d(1,2,3,padding=1),tanh,conv2d(2,1,3,padding=1)"
+        .parse()
+        .unwrap();
+    let conv = Sequential::init(spec, &[1, 5, 5], DType::F64, 9).unwrap();
+    let ce = FactoredSeq::new(&conv).unwrap();
+    let cq = Tensor::from_vec(pseudo_random(3 * 25, 84), (3, 1, 5, 5), &Device::Cpu).unwrap();
+    let (cg, _) = ce.query_gradients(&Qoi::Output(7), &cq, 3, &eo(2)).unwrap();
+    for route in [LayerRoute::Materialise, LayerRoute::Factor] {
+        let (cl, _) = ce
+            .query_layered_gradients(&Qoi::Output(7), &cq, 3, &eo(2), route)
+            .unwrap();
+        assert!(mat_rel_err(&cl.to_dense(), &cg) < 1e-12, "{route:?}");
+        let norms: Vec<f64> = (0..cg.ncols())
+            .map(|j| (0..cg.nrows()).map(|i| cg[(i, j)] * cg[(i, j)]).sum())
+            .collect();
+        assert!(max_rel_err(&cl.sq_norms(), &norms) < 1e-12, "{route:?}");
+    }
+    // a rollout of a network whose output cannot be its input is refused
+    let (zoo_model, _, zq) = zoo();
+    let err = FactoredSeq::new(&zoo_model)
+        .unwrap()
+        .query_layered_gradients(&Qoi::Sum, &zq, 2, &eo(3), LayerRoute::Auto)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("rolled-out"), "{err}");
 }

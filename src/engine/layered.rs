@@ -158,6 +158,20 @@ impl LayeredGradients {
         n: usize,
         route: LayerRoute,
     ) -> Result<Self> {
+        Self::with_steps(shapes, p, n, route, 1)
+    }
+
+    /// As [`LayeredGradients::new`] for examples that apply the network `steps` times (a
+    /// rollout): each factored layer holds `steps`·T rows per example. The route is decided on
+    /// the one-step shapes, so the result pairs with a one-step store of the same layers.
+    pub(crate) fn with_steps(
+        shapes: Vec<LayerShape>,
+        p: usize,
+        n: usize,
+        route: LayerRoute,
+        steps: usize,
+    ) -> Result<Self> {
+        let steps = steps.max(1);
         let mut pm = 0;
         let mut stored = Vec::with_capacity(shapes.len());
         for s in &shapes {
@@ -181,6 +195,7 @@ impl LayeredGradients {
             stored.push(match (s.factored(route), s.kind) {
                 (true, LayerKind::Rows { t, inp, out }) => {
                     let k = inp + usize::from(s.bias());
+                    let t = t * steps;
                     Stored::Rows {
                         x: vec![0.0; n * t * k],
                         d: vec![0.0; n * t * out],
@@ -190,9 +205,9 @@ impl LayeredGradients {
                     }
                 }
                 (true, LayerKind::Tokens { t, out, .. }) => Stored::Tokens {
-                    ids: vec![0; n * t],
-                    d: vec![0.0; n * t * out],
-                    t,
+                    ids: vec![0; n * t * steps],
+                    d: vec![0.0; n * t * steps * out],
+                    t: t * steps,
                     out,
                 },
                 _ => {
@@ -359,25 +374,29 @@ impl LayeredGradients {
             *kmat += &dd;
         }
         for (sa_st, sb_st) in self.stored.iter().zip(&other.stored) {
-            let (t, o) = match sa_st {
+            let (ta, o) = match sa_st {
                 Stored::Dense { .. } => continue,
                 Stored::Rows { t, out, .. } | Stored::Tokens { t, out, .. } => (*t, *out),
             };
-            let ba = self.blocks(t);
-            let bb = other.blocks(t);
+            let tb = match sb_st {
+                Stored::Rows { t, .. } | Stored::Tokens { t, .. } => *t,
+                Stored::Dense { .. } => continue,
+            };
+            let ba = self.blocks(ta);
+            let bb = other.blocks(tb);
             for (a, &(sa, la)) in ba.iter().enumerate() {
                 let b_list = if symmetric { &bb[..=a] } else { &bb[..] };
                 for &(sb, lb) in b_list {
-                    let (ra, rb) = (la * t, lb * t);
+                    let (ra, rb) = (la * ta, lb * tb);
                     let (da, db) = match (sa_st, sb_st) {
                         (Stored::Rows { d: x, .. }, Stored::Rows { d: y, .. })
                         | (Stored::Tokens { d: x, .. }, Stored::Tokens { d: y, .. }) => (x, y),
                         _ => continue,
                     };
                     let da =
-                        MatRef::from_row_major_slice(&da[sa * t * o..(sa + la) * t * o], ra, o);
+                        MatRef::from_row_major_slice(&da[sa * ta * o..(sa + la) * ta * o], ra, o);
                     let db =
-                        MatRef::from_row_major_slice(&db[sb * t * o..(sb + lb) * t * o], rb, o);
+                        MatRef::from_row_major_slice(&db[sb * tb * o..(sb + lb) * tb * o], rb, o);
                     let mut dd = Mat::<f64>::zeros(ra, rb);
                     gemm(&mut dd, da, db.transpose());
                     let mirror = symmetric && sa != sb;
@@ -385,12 +404,12 @@ impl LayeredGradients {
                         (Stored::Rows { x: xa, k, .. }, Stored::Rows { x: xb, .. }) => {
                             let k = *k;
                             let xa = MatRef::from_row_major_slice(
-                                &xa[sa * t * k..(sa + la) * t * k],
+                                &xa[sa * ta * k..(sa + la) * ta * k],
                                 ra,
                                 k,
                             );
                             let xb = MatRef::from_row_major_slice(
-                                &xb[sb * t * k..(sb + lb) * t * k],
+                                &xb[sb * tb * k..(sb + lb) * tb * k],
                                 rb,
                                 k,
                             );
@@ -401,21 +420,21 @@ impl LayeredGradients {
                                 &dd,
                                 Some(&xx),
                                 None,
-                                t,
+                                (ta, tb),
                                 (sa, la),
                                 (sb, lb),
                                 mirror,
                             );
                         }
                         (Stored::Tokens { ids: ia, .. }, Stored::Tokens { ids: ib, .. }) => {
-                            let ia = &ia[sa * t..(sa + la) * t];
-                            let ib = &ib[sb * t..(sb + lb) * t];
+                            let ia = &ia[sa * ta..(sa + la) * ta];
+                            let ib = &ib[sb * tb..(sb + lb) * tb];
                             add_block_sums(
                                 kmat,
                                 &dd,
                                 None,
                                 Some((ia, ib)),
-                                t,
+                                (ta, tb),
                                 (sa, la),
                                 (sb, lb),
                                 mirror,
@@ -537,7 +556,7 @@ fn gemm(dst: &mut Mat<f64>, a: MatRef<'_, f64>, b: MatRef<'_, f64>) {
     matmul(dst.as_mut(), Accum::Replace, a, b, 1.0, Par::rayon(0));
 }
 
-/// Σ over each example pair's T×T block of a ∘ b (both (la·t) × (lb·t)), added into
+/// Σ over each example pair's ta×tb block of a ∘ b (both (la·ta) × (lb·tb)), added into
 /// `k[(sa + i, sb + j)]` (and its mirror with `mirror`).
 #[allow(clippy::too_many_arguments)]
 fn add_block_sums(
@@ -545,7 +564,7 @@ fn add_block_sums(
     a: &Mat<f64>,
     b: Option<&Mat<f64>>,
     mask: Option<(&[usize], &[usize])>,
-    t: usize,
+    (ta, tb): (usize, usize),
     (sa, la): (usize, usize),
     (sb, lb): (usize, usize),
     mirror: bool,
@@ -553,11 +572,11 @@ fn add_block_sums(
     for j in 0..lb {
         for i in 0..la {
             let mut s = 0.0;
-            for v in 0..t {
-                let c = j * t + v;
+            for v in 0..tb {
+                let c = j * tb + v;
                 let ac = a.col(c);
-                for u in 0..t {
-                    let r = i * t + u;
+                for u in 0..ta {
+                    let r = i * ta + u;
                     let w = match mask {
                         Some((ia, ib)) => {
                             if ia[r] != ib[c] {

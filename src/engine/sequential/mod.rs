@@ -357,16 +357,7 @@ impl FactoredSeq {
         steps: usize,
         opts: &FactoredOptions,
     ) -> Result<(Mat<f64>, Vec<f64>)> {
-        if steps == 0 {
-            return Err(Error::invalid("rollout steps", 0, "must be at least 1"));
-        }
-        if steps > 1 && self.input_shape != self.output_shape {
-            return Err(Error::shape(
-                "a rolled-out step network (its output is its next input)",
-                format!("{:?}", self.input_shape),
-                format!("output {:?}", self.output_shape),
-            ));
-        }
+        self.check_rollout(steps)?;
         let q = self.query_rows(queries)?;
         let m_rows = q.dim(0)?;
         dispatch!(self, m => Self::gradient_block(m, m_rows, steps, opts, |s, l| {
@@ -455,21 +446,26 @@ impl FactoredSeq {
             |s, l| Batch::load(data, s, l),
             |s, l| data.release(s, l),
             (Some(lik), None),
+            1,
         ))?;
         Ok(g)
     }
 
-    /// The QoI gradients at the M queries (rows of `queries`, as in
-    /// [`FactoredSeq::query_gradients`] with one step) held layer by layer under `route`, and
-    /// the QoI values: the kernel Σ takes them pair by pair without forming the P×M block
-    /// ([`crate::sigma::SigmaOp::quad_forms_layered`]).
+    /// The QoI gradients at the M queries (rows of `queries`, read after `steps` applications
+    /// of the network as in [`FactoredSeq::query_gradients`]) held layer by layer under
+    /// `route`, and the QoI values: the kernel Σ takes them pair by pair without forming the P×M
+    /// block ([`crate::sigma::SigmaOp::quad_forms_layered`]). A factored layer keeps its rows
+    /// of every step (steps·T per query); the route is decided on the one-step shapes, so the
+    /// result pairs with the one-step layered gradients of the training data.
     pub fn query_layered_gradients(
         &self,
         qoi: &Qoi,
         queries: &Tensor,
+        steps: usize,
         opts: &FactoredOptions,
         route: LayerRoute,
     ) -> Result<(LayeredGradients, Vec<f64>)> {
+        self.check_rollout(steps)?;
         let q = self.query_rows(queries)?;
         let m_rows = q.dim(0)?;
         dispatch!(self, m => Self::layered_t(
@@ -480,6 +476,7 @@ impl FactoredSeq {
             |s, l| Ok(Batch::Inputs(q.narrow(0, s, l)?)),
             |_, _| {},
             (None, Some(qoi)),
+            steps,
         ))
     }
 
@@ -492,12 +489,13 @@ impl FactoredSeq {
         get: impl Fn(usize, usize) -> Result<Batch<'d>> + Sync,
         release: impl Fn(usize, usize) + Sync,
         objective: (Option<&Likelihood>, Option<&Qoi>),
+        steps: usize,
     ) -> Result<(LayeredGradients, Vec<f64>)> {
         use native::NOp;
         let with_idx = Self::shapes_t(m);
         let idx: Vec<usize> = with_idx.iter().map(|(i, _)| *i).collect();
         let shapes = with_idx.into_iter().map(|(_, s)| s).collect();
-        let mut store = LayeredGradients::new(shapes, m.num_params, n, route)?;
+        let mut store = LayeredGradients::with_steps(shapes, m.num_params, n, route, steps)?;
         let factored: Vec<bool> = (0..idx.len()).map(|l| store.is_factored(l)).collect();
         let bs = opts.batch_size.max(1);
         let starts: Vec<usize> = (0..n).step_by(bs).collect();
@@ -509,7 +507,8 @@ impl FactoredSeq {
                     .par_iter()
                     .map(|&start| {
                         let len = bs.min(n - start);
-                        let mut ws = SeqWorkspace::default();
+                        let mut wss: Vec<SeqWorkspace<T>> =
+                            (0..steps).map(|_| SeqWorkspace::default()).collect();
                         let batch = get(start, len)?;
                         let (x, y) = batch.rows();
                         let target = match objective {
@@ -521,37 +520,59 @@ impl FactoredSeq {
                                 ))
                             }
                         };
-                        let values =
-                            Self::pass(m, std::slice::from_mut(&mut ws), x, target, start)?;
+                        let values = Self::pass(m, &mut wss, x, target, start)?;
                         drop(batch);
                         release(start, len);
                         let mut out = Vec::with_capacity(idx.len());
                         let mut g: Vec<T> = vec![];
                         for (li, &l) in idx.iter().enumerate() {
                             let layer = &m.layers[l];
-                            let dy = &ws.deltas[l];
                             out.push(match (&layer.op, factored[li]) {
-                                (NOp::Linear { .. }, true) => LayerPart::Rows(
-                                    ws.acts[l][..len * layer.n_in]
-                                        .iter()
-                                        .map(|v| v.f64())
-                                        .collect(),
-                                    dy[..len * layer.n_out].iter().map(|v| v.f64()).collect(),
-                                ),
+                                (
+                                    NOp::Linear {
+                                        rows, inp, out: o, ..
+                                    },
+                                    true,
+                                ) => {
+                                    // example i's rows: those of step 0, then step 1, ...
+                                    let (t, w) = (*rows, steps * rows);
+                                    let mut xs = vec![0.0; len * w * inp];
+                                    let mut ds = vec![0.0; len * w * o];
+                                    for (k, ws) in wss.iter().enumerate() {
+                                        let (a, d) = (&ws.acts[l], &ws.deltas[l]);
+                                        for i in 0..len {
+                                            let at = (i * w + k * t) * inp;
+                                            xs[at..at + t * inp]
+                                                .iter_mut()
+                                                .zip(&a[i * t * inp..(i + 1) * t * inp])
+                                                .for_each(|(x, v)| *x = v.f64());
+                                            let at = (i * w + k * t) * o;
+                                            ds[at..at + t * o]
+                                                .iter_mut()
+                                                .zip(&d[i * t * o..(i + 1) * t * o])
+                                                .for_each(|(x, v)| *x = v.f64());
+                                        }
+                                    }
+                                    LayerPart::Rows(xs, ds)
+                                }
                                 (NOp::Conv { g: geo, .. }, true) => {
-                                    // patches K×L and Δ cout×L per example, as L rows each
+                                    // patches K×L and Δ cout×L per example and step, as L rows
                                     let (k, ll, co) = (geo.k(), geo.l(), geo.cout);
-                                    let mut xs = vec![0.0; len * ll * k];
-                                    let mut ds = vec![0.0; len * ll * co];
-                                    for i in 0..len {
-                                        let p = &ws.aux[l][i * k * ll..(i + 1) * k * ll];
-                                        let d = &dy[i * co * ll..(i + 1) * co * ll];
-                                        for t in 0..ll {
-                                            for c in 0..k {
-                                                xs[(i * ll + t) * k + c] = p[c * ll + t].f64();
-                                            }
-                                            for o in 0..co {
-                                                ds[(i * ll + t) * co + o] = d[o * ll + t].f64();
+                                    let w = steps * ll;
+                                    let mut xs = vec![0.0; len * w * k];
+                                    let mut ds = vec![0.0; len * w * co];
+                                    for (st, ws) in wss.iter().enumerate() {
+                                        for i in 0..len {
+                                            let p = &ws.aux[l][i * k * ll..(i + 1) * k * ll];
+                                            let d = &ws.deltas[l][i * co * ll..(i + 1) * co * ll];
+                                            for t in 0..ll {
+                                                let r = i * w + st * ll + t;
+                                                for c in 0..k {
+                                                    xs[r * k + c] = p[c * ll + t].f64();
+                                                }
+                                                for oo in 0..co {
+                                                    ds[r * co + oo] = d[oo * ll + t].f64();
+                                                }
                                             }
                                         }
                                     }
@@ -559,11 +580,17 @@ impl FactoredSeq {
                                 }
                                 (_, true) => LayerPart::None,
                                 (_, false) => {
+                                    // summed over the steps
                                     g.resize(layer.np, T::default());
-                                    let mut gs = Vec::with_capacity(len * layer.np);
-                                    for i in 0..len {
-                                        m.example_grad(&ws, l, i, &mut g);
-                                        gs.extend(g.iter().map(|v| v.f64()));
+                                    let mut gs = vec![0.0f64; len * layer.np];
+                                    for ws in &wss {
+                                        for i in 0..len {
+                                            m.example_grad(ws, l, i, &mut g);
+                                            gs[i * layer.np..(i + 1) * layer.np]
+                                                .iter_mut()
+                                                .zip(&g)
+                                                .for_each(|(a, v)| *a += v.f64());
+                                        }
                                     }
                                     LayerPart::Dense(gs)
                                 }
@@ -611,6 +638,22 @@ impl FactoredSeq {
 }
 
 impl FactoredSeq {
+    /// A rollout of `steps` applications needs steps ≥ 1 and, beyond one, equal input and
+    /// output shapes.
+    fn check_rollout(&self, steps: usize) -> Result<()> {
+        if steps == 0 {
+            return Err(Error::invalid("rollout steps", 0, "must be at least 1"));
+        }
+        if steps > 1 && self.input_shape != self.output_shape {
+            return Err(Error::shape(
+                "a rolled-out step network (its output is its next input)",
+                format!("{:?}", self.input_shape),
+                format!("output {:?}", self.output_shape),
+            ));
+        }
+        Ok(())
+    }
+
     /// The queries as (M, elements per example), checked against the input shape.
     fn query_rows(&self, queries: &Tensor) -> Result<Tensor> {
         let m_rows = *queries
