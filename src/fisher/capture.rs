@@ -65,6 +65,8 @@ impl<'a, M: Module + Sync> CapturedFisher<'a, M> {
             self.route,
         ))
     }
+
+    /// The engine.
     pub fn engine(&self) -> &CaptureEngine<'a, M> {
         &self.engine
     }

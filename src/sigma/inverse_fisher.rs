@@ -26,13 +26,13 @@ pub struct InverseDiagonalFisher {
 }
 
 impl InverseDiagonalFisher {
-    /// From the MEAN Fisher diagonal F_ii (length P) and the damping λ ≥ 0.
-    /// Fails if some F_ii + λ is not positive (λ = 0 and an unused parameter), naming it.
     /// diag(F + λ)⁻¹ of a Fisher source's mean diagonal.
     pub fn from_fisher(fisher: &dyn crate::fisher::FisherSource, damping: f64) -> Result<Self> {
         Self::new(&fisher.fisher_diag()?.mean(), damping)
     }
 
+    /// From the MEAN Fisher diagonal F_ii (length P) and the damping λ ≥ 0.
+    /// Fails if some F_ii + λ is not positive (λ = 0 and an unused parameter), naming it.
     pub fn new(fisher_diag: &[f64], damping: f64) -> Result<Self> {
         Ok(Self {
             inner: DiagonalSigma::new(inverse_fim_diagonal(fisher_diag, damping)?)?,
