@@ -49,6 +49,8 @@
 //! assert!(dv > 0.0);
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod calibration;
 pub mod data;
 pub mod delta;
