@@ -532,6 +532,23 @@ fn hostile_architectures_and_inputs_are_errors() {
     assert!(engine.query_gradients(&Qoi::Sum, &z, 1, &eo(4)).is_err());
 }
 
+/// The dense f64 reference qⱼᵀ (GGᵀ/N + λI)⁻¹ qⱼ for gradients `g` (P×N) and queries `qg`
+/// (P×M), by Gauss–Jordan inversion.
+fn dense_kernel_reference(g: &faer::Mat<f64>, qg: &faer::Mat<f64>, lam: f64) -> Vec<f64> {
+    let (p, n) = (g.nrows(), g.ncols());
+    let mut f = g * g.transpose() * faer::Scale(1.0 / n as f64);
+    for i in 0..p {
+        f[(i, i)] += lam;
+    }
+    let inv = gauss_jordan_inverse(&to_rows(f.as_ref()));
+    (0..qg.ncols())
+        .map(|j| {
+            let qj: Vec<f64> = (0..p).map(|i| qg[(i, j)]).collect();
+            bilinear(&qj, &inv, &qj)
+        })
+        .collect()
+}
+
 /// The layered gradient operator (each Linear or convolution factored or materialised) equals
 /// the dense block under every route: G·V, Gᵀ·U, the Gram matrix, the squared sums, the
 /// queries' cross-Gram and norms; the kernel Σ through layered queries equals the kernel Σ on
@@ -560,18 +577,7 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
         .map(|j| (0..p).map(|i| qg[(i, j)] * qg[(i, j)]).sum())
         .collect();
     let lam = 1e-3;
-    // dense f64 reference: qᵀ (GGᵀ/N + λI)⁻¹ q
-    let mut f = &g * g.transpose() * faer::Scale(1.0 / n as f64);
-    for i in 0..p {
-        f[(i, i)] += lam;
-    }
-    let inv = gauss_jordan_inverse(&to_rows(f.as_ref()));
-    let want: Vec<f64> = (0..qg.ncols())
-        .map(|j| {
-            let qj: Vec<f64> = (0..p).map(|i| qg[(i, j)]).collect();
-            bilinear(&qj, &inv, &qj)
-        })
-        .collect();
+    let want = dense_kernel_reference(&g, &qg, lam);
     for route in [
         LayerRoute::Auto,
         LayerRoute::Materialise,
@@ -675,17 +681,7 @@ fn layered_rollout_queries_match_the_formed_gradients() {
         .query_gradients(&Qoi::Output(1), &q, steps, &eo(3))
         .unwrap();
     let lam = 1e-2;
-    let mut f = &g * g.transpose() * faer::Scale(1.0 / n as f64);
-    for i in 0..p {
-        f[(i, i)] += lam;
-    }
-    let inv = gauss_jordan_inverse(&to_rows(f.as_ref()));
-    let want: Vec<f64> = (0..qg.ncols())
-        .map(|j| {
-            let qj: Vec<f64> = (0..p).map(|i| qg[(i, j)]).collect();
-            bilinear(&qj, &inv, &qj)
-        })
-        .collect();
+    let want = dense_kernel_reference(&g, &qg, lam);
     for route in [
         LayerRoute::Auto,
         LayerRoute::Materialise,
