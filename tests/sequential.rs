@@ -532,6 +532,39 @@ fn hostile_architectures_and_inputs_are_errors() {
     assert!(engine.query_gradients(&Qoi::Sum, &z, 1, &eo(4)).is_err());
 }
 
+/// `seq_delta_variances_with` with the kernel Σ of a `SeqFisher` over `data`: the queries take
+/// the layered route and give `want` (≤ 1e-8).
+#[allow(clippy::too_many_arguments)]
+fn kernel_pipeline_takes_the_layered_route(
+    model: &Sequential,
+    data: &TensorDataset,
+    lik: &Likelihood,
+    qoi: Qoi,
+    q: &Tensor,
+    steps: usize,
+    lam: f64,
+    want: &[f64],
+) {
+    let fisher = SeqFisher::new(model, lik.clone(), data, eo(3)).unwrap();
+    let out = seq_delta_variances_with(
+        model,
+        qoi,
+        q,
+        steps,
+        SigmaStrategy::InverseFullEmpiricalFim,
+        &SigmaOptions {
+            damping: lam,
+            full_method: FullMethod::Kernel,
+            ..Default::default()
+        },
+        Some(&fisher),
+        &eo(3),
+    )
+    .unwrap();
+    assert_eq!(out.path, QueryPath::Factored);
+    assert!(max_rel_err(&out.delta_variance, want) < 1e-8);
+}
+
 /// The dense f64 reference qⱼᵀ (GGᵀ/N + λI)⁻¹ qⱼ for gradients `g` (P×N) and queries `qg`
 /// (P×M), by Gauss–Jordan inversion.
 fn dense_kernel_reference(g: &faer::Mat<f64>, qg: &faer::Mat<f64>, lam: f64) -> Vec<f64> {
@@ -629,24 +662,7 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
     let dense = KernelInverseFisher::new(Arc::new(DenseGradients::new(g.clone())), lam).unwrap();
     assert!(dense.quad_forms_layered(&ql).is_none());
     // the Fisher source hands out the layered operator; the end-to-end kernel result matches
-    let fisher = SeqFisher::new(&model, lik.clone(), &data, eo(3)).unwrap();
-    let out = seq_delta_variances_with(
-        &model,
-        Qoi::Prob(1),
-        &q,
-        1,
-        SigmaStrategy::InverseFullEmpiricalFim,
-        &SigmaOptions {
-            damping: lam,
-            full_method: FullMethod::Kernel,
-            ..Default::default()
-        },
-        Some(&fisher),
-        &eo(3),
-    )
-    .unwrap();
-    assert_eq!(out.path, QueryPath::Factored);
-    assert!(max_rel_err(&out.delta_variance, &want) < 1e-8);
+    kernel_pipeline_takes_the_layered_route(&model, &data, &lik, Qoi::Prob(1), &q, 1, lam, &want);
     // a budget too small for the layered store is an error that names it
     let err = engine
         .layered_gradients(&lik, &data, &eo(3), LayerRoute::Auto, 64)
@@ -709,24 +725,16 @@ fn layered_rollout_queries_match_the_formed_gradients() {
         assert!(max_rel_err(&got, &want) < 1e-8, "{route:?}");
     }
     // end to end through the pipeline: the rollout takes the layered route
-    let fisher = SeqFisher::new(&model, lik.clone(), &data, eo(3)).unwrap();
-    let out = seq_delta_variances_with(
+    kernel_pipeline_takes_the_layered_route(
         &model,
+        &data,
+        &lik,
         Qoi::Output(1),
         &q,
         steps,
-        SigmaStrategy::InverseFullEmpiricalFim,
-        &SigmaOptions {
-            damping: lam,
-            full_method: FullMethod::Kernel,
-            ..Default::default()
-        },
-        Some(&fisher),
-        &eo(3),
-    )
-    .unwrap();
-    assert_eq!(out.path, QueryPath::Factored);
-    assert!(max_rel_err(&out.delta_variance, &want) < 1e-8);
+        lam,
+        &want,
+    );
     // a convolutional step network (each step's patches stacked as rows)
     let spec: SeqSpec = "seq:conv2d(1,2,3,padding=1),tanh,conv2d(2,1,3,padding=1)"
         .parse()
