@@ -476,3 +476,83 @@ fn mixed_precision_kernel_refines_to_the_f64_answer() {
     let auto = KernelInverseFisher::new(g, 1e-2).unwrap();
     assert_eq!(auto.precision(), KernelPrecision::F64);
 }
+
+/// The factored Gram matrix is built in 128×128 tiles over the lower triangle: with N = 300
+/// (two whole tiles and a partial one each way) every entry equals G Gᵀ from the formed
+/// gradients, `gram_lower_into` adds the lower triangle and leaves the upper one alone, and
+/// the kernel Σ built on it equals an explicit f64 inverse.
+#[test]
+fn gram_tiles_cover_every_pair_and_the_kernel_matches_the_inverse() {
+    let (mlp, _vm, _p) = random_mlp(&[3, 8, 8, 2], Activation::Tanh, 51);
+    let n = 300;
+    let data = TensorDataset::new(random_tensor(n, 3, 52), random_tensor(n, 2, 53)).unwrap();
+    let f = FactoredFisher::new(
+        &mlp,
+        Likelihood::gaussian(0.5),
+        &data,
+        FactoredOptions {
+            batch_size: 64,
+            threads: 2,
+        },
+    )
+    .unwrap();
+    let factors = f.factors().unwrap();
+    let g = factors.gradients(0, n).unwrap(); // P×N
+    let want = g.transpose() * &g;
+    let k = factors.gram();
+    assert!(
+        mat_rel_err(&k, &want) < 1e-13,
+        "{:e}",
+        mat_rel_err(&k, &want)
+    );
+    // exactly symmetric
+    for j in 0..n {
+        for i in 0..j {
+            assert_eq!(k[(i, j)], k[(j, i)]);
+        }
+    }
+    // lower triangle added into what is there; the upper triangle untouched
+    let mut out = Mat::from_fn(n, n, |i, j| if i >= j { 1.0 } else { 7.0 });
+    factors.gram_lower_into(out.as_mut()).unwrap();
+    for j in 0..n {
+        for i in 0..n {
+            if i >= j {
+                let e = (out[(i, j)] - 1.0 - want[(i, j)]).abs();
+                assert!(e <= 1e-12 * want[(j, j)].max(1.0), "({i}, {j}): {e:e}");
+            } else {
+                assert_eq!(out[(i, j)], 7.0, "({i}, {j}) above the diagonal");
+            }
+        }
+    }
+    let err = factors
+        .gram_lower_into(Mat::<f64>::zeros(n, n - 1).as_mut())
+        .unwrap_err();
+    assert!(err.to_string().contains("300×300"), "{err}");
+    // the kernel Σ through those tiles against a Gauss–Jordan inverse of the dense Fisher
+    let qf = f
+        .engine()
+        .query_factors(
+            &Qoi::Output(0),
+            &random_tensor(9, 3, 54),
+            &FactoredOptions::default(),
+        )
+        .unwrap();
+    let q = qf.gradients().unwrap();
+    let fmean = f.fisher_dense(DEFAULT_MEMORY_BUDGET).unwrap().mean();
+    for lam in [1e-3, 1.0] {
+        let kernel =
+            KernelInverseFisher::new(f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap(), lam)
+                .unwrap();
+        let got = kernel.quad_forms(q.as_ref()).unwrap();
+        let err = max_rel_err(&got, &reference(&fmean, lam, &q));
+        assert!(err < 1e-8, "λ={lam}: {err:e}");
+        let mixed = KernelInverseFisher::with_precision(
+            f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap(),
+            lam,
+            KernelPrecision::Mixed,
+        )
+        .unwrap();
+        let err = max_rel_err(&mixed.quad_forms(q.as_ref()).unwrap(), &got);
+        assert!(err < 1e-10, "mixed λ={lam}: {err:e}");
+    }
+}

@@ -671,6 +671,67 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
     assert!(err.to_string().contains("memory budget"), "{err}");
 }
 
+/// The layered Gram matrix is built in example blocks (BLOCK_ROWS rows of a factor at a time):
+/// with N = 1100 a Linear over 6 rows spans 7 blocks and the last Linear 2, so the lower-
+/// triangle pairs, the diagonal blocks and the mirror are all exercised. Under every route the
+/// Gram matrix equals G Gᵀ, `gram_lower_into` adds its lower triangle and leaves the upper one
+/// alone, and the kernel ΔVar equals a dense f64 inverse.
+#[test]
+fn layered_gram_over_several_blocks_matches_the_dense_block() {
+    use deltavar::engine::{GradientMatrix, LayerRoute};
+    use std::sync::Arc;
+    let spec: SeqSpec = "seq:linear(3,4),tanh,flatten,linear(24,3)".parse().unwrap();
+    let model = Sequential::init(spec, &[6, 3], DType::F64, 8).unwrap();
+    let n = 1100;
+    let x = Tensor::from_vec(pseudo_random(n * 18, 81), (n, 6, 3), &Device::Cpu).unwrap();
+    let data = TensorDataset::new(x, random_labels(n, 3, 82)).unwrap();
+    let q = Tensor::from_vec(pseudo_random(5 * 18, 83), (5, 6, 3), &Device::Cpu).unwrap();
+    let engine = FactoredSeq::new(&model).unwrap();
+    let lik = Likelihood::Categorical;
+    let g = engine
+        .per_example_gradients(&lik, &data, 0, n, &eo(64))
+        .unwrap();
+    let want_k = g.transpose() * &g;
+    let (qg, _) = engine
+        .query_gradients(&Qoi::Prob(2), &q, 1, &eo(64))
+        .unwrap();
+    let lam = 1e-3;
+    let want = dense_kernel_reference(&g, &qg, lam);
+    for route in [
+        LayerRoute::Auto,
+        LayerRoute::Materialise,
+        LayerRoute::Factor,
+    ] {
+        let lg = engine
+            .layered_gradients(&lik, &data, &eo(64), route, 1 << 30)
+            .unwrap();
+        let k = lg.gram().unwrap();
+        assert!(mat_rel_err(&k, &want_k) < 1e-12, "{route:?}");
+        let mut out = faer::Mat::from_fn(n, n, |i, j| if i >= j { 1.0 } else { 7.0 });
+        lg.gram_lower_into(out.as_mut()).unwrap();
+        for j in 0..n {
+            for i in 0..n {
+                if i >= j {
+                    let e = (out[(i, j)] - 1.0 - want_k[(i, j)]).abs();
+                    assert!(
+                        e <= 1e-12 * want_k[(j, j)].max(1.0),
+                        "{route:?} ({i}, {j}): {e:e}"
+                    );
+                } else {
+                    assert_eq!(out[(i, j)], 7.0, "{route:?} ({i}, {j}) above the diagonal");
+                }
+            }
+        }
+        let kernel = KernelInverseFisher::new(Arc::new(lg), lam).unwrap();
+        let got = kernel.quad_forms(qg.as_ref()).unwrap();
+        assert!(
+            max_rel_err(&got, &want) < 1e-8,
+            "{route:?}: {:e}",
+            max_rel_err(&got, &want)
+        );
+    }
+}
+
 /// Rollout queries held layer by layer (every step's rows of a factored layer, norms summed
 /// over the steps) equal the formed K-step query gradients under every route, pair with the
 /// one-step layered data, and give the kernel ΔVar of a dense f64 inverse.

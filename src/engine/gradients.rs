@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::factored::{Factors, QueryFactors};
 use super::generic::GenericGradients;
@@ -21,6 +21,26 @@ pub trait GradientMatrix: Send + Sync {
     fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>>;
     /// K = G Gᵀ (N×N).
     fn gram(&self) -> Result<Mat<f64>>;
+    /// Adds the lower triangle of K = G Gᵀ (diagonal included) into `out` (N×N) and leaves the
+    /// entries above the diagonal as they are: what a Cholesky factorization in place reads.
+    /// The default forms [`GradientMatrix::gram`]; the factored sources write it tile by tile.
+    fn gram_lower_into(&self, mut out: MatMut<'_, f64>) -> Result<()> {
+        let n = self.num_examples();
+        if out.nrows() != n || out.ncols() != n {
+            return Err(Error::shape(
+                "Gram matrix output",
+                format!("{n}×{n}"),
+                format!("{}×{}", out.nrows(), out.ncols()),
+            ));
+        }
+        let k = self.gram()?;
+        for j in 0..n {
+            for i in j..n {
+                out[(i, j)] += k[(i, j)];
+            }
+        }
+        Ok(())
+    }
     /// Σᵢ gᵢ∘gᵢ (length P).
     fn diag_sums(&self) -> Result<Vec<f64>>;
     /// Σ_layers (in + out) for factored sources (the kernel's cost per Gram entry); P otherwise.
@@ -56,6 +76,9 @@ impl GradientMatrix for Factors {
     }
     fn gram(&self) -> Result<Mat<f64>> {
         Ok(Factors::gram(self))
+    }
+    fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
+        Factors::gram_lower_into(self, out)
     }
     fn diag_sums(&self) -> Result<Vec<f64>> {
         Ok(Factors::diag_sums(self))

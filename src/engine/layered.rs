@@ -18,7 +18,9 @@
 //! Everything is f64, whatever the model's precision.
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::linalg::matmul::triangular::BlockStructure;
+use faer::reborrow::ReborrowMut;
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::gradients::GradientMatrix;
 use crate::error::{Error, Result};
@@ -365,13 +367,30 @@ impl LayeredGradients {
                 })
     }
 
-    /// K[i, j] += ⟨gᵢ, g'ⱼ⟩ for i in self, j in `other` (same layout). With `symmetric`
-    /// (other = self) only the lower block triangle is computed and mirrored.
-    fn add_pairs(&self, other: &LayeredGradients, kmat: &mut Mat<f64>, symmetric: bool) {
+    /// K[i, j] += ⟨gᵢ, g'ⱼ⟩ for i in self, j in `other` (same layout), as `pairs` says.
+    fn add_pairs(&self, other: &LayeredGradients, mut kmat: MatMut<'_, f64>, pairs: Pairs) {
+        let symmetric = pairs != Pairs::Cross;
         if self.pm > 0 && self.n > 0 && other.n > 0 {
-            let mut dd = Mat::<f64>::zeros(self.n, other.n);
-            gemm(&mut dd, self.dense_ref(), other.dense_ref().transpose());
-            *kmat += &dd;
+            let (a, b) = (self.dense_ref(), other.dense_ref().transpose());
+            if symmetric {
+                // the materialised layers' G_m G_mᵀ: half the product, then its mirror
+                faer::linalg::matmul::triangular::matmul(
+                    kmat.rb_mut(),
+                    BlockStructure::TriangularLower,
+                    Accum::Add,
+                    a,
+                    BlockStructure::Rectangular,
+                    b,
+                    BlockStructure::Rectangular,
+                    1.0,
+                    Par::rayon(0),
+                );
+                if pairs == Pairs::Symmetric {
+                    crate::engine::factored::mirror_lower(kmat.rb_mut());
+                }
+            } else {
+                matmul(kmat.rb_mut(), Accum::Add, a, b, 1.0, Par::rayon(0));
+            }
         }
         for (sa_st, sb_st) in self.stored.iter().zip(&other.stored) {
             let (ta, o) = match sa_st {
@@ -399,7 +418,8 @@ impl LayeredGradients {
                         MatRef::from_row_major_slice(&db[sb * tb * o..(sb + lb) * tb * o], rb, o);
                     let mut dd = Mat::<f64>::zeros(ra, rb);
                     gemm(&mut dd, da, db.transpose());
-                    let mirror = symmetric && sa != sb;
+                    let mirror = pairs == Pairs::Symmetric && sa != sb;
+                    let lower = pairs == Pairs::Lower && sa == sb;
                     match (sa_st, sb_st) {
                         (Stored::Rows { x: xa, k, .. }, Stored::Rows { x: xb, .. }) => {
                             let k = *k;
@@ -416,28 +436,28 @@ impl LayeredGradients {
                             let mut xx = Mat::<f64>::zeros(ra, rb);
                             gemm(&mut xx, xa, xb.transpose());
                             add_block_sums(
-                                kmat,
+                                kmat.rb_mut(),
                                 &dd,
                                 Some(&xx),
                                 None,
                                 (ta, tb),
                                 (sa, la),
                                 (sb, lb),
-                                mirror,
+                                (mirror, lower),
                             );
                         }
                         (Stored::Tokens { ids: ia, .. }, Stored::Tokens { ids: ib, .. }) => {
                             let ia = &ia[sa * ta..(sa + la) * ta];
                             let ib = &ib[sb * tb..(sb + lb) * tb];
                             add_block_sums(
-                                kmat,
+                                kmat.rb_mut(),
                                 &dd,
                                 None,
                                 Some((ia, ib)),
                                 (ta, tb),
                                 (sa, la),
                                 (sb, lb),
-                                mirror,
+                                (mirror, lower),
                             );
                         }
                         _ => {}
@@ -556,21 +576,32 @@ fn gemm(dst: &mut Mat<f64>, a: MatRef<'_, f64>, b: MatRef<'_, f64>) {
     matmul(dst.as_mut(), Accum::Replace, a, b, 1.0, Par::rayon(0));
 }
 
+/// Which pairs [`LayeredGradients::add_pairs`] adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pairs {
+    /// every (i in self, j in other)
+    Cross,
+    /// other = self and K zero on entry: the lower triangle computed, then mirrored
+    Symmetric,
+    /// other = self: the lower triangle only (diagonal included); nothing above it is touched
+    Lower,
+}
+
 /// Σ over each example pair's ta×tb block of a ∘ b (both (la·ta) × (lb·tb)), added into
-/// `k[(sa + i, sb + j)]` (and its mirror with `mirror`).
+/// `k[(sa + i, sb + j)]` (and its mirror with `mirror`; with `lower`, only where i ≥ j).
 #[allow(clippy::too_many_arguments)]
 fn add_block_sums(
-    k: &mut Mat<f64>,
+    mut k: MatMut<'_, f64>,
     a: &Mat<f64>,
     b: Option<&Mat<f64>>,
     mask: Option<(&[usize], &[usize])>,
     (ta, tb): (usize, usize),
     (sa, la): (usize, usize),
     (sb, lb): (usize, usize),
-    mirror: bool,
+    (mirror, lower): (bool, bool),
 ) {
     for j in 0..lb {
-        for i in 0..la {
+        for i in (if lower { j } else { 0 })..la {
             let mut s = 0.0;
             for v in 0..tb {
                 let c = j * tb + v;
@@ -739,8 +770,20 @@ impl GradientMatrix for LayeredGradients {
 
     fn gram(&self) -> Result<Mat<f64>> {
         let mut kmat = Mat::<f64>::zeros(self.n, self.n);
-        self.add_pairs(self, &mut kmat, true);
+        self.add_pairs(self, kmat.as_mut(), Pairs::Symmetric);
         Ok(kmat)
+    }
+
+    fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
+        if out.nrows() != self.n || out.ncols() != self.n {
+            return Err(Error::shape(
+                "Gram matrix output",
+                format!("{0}×{0}", self.n),
+                format!("{}×{}", out.nrows(), out.ncols()),
+            ));
+        }
+        self.add_pairs(self, out, Pairs::Lower);
+        Ok(())
     }
 
     fn cross_gram_layered(&self, q: &LayeredGradients) -> Option<Result<Mat<f64>>> {
@@ -748,7 +791,7 @@ impl GradientMatrix for LayeredGradients {
             return None;
         }
         let mut kmat = Mat::<f64>::zeros(self.n, q.n);
-        self.add_pairs(q, &mut kmat, false);
+        self.add_pairs(q, kmat.as_mut(), Pairs::Cross);
         Some(Ok(kmat))
     }
 

@@ -77,9 +77,9 @@ pub const CG_ASSUMED_ITERATIONS: f64 = 200.0;
 /// Picks a method for P parameters, N examples, `gram_width` = Σ_l(in+out) for a factored model
 /// (P for the generic path), M right-hand sides and a memory budget in bytes.
 ///
-/// Model: dense holds 2·P²·8 bytes and costs N·P² + P³/3; kernel holds 2·N²·8 + the gradient
-/// operator and costs N²·gram_width + N³/3; CG holds 6·P·M·8 + the gradient operator and costs
-/// about [`CG_ASSUMED_ITERATIONS`]·4·N·P·M. `requested` other than `Auto` is honoured (and
+/// Model: dense holds 2·P²·8 bytes and costs N·P² + P³/3; kernel holds N²·8 (the system,
+/// factored in place; about half of it resident) + the gradient operator and costs
+/// N²·gram_width + N³/3; CG holds 6·P·M·8 + the gradient operator and costs about [`CG_ASSUMED_ITERATIONS`]·4·N·P·M. `requested` other than `Auto` is honoured (and
 /// refused if over the budget); `Auto` takes the cheapest of those that fit, preferring the exact
 /// methods when CG is not at least 4× cheaper.
 pub fn choose_full_method(
@@ -110,7 +110,7 @@ pub fn choose_full_method(
         est(
             FullMethod::Kernel,
             nf * nf * gram_width as f64 + nf * nf * nf / 3.0,
-            2.0 * nf * nf * 8.0 + operator_bytes as f64,
+            nf * nf * 8.0 + operator_bytes as f64,
         ),
         est(
             FullMethod::Cg,

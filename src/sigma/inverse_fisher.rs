@@ -141,7 +141,7 @@ impl InverseFullFisher {
             }
             a[(j, j)] += damping;
         }
-        let l = super::cholesky_lower(a.as_ref(), "empirical Fisher + damping·I", damping)?;
+        let l = super::cholesky_lower(a, "empirical Fisher + damping·I", damping)?;
         Ok(Self { l, damping })
     }
 

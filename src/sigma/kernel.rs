@@ -21,8 +21,9 @@ pub enum KernelPrecision {
     /// (N² f64) besides the f32 factor (N² f32).
     Mixed,
     /// f64 today: on W-full (N = 4096, 256 queries) the refinement's f64 residual products
-    /// (2·N²·M flop per step) cost more than the f32 factorization saves (1.04–1.05 s against
-    /// 0.90–0.91 s, measured); `Mixed` is there to opt in for few right-hand sides.
+    /// (2·N²·M flop per step) cost more than the f32 factorization saves (through the CLI,
+    /// 0.96–1.12 s mixed against 0.49–0.56 s f64, measured); `Mixed` is there to opt in for
+    /// few right-hand sides.
     Auto,
 }
 
@@ -35,10 +36,13 @@ const REFINE_MAX: usize = 40;
 /// (F + λI)⁻¹ = (1/λ)(I − Gᵀ(NλI + K)⁻¹G),  K = GGᵀ,
 /// so gᵀΣg = (‖g‖² − (Gg)ᵀ(NλI + K)⁻¹(Gg)) / λ.
 ///
-/// Holds the Cholesky factor of NλI + K (O(N²); in f32 with the f64 system for refinement
-/// under [`KernelPrecision::Mixed`]) and the gradient operator (for the factored engine, the
-/// per-layer factors, O(N·Σ(in+out))); never anything P×P. Building costs the Gram matrix
-/// (O(N²·Σ(in+out)) factored) and one N×N Cholesky (N³/3).
+/// Holds the Cholesky factor of NλI + K and the gradient operator (for the factored engine, the
+/// per-layer factors, O(N·Σ(in+out))); never anything P×P. The f64 factor is one N×N buffer:
+/// the lower triangle of the system is written into it tile by tile
+/// ([`GradientMatrix::gram_lower_into`]) and factored in place, so the pages above the diagonal
+/// are never touched (about N²/2 f64 resident). [`KernelPrecision::Mixed`] holds the whole f64
+/// system and an f32 factor instead (N² f64 + N² f32). Building costs the Gram matrix
+/// (N²/2·Σ(in+out) multiply-adds factored) and one N×N Cholesky (N³/3).
 ///
 /// Accuracy: when λ is tiny next to F the two terms nearly cancel; all of it is f64 (the mixed
 /// route refines its solves to f64 accuracy), and the result keeps about
@@ -50,8 +54,45 @@ pub struct KernelInverseFisher<'a> {
     damping: f64,
 }
 
+/// An N×N column-major f64 matrix in a zero-initialised buffer of which only the lower triangle
+/// is used. `vec![0.0; n²]` asks the allocator for zeroed memory (for large sizes, fresh pages
+/// nobody has written), so the pages only the strict upper triangle would use are never touched:
+/// a factor stored in place costs about N²/2 f64 of resident memory, not N².
+struct Square {
+    data: Vec<f64>,
+    n: usize,
+}
+
+impl Square {
+    /// A zero matrix whose lower triangle's pages are touched once, by this thread. Measured on
+    /// this project's 2-core VM (n = 4096): faulting them in serially takes 37–40 ms and the
+    /// Gram tiles after it 65 ms, while letting the parallel tiles fault them in takes 220 ms.
+    fn zeros_lower(n: usize) -> Self {
+        let mut data = vec![0.0; n * n];
+        const PAGE: usize = 4096 / std::mem::size_of::<f64>();
+        for j in 0..n {
+            let col = &mut data[j * n + j..(j + 1) * n];
+            // volatile: the compiler knows the buffer is zero and could drop plain stores of 0
+            col.iter_mut()
+                .step_by(PAGE)
+                .for_each(|v| unsafe { std::ptr::write_volatile(v, 0.0) });
+            if let Some(v) = col.last_mut() {
+                unsafe { std::ptr::write_volatile(v, 0.0) };
+            }
+        }
+        Self { data, n }
+    }
+    fn as_ref(&self) -> MatRef<'_, f64> {
+        MatRef::from_column_major_slice(&self.data, self.n, self.n)
+    }
+    fn as_mut(&mut self) -> faer::MatMut<'_, f64> {
+        faer::MatMut::from_column_major_slice_mut(&mut self.data, self.n, self.n)
+    }
+}
+
 enum Factor {
-    F64(Mat<f64>),
+    /// L in the lower triangle, zeros above
+    F64(Square),
     Mixed {
         a: Mat<f64>,
         l32: Mat<f32>,
@@ -93,17 +134,21 @@ impl<'a> KernelInverseFisher<'a> {
             ));
         }
         let n = g.num_examples();
-        let mut a = g.gram()?;
+        // the lower triangle of NλI + K in a zeroed buffer: the factorization in place reads
+        // and writes only that, so the pages above the diagonal are never touched
+        let mut a = Square::zeros_lower(n);
+        g.gram_lower_into(a.as_mut())?;
+
         for j in 0..n {
-            for i in 0..n {
-                if !a[(i, j)].is_finite() {
+            for i in j..n {
+                if !a.as_ref()[(i, j)].is_finite() {
                     return Err(Error::NonFinite {
                         what: "Gram matrix".into(),
                         detail: format!("entry ({i}, {j})"),
                     });
                 }
             }
-            a[(j, j)] += n as f64 * damping;
+            a.as_mut()[(j, j)] += n as f64 * damping;
         }
         let what = "the kernel system N·λ·I + G Gᵀ";
         let mixed = match precision {
@@ -113,14 +158,18 @@ impl<'a> KernelInverseFisher<'a> {
         };
         let factor = match mixed.then(|| cholesky_f32(a.as_ref())).flatten() {
             Some(l32) => Factor::Mixed {
-                a,
+                // the whole symmetric system, for the refinement's residual products
+                a: Mat::from_fn(n, n, |i, j| a.as_ref()[(i.max(j), i.min(j))]),
                 l32,
                 l64: std::sync::OnceLock::new(),
                 refinements: 0.into(),
                 fallbacks: 0.into(),
             },
             // f64 asked for, or the f32 factorization failed
-            None => Factor::F64(super::cholesky_lower(a.as_ref(), what, damping)?),
+            None => {
+                super::cholesky_lower_in_place(a.as_mut(), what, damping)?;
+                Factor::F64(a)
+            }
         };
         Ok(Self { factor, g, damping })
     }
@@ -158,7 +207,7 @@ impl<'a> KernelInverseFisher<'a> {
     /// quadratic forms need only ‖L⁻¹b‖² = bᵀ(NλI+K)⁻¹b); returns whether it is the half solve.
     fn solve(&self, b: Mat<f64>, half: bool) -> Result<(Mat<f64>, bool)> {
         match &self.factor {
-            Factor::F64(l) => Ok((solve_f64(l, b, half), half)),
+            Factor::F64(l) => Ok((solve_f64(l.as_ref(), b, half), half)),
             Factor::Mixed {
                 a,
                 l32,
@@ -220,14 +269,14 @@ impl<'a> KernelInverseFisher<'a> {
                 let l = l64
                     .get_or_init(|| {
                         super::cholesky_lower(
-                            a.as_ref(),
+                            a.clone(),
                             "the kernel system N·λ·I + G Gᵀ",
                             self.damping,
                         )
                     })
                     .as_ref()
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
-                Ok((solve_f64(l, b, half), half))
+                Ok((solve_f64(l.as_ref(), b, half), half))
             }
         }
     }
@@ -260,10 +309,10 @@ impl<'a> KernelInverseFisher<'a> {
 }
 
 /// L⁻¹B, or with `half` false L⁻ᵀL⁻¹B, for the f64 factor L.
-fn solve_f64(l: &Mat<f64>, mut b: Mat<f64>, half: bool) -> Mat<f64> {
-    solve_lower_triangular_in_place(l.as_ref(), b.as_mut(), Par::rayon(0));
+fn solve_f64(l: MatRef<'_, f64>, mut b: Mat<f64>, half: bool) -> Mat<f64> {
+    solve_lower_triangular_in_place(l, b.as_mut(), Par::rayon(0));
     if !half {
-        solve_upper_triangular_in_place(l.as_ref().transpose(), b.as_mut(), Par::rayon(0));
+        solve_upper_triangular_in_place(l.transpose(), b.as_mut(), Par::rayon(0));
     }
     b
 }
@@ -272,8 +321,8 @@ fn solve_f64(l: &Mat<f64>, mut b: Mat<f64>, half: bool) -> Mat<f64> {
 /// fails or a pivot is numerically zero in f32.
 fn cholesky_f32(a: MatRef<'_, f64>) -> Option<Mat<f32>> {
     let n = a.nrows();
-    let a32 = Mat::<f32>::from_fn(n, n, |i, j| a[(i, j)] as f32);
-    let l = a32.llt(faer::Side::Lower).ok()?.L().to_owned();
+    let mut l = Mat::<f32>::from_fn(n, n, |i, j| if i >= j { a[(i, j)] as f32 } else { 0.0 });
+    super::llt_in_place(l.as_mut()).ok()?;
     let max_diag = (0..n).map(|i| a[(i, i)]).fold(0.0f64, f64::max);
     let tol = (n.max(1) as f64) * f32::EPSILON as f64 * max_diag;
     if (0..n).any(|i| {

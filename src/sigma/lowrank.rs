@@ -588,11 +588,7 @@ impl LowRankInverseFisher {
                 for j in 0..k {
                     c[(j, j)] += 1.0;
                 }
-                let l = super::cholesky_lower(
-                    c.as_ref(),
-                    "the low-rank core I + Wᵀ(D+λI)⁻¹W",
-                    damping,
-                )?;
+                let l = super::cholesky_lower(c, "the low-rank core I + Wᵀ(D+λI)⁻¹W", damping)?;
                 (Some(a_inv), Some(l))
             }
         };

@@ -2,6 +2,7 @@
 //! gradient matrix G (row i of G is example i's gradient, in the MLP's flat layout).
 
 use faer::linalg::matmul::matmul;
+use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use crate::error::{Error, Result};
@@ -40,6 +41,28 @@ pub struct Factors {
     layers: Vec<LayerFactors>,
     sizes: Vec<usize>,
     n: usize,
+}
+
+/// Edge of the Gram matrix's tiles: a 128×128 f64 tile and its two per-layer products (3 ×
+/// 128 KiB) stay in L2 while the layers are summed into it.
+const GRAM_TILE: usize = 128;
+
+/// Copies the lower triangle of a square matrix onto its upper triangle, in 64×64 blocks (both
+/// the rows read and the columns written stay in cache).
+pub(crate) fn mirror_lower(mut k: MatMut<'_, f64>) {
+    let n = k.nrows();
+    let b = 64;
+    for j0 in (0..n).step_by(b) {
+        let j1 = (j0 + b).min(n);
+        for i0 in (0..j1).step_by(b) {
+            let i1 = (i0 + b).min(n);
+            for j in j0..j1 {
+                for i in i0..i1.min(j) {
+                    k[(i, j)] = k[(j, i)];
+                }
+            }
+        }
+    }
 }
 
 fn par() -> Par {
@@ -304,53 +327,79 @@ impl Factors {
     /// The N×N Gram matrix K = G Gᵀ = Σ_l (X Xᵀ + 1)∘(Δ Δᵀ). Memory O(N²) plus two N×512
     /// blocks. Only the lower triangle is computed (by column blocks); the upper is mirrored.
     pub fn gram(&self) -> Mat<f64> {
-        let n = self.n;
-        let mut k = Mat::<f64>::zeros(n, n);
-        let block = 512;
-        let mut xx = Mat::<f64>::zeros(n, block.min(n.max(1)));
-        let mut dd = Mat::<f64>::zeros(n, block.min(n.max(1)));
-        for c0 in (0..n).step_by(block) {
-            let w = block.min(n - c0);
-            let rows = n - c0;
-            for lf in &self.layers {
-                let (x, d) = (lf.x(), lf.d());
-                matmul(
-                    xx.as_mut().submatrix_mut(0, 0, rows, w),
-                    Accum::Replace,
-                    x.subrows(c0, rows),
-                    x.subrows(c0, w).transpose(),
-                    1.0,
-                    par(),
-                );
-                matmul(
-                    dd.as_mut().submatrix_mut(0, 0, rows, w),
-                    Accum::Replace,
-                    d.subrows(c0, rows),
-                    d.subrows(c0, w).transpose(),
-                    1.0,
-                    par(),
-                );
-                for j in 0..w {
-                    let (kc, xc, dc) = (
-                        k.col_as_slice_mut(c0 + j),
-                        xx.col_as_slice(j),
-                        dd.col_as_slice(j),
-                    );
-                    // rows c0 + j .. n of column c0 + j (the lower triangle)
-                    kc[c0 + j..]
-                        .iter_mut()
-                        .zip(&xc[j..rows])
-                        .zip(&dc[j..rows])
-                        .for_each(|((k, x), d)| *k += (x + 1.0) * d);
-                }
-            }
-        }
-        for j in 0..n {
-            for i in 0..j {
-                k[(i, j)] = k[(j, i)];
-            }
-        }
+        let mut k = Mat::<f64>::zeros(self.n, self.n);
+        self.add_gram_lower(k.as_mut());
+        mirror_lower(k.as_mut());
         k
+    }
+
+    /// Adds the lower triangle of K = G Gᵀ (diagonal included) into `out` (N×N); the entries
+    /// above the diagonal are not touched. Work: N²/2·Σ_l(in_l + out_l) multiply-adds, in
+    /// 128×128 tiles over the rayon pool; no memory beyond `out` but two tiles per thread.
+    pub fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
+        if out.nrows() != self.n || out.ncols() != self.n {
+            return Err(Error::shape(
+                "Gram matrix output",
+                format!("{0}×{0}", self.n),
+                format!("{}×{}", out.nrows(), out.ncols()),
+            ));
+        }
+        self.add_gram_lower(out);
+        Ok(())
+    }
+
+    fn add_gram_lower(&self, k: MatMut<'_, f64>) {
+        use rayon::prelude::*;
+        let n = self.n;
+        let t = GRAM_TILE;
+        // one task per block of t columns, tile by tile down the lower triangle: a tile and its
+        // two per-layer products stay in cache, and the tasks write disjoint columns (so the
+        // first touch of a freshly allocated K is spread over the threads too)
+        k.par_col_chunks_mut(t)
+            .enumerate()
+            .with_max_len(1)
+            .for_each(|(bj, mut kc)| {
+                let (c0, w) = (bj * t, kc.ncols());
+                let mut xx = Mat::<f64>::zeros(t, w);
+                let mut dd = Mat::<f64>::zeros(t, w);
+                for r0 in (c0..n).step_by(t) {
+                    let h = t.min(n - r0);
+                    for lf in &self.layers {
+                        let (x, d) = (lf.x(), lf.d());
+                        let mut xt = xx.as_mut().submatrix_mut(0, 0, h, w);
+                        let mut dt = dd.as_mut().submatrix_mut(0, 0, h, w);
+                        let (xi, xj) = (x.subrows(r0, h), x.subrows(c0, w));
+                        matmul(
+                            xt.rb_mut(),
+                            Accum::Replace,
+                            xi,
+                            xj.transpose(),
+                            1.0,
+                            Par::Seq,
+                        );
+                        let (di, dj) = (d.subrows(r0, h), d.subrows(c0, w));
+                        matmul(
+                            dt.rb_mut(),
+                            Accum::Replace,
+                            di,
+                            dj.transpose(),
+                            1.0,
+                            Par::Seq,
+                        );
+                        for j in 0..w {
+                            // rows ≥ c0 + j of column c0 + j: the lower triangle only
+                            let skip = (c0 + j).saturating_sub(r0).min(h);
+                            let kcol = kc.rb_mut().col_mut(j).subrows_mut(r0 + skip, h - skip);
+                            let xc = xt.rb().col(j).subrows(skip, h - skip);
+                            let dc = dt.rb().col(j).subrows(skip, h - skip);
+                            kcol.iter_mut()
+                                .zip(xc.iter())
+                                .zip(dc.iter())
+                                .for_each(|((k, x), d)| *k += (x + 1.0) * d);
+                        }
+                    }
+                }
+            });
     }
 
     /// gᵢᵀ diag(s) gᵢ for every example, without forming gᵢ:

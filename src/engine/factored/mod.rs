@@ -5,7 +5,7 @@
 //! example's own objective. The example's gradient is then δᵢxᵢᵀ (weight) and δᵢ (bias), so:
 //!
 //! - diag F is one matmul per layer, (Δ∘Δ)ᵀ(X∘X), streamed over batches into f64
-//!   ([`FactoredMlp::fisher_diag`]); memory: weights + one batch of activations + an O(P)
+//!   (`FactoredMlp::fisher_diag`); memory: weights + one batch of activations + an O(P)
 //!   accumulator per worker;
 //! - J·V, Jᵀ·U, F·V, the N×N Gram matrix and per-example gradient rows come from the
 //!   [`Factors`] of the whole dataset (memory O(N·Σ(in+out)), never the N×P matrix);
@@ -18,6 +18,7 @@ pub(crate) mod scalar;
 pub(crate) use scalar::{copy_rows, Rows};
 mod signals;
 
+pub(crate) use factors::mirror_lower;
 pub use factors::{Factors, QueryFactors};
 pub use scalar::Scalar;
 
