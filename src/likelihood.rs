@@ -27,7 +27,7 @@ pub enum Likelihood {
         /// The noise standard deviation(s), each finite and > 0.
         sigma: Vec<f64>,
     },
-    /// log softmax(f)[y] with f the logits. Targets y: integer class indices, shape (B,).
+    /// log softmax(f)\[y\] with f the logits. Targets y: integer class indices, shape (B,).
     Categorical,
     /// `log p(y | f)` per row from the output f and the targets y, shape (B,).
     Custom(Arc<LikelihoodFn>),

@@ -73,7 +73,7 @@ impl Qoi {
         Qoi::Custom(Arc::new(f))
     }
 
-    /// The closure `z ↦ Σ_rows qoi(model(z))` for [`qoi_gradient`] / [`qoi_gradients`] (for one
+    /// The closure `z ↦ Σ_rows qoi(model(z))` for [`crate::engine::qoi_gradient`] / [`crate::engine::qoi_gradients`] (for one
     /// query row it is the QoI itself).
     ///
     /// ```

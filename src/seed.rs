@@ -45,7 +45,7 @@ pub fn calculate_inverse_fim_diagonal(source: &dyn FisherSource, damping: f64) -
 }
 
 /// Seed counterpart of `calculate_empirical_fim_full`: the MEAN P×P Fisher (refused above
-/// `memory_budget` bytes; see [`DEFAULT_MEMORY_BUDGET`]).
+/// `memory_budget` bytes; see [`crate::fisher::DEFAULT_MEMORY_BUDGET`]).
 pub fn calculate_empirical_fim_full(
     source: &dyn FisherSource,
     memory_budget: u64,

@@ -389,7 +389,7 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
 
     /// The log-likelihood gradients of every example of `data`, held layer by layer
     /// ([`super::LayeredGradients`]): each layer factored (its inputs and output signals) or
-    /// materialised, as `route` says. Memory [`super::LayeredGradients::bytes`]; fails with
+    /// materialised, as `route` says. Memory `LayeredGradients::bytes`; fails with
     /// [`Error::MemoryBudget`] when that exceeds `memory_budget`.
     pub fn layered_gradients(
         &self,

@@ -1,7 +1,7 @@
 //! Saved Fisher passes: the accumulated sums in a safetensors file with JSON metadata, checked
 //! against the model when loaded, and mergeable across shards of a dataset.
 //!
-//! File layout: tensor `diag_sum` (f64, [P]) = Σᵢ gᵢ∘gᵢ, and for dense passes `dense_sum`
+//! File layout: tensor `diag_sum` (f64, \[P\]) = Σᵢ gᵢ∘gᵢ, and for dense passes `dense_sum`
 //! (f64, [P, P]) = Σᵢ gᵢgᵢᵀ; the safetensors metadata key `deltavar` holds [`FisherMeta`] as
 //! JSON. The convention is always "sum": divide by `num_examples` for the mean Fisher.
 //!
