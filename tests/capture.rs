@@ -92,11 +92,7 @@ fn check_layered<M: Module + Sync>(
         .map(|i| (0..n).map(|j| g[(i, j)] * g[(i, j)]).sum())
         .collect();
     let mut factored_somewhere = false;
-    for route in [
-        LayerRoute::Auto,
-        LayerRoute::Materialise,
-        LayerRoute::Factor,
-    ] {
+    for route in EVERY_ROUTE {
         let lg = engine
             .layered_gradients(lik, data, &opts(bs), route, 1 << 30)
             .unwrap();

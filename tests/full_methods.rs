@@ -512,18 +512,11 @@ fn gram_tiles_cover_every_pair_and_the_kernel_matches_the_inverse() {
         }
     }
     // lower triangle added into what is there; the upper triangle untouched
-    let mut out = Mat::from_fn(n, n, |i, j| if i >= j { 1.0 } else { 7.0 });
-    factors.gram_lower_into(out.as_mut()).unwrap();
-    for j in 0..n {
-        for i in 0..n {
-            if i >= j {
-                let e = (out[(i, j)] - 1.0 - want[(i, j)]).abs();
-                assert!(e <= 1e-12 * want[(j, j)].max(1.0), "({i}, {j}): {e:e}");
-            } else {
-                assert_eq!(out[(i, j)], 7.0, "({i}, {j}) above the diagonal");
-            }
-        }
-    }
+    assert_adds_lower_triangle(
+        &want,
+        |out| factors.gram_lower_into(out).unwrap(),
+        "factors",
+    );
     let err = factors
         .gram_lower_into(Mat::<f64>::zeros(n, n - 1).as_mut())
         .unwrap_err();

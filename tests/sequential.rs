@@ -611,11 +611,7 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
         .collect();
     let lam = 1e-3;
     let want = dense_kernel_reference(&g, &qg, lam);
-    for route in [
-        LayerRoute::Auto,
-        LayerRoute::Materialise,
-        LayerRoute::Factor,
-    ] {
+    for route in EVERY_ROUTE {
         let lg = engine
             .layered_gradients(&lik, &data, &eo(3), route, 1 << 30)
             .unwrap();
@@ -678,7 +674,7 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
 /// alone, and the kernel ΔVar equals a dense f64 inverse.
 #[test]
 fn layered_gram_over_several_blocks_matches_the_dense_block() {
-    use deltavar::engine::{GradientMatrix, LayerRoute};
+    use deltavar::engine::GradientMatrix;
     use std::sync::Arc;
     let spec: SeqSpec = "seq:linear(3,4),tanh,flatten,linear(24,3)".parse().unwrap();
     let model = Sequential::init(spec, &[6, 3], DType::F64, 8).unwrap();
@@ -697,31 +693,17 @@ fn layered_gram_over_several_blocks_matches_the_dense_block() {
         .unwrap();
     let lam = 1e-3;
     let want = dense_kernel_reference(&g, &qg, lam);
-    for route in [
-        LayerRoute::Auto,
-        LayerRoute::Materialise,
-        LayerRoute::Factor,
-    ] {
+    for route in EVERY_ROUTE {
         let lg = engine
             .layered_gradients(&lik, &data, &eo(64), route, 1 << 30)
             .unwrap();
         let k = lg.gram().unwrap();
         assert!(mat_rel_err(&k, &want_k) < 1e-12, "{route:?}");
-        let mut out = faer::Mat::from_fn(n, n, |i, j| if i >= j { 1.0 } else { 7.0 });
-        lg.gram_lower_into(out.as_mut()).unwrap();
-        for j in 0..n {
-            for i in 0..n {
-                if i >= j {
-                    let e = (out[(i, j)] - 1.0 - want_k[(i, j)]).abs();
-                    assert!(
-                        e <= 1e-12 * want_k[(j, j)].max(1.0),
-                        "{route:?} ({i}, {j}): {e:e}"
-                    );
-                } else {
-                    assert_eq!(out[(i, j)], 7.0, "{route:?} ({i}, {j}) above the diagonal");
-                }
-            }
-        }
+        assert_adds_lower_triangle(
+            &want_k,
+            |out| lg.gram_lower_into(out).unwrap(),
+            &format!("{route:?}"),
+        );
         let kernel = KernelInverseFisher::new(Arc::new(lg), lam).unwrap();
         let got = kernel.quad_forms(qg.as_ref()).unwrap();
         assert!(
@@ -759,11 +741,7 @@ fn layered_rollout_queries_match_the_formed_gradients() {
         .unwrap();
     let lam = 1e-2;
     let want = dense_kernel_reference(&g, &qg, lam);
-    for route in [
-        LayerRoute::Auto,
-        LayerRoute::Materialise,
-        LayerRoute::Factor,
-    ] {
+    for route in EVERY_ROUTE {
         let lg = engine
             .layered_gradients(&lik, &data, &eo(3), route, 1 << 30)
             .unwrap();

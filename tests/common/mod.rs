@@ -277,3 +277,36 @@ pub fn assert_matches_fd(
         );
     }
 }
+
+/// Checks `gram_lower_into` on an N×N matrix of ones below and on the diagonal and sevens above
+/// it (`fill` runs it): the lower triangle must come back as 1 + K (K = `want`), the upper one
+/// untouched.
+pub fn assert_adds_lower_triangle(
+    want: &faer::Mat<f64>,
+    fill: impl FnOnce(faer::MatMut<'_, f64>),
+    label: &str,
+) {
+    let n = want.nrows();
+    let mut out = faer::Mat::from_fn(n, n, |i, j| if i >= j { 1.0 } else { 7.0 });
+    fill(out.as_mut());
+    for j in 0..n {
+        for i in 0..n {
+            if i >= j {
+                let e = (out[(i, j)] - 1.0 - want[(i, j)]).abs();
+                assert!(
+                    e <= 1e-12 * want[(j, j)].max(1.0),
+                    "{label} ({i}, {j}): {e:e}"
+                );
+            } else {
+                assert_eq!(out[(i, j)], 7.0, "{label} ({i}, {j}) above the diagonal");
+            }
+        }
+    }
+}
+
+/// Every layer route of the layered gradient operator, for tests that run under each.
+pub const EVERY_ROUTE: [deltavar::engine::LayerRoute; 3] = [
+    deltavar::engine::LayerRoute::Auto,
+    deltavar::engine::LayerRoute::Materialise,
+    deltavar::engine::LayerRoute::Factor,
+];
