@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 use faer::linalg::matmul::matmul;
+use faer::reborrow::Reborrow;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::factored::{Factors, QueryFactors};
@@ -26,13 +27,7 @@ pub trait GradientMatrix: Send + Sync {
     /// The default forms [`GradientMatrix::gram`]; the factored sources write it tile by tile.
     fn gram_lower_into(&self, mut out: MatMut<'_, f64>) -> Result<()> {
         let n = self.num_examples();
-        if out.nrows() != n || out.ncols() != n {
-            return Err(Error::shape(
-                "Gram matrix output",
-                format!("{n}×{n}"),
-                format!("{}×{}", out.nrows(), out.ncols()),
-            ));
-        }
+        check_gram_out(out.rb(), n)?;
         let k = self.gram()?;
         for j in 0..n {
             for i in j..n {
@@ -59,6 +54,18 @@ pub trait GradientMatrix: Send + Sync {
     fn cross_gram_layered(&self, _q: &super::LayeredGradients) -> Option<Result<Mat<f64>>> {
         None
     }
+}
+
+/// Refuses a Gram matrix output that is not N×N.
+pub(crate) fn check_gram_out(out: MatRef<'_, f64>, n: usize) -> Result<()> {
+    if out.nrows() != n || out.ncols() != n {
+        return Err(Error::shape(
+            "Gram matrix output",
+            format!("{n}×{n}"),
+            format!("{}×{}", out.nrows(), out.ncols()),
+        ));
+    }
+    Ok(())
 }
 
 impl GradientMatrix for Factors {

@@ -19,7 +19,7 @@
 
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::BlockStructure;
-use faer::reborrow::ReborrowMut;
+use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::gradients::GradientMatrix;
@@ -775,13 +775,7 @@ impl GradientMatrix for LayeredGradients {
     }
 
     fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
-        if out.nrows() != self.n || out.ncols() != self.n {
-            return Err(Error::shape(
-                "Gram matrix output",
-                format!("{0}×{0}", self.n),
-                format!("{}×{}", out.nrows(), out.ncols()),
-            ));
-        }
+        crate::engine::gradients::check_gram_out(out.rb(), self.n)?;
         self.add_pairs(self, out, Pairs::Lower);
         Ok(())
     }

@@ -337,13 +337,7 @@ impl Factors {
     /// above the diagonal are not touched. Work: N²/2·Σ_l(in_l + out_l) multiply-adds, in
     /// 128×128 tiles over the rayon pool; no memory beyond `out` but two tiles per thread.
     pub fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
-        if out.nrows() != self.n || out.ncols() != self.n {
-            return Err(Error::shape(
-                "Gram matrix output",
-                format!("{0}×{0}", self.n),
-                format!("{}×{}", out.nrows(), out.ncols()),
-            ));
-        }
+        crate::engine::gradients::check_gram_out(out.rb(), self.n)?;
         self.add_gram_lower(out);
         Ok(())
     }
