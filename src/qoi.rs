@@ -73,8 +73,8 @@ impl Qoi {
         Qoi::Custom(Arc::new(f))
     }
 
-    /// The closure `z ↦ Σ_rows qoi(model(z))` for [`crate::engine::qoi_gradient`] / [`crate::engine::qoi_gradients`] (for one
-    /// query row it is the QoI itself).
+    /// The closure `z ↦ Σ_rows qoi(model(z))` for [`crate::engine::qoi_gradient`] /
+    /// [`crate::engine::qoi_gradients`] (for one query row it is the QoI itself).
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};

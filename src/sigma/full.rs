@@ -79,8 +79,9 @@ pub const CG_ASSUMED_ITERATIONS: f64 = 200.0;
 ///
 /// Model: dense holds 2·P²·8 bytes and costs N·P² + P³/3; kernel holds N²·8 (the system,
 /// factored in place; about half of it resident) + the gradient operator and costs
-/// N²·gram_width + N³/3; CG holds 6·P·M·8 + the gradient operator and costs about [`CG_ASSUMED_ITERATIONS`]·4·N·P·M. `requested` other than `Auto` is honoured (and
-/// refused if over the budget); `Auto` takes the cheapest of those that fit, preferring the exact
+/// N²·gram_width + N³/3; CG holds 6·P·M·8 + the gradient operator and costs about
+/// [`CG_ASSUMED_ITERATIONS`]·4·N·P·M. `requested` other than `Auto` is honoured (and refused if
+/// over the budget); `Auto` takes the cheapest of those that fit, preferring the exact
 /// methods when CG is not at least 4× cheaper.
 pub fn choose_full_method(
     requested: FullMethod,

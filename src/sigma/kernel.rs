@@ -73,10 +73,12 @@ impl Square {
         for j in 0..n {
             let col = &mut data[j * n + j..(j + 1) * n];
             // volatile: the compiler knows the buffer is zero and could drop plain stores of 0
+            // SAFETY: each `v` is a valid, aligned, exclusive reference into `data`
             col.iter_mut()
                 .step_by(PAGE)
                 .for_each(|v| unsafe { std::ptr::write_volatile(v, 0.0) });
             if let Some(v) = col.last_mut() {
+                // SAFETY: as above
                 unsafe { std::ptr::write_volatile(v, 0.0) };
             }
         }
@@ -138,7 +140,6 @@ impl<'a> KernelInverseFisher<'a> {
         // and writes only that, so the pages above the diagonal are never touched
         let mut a = Square::zeros_lower(n);
         g.gram_lower_into(a.as_mut())?;
-
         for j in 0..n {
             for i in j..n {
                 if !a.as_ref()[(i, j)].is_finite() {

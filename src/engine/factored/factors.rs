@@ -324,8 +324,9 @@ impl Factors {
         Ok(k)
     }
 
-    /// The N×N Gram matrix K = G Gᵀ = Σ_l (X Xᵀ + 1)∘(Δ Δᵀ). Memory O(N²) plus two N×512
-    /// blocks. Only the lower triangle is computed (by column blocks); the upper is mirrored.
+    /// The N×N Gram matrix K = G Gᵀ = Σ_l (X Xᵀ + 1)∘(Δ Δᵀ). Memory O(N²) plus two 128×128
+    /// tiles per thread. Only the lower triangle is computed ([`Factors::gram_lower_into`]);
+    /// the upper is mirrored.
     pub fn gram(&self) -> Mat<f64> {
         let mut k = Mat::<f64>::zeros(self.n, self.n);
         self.add_gram_lower(k.as_mut());
@@ -347,8 +348,7 @@ impl Factors {
         let n = self.n;
         let t = GRAM_TILE;
         // one task per block of t columns, tile by tile down the lower triangle: a tile and its
-        // two per-layer products stay in cache, and the tasks write disjoint columns (so the
-        // first touch of a freshly allocated K is spread over the threads too)
+        // two per-layer products stay in cache, and the tasks write disjoint columns
         k.par_col_chunks_mut(t)
             .enumerate()
             .with_max_len(1)
