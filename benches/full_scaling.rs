@@ -41,6 +41,17 @@ fn problem(n: usize, m: usize, inputs: usize) -> (TensorDataset, Tensor) {
     (data, queries)
 }
 
+/// The factored Fisher of a classifier on `data`, default engine options.
+fn categorical_fisher<'a>(mlp: &'a Mlp, data: &'a TensorDataset) -> FactoredFisher<'a> {
+    FactoredFisher::new(
+        mlp,
+        Likelihood::Categorical,
+        data,
+        FactoredOptions::default(),
+    )
+    .expect("fisher")
+}
+
 fn point(arch: usize, n: usize, method: &str) {
     let sizes = ARCHS[arch];
     let vm = VarMap::new();
@@ -67,13 +78,7 @@ fn point(arch: usize, n: usize, method: &str) {
         .collect();
     params.set_flat_values(&w).expect("weights");
     let (data, queries) = problem(n, M, sizes[0]);
-    let fisher = FactoredFisher::new(
-        &mlp,
-        Likelihood::Categorical,
-        &data,
-        FactoredOptions::default(),
-    )
-    .expect("fisher");
+    let fisher = categorical_fisher(&mlp, &data);
     let qf = fisher
         .engine()
         .query_factors(&Qoi::Output(0), &queries, &FactoredOptions::default())
@@ -180,13 +185,7 @@ fn huge_point(path: &std::path::Path, k: usize) {
             .expect("load");
     let load = t.elapsed().as_secs_f64();
     let (data, queries) = problem(HUGE_N, HUGE_M, sizes[0]);
-    let fisher = FactoredFisher::new(
-        &mlp,
-        Likelihood::Categorical,
-        &data,
-        FactoredOptions::default(),
-    )
-    .expect("fisher");
+    let fisher = categorical_fisher(&mlp, &data);
     let budget = 20u64 << 30;
     let g = fisher.gradient_matrix(budget).expect("factors");
     let factors = t.elapsed().as_secs_f64();
