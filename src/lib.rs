@@ -59,6 +59,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod fisher;
+pub mod graph;
 pub mod likelihood;
 pub mod metrics;
 pub mod model;
@@ -66,6 +67,7 @@ pub mod nn;
 pub mod params;
 pub mod prelude;
 pub mod qoi;
+pub mod scalar;
 pub mod seed;
 pub mod sigma;
 

@@ -55,7 +55,9 @@ pub trait Dataset: Sync {
 
 /// A dataset of two memory-mapped `.npy` files: inputs `x` (N, ...) — features (N, in), images
 /// (N, C, H, W) as f32 or f64, or token ids (N, T) as int64 — and targets `y`, either (N, out)
-/// floats (gaussian) or (N,) int64 class labels (categorical). Rows of any trailing shape come
+/// floats (gaussian) or (N,) int64 class labels (categorical); a graph model's targets may have
+/// any per-example shape ((N, T) labels of a language model, (N, 40, 1) next states), read as
+/// one flattened row per example. Rows of any trailing shape come
 /// back from [`Dataset::get`] with that shape.
 ///
 /// Memory: only the pages being read (the OS maps them on demand and may drop them), so the
@@ -83,11 +85,11 @@ impl MmapNpyDataset {
                 ),
             });
         }
-        if y.shape().is_empty() || y.shape().len() > 2 {
+        if y.shape().is_empty() {
             return Err(Error::BadFile {
                 path: y.path().display().to_string(),
                 detail: format!(
-                    "targets y must have shape (N,) or (N, outputs), got {:?}",
+                    "targets y must have shape (N,), (N, outputs) or (N, ...) (one row per example), got {:?}",
                     y.shape()
                 ),
             });
@@ -141,7 +143,7 @@ impl Dataset for MmapNpyDataset {
         xshape[0] = len;
         Ok((
             rows_tensor(v.x, len, v.x_cols, true)?.reshape(xshape)?,
-            rows_tensor(v.y, len, v.y_cols, self.y.shape().len() == 2)?,
+            rows_tensor(v.y, len, v.y_cols, self.y.shape().len() >= 2)?,
         ))
     }
     fn release(&self, start: usize, len: usize) {

@@ -20,9 +20,10 @@
 
 pub mod capture;
 pub mod factored;
-mod fastmath;
+
 pub mod generic;
 pub mod gradients;
+pub mod graph;
 pub mod kfac;
 pub mod layered;
 pub(crate) mod pool;
@@ -37,6 +38,7 @@ pub use generic::{
 };
 pub use gradients::{DenseGradients, GradientMatrix, StreamedGradients};
 pub use gradients::{ExampleGradients, NativeStreamed};
+pub use graph::GraphEngine;
 pub use layered::{LayerRoute, LayeredGradients};
 pub use sequential::FactoredSeq;
 pub use transformer::FactoredTransformer;

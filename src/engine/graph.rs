@@ -1,0 +1,1247 @@
+//! The graph engine: per-example gradients of any model given as a [`Graph`] (an ONNX file, or
+//! built in Rust), from one batched forward and one backward pass per batch on the graph's own
+//! operators (faer matmuls, no candle autograd), in f32 or f64.
+//!
+//! A batch's backward pass of Σᵢ uᵢ (uᵢ example i's log-likelihood or QoI) leaves, at every use
+//! of every parameter, what that example's gradient is made of ([`crate::graph::per_example`]):
+//! rows (input rows and output signals of a MatMul/Gemm/Conv weight, a convolution's patches),
+//! tokens (ids and signal rows of an embedding) or materialised per-example gradients (norms,
+//! biases, tied weights). From them:
+//!
+//! - [`GraphEngine::sum_sq`]: Σᵢ gᵢ∘gᵢ in f64 (a weight used once per example with one row:
+//!   one (Δ∘Δ)ᵀ(X∘X) matmul per batch; otherwise Δᵢᵀ X̃ᵢ per example);
+//! - [`GraphEngine::per_example_gradients`]: the P×len block of a range;
+//! - [`GraphEngine::layered_gradients`]: every example held layer by layer
+//!   ([`LayeredGradients`]: rows and tokens groups factored or materialised by cost) for the
+//!   kernel and CG methods;
+//! - [`GraphEngine::query_gradients`] / [`GraphEngine::query_layered_gradients`]: QoI
+//!   gradients through a rollout of K applications of the graph (output fed back as input);
+//! - [`GraphEngine::kfac_factors`]: K-FAC factors of the rows groups, the exact diagonal of the
+//!   others.
+//!
+//! Outputs of any per-example shape: `categorical` is taken over the last axis with one integer
+//! label per leading position (a classifier's (C,) with one label, a language model's (T, V)
+//! with T labels), `gaussian` elementwise with targets shaped like the output; the QoIs index
+//! the flattened output (`prob:K`: softmax over the last axis, then flattened).
+//!
+//! Memory per worker: one batch's values, cotangents and records (a convolution's patches
+//! included) and the accumulator of the pass; the weights once per precision.
+
+use candle_core::{DType, Tensor as CTensor};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use super::factored::{rayon_threads, run_in_pool, Batch, FactoredOptions, Rows, Target};
+use super::layered::{LayerKind, LayerRoute, LayerShape, LayeredGradients};
+use crate::data::{Dataset, RowsRef};
+use crate::error::{Error, Result};
+use crate::graph::analysis::Group;
+use crate::graph::exec::{self, Pass, Sources};
+use crate::graph::ir::{Data, ElemType, Graph, Tensor};
+use crate::graph::ops::util::permute;
+use crate::graph::per_example::Record;
+use crate::graph::Analysis;
+use crate::likelihood::Likelihood;
+use crate::qoi::Qoi;
+use crate::scalar::Scalar;
+
+#[derive(Clone)]
+enum Inner {
+    F32(std::sync::Arc<Sources<f32>>),
+    F64(std::sync::Arc<Sources<f64>>),
+}
+
+macro_rules! dispatch {
+    ($self:expr, $s:ident => $body:expr) => {
+        match &$self.inner {
+            Inner::F32($s) => $body,
+            Inner::F64($s) => $body,
+        }
+    };
+}
+
+/// The graph engine for one graph and one per-example input shape (see the module docs).
+///
+/// ```no_run
+/// use deltavar::{engine::GraphEngine, graph::Graph, FactoredOptions, Likelihood, MmapNpyDataset};
+/// let g = Graph::from_onnx("model.onnx", Some("model.safetensors".as_ref())).unwrap();
+/// let data = MmapNpyDataset::open("train_x.npy", "train_y.npy").unwrap();
+/// let engine = GraphEngine::new(g, &[3, 32, 32], candle_core::DType::F32).unwrap();
+/// let s = engine.sum_sq(&Likelihood::Categorical, &data, &FactoredOptions::default()).unwrap();
+/// assert_eq!(s.len(), engine.num_params());
+/// ```
+#[derive(Clone)]
+pub struct GraphEngine {
+    graph: std::sync::Arc<Graph>,
+    an: std::sync::Arc<Analysis>,
+    inner: Inner,
+}
+
+impl std::fmt::Debug for GraphEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GraphEngine {{ source: {}, P: {}, input: {:?}, output: {:?}, dtype: {:?} }}",
+            self.graph.source,
+            self.an.num_params,
+            self.an.input_shape,
+            self.an.output_shape,
+            self.dtype()
+        )
+    }
+}
+
+/// Per-worker state of a diagonal pass.
+struct DiagAcc {
+    acc: Vec<f64>,
+}
+
+impl GraphEngine {
+    /// Analyses `graph` for examples of shape `input_shape` and converts its weights to
+    /// `dtype` (f64 runs in f64, anything else in f32).
+    pub fn new(graph: Graph, input_shape: &[usize], dtype: DType) -> Result<Self> {
+        let an = Analysis::new(&graph, input_shape)?;
+        let inner = match dtype {
+            DType::F64 => Inner::F64(std::sync::Arc::new(Sources::new(&graph))),
+            _ => Inner::F32(std::sync::Arc::new(Sources::new(&graph))),
+        };
+        Ok(Self {
+            graph: std::sync::Arc::new(graph),
+            an: std::sync::Arc::new(an),
+            inner,
+        })
+    }
+
+    /// P.
+    pub fn num_params(&self) -> usize {
+        self.an.num_params
+    }
+
+    /// The precision of the passes.
+    pub fn dtype(&self) -> DType {
+        match self.inner {
+            Inner::F32(_) => DType::F32,
+            Inner::F64(_) => DType::F64,
+        }
+    }
+
+    /// The graph.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The analysis (batch axes, parameter groups).
+    pub fn analysis(&self) -> &Analysis {
+        &self.an
+    }
+
+    /// One example's input shape.
+    pub fn input_shape(&self) -> &[usize] {
+        &self.an.input_shape
+    }
+
+    /// One example's output shape.
+    pub fn output_shape(&self) -> &[usize] {
+        &self.an.output_shape
+    }
+
+    /// The parameters as named tensors (flat-layout order).
+    pub fn named_tensors(&self) -> Result<Vec<(String, CTensor)>> {
+        self.graph.named_tensors()
+    }
+
+    /// How each parameter is held: (name, "rows" | "tokens" | "dense").
+    pub fn parameter_forms(&self) -> Vec<(String, &'static str)> {
+        let mut v = vec![];
+        for g in &self.an.groups {
+            let (p, f) = match g {
+                Group::Rows {
+                    param, group: 0, ..
+                } => (*param, "rows"),
+                Group::Rows { .. } => continue,
+                Group::Tokens { param, .. } => (*param, "tokens"),
+                Group::Dense { param } => (*param, "dense"),
+            };
+            v.push((self.graph.params[p].name.clone(), f));
+            if let Group::Rows {
+                bias: Some(q),
+                group: 0,
+                ..
+            } = g
+            {
+                v.push((self.graph.params[*q].name.clone(), "rows (bias)"));
+            }
+        }
+        v
+    }
+
+    /// The groups as the layered store sees them.
+    fn shapes(&self) -> Vec<LayerShape> {
+        let off = &self.an.offsets;
+        let params = &self.graph.params;
+        self.an
+            .groups
+            .iter()
+            .map(|g| match *g {
+                Group::Rows {
+                    param,
+                    group,
+                    k,
+                    out,
+                    t,
+                    bias,
+                } => LayerShape {
+                    name: if params[param].shape.first().is_some_and(|c| *c != out) {
+                        format!("{} (group {group})", params[param].name)
+                    } else {
+                        params[param].name.clone()
+                    },
+                    kind: LayerKind::Rows { t, inp: k, out },
+                    w_off: off[param] + group * out * k,
+                    w_len: out * k,
+                    b_off: bias.map(|q| off[q] + group * out),
+                    b_len: if bias.is_some() { out } else { 0 },
+                },
+                Group::Tokens {
+                    param,
+                    vocab,
+                    out,
+                    t,
+                } => LayerShape {
+                    name: params[param].name.clone(),
+                    kind: LayerKind::Tokens { t, vocab, out },
+                    w_off: off[param],
+                    w_len: vocab * out,
+                    b_off: None,
+                    b_len: 0,
+                },
+                Group::Dense { param } => LayerShape {
+                    name: params[param].name.clone(),
+                    kind: LayerKind::Explicit,
+                    w_off: off[param],
+                    w_len: params[param].numel(),
+                    b_off: None,
+                    b_len: 0,
+                },
+            })
+            .collect()
+    }
+
+    fn check_rollout(&self, steps: usize) -> Result<()> {
+        if steps == 0 {
+            return Err(Error::invalid("rollout steps", 0, "must be at least 1"));
+        }
+        if steps > 1 && self.an.input_shape != self.an.output_shape {
+            return Err(Error::shape(
+                "a rolled-out step graph (its output is its next input)",
+                format!("{:?}", self.an.input_shape),
+                format!("output {:?}", self.an.output_shape),
+            ));
+        }
+        if steps > 1 && self.graph.input_type != ElemType::Float {
+            return Err(Error::Unsupported(
+                "a rollout needs a float input (the output is fed back)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The batch as the graph's input tensor.
+    fn input<T: Scalar>(&self, x: Rows<'_>, first_row: usize) -> Result<Tensor<T>> {
+        let (b, cols) = x.dims();
+        let per: usize = self.an.input_shape.iter().product();
+        if cols != per {
+            return Err(Error::shape(
+                "inputs (one example per row)",
+                format!("{:?} ({per} values)", self.an.input_shape),
+                format!("{cols} values per row"),
+            ));
+        }
+        let mut shape = vec![b];
+        shape.extend_from_slice(&self.an.input_shape);
+        let data = match self.graph.input_type {
+            ElemType::Float => {
+                let mut v: Vec<T> = vec![];
+                x.copy_into(&mut v, "inputs x", first_row)?;
+                Data::F(v)
+            }
+            ElemType::Int | ElemType::Bool => {
+                let ids: Vec<i64> = match x {
+                    Rows::View(RowsRef::I64(v), ..) => v.to_vec(),
+                    Rows::Tensor(t) if t.dtype() == DType::I64 => {
+                        t.flatten_all()?.to_vec1::<i64>()?
+                    }
+                    _ => {
+                        let mut v: Vec<f64> = vec![];
+                        x.copy_into(&mut v, "inputs x", first_row)?;
+                        if let Some(k) = v.iter().position(|f| f.fract() != 0.0) {
+                            return Err(Error::invalid(
+                                "inputs x",
+                                v[k],
+                                format!(
+                                    "the model takes integer inputs (row {})",
+                                    first_row + k / per.max(1)
+                                ),
+                            ));
+                        }
+                        v.into_iter().map(|f| f as i64).collect()
+                    }
+                };
+                if self.graph.input_type == ElemType::Bool {
+                    Data::B(ids.into_iter().map(|i| i != 0).collect())
+                } else {
+                    Data::I(ids)
+                }
+            }
+        };
+        Ok(Tensor { shape, data })
+    }
+
+    /// The output of a pass as B rows of the flattened per-example output (f64).
+    fn output_rows<T: Scalar>(&self, pass: &Pass<T>, src: &Sources<T>) -> Result<Vec<f64>> {
+        let y = pass
+            .value(src, self.graph.output)
+            .ok_or_else(|| Error::Unsupported("the output was not computed".into()))?;
+        let v = y
+            .floats()
+            .ok_or_else(|| Error::Unsupported("the output is not float".into()))?;
+        let a = self.an.output_axis;
+        let moved: Vec<T> = if a == 0 {
+            v.to_vec()
+        } else {
+            let mut perm = vec![a];
+            perm.extend((0..y.shape.len()).filter(|i| *i != a));
+            permute(v, &y.shape, &perm)
+        };
+        Ok(moved.into_iter().map(|x| x.f64()).collect())
+    }
+
+    /// Example-major rows (B × o) back into the output's layout.
+    fn to_output_layout<T: Scalar>(&self, rows: &[f64], b: usize) -> Vec<T> {
+        let a = self.an.output_axis;
+        let v: Vec<T> = rows.iter().map(|x| T::of(*x)).collect();
+        if a == 0 {
+            return v;
+        }
+        let mut moved_shape = vec![b];
+        moved_shape.extend_from_slice(&self.an.output_shape);
+        // moved axis order: [a, others...]; invert
+        let r = moved_shape.len();
+        let mut perm_fwd = vec![a];
+        perm_fwd.extend((0..r).filter(|i| *i != a));
+        let inv = crate::graph::ops::shape::inverse_perm(&perm_fwd);
+        permute(&v, &moved_shape, &inv)
+    }
+
+    /// The objective's values and its signal for B example-major output rows.
+    fn signal(
+        &self,
+        f: &[f64],
+        b: usize,
+        target: &Target<'_>,
+        first_row: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let o: usize = self.an.output_shape.iter().product();
+        let v = self.an.output_shape.last().copied().unwrap_or(1).max(1);
+        let positions = o / v;
+        match target {
+            Target::Likelihood(Likelihood::Categorical, y) if positions != 1 => {
+                let (yr, yc) = y.dims();
+                if yr != b || yc != positions {
+                    return Err(Error::shape(
+                        "categorical targets y (one label per position of the output's leading axes)",
+                        format!("[{b}, {positions}]"),
+                        format!("[{yr}, {yc}]"),
+                    ));
+                }
+                let flat;
+                let rows = match y {
+                    Rows::View(r, _, _) => Rows::View(*r, 1, b * positions),
+                    Rows::Tensor(t) => {
+                        flat = t.reshape(b * positions)?;
+                        Rows::Tensor(&flat)
+                    }
+                };
+                let s = Likelihood::Categorical.signal(f, b * positions, v, rows, first_row)?;
+                Ok((vec![], s))
+            }
+            Target::Qoi(Qoi::Prob(k)) if positions != 1 => {
+                if *k >= o {
+                    return Err(Error::invalid(
+                        "QoI output index",
+                        k,
+                        format!("the model has {o} outputs (0..{o}) per example"),
+                    ));
+                }
+                let (row, class) = (k / v, k % v);
+                let sub: Vec<f64> = (0..b)
+                    .flat_map(|i| f[i * o + row * v..i * o + (row + 1) * v].to_vec())
+                    .collect();
+                let (values, s) = Qoi::Prob(class).signal(&sub, b, v, first_row)?;
+                let mut full = vec![0.0; b * o];
+                for i in 0..b {
+                    full[i * o + row * v..i * o + (row + 1) * v]
+                        .copy_from_slice(&s[i * v..(i + 1) * v]);
+                }
+                Ok((values, full))
+            }
+            _ => target.signal(f, b, o, first_row),
+        }
+    }
+
+    /// One batch: `steps` forward passes (the output fed back as input), the objective's signal
+    /// at the last output, and the backward passes. Returns the passes (with their records) and
+    /// the QoI values.
+    fn run_batch<T: Scalar>(
+        &self,
+        src: &Sources<T>,
+        x: Rows<'_>,
+        target: &Target<'_>,
+        steps: usize,
+        first_row: usize,
+    ) -> Result<(Vec<Pass<T>>, Vec<f64>)> {
+        let g = &*self.graph;
+        let an = &*self.an;
+        let input = self.input::<T>(x, first_row)?;
+        let b = input.shape[0];
+        let mut passes: Vec<Pass<T>> = Vec::with_capacity(steps);
+        passes.push(exec::forward(g, &an.live, src, input)?);
+        for _ in 1..steps {
+            let prev = passes
+                .last()
+                .ok_or_else(|| Error::Unsupported("no pass".into()))?;
+            let rows = self.output_rows(prev, src)?;
+            let mut shape = vec![b];
+            shape.extend_from_slice(&an.input_shape);
+            let next = Tensor {
+                shape,
+                data: Data::F(rows.into_iter().map(T::of).collect()),
+            };
+            passes.push(exec::forward(g, &an.live, src, next)?);
+        }
+        let last = passes
+            .last()
+            .ok_or_else(|| Error::Unsupported("no pass".into()))?;
+        let f = self.output_rows(last, src)?;
+        let (values, signal) = self.signal(&f, b, target, first_row)?;
+        let mut gout = self.to_output_layout::<T>(&signal, b);
+        for k in (0..steps).rev() {
+            let to_input = k > 0;
+            exec::backward(g, an, src, &mut passes[k], gout, to_input, k)?;
+            if to_input {
+                let gi = passes[k].cot[g.input].take().unwrap_or_else(|| {
+                    vec![T::of(0.0); b * an.input_shape.iter().product::<usize>()]
+                });
+                let rows: Vec<f64> = gi.iter().map(|v| v.f64()).collect();
+                gout = self.to_output_layout::<T>(&rows, b);
+            } else {
+                gout = vec![];
+            }
+        }
+        Ok((passes, values))
+    }
+
+    /// Example `e`'s gradient of group `gi` (weight then bias, f64), summed over the passes.
+    fn group_grad<T: Scalar>(
+        &self,
+        passes: &[Pass<T>],
+        gi: usize,
+        e: usize,
+        out: &mut [f64],
+        tmp: &mut Mat<T>,
+    ) -> Result<()> {
+        out.iter_mut().for_each(|v| *v = 0.0);
+        match self.an.groups[gi] {
+            Group::Rows {
+                k, out: o, bias, ..
+            } => {
+                if tmp.nrows() != o || tmp.ncols() != k {
+                    *tmp = Mat::zeros(o, k);
+                }
+                for pass in passes {
+                    for r in &pass.records {
+                        let Record::Rows { group, x, d, .. } = r else {
+                            continue;
+                        };
+                        if *group != gi {
+                            continue;
+                        }
+                        let xm = x.mat(pass, e)?;
+                        let dm = d.mat(pass, e)?;
+                        if xm.nrows() > 0 {
+                            matmul(
+                                tmp.as_mut(),
+                                Accum::Replace,
+                                dm.transpose(),
+                                xm,
+                                T::of(1.0),
+                                Par::Seq,
+                            );
+                            for q in 0..o {
+                                for i in 0..k {
+                                    out[q * k + i] += tmp[(q, i)].f64();
+                                }
+                            }
+                        }
+                        if bias.is_some() {
+                            for t in 0..dm.nrows() {
+                                for q in 0..o {
+                                    out[o * k + q] += dm[(t, q)].f64();
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Group::Tokens { out: o, .. } => {
+                for pass in passes {
+                    for r in &pass.records {
+                        let Record::Tokens { group, ids, d, .. } = r else {
+                            continue;
+                        };
+                        if *group != gi {
+                            continue;
+                        }
+                        let dm = d.mat(pass, e)?;
+                        let t = dm.nrows();
+                        for u in 0..t {
+                            let id = ids[e * t + u];
+                            for q in 0..o {
+                                out[id * o + q] += dm[(u, q)].f64();
+                            }
+                        }
+                    }
+                }
+            }
+            Group::Dense { param } => {
+                let v = self.graph.params[param].value;
+                let n = self.graph.params[param].numel();
+                for pass in passes {
+                    if let Some(pe) = &pass.pe[v] {
+                        for (a, x) in out.iter_mut().zip(&pe[e * n..(e + 1) * n]) {
+                            *a += x.f64();
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes example `e`'s flat gradient (length P) into `col`.
+    fn example_grad<T: Scalar>(
+        &self,
+        shapes: &[LayerShape],
+        passes: &[Pass<T>],
+        e: usize,
+        col: &mut [f64],
+        buf: &mut Vec<f64>,
+        tmp: &mut Mat<T>,
+    ) -> Result<()> {
+        col.iter_mut().for_each(|v| *v = 0.0);
+        for (gi, s) in shapes.iter().enumerate() {
+            buf.resize(s.w_len + s.b_len, 0.0);
+            self.group_grad(passes, gi, e, buf, tmp)?;
+            col[s.w_off..s.w_off + s.w_len].copy_from_slice(&buf[..s.w_len]);
+            if let Some(b) = s.b_off {
+                col[b..b + s.b_len].copy_from_slice(&buf[s.w_len..]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Σᵢ gᵢ∘gᵢ of the log-likelihood over `data` (length P), in f64.
+    pub fn sum_sq(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<Vec<f64>> {
+        let s = dispatch!(self, src => self.sum_sq_t(src, lik, data, opts))?;
+        crate::error::check_finite("Fisher diagonal sums (graph engine)", &s)?;
+        Ok(s)
+    }
+
+    fn sum_sq_t<T: Scalar>(
+        &self,
+        src: &Sources<T>,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<Vec<f64>> {
+        let n = data.len();
+        let p = self.num_params();
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let threads = rayon_threads(opts);
+        let per = starts.len().div_ceil(threads.max(1)).max(1);
+        let runs: Vec<&[usize]> = starts.chunks(per).collect();
+        let shapes = self.shapes();
+        run_in_pool(opts, || {
+            runs.par_iter()
+                .map(|run| {
+                    let mut st = DiagAcc { acc: vec![0.0; p] };
+                    let mut buf = vec![];
+                    let mut tmp = Mat::<T>::zeros(0, 0);
+                    for &start in run.iter() {
+                        let len = bs.min(n - start);
+                        let batch = Batch::load(data, start, len)?;
+                        let (x, y) = batch.rows();
+                        let (passes, _) =
+                            self.run_batch(src, x, &Target::Likelihood(lik, y), 1, start)?;
+                        drop(batch);
+                        data.release(start, len);
+                        self.add_sum_sq(&shapes, &passes, len, &mut st.acc, &mut buf, &mut tmp)?;
+                    }
+                    Ok::<_, Error>(st.acc)
+                })
+                .try_reduce(
+                    || vec![0.0; p],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                        Ok(a)
+                    },
+                )
+        })?
+    }
+
+    /// Adds Σ over the batch's examples of gᵢ∘gᵢ into `acc`.
+    fn add_sum_sq<T: Scalar>(
+        &self,
+        shapes: &[LayerShape],
+        passes: &[Pass<T>],
+        b: usize,
+        acc: &mut [f64],
+        buf: &mut Vec<f64>,
+        tmp: &mut Mat<T>,
+    ) -> Result<()> {
+        for (gi, s) in shapes.iter().enumerate() {
+            // one row per example and one use: (Δ∘Δ)ᵀ(X∘X) over the batch
+            if let Group::Rows { k, out, t: 1, .. } = self.an.groups[gi] {
+                let recs: Vec<(
+                    &Pass<T>,
+                    &crate::graph::per_example::RowsData<T>,
+                    &crate::graph::per_example::RowsData<T>,
+                )> = passes
+                    .iter()
+                    .flat_map(|p| {
+                        p.records.iter().filter_map(move |r| match r {
+                            Record::Rows { group, x, d, .. } if *group == gi => Some((p, x, d)),
+                            _ => None,
+                        })
+                    })
+                    .collect();
+                if recs.len() == 1 {
+                    let (pass, x, d) = recs[0];
+                    let mut xx = Mat::<T>::zeros(b, k);
+                    let mut dd = Mat::<T>::zeros(b, out);
+                    for e in 0..b {
+                        let xm = x.mat(pass, e)?;
+                        let dm = d.mat(pass, e)?;
+                        for i in 0..k {
+                            let v = xm[(0, i)];
+                            xx[(e, i)] = v * v;
+                        }
+                        for q in 0..out {
+                            let v = dm[(0, q)];
+                            dd[(e, q)] = v * v;
+                        }
+                    }
+                    let mut prod = Mat::<T>::zeros(out, k);
+                    matmul(
+                        prod.as_mut(),
+                        Accum::Replace,
+                        dd.transpose(),
+                        xx.as_ref(),
+                        T::of(1.0),
+                        Par::Seq,
+                    );
+                    for q in 0..out {
+                        for i in 0..k {
+                            acc[s.w_off + q * k + i] += prod[(q, i)].f64();
+                        }
+                    }
+                    if let Some(bo) = s.b_off {
+                        for e in 0..b {
+                            for q in 0..out {
+                                acc[bo + q] += dd[(e, q)].f64();
+                            }
+                        }
+                    }
+                    continue;
+                }
+            }
+            buf.resize(s.w_len + s.b_len, 0.0);
+            for e in 0..b {
+                self.group_grad(passes, gi, e, buf, tmp)?;
+                for (a, v) in acc[s.w_off..s.w_off + s.w_len]
+                    .iter_mut()
+                    .zip(&buf[..s.w_len])
+                {
+                    *a += v * v;
+                }
+                if let Some(bo) = s.b_off {
+                    for (a, v) in acc[bo..bo + s.b_len].iter_mut().zip(&buf[s.w_len..]) {
+                        *a += v * v;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A P×n block of per-example gradients of `n` examples from `get` (one column each), with
+    /// the QoI values; `steps` applications of the graph per example.
+    #[allow(clippy::too_many_arguments)]
+    fn gradient_block<'d, T: Scalar>(
+        &self,
+        src: &Sources<T>,
+        n: usize,
+        steps: usize,
+        opts: &FactoredOptions,
+        get: impl Fn(usize, usize) -> Result<Batch<'d>> + Sync,
+        lik: Option<&Likelihood>,
+        qoi: Option<&Qoi>,
+        offset: usize,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        let p = self.num_params();
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let mut g = Mat::<f64>::zeros(p, n);
+        let mut blocks = Vec::with_capacity(starts.len());
+        let mut rest = g.as_mut();
+        for &start in &starts {
+            let (block, tail) = rest.split_at_col_mut(bs.min(n - start));
+            blocks.push(block);
+            rest = tail;
+        }
+        let shapes = self.shapes();
+        let values = run_in_pool(opts, || {
+            blocks
+                .into_par_iter()
+                .zip(starts.par_iter())
+                .map(|(mut block, &start)| {
+                    let len = bs.min(n - start);
+                    let batch = get(start, len)?;
+                    let (x, y) = batch.rows();
+                    let target = match (lik, qoi) {
+                        (Some(l), _) => Target::Likelihood(l, y),
+                        (_, Some(q)) => Target::Qoi(q),
+                        _ => return Err(Error::Unsupported("a pass without an objective".into())),
+                    };
+                    let (passes, v) = self.run_batch(src, x, &target, steps, offset + start)?;
+                    let mut col = vec![0.0f64; p];
+                    let mut buf = vec![];
+                    let mut tmp = Mat::<T>::zeros(0, 0);
+                    for j in 0..len {
+                        self.example_grad(&shapes, &passes, j, &mut col, &mut buf, &mut tmp)?;
+                        crate::error::check_finite("per-example gradients (graph engine)", &col)?;
+                        block
+                            .as_mut()
+                            .col_mut(j)
+                            .iter_mut()
+                            .zip(&col)
+                            .for_each(|(d, v)| *d = *v);
+                    }
+                    Ok(v)
+                })
+                .collect::<Result<Vec<_>>>()
+        })??;
+        Ok((g, values.into_iter().flatten().collect()))
+    }
+
+    /// The log-likelihood gradients of examples `start .. start + len` of `data` as a P×len
+    /// matrix (one column per example). O(P·len) memory.
+    pub fn per_example_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        start: usize,
+        len: usize,
+        opts: &FactoredOptions,
+    ) -> Result<Mat<f64>> {
+        crate::data::check_range(data.len(), start, len)?;
+        let (g, _) = dispatch!(self, src => self.gradient_block(src, len, 1, opts, |s, l| {
+            Batch::load(data, start + s, l)
+        }, Some(lik), None, start))?;
+        Ok(g)
+    }
+
+    /// The queries as (M, elements per example), checked against the input shape.
+    fn query_rows(&self, queries: &CTensor) -> Result<CTensor> {
+        let m = *queries
+            .dims()
+            .first()
+            .ok_or_else(|| Error::shape("queries (one per row)", "rank >= 1", "a scalar"))?;
+        let per: usize = self.an.input_shape.iter().product();
+        if queries.rank() < 2 || queries.elem_count() != m * per {
+            return Err(Error::shape(
+                "queries for the graph (one example per row)",
+                format!("(M, {:?}) or (M, {per})", self.an.input_shape),
+                format!("{:?}", queries.dims()),
+            ));
+        }
+        Ok(queries.reshape((m, per))?)
+    }
+
+    /// The gradients of a QoI at the M queries (rows of `queries`, shape (M, *input shape);
+    /// integer tensors for token inputs) as a P×M block, and the QoI values. With `steps` = K > 1
+    /// the QoI is read after K applications of the graph (input and output shapes equal), the
+    /// gradients flowing through every step.
+    pub fn query_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &CTensor,
+        steps: usize,
+        opts: &FactoredOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        self.check_rollout(steps)?;
+        let q = self.query_rows(queries)?;
+        let m = q.dim(0)?;
+        dispatch!(self, src => self.gradient_block(src, m, steps, opts, |s, l| {
+            Ok(Batch::Inputs(q.narrow(0, s, l)?))
+        }, None, Some(qoi), 0))
+    }
+
+    /// Bytes [`GraphEngine::layered_gradients`] holds for `n` examples under `route`.
+    pub fn layered_bytes(&self, n: usize, route: LayerRoute) -> u64 {
+        LayeredGradients::bytes_for(&self.shapes(), n, route)
+    }
+
+    /// The log-likelihood gradients of every example of `data` held layer by layer
+    /// ([`LayeredGradients`]): rows groups (MatMul/Gemm/Conv weights) and embeddings factored
+    /// or materialised as `route` says, the other parameters materialised. Fails with
+    /// [`Error::MemoryBudget`] above `memory_budget`.
+    pub fn layered_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+        route: LayerRoute,
+        memory_budget: u64,
+    ) -> Result<LayeredGradients> {
+        let need = self.layered_bytes(data.len(), route);
+        super::layered::check_budget(need, memory_budget, "graph", "NativeStreamed")?;
+        let (g, _) = dispatch!(self, src => self.layered_t(
+            src,
+            data.len(),
+            opts,
+            route,
+            |s, l| Batch::load(data, s, l),
+            |s, l| data.release(s, l),
+            (Some(lik), None),
+            1,
+        ))?;
+        Ok(g)
+    }
+
+    /// The QoI gradients at the M queries held layer by layer under `route` (a factored group
+    /// keeps its rows of every step: steps·T per query), and the QoI values; they pair with the
+    /// one-step layered gradients of the training data
+    /// ([`crate::sigma::SigmaOp::quad_forms_layered`]).
+    pub fn query_layered_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &CTensor,
+        steps: usize,
+        opts: &FactoredOptions,
+        route: LayerRoute,
+    ) -> Result<(LayeredGradients, Vec<f64>)> {
+        self.check_rollout(steps)?;
+        let q = self.query_rows(queries)?;
+        let m = q.dim(0)?;
+        dispatch!(self, src => self.layered_t(
+            src,
+            m,
+            opts,
+            route,
+            |s, l| Ok(Batch::Inputs(q.narrow(0, s, l)?)),
+            |_, _| {},
+            (None, Some(qoi)),
+            steps,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layered_t<'d, T: Scalar>(
+        &self,
+        src: &Sources<T>,
+        n: usize,
+        opts: &FactoredOptions,
+        route: LayerRoute,
+        get: impl Fn(usize, usize) -> Result<Batch<'d>> + Sync,
+        release: impl Fn(usize, usize) + Sync,
+        objective: (Option<&Likelihood>, Option<&Qoi>),
+        steps: usize,
+    ) -> Result<(LayeredGradients, Vec<f64>)> {
+        let shapes = self.shapes();
+        let mut store =
+            LayeredGradients::with_steps(shapes.clone(), self.num_params(), n, route, steps)?;
+        let factored: Vec<bool> = (0..shapes.len()).map(|l| store.is_factored(l)).collect();
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let threads = rayon_threads(opts).max(1);
+        let mut values = Vec::with_capacity(n);
+        for round in starts.chunks(threads) {
+            let parts = run_in_pool(opts, || {
+                round
+                    .par_iter()
+                    .map(|&start| {
+                        let len = bs.min(n - start);
+                        let batch = get(start, len)?;
+                        let (x, y) = batch.rows();
+                        let target = match objective {
+                            (Some(l), _) => Target::Likelihood(l, y),
+                            (_, Some(q)) => Target::Qoi(q),
+                            _ => {
+                                return Err(Error::Unsupported(
+                                    "a pass without an objective".into(),
+                                ))
+                            }
+                        };
+                        let (passes, v) = self.run_batch(src, x, &target, steps, start)?;
+                        drop(batch);
+                        release(start, len);
+                        let parts = self.layer_parts(&shapes, &factored, &passes, len, steps)?;
+                        Ok::<_, Error>((start, len, parts, v))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })??;
+            for (start, len, parts, v) in parts {
+                values.extend(v);
+                for (l, part) in parts.into_iter().enumerate() {
+                    match part {
+                        Part::Dense(gs) => {
+                            let w = gs.len() / len.max(1);
+                            for i in 0..len {
+                                store
+                                    .dense_mut(l, start + i)
+                                    .copy_from_slice(&gs[i * w..(i + 1) * w]);
+                            }
+                        }
+                        Part::Rows(xs, ds, t, inp, out) => {
+                            for i in 0..len {
+                                let (xd, dd, k) = store.rows_mut(l, start + i);
+                                for r in 0..t {
+                                    xd[r * k..r * k + inp].copy_from_slice(
+                                        &xs[(i * t + r) * inp..(i * t + r + 1) * inp],
+                                    );
+                                }
+                                dd.copy_from_slice(&ds[i * t * out..(i + 1) * t * out]);
+                            }
+                        }
+                        Part::Tokens(ids, ds, t, out) => {
+                            for i in 0..len {
+                                let (id, dd) = store.tokens_mut(l, start + i);
+                                id.copy_from_slice(&ids[i * t..(i + 1) * t]);
+                                dd.copy_from_slice(&ds[i * t * out..(i + 1) * t * out]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        store.check_finite()?;
+        Ok((store, values))
+    }
+
+    /// One batch's contribution to the layered store, per group.
+    fn layer_parts<T: Scalar>(
+        &self,
+        shapes: &[LayerShape],
+        factored: &[bool],
+        passes: &[Pass<T>],
+        len: usize,
+        steps: usize,
+    ) -> Result<Vec<Part>> {
+        let mut out = Vec::with_capacity(shapes.len());
+        let mut tmp = Mat::<T>::zeros(0, 0);
+        for (gi, s) in shapes.iter().enumerate() {
+            if !factored[gi] {
+                let w = s.w_len + s.b_len;
+                let mut gs = vec![0.0f64; len * w];
+                for e in 0..len {
+                    self.group_grad(passes, gi, e, &mut gs[e * w..(e + 1) * w], &mut tmp)?;
+                }
+                out.push(Part::Dense(gs));
+                continue;
+            }
+            match self.an.groups[gi] {
+                Group::Rows { k, out: o, t, .. } => {
+                    let tt = t * steps;
+                    let mut xs = vec![0.0; len * tt * k];
+                    let mut ds = vec![0.0; len * tt * o];
+                    for pass in passes {
+                        for r in &pass.records {
+                            let Record::Rows {
+                                group,
+                                row,
+                                step,
+                                x,
+                                d,
+                            } = r
+                            else {
+                                continue;
+                            };
+                            if *group != gi {
+                                continue;
+                            }
+                            for e in 0..len {
+                                let xm = x.mat(pass, e)?;
+                                let dm = d.mat(pass, e)?;
+                                for u in 0..xm.nrows() {
+                                    let rr = e * tt + step * t + row + u;
+                                    for c in 0..k {
+                                        xs[rr * k + c] = xm[(u, c)].f64();
+                                    }
+                                    for c in 0..o {
+                                        ds[rr * o + c] = dm[(u, c)].f64();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    out.push(Part::Rows(xs, ds, tt, k, o));
+                }
+                Group::Tokens { out: o, t, .. } => {
+                    let tt = t * steps;
+                    let mut ids = vec![0usize; len * tt];
+                    let mut ds = vec![0.0; len * tt * o];
+                    for pass in passes {
+                        for r in &pass.records {
+                            let Record::Tokens {
+                                group,
+                                row,
+                                step,
+                                ids: rid,
+                                d,
+                            } = r
+                            else {
+                                continue;
+                            };
+                            if *group != gi {
+                                continue;
+                            }
+                            for e in 0..len {
+                                let dm = d.mat(pass, e)?;
+                                let tu = dm.nrows();
+                                for u in 0..tu {
+                                    let rr = e * tt + step * t + row + u;
+                                    ids[rr] = rid[e * tu + u];
+                                    for c in 0..o {
+                                        ds[rr * o + c] = dm[(u, c)].f64();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    out.push(Part::Tokens(ids, ds, tt, o));
+                }
+                Group::Dense { .. } => {
+                    return Err(Error::Unsupported("a dense group held factored".into()))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The K-FAC factors of the log-likelihood over `data` (see [`crate::sigma::KfacSigma`]):
+    /// per rows group Ā = mean over all its rows of x̃x̃ᵀ (conv: patches) and Ḡ = mean over
+    /// examples of Σ_rows δδᵀ; the other parameters get their exact mean EF diagonal.
+    pub fn kfac_factors(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<crate::engine::kfac::KfacFactors> {
+        dispatch!(self, src => self.kfac_t(src, lik, data, opts))
+    }
+
+    fn kfac_t<T: Scalar>(
+        &self,
+        src: &Sources<T>,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<crate::engine::kfac::KfacFactors> {
+        let n = data.len();
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..n).step_by(bs).collect();
+        let shapes = self.shapes();
+        // per group: (A sum, G sum, rows) for rows groups, a diagonal sum otherwise
+        let zero = || -> Vec<(Vec<f64>, Vec<f64>, f64)> {
+            self.an
+                .groups
+                .iter()
+                .zip(&shapes)
+                .map(|(g, s)| match g {
+                    Group::Rows { k, out, bias, .. } => {
+                        let kk = k + usize::from(bias.is_some());
+                        (vec![0.0; kk * kk], vec![0.0; out * out], 0.0)
+                    }
+                    _ => (vec![0.0; s.w_len + s.b_len], vec![], 0.0),
+                })
+                .collect()
+        };
+        let sums = run_in_pool(opts, || {
+            starts
+                .par_iter()
+                .map(|&start| {
+                    let len = bs.min(n - start);
+                    let batch = Batch::load(data, start, len)?;
+                    let (x, y) = batch.rows();
+                    let (passes, _) =
+                        self.run_batch(src, x, &Target::Likelihood(lik, y), 1, start)?;
+                    drop(batch);
+                    data.release(start, len);
+                    let mut acc = zero();
+                    let mut buf = vec![];
+                    let mut tmp = Mat::<T>::zeros(0, 0);
+                    for (gi, s) in shapes.iter().enumerate() {
+                        let (a, gg, rows) = &mut acc[gi];
+                        match self.an.groups[gi] {
+                            Group::Rows { k, out, bias, .. } => {
+                                let kk = k + usize::from(bias.is_some());
+                                for pass in &passes {
+                                    for r in &pass.records {
+                                        let Record::Rows { group, x, d, .. } = r else {
+                                            continue;
+                                        };
+                                        if *group != gi {
+                                            continue;
+                                        }
+                                        for e in 0..len {
+                                            let xm = x.mat(pass, e)?;
+                                            let dm = d.mat(pass, e)?;
+                                            let t = xm.nrows();
+                                            let mut xt = Mat::<f64>::from_fn(t, kk, |u, c| {
+                                                if c < k {
+                                                    xm[(u, c)].f64()
+                                                } else {
+                                                    1.0
+                                                }
+                                            });
+                                            let dt = Mat::<f64>::from_fn(t, out, |u, c| {
+                                                dm[(u, c)].f64()
+                                            });
+                                            add_gram(a, kk, xt.as_ref());
+                                            add_gram(gg, out, dt.as_ref());
+                                            *rows += t as f64;
+                                            xt = Mat::zeros(0, 0);
+                                            let _ = xt;
+                                        }
+                                    }
+                                }
+                            }
+                            _ => {
+                                buf.resize(s.w_len + s.b_len, 0.0);
+                                for e in 0..len {
+                                    self.group_grad(&passes, gi, e, &mut buf, &mut tmp)?;
+                                    for (x, v) in a.iter_mut().zip(&buf) {
+                                        *x += v * v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Ok::<_, Error>(acc)
+                })
+                .try_reduce(zero, |mut x, y| {
+                    for (p, q) in x.iter_mut().zip(y) {
+                        p.0.iter_mut().zip(&q.0).for_each(|(a, b)| *a += b);
+                        p.1.iter_mut().zip(&q.1).for_each(|(a, b)| *a += b);
+                        p.2 += q.2;
+                    }
+                    Ok(x)
+                })
+        })??;
+        let nf = n.max(1) as f64;
+        let mut f = crate::engine::kfac::KfacFactors {
+            num_params: self.num_params(),
+            ..Default::default()
+        };
+        for ((g, s), (a, gg, rows)) in self.an.groups.iter().zip(&shapes).zip(sums) {
+            match g {
+                Group::Rows { k, out, .. } => f.layers.push(crate::engine::kfac::KfacLayer {
+                    w_off: s.w_off,
+                    b_off: s.b_off,
+                    inp: *k,
+                    out: *out,
+                    a: a.iter().map(|v| v / rows.max(1.0)).collect(),
+                    g: gg.iter().map(|v| v / nf).collect(),
+                }),
+                _ => f
+                    .diagonal
+                    .push((s.w_off, a.iter().map(|v| v / nf).collect())),
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// acc (k×k, row-major) += mᵀ m.
+fn add_gram(acc: &mut [f64], k: usize, m: MatRef<'_, f64>) {
+    matmul(
+        MatMut::from_row_major_slice_mut(acc, k, k),
+        Accum::Add,
+        m.transpose(),
+        m,
+        1.0,
+        Par::Seq,
+    );
+}
+
+/// One batch's part of one group in the layered store.
+enum Part {
+    /// len × (w_len + b_len) materialised gradients.
+    Dense(Vec<f64>),
+    /// x rows (len·T × in), Δ rows (len·T × out), T, in, out.
+    Rows(Vec<f64>, Vec<f64>, usize, usize, usize),
+    /// ids (len·T), Δ rows (len·T × out), T, out.
+    Tokens(Vec<usize>, Vec<f64>, usize, usize),
+}
+
+impl super::ExampleGradients for GraphEngine {
+    fn num_params(&self) -> usize {
+        GraphEngine::num_params(self)
+    }
+    fn sum_sq(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Result<Vec<f64>> {
+        GraphEngine::sum_sq(self, lik, data, opts)
+    }
+    fn per_example_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        start: usize,
+        len: usize,
+        opts: &FactoredOptions,
+    ) -> Result<Mat<f64>> {
+        GraphEngine::per_example_gradients(self, lik, data, start, len, opts)
+    }
+    fn layered_bytes(&self, n: usize, route: LayerRoute) -> Option<u64> {
+        Some(GraphEngine::layered_bytes(self, n, route))
+    }
+    fn layered_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+        route: LayerRoute,
+        memory_budget: u64,
+    ) -> Option<Result<LayeredGradients>> {
+        Some(GraphEngine::layered_gradients(
+            self,
+            lik,
+            data,
+            opts,
+            route,
+            memory_budget,
+        ))
+    }
+}

@@ -1,0 +1,335 @@
+//! Running a graph on a batch: the forward pass over every live node, and the backward pass of
+//! the summed objective Σᵢ uᵢ. Because no node mixes examples ([`super::Analysis`] checks it),
+//! the batched cotangent of every batched value holds each example's own signal; where a
+//! parameter-derived value without a batch axis meets the batch, the node's per-example rule
+//! ([`super::per_example`]) keeps the per-example gradient — as factors (rows, tokens) for the
+//! parameters held factored, materialised otherwise — and the unbatched chains from the
+//! parameters (Transpose(W), Gather(wpe, arange)) carry per-example cotangents back to them.
+
+use std::collections::HashMap;
+
+use super::analysis::Analysis;
+use super::ir::{Graph, Tensor, ValueId};
+use super::ops::{self, Saved};
+use super::per_example::{self, Record};
+use crate::error::{Error, Result};
+use crate::scalar::Scalar;
+
+/// The values a pass reads without computing them: parameters and constants, in the run's
+/// precision.
+pub struct Sources<T> {
+    /// Parameter tensors, in the graph's parameter order.
+    pub params: Vec<Tensor<T>>,
+    /// Constants by value.
+    pub consts: HashMap<ValueId, Tensor<T>>,
+    /// Parameter index by value.
+    pub param_at: HashMap<ValueId, usize>,
+}
+
+impl<T: Scalar> Sources<T> {
+    /// Converts the graph's parameters and constants to `T`.
+    pub fn new(g: &Graph) -> Self {
+        let conv = |t: &Tensor<f64>| Tensor {
+            shape: t.shape.clone(),
+            data: match &t.data {
+                super::ir::Data::F(v) => super::ir::Data::F(v.iter().map(|x| T::of(*x)).collect()),
+                super::ir::Data::I(v) => super::ir::Data::I(v.clone()),
+                super::ir::Data::B(v) => super::ir::Data::B(v.clone()),
+            },
+        };
+        Self {
+            params: g
+                .params
+                .iter()
+                .map(|p| Tensor {
+                    shape: p.shape.clone(),
+                    data: super::ir::Data::F(p.data.iter().map(|x| T::of(*x)).collect()),
+                })
+                .collect(),
+            consts: g.consts.iter().map(|(k, v)| (*k, conv(v))).collect(),
+            param_at: g
+                .params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.value, i))
+                .collect(),
+        }
+    }
+}
+
+/// One batch's pass: values, what the backward keeps, cotangents and per-example records.
+pub struct Pass<T> {
+    /// Examples in the batch.
+    pub b: usize,
+    /// Node outputs and the input, by value.
+    pub vals: Vec<Option<Tensor<T>>>,
+    /// Per node.
+    pub saved: Vec<Saved<T>>,
+    /// Cotangents of batched values.
+    pub cot: Vec<Option<Vec<T>>>,
+    /// Per-example cotangents (B × elements) of unbatched parameter-derived values; at a
+    /// parameter: its per-example gradients (materialised parameters).
+    pub pe: Vec<Option<Vec<T>>>,
+    /// Factored per-example gradients recorded at the parameters' uses.
+    pub records: Vec<Record<T>>,
+}
+
+impl<T: Scalar> Pass<T> {
+    /// The value `v` (computed, parameter, constant).
+    pub fn value<'a>(&'a self, src: &'a Sources<T>, v: ValueId) -> Option<&'a Tensor<T>> {
+        if let Some(Some(t)) = self.vals.get(v) {
+            return Some(t);
+        }
+        if let Some(p) = src.param_at.get(&v) {
+            return src.params.get(*p);
+        }
+        src.consts.get(&v)
+    }
+
+    fn add_cot(&mut self, v: ValueId, g: Vec<T>) {
+        match &mut self.cot[v] {
+            Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| *a += *x),
+            slot => *slot = Some(g),
+        }
+    }
+
+    /// Adds per-example cotangents into `pe[v]`.
+    pub fn add_pe(&mut self, v: ValueId, g: Vec<T>) {
+        match &mut self.pe[v] {
+            Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| *a += *x),
+            slot => *slot = Some(g),
+        }
+    }
+}
+
+/// Runs every live node (`live[k]`) on `input` (B examples along axis 0).
+pub fn forward<T: Scalar>(
+    g: &Graph,
+    live: &[bool],
+    src: &Sources<T>,
+    input: Tensor<T>,
+) -> Result<Pass<T>> {
+    let b = input.shape.first().copied().unwrap_or(0);
+    let nv = g.values.len();
+    let mut pass = Pass {
+        b,
+        vals: (0..nv).map(|_| None).collect(),
+        saved: (0..g.nodes.len()).map(|_| Saved::None).collect(),
+        cot: vec![None; nv],
+        pe: vec![None; nv],
+        records: vec![],
+    };
+    pass.vals[g.input] = Some(input);
+    for (k, node) in g.nodes.iter().enumerate() {
+        if !live[k] {
+            continue;
+        }
+        let (outs, saved) = {
+            let ins: Vec<Option<&Tensor<T>>> = node
+                .inputs
+                .iter()
+                .map(|i| i.and_then(|v| pass.value(src, v)))
+                .collect();
+            if let Some((slot, _)) = node
+                .inputs
+                .iter()
+                .enumerate()
+                .find(|(s, i)| i.is_some() && ins[*s].is_none())
+            {
+                return Err(Error::Unsupported(format!(
+                    "{}: input {slot} was not computed",
+                    node.describe()
+                )));
+            }
+            ops::forward(node, &ins)?
+        };
+        pass.saved[k] = saved;
+        for (o, t) in node.outputs.iter().zip(outs) {
+            if let Some(o) = o {
+                pass.vals[*o] = Some(t);
+            }
+        }
+    }
+    Ok(pass)
+}
+
+/// The backward pass of the objective whose output cotangent is `gout` (shaped like the
+/// output): batched cotangents, per-example records at the parameters' uses, per-example
+/// cotangents along the unbatched chains down to the parameters. With `to_input` the input's
+/// cotangent is computed too (`cot[input]`, for rollouts).
+pub fn backward<T: Scalar>(
+    g: &Graph,
+    an: &Analysis,
+    src: &Sources<T>,
+    pass: &mut Pass<T>,
+    gout: Vec<T>,
+    to_input: bool,
+    step: usize,
+) -> Result<()> {
+    let ng = &an.ng[usize::from(to_input)];
+    if !ng[g.output] {
+        return Ok(());
+    }
+    pass.add_cot(g.output, gout);
+    // batched nodes, in reverse
+    for (k, node) in g.nodes.iter().enumerate().rev() {
+        if !an.live[k] || an.chain_node[k] {
+            continue;
+        }
+        if !node
+            .outputs
+            .iter()
+            .any(|o| o.is_some_and(|v| pass.cot[v].is_some()))
+        {
+            continue;
+        }
+        let need: Vec<bool> = node
+            .inputs
+            .iter()
+            .map(|i| i.is_some_and(|v| ng[v] && an.bax[v].is_some()))
+            .collect();
+        let boundary: Vec<usize> = node
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.is_some_and(|v| ng[v] && an.bax[v].is_none()))
+            .map(|(s, _)| s)
+            .collect();
+        let grads = {
+            let ins: Vec<Option<&Tensor<T>>> = node
+                .inputs
+                .iter()
+                .map(|i| i.and_then(|v| pass.value(src, v)))
+                .collect();
+            let outs: Vec<Option<&Tensor<T>>> = node
+                .outputs
+                .iter()
+                .map(|o| o.and_then(|v| pass.value(src, v)))
+                .collect();
+            let grefs: Vec<Option<&[T]>> = node
+                .outputs
+                .iter()
+                .map(|o| o.and_then(|v| pass.cot[v].as_deref()))
+                .collect();
+            let grads = if need.iter().any(|x| *x) {
+                ops::backward(node, &ins, &outs, &pass.saved[k], &grefs, &need)?
+            } else {
+                vec![]
+            };
+            let mut pe_out = vec![];
+            let mut recs = vec![];
+            for s in boundary {
+                let rule = an.rules.get(&(k, s)).ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "{}: no per-example rule for its input {s}",
+                        node.describe()
+                    ))
+                })?;
+                let ctx = per_example::Ctx {
+                    node,
+                    k,
+                    an,
+                    ins: &ins,
+                    outs: &outs,
+                    saved: &pass.saved[k],
+                    g: grefs.first().copied().flatten().unwrap_or(&[]),
+                    b: pass.b,
+                    step,
+                };
+                match per_example::apply(&ctx, s, rule)? {
+                    per_example::Out::None => {}
+                    per_example::Out::Pe(v) => {
+                        if let Some(u) = node.input(s) {
+                            pe_out.push((u, v));
+                        }
+                    }
+                    per_example::Out::Records(r) => recs.extend(r),
+                }
+            }
+            (grads, pe_out, recs)
+        };
+        let (grads, pe_out, recs) = grads;
+        for (slot, gr) in grads.into_iter().enumerate() {
+            if let (Some(gr), Some(v)) = (gr, node.input(slot)) {
+                if need.get(slot).copied().unwrap_or(false) {
+                    pass.add_cot(v, gr);
+                }
+            }
+        }
+        for (u, v) in pe_out {
+            pass.add_pe(u, v);
+        }
+        pass.records.extend(recs);
+    }
+    chain_backward(g, an, src, pass)
+}
+
+/// Per-example cotangents through the unbatched chains (nodes whose outputs carry no batch
+/// axis but depend on parameters), example by example, down to the parameters.
+fn chain_backward<T: Scalar>(
+    g: &Graph,
+    an: &Analysis,
+    src: &Sources<T>,
+    pass: &mut Pass<T>,
+) -> Result<()> {
+    let b = pass.b;
+    for (k, node) in g.nodes.iter().enumerate().rev() {
+        if !an.live[k] || !an.chain_node[k] {
+            continue;
+        }
+        let pes: Vec<Option<Vec<T>>> = node
+            .outputs
+            .iter()
+            .map(|o| o.and_then(|v| pass.pe[v].take()))
+            .collect();
+        if pes.iter().all(|x| x.is_none()) {
+            continue;
+        }
+        let need: Vec<bool> = node
+            .inputs
+            .iter()
+            .map(|i| i.is_some_and(|v| an.pd[v] && an.ng[0][v]))
+            .collect();
+        let mut acc: Vec<Option<Vec<T>>> = vec![None; node.inputs.len()];
+        {
+            let ins: Vec<Option<&Tensor<T>>> = node
+                .inputs
+                .iter()
+                .map(|i| i.and_then(|v| pass.value(src, v)))
+                .collect();
+            let outs: Vec<Option<&Tensor<T>>> = node
+                .outputs
+                .iter()
+                .map(|o| o.and_then(|v| pass.value(src, v)))
+                .collect();
+            let sizes: Vec<usize> = outs.iter().map(|t| t.map_or(0, |t| t.numel())).collect();
+            for e in 0..b {
+                let grefs: Vec<Option<&[T]>> = pes
+                    .iter()
+                    .zip(&sizes)
+                    .map(|(p, n)| p.as_ref().map(|v| &v[e * n..(e + 1) * n]))
+                    .collect();
+                let grads = ops::backward(node, &ins, &outs, &pass.saved[k], &grefs, &need)?;
+                for (slot, gr) in grads.into_iter().enumerate() {
+                    if let Some(gr) = gr {
+                        if !need[slot] {
+                            continue;
+                        }
+                        let n = gr.len();
+                        let a = acc[slot].get_or_insert_with(|| vec![T::of(0.0); n * b]);
+                        a[e * n..(e + 1) * n]
+                            .iter_mut()
+                            .zip(&gr)
+                            .for_each(|(x, y)| *x += *y);
+                    }
+                }
+            }
+        }
+        for (slot, a) in acc.into_iter().enumerate() {
+            if let (Some(a), Some(v)) = (a, node.input(slot)) {
+                pass.add_pe(v, a);
+            }
+        }
+    }
+    Ok(())
+}

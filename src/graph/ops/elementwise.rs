@@ -1,0 +1,542 @@
+//! Elementwise operators: unary functions, broadcasting arithmetic, Where, comparisons and
+//! casts. Backward: the chain rule elementwise, summed back over broadcast axes.
+
+use super::util::*;
+use crate::error::{Error, Result};
+use crate::graph::ir::{Binary, Data, ElemType, Logic, Node, Tensor, Unary};
+use crate::scalar::Scalar;
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_C: f64 = 0.044_715;
+
+fn unary_value<T: Scalar>(u: Unary, x: T) -> T {
+    let (zero, one) = (T::of(0.0), T::of(1.0));
+    match u {
+        Unary::Neg => -x,
+        Unary::Sqrt => x.sqrt(),
+        Unary::Exp => x.exp(),
+        Unary::Log => x.ln(),
+        Unary::Relu => {
+            if x > zero {
+                x
+            } else {
+                zero
+            }
+        }
+        Unary::LeakyRelu(a) => {
+            if x >= zero {
+                x
+            } else {
+                T::of(a) * x
+            }
+        }
+        Unary::Sigmoid => one / (one + (-x).exp()),
+        Unary::Tanh => x.tanh(),
+        Unary::Erf => x.erf(),
+        Unary::Gelu { tanh: false } => x.gelu_pair().0,
+        Unary::Gelu { tanh: true } => {
+            let t = (T::of(SQRT_2_OVER_PI) * (x + T::of(GELU_C) * x * x * x)).tanh();
+            T::of(0.5) * x * (one + t)
+        }
+        Unary::Softplus => {
+            let m = if x > zero { x } else { zero };
+            m + (one + (-x.abs()).exp()).ln()
+        }
+        Unary::Abs => x.abs(),
+        Unary::Reciprocal => one / x,
+    }
+}
+
+/// dy/dx at input x with output y.
+fn unary_deriv<T: Scalar>(u: Unary, x: T, y: T) -> T {
+    let (zero, one) = (T::of(0.0), T::of(1.0));
+    match u {
+        Unary::Neg => -one,
+        Unary::Sqrt => T::of(0.5) / y,
+        Unary::Exp => y,
+        Unary::Log => one / x,
+        Unary::Relu => {
+            if x > zero {
+                one
+            } else {
+                zero
+            }
+        }
+        Unary::LeakyRelu(a) => {
+            if x >= zero {
+                one
+            } else {
+                T::of(a)
+            }
+        }
+        Unary::Sigmoid => y * (one - y),
+        Unary::Tanh => one - y * y,
+        Unary::Erf => T::of(std::f64::consts::FRAC_2_SQRT_PI) * (-x * x).exp(),
+        Unary::Gelu { tanh: false } => x.gelu_pair().1,
+        Unary::Gelu { tanh: true } => {
+            let s = T::of(SQRT_2_OVER_PI);
+            let c = T::of(GELU_C);
+            let t = (s * (x + c * x * x * x)).tanh();
+            T::of(0.5) * (one + t)
+                + T::of(0.5) * x * (one - t * t) * s * (one + T::of(3.0) * c * x * x)
+        }
+        Unary::Softplus => one / (one + (-x).exp()),
+        Unary::Abs => {
+            if x > zero {
+                one
+            } else if x < zero {
+                -one
+            } else {
+                zero
+            }
+        }
+        Unary::Reciprocal => -y * y,
+    }
+}
+
+/// Forward of a unary function.
+pub fn unary_forward<T: Scalar>(node: &Node, u: Unary, x: &Tensor<T>) -> Result<Tensor<T>> {
+    match &x.data {
+        Data::F(v) => {
+            let out: Vec<T> = if let Unary::Gelu { tanh: false } = u {
+                let mut z = v.clone();
+                let mut o = vec![T::of(0.0); v.len()];
+                T::gelu_slice(&mut z, &mut o);
+                o
+            } else {
+                v.iter().map(|x| unary_value(u, *x)).collect()
+            };
+            Ok(ft(x.shape.clone(), out))
+        }
+        Data::I(v) if matches!(u, Unary::Neg | Unary::Abs | Unary::Relu) => Ok(Tensor {
+            shape: x.shape.clone(),
+            data: Data::I(
+                v.iter()
+                    .map(|a| match u {
+                        Unary::Neg => -a,
+                        Unary::Abs => a.abs(),
+                        _ => (*a).max(0),
+                    })
+                    .collect(),
+            ),
+        }),
+        _ => Err(Error::Unsupported(format!(
+            "{}: input must be float, it holds {:?}",
+            node.describe(),
+            x.elem_type()
+        ))),
+    }
+}
+
+/// Backward of a unary function: g·f'(x).
+pub fn unary_backward<T: Scalar>(
+    node: &Node,
+    u: Unary,
+    x: &Tensor<T>,
+    y: &Tensor<T>,
+    g: &[T],
+) -> Result<Vec<T>> {
+    let xs = floats(node, x, "X")?;
+    let ys = floats(node, y, "Y")?;
+    Ok(xs
+        .iter()
+        .zip(ys)
+        .zip(g)
+        .map(|((x, y), g)| *g * unary_deriv(u, *x, *y))
+        .collect())
+}
+
+/// The combined operation of a broadcasting binary op on two slices: `out[i] = f(a[ia], b[ib])`.
+fn broadcast_apply<A: Copy, B: Copy, O>(
+    a: &[A],
+    ashape: &[usize],
+    b: &[B],
+    bshape: &[usize],
+    out: &[usize],
+    f: impl Fn(A, B) -> O,
+) -> Vec<O> {
+    let n: usize = out.iter().product();
+    if ashape == out && bshape == out {
+        return a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect();
+    }
+    if ashape == out && b.len() == 1 {
+        return a.iter().map(|x| f(*x, b[0])).collect();
+    }
+    if bshape == out && a.len() == 1 {
+        return b.iter().map(|y| f(a[0], *y)).collect();
+    }
+    // b broadcast over leading axes only (a bias on the trailing axes)
+    let trailing = |s: &[usize]| {
+        let t: Vec<usize> = s.iter().copied().skip_while(|d| *d == 1).collect();
+        !t.is_empty() && out.ends_with(&t)
+    };
+    if ashape == out && !b.is_empty() && trailing(bshape) {
+        let nb = b.len();
+        return a
+            .chunks(nb)
+            .flat_map(|row| {
+                row.iter()
+                    .zip(b)
+                    .map(|(x, y)| f(*x, *y))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+    }
+    let sa = bstrides(ashape, out);
+    let sb = bstrides(bshape, out);
+    let so = strides(out);
+    let mut o = Vec::with_capacity(n);
+    for_each(out, [&so, &sa, &sb], |_, [_, ia, ib]| {
+        o.push(f(a[ia], b[ib]))
+    });
+    o
+}
+
+/// Forward of Add, Sub, Mul, Div, Pow (floats; integers for shape arithmetic).
+pub fn binary_forward<T: Scalar>(
+    node: &Node,
+    op: Binary,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+) -> Result<Tensor<T>> {
+    let out = broadcast(node, &a.shape, &b.shape)?;
+    numel(node, &out)?;
+    let data = match (&a.data, &b.data) {
+        (Data::F(x), Data::F(y)) => Data::F(broadcast_apply(
+            x,
+            &a.shape,
+            y,
+            &b.shape,
+            &out,
+            |p, q| match op {
+                Binary::Add => p + q,
+                Binary::Sub => p - q,
+                Binary::Mul => p * q,
+                Binary::Div => p / q,
+                Binary::Pow => p.powf(q),
+            },
+        )),
+        (Data::I(x), Data::I(y)) => {
+            if op == Binary::Div && y.contains(&0) {
+                return Err(Error::Unsupported(format!(
+                    "{}: integer division by zero",
+                    node.describe()
+                )));
+            }
+            Data::I(broadcast_apply(
+                x,
+                &a.shape,
+                y,
+                &b.shape,
+                &out,
+                |p, q| match op {
+                    Binary::Add => p.wrapping_add(q),
+                    Binary::Sub => p.wrapping_sub(q),
+                    Binary::Mul => p.wrapping_mul(q),
+                    Binary::Div => p.checked_div(q).unwrap_or(0),
+                    Binary::Pow => p.wrapping_pow(q.clamp(0, 63) as u32),
+                },
+            ))
+        }
+        (Data::F(x), Data::I(y)) if op == Binary::Pow => {
+            let y: Vec<T> = y.iter().map(|v| T::of(*v as f64)).collect();
+            Data::F(broadcast_apply(x, &a.shape, &y, &b.shape, &out, |p, q| {
+                p.powf(q)
+            }))
+        }
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "{}: inputs of types {:?} and {:?}",
+                node.describe(),
+                a.elem_type(),
+                b.elem_type()
+            )))
+        }
+    };
+    Ok(Tensor { shape: out, data })
+}
+
+/// Backward of a binary op: the cotangents of a and b (when asked), summed back to their shapes.
+pub fn binary_backward<T: Scalar>(
+    node: &Node,
+    op: Binary,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+    y: &Tensor<T>,
+    g: &[T],
+    need: (bool, bool),
+) -> Result<(Option<Vec<T>>, Option<Vec<T>>)> {
+    let out = &y.shape;
+    let contrib = |which_a: bool| -> Result<Vec<T>> {
+        let full: Vec<T> = match op {
+            Binary::Add => g.to_vec(),
+            Binary::Sub => {
+                if which_a {
+                    g.to_vec()
+                } else {
+                    g.iter().map(|v| -*v).collect()
+                }
+            }
+            Binary::Mul => {
+                let other = if which_a { b } else { a };
+                let o = floats(node, other, "B")?;
+                broadcast_apply(g, out, o, &other.shape, out, |p, q| p * q)
+            }
+            Binary::Div => {
+                let bv = floats(node, b, "B")?;
+                if which_a {
+                    broadcast_apply(g, out, bv, &b.shape, out, |p, q| p / q)
+                } else {
+                    // −g·y/b
+                    let ys = floats(node, y, "Y")?;
+                    let gy: Vec<T> = g.iter().zip(ys).map(|(p, q)| *p * *q).collect();
+                    broadcast_apply(&gy, out, bv, &b.shape, out, |p, q| -(p / q))
+                }
+            }
+            Binary::Pow => {
+                let ys = floats(node, y, "Y")?;
+                let av = floats(node, a, "A")?;
+                if which_a {
+                    // g·b·a^(b−1) = g·b·y/a where a ≠ 0
+                    let bv: Vec<T> = match &b.data {
+                        Data::F(v) => v.clone(),
+                        Data::I(v) => v.iter().map(|x| T::of(*x as f64)).collect(),
+                        _ => vec![],
+                    };
+                    let ab = broadcast_apply(av, &a.shape, &bv, &b.shape, out, |p, q| {
+                        q * p.powf(q - T::of(1.0))
+                    });
+                    ab.iter().zip(g).map(|(d, gv)| *d * *gv).collect()
+                } else {
+                    // g·y·ln a
+                    let la: Vec<T> = av.iter().map(|v| v.ln()).collect();
+                    let ly = broadcast_apply(&la, &a.shape, ys, out, out, |p, q| p * q);
+                    ly.iter().zip(g).map(|(d, gv)| *d * *gv).collect()
+                }
+            }
+        };
+        Ok(full)
+    };
+    let ga = if need.0 {
+        Some(reduce_to(&contrib(true)?, out, &a.shape))
+    } else {
+        None
+    };
+    let gb = if need.1 {
+        Some(reduce_to(&contrib(false)?, out, &b.shape))
+    } else {
+        None
+    };
+    Ok((ga, gb))
+}
+
+/// The full-shape (output-shaped) contribution of input `which` (0 = a, 1 = b) before the sum
+/// over broadcast axes: what the per-example rule reduces instead.
+pub fn binary_contribution<T: Scalar>(
+    node: &Node,
+    op: Binary,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+    y: &Tensor<T>,
+    g: &[T],
+    which: usize,
+) -> Result<Vec<T>> {
+    let out = &y.shape;
+    Ok(match (op, which) {
+        (Binary::Add, _) | (Binary::Sub, 0) => g.to_vec(),
+        (Binary::Sub, _) => g.iter().map(|v| -*v).collect(),
+        (Binary::Mul, w) => {
+            let other = if w == 0 { b } else { a };
+            broadcast_apply(
+                g,
+                out,
+                floats(node, other, "B")?,
+                &other.shape,
+                out,
+                |p, q| p * q,
+            )
+        }
+        (Binary::Div, 0) => {
+            broadcast_apply(g, out, floats(node, b, "B")?, &b.shape, out, |p, q| p / q)
+        }
+        (Binary::Div, _) => {
+            let ys = floats(node, y, "Y")?;
+            let gy: Vec<T> = g.iter().zip(ys).map(|(p, q)| *p * *q).collect();
+            broadcast_apply(&gy, out, floats(node, b, "B")?, &b.shape, out, |p, q| {
+                -(p / q)
+            })
+        }
+        (Binary::Pow, _) => {
+            return Err(Error::Unsupported(format!(
+                "{}: a parameter as an operand of Pow meeting the batch has no per-example rule",
+                node.describe()
+            )))
+        }
+    })
+}
+
+fn as_bool<T: Scalar>(node: &Node, t: &Tensor<T>) -> Result<Vec<bool>> {
+    Ok(match &t.data {
+        Data::B(v) => v.clone(),
+        Data::I(v) => v.iter().map(|x| *x != 0).collect(),
+        Data::F(_) => {
+            return Err(Error::Unsupported(format!(
+                "{}: a condition must be boolean",
+                node.describe()
+            )))
+        }
+    })
+}
+
+/// Comparisons and logic.
+pub fn logic_forward<T: Scalar>(
+    node: &Node,
+    op: Logic,
+    a: &Tensor<T>,
+    b: Option<&Tensor<T>>,
+) -> Result<Tensor<T>> {
+    if op == Logic::Not {
+        let v = as_bool(node, a)?;
+        return Ok(Tensor {
+            shape: a.shape.clone(),
+            data: Data::B(v.iter().map(|x| !x).collect()),
+        });
+    }
+    let b =
+        b.ok_or_else(|| Error::Unsupported(format!("{}: needs two inputs", node.describe())))?;
+    let out = broadcast(node, &a.shape, &b.shape)?;
+    numel(node, &out)?;
+    let cmp = |o: std::cmp::Ordering| match op {
+        Logic::Equal => o.is_eq(),
+        Logic::Less => o.is_lt(),
+        Logic::Greater => o.is_gt(),
+        Logic::LessOrEqual => o.is_le(),
+        Logic::GreaterOrEqual => o.is_ge(),
+        _ => false,
+    };
+    let data = match op {
+        Logic::And | Logic::Or => {
+            let (x, y) = (as_bool(node, a)?, as_bool(node, b)?);
+            broadcast_apply(&x, &a.shape, &y, &b.shape, &out, |p, q| {
+                if op == Logic::And {
+                    p && q
+                } else {
+                    p || q
+                }
+            })
+        }
+        _ => match (&a.data, &b.data) {
+            (Data::F(x), Data::F(y)) => broadcast_apply(x, &a.shape, y, &b.shape, &out, |p, q| {
+                p.partial_cmp(&q).is_some_and(cmp)
+            }),
+            (Data::I(x), Data::I(y)) => {
+                broadcast_apply(x, &a.shape, y, &b.shape, &out, |p, q| cmp(p.cmp(&q)))
+            }
+            (Data::B(x), Data::B(y)) if op == Logic::Equal => {
+                broadcast_apply(x, &a.shape, y, &b.shape, &out, |p, q| p == q)
+            }
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "{}: inputs of types {:?} and {:?}",
+                    node.describe(),
+                    a.elem_type(),
+                    b.elem_type()
+                )))
+            }
+        },
+    };
+    Ok(Tensor {
+        shape: out,
+        data: Data::B(data),
+    })
+}
+
+/// Where(cond, x, y).
+pub fn where_forward<T: Scalar>(
+    node: &Node,
+    c: &Tensor<T>,
+    x: &Tensor<T>,
+    y: &Tensor<T>,
+) -> Result<Tensor<T>> {
+    let cond = as_bool(node, c)?;
+    let s1 = broadcast(node, &c.shape, &x.shape)?;
+    let out = broadcast(node, &s1, &y.shape)?;
+    let n = numel(node, &out)?;
+    let sc = bstrides(&c.shape, &out);
+    let sx = bstrides(&x.shape, &out);
+    let sy = bstrides(&y.shape, &out);
+    let so = strides(&out);
+    let mut idx = Vec::with_capacity(n);
+    for_each(&out, [&so, &sc, &sx, &sy], |_, [_, ic, ix, iy]| {
+        idx.push((cond[ic], ix, iy))
+    });
+    let data = match (&x.data, &y.data) {
+        (Data::F(a), Data::F(b)) => Data::F(
+            idx.iter()
+                .map(|(c, i, j)| if *c { a[*i] } else { b[*j] })
+                .collect(),
+        ),
+        (Data::I(a), Data::I(b)) => Data::I(
+            idx.iter()
+                .map(|(c, i, j)| if *c { a[*i] } else { b[*j] })
+                .collect(),
+        ),
+        (Data::B(a), Data::B(b)) => Data::B(
+            idx.iter()
+                .map(|(c, i, j)| if *c { a[*i] } else { b[*j] })
+                .collect(),
+        ),
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "{}: X and Y must have the same type",
+                node.describe()
+            )))
+        }
+    };
+    Ok(Tensor { shape: out, data })
+}
+
+/// The output-shaped contributions of Where's x (`which` = 1) or y (2): g where the condition
+/// selects it, 0 elsewhere.
+pub fn where_contribution<T: Scalar>(
+    node: &Node,
+    c: &Tensor<T>,
+    g: &[T],
+    out: &[usize],
+    which: usize,
+) -> Result<Vec<T>> {
+    let cond = as_bool(node, c)?;
+    let sc = bstrides(&c.shape, out);
+    let so = strides(out);
+    let mut o = Vec::with_capacity(g.len());
+    for_each(out, [&so, &sc], |io, [_, ic]| {
+        o.push(if cond[ic] == (which == 1) {
+            g[io]
+        } else {
+            T::of(0.0)
+        })
+    });
+    Ok(o)
+}
+
+/// Cast to an element type.
+pub fn cast<T: Scalar>(node: &Node, x: &Tensor<T>, to: ElemType) -> Result<Tensor<T>> {
+    let data = match (&x.data, to) {
+        (Data::F(v), ElemType::Float) => Data::F(v.clone()),
+        (Data::F(v), ElemType::Int) => Data::I(v.iter().map(|x| x.f64() as i64).collect()),
+        (Data::F(v), ElemType::Bool) => Data::B(v.iter().map(|x| *x != T::of(0.0)).collect()),
+        (Data::I(v), ElemType::Float) => Data::F(v.iter().map(|x| T::of(*x as f64)).collect()),
+        (Data::I(v), ElemType::Int) => Data::I(v.clone()),
+        (Data::I(v), ElemType::Bool) => Data::B(v.iter().map(|x| *x != 0).collect()),
+        (Data::B(v), ElemType::Float) => {
+            Data::F(v.iter().map(|x| T::of(*x as u8 as f64)).collect())
+        }
+        (Data::B(v), ElemType::Int) => Data::I(v.iter().map(|x| *x as i64).collect()),
+        (Data::B(v), ElemType::Bool) => Data::B(v.clone()),
+    };
+    let _ = node;
+    Ok(Tensor {
+        shape: x.shape.clone(),
+        data,
+    })
+}

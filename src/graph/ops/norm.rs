@@ -1,0 +1,385 @@
+//! Batch normalization (inference: running statistics), layer normalization, softmax and
+//! log-softmax, with their backward passes.
+
+use super::util::*;
+use crate::error::{Error, Result};
+use crate::graph::ir::{Node, Tensor};
+use crate::scalar::Scalar;
+
+/// Per channel: (scale·inv_std, shift) so that y = a·x + b; inv_std = 1/√(var + ε).
+fn bn_coeffs<T: Scalar>(
+    node: &Node,
+    c: usize,
+    scale: &[T],
+    bias: &[T],
+    mean: &[T],
+    var: &[T],
+    eps: f64,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    if [scale.len(), bias.len(), mean.len(), var.len()]
+        .iter()
+        .any(|l| *l != c)
+    {
+        return Err(Error::shape(
+            format!("{} (scale, B, mean, var per channel)", node.describe()),
+            c,
+            format!(
+                "{}, {}, {}, {}",
+                scale.len(),
+                bias.len(),
+                mean.len(),
+                var.len()
+            ),
+        ));
+    }
+    let inv: Vec<T> = var
+        .iter()
+        .map(|v| T::of(1.0) / (*v + T::of(eps)).sqrt())
+        .collect();
+    let a: Vec<T> = scale.iter().zip(&inv).map(|(s, i)| *s * *i).collect();
+    let b: Vec<T> = (0..c).map(|k| bias[k] - a[k] * mean[k]).collect();
+    Ok((a, b, inv))
+}
+
+fn bn_dims(node: &Node, shape: &[usize]) -> Result<(usize, usize, usize)> {
+    if shape.len() < 2 {
+        return Err(Error::shape(
+            format!("{} (input (N, C, ...))", node.describe()),
+            "rank >= 2",
+            format!("{shape:?}"),
+        ));
+    }
+    Ok((shape[0], shape[1], shape[2..].iter().product()))
+}
+
+/// BatchNormalization (inference).
+pub fn batch_norm_forward<T: Scalar>(
+    node: &Node,
+    ins: [&Tensor<T>; 5],
+    eps: f64,
+) -> Result<Tensor<T>> {
+    let [x, s, b, m, v] = ins;
+    let (n, c, sp) = bn_dims(node, &x.shape)?;
+    let (a, sh, _) = bn_coeffs(
+        node,
+        c,
+        floats(node, s, "scale")?,
+        floats(node, b, "B")?,
+        floats(node, m, "mean")?,
+        floats(node, v, "var")?,
+        eps,
+    )?;
+    let xv = floats(node, x, "X")?;
+    let mut out = Vec::with_capacity(xv.len());
+    for e in 0..n {
+        for k in 0..c {
+            let at = (e * c + k) * sp;
+            out.extend(xv[at..at + sp].iter().map(|x| a[k] * *x + sh[k]));
+        }
+    }
+    Ok(ft(x.shape.clone(), out))
+}
+
+/// The normalized input x̂ = (x − mean)/√(var + ε) of a batch norm.
+pub fn batch_norm_xhat<T: Scalar>(node: &Node, ins: [&Tensor<T>; 5], eps: f64) -> Result<Vec<T>> {
+    let [x, _, _, m, v] = ins;
+    let (n, c, sp) = bn_dims(node, &x.shape)?;
+    let mv = floats(node, m, "mean")?;
+    let vv = floats(node, v, "var")?;
+    let xv = floats(node, x, "X")?;
+    let mut out = Vec::with_capacity(xv.len());
+    for e in 0..n {
+        for k in 0..c {
+            let inv = T::of(1.0) / (vv[k] + T::of(eps)).sqrt();
+            let at = (e * c + k) * sp;
+            out.extend(xv[at..at + sp].iter().map(|x| (*x - mv[k]) * inv));
+        }
+    }
+    Ok(out)
+}
+
+/// (dX, dscale, dB) of a batch norm, each when asked. The running statistics take no gradient.
+pub fn batch_norm_backward<T: Scalar>(
+    node: &Node,
+    ins: [&Tensor<T>; 5],
+    eps: f64,
+    g: &[T],
+    need: [bool; 3],
+) -> Result<[Option<Vec<T>>; 3]> {
+    let [x, s, b, m, v] = ins;
+    let (n, c, sp) = bn_dims(node, &x.shape)?;
+    let (a, _, _) = bn_coeffs(
+        node,
+        c,
+        floats(node, s, "scale")?,
+        floats(node, b, "B")?,
+        floats(node, m, "mean")?,
+        floats(node, v, "var")?,
+        eps,
+    )?;
+    let dx = need[0].then(|| {
+        let mut d = Vec::with_capacity(g.len());
+        for e in 0..n {
+            for k in 0..c {
+                let at = (e * c + k) * sp;
+                d.extend(g[at..at + sp].iter().map(|gv| *gv * a[k]));
+            }
+        }
+        d
+    });
+    let (mut ds, mut db) = (None, None);
+    if need[1] || need[2] {
+        let xh = batch_norm_xhat(node, ins, eps)?;
+        let mut s1 = vec![T::of(0.0); c];
+        let mut s2 = vec![T::of(0.0); c];
+        for e in 0..n {
+            for k in 0..c {
+                let at = (e * c + k) * sp;
+                for i in at..at + sp {
+                    s1[k] += g[i] * xh[i];
+                    s2[k] += g[i];
+                }
+            }
+        }
+        ds = need[1].then_some(s1);
+        db = need[2].then_some(s2);
+    }
+    Ok([dx, ds, db])
+}
+
+/// (rows, D) of a layer norm over the axes from `axis` on.
+pub fn layer_norm_dims(node: &Node, shape: &[usize], axis: i64) -> Result<(usize, usize, usize)> {
+    let a = super::util::axis(node, axis, shape.len())?;
+    let d: usize = shape[a..].iter().product();
+    Ok((shape[..a].iter().product(), d, a))
+}
+
+/// LayerNormalization forward: y, x̂ and 1/σ per row.
+pub fn layer_norm_forward<T: Scalar>(
+    node: &Node,
+    x: &Tensor<T>,
+    scale: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    axis: i64,
+    eps: f64,
+) -> Result<(Tensor<T>, Vec<T>, Vec<T>)> {
+    let (rows, d, a) = layer_norm_dims(node, &x.shape, axis)?;
+    let norm_shape = &x.shape[a..];
+    let expand = |t: Option<&Tensor<T>>, what: &str, fill: T| -> Result<Vec<T>> {
+        match t {
+            None => Ok(vec![fill; d]),
+            Some(t) => {
+                let v = floats(node, t, what)?;
+                if broadcast(node, &t.shape, norm_shape)? != norm_shape {
+                    return Err(Error::shape(
+                        format!("{} ({what})", node.describe()),
+                        format!("{norm_shape:?}"),
+                        format!("{:?}", t.shape),
+                    ));
+                }
+                let st = bstrides(&t.shape, norm_shape);
+                let so = strides(norm_shape);
+                let mut o = Vec::with_capacity(d);
+                for_each(norm_shape, [&so, &st], |_, [_, i]| o.push(v[i]));
+                Ok(o)
+            }
+        }
+    };
+    let sc = expand(scale, "scale", T::of(1.0))?;
+    let bi = expand(bias, "B", T::of(0.0))?;
+    let xv = floats(node, x, "X")?;
+    let mut xh = vec![T::of(0.0); xv.len()];
+    let mut inv = vec![T::of(0.0); rows];
+    let mut y = vec![T::of(0.0); xv.len()];
+    let df = T::of(d as f64);
+    for r in 0..rows {
+        let xr = &xv[r * d..(r + 1) * d];
+        let mut mean = T::of(0.0);
+        for v in xr {
+            mean += *v;
+        }
+        mean /= df;
+        let mut var = T::of(0.0);
+        for v in xr {
+            let c = *v - mean;
+            var += c * c;
+        }
+        var /= df;
+        let iv = T::of(1.0) / (var + T::of(eps)).sqrt();
+        inv[r] = iv;
+        for i in 0..d {
+            let h = (xr[i] - mean) * iv;
+            xh[r * d + i] = h;
+            y[r * d + i] = h * sc[i] + bi[i];
+        }
+    }
+    Ok((ft(x.shape.clone(), y), xh, inv))
+}
+
+/// (dX, dscale, dB) of a layer norm from x̂ and 1/σ, each when asked (scale and bias summed
+/// back to their own shapes).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward<T: Scalar>(
+    node: &Node,
+    x: &Tensor<T>,
+    scale: Option<&Tensor<T>>,
+    bias: Option<&Tensor<T>>,
+    axis: i64,
+    xh: &[T],
+    inv: &[T],
+    g: &[T],
+    need: [bool; 3],
+) -> Result<[Option<Vec<T>>; 3]> {
+    let (rows, d, a) = layer_norm_dims(node, &x.shape, axis)?;
+    let norm_shape = x.shape[a..].to_vec();
+    let sc: Vec<T> = match scale {
+        None => vec![T::of(1.0); d],
+        Some(t) => {
+            let v = floats(node, t, "scale")?;
+            let st = bstrides(&t.shape, &norm_shape);
+            let so = strides(&norm_shape);
+            let mut o = Vec::with_capacity(d);
+            for_each(&norm_shape, [&so, &st], |_, [_, i]| o.push(v[i]));
+            o
+        }
+    };
+    let df = T::of(d as f64);
+    let dx = need[0].then(|| {
+        let mut dx = vec![T::of(0.0); g.len()];
+        let mut gh = vec![T::of(0.0); d];
+        for r in 0..rows {
+            let (mut m1, mut m2) = (T::of(0.0), T::of(0.0));
+            for i in 0..d {
+                gh[i] = g[r * d + i] * sc[i];
+                m1 += gh[i];
+                m2 += gh[i] * xh[r * d + i];
+            }
+            m1 /= df;
+            m2 /= df;
+            for i in 0..d {
+                dx[r * d + i] = inv[r] * (gh[i] - m1 - xh[r * d + i] * m2);
+            }
+        }
+        dx
+    });
+    let sum_rows = |f: &dyn Fn(usize) -> T| {
+        let mut acc = vec![T::of(0.0); d];
+        for r in 0..rows {
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a += f(r * d + i);
+            }
+        }
+        acc
+    };
+    let ds = match (need[1], scale) {
+        (true, Some(t)) => Some(reduce_to(
+            &sum_rows(&|i| g[i] * xh[i]),
+            &norm_shape,
+            &t.shape,
+        )),
+        _ => None,
+    };
+    let db = match (need[2], bias) {
+        (true, Some(t)) => Some(reduce_to(&sum_rows(&|i| g[i]), &norm_shape, &t.shape)),
+        _ => None,
+    };
+    Ok([dx, ds, db])
+}
+
+/// (outer, n, inner): a softmax runs over `n` entries `inner` apart, `outer` times.
+pub fn softmax_dims(
+    node: &Node,
+    shape: &[usize],
+    axis: i64,
+    legacy: bool,
+) -> Result<(usize, usize, usize)> {
+    if shape.is_empty() {
+        return Ok((1, 1, 1));
+    }
+    let a = super::util::axis(node, axis, shape.len())?;
+    if legacy {
+        return Ok((shape[..a].iter().product(), shape[a..].iter().product(), 1));
+    }
+    Ok((
+        shape[..a].iter().product(),
+        shape[a],
+        shape[a + 1..].iter().product(),
+    ))
+}
+
+/// Softmax or log-softmax.
+pub fn softmax_forward<T: Scalar>(
+    node: &Node,
+    x: &Tensor<T>,
+    axis: i64,
+    log: bool,
+    legacy: bool,
+) -> Result<Tensor<T>> {
+    let (outer, n, inner) = softmax_dims(node, &x.shape, axis, legacy)?;
+    let xv = floats(node, x, "input")?;
+    let mut y = vec![T::of(0.0); xv.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |k: usize| (o * n + k) * inner + i;
+            let mut m = T::of(f64::NEG_INFINITY);
+            for k in 0..n {
+                if xv[at(k)] > m {
+                    m = xv[at(k)];
+                }
+            }
+            if !m.finite() {
+                // a row of −∞ (fully masked): zeros
+                m = T::of(0.0);
+            }
+            let mut s = T::of(0.0);
+            for k in 0..n {
+                let e = (xv[at(k)] - m).exp();
+                y[at(k)] = e;
+                s += e;
+            }
+            if log {
+                let ls = s.ln() + m;
+                for k in 0..n {
+                    y[at(k)] = xv[at(k)] - ls;
+                }
+            } else {
+                for k in 0..n {
+                    y[at(k)] /= s;
+                }
+            }
+        }
+    }
+    Ok(ft(x.shape.clone(), y))
+}
+
+/// dX of softmax (y·(g − Σg·y)) or log-softmax (g − softmax·Σg).
+pub fn softmax_backward<T: Scalar>(
+    node: &Node,
+    y: &Tensor<T>,
+    axis: i64,
+    log: bool,
+    legacy: bool,
+    g: &[T],
+) -> Result<Vec<T>> {
+    let (outer, n, inner) = softmax_dims(node, &y.shape, axis, legacy)?;
+    let yv = floats(node, y, "output")?;
+    let mut dx = vec![T::of(0.0); yv.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |k: usize| (o * n + k) * inner + i;
+            let mut s = T::of(0.0);
+            for k in 0..n {
+                s += if log { g[at(k)] } else { g[at(k)] * yv[at(k)] };
+            }
+            for k in 0..n {
+                let j = at(k);
+                dx[j] = if log {
+                    g[j] - yv[j].exp() * s
+                } else {
+                    yv[j] * (g[j] - s)
+                };
+            }
+        }
+    }
+    Ok(dx)
+}

@@ -1,0 +1,191 @@
+//! The float types the native engines and the graph engine run in (the model's dtype: f32 or
+//! f64), with the math their forward and backward passes need. Sums, solves and quadratic forms
+//! are always f64.
+
+pub(crate) mod fastmath;
+
+use candle_core::DType;
+
+/// f32 or f64: the model's own precision for forward and backward passes. Sums, solves and
+/// quadratic forms are always f64.
+pub trait Scalar:
+    faer::traits::RealField + Copy + Send + Sync + Default + std::fmt::Debug + 'static
+{
+    /// The matching candle dtype.
+    const DTYPE: DType;
+    /// The slice itself when this type is f32.
+    fn from_f32_slice(v: &[f32]) -> Option<&[Self]>;
+    /// The slice itself when this type is f64.
+    fn from_f64_slice(v: &[f64]) -> Option<&[Self]>;
+    /// From f64 (rounding for f32).
+    fn of(v: f64) -> Self;
+    /// To f64.
+    fn f64(self) -> f64;
+    /// Whether it is NaN.
+    fn nan(self) -> bool;
+    /// eˣ: branch-free (vectorising) in f32, libm's in f64.
+    fn exp(self) -> Self;
+    /// (GELU(z), GELU'(z)) of the exact (erf) GELU: branch-free in f32, libm's erf in f64.
+    fn gelu_pair(self) -> (Self, Self);
+    /// Over slices: `u = GELU(z)`, `z` replaced by GELU'(z).
+    fn gelu_slice(z: &mut [Self], u: &mut [Self]) {
+        for (zv, uv) in z.iter_mut().zip(u.iter_mut()) {
+            let (g, d) = zv.gelu_pair();
+            *uv = g;
+            *zv = d;
+        }
+    }
+    /// `row[k] = exp(row[k] − m)`.
+    fn exp_shift(row: &mut [Self], m: Self) {
+        row.iter_mut().for_each(|v| *v = (*v - m).exp());
+    }
+    /// `acc[k] += v[k]²` in f64.
+    fn add_squares(acc: &mut [f64], v: &[Self]) {
+        acc.iter_mut()
+            .zip(v)
+            .for_each(|(a, x)| *a += (*x * *x).f64());
+    }
+    /// ln x.
+    fn ln(self) -> Self {
+        Self::of(self.f64().ln())
+    }
+    /// √x.
+    fn sqrt(self) -> Self;
+    /// tanh x.
+    fn tanh(self) -> Self;
+    /// The error function.
+    fn erf(self) -> Self;
+    /// xʸ.
+    fn powf(self, y: Self) -> Self;
+    /// |x|.
+    fn abs(self) -> Self;
+    /// Whether it is finite.
+    fn finite(self) -> bool;
+}
+
+impl Scalar for f32 {
+    const DTYPE: DType = DType::F32;
+    fn from_f32_slice(v: &[f32]) -> Option<&[Self]> {
+        Some(v)
+    }
+    fn from_f64_slice(_: &[f64]) -> Option<&[Self]> {
+        None
+    }
+    #[inline]
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+    #[inline]
+    fn f64(self) -> f64 {
+        self as f64
+    }
+    #[inline]
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        fastmath::exp_f32(self)
+    }
+    #[inline(always)]
+    fn gelu_pair(self) -> (Self, Self) {
+        fastmath::gelu_f32(self)
+    }
+    fn gelu_slice(z: &mut [Self], u: &mut [Self]) {
+        fastmath::gelu_slice_f32(z, u)
+    }
+    fn exp_shift(row: &mut [Self], m: Self) {
+        fastmath::exp_shift_f32(row, m)
+    }
+    fn add_squares(acc: &mut [f64], v: &[Self]) {
+        fastmath::add_squares_f32(acc, v)
+    }
+    #[inline]
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    #[inline]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    #[inline]
+    fn tanh(self) -> Self {
+        f32::tanh(self)
+    }
+    #[inline]
+    fn erf(self) -> Self {
+        libm::erff(self)
+    }
+    #[inline]
+    fn powf(self, y: Self) -> Self {
+        f32::powf(self, y)
+    }
+    #[inline]
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    #[inline]
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
+
+impl Scalar for f64 {
+    const DTYPE: DType = DType::F64;
+    fn from_f32_slice(_: &[f32]) -> Option<&[Self]> {
+        None
+    }
+    fn from_f64_slice(v: &[f64]) -> Option<&[Self]> {
+        Some(v)
+    }
+    #[inline]
+    fn of(v: f64) -> Self {
+        v
+    }
+    #[inline]
+    fn f64(self) -> f64 {
+        self
+    }
+    #[inline]
+    fn nan(self) -> bool {
+        self.is_nan()
+    }
+    #[inline]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline]
+    fn gelu_pair(self) -> (Self, Self) {
+        let cdf = 0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2));
+        let pdf = (-0.5 * self * self).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        (self * cdf, cdf + self * pdf)
+    }
+    #[inline]
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    #[inline]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    #[inline]
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+    #[inline]
+    fn erf(self) -> Self {
+        libm::erf(self)
+    }
+    #[inline]
+    fn powf(self, y: Self) -> Self {
+        f64::powf(self, y)
+    }
+    #[inline]
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+    #[inline]
+    fn finite(self) -> bool {
+        self.is_finite()
+    }
+}
