@@ -6,7 +6,7 @@
 use faer::{Mat, MatRef};
 
 use crate::data::Dataset;
-use crate::engine::{FactoredMlp, FactoredOptions, QueryFactors};
+use crate::engine::{FactoredMlp, FactoredOptions, QueryFactors, QueryGradients};
 use crate::error::{Error, Result};
 use crate::fisher::{FactoredFisher, FisherSource, DEFAULT_MEMORY_BUDGET};
 use crate::likelihood::Likelihood;
@@ -506,6 +506,47 @@ pub fn seq_delta_variances_with(
     engine_opts: &FactoredOptions,
 ) -> Result<MlpDeltaVariances> {
     let engine = crate::engine::FactoredSeq::new(model)?;
+    engine_delta_variances_with(
+        &engine,
+        qoi,
+        queries,
+        rollout,
+        strategy,
+        opts,
+        fisher,
+        engine_opts,
+    )
+}
+
+/// The delta variances of any engine with query gradients ([`QueryGradients`]: the sequential
+/// and graph engines): Σ from `strategy` (the Fisher strategies read `fisher`), the QoI
+/// gradients at the rows of `queries` after `rollout` applications of the model, and ΔVar for
+/// every row. A non-diagonal Σ takes the queries held layer by layer (the kernel Σ pairs them
+/// with the training gradients without forming the P×M block); a diagonal Σ the P×M block.
+///
+/// ```no_run
+/// use deltavar::*;
+/// use deltavar::engine::GraphEngine;
+/// let g = deltavar::graph::Graph::from_onnx("model.onnx", None).unwrap();
+/// let data = MmapNpyDataset::open("train_x.npy", "train_y.npy").unwrap();
+/// let engine = GraphEngine::new(g, &data.x().shape()[1..], candle_core::DType::F32).unwrap();
+/// let fisher = GraphFisher::with_engine(engine.clone(), Likelihood::Categorical, &data, FactoredOptions::default());
+/// let q = candle_core::Tensor::zeros((4, 3, 32, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+/// let out = engine_delta_variances_with(&engine, Qoi::Prob(0), &q, 1, SigmaStrategy::InverseFullEmpiricalFim,
+///     &SigmaOptions { damping: 1e-3, ..Default::default() }, Some(&fisher), &FactoredOptions::default()).unwrap();
+/// assert_eq!(out.delta_variance.len(), 4);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn engine_delta_variances_with(
+    engine: &dyn QueryGradients,
+    qoi: Qoi,
+    queries: &candle_core::Tensor,
+    rollout: usize,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+    engine_opts: &FactoredOptions,
+) -> Result<MlpDeltaVariances> {
     let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
     if sigma.diagonal().is_none() {
         // the kernel Σ takes the queries layer by layer (no P×M block for factored layers)
@@ -668,9 +709,35 @@ pub fn seq_group_delta_variances_with(
     engine_opts: &FactoredOptions,
 ) -> Result<GroupDeltaVariances> {
     let engine = crate::engine::FactoredSeq::new(model)?;
+    engine_group_delta_variances_with(
+        &engine,
+        tensor_groups(&model.named_tensors()),
+        qoi,
+        queries,
+        rollout,
+        strategy,
+        opts,
+        fisher,
+        engine_opts,
+    )
+}
+
+/// [`engine_delta_variances_with`] split by parameter group ([`GroupDeltaVariances`];
+/// `groups` in parameter order, for example [`named_groups`] of the parameters).
+#[allow(clippy::too_many_arguments)]
+pub fn engine_group_delta_variances_with(
+    engine: &dyn QueryGradients,
+    groups: Vec<crate::calibration::ParamGroup>,
+    qoi: Qoi,
+    queries: &candle_core::Tensor,
+    rollout: usize,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+    engine_opts: &FactoredOptions,
+) -> Result<GroupDeltaVariances> {
     let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
     let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
-    let groups = tensor_groups(&model.named_tensors());
     let (result, blocks) =
         from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, Some(&groups))?;
     Ok(GroupDeltaVariances {
@@ -678,6 +745,14 @@ pub fn seq_group_delta_variances_with(
         groups,
         blocks: blocks.unwrap_or_default(),
     })
+}
+
+/// The parameter groups (one per layer, by the names' module prefix) of named tensors in flat
+/// order.
+pub fn named_groups(
+    named: &[(String, candle_core::Tensor)],
+) -> Vec<crate::calibration::ParamGroup> {
+    tensor_groups(named)
 }
 
 /// The result of [`mlp_delta_variances`] and [`seq_delta_variances_with`].
@@ -843,8 +918,30 @@ pub fn seq_delta_covariances_with(
     engine_opts: &FactoredOptions,
 ) -> Result<DeltaCovariances> {
     let engine = crate::engine::FactoredSeq::new(model)?;
+    engine_delta_covariances_with(
+        &engine,
+        queries,
+        rollout,
+        strategy,
+        opts,
+        fisher,
+        engine_opts,
+    )
+}
+
+/// [`mlp_delta_covariances_with`] for any engine with query gradients: every element of the
+/// per-example output (after `rollout` applications) is one of the K outputs.
+pub fn engine_delta_covariances_with(
+    engine: &dyn QueryGradients,
+    queries: &candle_core::Tensor,
+    rollout: usize,
+    strategy: SigmaStrategy,
+    opts: &SigmaOptions,
+    fisher: Option<&dyn FisherSource>,
+    engine_opts: &FactoredOptions,
+) -> Result<DeltaCovariances> {
     let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
-    let k: usize = engine.output_shape().iter().product();
+    let k = engine.num_outputs();
     let mut grads = Vec::with_capacity(k);
     let mut values = Vec::with_capacity(k);
     for o in 0..k {

@@ -24,10 +24,12 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct ModelArgs {
-    /// Weights of a PyTorch nn.Sequential (its state dict as safetensors).
+    /// The model's state dict as safetensors (required for mlp: and seq:; for onnx: the source of
+    /// truth of the parameters, checked against the graph; without it the file's own initializers).
     #[arg(long)]
-    weights: PathBuf,
-    /// Architecture: seq:LAYER,LAYER,... (one entry per nn.Sequential module: linear(in,out[,bias=false]),
+    weights: Option<PathBuf>,
+    /// Architecture: onnx:PATH (any model exported from PyTorch, see scripts/export_torch.py --onnx),
+    /// seq:LAYER,LAYER,... (one entry per nn.Sequential module: linear(in,out[,bias=false]),
     /// conv1d/conv2d(in,out,k[,stride=s][,padding=p][,dilation=d][,bias=false]), maxpool2d(k[,stride=s]),
     /// avgpool2d(k[,stride=s]), flatten, layernorm(d), batchnorm2d(c), dropout, relu, tanh, ...;
     /// the input shape comes from the .npy), or mlp:IN,H1,...,OUT:ACT with ACT one of identity,
@@ -43,7 +45,7 @@ struct ModelArgs {
     /// Precision of the forward and backward passes (sums and solves are always f64).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Examples per batch (default 256 for mlp:, 64 for seq:).
+    /// Examples per batch (default 256 for mlp:, 64 for seq: and onnx:).
     #[arg(long)]
     batch_size: Option<usize>,
 }
@@ -224,10 +226,11 @@ fn dtype(s: &str) -> Result<DType> {
     }
 }
 
-/// The model the CLI runs: an MLP (`mlp:`) or any `nn.Sequential` (`seq:`).
+/// The model the CLI runs: an MLP (`mlp:`), any `nn.Sequential` (`seq:`) or a graph (`onnx:`).
 enum Model {
     Mlp(Mlp),
     Seq(Sequential),
+    Graph(GraphEngine),
 }
 
 impl Model {
@@ -235,13 +238,26 @@ impl Model {
         match self {
             Model::Mlp(m) => m.num_params(),
             Model::Seq(m) => m.num_params(),
+            Model::Graph(g) => g.num_params(),
         }
     }
-    fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        match self {
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(match self {
             Model::Mlp(m) => m.named_tensors(),
             Model::Seq(m) => m.named_tensors(),
+            Model::Graph(g) => g.named_tensors()?,
+        })
+    }
+    fn input_shape(&self) -> Vec<usize> {
+        match self {
+            Model::Mlp(m) => vec![m.sizes()[0]],
+            Model::Seq(m) => m.input_shape().to_vec(),
+            Model::Graph(g) => g.input_shape().to_vec(),
         }
+    }
+    /// Whether the inputs are integers (token ids).
+    fn int_input(&self) -> bool {
+        matches!(self, Model::Graph(g) if g.graph().input_type != deltavar::graph::ElemType::Float)
     }
 }
 
@@ -269,7 +285,7 @@ fn row_shape(path: &Path) -> Result<Vec<usize>> {
 fn batch_size(m: &ModelArgs, net: &Model) -> usize {
     m.batch_size.unwrap_or(match net {
         Model::Mlp(_) => 256,
-        Model::Seq(_) => 64,
+        Model::Seq(_) | Model::Graph(_) => 64,
     })
 }
 
@@ -277,8 +293,31 @@ fn batch_size(m: &ModelArgs, net: &Model) -> usize {
 /// rows of the data it will see). With `rollout` > 1 an `mlp:` architecture is run as the
 /// equivalent `seq:` model (its default nn.Sequential names).
 fn load_model(m: &ModelArgs, input_shape: Option<&[usize]>, rollout: usize) -> Result<Model> {
-    check_exists(&m.weights)?;
     let dt = dtype(&m.dtype)?;
+    if let Some(path) = m.arch.trim_start().strip_prefix("onnx:") {
+        let path = Path::new(path.trim());
+        check_exists(path)?;
+        if let Some(w) = &m.weights {
+            check_exists(w)?;
+        }
+        let shape = input_shape.ok_or_else(|| {
+            Error::invalid(
+                "--arch",
+                &m.arch,
+                "an onnx: model needs data to take its input shape from",
+            )
+        })?;
+        let g = deltavar::graph::Graph::from_onnx(path, m.weights.as_deref())?;
+        return Ok(Model::Graph(GraphEngine::new(g, shape, dt)?));
+    }
+    let weights = m.weights.as_ref().ok_or_else(|| {
+        Error::invalid(
+            "--weights",
+            "missing",
+            "mlp: and seq: architectures read their weights from a safetensors state dict",
+        )
+    })?;
+    check_exists(weights)?;
     let spec: SeqSpec = if m.arch.trim_start().starts_with("seq:") {
         m.arch.parse()?
     } else {
@@ -303,7 +342,7 @@ fn load_model(m: &ModelArgs, input_shape: Option<&[usize]>, rollout: usize) -> R
         )
     })?;
     Ok(Model::Seq(Sequential::load_safetensors(
-        &m.weights, spec, shape, dt, &m.prefix,
+        weights, spec, shape, dt, &m.prefix,
     )?))
 }
 
@@ -312,8 +351,15 @@ fn load_mlp(m: &ModelArgs, arch: &MlpSpec, dt: DType) -> Result<Mlp> {
         .layer_names
         .as_ref()
         .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
+    let weights = m.weights.as_ref().ok_or_else(|| {
+        Error::invalid(
+            "--weights",
+            "missing",
+            "an mlp: architecture reads its weights from a safetensors state dict",
+        )
+    })?;
     let (mlp, _varmap) = Mlp::load_safetensors(
-        &m.weights,
+        weights,
         arch.activation,
         dt,
         &Device::Cpu,
@@ -326,7 +372,7 @@ fn load_mlp(m: &ModelArgs, arch: &MlpSpec, dt: DType) -> Result<Mlp> {
             &m.arch,
             format!(
                 "the weights in {} have layer widths {:?}",
-                m.weights.display(),
+                weights.display(),
                 mlp.sizes()
             ),
         ));
@@ -351,8 +397,9 @@ fn mlp_as_seq(m: &Mlp, dt: DType) -> Result<Sequential> {
     Sequential::from_tensors(spec, &[m.sizes()[0]], &tensors, "", dt, "the MLP")
 }
 
-/// The queries as a tensor of shape (M, *shape) in `dt`, checked finite.
-fn read_queries(path: &Path, shape: &[usize], dt: DType) -> Result<Tensor> {
+/// The queries as a tensor of shape (M, *shape) in `dt` (int64 for a model with integer inputs),
+/// checked finite.
+fn read_queries(path: &Path, shape: &[usize], dt: DType, int_input: bool) -> Result<Tensor> {
     let a = NpyArray::open(path)?;
     let width: usize = shape.iter().product();
     if a.shape().len() < 2 || a.shape()[1..] != *shape {
@@ -373,6 +420,9 @@ fn read_queries(path: &Path, shape: &[usize], dt: DType) -> Result<Tensor> {
     let mut full = vec![rows];
     full.extend_from_slice(shape);
     let t = match a.rows_ref(0, rows)? {
+        RowsRef::I64(v) if int_input => {
+            return Ok(Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?)
+        }
         RowsRef::F32(v) => Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?,
         RowsRef::F64(v) => Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?,
         RowsRef::I64(_) => {
@@ -382,6 +432,9 @@ fn read_queries(path: &Path, shape: &[usize], dt: DType) -> Result<Tensor> {
             })
         }
     };
+    if int_input {
+        return Ok(t.to_dtype(DType::I64)?);
+    }
     let vals = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     if let Some(k) = vals.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite {
@@ -502,11 +555,8 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         sigma.parse()?
     };
     let sigma_name = if kfac { "kfac" } else { strategy.name() };
-    let in_shape = match &net {
-        Model::Mlp(m) => vec![m.sizes()[0]],
-        Model::Seq(m) => m.input_shape().to_vec(),
-    };
-    let q = read_queries(&queries, &in_shape, dtype(&model.dtype)?)?;
+    let in_shape = net.input_shape();
+    let q = read_queries(&queries, &in_shape, dtype(&model.dtype)?, net.int_input())?;
     let mut opts = SigmaOptions {
         damping,
         posterior_scale,
@@ -554,12 +604,20 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
             .ok_or_else(|| missing("--likelihood gaussian[:SIGMA]|categorical"))?
             .parse()?;
         let data = MmapNpyDataset::open(x, y)?;
-        let seq = match &net {
-            Model::Seq(m) => m.clone(),
-            Model::Mlp(m) => mlp_as_seq(m, dtype(&model.dtype)?)?,
+        let seq_engine = match &net {
+            Model::Seq(m) => Some((FactoredSeq::new(m)?, m.named_tensors())),
+            Model::Mlp(m) => {
+                let seq = mlp_as_seq(m, dtype(&model.dtype)?)?;
+                Some((FactoredSeq::new(&seq)?, seq.named_tensors()))
+            }
+            Model::Graph(_) => None,
         };
-        let engine = FactoredSeq::new(&seq)?;
-        let f = engine.kfac_factors(&lik, &data, &eo)?;
+        let (engine, named, f): (&dyn deltavar::engine::QueryGradients, _, _) =
+            match (&net, &seq_engine) {
+                (Model::Graph(g), _) => (g, g.named_tensors()?, g.kfac_factors(&lik, &data, &eo)?),
+                (_, Some((e, named))) => (e, named.clone(), e.kfac_factors(&lik, &data, &eo)?),
+                _ => return Err(Error::Unsupported("no engine for K-FAC".into())),
+            };
         let s = deltavar::sigma::KfacSigma::new(&f, damping)?;
         let (qg, values) = engine.query_gradients(&qoi, &q, rollout, &eo)?;
         let n = data.len();
@@ -581,8 +639,7 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
             num_train: n,
         };
         let groups = if split {
-            let sizes: Vec<(String, usize)> = seq
-                .named_tensors()
+            let sizes: Vec<(String, usize)> = named
                 .into_iter()
                 .map(|(n, t)| (n, t.elem_count()))
                 .collect();
@@ -624,7 +681,7 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         _ if !needs_fisher => None,
         (Some(f), None, None) => {
             let art = FisherArtifact::load(f)?.with_partial_allowed(allow_partial);
-            art.check_tensors(&net.named_tensors())?;
+            art.check_tensors(&net.named_tensors()?)?;
             if let Some(w) = art.check_complete()? {
                 eprintln!("{w}");
             }
@@ -650,6 +707,12 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
             match &net {
                 Model::Mlp(m) => Some(Box::new(FactoredFisher::new(m, lik, &data, eo.clone())?)),
                 Model::Seq(m) => Some(Box::new(SeqFisher::new(m, lik, &data, eo.clone())?)),
+                Model::Graph(g) => Some(Box::new(GraphFisher::with_engine(
+                    g.clone(),
+                    lik,
+                    &data,
+                    eo.clone(),
+                ))),
             }
         }
         (None, Some(_), None) | (None, None, Some(_)) => {
@@ -676,6 +739,15 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
             Model::Seq(m) => {
                 seq_delta_covariances_with(m, &q, rollout, strategy, &opts, source.as_deref(), &eo)?
             }
+            Model::Graph(g) => engine_delta_covariances_with(
+                g,
+                &q,
+                rollout,
+                strategy,
+                &opts,
+                source.as_deref(),
+                &eo,
+            )?,
         };
         let k = c.outputs.first().map(|o| o.len()).unwrap_or(0);
         let out = MlpDeltaVariances {
@@ -720,6 +792,17 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
                 source.as_deref(),
                 &eo,
             )?,
+            Model::Graph(g) => engine_group_delta_variances_with(
+                g,
+                deltavar::delta::named_groups(&g.named_tensors()?),
+                qoi,
+                &q,
+                rollout,
+                strategy,
+                &opts,
+                source.as_deref(),
+                &eo,
+            )?,
         };
         let mut out = g.result;
         let groups = finish_groups(&mut out, g.groups, g.blocks, calibration.as_deref())?;
@@ -742,6 +825,16 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         Model::Seq(m) => {
             seq_delta_variances_with(m, qoi, &q, rollout, strategy, &opts, source.as_deref(), &eo)?
         }
+        Model::Graph(g) => engine_delta_variances_with(
+            g,
+            qoi,
+            &q,
+            rollout,
+            strategy,
+            &opts,
+            source.as_deref(),
+            &eo,
+        )?,
     };
     Ok(Computed {
         out,
@@ -890,6 +983,7 @@ fn fim(a: FimArgs) -> Result<()> {
     let art = match &net {
         Model::Mlp(m) => fisher_pass(m, lik, &likelihood, &data, &opts, &mut progress)?,
         Model::Seq(m) => fisher_pass_seq(m, lik, &likelihood, &data, &opts, &mut progress)?,
+        Model::Graph(g) => fisher_pass_graph(g, lik, &likelihood, &data, &opts, &mut progress)?,
     };
     pb.finish_and_clear();
     art.save(&out)?;

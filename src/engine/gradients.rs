@@ -446,3 +446,86 @@ impl<E: ExampleGradients> GradientMatrix for NativeStreamed<'_, E> {
         (self.chunk() * self.num_params() * 8) as u64
     }
 }
+
+/// An engine's QoI gradients at query points, what the delta-variance pipeline reads
+/// ([`crate::delta::engine_delta_variances_with`]): the sequential and graph engines.
+pub trait QueryGradients: Sync {
+    /// P.
+    fn num_params(&self) -> usize;
+    /// Outputs per example (the K of `--qoi outputs`).
+    fn num_outputs(&self) -> usize;
+    /// The gradients of `qoi` at the rows of `queries`, read after `steps` applications of the
+    /// model, as a P×M block, with the QoI values.
+    fn query_gradients(
+        &self,
+        qoi: &crate::qoi::Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)>;
+    /// The same gradients held layer by layer under `route`.
+    fn query_layered_gradients(
+        &self,
+        qoi: &crate::qoi::Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+        route: super::LayerRoute,
+    ) -> Result<(super::LayeredGradients, Vec<f64>)>;
+}
+
+impl QueryGradients for super::FactoredSeq {
+    fn num_params(&self) -> usize {
+        super::FactoredSeq::num_params(self)
+    }
+    fn num_outputs(&self) -> usize {
+        self.output_shape().iter().product()
+    }
+    fn query_gradients(
+        &self,
+        qoi: &crate::qoi::Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        super::FactoredSeq::query_gradients(self, qoi, queries, steps, opts)
+    }
+    fn query_layered_gradients(
+        &self,
+        qoi: &crate::qoi::Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+        route: super::LayerRoute,
+    ) -> Result<(super::LayeredGradients, Vec<f64>)> {
+        super::FactoredSeq::query_layered_gradients(self, qoi, queries, steps, opts, route)
+    }
+}
+
+impl QueryGradients for super::GraphEngine {
+    fn num_params(&self) -> usize {
+        super::GraphEngine::num_params(self)
+    }
+    fn num_outputs(&self) -> usize {
+        self.output_shape().iter().product()
+    }
+    fn query_gradients(
+        &self,
+        qoi: &crate::qoi::Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        super::GraphEngine::query_gradients(self, qoi, queries, steps, opts)
+    }
+    fn query_layered_gradients(
+        &self,
+        qoi: &crate::qoi::Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+        route: super::LayerRoute,
+    ) -> Result<(super::LayeredGradients, Vec<f64>)> {
+        super::GraphEngine::query_layered_gradients(self, qoi, queries, steps, opts, route)
+    }
+}

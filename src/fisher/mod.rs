@@ -23,10 +23,10 @@ pub use capture::CapturedFisher;
 pub use factored::FactoredFisher;
 pub use generic::GenericFisher;
 pub use offline::{
-    fisher_pass, fisher_pass_captured, fisher_pass_seq, fisher_pass_transformer, parse_shard,
-    PassKind, PassOptions,
+    fisher_pass, fisher_pass_captured, fisher_pass_graph, fisher_pass_seq, fisher_pass_transformer,
+    parse_shard, PassKind, PassOptions,
 };
-pub use sequential::{NativeFisher, SeqFisher, TransformerFisher};
+pub use sequential::{GraphFisher, NativeFisher, SeqFisher, TransformerFisher};
 
 use faer::{Mat, MatRef};
 

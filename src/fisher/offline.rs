@@ -9,6 +9,7 @@ use crate::data::{Dataset, DatasetRange};
 use crate::engine::gradients::ExampleGradients;
 use crate::engine::{
     CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, FactoredSeq, FactoredTransformer,
+    GraphEngine,
 };
 use crate::error::Result;
 use crate::fisher::FisherDiag;
@@ -153,6 +154,28 @@ pub fn fisher_pass_transformer(
     native_pass(
         &model.named_tensors(),
         &engine,
+        lik,
+        likelihood_name,
+        data,
+        opts,
+        progress,
+    )
+}
+
+/// [`fisher_pass`] for a graph model ([`crate::graph::Graph`], an ONNX file), on the graph
+/// engine. The artifact's parameter names, shapes and weight fingerprint are the graph's
+/// parameters (the state dict's, with `--weights`); shards merge as for an MLP.
+pub fn fisher_pass_graph(
+    engine: &GraphEngine,
+    lik: Likelihood,
+    likelihood_name: &str,
+    data: &dyn Dataset,
+    opts: &PassOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<FisherArtifact> {
+    native_pass(
+        &engine.named_tensors()?,
+        engine,
         lik,
         likelihood_name,
         data,

@@ -34,6 +34,10 @@ pub type SeqFisher<'a> = NativeFisher<'a, FactoredSeq>;
 /// The empirical Fisher of a [`Transformer`] on the native transformer engine.
 pub type TransformerFisher<'a> = NativeFisher<'a, FactoredTransformer>;
 
+/// The empirical Fisher of a graph model ([`crate::graph::Graph`]) on the graph engine: build it
+/// with [`NativeFisher::with_engine`].
+pub type GraphFisher<'a> = NativeFisher<'a, crate::engine::GraphEngine>;
+
 impl<'a> NativeFisher<'a, FactoredSeq> {
     /// The Fisher of `lik` on `model`'s outputs over `data` (a snapshot of the weights).
     pub fn new(

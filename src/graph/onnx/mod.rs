@@ -123,7 +123,8 @@ fn from_model(model: proto::ModelProto, path: &Path, dir: &Path) -> Result<Impor
     let input = match data_inputs.as_slice() {
         [one] => one,
         [] => return Err(bad(path, "the graph has no data input")),
-        many => return Err(Error::Unsupported(format!(
+        many => {
+            return Err(Error::Unsupported(format!(
             "{}: the graph has {} data inputs ({}); the graph engine takes models with one input",
             path.display(),
             many.len(),
@@ -131,7 +132,8 @@ fn from_model(model: proto::ModelProto, path: &Path, dir: &Path) -> Result<Impor
                 .map(|i| i.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        ))),
+        )))
+        }
     };
     let (input_type, input_dims) = match input.r#type.as_ref().and_then(|t| t.tensor_type.as_ref())
     {
@@ -899,10 +901,12 @@ fn parse_op(at: &Attrs<'_>, opset: i64, dir: &Path) -> Result<Op> {
             let add = match at.string("reduction")?.as_deref() {
                 None | Some("none") => false,
                 Some("add") => true,
-                Some(o) => return Err(Error::Unsupported(format!(
+                Some(o) => {
+                    return Err(Error::Unsupported(format!(
                     "node '{}' is {t} with reduction '{o}'; the graph engine supports none and add",
                     at.name
-                ))),
+                )))
+                }
             };
             if t == "ScatterND" {
                 Ok(Op::ScatterNd { add })
