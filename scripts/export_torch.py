@@ -1,5 +1,20 @@
 #!/usr/bin/env python3
-"""Export a PyTorch nn.Sequential for the deltavar command line.
+"""Export a PyTorch model for the deltavar command line.
+
+Any model, as ONNX (`--onnx`): writes `model.onnx` with every parameter kept as an initializer
+under its state-dict name and value (PyTorch's default exports fold batch norm into convolutions,
+copy Linear weights, split tied weights and merge equal initializers; see the README) and the
+state dict as `model.safetensors`, checks both, and prints the `--arch onnx:...` value:
+
+    python scripts/export_torch.py --onnx --module mypkg.models:make_resnet --checkpoint ckpt.pt \
+        --input-shape 3,32,32 --out out/model
+    deltavar fim --arch onnx:out/model.onnx --weights out/model.safetensors ...
+
+    from export_torch import export_onnx
+    arch = export_onnx(model, example_input, "out/model")   # out/model.onnx + out/model.safetensors
+
+An nn.Sequential, as a `seq:` string (the form below): the state dict and the `--arch seq:...`
+string that describes it.
 
 Writes the model's state dict as safetensors (PyTorch's names: `3.weight`, `3.bias`, BatchNorm's
 running statistics) and prints the `--arch` string that describes it, so that
@@ -116,12 +131,80 @@ def export(model, out):
     return arch
 
 
+def export_onnx(model, example, out, check=True):
+    """Writes `out`.onnx (every parameter an initializer under its state-dict name and value,
+    weights inside the file, the batch axis (axis 0 of the one input) dynamic) and
+    `out`.safetensors (the state dict), checks them, and returns the `--arch onnx:...` value.
+
+    The recipe (measured with torch 2.15, onnxscript 0.7): torch.onnx's dynamo export without its
+    optimizer, then onnxscript's optimizer with the parameters pinned as graph inputs so that
+    nothing folds, fuses, renames or merges them. `example` is a batch of at least 2 examples."""
+    import contextlib
+    import io
+    import os
+
+    import onnx
+    import onnx_ir
+    import onnxscript.optimizer
+    import torch
+    from onnx import numpy_helper
+    from safetensors.torch import save_file
+
+    out = out[:-5] if out.endswith(".onnx") else out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    model.eval()
+    if example.shape[0] < 2:
+        raise ValueError("the example batch needs at least 2 examples (a batch of 1 fixes the batch axis)")
+    with contextlib.redirect_stdout(io.StringIO()):
+        prog = torch.onnx.export(model, (example,), dynamo=True, optimize=False, input_names=["x"],
+                                 output_names=["y"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    g = prog.model.graph
+    names = set(dict(model.named_parameters(remove_duplicate=False)))
+    n_in = len(g.inputs)
+    g.inputs.extend([v for k, v in g.initializers.items() if k in names])
+    onnxscript.optimizer.optimize_ir(prog.model)
+    del g.inputs[n_in:]
+    onnx_ir.save(prog.model, out + ".onnx")
+    # the state dict without aliases (a tied weight once, under its first name)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()}
+    state.update({k: v.detach().cpu().contiguous() for k, v in model.named_buffers()})
+    save_file(state, out + ".safetensors")
+    if check:
+        m = onnx.load(out + ".onnx")
+        inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        for name, p in model.named_parameters():
+            if name not in inits:
+                raise RuntimeError(f"parameter {name} is not an initializer of {out}.onnx: the export folded or renamed it")
+            a = inits[name]
+            b = p.detach().cpu().numpy()
+            if a.shape != b.shape or not (a == b).all():
+                raise RuntimeError(f"parameter {name} is in {out}.onnx with other values or shape")
+        try:
+            import onnxruntime as ort
+            sess = ort.InferenceSession(out + ".onnx", providers=["CPUExecutionProvider"])
+            more = torch.cat([example, example[:1]])
+            with torch.no_grad():
+                want = model(more).numpy()
+            got = sess.run(None, {sess.get_inputs()[0].name: more.numpy()})[0]
+            err = float(abs(got - want).max() / max(1e-12, abs(want).max()))
+            if err > 1e-4:
+                raise RuntimeError(f"onnxruntime and torch disagree on {out}.onnx (relative {err:.2e})")
+        except ImportError:
+            pass
+    return f"onnx:{out}.onnx"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--module", required=True,
                     help="package.module:callable returning the nn.Sequential (or package.module:attribute)")
     ap.add_argument("--checkpoint", help="a state dict (torch.save) to load into it")
-    ap.add_argument("--out", required=True, help="safetensors file to write")
+    ap.add_argument("--out", required=True,
+                    help="safetensors file to write; with --onnx the path without extension (OUT.onnx, OUT.safetensors)")
+    ap.add_argument("--onnx", action="store_true", help="export any model as ONNX (see above)")
+    ap.add_argument("--input-shape", help="with --onnx: one example's input shape, e.g. 3,32,32 or 32")
+    ap.add_argument("--input-dtype", default="float32", choices=["float32", "float64", "int64"],
+                    help="with --onnx: the input's type (int64 for token ids)")
     a = ap.parse_args(argv)
     import torch
 
@@ -134,6 +217,14 @@ def main(argv=None):
             state = state["state_dict"]
         model.load_state_dict(state)
     model.eval()
+    if a.onnx:
+        if not a.input_shape:
+            ap.error("--onnx needs --input-shape")
+        shape = [2] + [int(v) for v in a.input_shape.split(",") if v]
+        dt = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}[a.input_dtype]
+        example = torch.zeros(shape, dtype=dt) if dt == torch.int64 else torch.randn(shape, dtype=dt)
+        print(export_onnx(model, example, a.out))
+        return 0
     arch = export(model, a.out)
     with open(a.out.rsplit(".", 1)[0] + ".arch", "w") as f:
         f.write(arch + "\n")

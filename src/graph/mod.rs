@@ -28,9 +28,10 @@ use crate::error::{Error, Result};
 const REEXPORT: &str = "re-export with `python scripts/export_torch.py --onnx` (torch.onnx dynamo export, every parameter kept as an initializer under its state-dict name)";
 
 impl Graph {
-    /// Reads an ONNX model. Without `weights`, the parameters are the float initializers the
-    /// graph reads that have more than one element and finite values, except batch-norm running
-    /// statistics; with `weights` (the model's state dict as safetensors) they are exactly the
+    /// Reads an ONNX model. Without `weights`, the parameters are the float initializers of
+    /// rank ≥ 1 with finite values that the graph reads, except batch-norm running statistics
+    /// (the exporters write Python scalars as rank-0 constants and masks with infinities); with
+    /// `weights` (the model's state dict as safetensors) they are exactly the
     /// float tensors of the state dict, checked against the file (see the module docs).
     pub fn from_onnx(path: impl AsRef<Path>, weights: Option<&Path>) -> Result<Graph> {
         let path = path.as_ref();
@@ -58,7 +59,8 @@ impl Graph {
                         Data::F(d) => {
                             read.contains(v)
                                 && !stats.contains(v)
-                                && d.len() > 1
+                                && !t.shape.is_empty()
+                                && !d.is_empty()
                                 && d.iter().all(|x| x.is_finite())
                         }
                         _ => false,

@@ -98,23 +98,34 @@ impl Case {
     }
 }
 
-/// max_i |a_i - b_i| / max(|b_i|, floor)
+/// The larger of two numbers, NaN if either is NaN (`f64::max` drops a NaN, which would let
+/// a NaN result pass an error check).
+pub fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// max_i |a_i - b_i| / max(|b_i|, floor); NaN when any entry is NaN.
 pub fn max_rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs() / y.abs().max(1e-300))
-        .fold(0.0, f64::max)
+        .fold(0.0, nan_max)
 }
 
-/// Relative error in the max-norm of the whole vector: max |a-b| / max |b|.
+/// Relative error in the max-norm of the whole vector: max |a-b| / max |b|; NaN when any
+/// entry is NaN.
 pub fn norm_rel_err(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let scale = b.iter().fold(0.0f64, |m, v| nan_max(m, v.abs()));
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+        .fold(0.0, nan_max)
         / scale
 }
 
