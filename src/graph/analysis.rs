@@ -746,10 +746,8 @@ fn check_axes(
                 return Err(shape_err(g, k, "its weight depends on the data".into()));
             }
         }
-        Op::BatchNorm { .. } => {
-            if ax(0) == Some(1) {
-                return Err(shape_err(g, k, "the batch axis is its channel axis".into()));
-            }
+        Op::BatchNorm { .. } if ax(0) == Some(1) => {
+            return Err(shape_err(g, k, "the batch axis is its channel axis".into()));
         }
         Op::LayerNorm { axis, .. } => {
             if let Some(b) = ax(0) {

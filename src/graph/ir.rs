@@ -184,6 +184,9 @@ pub enum ReduceKind {
     Max,
 }
 
+/// A Slice's (starts, ends, axes) attributes (opset < 10).
+pub type SliceAttrs = (Vec<i64>, Vec<i64>, Option<Vec<i64>>);
+
 /// An operator with its attributes. Inputs and outputs are the node's, in ONNX order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -301,7 +304,7 @@ pub enum Op {
     /// Slice (opset ≥ 10: starts, ends, axes, steps inputs; before: attributes).
     Slice {
         /// (starts, ends, axes) attributes (opset < 10).
-        attrs: Option<(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>,
+        attrs: Option<SliceAttrs>,
     },
     /// Broadcast to a shape.
     Expand,

@@ -63,14 +63,13 @@ impl Geometry {
     }
 }
 
+/// Output length of a window of `k` taps, stride `s`, dilation `d` over `len` padded by
+/// (`pb`, `pe`).
 fn out_size(
     node: &Node,
     len: usize,
-    k: usize,
-    s: usize,
-    d: usize,
-    pb: usize,
-    pe: usize,
+    (k, s, d): (usize, usize, usize),
+    (pb, pe): (usize, usize),
     ceil: bool,
 ) -> Result<usize> {
     let span = d * (k - 1) + 1;
@@ -142,11 +141,8 @@ pub fn geometry(node: &Node, x: &[usize], window: &Window, kernel: &[usize]) -> 
         o[i] = out_size(
             node,
             spatial[i],
-            kernel[i],
-            strides[i],
-            dil[i],
-            pb[i],
-            pe[i],
+            (kernel[i], strides[i], dil[i]),
+            (pb[i], pe[i]),
             window.ceil_mode,
         )?;
     }

@@ -265,7 +265,7 @@ pub fn binary_backward<T: Scalar>(
     y: &Tensor<T>,
     g: &[T],
     need: (bool, bool),
-) -> Result<(Option<Vec<T>>, Option<Vec<T>>)> {
+) -> Result<GradPair<T>> {
     let out = &y.shape;
     let contrib = |which_a: bool| -> Result<Vec<T>> {
         let full: Vec<T> = match op {

@@ -1,6 +1,7 @@
-//! Gather, GatherND, ScatterND and ScatterElements as index maps: a gather reads data[map[i]]
-//! for each output element (backward: scatter-add), a scatter writes (or adds) update u at
-//! target[u] (backward: the update's cotangent is g[target[u]]; replaced data entries get none).
+//! Gather, GatherND, ScatterND and ScatterElements as index maps: a gather reads
+//! `data[map[i]]` for each output element (backward: scatter-add), a scatter writes (or adds)
+//! update u at `target[u]` (backward: the update's cotangent is `g[target[u]]`; replaced data
+//! entries get none).
 
 use super::util::*;
 use crate::error::{Error, Result};
@@ -159,18 +160,13 @@ pub fn scatter_elements_map<T>(
     let ds = strides(data);
     let us = strides(updates);
     let mut map = Vec::with_capacity(idx.len());
-    let n = idx.len();
-    for u in 0..n {
+    for (u, &iv) in idx.iter().enumerate() {
         let mut off = 0;
         let mut rem = u;
         for i in 0..r {
             let c = rem / us[i];
             rem %= us[i];
-            let c = if i == a {
-                index(node, idx[u], data[a])?
-            } else {
-                c
-            };
+            let c = if i == a { index(node, iv, data[a])? } else { c };
             off += c * ds[i];
         }
         map.push(off);

@@ -182,7 +182,7 @@ pub fn matmul_backward<T: Scalar>(
     b: &Tensor<T>,
     g: &[T],
     need: (bool, bool),
-) -> Result<(Option<Vec<T>>, Option<Vec<T>>)> {
+) -> Result<GradPair<T>> {
     let s = matmul_shape(node, &a.shape, &b.shape)?;
     let av = floats(node, a, "A")?;
     let bv = floats(node, b, "B")?;

@@ -82,7 +82,7 @@ pub fn reduce_plan<T>(
 fn slice_args<T>(
     node: &Node,
     ins: &[Option<&Tensor<T>>],
-    attrs: &Option<(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>,
+    attrs: &Option<crate::graph::ir::SliceAttrs>,
 ) -> Result<(Vec<i64>, Vec<i64>, Option<Vec<i64>>, Option<Vec<i64>>)> {
     if let Some((s, e, a)) = attrs {
         return Ok((s.clone(), e.clone(), a.clone(), None));
@@ -731,10 +731,8 @@ pub fn backward<T: Scalar>(
             }
         }
     }
-    for i in 0..nin {
-        if needs(i) && res[i].is_none() {
-            return unsupported(i);
-        }
+    if let Some(i) = (0..nin).find(|i| needs(*i) && res[*i].is_none()) {
+        return unsupported(i);
     }
     Ok(res)
 }

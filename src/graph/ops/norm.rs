@@ -120,9 +120,9 @@ pub fn batch_norm_backward<T: Scalar>(
     let dx = need[0].then(|| {
         let mut d = Vec::with_capacity(g.len());
         for e in 0..n {
-            for k in 0..c {
+            for (k, ak) in a.iter().enumerate() {
                 let at = (e * c + k) * sp;
-                d.extend(g[at..at + sp].iter().map(|gv| *gv * a[k]));
+                d.extend(g[at..at + sp].iter().map(|gv| *gv * *ak));
             }
         }
         d

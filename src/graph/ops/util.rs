@@ -4,6 +4,9 @@ use crate::error::{Error, Result};
 use crate::graph::ir::{Data, Node, Tensor};
 use crate::scalar::Scalar;
 
+/// The cotangents of a binary operator's two inputs, each when asked.
+pub type GradPair<T> = (Option<Vec<T>>, Option<Vec<T>>);
+
 /// The most elements one value may have (2³¹): a file claiming more is refused before anything
 /// is allocated.
 pub const MAX_ELEMENTS: usize = 1 << 31;
@@ -159,7 +162,8 @@ pub fn reduce_to<T: Scalar>(g: &[T], out: &[usize], target: &[usize]) -> Vec<T> 
     acc
 }
 
-/// Permutes the axes of row-major `src` (shape `shape`) by `perm`: out axis i = in axis perm[i].
+/// Permutes the axes of row-major `src` (shape `shape`) by `perm`: out axis i = in axis
+/// `perm[i]`.
 pub fn permute<E: Copy>(src: &[E], shape: &[usize], perm: &[usize]) -> Vec<E> {
     let s = strides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|p| shape[*p]).collect();
