@@ -40,7 +40,7 @@ use crate::graph::analysis::Group;
 use crate::graph::exec::{self, Pass, Sources};
 use crate::graph::ir::{Data, ElemType, Graph, Tensor};
 use crate::graph::ops::util::permute;
-use crate::graph::per_example::Record;
+use crate::graph::per_example::{Record, RowsData};
 use crate::graph::Analysis;
 use crate::likelihood::Likelihood;
 use crate::qoi::Qoi;
@@ -406,7 +406,7 @@ impl GraphEngine {
         let input = self.input::<T>(x, first_row)?;
         let b = input.shape[0];
         let mut passes: Vec<Pass<T>> = Vec::with_capacity(steps);
-        passes.push(exec::forward(g, &an.live, src, input)?);
+        passes.push(exec::forward(g, &an.live, Some(&an.uses), src, input)?);
         for _ in 1..steps {
             let prev = passes
                 .last()
@@ -418,7 +418,7 @@ impl GraphEngine {
                 shape,
                 data: Data::F(rows.into_iter().map(T::of).collect()),
             };
-            passes.push(exec::forward(g, &an.live, src, next)?);
+            passes.push(exec::forward(g, &an.live, Some(&an.uses), src, next)?);
         }
         let last = passes
             .last()
@@ -617,13 +617,8 @@ impl GraphEngine {
         tmp: &mut Mat<T>,
     ) -> Result<()> {
         for (gi, s) in shapes.iter().enumerate() {
-            // one row per example and one use: (Δ∘Δ)ᵀ(X∘X) over the batch
-            if let Group::Rows { k, out, t: 1, .. } = self.an.groups[gi] {
-                let recs: Vec<(
-                    &Pass<T>,
-                    &crate::graph::per_example::RowsData<T>,
-                    &crate::graph::per_example::RowsData<T>,
-                )> = passes
+            if let Group::Rows { k, out, t, .. } = self.an.groups[gi] {
+                let recs: Vec<(&Pass<T>, &RowsData<T>, &RowsData<T>)> = passes
                     .iter()
                     .flat_map(|p| {
                         p.records.iter().filter_map(move |r| match r {
@@ -632,45 +627,69 @@ impl GraphEngine {
                         })
                     })
                     .collect();
-                if recs.len() == 1 {
-                    let (pass, x, d) = recs[0];
-                    let mut xx = Mat::<T>::zeros(b, k);
-                    let mut dd = Mat::<T>::zeros(b, out);
-                    for e in 0..b {
+                if recs.is_empty() {
+                    continue;
+                }
+                // one row per example, one use, contiguous rows: (Δ∘Δ)ᵀ(X∘X) over the batch
+                if let ([(pass, x, d)], 1) = (recs.as_slice(), t) {
+                    if let (Some(xs), Some(ds)) = (x.contiguous(pass, b), d.contiguous(pass, b)) {
+                        let xx: Vec<T> = xs.iter().map(|v| *v * *v).collect();
+                        let dd: Vec<T> = ds.iter().map(|v| *v * *v).collect();
+                        let mut prod = vec![T::of(0.0); out * k];
+                        matmul(
+                            MatMut::from_row_major_slice_mut(&mut prod, out, k),
+                            Accum::Replace,
+                            MatRef::from_row_major_slice(&dd, b, out).transpose(),
+                            MatRef::from_row_major_slice(&xx, b, k),
+                            T::of(1.0),
+                            Par::Seq,
+                        );
+                        for (a, v) in acc[s.w_off..s.w_off + out * k].iter_mut().zip(&prod) {
+                            *a += v.f64();
+                        }
+                        if let Some(bo) = s.b_off {
+                            for row in dd.chunks_exact(out) {
+                                for (a, v) in acc[bo..bo + out].iter_mut().zip(row) {
+                                    *a += v.f64();
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                }
+                // per example: G = Σ_uses Δᵀ X̃ in the run's precision, squared into f64
+                let mut g = vec![T::of(0.0); out * k];
+                let mut gb = vec![T::of(0.0); out];
+                for e in 0..b {
+                    gb.iter_mut().for_each(|v| *v = T::of(0.0));
+                    for (u, (pass, x, d)) in recs.iter().enumerate() {
                         let xm = x.mat(pass, e)?;
                         let dm = d.mat(pass, e)?;
-                        for i in 0..k {
-                            let v = xm[(0, i)];
-                            xx[(e, i)] = v * v;
-                        }
-                        for q in 0..out {
-                            let v = dm[(0, q)];
-                            dd[(e, q)] = v * v;
-                        }
-                    }
-                    let mut prod = Mat::<T>::zeros(out, k);
-                    matmul(
-                        prod.as_mut(),
-                        Accum::Replace,
-                        dd.transpose(),
-                        xx.as_ref(),
-                        T::of(1.0),
-                        Par::Seq,
-                    );
-                    for q in 0..out {
-                        for i in 0..k {
-                            acc[s.w_off + q * k + i] += prod[(q, i)].f64();
-                        }
-                    }
-                    if let Some(bo) = s.b_off {
-                        for e in 0..b {
-                            for q in 0..out {
-                                acc[bo + q] += dd[(e, q)].f64();
+                        matmul(
+                            MatMut::from_row_major_slice_mut(&mut g, out, k),
+                            if u == 0 { Accum::Replace } else { Accum::Add },
+                            dm.transpose(),
+                            xm,
+                            T::of(1.0),
+                            Par::Seq,
+                        );
+                        if s.b_off.is_some() {
+                            for c in 0..out {
+                                let col = dm.col(c);
+                                let mut sum = T::of(0.0);
+                                for v in col.iter() {
+                                    sum += *v;
+                                }
+                                gb[c] += sum;
                             }
                         }
                     }
-                    continue;
+                    T::add_squares(&mut acc[s.w_off..s.w_off + out * k], &g);
+                    if let Some(bo) = s.b_off {
+                        T::add_squares(&mut acc[bo..bo + out], &gb);
+                    }
                 }
+                continue;
             }
             buf.resize(s.w_len + s.b_len, 0.0);
             for e in 0..b {

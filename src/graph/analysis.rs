@@ -107,6 +107,8 @@ pub enum Rule {
 pub struct Analysis {
     /// Nodes that feed the output.
     pub live: Vec<bool>,
+    /// Live readers (node input slots) of each value.
+    pub uses: Vec<usize>,
     /// Live nodes whose outputs are parameter-derived without a batch axis.
     pub chain_node: Vec<bool>,
     /// Values depending on the data.
@@ -237,7 +239,7 @@ impl Analysis {
                 ElemType::Int => Data::I(vec![0; n]),
                 ElemType::Bool => Data::B(vec![false; n]),
             };
-            exec::forward(g, &live, &src, Tensor { shape, data })
+            exec::forward(g, &live, None, &src, Tensor { shape, data })
         };
         let p2 = probe(2)?;
         let p3 = probe(3)?;
@@ -361,7 +363,9 @@ impl Analysis {
             offsets.push(off);
             off += p.numel();
         }
+        let uses: Vec<usize> = consumers.iter().map(|c| c.len()).collect();
         let mut an = Analysis {
+            uses,
             live,
             chain_node,
             dd,

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use super::analysis::Analysis;
-use super::ir::{Graph, Tensor, ValueId};
+use super::ir::{Data, Graph, Op, Tensor, ValueId};
 use super::ops::{self, Saved};
 use super::per_example::{self, Record};
 use crate::error::{Error, Result};
@@ -102,10 +102,14 @@ impl<T: Scalar> Pass<T> {
     }
 }
 
-/// Runs every live node (`live[k]`) on `input` (B examples along axis 0).
+/// Runs every live node (`live[k]`) on `input` (B examples along axis 0). With `uses` (the
+/// number of live readers of each value), a reshaping node (Reshape, Flatten, Squeeze,
+/// Unsqueeze, Identity) that is the only reader of a computed value takes its elements instead
+/// of copying them (its backward needs only the shape, which stays).
 pub fn forward<T: Scalar>(
     g: &Graph,
     live: &[bool],
+    uses: Option<&[usize]>,
     src: &Sources<T>,
     input: Tensor<T>,
 ) -> Result<Pass<T>> {
@@ -124,6 +128,35 @@ pub fn forward<T: Scalar>(
         if !live[k] {
             continue;
         }
+        let reshaping = matches!(
+            node.op,
+            Op::Reshape { .. }
+                | Op::Flatten { .. }
+                | Op::Squeeze { .. }
+                | Op::Unsqueeze { .. }
+                | Op::Identity
+        );
+        let movable = node.input(0).filter(|v| {
+            reshaping
+                && *v != g.input
+                && *v != g.output
+                && uses.is_some_and(|u| u[*v] == 1)
+                && pass.vals[*v].is_some()
+        });
+        let taken = movable.and_then(|v| {
+            let t = pass.vals[v].take()?;
+            // a placeholder that keeps the shape (and element type) for the backward pass
+            let empty = match &t.data {
+                Data::F(_) => Data::F(vec![]),
+                Data::I(_) => Data::I(vec![]),
+                Data::B(_) => Data::B(vec![]),
+            };
+            pass.vals[v] = Some(Tensor {
+                shape: t.shape.clone(),
+                data: empty,
+            });
+            Some(t.data)
+        });
         let (outs, saved) = {
             let ins: Vec<Option<&Tensor<T>>> = node
                 .inputs
@@ -142,6 +175,18 @@ pub fn forward<T: Scalar>(
                 )));
             }
             ops::forward(node, &ins)?
+        };
+        let outs = match taken {
+            Some(data) => outs
+                .into_iter()
+                .next()
+                .map(|o| Tensor {
+                    shape: o.shape,
+                    data,
+                })
+                .into_iter()
+                .collect(),
+            None => outs,
         };
         pass.saved[k] = saved;
         for (o, t) in node.outputs.iter().zip(outs) {

@@ -80,6 +80,24 @@ impl<T: Scalar> RowsData<T> {
     }
 }
 
+impl<T: Scalar> RowsData<T> {
+    /// The rows of all `b` examples as one contiguous B·rows × cols row-major slice, when they
+    /// are laid out so.
+    pub fn contiguous<'a>(&'a self, pass: &'a Pass<T>, b: usize) -> Option<&'a [T]> {
+        let l = self.layout;
+        if l.cs != 1 || l.rs != l.cols || l.ex != l.rows * l.cols {
+            return None;
+        }
+        let buf: &[T] = match &self.src {
+            Src::Value(v) => pass.vals[*v].as_ref().and_then(|t| t.floats())?,
+            Src::Cot(v) => pass.cot[*v].as_deref()?,
+            Src::Patches(_) => return None,
+            Src::Owned(v) => v,
+        };
+        buf.get(l.base..l.base + b * l.ex)
+    }
+}
+
 /// Example `e`'s rows of `buf` under `l` as a matrix.
 pub fn view<'a, T: Scalar>(buf: &'a [T], l: &Layout, e: usize) -> Result<MatRef<'a, T>> {
     if l.rows == 0 || l.cols == 0 {
@@ -512,6 +530,43 @@ fn materialise<T: Scalar>(c: &Ctx<'_, T>, s: usize) -> Result<Vec<T>> {
                 &aligned(&u.shape, y.shape.len()),
                 b,
             ))
+        }
+        Op::BatchNorm { epsilon } if a == 0 && y.shape.len() >= 2 => {
+            // per example and channel: Σ over the spatial positions of g·x̂ (scale) or g (bias)
+            let x = c.input(0)?;
+            let xv = floats(node, x, "X")?;
+            let mean = floats(node, c.input(3)?, "mean")?;
+            let var = floats(node, c.input(4)?, "var")?;
+            let (n, ch) = (y.shape[0], y.shape[1]);
+            let sp: usize = y.shape[2..].iter().product();
+            if nu != ch || mean.len() != ch || var.len() != ch {
+                return Err(Error::shape(
+                    format!("{} (per-channel parameters)", node.describe()),
+                    ch,
+                    nu,
+                ));
+            }
+            let mut pe = vec![T::of(0.0); b * nu];
+            for e in 0..n {
+                for k in 0..ch {
+                    let at = (e * ch + k) * sp;
+                    let gs = &c.g[at..at + sp];
+                    let mut acc = T::of(0.0);
+                    if s == 1 {
+                        let inv = T::of(1.0) / (var[k] + T::of(*epsilon)).sqrt();
+                        for (gv, xv) in gs.iter().zip(&xv[at..at + sp]) {
+                            acc += *gv * (*xv - mean[k]);
+                        }
+                        acc *= inv;
+                    } else {
+                        for gv in gs {
+                            acc += *gv;
+                        }
+                    }
+                    pe[e * nu + k] = acc;
+                }
+            }
+            Ok(pe)
         }
         Op::BatchNorm { epsilon } => {
             let ins = [

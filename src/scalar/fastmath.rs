@@ -101,6 +101,92 @@ unsafe fn exp_shift_avx2(row: &mut [f32], m: f32) {
     row.iter_mut().for_each(|v| *v = exp_f32(*v - m));
 }
 
+/// tanh in f32, branch-free: for |x| < 0.625 the odd Taylor series through x¹⁷ (truncation
+/// < 6e-8 relative), above it 1 − 2/(e^{2|x|} + 1) with the fast exp (≤ 3e-7 relative).
+#[inline(always)]
+pub(crate) fn tanh_f32(x: f32) -> f32 {
+    let ax = x.abs();
+    let x2 = x * x;
+    let series = x
+        * (1.0
+            + x2 * (-1.0 / 3.0
+                + x2 * (2.0 / 15.0
+                    + x2 * (-17.0 / 315.0
+                        + x2 * (62.0 / 2835.0
+                            + x2 * (-1382.0 / 155_925.0
+                                + x2 * (21_844.0 / 6_081_075.0
+                                    + x2 * (-929_569.0 / 638_512_875.0
+                                        + x2 * (6_404_582.0 / 10_854_718_875.0)))))))));
+    let e = exp_f32(2.0 * ax.min(20.0));
+    let large = (1.0 - 2.0 / (e + 1.0)).copysign(x);
+    if ax < 0.625 {
+        series
+    } else {
+        large
+    }
+}
+
+/// tanh over a slice, in place, AVX2 + FMA when available.
+pub(crate) fn tanh_slice_f32(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features the function is compiled for
+            unsafe { tanh_slice_avx2(v) };
+            return;
+        }
+    }
+    v.iter_mut().for_each(|x| *x = tanh_f32(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tanh_slice_avx2(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = tanh_f32(*x));
+}
+
+/// (GELU(z), GELU'(z)) of the tanh approximation 0.5·z·(1 + tanh(√(2/π)(z + 0.044715 z³))).
+#[inline(always)]
+pub(crate) fn gelu_tanh_f32(z: f32) -> (f32, f32) {
+    const S: f32 = 0.797_884_56;
+    const C: f32 = 0.044_715;
+    let t = tanh_f32(S * (z + C * z * z * z));
+    (
+        0.5 * z * (1.0 + t),
+        0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * S * (1.0 + 3.0 * C * z * z),
+    )
+}
+
+/// [`gelu_tanh_f32`] over a slice: `u[k]` the value, `z[k]` replaced by the derivative.
+pub(crate) fn gelu_tanh_slice_f32(z: &mut [f32], u: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features the function is compiled for
+            unsafe { gelu_tanh_slice_avx2(z, u) };
+            return;
+        }
+    }
+    gelu_tanh_slice_plain(z, u);
+}
+
+#[inline(always)]
+fn gelu_tanh_slice_plain(z: &mut [f32], u: &mut [f32]) {
+    for (zv, uv) in z.iter_mut().zip(u.iter_mut()) {
+        let (g, d) = gelu_tanh_f32(*zv);
+        *uv = g;
+        *zv = d;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_tanh_slice_avx2(z: &mut [f32], u: &mut [f32]) {
+    gelu_tanh_slice_plain(z, u);
+}
+
 /// `acc[k] += v[k]²` in f64, AVX2 when available.
 pub(crate) fn add_squares_f32(acc: &mut [f64], v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -170,6 +256,39 @@ mod tests {
         assert!(wc < 2e-6, "Φ: {wc:e}");
         assert!(wa < 3e-7, "Φ absolute: {wa:e}");
         assert!(wd < 3e-7, "GELU': {wd:e}");
+    }
+
+    #[test]
+    fn tanh_and_the_tanh_gelu_match_libm() {
+        let (mut wt, mut wg, mut wd) = (0.0f64, 0.0f64, 0.0f64);
+        let mut x = -12.0f64;
+        while x < 12.0 {
+            let xf = (x as f32) as f64;
+            let want = xf.tanh();
+            let got = tanh_f32(xf as f32) as f64;
+            wt = wt.max((got - want).abs() / want.abs().max(1e-30));
+            let s = 0.797_884_560_802_865_4;
+            let t = (s * (xf + 0.044_715 * xf.powi(3))).tanh();
+            let g = 0.5 * xf * (1.0 + t);
+            let d =
+                0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * s * (1.0 + 3.0 * 0.044_715 * xf * xf);
+            let (gg, dd) = gelu_tanh_f32(xf as f32);
+            wg = wg.max((gg as f64 - g).abs() / (1.0 + g.abs()));
+            wd = wd.max((dd as f64 - d).abs());
+            x += 0.00377;
+        }
+        assert!(wt < 5e-7, "tanh: {wt:e}");
+        assert!(wg < 5e-7, "GELU (tanh): {wg:e}");
+        assert!(wd < 5e-7, "GELU' (tanh): {wd:e}");
+        assert_eq!(tanh_f32(0.0), 0.0);
+        assert_eq!(tanh_f32(30.0), 1.0);
+        assert_eq!(tanh_f32(-30.0), -1.0);
+        let mut v: Vec<f32> = (0..67).map(|i| (i as f32 - 33.0) * 0.1).collect();
+        let w = v.clone();
+        tanh_slice_f32(&mut v);
+        for (a, b) in v.iter().zip(&w) {
+            assert_eq!(*a, tanh_f32(*b));
+        }
     }
 
     #[test]

@@ -35,6 +35,22 @@ pub trait Scalar:
             *zv = d;
         }
     }
+    /// Over slices: `u` = the tanh-approximate GELU of `z`, `z` replaced by its derivative.
+    fn gelu_tanh_slice(z: &mut [Self], u: &mut [Self]) {
+        let s = Self::of(0.797_884_560_802_865_4);
+        let c = Self::of(0.044_715);
+        let (half, one, three) = (Self::of(0.5), Self::of(1.0), Self::of(3.0));
+        for (zv, uv) in z.iter_mut().zip(u.iter_mut()) {
+            let x = *zv;
+            let t = (s * (x + c * x * x * x)).tanh();
+            *uv = half * x * (one + t);
+            *zv = half * (one + t) + half * x * (one - t * t) * s * (one + three * c * x * x);
+        }
+    }
+    /// tanh over a slice, in place.
+    fn tanh_slice(v: &mut [Self]) {
+        v.iter_mut().for_each(|x| *x = x.tanh());
+    }
     /// `row[k] = exp(row[k] − m)`.
     fn exp_shift(row: &mut [Self], m: Self) {
         row.iter_mut().for_each(|v| *v = (*v - m).exp());
@@ -94,6 +110,12 @@ impl Scalar for f32 {
     fn gelu_slice(z: &mut [Self], u: &mut [Self]) {
         fastmath::gelu_slice_f32(z, u)
     }
+    fn gelu_tanh_slice(z: &mut [Self], u: &mut [Self]) {
+        fastmath::gelu_tanh_slice_f32(z, u)
+    }
+    fn tanh_slice(v: &mut [Self]) {
+        fastmath::tanh_slice_f32(v)
+    }
     fn exp_shift(row: &mut [Self], m: Self) {
         fastmath::exp_shift_f32(row, m)
     }
@@ -110,7 +132,7 @@ impl Scalar for f32 {
     }
     #[inline]
     fn tanh(self) -> Self {
-        f32::tanh(self)
+        fastmath::tanh_f32(self)
     }
     #[inline]
     fn erf(self) -> Self {

@@ -198,20 +198,54 @@ fn tap(g: &Geometry, oi: usize, oj: usize, ki: usize, kj: usize) -> Option<(usiz
     (i < g.h && j < g.w).then_some((i, j))
 }
 
+/// The output columns `oj` whose tap `kj` lands inside the input row: `lo..hi`, and the
+/// input column of `lo`.
+#[inline]
+fn col_range(g: &Geometry, kj: usize) -> (usize, usize, usize) {
+    let off = kj * g.dw;
+    // j = oj·sw + off − pw ∈ [0, w)
+    let lo = if off >= g.pw {
+        0
+    } else {
+        (g.pw - off).div_ceil(g.sw)
+    };
+    let hi = if g.w + g.pw > off {
+        ((g.w + g.pw - off - 1) / g.sw + 1).min(g.ow)
+    } else {
+        0
+    };
+    let lo = lo.min(hi);
+    (lo, hi, (lo * g.sw + off).saturating_sub(g.pw))
+}
+
 /// im2col of `cg` channels of one example starting at channel `c0`: K × L, K = cg·kh·kw.
 fn unfold<T: Scalar>(g: &Geometry, x: &[T], c0: usize, cg: usize, out: &mut [T]) {
     let l = g.l();
+    let zero = T::of(0.0);
     for c in 0..cg {
         let xc = &x[(c0 + c) * g.h * g.w..(c0 + c + 1) * g.h * g.w];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = ((c * g.kh + ki) * g.kw + kj) * l;
+                let (lo, hi, j0) = col_range(g, kj);
                 for oi in 0..g.oh {
-                    for oj in 0..g.ow {
-                        out[row + oi * g.ow + oj] = match tap(g, oi, oj, ki, kj) {
-                            Some((i, j)) => xc[i * g.w + j],
-                            None => T::of(0.0),
-                        };
+                    let dst = &mut out[row + oi * g.ow..row + (oi + 1) * g.ow];
+                    let i = (oi * g.sh + ki * g.dh)
+                        .checked_sub(g.ph)
+                        .filter(|i| *i < g.h);
+                    let Some(i) = i else {
+                        dst.fill(zero);
+                        continue;
+                    };
+                    dst[..lo].fill(zero);
+                    dst[hi..].fill(zero);
+                    let src = &xc[i * g.w..(i + 1) * g.w];
+                    if g.sw == 1 {
+                        dst[lo..hi].copy_from_slice(&src[j0..j0 + (hi - lo)]);
+                    } else {
+                        for (t, d) in dst[lo..hi].iter_mut().enumerate() {
+                            *d = src[j0 + t * g.sw];
+                        }
                     }
                 }
             }
@@ -227,10 +261,23 @@ fn fold<T: Scalar>(g: &Geometry, dp: &[T], c0: usize, cg: usize, dx: &mut [T]) {
         for ki in 0..g.kh {
             for kj in 0..g.kw {
                 let row = ((c * g.kh + ki) * g.kw + kj) * l;
+                let (lo, hi, j0) = col_range(g, kj);
                 for oi in 0..g.oh {
-                    for oj in 0..g.ow {
-                        if let Some((i, j)) = tap(g, oi, oj, ki, kj) {
-                            xc[i * g.w + j] += dp[row + oi * g.ow + oj];
+                    let Some(i) = (oi * g.sh + ki * g.dh)
+                        .checked_sub(g.ph)
+                        .filter(|i| *i < g.h)
+                    else {
+                        continue;
+                    };
+                    let src = &dp[row + oi * g.ow + lo..row + oi * g.ow + hi];
+                    let dst = &mut xc[i * g.w..(i + 1) * g.w];
+                    if g.sw == 1 {
+                        for (d, s) in dst[j0..j0 + (hi - lo)].iter_mut().zip(src) {
+                            *d += *s;
+                        }
+                    } else {
+                        for (t, s) in src.iter().enumerate() {
+                            dst[j0 + t * g.sw] += *s;
                         }
                     }
                 }

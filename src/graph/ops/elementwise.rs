@@ -94,32 +94,50 @@ fn unary_deriv<T: Scalar>(u: Unary, x: T, y: T) -> T {
     }
 }
 
-/// Forward of a unary function.
-pub fn unary_forward<T: Scalar>(node: &Node, u: Unary, x: &Tensor<T>) -> Result<Tensor<T>> {
+/// Forward of a unary function: the output and, for the GELUs, the derivative (computed with
+/// the value by the vectorised kernels, kept for the backward).
+pub fn unary_forward<T: Scalar>(
+    node: &Node,
+    u: Unary,
+    x: &Tensor<T>,
+) -> Result<(Tensor<T>, Option<Vec<T>>)> {
     match &x.data {
         Data::F(v) => {
-            let out: Vec<T> = if let Unary::Gelu { tanh: false } = u {
-                let mut z = v.clone();
-                let mut o = vec![T::of(0.0); v.len()];
-                T::gelu_slice(&mut z, &mut o);
-                o
-            } else {
-                v.iter().map(|x| unary_value(u, *x)).collect()
+            let (out, deriv) = match u {
+                Unary::Gelu { tanh } => {
+                    let mut z = v.clone();
+                    let mut o = vec![T::of(0.0); v.len()];
+                    if tanh {
+                        T::gelu_tanh_slice(&mut z, &mut o);
+                    } else {
+                        T::gelu_slice(&mut z, &mut o);
+                    }
+                    (o, Some(z))
+                }
+                Unary::Tanh => {
+                    let mut o = v.clone();
+                    T::tanh_slice(&mut o);
+                    (o, None)
+                }
+                _ => (v.iter().map(|x| unary_value(u, *x)).collect(), None),
             };
-            Ok(ft(x.shape.clone(), out))
+            Ok((ft(x.shape.clone(), out), deriv))
         }
-        Data::I(v) if matches!(u, Unary::Neg | Unary::Abs | Unary::Relu) => Ok(Tensor {
-            shape: x.shape.clone(),
-            data: Data::I(
-                v.iter()
-                    .map(|a| match u {
-                        Unary::Neg => -a,
-                        Unary::Abs => a.abs(),
-                        _ => (*a).max(0),
-                    })
-                    .collect(),
-            ),
-        }),
+        Data::I(v) if matches!(u, Unary::Neg | Unary::Abs | Unary::Relu) => Ok((
+            Tensor {
+                shape: x.shape.clone(),
+                data: Data::I(
+                    v.iter()
+                        .map(|a| match u {
+                            Unary::Neg => -a,
+                            Unary::Abs => a.abs(),
+                            _ => (*a).max(0),
+                        })
+                        .collect(),
+                ),
+            },
+            None,
+        )),
         _ => Err(Error::Unsupported(format!(
             "{}: input must be float, it holds {:?}",
             node.describe(),
@@ -128,14 +146,18 @@ pub fn unary_forward<T: Scalar>(node: &Node, u: Unary, x: &Tensor<T>) -> Result<
     }
 }
 
-/// Backward of a unary function: g·f'(x).
+/// Backward of a unary function: g·f'(x) (f' kept by the forward when given).
 pub fn unary_backward<T: Scalar>(
     node: &Node,
     u: Unary,
     x: &Tensor<T>,
     y: &Tensor<T>,
+    deriv: Option<&[T]>,
     g: &[T],
 ) -> Result<Vec<T>> {
+    if let Some(d) = deriv {
+        return Ok(g.iter().zip(d).map(|(a, b)| *a * *b).collect());
+    }
     let xs = floats(node, x, "X")?;
     let ys = floats(node, y, "Y")?;
     Ok(xs

@@ -28,6 +28,8 @@ pub enum Saved<T> {
     Patches(Vec<T>),
     /// The input index of each output (max pooling, ReduceMax).
     Indices(Vec<usize>),
+    /// An elementwise function's derivative at its input.
+    Deriv(Vec<T>),
     /// A layer norm's x̂ and 1/σ per row.
     Norm {
         /// x̂.
@@ -207,7 +209,10 @@ pub fn forward<T: Scalar>(
             )?;
             (vec![y], Saved::Norm { xh, inv })
         }
-        Op::Unary(u) => one(elementwise::unary_forward(node, *u, x(0)?)?),
+        Op::Unary(u) => {
+            let (y, d) = elementwise::unary_forward(node, *u, x(0)?)?;
+            (vec![y], d.map_or(Saved::None, Saved::Deriv))
+        }
         Op::Binary(b) => one(elementwise::binary_forward(node, *b, x(0)?, x(1)?)?),
         Op::Logic(l) => one(elementwise::logic_forward(
             node,
@@ -564,7 +569,18 @@ pub fn backward<T: Scalar>(
             }
         }
         Op::Unary(u) => {
-            res[0] = Some(elementwise::unary_backward(node, *u, x(0)?, out0()?, g0)?);
+            let d = match saved {
+                Saved::Deriv(d) => Some(d.as_slice()),
+                _ => None,
+            };
+            res[0] = Some(elementwise::unary_backward(
+                node,
+                *u,
+                x(0)?,
+                out0()?,
+                d,
+                g0,
+            )?);
         }
         Op::Binary(b) => {
             let (ga, gb) = elementwise::binary_backward(

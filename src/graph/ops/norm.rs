@@ -317,6 +317,37 @@ pub fn softmax_forward<T: Scalar>(
 ) -> Result<Tensor<T>> {
     let (outer, n, inner) = softmax_dims(node, &x.shape, axis, legacy)?;
     let xv = floats(node, x, "input")?;
+    if inner == 1 && n > 0 {
+        // rows are contiguous: the vectorised exp
+        let mut y = xv.to_vec();
+        for row in y.chunks_mut(n) {
+            let mut m = T::of(f64::NEG_INFINITY);
+            for v in row.iter() {
+                if *v > m {
+                    m = *v;
+                }
+            }
+            if !m.finite() {
+                m = T::of(0.0);
+            }
+            let orig: Vec<T> = if log { row.to_vec() } else { vec![] };
+            T::exp_shift(row, m);
+            let mut s = T::of(0.0);
+            for v in row.iter() {
+                s += *v;
+            }
+            if log {
+                let ls = s.ln() + m;
+                for (v, o) in row.iter_mut().zip(&orig) {
+                    *v = *o - ls;
+                }
+            } else {
+                let inv = T::of(1.0) / s;
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+        return Ok(ft(x.shape.clone(), y));
+    }
     let mut y = vec![T::of(0.0); xv.len()];
     for o in 0..outer {
         for i in 0..inner {
@@ -364,6 +395,27 @@ pub fn softmax_backward<T: Scalar>(
     let (outer, n, inner) = softmax_dims(node, &y.shape, axis, legacy)?;
     let yv = floats(node, y, "output")?;
     let mut dx = vec![T::of(0.0); yv.len()];
+    if inner == 1 && n > 0 {
+        for ((d, yr), gr) in dx.chunks_mut(n).zip(yv.chunks(n)).zip(g.chunks(n)) {
+            let mut s = T::of(0.0);
+            if log {
+                for gv in gr {
+                    s += *gv;
+                }
+                for ((dv, yv), gv) in d.iter_mut().zip(yr).zip(gr) {
+                    *dv = *gv - yv.exp() * s;
+                }
+            } else {
+                for (gv, yv) in gr.iter().zip(yr) {
+                    s += *gv * *yv;
+                }
+                for ((dv, yv), gv) in d.iter_mut().zip(yr).zip(gr) {
+                    *dv = *yv * (*gv - s);
+                }
+            }
+        }
+        return Ok(dx);
+    }
     for o in 0..outer {
         for i in 0..inner {
             let at = |k: usize| (o * n + k) * inner + i;

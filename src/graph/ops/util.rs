@@ -165,6 +165,21 @@ pub fn reduce_to<T: Scalar>(g: &[T], out: &[usize], target: &[usize]) -> Vec<T> 
 /// Permutes the axes of row-major `src` (shape `shape`) by `perm`: out axis i = in axis
 /// `perm[i]`.
 pub fn permute<E: Copy>(src: &[E], shape: &[usize], perm: &[usize]) -> Vec<E> {
+    let r = shape.len();
+    if r >= 2 && perm[r - 1] == r - 1 && shape[r - 1] > 1 {
+        // the last axis stays: copy whole rows
+        let w = shape[r - 1];
+        let rows: Vec<usize> = permute(
+            &(0..src.len() / w).collect::<Vec<usize>>(),
+            &shape[..r - 1],
+            &perm[..r - 1],
+        );
+        let mut out = Vec::with_capacity(src.len());
+        for row in rows {
+            out.extend_from_slice(&src[row * w..(row + 1) * w]);
+        }
+        return out;
+    }
     let s = strides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|p| shape[*p]).collect();
     let ps: Vec<usize> = perm.iter().map(|p| s[*p]).collect();
