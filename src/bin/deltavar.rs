@@ -45,7 +45,7 @@ struct ModelArgs {
     /// Precision of the forward and backward passes (sums and solves are always f64).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Examples per batch (default 256 for mlp:, 64 for seq: and onnx:).
+    /// Examples per batch (default 256 for mlp:, 64 for seq:, 32 for onnx:).
     #[arg(long)]
     batch_size: Option<usize>,
 }
@@ -285,7 +285,8 @@ fn row_shape(path: &Path) -> Result<Vec<usize>> {
 fn batch_size(m: &ModelArgs, net: &Model) -> usize {
     m.batch_size.unwrap_or(match net {
         Model::Mlp(_) => 256,
-        Model::Seq(_) | Model::Graph(_) => 64,
+        Model::Seq(_) => 64,
+        Model::Graph(_) => 32,
     })
 }
 
@@ -1307,13 +1308,17 @@ fn run(cli: Cli) -> Result<()> {
 /// pass's buffers come back as fresh zeroed pages: on W-queries (1024 queries) a quarter of the
 /// run was page faults and munmap. Keeping freed memory in the heap (blocks up to 32 MiB, the
 /// largest threshold glibc takes; a trim only above 512 MiB of free top) measured 0.054 → 0.045 s
-/// (median of 25 runs). Affects only this process's allocator.
+/// (median of 25 runs). The worker threads' own arenas grow in 64 MiB heaps that glibc unmaps as
+/// soon as they empty, so a graph pass (one batch's values and cotangents, freed per batch) paid
+/// page faults and TLB shootdowns on every batch: one arena (M_ARENA_MAX = 1) measured W-gpt
+/// 1.29 → 0.70 s and W-resnet 5.7 → 3.3 s (batch 64). Affects only this process's allocator.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     // SAFETY: mallopt only changes glibc's allocator parameters; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -660,28 +660,31 @@ impl GraphEngine {
                 // per example: G = Σ_uses Δᵀ X̃ in the run's precision, squared into f64
                 let mut g = vec![T::of(0.0); out * k];
                 let mut gb = vec![T::of(0.0); out];
+                let mut ones: Vec<T> = vec![];
                 for e in 0..b {
-                    gb.iter_mut().for_each(|v| *v = T::of(0.0));
                     for (u, (pass, x, d)) in recs.iter().enumerate() {
                         let xm = x.mat(pass, e)?;
                         let dm = d.mat(pass, e)?;
+                        let acc_mode = if u == 0 { Accum::Replace } else { Accum::Add };
                         matmul(
                             MatMut::from_row_major_slice_mut(&mut g, out, k),
-                            if u == 0 { Accum::Replace } else { Accum::Add },
+                            acc_mode,
                             dm.transpose(),
                             xm,
                             T::of(1.0),
                             Par::Seq,
                         );
                         if s.b_off.is_some() {
-                            for c in 0..out {
-                                let col = dm.col(c);
-                                let mut sum = T::of(0.0);
-                                for v in col.iter() {
-                                    sum += *v;
-                                }
-                                gb[c] += sum;
-                            }
+                            // the bias: Δᵀ·1
+                            ones.resize(dm.nrows(), T::of(1.0));
+                            matmul(
+                                MatMut::from_column_major_slice_mut(&mut gb, out, 1),
+                                acc_mode,
+                                dm.transpose(),
+                                MatRef::from_column_major_slice(&ones, dm.nrows(), 1),
+                                T::of(1.0),
+                                Par::Seq,
+                            );
                         }
                     }
                     T::add_squares(&mut acc[s.w_off..s.w_off + out * k], &g);

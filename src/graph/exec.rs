@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use super::analysis::Analysis;
-use super::ir::{Data, Graph, Op, Tensor, ValueId};
+use super::ir::{Binary, Data, Graph, Op, Tensor, ValueId};
 use super::ops::{self, Saved};
 use super::per_example::{self, Record};
 use crate::error::{Error, Result};
@@ -240,6 +240,9 @@ pub fn backward<T: Scalar>(
             .filter(|(_, i)| i.is_some_and(|v| ng[v] && an.bax[v].is_none()))
             .map(|(s, _)| s)
             .collect();
+        if pass_through(g, an, k, &need, &boundary, pass) {
+            continue;
+        }
         let grads = {
             let ins: Vec<Option<&Tensor<T>>> = node
                 .inputs
@@ -307,6 +310,105 @@ pub fn backward<T: Scalar>(
         pass.records.extend(recs);
     }
     chain_backward(g, an, src, pass)
+}
+
+/// For operators that pass their output cotangent on unchanged (reshapes, identities, float
+/// casts, and Add/Sub to inputs of the output's shape), hands the buffer itself to the input
+/// instead of copying it: the output cotangent is read by no one after its producer, and no
+/// record refers to it (records keep the cotangents of MatMul/Gemm/Conv/Gather outputs).
+/// Returns whether the node was handled.
+fn pass_through<T: Scalar>(
+    g: &Graph,
+    an: &Analysis,
+    k: usize,
+    need: &[bool],
+    boundary: &[usize],
+    pass: &mut Pass<T>,
+) -> bool {
+    let node = &g.nodes[k];
+    let reshaping = matches!(
+        node.op,
+        Op::Reshape { .. }
+            | Op::Flatten { .. }
+            | Op::Squeeze { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Identity
+            | Op::CastLike
+            | Op::Cast {
+                to: super::ir::ElemType::Float
+            }
+    );
+    let additive = matches!(node.op, Op::Binary(Binary::Add) | Op::Binary(Binary::Sub));
+    if !(reshaping || additive) || node.outputs.len() != 1 {
+        return false;
+    }
+    // parameter inputs must be biases whose gradient comes from a record
+    if boundary
+        .iter()
+        .any(|s| an.rules.get(&(k, *s)) != Some(&super::analysis::Rule::Covered))
+    {
+        return false;
+    }
+    let Some(out) = node.outputs[0] else {
+        return false;
+    };
+    let out_shape = match pass.vals[out].as_ref() {
+        Some(t) => t.shape.clone(),
+        None => return false,
+    };
+    let shape_of = |pass: &Pass<T>, v: usize| pass.vals[v].as_ref().map(|t| t.shape.clone());
+    if reshaping {
+        if !need.first().copied().unwrap_or(false) {
+            return false;
+        }
+        let (Some(v), Some(gv)) = (node.input(0), pass.cot[out].take()) else {
+            return false;
+        };
+        pass.add_cot(v, gv);
+        return true;
+    }
+    // Add / Sub: every needed input must be batched (a computed value) for its shape
+    let slots: Vec<(usize, usize)> = node
+        .inputs
+        .iter()
+        .enumerate()
+        .filter(|(s, _)| need.get(*s).copied().unwrap_or(false))
+        .filter_map(|(s, v)| v.map(|v| (s, v)))
+        .collect();
+    if slots.is_empty() || slots.iter().any(|(_, v)| shape_of(pass, *v).is_none()) {
+        return false;
+    }
+    let Some(gv) = pass.cot[out].take() else {
+        return false;
+    };
+    // inputs broadcast to the output first (they read the buffer), then the same-shaped ones,
+    // the last of which takes the buffer itself
+    let (same, other): (Vec<(usize, usize)>, Vec<(usize, usize)>) = slots
+        .into_iter()
+        .partition(|(_, v)| shape_of(pass, *v).as_ref() == Some(&out_shape));
+    let neg = |s: usize, part: &mut Vec<T>| {
+        if s == 1 && matches!(node.op, Op::Binary(Binary::Sub)) {
+            part.iter_mut().for_each(|x| *x = -*x);
+        }
+    };
+    for (s, v) in other {
+        let shape = shape_of(pass, v).unwrap_or_default();
+        let mut part = super::ops::util::reduce_to(&gv, &out_shape, &shape);
+        neg(s, &mut part);
+        pass.add_cot(v, part);
+    }
+    let mut owned = Some(gv);
+    let n_same = same.len();
+    for (i, (s, v)) in same.into_iter().enumerate() {
+        let mut part = if i + 1 == n_same {
+            owned.take().unwrap_or_default()
+        } else {
+            owned.as_deref().unwrap_or(&[]).to_vec()
+        };
+        neg(s, &mut part);
+        pass.add_cot(v, part);
+    }
+    true
 }
 
 /// Per-example cotangents through the unbatched chains (nodes whose outputs carry no batch

@@ -119,6 +119,19 @@ pub fn unary_forward<T: Scalar>(
                     T::tanh_slice(&mut o);
                     (o, None)
                 }
+                Unary::Relu => {
+                    let zero = T::of(0.0);
+                    (
+                        v.iter()
+                            .map(|x| if *x > zero { *x } else { zero })
+                            .collect(),
+                        None,
+                    )
+                }
+                Unary::Sigmoid => {
+                    let one = T::of(1.0);
+                    (v.iter().map(|x| one / (one + (-*x).exp())).collect(), None)
+                }
                 _ => (v.iter().map(|x| unary_value(u, *x)).collect(), None),
             };
             Ok((ft(x.shape.clone(), out), deriv))
@@ -160,6 +173,34 @@ pub fn unary_backward<T: Scalar>(
     }
     let xs = floats(node, x, "X")?;
     let ys = floats(node, y, "Y")?;
+    let one = T::of(1.0);
+    let zero = T::of(0.0);
+    // one loop per common function (vectorises)
+    match u {
+        Unary::Tanh => {
+            return Ok(g
+                .iter()
+                .zip(ys)
+                .map(|(g, y)| *g * (one - *y * *y))
+                .collect())
+        }
+        Unary::Sigmoid => {
+            return Ok(g
+                .iter()
+                .zip(ys)
+                .map(|(g, y)| *g * *y * (one - *y))
+                .collect())
+        }
+        Unary::Relu => {
+            return Ok(g
+                .iter()
+                .zip(xs)
+                .map(|(g, x)| if *x > zero { *g } else { zero })
+                .collect())
+        }
+        Unary::Exp => return Ok(g.iter().zip(ys).map(|(g, y)| *g * *y).collect()),
+        _ => {}
+    }
     Ok(xs
         .iter()
         .zip(ys)
@@ -193,16 +234,18 @@ fn broadcast_apply<A: Copy, B: Copy, O>(
         !t.is_empty() && out.ends_with(&t)
     };
     if ashape == out && !b.is_empty() && trailing(bshape) {
-        let nb = b.len();
-        return a
-            .chunks(nb)
-            .flat_map(|row| {
-                row.iter()
-                    .zip(b)
-                    .map(|(x, y)| f(*x, *y))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut o = Vec::with_capacity(n);
+        for row in a.chunks(b.len()) {
+            o.extend(row.iter().zip(b).map(|(x, y)| f(*x, *y)));
+        }
+        return o;
+    }
+    if bshape == out && !a.is_empty() && trailing(ashape) {
+        let mut o = Vec::with_capacity(n);
+        for row in b.chunks(a.len()) {
+            o.extend(a.iter().zip(row).map(|(x, y)| f(*x, *y)));
+        }
+        return o;
     }
     let sa = bstrides(ashape, out);
     let sb = bstrides(bshape, out);
@@ -224,20 +267,17 @@ pub fn binary_forward<T: Scalar>(
     let out = broadcast(node, &a.shape, &b.shape)?;
     numel(node, &out)?;
     let data = match (&a.data, &b.data) {
-        (Data::F(x), Data::F(y)) => Data::F(broadcast_apply(
-            x,
-            &a.shape,
-            y,
-            &b.shape,
-            &out,
-            |p, q| match op {
-                Binary::Add => p + q,
-                Binary::Sub => p - q,
-                Binary::Mul => p * q,
-                Binary::Div => p / q,
-                Binary::Pow => p.powf(q),
-            },
-        )),
+        (Data::F(x), Data::F(y)) => {
+            // one loop per operator (a match inside the loop would not vectorise)
+            let (sa, sb) = (&a.shape, &b.shape);
+            Data::F(match op {
+                Binary::Add => broadcast_apply(x, sa, y, sb, &out, |p, q| p + q),
+                Binary::Sub => broadcast_apply(x, sa, y, sb, &out, |p, q| p - q),
+                Binary::Mul => broadcast_apply(x, sa, y, sb, &out, |p, q| p * q),
+                Binary::Div => broadcast_apply(x, sa, y, sb, &out, |p, q| p / q),
+                Binary::Pow => broadcast_apply(x, sa, y, sb, &out, |p, q| p.powf(q)),
+            })
+        }
         (Data::I(x), Data::I(y)) => {
             if op == Binary::Div && y.contains(&0) {
                 return Err(Error::Unsupported(format!(
