@@ -551,19 +551,14 @@ fn materialise<T: Scalar>(c: &Ctx<'_, T>, s: usize) -> Result<Vec<T>> {
                 for k in 0..ch {
                     let at = (e * ch + k) * sp;
                     let gs = &c.g[at..at + sp];
-                    let mut acc = T::of(0.0);
-                    if s == 1 {
+                    let gsum = sum(gs);
+                    pe[e * nu + k] = if s == 1 {
+                        // Σ g·(x − mean)/σ = (Σ g·x − mean·Σ g)/σ
                         let inv = T::of(1.0) / (var[k] + T::of(*epsilon)).sqrt();
-                        for (gv, xv) in gs.iter().zip(&xv[at..at + sp]) {
-                            acc += *gv * (*xv - mean[k]);
-                        }
-                        acc *= inv;
+                        (dot(gs, &xv[at..at + sp]) - mean[k] * gsum) * inv
                     } else {
-                        for gv in gs {
-                            acc += *gv;
-                        }
-                    }
-                    pe[e * nu + k] = acc;
+                        gsum
+                    };
                 }
             }
             Ok(pe)

@@ -218,35 +218,32 @@ fn col_range(g: &Geometry, kj: usize) -> (usize, usize, usize) {
     (lo, hi, (lo * g.sw + off).saturating_sub(g.pw))
 }
 
-/// im2col of `cg` channels of one example starting at channel `c0`: K × L, K = cg·kh·kw.
-fn unfold<T: Scalar>(g: &Geometry, x: &[T], c0: usize, cg: usize, out: &mut [T]) {
-    let l = g.l();
+/// im2col of `cg` channels of one example starting at channel `c0`, appended to `out`: K × L,
+/// K = cg·kh·kw (every element written once, in order: no zeroing first).
+fn unfold<T: Scalar>(g: &Geometry, x: &[T], c0: usize, cg: usize, out: &mut Vec<T>) {
     let zero = T::of(0.0);
+    let zeros = |out: &mut Vec<T>, n: usize| out.extend(std::iter::repeat_n(zero, n));
     for c in 0..cg {
         let xc = &x[(c0 + c) * g.h * g.w..(c0 + c + 1) * g.h * g.w];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
-                let row = ((c * g.kh + ki) * g.kw + kj) * l;
                 let (lo, hi, j0) = col_range(g, kj);
                 for oi in 0..g.oh {
-                    let dst = &mut out[row + oi * g.ow..row + (oi + 1) * g.ow];
                     let i = (oi * g.sh + ki * g.dh)
                         .checked_sub(g.ph)
                         .filter(|i| *i < g.h);
                     let Some(i) = i else {
-                        dst.fill(zero);
+                        zeros(out, g.ow);
                         continue;
                     };
-                    dst[..lo].fill(zero);
-                    dst[hi..].fill(zero);
+                    zeros(out, lo);
                     let src = &xc[i * g.w..(i + 1) * g.w];
                     if g.sw == 1 {
-                        dst[lo..hi].copy_from_slice(&src[j0..j0 + (hi - lo)]);
+                        out.extend_from_slice(&src[j0..j0 + (hi - lo)]);
                     } else {
-                        for (t, d) in dst[lo..hi].iter_mut().enumerate() {
-                            *d = src[j0 + t * g.sw];
-                        }
+                        out.extend((0..hi - lo).map(|t| src[j0 + t * g.sw]));
                     }
+                    zeros(out, g.ow - hi);
                 }
             }
         }
@@ -360,7 +357,7 @@ pub fn conv_forward<T: Scalar>(
     let g = &s.g;
     let (l, k, cg, og) = (g.l(), s.k, g.cin / groups, s.cout / groups);
     let per_in = g.cin * g.h * g.w;
-    let mut patches = vec![T::of(0.0); g.n * groups * k * l];
+    let mut patches: Vec<T> = Vec::with_capacity(g.n * groups * k * l);
     let mut out = vec![T::of(0.0); g.n * s.cout * l];
     let bias = match b {
         Some(b) => {
@@ -379,8 +376,8 @@ pub fn conv_forward<T: Scalar>(
     for e in 0..g.n {
         let xe = &xv[e * per_in..(e + 1) * per_in];
         for gr in 0..groups {
-            let p = &mut patches[(e * groups + gr) * k * l..(e * groups + gr + 1) * k * l];
-            unfold(g, xe, gr * cg, cg, p);
+            unfold(g, xe, gr * cg, cg, &mut patches);
+            let p = &patches[(e * groups + gr) * k * l..(e * groups + gr + 1) * k * l];
             let y = &mut out[(e * s.cout + gr * og) * l..(e * s.cout + (gr + 1) * og) * l];
             if let Some(bv) = bias {
                 for o in 0..og {
@@ -489,6 +486,55 @@ pub fn pool_forward<T: Scalar>(
         vec![]
     };
     let plane = g.h * g.w;
+    if avg.is_none() {
+        // the taps inside the input, per output row and column, computed once
+        let rows: Vec<Vec<usize>> = (0..g.oh)
+            .map(|oi| {
+                (0..g.kh)
+                    .filter_map(|ki| {
+                        (oi * g.sh + ki * g.dh)
+                            .checked_sub(g.ph)
+                            .filter(|i| *i < g.h)
+                    })
+                    .collect()
+            })
+            .collect();
+        let cols: Vec<Vec<usize>> = (0..g.ow)
+            .map(|oj| {
+                (0..g.kw)
+                    .filter_map(|kj| {
+                        (oj * g.sw + kj * g.dw)
+                            .checked_sub(g.pw)
+                            .filter(|j| *j < g.w)
+                    })
+                    .collect()
+            })
+            .collect();
+        for nc in 0..g.n * g.cin {
+            let xp = &xv[nc * plane..(nc + 1) * plane];
+            for (oi, ri) in rows.iter().enumerate() {
+                for (oj, cj) in cols.iter().enumerate() {
+                    let o = nc * g.l() + oi * g.ow + oj;
+                    let mut best = T::of(f64::NEG_INFINITY);
+                    let mut at = usize::MAX;
+                    for &i in ri {
+                        for &j in cj {
+                            let v = xp[i * g.w + j];
+                            if at == usize::MAX || v > best {
+                                best = v;
+                                at = i * g.w + j;
+                            }
+                        }
+                    }
+                    if at != usize::MAX {
+                        out[o] = best;
+                        arg[o] = nc * plane + at;
+                    }
+                }
+            }
+        }
+        return Ok((ft(shape, out), arg));
+    }
     for nc in 0..g.n * g.cin {
         let xp = &xv[nc * plane..(nc + 1) * plane];
         for oi in 0..g.oh {

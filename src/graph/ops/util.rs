@@ -162,6 +162,46 @@ pub fn reduce_to<T: Scalar>(g: &[T], out: &[usize], target: &[usize]) -> Vec<T> 
     acc
 }
 
+/// Σ aᵢ·bᵢ over eight partial sums (so the loop vectorises).
+pub fn dot<T: Scalar>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::of(0.0); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    let mut s = T::of(0.0);
+    for (x, y) in ra.iter().zip(rb) {
+        s += *x * *y;
+    }
+    for l in lanes {
+        s += l;
+    }
+    s
+}
+
+/// Σ aᵢ over eight partial sums.
+pub fn sum<T: Scalar>(a: &[T]) -> T {
+    let mut lanes = [T::of(0.0); 8];
+    let c = a.chunks_exact(8);
+    let r = c.remainder();
+    for x in c {
+        for k in 0..8 {
+            lanes[k] += x[k];
+        }
+    }
+    let mut s = T::of(0.0);
+    for x in r {
+        s += *x;
+    }
+    for l in lanes {
+        s += l;
+    }
+    s
+}
+
 /// Permutes the axes of row-major `src` (shape `shape`) by `perm`: out axis i = in axis
 /// `perm[i]`.
 pub fn permute<E: Copy>(src: &[E], shape: &[usize], perm: &[usize]) -> Vec<E> {
