@@ -528,26 +528,25 @@ pub fn where_forward<T: Scalar>(
     let sx = bstrides(&x.shape, &out);
     let sy = bstrides(&y.shape, &out);
     let so = strides(&out);
-    let mut idx = Vec::with_capacity(n);
-    for_each(&out, [&so, &sc, &sx, &sy], |_, [_, ic, ix, iy]| {
-        idx.push((cond[ic], ix, iy))
-    });
+    fn select<E: Copy>(
+        out: &[usize],
+        st: [&[usize]; 4],
+        cond: &[bool],
+        a: &[E],
+        b: &[E],
+        n: usize,
+    ) -> Vec<E> {
+        let mut o = Vec::with_capacity(n);
+        for_each(out, st, |_, [_, ic, ix, iy]| {
+            o.push(if cond[ic] { a[ix] } else { b[iy] })
+        });
+        o
+    }
+    let st = [so.as_slice(), &sc, &sx, &sy];
     let data = match (&x.data, &y.data) {
-        (Data::F(a), Data::F(b)) => Data::F(
-            idx.iter()
-                .map(|(c, i, j)| if *c { a[*i] } else { b[*j] })
-                .collect(),
-        ),
-        (Data::I(a), Data::I(b)) => Data::I(
-            idx.iter()
-                .map(|(c, i, j)| if *c { a[*i] } else { b[*j] })
-                .collect(),
-        ),
-        (Data::B(a), Data::B(b)) => Data::B(
-            idx.iter()
-                .map(|(c, i, j)| if *c { a[*i] } else { b[*j] })
-                .collect(),
-        ),
+        (Data::F(a), Data::F(b)) => Data::F(select(&out, st, &cond, a, b, n)),
+        (Data::I(a), Data::I(b)) => Data::I(select(&out, st, &cond, a, b, n)),
+        (Data::B(a), Data::B(b)) => Data::B(select(&out, st, &cond, a, b, n)),
         _ => {
             return Err(Error::Unsupported(format!(
                 "{}: X and Y must have the same type",

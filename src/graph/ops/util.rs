@@ -223,10 +223,32 @@ pub fn permute<E: Copy>(src: &[E], shape: &[usize], perm: &[usize]) -> Vec<E> {
     let s = strides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|p| shape[*p]).collect();
     let ps: Vec<usize> = perm.iter().map(|p| s[*p]).collect();
-    let os = strides(&out_shape);
     let mut out = Vec::with_capacity(src.len());
-    for_each(&out_shape, [&os, &ps], |_, [_, i]| out.push(src[i]));
-    out
+    if r == 0 || src.is_empty() {
+        out.extend_from_slice(src);
+        return out;
+    }
+    // the output's last axis reads the input with a fixed stride: one strided run per row
+    let (last, step) = (out_shape[r - 1], ps[r - 1]);
+    let mut idx = vec![0usize; r - 1];
+    let mut base = 0usize;
+    loop {
+        out.extend(src[base..].iter().step_by(step.max(1)).take(last).copied());
+        let mut ax = r - 1;
+        loop {
+            if ax == 0 {
+                return out;
+            }
+            ax -= 1;
+            idx[ax] += 1;
+            base += ps[ax];
+            if idx[ax] < out_shape[ax] {
+                break;
+            }
+            base -= ps[ax] * out_shape[ax];
+            idx[ax] = 0;
+        }
+    }
 }
 
 /// The float data of input `i`, or an error naming the node.
