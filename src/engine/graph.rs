@@ -228,6 +228,13 @@ impl GraphEngine {
             .collect()
     }
 
+    fn reuse(&self) -> exec::Reuse<'_> {
+        exec::Reuse {
+            uses: &self.an.uses,
+            fold: &self.an.fold,
+        }
+    }
+
     fn check_rollout(&self, steps: usize) -> Result<()> {
         if steps == 0 {
             return Err(Error::invalid("rollout steps", 0, "must be at least 1"));
@@ -406,7 +413,7 @@ impl GraphEngine {
         let input = self.input::<T>(x, first_row)?;
         let b = input.shape[0];
         let mut passes: Vec<Pass<T>> = Vec::with_capacity(steps);
-        passes.push(exec::forward(g, &an.live, Some(&an.uses), src, input)?);
+        passes.push(exec::forward(g, &an.live, Some(&self.reuse()), src, input)?);
         for _ in 1..steps {
             let prev = passes
                 .last()
@@ -418,7 +425,7 @@ impl GraphEngine {
                 shape,
                 data: Data::F(rows.into_iter().map(T::of).collect()),
             };
-            passes.push(exec::forward(g, &an.live, Some(&an.uses), src, next)?);
+            passes.push(exec::forward(g, &an.live, Some(&self.reuse()), src, next)?);
         }
         let last = passes
             .last()

@@ -109,6 +109,9 @@ pub struct Analysis {
     pub live: Vec<bool>,
     /// Live readers (node input slots) of each value.
     pub uses: Vec<usize>,
+    /// Live nodes whose outputs depend on neither the data nor the parameters: computed once
+    /// per batch size.
+    pub fold: Vec<bool>,
     /// Live nodes whose outputs are parameter-derived without a batch axis.
     pub chain_node: Vec<bool>,
     /// Values depending on the data.
@@ -364,8 +367,15 @@ impl Analysis {
             off += p.numel();
         }
         let uses: Vec<usize> = consumers.iter().map(|c| c.len()).collect();
+        let fold: Vec<bool> = g
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(k, n)| live[k] && n.outputs.iter().flatten().all(|o| !dd[*o] && !pd[*o]))
+            .collect();
         let mut an = Analysis {
             uses,
+            fold,
             live,
             chain_node,
             dd,

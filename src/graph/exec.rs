@@ -24,7 +24,14 @@ pub struct Sources<T> {
     pub consts: HashMap<ValueId, Tensor<T>>,
     /// Parameter index by value.
     pub param_at: HashMap<ValueId, usize>,
+    /// Per batch size, the values that depend on neither the data nor the parameters (shape
+    /// arithmetic, masks, index tensors, constant tensors expanded to the batch): computed by
+    /// the first pass of that size, reused by the others.
+    folded: std::sync::Mutex<HashMap<usize, Folded<T>>>,
 }
+
+/// The folded values of one batch size.
+pub type Folded<T> = std::sync::Arc<HashMap<ValueId, Tensor<T>>>;
 
 impl<T: Scalar> Sources<T> {
     /// Converts the graph's parameters and constants to `T`.
@@ -53,6 +60,20 @@ impl<T: Scalar> Sources<T> {
                 .enumerate()
                 .map(|(i, p)| (p.value, i))
                 .collect(),
+            folded: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn folded_for(&self, b: usize) -> Option<Folded<T>> {
+        self.folded.lock().ok()?.get(&b).cloned()
+    }
+
+    fn store_folded(&self, b: usize, f: Folded<T>) {
+        if let Ok(mut m) = self.folded.lock() {
+            // a handful of batch sizes per run (full, last, queries); bounded all the same
+            if m.len() < 64 {
+                m.entry(b).or_insert(f);
+            }
         }
     }
 }
@@ -72,12 +93,17 @@ pub struct Pass<T> {
     pub pe: Vec<Option<Vec<T>>>,
     /// Factored per-example gradients recorded at the parameters' uses.
     pub records: Vec<Record<T>>,
+    /// The values folded for this batch size (see [`Sources`]).
+    folded: Option<Folded<T>>,
 }
 
 impl<T: Scalar> Pass<T> {
     /// The value `v` (computed, parameter, constant).
     pub fn value<'a>(&'a self, src: &'a Sources<T>, v: ValueId) -> Option<&'a Tensor<T>> {
         if let Some(Some(t)) = self.vals.get(v) {
+            return Some(t);
+        }
+        if let Some(t) = self.folded.as_ref().and_then(|f| f.get(&v)) {
             return Some(t);
         }
         if let Some(p) = src.param_at.get(&v) {
@@ -102,17 +128,28 @@ impl<T: Scalar> Pass<T> {
     }
 }
 
-/// Runs every live node (`live[k]`) on `input` (B examples along axis 0). With `uses` (the
-/// number of live readers of each value), a reshaping node (Reshape, Flatten, Squeeze,
-/// Unsqueeze, Identity) that is the only reader of a computed value takes its elements instead
-/// of copying them (its backward needs only the shape, which stays).
+/// What a forward pass may skip or reuse: the number of live readers of each value and which
+/// nodes depend on neither the data nor the parameters (see [`super::Analysis`]).
+pub struct Reuse<'a> {
+    /// Live readers (input slots) of each value.
+    pub uses: &'a [usize],
+    /// Nodes whose outputs are folded per batch size.
+    pub fold: &'a [bool],
+}
+
+/// Runs every live node (`live[k]`) on `input` (B examples along axis 0). With `reuse`, a
+/// reshaping node (Reshape, Flatten, Squeeze, Unsqueeze, Identity) that is the only reader of
+/// a computed value takes its elements instead of copying them (its backward needs only the
+/// shape, which stays), and the nodes that depend on neither the data nor the parameters run
+/// once per batch size (their outputs kept in the sources).
 pub fn forward<T: Scalar>(
     g: &Graph,
     live: &[bool],
-    uses: Option<&[usize]>,
+    reuse: Option<&Reuse<'_>>,
     src: &Sources<T>,
     input: Tensor<T>,
 ) -> Result<Pass<T>> {
+    let uses = reuse.map(|r| r.uses);
     let b = input.shape.first().copied().unwrap_or(0);
     let nv = g.values.len();
     let mut pass = Pass {
@@ -122,10 +159,17 @@ pub fn forward<T: Scalar>(
         cot: vec![None; nv],
         pe: vec![None; nv],
         records: vec![],
+        folded: None,
     };
+    let fold = reuse.map(|r| r.fold);
+    pass.folded = fold.and_then(|_| src.folded_for(b));
+    let have_folded = pass.folded.is_some();
     pass.vals[g.input] = Some(input);
     for (k, node) in g.nodes.iter().enumerate() {
         if !live[k] {
+            continue;
+        }
+        if have_folded && fold.is_some_and(|f| f[k]) {
             continue;
         }
         let reshaping = matches!(
@@ -138,6 +182,7 @@ pub fn forward<T: Scalar>(
         );
         let movable = node.input(0).filter(|v| {
             reshaping
+                && !fold.is_some_and(|f| f[k])
                 && *v != g.input
                 && *v != g.output
                 && uses.is_some_and(|u| u[*v] == 1)
@@ -194,6 +239,21 @@ pub fn forward<T: Scalar>(
                 pass.vals[*o] = Some(t);
             }
         }
+    }
+    if let (Some(f), false) = (fold, have_folded) {
+        let mut kept = HashMap::new();
+        for (k, node) in g.nodes.iter().enumerate() {
+            if live[k] && f[k] {
+                for o in node.outputs.iter().flatten() {
+                    if let Some(t) = pass.vals[*o].take() {
+                        kept.insert(*o, t);
+                    }
+                }
+            }
+        }
+        let kept = std::sync::Arc::new(kept);
+        src.store_folded(b, kept.clone());
+        pass.folded = Some(kept);
     }
     Ok(pass)
 }
