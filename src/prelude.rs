@@ -12,14 +12,15 @@
 
 pub use crate::data::{Dataset, MmapNpyDataset, TensorDataset};
 pub use crate::delta::{
-    build_sigma, delta_variances, mlp_delta_variances, mlp_delta_variances_with,
-    query_delta_variances, SigmaOptions, SigmaStrategy,
+    build_sigma, delta_variances, engine_delta_variances_with, mlp_delta_variances,
+    mlp_delta_variances_with, query_delta_variances, SigmaOptions, SigmaStrategy,
 };
 pub use crate::engine::{
-    qoi_gradient, qoi_gradients, FactoredMlp, FactoredOptions, GenericOptions,
+    qoi_gradient, qoi_gradients, FactoredMlp, FactoredOptions, GenericOptions, GraphEngine,
 };
 pub use crate::error::{Error, Result};
-pub use crate::fisher::{FactoredFisher, FisherArtifact, FisherSource, GenericFisher};
+pub use crate::fisher::{FactoredFisher, FisherArtifact, FisherSource, GenericFisher, GraphFisher};
+pub use crate::graph::Graph;
 pub use crate::likelihood::Likelihood;
 pub use crate::model::{Activation, Mlp};
 pub use crate::params::{ParamOrder, Params};
