@@ -443,7 +443,8 @@ fn pass_through<T: Scalar>(
     };
     // inputs broadcast to the output first (they read the buffer), then the same-shaped ones,
     // the last of which takes the buffer itself
-    let (same, other): (Vec<(usize, usize)>, Vec<(usize, usize)>) = slots
+    type Slots = Vec<(usize, usize)>;
+    let (same, other): (Slots, Slots) = slots
         .into_iter()
         .partition(|(_, v)| shape_of(pass, *v).as_ref() == Some(&out_shape));
     let neg = |s: usize, part: &mut Vec<T>| {

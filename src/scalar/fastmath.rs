@@ -210,7 +210,7 @@ unsafe fn tanh_slice_avx2(v: &mut [f32]) {
 /// (GELU(z), GELU'(z)) of the tanh approximation 0.5·z·(1 + tanh(√(2/π)(z + 0.044715 z³))).
 #[inline(always)]
 pub(crate) fn gelu_tanh_f32(z: f32) -> (f32, f32) {
-    const S: f32 = 0.797_884_56;
+    const S: f32 = 0.797_884_6;
     const C: f32 = 0.044_715;
     let t = tanh_f32(S * (z + C * z * z * z));
     (
