@@ -648,22 +648,20 @@ pub fn backward<T: Scalar>(
                     v
                 })
                 .collect();
-            let parts: Vec<Vec<T>> = shapes
-                .iter()
-                .enumerate()
-                .map(|(k, s)| match g.get(k).copied().flatten() {
-                    Some(gk) => gk.to_vec(),
-                    None => vec![T::of(0.0); s.iter().product()],
-                })
-                .collect();
-            let xs: Vec<Tensor<T>> = parts
-                .into_iter()
-                .zip(&shapes)
-                .map(|(p, s)| ft(s.clone(), p))
-                .collect();
-            let refs: Vec<&Tensor<T>> = xs.iter().collect();
-            let cat = shape::concat(node, &refs, a as i64)?;
-            res[0] = cat.floats().map(|v| v.to_vec());
+            // the outputs' cotangents side by side along the axis (zeros for an unused one)
+            let outer: usize = xi.shape[..a].iter().product();
+            let inner: usize = xi.shape[a + 1..].iter().product();
+            let mut dx = Vec::with_capacity(xi.numel());
+            for o in 0..outer {
+                for (k, s) in shapes.iter().enumerate() {
+                    let w = s[a] * inner;
+                    match g.get(k).copied().flatten() {
+                        Some(gk) => dx.extend_from_slice(&gk[o * w..(o + 1) * w]),
+                        None => dx.extend(std::iter::repeat_n(T::of(0.0), w)),
+                    }
+                }
+            }
+            res[0] = Some(dx);
         }
         Op::Concat { axis } => {
             let xs: Vec<&Tensor<T>> = ins.iter().flatten().copied().collect();
