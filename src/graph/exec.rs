@@ -162,6 +162,17 @@ pub fn forward<T: Scalar>(
         folded: None,
     };
     let fold = reuse.map(|r| r.fold);
+    let producers: Vec<Option<usize>> = if uses.is_some() {
+        let mut p = vec![None; nv];
+        for (k, n) in g.nodes.iter().enumerate() {
+            for o in n.outputs.iter().flatten() {
+                p[*o] = Some(k);
+            }
+        }
+        p
+    } else {
+        vec![]
+    };
     pass.folded = fold.and_then(|_| src.folded_for(b));
     let have_folded = pass.folded.is_some();
     pass.vals[g.input] = Some(input);
@@ -183,6 +194,10 @@ pub fn forward<T: Scalar>(
         let movable = node.input(0).filter(|v| {
             reshaping
                 && !fold.is_some_and(|f| f[k])
+                && producers.get(*v).copied().flatten().is_some_and(|p| {
+                    // the producer's backward must not read its output's elements
+                    !output_read_by_backward(&g.nodes[p].op)
+                })
                 && *v != g.input
                 && *v != g.output
                 && uses.is_some_and(|u| u[*v] == 1)
@@ -370,6 +385,48 @@ pub fn backward<T: Scalar>(
         pass.records.extend(recs);
     }
     chain_backward(g, an, src, pass)
+}
+
+/// Whether the backward (or a per-example rule) of `op` reads the elements of its own output:
+/// such an output must stay in place (not be taken by a reshape that reads it).
+fn output_read_by_backward(op: &Op) -> bool {
+    use super::ir::Unary;
+    match op {
+        Op::Unary(u) => matches!(
+            u,
+            Unary::Sqrt | Unary::Exp | Unary::Sigmoid | Unary::Tanh | Unary::Reciprocal
+        ),
+        Op::Binary(b) => matches!(b, Binary::Div | Binary::Pow),
+        Op::Softmax { .. } => true,
+        Op::Gemm { .. }
+        | Op::MatMul
+        | Op::Conv { .. }
+        | Op::MaxPool { .. }
+        | Op::AveragePool { .. }
+        | Op::GlobalAveragePool
+        | Op::BatchNorm { .. }
+        | Op::LayerNorm { .. }
+        | Op::Logic(_)
+        | Op::Where
+        | Op::Reduce { .. }
+        | Op::Transpose { .. }
+        | Op::Reshape { .. }
+        | Op::Flatten { .. }
+        | Op::Squeeze { .. }
+        | Op::Unsqueeze { .. }
+        | Op::Split { .. }
+        | Op::Concat { .. }
+        | Op::Slice { .. }
+        | Op::Expand
+        | Op::Gather { .. }
+        | Op::GatherNd { .. }
+        | Op::ScatterNd { .. }
+        | Op::ScatterElements { .. }
+        | Op::Identity
+        | Op::Cast { .. }
+        | Op::CastLike => false,
+        _ => true,
+    }
 }
 
 /// For operators that pass their output cotangent on unchanged (reshapes, identities, float
