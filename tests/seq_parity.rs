@@ -12,7 +12,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use common::max_rel_err;
+use common::{max_rel_err, vec_of};
 use deltavar::model::{SeqSpec, Sequential};
 use deltavar::*;
 use serde_json::Value;
@@ -21,14 +21,6 @@ fn case_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/seq")
         .join(name)
-}
-
-fn vec_of(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 fn check(name: &str) {

@@ -799,19 +799,7 @@ impl GraphEngine {
 
     /// The queries as (M, elements per example), checked against the input shape.
     fn query_rows(&self, queries: &CTensor) -> Result<CTensor> {
-        let m = *queries
-            .dims()
-            .first()
-            .ok_or_else(|| Error::shape("queries (one per row)", "rank >= 1", "a scalar"))?;
-        let per: usize = self.an.input_shape.iter().product();
-        if queries.rank() < 2 || queries.elem_count() != m * per {
-            return Err(Error::shape(
-                "queries for the graph (one example per row)",
-                format!("(M, {:?}) or (M, {per})", self.an.input_shape),
-                format!("{:?}", queries.dims()),
-            ));
-        }
-        Ok(queries.reshape((m, per))?)
+        super::factored::query_rows(queries, &self.an.input_shape, "the graph")
     }
 
     /// The gradients of a QoI at the M queries (rows of `queries`, shape (M, *input shape);

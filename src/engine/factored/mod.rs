@@ -466,6 +466,24 @@ pub(crate) fn rayon_threads(opts: &FactoredOptions) -> usize {
     crate::engine::pool::resolve_threads(opts.threads)
 }
 
+/// Queries as (M, elements per example), checked against one example's `input_shape` (`model`
+/// names the model in the error).
+pub(crate) fn query_rows(queries: &Tensor, input_shape: &[usize], model: &str) -> Result<Tensor> {
+    let m = *queries
+        .dims()
+        .first()
+        .ok_or_else(|| Error::shape("queries (one per row)", "rank >= 1", "a scalar"))?;
+    let per: usize = input_shape.iter().product();
+    if queries.rank() < 2 || queries.elem_count() != m * per {
+        return Err(Error::shape(
+            format!("queries for {model} (one example per row)"),
+            format!("(M, {input_shape:?}) or (M, {per})"),
+            format!("{:?}", queries.dims()),
+        ));
+    }
+    Ok(queries.reshape((m, per))?)
+}
+
 /// One batch: owned candle tensors, or a zero-copy view of a mapped dataset.
 pub(crate) enum Batch<'a> {
     Owned(Tensor, Tensor),

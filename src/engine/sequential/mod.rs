@@ -656,19 +656,7 @@ impl FactoredSeq {
 
     /// The queries as (M, elements per example), checked against the input shape.
     fn query_rows(&self, queries: &Tensor) -> Result<Tensor> {
-        let m_rows = *queries
-            .dims()
-            .first()
-            .ok_or_else(|| Error::shape("queries (one per row)", "rank >= 1", "a scalar"))?;
-        let per: usize = self.input_shape.iter().product();
-        if queries.rank() < 2 || queries.elem_count() != m_rows * per {
-            return Err(Error::shape(
-                "queries for the sequential model (one example per row)",
-                format!("(M, {:?}) or (M, {per})", self.input_shape),
-                format!("{:?}", queries.dims()),
-            ));
-        }
-        Ok(queries.reshape((m_rows, per))?)
+        super::factored::query_rows(queries, &self.input_shape, "the sequential model")
     }
 }
 
