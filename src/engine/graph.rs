@@ -466,57 +466,41 @@ impl GraphEngine {
                 if tmp.nrows() != o || tmp.ncols() != k {
                     *tmp = Mat::zeros(o, k);
                 }
-                for pass in passes {
-                    for r in &pass.records {
-                        let Record::Rows { group, x, d, .. } = r else {
-                            continue;
-                        };
-                        if *group != gi {
-                            continue;
-                        }
-                        let xm = x.mat(pass, e)?;
-                        let dm = d.mat(pass, e)?;
-                        if xm.nrows() > 0 {
-                            matmul(
-                                tmp.as_mut(),
-                                Accum::Replace,
-                                dm.transpose(),
-                                xm,
-                                T::of(1.0),
-                                Par::Seq,
-                            );
-                            for q in 0..o {
-                                for i in 0..k {
-                                    out[q * k + i] += tmp[(q, i)].f64();
-                                }
+                for (pass, x, d, _, _) in rows_records(passes, gi) {
+                    let xm = x.mat(pass, e)?;
+                    let dm = d.mat(pass, e)?;
+                    if xm.nrows() > 0 {
+                        matmul(
+                            tmp.as_mut(),
+                            Accum::Replace,
+                            dm.transpose(),
+                            xm,
+                            T::of(1.0),
+                            Par::Seq,
+                        );
+                        for q in 0..o {
+                            for i in 0..k {
+                                out[q * k + i] += tmp[(q, i)].f64();
                             }
                         }
-                        if bias.is_some() {
-                            for t in 0..dm.nrows() {
-                                for q in 0..o {
-                                    out[o * k + q] += dm[(t, q)].f64();
-                                }
+                    }
+                    if bias.is_some() {
+                        for t in 0..dm.nrows() {
+                            for q in 0..o {
+                                out[o * k + q] += dm[(t, q)].f64();
                             }
                         }
                     }
                 }
             }
             Group::Tokens { out: o, .. } => {
-                for pass in passes {
-                    for r in &pass.records {
-                        let Record::Tokens { group, ids, d, .. } = r else {
-                            continue;
-                        };
-                        if *group != gi {
-                            continue;
-                        }
-                        let dm = d.mat(pass, e)?;
-                        let t = dm.nrows();
-                        for u in 0..t {
-                            let id = ids[e * t + u];
-                            for q in 0..o {
-                                out[id * o + q] += dm[(u, q)].f64();
-                            }
+                for (pass, ids, d, _, _) in tokens_records(passes, gi) {
+                    let dm = d.mat(pass, e)?;
+                    let t = dm.nrows();
+                    for u in 0..t {
+                        let id = ids[e * t + u];
+                        for q in 0..o {
+                            out[id * o + q] += dm[(u, q)].f64();
                         }
                     }
                 }
@@ -625,14 +609,8 @@ impl GraphEngine {
     ) -> Result<()> {
         for (gi, s) in shapes.iter().enumerate() {
             if let Group::Rows { k, out, t, .. } = self.an.groups[gi] {
-                let recs: Vec<(&Pass<T>, &RowsData<T>, &RowsData<T>)> = passes
-                    .iter()
-                    .flat_map(|p| {
-                        p.records.iter().filter_map(move |r| match r {
-                            Record::Rows { group, x, d, .. } if *group == gi => Some((p, x, d)),
-                            _ => None,
-                        })
-                    })
+                let recs: Vec<(&Pass<T>, &RowsData<T>, &RowsData<T>)> = rows_records(passes, gi)
+                    .map(|(p, x, d, _, _)| (p, x, d))
                     .collect();
                 if recs.is_empty() {
                     continue;
@@ -989,32 +967,17 @@ impl GraphEngine {
                     let tt = t * steps;
                     let mut xs = vec![0.0; len * tt * k];
                     let mut ds = vec![0.0; len * tt * o];
-                    for pass in passes {
-                        for r in &pass.records {
-                            let Record::Rows {
-                                group,
-                                row,
-                                step,
-                                x,
-                                d,
-                            } = r
-                            else {
-                                continue;
-                            };
-                            if *group != gi {
-                                continue;
-                            }
-                            for e in 0..len {
-                                let xm = x.mat(pass, e)?;
-                                let dm = d.mat(pass, e)?;
-                                for u in 0..xm.nrows() {
-                                    let rr = e * tt + step * t + row + u;
-                                    for c in 0..k {
-                                        xs[rr * k + c] = xm[(u, c)].f64();
-                                    }
-                                    for c in 0..o {
-                                        ds[rr * o + c] = dm[(u, c)].f64();
-                                    }
+                    for (pass, x, d, row, step) in rows_records(passes, gi) {
+                        for e in 0..len {
+                            let xm = x.mat(pass, e)?;
+                            let dm = d.mat(pass, e)?;
+                            for u in 0..xm.nrows() {
+                                let rr = e * tt + step * t + row + u;
+                                for c in 0..k {
+                                    xs[rr * k + c] = xm[(u, c)].f64();
+                                }
+                                for c in 0..o {
+                                    ds[rr * o + c] = dm[(u, c)].f64();
                                 }
                             }
                         }
@@ -1025,30 +988,15 @@ impl GraphEngine {
                     let tt = t * steps;
                     let mut ids = vec![0usize; len * tt];
                     let mut ds = vec![0.0; len * tt * o];
-                    for pass in passes {
-                        for r in &pass.records {
-                            let Record::Tokens {
-                                group,
-                                row,
-                                step,
-                                ids: rid,
-                                d,
-                            } = r
-                            else {
-                                continue;
-                            };
-                            if *group != gi {
-                                continue;
-                            }
-                            for e in 0..len {
-                                let dm = d.mat(pass, e)?;
-                                let tu = dm.nrows();
-                                for u in 0..tu {
-                                    let rr = e * tt + step * t + row + u;
-                                    ids[rr] = rid[e * tu + u];
-                                    for c in 0..o {
-                                        ds[rr * o + c] = dm[(u, c)].f64();
-                                    }
+                    for (pass, rid, d, row, step) in tokens_records(passes, gi) {
+                        for e in 0..len {
+                            let dm = d.mat(pass, e)?;
+                            let tu = dm.nrows();
+                            for u in 0..tu {
+                                let rr = e * tt + step * t + row + u;
+                                ids[rr] = rid[e * tu + u];
+                                for c in 0..o {
+                                    ds[rr * o + c] = dm[(u, c)].f64();
                                 }
                             }
                         }
@@ -1120,34 +1068,23 @@ impl GraphEngine {
                         match self.an.groups[gi] {
                             Group::Rows { k, out, bias, .. } => {
                                 let kk = k + usize::from(bias.is_some());
-                                for pass in &passes {
-                                    for r in &pass.records {
-                                        let Record::Rows { group, x, d, .. } = r else {
-                                            continue;
-                                        };
-                                        if *group != gi {
-                                            continue;
-                                        }
-                                        for e in 0..len {
-                                            let xm = x.mat(pass, e)?;
-                                            let dm = d.mat(pass, e)?;
-                                            let t = xm.nrows();
-                                            let mut xt = Mat::<f64>::from_fn(t, kk, |u, c| {
-                                                if c < k {
-                                                    xm[(u, c)].f64()
-                                                } else {
-                                                    1.0
-                                                }
-                                            });
-                                            let dt = Mat::<f64>::from_fn(t, out, |u, c| {
-                                                dm[(u, c)].f64()
-                                            });
-                                            add_gram(a, kk, xt.as_ref());
-                                            add_gram(gg, out, dt.as_ref());
-                                            *rows += t as f64;
-                                            xt = Mat::zeros(0, 0);
-                                            let _ = xt;
-                                        }
+                                for (pass, x, d, _, _) in rows_records(&passes, gi) {
+                                    for e in 0..len {
+                                        let xm = x.mat(pass, e)?;
+                                        let dm = d.mat(pass, e)?;
+                                        let t = xm.nrows();
+                                        let xt = Mat::<f64>::from_fn(t, kk, |u, c| {
+                                            if c < k {
+                                                xm[(u, c)].f64()
+                                            } else {
+                                                1.0
+                                            }
+                                        });
+                                        let dt =
+                                            Mat::<f64>::from_fn(t, out, |u, c| dm[(u, c)].f64());
+                                        add_gram(a, kk, xt.as_ref());
+                                        add_gram(gg, out, dt.as_ref());
+                                        *rows += t as f64;
                                     }
                                 }
                             }
@@ -1195,6 +1132,48 @@ impl GraphEngine {
         }
         Ok(f)
     }
+}
+
+/// One rows record of a group: the pass it lives in, its input rows, its signal rows, its row
+/// offset among the group's rows and its rollout step.
+type RowsRec<'p, T> = (&'p Pass<T>, &'p RowsData<T>, &'p RowsData<T>, usize, usize);
+
+/// The rows records of group `gi` over the passes of a batch (every use and rollout step).
+fn rows_records<T: Scalar>(passes: &[Pass<T>], gi: usize) -> impl Iterator<Item = RowsRec<'_, T>> {
+    passes.iter().flat_map(move |p| {
+        p.records.iter().filter_map(move |r| match r {
+            Record::Rows {
+                group,
+                row,
+                step,
+                x,
+                d,
+            } if *group == gi => Some((p, x, d, *row, *step)),
+            _ => None,
+        })
+    })
+}
+
+/// One tokens record of a group: the pass, the ids (B × T), the signal rows, row offset, step.
+type TokensRec<'p, T> = (&'p Pass<T>, &'p [usize], &'p RowsData<T>, usize, usize);
+
+/// The tokens records of group `gi` over the passes of a batch.
+fn tokens_records<T: Scalar>(
+    passes: &[Pass<T>],
+    gi: usize,
+) -> impl Iterator<Item = TokensRec<'_, T>> {
+    passes.iter().flat_map(move |p| {
+        p.records.iter().filter_map(move |r| match r {
+            Record::Tokens {
+                group,
+                row,
+                step,
+                ids,
+                d,
+            } if *group == gi => Some((p, ids.as_slice(), d, *row, *step)),
+            _ => None,
+        })
+    })
 }
 
 /// acc (k×k, row-major) += mᵀ m.
