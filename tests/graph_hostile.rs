@@ -327,6 +327,20 @@ fn bad_indices_permutations_and_windows_are_errors() {
     i.push(ints_init("sh", &[2], &[-1, 5]));
     n.push(node("Reshape", &["y", "sh"], &["z"], vec![]));
     expect("reshape.onnx", &model(n, i, "z", 17), &["Reshape"]);
+    // a convolution weight with a zero-size kernel
+    let nodes = vec![
+        node("Unsqueeze", &["x", "ax"], &["x3"], vec![]),
+        node("Conv", &["x3", "K"], &["y"], vec![]),
+    ];
+    let inits = vec![
+        ints_init("ax", &[1], &[1]),
+        floats_init("K", &[3, 1, 0], &[]),
+    ];
+    expect(
+        "zero-kernel.onnx",
+        &model(nodes, inits, "y", 17),
+        &["Conv", "kernel"],
+    );
 }
 
 #[test]

@@ -93,6 +93,12 @@ fn out_size(
 /// The geometry of `window` on an input of shape (N, C, spatial...) with kernel `kernel`.
 pub fn geometry(node: &Node, x: &[usize], window: &Window, kernel: &[usize]) -> Result<Geometry> {
     let r = x.len().saturating_sub(2);
+    if kernel.contains(&0) {
+        return Err(Error::Unsupported(format!(
+            "{}: a kernel dimension is 0 ({kernel:?})",
+            node.describe()
+        )));
+    }
     if !(1..=2).contains(&r) || kernel.len() != r {
         return Err(Error::Unsupported(format!(
             "{}: input of shape {x:?} with a {}-D kernel; the graph engine runs 1-D and 2-D windows over (N, C, ...) inputs",
