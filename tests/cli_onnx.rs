@@ -167,26 +167,35 @@ fn fisher_passes_in_shards_merge_and_serve_variance() {
     assert!(err <= 1e-12, "{err:e}");
 }
 
+/// `deltavar fim --arch ARCH [--weights W] --train-x DATA/train_x.npy --train-y DATA/train_y.npy`
+/// with a categorical likelihood.
+fn fim_cmd(arch: &str, weights: Option<PathBuf>, data: &std::path::Path) -> Command {
+    let mut c = bin();
+    c.arg("fim").arg("--arch").arg(arch);
+    if let Some(w) = weights {
+        c.arg("--weights").arg(w);
+    }
+    c.arg("--train-x")
+        .arg(data.join("train_x.npy"))
+        .arg("--train-y")
+        .arg(data.join("train_y.npy"))
+        .arg("--likelihood")
+        .arg("categorical")
+        .arg("--out")
+        .arg(tmp().join("x.fim"));
+    c
+}
+
 #[test]
 fn one_clear_error_line() {
     let d = case("resblock");
+    let onnx = |p: PathBuf| format!("onnx:{}", p.display());
     // the default export folded batch norm into the convolutions
-    let e = run_err(
-        bin()
-            .arg("fim")
-            .arg("--arch")
-            .arg(format!("onnx:{}", d.join("folded.onnx").display()))
-            .arg("--weights")
-            .arg(d.join("model.safetensors"))
-            .arg("--train-x")
-            .arg(d.join("train_x.npy"))
-            .arg("--train-y")
-            .arg(d.join("train_y.npy"))
-            .arg("--likelihood")
-            .arg("categorical")
-            .arg("--out")
-            .arg(tmp().join("x.fim")),
-    );
+    let e = run_err(&mut fim_cmd(
+        &onnx(d.join("folded.onnx")),
+        Some(d.join("model.safetensors")),
+        &d,
+    ));
     assert!(
         e.contains("bn0") && e.contains("export_torch.py --onnx"),
         "{e}"
@@ -194,52 +203,16 @@ fn one_clear_error_line() {
     // not an ONNX file
     let bad = tmp().join("bad.onnx");
     std::fs::write(&bad, b"\x08\x07garbage").unwrap();
-    let e = run_err(
-        bin()
-            .arg("fim")
-            .arg("--arch")
-            .arg(format!("onnx:{}", bad.display()))
-            .arg("--train-x")
-            .arg(d.join("train_x.npy"))
-            .arg("--train-y")
-            .arg(d.join("train_y.npy"))
-            .arg("--likelihood")
-            .arg("categorical")
-            .arg("--out")
-            .arg(tmp().join("x.fim")),
-    );
+    let e = run_err(&mut fim_cmd(&onnx(bad), None, &d));
     assert!(e.contains("bad.onnx"), "{e}");
     // data of another shape than the model takes
-    let g = case("gnn");
-    let e = run_err(
-        bin()
-            .arg("fim")
-            .arg("--arch")
-            .arg(format!("onnx:{}", d.join("model.onnx").display()))
-            .arg("--train-x")
-            .arg(g.join("train_x.npy"))
-            .arg("--train-y")
-            .arg(g.join("train_y.npy"))
-            .arg("--likelihood")
-            .arg("categorical")
-            .arg("--out")
-            .arg(tmp().join("x.fim")),
-    );
+    let e = run_err(&mut fim_cmd(
+        &onnx(d.join("model.onnx")),
+        None,
+        &case("gnn"),
+    ));
     assert!(e.contains("[6, 1]"), "{e}");
     // a seq: architecture still needs --weights
-    let e = run_err(
-        bin()
-            .arg("fim")
-            .arg("--arch")
-            .arg("seq:linear(4,2)")
-            .arg("--train-x")
-            .arg(d.join("train_x.npy"))
-            .arg("--train-y")
-            .arg(d.join("train_y.npy"))
-            .arg("--likelihood")
-            .arg("categorical")
-            .arg("--out")
-            .arg(tmp().join("x.fim")),
-    );
+    let e = run_err(&mut fim_cmd("seq:linear(4,2)", None, &d));
     assert!(e.contains("--weights"), "{e}");
 }

@@ -437,6 +437,18 @@ impl Analysis {
             let n: usize = shape(v).iter().product();
             n / (2 * width.max(1))
         };
+        // a use of a 2-D out×in weight `w` at (node, slot) reading the rows of value `x`
+        let weight_use =
+            |w: &[usize], node: usize, slot: usize, kind: RowsKind, x: usize, bias| Use {
+                node,
+                slot,
+                kind,
+                k: w[1],
+                out: w[0],
+                groups: 1,
+                t: rows_t(x, w[1]),
+                bias,
+            };
         let mut forms: Vec<Option<std::result::Result<Vec<Use>, ()>>> = vec![None; g.params.len()];
         let mut tokens: Vec<Option<Vec<(usize, usize, usize)>>> = vec![None; g.params.len()];
         for (pi, p) in g.params.iter().enumerate() {
@@ -487,16 +499,14 @@ impl Analysis {
                                         }
                                         _ => None,
                                     });
-                                    us.push(Use {
-                                        node: k2,
-                                        slot: s2,
-                                        kind: RowsKind::MatRight,
-                                        k: p.shape[1],
-                                        out: p.shape[0],
-                                        groups: 1,
-                                        t: rows_t(x, p.shape[1]),
+                                    us.push(weight_use(
+                                        &p.shape,
+                                        k2,
+                                        s2,
+                                        RowsKind::MatRight,
+                                        x,
                                         bias,
-                                    });
+                                    ));
                                 }
                                 Op::Gemm {
                                     alpha,
@@ -510,16 +520,7 @@ impl Analysis {
                                     } else {
                                         None
                                     };
-                                    us.push(Use {
-                                        node: k2,
-                                        slot: s2,
-                                        kind: RowsKind::Gemm,
-                                        k: p.shape[1],
-                                        out: p.shape[0],
-                                        groups: 1,
-                                        t: rows_t(x, p.shape[1]),
-                                        bias,
-                                    });
+                                    us.push(weight_use(&p.shape, k2, s2, RowsKind::Gemm, x, bias));
                                 }
                                 _ => ok = false,
                             }
@@ -528,16 +529,7 @@ impl Analysis {
                     }
                     Op::MatMul if s == 0 && two_d && batched(n.input(1)) => {
                         let x = n.input(1).unwrap_or(0);
-                        vec![Use {
-                            node: k,
-                            slot: s,
-                            kind: RowsKind::MatLeft,
-                            k: p.shape[1],
-                            out: p.shape[0],
-                            groups: 1,
-                            t: rows_t(x, p.shape[1]),
-                            bias: None,
-                        }]
+                        vec![weight_use(&p.shape, k, s, RowsKind::MatLeft, x, None)]
                     }
                     Op::Gemm {
                         alpha,
@@ -551,16 +543,7 @@ impl Analysis {
                         } else {
                             None
                         };
-                        vec![Use {
-                            node: k,
-                            slot: s,
-                            kind: RowsKind::Gemm,
-                            k: p.shape[1],
-                            out: p.shape[0],
-                            groups: 1,
-                            t: rows_t(x, p.shape[1]),
-                            bias,
-                        }]
+                        vec![weight_use(&p.shape, k, s, RowsKind::Gemm, x, bias)]
                     }
                     Op::Conv { group, .. } if s == 1 && batched(n.input(0)) => {
                         let groups = *group;

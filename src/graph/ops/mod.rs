@@ -293,17 +293,20 @@ pub fn forward<T: Scalar>(
                 data: gather_data(&xi.data, &map),
             })
         }
-        Op::Gather { axis } => {
+        Op::Gather { .. } | Op::GatherNd { .. } => {
             let d = x(0)?;
-            let (s, map) = gather::gather_map(node, &d.shape, x(1)?, *axis)?;
-            one(Tensor {
-                shape: s,
-                data: gather_data(&d.data, &map),
-            })
-        }
-        Op::GatherNd { batch_dims } => {
-            let d = x(0)?;
-            let (s, map) = gather::gather_nd_map(node, &d.shape, x(1)?, *batch_dims)?;
+            let (s, map) = match &node.op {
+                Op::Gather { axis } => gather::gather_map(node, &d.shape, x(1)?, *axis)?,
+                Op::GatherNd { batch_dims } => {
+                    gather::gather_nd_map(node, &d.shape, x(1)?, *batch_dims)?
+                }
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "{} is not a gather",
+                        node.describe()
+                    )))
+                }
+            };
             one(Tensor {
                 shape: s,
                 data: gather_data(&d.data, &map),
