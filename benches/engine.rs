@@ -1,6 +1,6 @@
 //! Criterion benches of the factored engine on a synthetic 784-256-256-10 relu classifier
-//! (P = 269,322), N = 2048 training examples, f32 model (also on the sequential engine, for the
-//! comparison), the sequential engine on a LeNet-style CNN, and the full-inverse methods.
+//! (P = 269,322), N = 2048 training examples, f32 model (also on the graph engine, for the
+//! comparison), the graph engine on a LeNet-style CNN, and the full-inverse methods.
 //!
 //!     cargo bench --bench engine
 
@@ -65,7 +65,7 @@ fn benches(c: &mut Criterion) {
             query_delta_variances(&q, &sigma).expect("dv")
         })
     });
-    // the same MLP on the native sequential engine: what the MLP engine's special case buys
+    // the same MLP on the graph engine: what the MLP engine's special case buys
     let seq = Sequential::from_tensors(
         "seq:linear(784,256),relu,linear(256,256),relu,linear(256,10)"
             .parse()
@@ -77,8 +77,8 @@ fn benches(c: &mut Criterion) {
         "mlp",
     )
     .expect("seq");
-    let seq_engine = FactoredSeq::new(&seq).expect("engine");
-    g.bench_function("diag F, same MLP on the sequential engine", |b| {
+    let seq_engine = GraphEngine::from_sequential(&seq).expect("engine");
+    g.bench_function("diag F, same MLP on the graph engine", |b| {
         b.iter(|| seq_engine.sum_sq(&lik, &data, &opts).expect("diag"))
     });
     g.finish();
@@ -97,7 +97,7 @@ fn benches(c: &mut Criterion) {
         .collect();
     let images =
         TensorDataset::new(x, Tensor::from_vec(y, n_img, &Device::Cpu).expect("y")).expect("data");
-    let cnn_engine = FactoredSeq::new(&cnn).expect("engine");
+    let cnn_engine = GraphEngine::from_sequential(&cnn).expect("engine");
     let mut g = c.benchmark_group("sequential-lenet-N1024");
     g.sample_size(10);
     for bs in [32, 64, 256] {

@@ -1,6 +1,6 @@
 //! The peers' W-cnn workload: a LeNet-style CNN loaded from the PyTorch state dict that
-//! `../shared/bench/peers.py ... cnn` writes, on the native sequential engine (`--engine native`,
-//! the default: a `Sequential` from its `seq:` architecture string) or the capture engine
+//! `../shared/bench/peers.py ... cnn` writes, on the graph engine (`--engine native`,
+//! the default: a `Sequential` from its `seq:` architecture string, built as a graph) or the capture engine
 //! (`--engine capture`: the same network built from `deltavar::nn` layers).
 //!
 //!     /tmp/peers-venv/bin/python ../shared/bench/peers.py /tmp/dv-workloads cnn
@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use deltavar::nn::{self, Conv2dConfig};
 use deltavar::prelude::*;
-use deltavar::{CaptureEngine, CaptureOptions, FactoredSeq, Params, SeqSpec, Sequential};
+use deltavar::{CaptureEngine, CaptureOptions, Params, SeqSpec, Sequential};
 
 /// The same network as an architecture string.
 const ARCH: &str = "seq:conv2d(1,16,5,padding=2),relu,maxpool2d(2),conv2d(16,32,5,padding=2),relu,\
@@ -112,15 +112,19 @@ fn main() -> deltavar::Result<()> {
             threads: 0,
         };
         let t0 = Instant::now();
-        let engine = FactoredSeq::new(&seq)?;
+        let engine = GraphEngine::from_sequential(&seq)?;
         let sums = engine.sum_sq(&Likelihood::Categorical, &data, &fo)?;
         let seconds = t0.elapsed().as_secs_f64();
         let (qg, qv) = engine.query_gradients(&Qoi::Prob(0), &q, 1, &fo)?;
         if let Some(method) = &full {
             // the exact (or CG) full-inverse ΔVar: the Fisher's layered gradient operator
             let t = Instant::now();
-            let fisher =
-                deltavar::SeqFisher::new(&seq, Likelihood::Categorical, &data, fo.clone())?;
+            let fisher = GraphFisher::with_engine(
+                GraphEngine::from_sequential(&seq)?,
+                Likelihood::Categorical,
+                &data,
+                fo.clone(),
+            );
             common::full_report("cnn-full", method, &fisher, &qg, t)?;
         }
         (sums, seconds, qg, qv, seq.params()?)

@@ -152,7 +152,21 @@ fn main() -> deltavar::Result<()> {
     };
     let t0 = Instant::now();
     let nat_engine = deltavar::FactoredTransformer::new(&nat)?;
-    let sums = if native {
+    let t_len = data.get(0, 1)?.0.dims()[1];
+    let graph_engine = if arg("--engine").as_deref() == Some("graph") {
+        Some(GraphEngine::from_transformer(&nat, t_len)?)
+    } else if arg("--engine").as_deref() == Some("onnx") {
+        let g = deltavar::graph::Graph::from_onnx(
+            dir.join("model.onnx"),
+            Some(&dir.join("model.safetensors")),
+        )?;
+        Some(GraphEngine::new(g, &[t_len], DType::F32)?)
+    } else {
+        None
+    };
+    let sums = if let Some(g) = &graph_engine {
+        g.sum_sq(&Likelihood::Categorical, &data, &fo)?
+    } else if native {
         nat_engine.sum_sq(&Likelihood::Categorical, &data, &fo)?
     } else {
         engine.sum_sq(&Likelihood::Categorical, &data, &opts)?

@@ -469,72 +469,30 @@ pub fn mlp_delta_variances_with(
     Ok(assemble(values, forms, path, &*sigma, choice, p, fisher))
 }
 
-/// The delta variances of a [`crate::Sequential`] model on the native sequential engine: Σ from
-/// `strategy` (the Fisher strategies read `fisher`: a [`crate::SeqFisher`] of training data or a
-/// saved artifact of the same parameters), the QoI gradients of the rows of `queries` read after
-/// `rollout` applications of the network (1: the network itself; K > 1: a step function rolled
-/// out K times, gradients through every step), and ΔVar for every row. The P×M block of query
-/// gradients is formed (O(P·M)).
+/// The delta variances of any engine with query gradients ([`QueryGradients`]: the graph and
+/// transformer engines): Σ from `strategy` (the Fisher strategies read `fisher`), the QoI
+/// gradients at the rows of `queries` after `rollout` applications of the model, and ΔVar for
+/// every row. A non-diagonal Σ takes the queries held layer by layer (the kernel Σ pairs them
+/// with the training gradients without forming the P×M block); a diagonal Σ the P×M block.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
 /// use deltavar::*;
 /// let spec: SeqSpec = "seq:linear(2,8),tanh,linear(8,2)".parse().unwrap();
 /// let model = Sequential::init(spec, &[2], DType::F64, 0).unwrap();
+/// let engine = GraphEngine::from_sequential(&model).unwrap();
 /// let x = Tensor::randn(0f64, 1., (32, 2), &Device::Cpu).unwrap();
 /// let y = Tensor::randn(0f64, 1., (32, 2), &Device::Cpu).unwrap();
 /// let data = TensorDataset::new(x, y).unwrap();
-/// let fisher = SeqFisher::new(&model, Likelihood::gaussian(0.5), &data, FactoredOptions::default()).unwrap();
+/// let fisher = GraphFisher::with_engine(engine.clone(), Likelihood::gaussian(0.5), &data, FactoredOptions::default());
 /// let z = Tensor::new(&[[0.0f64, 0.0], [1.0, -1.0]], &Device::Cpu).unwrap();
 /// // the QoI: output 0 after 3 steps of the network
-/// let out = seq_delta_variances_with(
-///     &model, Qoi::Output(0), &z, 3, SigmaStrategy::InverseFullEmpiricalFim,
+/// let out = engine_delta_variances_with(
+///     &engine, Qoi::Output(0), &z, 3, SigmaStrategy::InverseFullEmpiricalFim,
 ///     &SigmaOptions { damping: 1e-3, ..Default::default() },
 ///     Some(&fisher), &FactoredOptions::default(),
 /// ).unwrap();
 /// assert_eq!(out.delta_variance.len(), 2);
-/// ```
-#[allow(clippy::too_many_arguments)]
-pub fn seq_delta_variances_with(
-    model: &crate::Sequential,
-    qoi: Qoi,
-    queries: &candle_core::Tensor,
-    rollout: usize,
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-    engine_opts: &FactoredOptions,
-) -> Result<MlpDeltaVariances> {
-    let engine = crate::engine::FactoredSeq::new(model)?;
-    engine_delta_variances_with(
-        &engine,
-        qoi,
-        queries,
-        rollout,
-        strategy,
-        opts,
-        fisher,
-        engine_opts,
-    )
-}
-
-/// The delta variances of any engine with query gradients ([`QueryGradients`]: the sequential
-/// and graph engines): Σ from `strategy` (the Fisher strategies read `fisher`), the QoI
-/// gradients at the rows of `queries` after `rollout` applications of the model, and ΔVar for
-/// every row. A non-diagonal Σ takes the queries held layer by layer (the kernel Σ pairs them
-/// with the training gradients without forming the P×M block); a diagonal Σ the P×M block.
-///
-/// ```no_run
-/// use deltavar::*;
-/// use deltavar::engine::GraphEngine;
-/// let g = deltavar::graph::Graph::from_onnx("model.onnx", None).unwrap();
-/// let data = MmapNpyDataset::open("train_x.npy", "train_y.npy").unwrap();
-/// let engine = GraphEngine::new(g, &data.x().shape()[1..], candle_core::DType::F32).unwrap();
-/// let fisher = GraphFisher::with_engine(engine.clone(), Likelihood::Categorical, &data, FactoredOptions::default());
-/// let q = candle_core::Tensor::zeros((4, 3, 32, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-/// let out = engine_delta_variances_with(&engine, Qoi::Prob(0), &q, 1, SigmaStrategy::InverseFullEmpiricalFim,
-///     &SigmaOptions { damping: 1e-3, ..Default::default() }, Some(&fisher), &FactoredOptions::default()).unwrap();
-/// assert_eq!(out.delta_variance.len(), 4);
 /// ```
 #[allow(clippy::too_many_arguments)]
 pub fn engine_delta_variances_with(
@@ -566,7 +524,7 @@ pub fn engine_delta_variances_with(
 }
 
 /// ΔVarⱼ = qⱼᵀ Σ qⱼ for query gradients held layer by layer
-/// ([`crate::engine::LayeredGradients`], from [`crate::engine::FactoredSeq::query_layered_gradients`]
+/// ([`crate::engine::LayeredGradients`], from [`crate::engine::GraphEngine::query_layered_gradients`]
 /// or [`crate::engine::CaptureEngine::query_layered_gradients`]), with the route taken: the
 /// kernel Σ over a layered gradient operator of the same layout takes them pair by pair
 /// ([`QueryPath::Factored`]); any other Σ gets the formed P×M block.
@@ -695,33 +653,6 @@ pub fn mlp_group_delta_variances_with(
     })
 }
 
-/// [`seq_delta_variances_with`] with the delta variances split by layer
-/// ([`GroupDeltaVariances`]; a module with parameters is a group).
-#[allow(clippy::too_many_arguments)]
-pub fn seq_group_delta_variances_with(
-    model: &crate::Sequential,
-    qoi: Qoi,
-    queries: &candle_core::Tensor,
-    rollout: usize,
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-    engine_opts: &FactoredOptions,
-) -> Result<GroupDeltaVariances> {
-    let engine = crate::engine::FactoredSeq::new(model)?;
-    engine_group_delta_variances_with(
-        &engine,
-        tensor_groups(&model.named_tensors()),
-        qoi,
-        queries,
-        rollout,
-        strategy,
-        opts,
-        fisher,
-        engine_opts,
-    )
-}
-
 /// [`engine_delta_variances_with`] split by parameter group ([`GroupDeltaVariances`];
 /// `groups` in parameter order, for example [`named_groups`] of the parameters).
 #[allow(clippy::too_many_arguments)]
@@ -755,7 +686,7 @@ pub fn named_groups(
     tensor_groups(named)
 }
 
-/// The result of [`mlp_delta_variances`] and [`seq_delta_variances_with`].
+/// The result of [`mlp_delta_variances`] and [`engine_delta_variances_with`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MlpDeltaVariances {
     /// q(θ, zⱼ) for every query row.
@@ -846,7 +777,7 @@ pub fn delta_covariances(per_output: &[Mat<f64>], sigma: &dyn SigmaOp) -> Result
     Ok(out)
 }
 
-/// The result of [`mlp_delta_covariances_with`] and [`seq_delta_covariances_with`].
+/// The result of [`mlp_delta_covariances_with`] and [`engine_delta_covariances_with`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeltaCovariances {
     /// The K outputs at each query (M × K).
@@ -903,30 +834,6 @@ pub fn mlp_delta_covariances_with(
         grads.push(q.gradients()?);
     }
     covariances_from(grads, values, &*sigma, choice)
-}
-
-/// [`mlp_delta_covariances_with`] for a [`crate::Sequential`] model, the outputs read after
-/// `rollout` applications of the network (every element of the output is one of the K outputs).
-#[allow(clippy::too_many_arguments)]
-pub fn seq_delta_covariances_with(
-    model: &crate::Sequential,
-    queries: &candle_core::Tensor,
-    rollout: usize,
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-    engine_opts: &FactoredOptions,
-) -> Result<DeltaCovariances> {
-    let engine = crate::engine::FactoredSeq::new(model)?;
-    engine_delta_covariances_with(
-        &engine,
-        queries,
-        rollout,
-        strategy,
-        opts,
-        fisher,
-        engine_opts,
-    )
 }
 
 /// [`mlp_delta_covariances_with`] for any engine with query gradients: every element of the

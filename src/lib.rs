@@ -77,21 +77,20 @@ pub use delta::{
     engine_delta_variances_with, engine_group_delta_variances_with,
     layered_delta_variances_reported, mlp_delta_covariances_with, mlp_delta_variances,
     mlp_delta_variances_with, mlp_group_delta_variances_with, query_delta_variances,
-    query_delta_variances_reported, seq_delta_covariances_with, seq_delta_variances_with,
-    seq_group_delta_variances_with, BuiltSigma, DeltaCovariances, GroupDeltaVariances,
+    query_delta_variances_reported, BuiltSigma, DeltaCovariances, GroupDeltaVariances,
     MlpDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
     qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions,
-    FactoredSeq, FactoredTransformer, Factors, GenericGradients, GenericOptions, GraphEngine,
-    QoiGradient, QueryFactors,
+    FactoredTransformer, Factors, GenericGradients, GenericOptions, GraphEngine, QoiGradient,
+    QueryFactors,
 };
 pub use error::{Error, Result};
 pub use fisher::{
-    fisher_pass, fisher_pass_captured, fisher_pass_graph, fisher_pass_seq, fisher_pass_transformer,
+    fisher_pass, fisher_pass_captured, fisher_pass_graph, fisher_pass_transformer,
     tensors_fingerprint, weights_fingerprint, CapturedFisher, FactoredFisher, FisherArtifact,
     FisherDense, FisherDiag, FisherSource, GenericFisher, GraphFisher, PassKind, PassOptions,
-    SeqFisher, TransformerFisher, DEFAULT_MEMORY_BUDGET,
+    TransformerFisher, DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
 pub use model::{Activation, Mlp, SeqSpec, Sequential, Transformer, TransformerConfig};

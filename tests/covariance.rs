@@ -116,13 +116,18 @@ fn covariance_of_a_rollout_state() {
     let z = random_tensor(5, 3, 21);
     let data = TensorDataset::new(random_tensor(30, 3, 1), random_tensor(30, 3, 2)).unwrap();
     let eo = FactoredOptions::default();
-    let fisher = SeqFisher::new(&model, Likelihood::gaussian(0.3), &data, eo.clone()).unwrap();
+    let fisher = GraphFisher::with_engine(
+        GraphEngine::from_sequential(&model).unwrap(),
+        Likelihood::gaussian(0.3),
+        &data,
+        eo.clone(),
+    );
     let o = SigmaOptions {
         damping: 1e-3,
         ..Default::default()
     };
-    let c = seq_delta_covariances_with(
-        &model,
+    let c = engine_delta_covariances_with(
+        &GraphEngine::from_sequential(&model).unwrap(),
         &z,
         4,
         SigmaStrategy::InverseFullEmpiricalFim,
@@ -132,8 +137,8 @@ fn covariance_of_a_rollout_state() {
     )
     .unwrap();
     for k in 0..3 {
-        let d = seq_delta_variances_with(
-            &model,
+        let d = engine_delta_variances_with(
+            &GraphEngine::from_sequential(&model).unwrap(),
             Qoi::Output(k),
             &z,
             4,

@@ -444,7 +444,7 @@ fn layered_gradients_on_empty_inputs() {
         .parse()
         .unwrap();
     let model = Sequential::init(spec, &[1, 4, 4], DType::F64, 5).unwrap();
-    let engine = deltavar::engine::FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let empty = TensorDataset::new(
         Tensor::zeros((0, 1, 4, 4), DType::F64, &Device::Cpu).unwrap(),
         Tensor::zeros(0, DType::I64, &Device::Cpu).unwrap(),

@@ -1,7 +1,7 @@
-//! The graph engine against the native sequential engine (itself checked against the generic
-//! path, one candle backward per example): the same CNN written as an `nn.Sequential` string and
-//! as a graph of ONNX operators over the same weights gives the same per-example gradients, Fisher
-//! diagonal, QoI gradients and ΔVar (f64, ≤ 1e-10).
+//! A graph written node by node in the IR against the same CNN written as an `nn.Sequential`
+//! string and built by the graph builder (`GraphEngine::from_sequential`, itself checked against
+//! the generic path in `tests/sequential.rs`): the same weights give the same per-example
+//! gradients, Fisher diagonal, QoI gradients and ΔVar (f64, ≤ 1e-10).
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor as CTensor};
 use common::*;
-use deltavar::engine::{FactoredSeq, GraphEngine};
+use deltavar::engine::GraphEngine;
 use deltavar::graph::ir::*;
 use deltavar::model::{SeqSpec, Sequential};
 use deltavar::*;
@@ -120,7 +120,7 @@ fn a_cnn_as_a_graph_equals_the_sequential_engine() {
     let spec: SeqSpec = SPEC.parse().unwrap();
     let model = Sequential::init(spec, &[1, 8, 8], DType::F64, 3).unwrap();
     let graph = GraphEngine::new(as_graph(&model), &[1, 8, 8], DType::F64).unwrap();
-    let native = FactoredSeq::new(&model).unwrap();
+    let native = GraphEngine::from_sequential(&model).unwrap();
     assert_eq!(graph.num_params(), native.num_params());
     let n = 23;
     let x = CTensor::from_vec(pseudo_random(n * 64, 7), (n, 1, 8, 8), &Device::Cpu).unwrap();
@@ -148,7 +148,12 @@ fn a_cnn_as_a_graph_equals_the_sequential_engine() {
     assert!(max_rel_err(&va, &vb) <= 1e-12, "QoI values");
     // the whole pipeline, full inverse by the kernel method
     let gf = GraphFisher::with_engine(graph.clone(), lik.clone(), &data, o.clone());
-    let sf = SeqFisher::new(&model, lik, &data, o.clone()).unwrap();
+    let sf = GraphFisher::with_engine(
+        GraphEngine::from_sequential(&model).unwrap(),
+        lik,
+        &data,
+        o.clone(),
+    );
     let opts = SigmaOptions {
         damping: 1e-3,
         full_method: deltavar::sigma::FullMethod::Kernel,
@@ -157,8 +162,17 @@ fn a_cnn_as_a_graph_equals_the_sequential_engine() {
     let s = || SigmaStrategy::InverseFullEmpiricalFim;
     let da = engine_delta_variances_with(&graph, Qoi::Prob(1), &x, 1, s(), &opts, Some(&gf), &o)
         .unwrap();
-    let db =
-        seq_delta_variances_with(&model, Qoi::Prob(1), &x, 1, s(), &opts, Some(&sf), &o).unwrap();
+    let db = engine_delta_variances_with(
+        &GraphEngine::from_sequential(&model).unwrap(),
+        Qoi::Prob(1),
+        &x,
+        1,
+        s(),
+        &opts,
+        Some(&sf),
+        &o,
+    )
+    .unwrap();
     assert!(
         max_rel_err(&da.delta_variance, &db.delta_variance) <= 1e-9,
         "ΔVar"

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use deltavar::engine::FactoredSeq;
+use deltavar::engine::GraphEngine;
 use deltavar::model::{SeqSpec, Sequential, Transformer};
 use deltavar::sigma::*;
 use deltavar::*;
@@ -50,10 +50,12 @@ fn kfac_is_exact_for_one_example() {
     let y = random_tensor(1, 2, 2);
     let data = TensorDataset::new(x, y).unwrap();
     let lik = Likelihood::gaussian(0.7);
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let f = engine.kfac_factors(&lik, &data, &eo()).unwrap();
     assert_eq!(f.layers.len(), 2);
-    assert_eq!(f.diagonal.len(), 1);
+    // the layer norm's weight and bias, each its own diagonal block
+    assert_eq!(f.diagonal.len(), 2);
+    assert_eq!(f.diagonal.iter().map(|(_, d)| d.len()).sum::<usize>(), 10);
     let lam = 0.3;
     let s = KfacSigma::new(&f, lam).unwrap();
     // the reference: block-diagonal (g_l g_lᵀ + λI)⁻¹ over each layer's indices, (g² + λ)⁻¹ on
@@ -102,7 +104,7 @@ fn kfac_equals_the_dense_damped_kronecker_inverse() {
     let n = 7;
     let x = Tensor::from_vec(pseudo_random(n * 16, 3), (n, 1, 4, 4), &Device::Cpu).unwrap();
     let data = TensorDataset::new(x, random_labels(n, 3, 4)).unwrap();
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let f = engine
         .kfac_factors(&Likelihood::Categorical, &data, &eo())
         .unwrap();
@@ -224,7 +226,7 @@ fn the_cli_sigma_kfac_equals_the_library() {
     let model =
         Sequential::load_safetensors(d.join("model.safetensors"), spec, &[4], DType::F64, "")
             .unwrap();
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let data = case.data(DType::F64);
     let f = engine
         .kfac_factors(&case.likelihood(), &data, &FactoredOptions::default())
@@ -244,7 +246,7 @@ fn the_cli_sigma_kfac_equals_the_library() {
 }
 
 /// Issue 11, K-FAC for captured layers: the capture engine's factors of a CNN equal the native
-/// sequential engine's (two independent implementations: candle autograd with probes against
+/// graph engine's (two independent implementations: candle autograd with probes against
 /// the native forward/backward).
 #[test]
 fn captured_kfac_factors_equal_the_sequential_engines() {
@@ -258,7 +260,7 @@ fn captured_kfac_factors_equal_the_sequential_engines() {
     let x = Tensor::from_vec(pseudo_random(n * 128, 6), (n, 2, 8, 8), &Device::Cpu).unwrap();
     let data = TensorDataset::new(x, random_labels(n, 3, 7)).unwrap();
     let lik = Likelihood::Categorical;
-    let native = FactoredSeq::new(&model)
+    let native = GraphEngine::from_sequential(&model)
         .unwrap()
         .kfac_factors(&lik, &data, &eo())
         .unwrap();

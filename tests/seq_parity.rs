@@ -62,7 +62,12 @@ fn check(name: &str) {
         batch_size: 7,
         threads: 2,
     };
-    let fisher = SeqFisher::new(&model, lik, &data, eo.clone()).unwrap();
+    let fisher = GraphFisher::with_engine(
+        GraphEngine::from_sequential(&model).unwrap(),
+        lik,
+        &data,
+        eo.clone(),
+    );
     let diag = fisher.fisher_diag().unwrap();
     let err = max_rel_err(&diag.mean(), &vec_of(&expected["fim_diagonal"]));
     eprintln!("{name}: fim diagonal {err:.2e}");
@@ -99,8 +104,8 @@ fn check(name: &str) {
             full_method: method,
             ..Default::default()
         };
-        let out = seq_delta_variances_with(
-            &model,
+        let out = engine_delta_variances_with(
+            &GraphEngine::from_sequential(&model).unwrap(),
             qoi.clone(),
             &q,
             k,

@@ -1,4 +1,4 @@
-//! The native sequential engine (`FactoredSeq`) on `nn.Sequential` models, checked in f64
+//! `nn.Sequential` models on the graph engine (`GraphEngine::from_sequential`), checked in f64
 //! against the generic path (one candle backward per example through `deltavar::nn` layers) and
 //! the capture engine; the generic oracle against central finite differences on the layers new
 //! here (batch norm, a Linear on the last axis of an image, layer norm over rows, avg pooling).
@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Module, Tensor};
 use common::*;
-use deltavar::engine::FactoredSeq;
+use deltavar::engine::GraphEngine;
 use deltavar::model::{SeqSpec, Sequential};
 use deltavar::sigma::*;
 use deltavar::*;
@@ -138,7 +138,7 @@ fn native_engine_matches_the_generic_path_on_every_layer_kind() {
     let params = model.params().unwrap();
     let lik = Likelihood::Categorical;
     let generic = GenericFisher::new(&params, lik.of(&model), &data, GenericOptions::default());
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     assert_eq!(engine.num_params(), params.num_params());
     let want = generic.fisher_diag().unwrap();
     for bs in [1, 4, 11, 64] {
@@ -169,7 +169,12 @@ fn native_engine_matches_the_generic_path_on_every_layer_kind() {
         .unwrap();
     assert!(max_rel_err(&cap, want.sums()) < 1e-10);
     // ΔVar through the native Fisher source under every strategy and method
-    let native = SeqFisher::new(&model, lik.clone(), &data, eo(4)).unwrap();
+    let native = GraphFisher::with_engine(
+        GraphEngine::from_sequential(&model).unwrap(),
+        lik.clone(),
+        &data,
+        eo(4),
+    );
     for (strategy, method) in [
         (SigmaStrategy::Identity, FullMethod::Auto),
         (SigmaStrategy::DiagonalEmpiricalFim, FullMethod::Auto),
@@ -235,7 +240,7 @@ fn conv1d_and_regression_match_the_generic_path() {
     let data = TensorDataset::new(x, y).unwrap();
     let lik = Likelihood::gaussian(0.7);
     let generic = GenericFisher::new(&params, lik.of(&model), &data, GenericOptions::default());
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let got = engine.sum_sq(&lik, &data, &eo(4)).unwrap();
     let want = generic.fisher_diag().unwrap();
     assert!(max_rel_err(&got, want.sums()) < 1e-10);
@@ -251,7 +256,7 @@ fn rollouts_flow_through_every_step() {
     let model = Sequential::init(spec, &[3], DType::F64, 4).unwrap();
     let params = model.params().unwrap();
     let z = random_tensor(6, 3, 21);
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     for k in [1, 2, 5] {
         let roll = model.rollout(k).unwrap();
         let (g, v) = engine
@@ -275,7 +280,7 @@ fn rollouts_flow_through_every_step() {
     let spec: SeqSpec = "seq:linear(3,2)".parse().unwrap();
     let m2 = Sequential::init(spec, &[3], DType::F64, 4).unwrap();
     assert!(m2.rollout(2).is_err());
-    let e = FactoredSeq::new(&m2)
+    let e = GraphEngine::from_sequential(&m2)
         .unwrap()
         .query_gradients(&Qoi::Sum, &z, 2, &eo(4))
         .unwrap_err()
@@ -287,7 +292,7 @@ fn rollouts_flow_through_every_step() {
 fn f32_models_agree_with_f64_to_single_precision() {
     let (model, data, _) = zoo();
     let lik = Likelihood::Categorical;
-    let want = FactoredSeq::new(&model)
+    let want = GraphEngine::from_sequential(&model)
         .unwrap()
         .sum_sq(&lik, &data, &eo(4))
         .unwrap();
@@ -324,15 +329,18 @@ fn f32_models_agree_with_f64_to_single_precision() {
         "t",
     )
     .unwrap();
-    let a = FactoredSeq::new(&m64)
+    let a = GraphEngine::from_sequential(&m64)
         .unwrap()
         .sum_sq(&lik, &data, &eo(4))
         .unwrap();
-    let b = FactoredSeq::new(&m32)
+    let b = GraphEngine::from_sequential(&m32)
         .unwrap()
         .sum_sq(&lik, &data, &eo(4))
         .unwrap();
-    assert_eq!(FactoredSeq::new(&m32).unwrap().dtype(), DType::F32);
+    assert_eq!(
+        GraphEngine::from_sequential(&m32).unwrap().dtype(),
+        DType::F32
+    );
     assert!(norm_rel_err(&b, &a) < 1e-4, "{}", norm_rel_err(&b, &a));
     assert_eq!(want.len(), a.len());
 }
@@ -341,18 +349,23 @@ fn f32_models_agree_with_f64_to_single_precision() {
 fn offline_passes_of_a_sequential_model_serve_every_method() {
     let (model, data, q) = zoo();
     let lik = Likelihood::Categorical;
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let (qg, _) = engine
         .query_gradients(&Qoi::Prob(1), &q, 1, &eo(4))
         .unwrap();
-    let live = SeqFisher::new(&model, lik.clone(), &data, eo(4)).unwrap();
+    let live = GraphFisher::with_engine(
+        GraphEngine::from_sequential(&model).unwrap(),
+        lik.clone(),
+        &data,
+        eo(4),
+    );
     let mut opts = PassOptions {
         kind: PassKind::Dense,
         engine: eo(4),
         ..Default::default()
     };
-    let art = fisher_pass_seq(
-        &model,
+    let art = fisher_pass_graph(
+        &GraphEngine::from_sequential(&model).unwrap(),
         lik.clone(),
         "categorical",
         &data,
@@ -394,8 +407,8 @@ fn offline_passes_of_a_sequential_model_serve_every_method() {
     assert!(err < 1e-9, "{err:e}");
     // shards of the diagonal pass merge to the whole
     opts.kind = PassKind::Diag;
-    let whole = fisher_pass_seq(
-        &model,
+    let whole = fisher_pass_graph(
+        &GraphEngine::from_sequential(&model).unwrap(),
         lik.clone(),
         "categorical",
         &data,
@@ -409,8 +422,8 @@ fn offline_passes_of_a_sequential_model_serve_every_method() {
                 shard: Some((i, 3)),
                 ..opts.clone()
             };
-            fisher_pass_seq(
-                &model,
+            fisher_pass_graph(
+                &GraphEngine::from_sequential(&model).unwrap(),
                 lik.clone(),
                 "categorical",
                 &data,
@@ -465,7 +478,7 @@ fn hostile_architectures_and_inputs_are_errors() {
     assert!(s.shapes(&[1, 1 << 20, 1 << 20]).is_err());
     // NaN in the data and in the weights: errors naming them
     let (model, data, _) = zoo();
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let (x, y) = data.get(0, data.len()).unwrap();
     let mut v = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     v[200] = f64::NAN;
@@ -513,8 +526,8 @@ fn hostile_architectures_and_inputs_are_errors() {
         "f",
     )
     .unwrap();
-    let e = FactoredSeq::new(&m).unwrap_err().to_string();
-    assert!(e.contains("module 0 bias"), "{e}");
+    let e = GraphEngine::from_sequential(&m).unwrap_err().to_string();
+    assert!(e.contains("'0.bias'") && e.contains("of f"), "{e}");
     // zero queries, zero examples, zero batch size
     let z = Tensor::zeros((0, 2, 11, 9), DType::F64, &Device::Cpu).unwrap();
     let (g, v) = engine.query_gradients(&Qoi::Sum, &z, 1, &eo(4)).unwrap();
@@ -532,7 +545,7 @@ fn hostile_architectures_and_inputs_are_errors() {
     assert!(engine.query_gradients(&Qoi::Sum, &z, 1, &eo(4)).is_err());
 }
 
-/// `seq_delta_variances_with` with the kernel Σ of a `SeqFisher` over `data`: the queries take
+/// `engine_delta_variances_with` with the kernel Σ of a `GraphFisher` over `data`: the queries take
 /// the layered route and give `want` (≤ 1e-8).
 #[allow(clippy::too_many_arguments)]
 fn kernel_pipeline_takes_the_layered_route(
@@ -545,9 +558,14 @@ fn kernel_pipeline_takes_the_layered_route(
     lam: f64,
     want: &[f64],
 ) {
-    let fisher = SeqFisher::new(model, lik.clone(), data, eo(3)).unwrap();
-    let out = seq_delta_variances_with(
-        model,
+    let fisher = GraphFisher::with_engine(
+        GraphEngine::from_sequential(model).unwrap(),
+        lik.clone(),
+        data,
+        eo(3),
+    );
+    let out = engine_delta_variances_with(
+        &GraphEngine::from_sequential(model).unwrap(),
         qoi,
         q,
         steps,
@@ -591,7 +609,7 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
     use deltavar::engine::{DenseGradients, GradientMatrix, LayerRoute};
     use std::sync::Arc;
     let (model, data, q) = zoo();
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let lik = Likelihood::Categorical;
     let n = data.len();
     let g = engine
@@ -682,7 +700,7 @@ fn layered_gram_over_several_blocks_matches_the_dense_block() {
     let x = Tensor::from_vec(pseudo_random(n * 18, 81), (n, 6, 3), &Device::Cpu).unwrap();
     let data = TensorDataset::new(x, random_labels(n, 3, 82)).unwrap();
     let q = Tensor::from_vec(pseudo_random(5 * 18, 83), (5, 6, 3), &Device::Cpu).unwrap();
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let lik = Likelihood::Categorical;
     let g = engine
         .per_example_gradients(&lik, &data, 0, n, &eo(64))
@@ -725,7 +743,7 @@ fn layered_rollout_queries_match_the_formed_gradients() {
         .parse()
         .unwrap();
     let model = Sequential::init(spec, &[3], DType::F64, 8).unwrap();
-    let engine = FactoredSeq::new(&model).unwrap();
+    let engine = GraphEngine::from_sequential(&model).unwrap();
     let n = 17;
     let x = Tensor::from_vec(pseudo_random(n * 3, 81), (n, 3), &Device::Cpu).unwrap();
     let data = TensorDataset::new(x, random_tensor(n, 3, 82)).unwrap();
@@ -779,7 +797,7 @@ fn layered_rollout_queries_match_the_formed_gradients() {
         .parse()
         .unwrap();
     let conv = Sequential::init(spec, &[1, 5, 5], DType::F64, 9).unwrap();
-    let ce = FactoredSeq::new(&conv).unwrap();
+    let ce = GraphEngine::from_sequential(&conv).unwrap();
     let cq = Tensor::from_vec(pseudo_random(3 * 25, 84), (3, 1, 5, 5), &Device::Cpu).unwrap();
     let (cg, _) = ce.query_gradients(&Qoi::Output(7), &cq, 3, &eo(2)).unwrap();
     for route in [LayerRoute::Materialise, LayerRoute::Factor] {
@@ -794,7 +812,7 @@ fn layered_rollout_queries_match_the_formed_gradients() {
     }
     // a rollout of a network whose output cannot be its input is refused
     let (zoo_model, _, zq) = zoo();
-    let err = FactoredSeq::new(&zoo_model)
+    let err = GraphEngine::from_sequential(&zoo_model)
         .unwrap()
         .query_layered_gradients(&Qoi::Sum, &zq, 2, &eo(3), LayerRoute::Auto)
         .err()

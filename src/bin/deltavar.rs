@@ -229,7 +229,6 @@ fn dtype(s: &str) -> Result<DType> {
 /// The model the CLI runs: an MLP (`mlp:`), any `nn.Sequential` (`seq:`) or a graph (`onnx:`).
 enum Model {
     Mlp(Mlp),
-    Seq(Sequential),
     Graph(GraphEngine),
 }
 
@@ -237,21 +236,18 @@ impl Model {
     fn num_params(&self) -> usize {
         match self {
             Model::Mlp(m) => m.num_params(),
-            Model::Seq(m) => m.num_params(),
             Model::Graph(g) => g.num_params(),
         }
     }
     fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(match self {
             Model::Mlp(m) => m.named_tensors(),
-            Model::Seq(m) => m.named_tensors(),
             Model::Graph(g) => g.named_tensors()?,
         })
     }
     fn input_shape(&self) -> Vec<usize> {
         match self {
             Model::Mlp(m) => vec![m.sizes()[0]],
-            Model::Seq(m) => m.input_shape().to_vec(),
             Model::Graph(g) => g.input_shape().to_vec(),
         }
     }
@@ -280,12 +276,11 @@ fn row_shape(path: &Path) -> Result<Vec<usize>> {
     })
 }
 
-/// The batch size: as given, else 256 for an MLP and 64 for a `seq:` model (their fastest on
-/// the peers' workloads: a convolution's patches of 256 examples fall out of cache).
+/// The batch size: as given, else 256 for an MLP and 32 for a graph (`seq:` and `onnx:`; their
+/// fastest on the peers' workloads: a convolution's patches of 256 examples fall out of cache).
 fn batch_size(m: &ModelArgs, net: &Model) -> usize {
     m.batch_size.unwrap_or(match net {
         Model::Mlp(_) => 256,
-        Model::Seq(_) => 64,
         Model::Graph(_) => 32,
     })
 }
@@ -342,9 +337,8 @@ fn load_model(m: &ModelArgs, input_shape: Option<&[usize]>, rollout: usize) -> R
             "a seq: model needs data to take its input shape from",
         )
     })?;
-    Ok(Model::Seq(Sequential::load_safetensors(
-        weights, spec, shape, dt, &m.prefix,
-    )?))
+    let seq = Sequential::load_safetensors(weights, spec, shape, dt, &m.prefix)?;
+    Ok(Model::Graph(GraphEngine::from_sequential(&seq)?))
 }
 
 fn load_mlp(m: &ModelArgs, arch: &MlpSpec, dt: DType) -> Result<Mlp> {
@@ -379,23 +373,6 @@ fn load_mlp(m: &ModelArgs, arch: &MlpSpec, dt: DType) -> Result<Mlp> {
         ));
     }
     Ok(mlp)
-}
-
-/// An MLP as the equivalent nn.Sequential (Linear at 0, 2, 4, ...): the same flat layout.
-fn mlp_as_seq(m: &Mlp, dt: DType) -> Result<Sequential> {
-    let spec = MlpSpec {
-        sizes: m.sizes().to_vec(),
-        activation: m.activation(),
-    }
-    .to_seq();
-    let mut tensors = std::collections::HashMap::new();
-    for (i, l) in m.layers().iter().enumerate() {
-        tensors.insert(format!("{}.weight", 2 * i), l.weight().clone());
-        if let Some(b) = l.bias() {
-            tensors.insert(format!("{}.bias", 2 * i), b.clone());
-        }
-    }
-    Sequential::from_tensors(spec, &[m.sizes()[0]], &tensors, "", dt, "the MLP")
 }
 
 /// The queries as a tensor of shape (M, *shape) in `dt` (int64 for a model with integer inputs),
@@ -548,7 +525,7 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
     // `outputs`: the covariance of every output (a vector QoI)
     let outputs = qoi.trim() == "outputs";
     let qoi: Qoi = if outputs { Qoi::Sum } else { qoi.parse()? };
-    // `kfac`: the Kronecker-factored Σ on the sequential engine (an MLP runs as its nn.Sequential)
+    // `kfac`: the Kronecker-factored Σ on the graph engine (an MLP runs as its graph)
     let kfac = sigma.trim() == "kfac";
     let strategy: SigmaStrategy = if kfac {
         SigmaStrategy::Identity
@@ -605,20 +582,17 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
             .ok_or_else(|| missing("--likelihood gaussian[:SIGMA]|categorical"))?
             .parse()?;
         let data = MmapNpyDataset::open(x, y)?;
-        let seq_engine = match &net {
-            Model::Seq(m) => Some((FactoredSeq::new(m)?, m.named_tensors())),
+        // an MLP runs as its graph here (K-FAC factors come from the graph engine)
+        let as_graph;
+        let engine = match &net {
+            Model::Graph(g) => g,
             Model::Mlp(m) => {
-                let seq = mlp_as_seq(m, dtype(&model.dtype)?)?;
-                Some((FactoredSeq::new(&seq)?, seq.named_tensors()))
+                as_graph = GraphEngine::from_mlp(m)?;
+                &as_graph
             }
-            Model::Graph(_) => None,
         };
-        let (engine, named, f): (&dyn deltavar::engine::QueryGradients, _, _) =
-            match (&net, &seq_engine) {
-                (Model::Graph(g), _) => (g, g.named_tensors()?, g.kfac_factors(&lik, &data, &eo)?),
-                (_, Some((e, named))) => (e, named.clone(), e.kfac_factors(&lik, &data, &eo)?),
-                _ => return Err(Error::Unsupported("no engine for K-FAC".into())),
-            };
+        let named = engine.named_tensors()?;
+        let f = engine.kfac_factors(&lik, &data, &eo)?;
         let s = deltavar::sigma::KfacSigma::new(&f, damping)?;
         let (qg, values) = engine.query_gradients(&qoi, &q, rollout, &eo)?;
         let n = data.len();
@@ -707,7 +681,6 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
             data = MmapNpyDataset::open(x, y)?;
             match &net {
                 Model::Mlp(m) => Some(Box::new(FactoredFisher::new(m, lik, &data, eo.clone())?)),
-                Model::Seq(m) => Some(Box::new(SeqFisher::new(m, lik, &data, eo.clone())?)),
                 Model::Graph(g) => Some(Box::new(GraphFisher::with_engine(
                     g.clone(),
                     lik,
@@ -736,9 +709,6 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         let c = match &net {
             Model::Mlp(m) => {
                 mlp_delta_covariances_with(m, &q, strategy, &opts, source.as_deref(), &eo)?
-            }
-            Model::Seq(m) => {
-                seq_delta_covariances_with(m, &q, rollout, strategy, &opts, source.as_deref(), &eo)?
             }
             Model::Graph(g) => engine_delta_covariances_with(
                 g,
@@ -783,16 +753,6 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
             Model::Mlp(m) => {
                 mlp_group_delta_variances_with(m, qoi, &q, strategy, &opts, source.as_deref(), &eo)?
             }
-            Model::Seq(m) => seq_group_delta_variances_with(
-                m,
-                qoi,
-                &q,
-                rollout,
-                strategy,
-                &opts,
-                source.as_deref(),
-                &eo,
-            )?,
             Model::Graph(g) => engine_group_delta_variances_with(
                 g,
                 deltavar::delta::named_groups(&g.named_tensors()?),
@@ -822,9 +782,6 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
     let out = match &net {
         Model::Mlp(m) => {
             mlp_delta_variances_with(m, qoi, &q, strategy, &opts, source.as_deref(), &eo)?
-        }
-        Model::Seq(m) => {
-            seq_delta_variances_with(m, qoi, &q, rollout, strategy, &opts, source.as_deref(), &eo)?
         }
         Model::Graph(g) => engine_delta_variances_with(
             g,
@@ -983,7 +940,6 @@ fn fim(a: FimArgs) -> Result<()> {
     };
     let art = match &net {
         Model::Mlp(m) => fisher_pass(m, lik, &likelihood, &data, &opts, &mut progress)?,
-        Model::Seq(m) => fisher_pass_seq(m, lik, &likelihood, &data, &opts, &mut progress)?,
         Model::Graph(g) => fisher_pass_graph(g, lik, &likelihood, &data, &opts, &mut progress)?,
     };
     pb.finish_and_clear();

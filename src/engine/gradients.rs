@@ -338,7 +338,7 @@ impl<'c> Chunked<'c> {
 }
 
 /// A native engine's per-example log-likelihood gradients: what [`NativeStreamed`] and the
-/// native Fisher sources need ([`crate::engine::FactoredSeq`],
+/// native Fisher sources need ([`crate::engine::GraphEngine`],
 /// [`crate::engine::FactoredTransformer`]).
 pub trait ExampleGradients: Sync {
     /// P.
@@ -448,7 +448,7 @@ impl<E: ExampleGradients> GradientMatrix for NativeStreamed<'_, E> {
 }
 
 /// An engine's QoI gradients at query points, what the delta-variance pipeline reads
-/// ([`crate::delta::engine_delta_variances_with`]): the sequential and graph engines.
+/// ([`crate::delta::engine_delta_variances_with`]): the graph and transformer engines.
 pub trait QueryGradients: Sync {
     /// P.
     fn num_params(&self) -> usize;
@@ -472,34 +472,6 @@ pub trait QueryGradients: Sync {
         opts: &super::FactoredOptions,
         route: super::LayerRoute,
     ) -> Result<(super::LayeredGradients, Vec<f64>)>;
-}
-
-impl QueryGradients for super::FactoredSeq {
-    fn num_params(&self) -> usize {
-        super::FactoredSeq::num_params(self)
-    }
-    fn num_outputs(&self) -> usize {
-        self.output_shape().iter().product()
-    }
-    fn query_gradients(
-        &self,
-        qoi: &crate::qoi::Qoi,
-        queries: &Tensor,
-        steps: usize,
-        opts: &super::FactoredOptions,
-    ) -> Result<(Mat<f64>, Vec<f64>)> {
-        super::FactoredSeq::query_gradients(self, qoi, queries, steps, opts)
-    }
-    fn query_layered_gradients(
-        &self,
-        qoi: &crate::qoi::Qoi,
-        queries: &Tensor,
-        steps: usize,
-        opts: &super::FactoredOptions,
-        route: super::LayerRoute,
-    ) -> Result<(super::LayeredGradients, Vec<f64>)> {
-        super::FactoredSeq::query_layered_gradients(self, qoi, queries, steps, opts, route)
-    }
 }
 
 impl QueryGradients for super::GraphEngine {

@@ -113,6 +113,35 @@ impl GraphEngine {
         })
     }
 
+    /// An `nn.Sequential` model ([`crate::graph::models::sequential`]) in its own precision.
+    pub fn from_sequential(m: &crate::model::Sequential) -> Result<Self> {
+        Self::new(
+            crate::graph::models::sequential(m)?,
+            m.input_shape(),
+            m.dtype(),
+        )
+    }
+
+    /// The transformer classifier on sequences of `len` tokens
+    /// ([`crate::graph::models::transformer`]) in its own precision.
+    pub fn from_transformer(m: &crate::model::Transformer, len: usize) -> Result<Self> {
+        Self::new(
+            crate::graph::models::transformer(m, len)?,
+            &[len],
+            m.dtype(),
+        )
+    }
+
+    /// An MLP ([`crate::graph::models::mlp`]) in its own precision.
+    pub fn from_mlp(m: &crate::model::Mlp) -> Result<Self> {
+        let dt = m
+            .layers()
+            .first()
+            .map(|l| l.weight().dtype())
+            .unwrap_or(DType::F32);
+        Self::new(crate::graph::models::mlp(m)?, &[m.sizes()[0]], dt)
+    }
+
     /// P.
     pub fn num_params(&self) -> usize {
         self.an.num_params

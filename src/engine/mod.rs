@@ -8,9 +8,10 @@
 //! - [`factored`]: models it knows ([`crate::Mlp`]); a native batched forward/backward gives each
 //!   layer's factors (X, Δ), from which Σgᵢ∘gᵢ, F·V, J·V, Jᵀ·U, the Gram matrix and query
 //!   gradients follow without the N×P matrix.
-//! - [`sequential`]: [`crate::model::Sequential`] models (convolutions, pooling, Linear, norms);
-//!   a native batched forward/backward keeps each layer's input (patches) and signal, and the
-//!   per-example gradients follow per layer and example; no candle autograd.
+//! - [`graph`]: any model as a graph ([`crate::graph`]: an ONNX file, or a network written with
+//!   [`crate::graph::build::GraphBuilder`], including the `seq:` models); a native batched
+//!   forward/backward keeps each weight's input rows (patches) and output signals, and the
+//!   per-example gradients follow per use and example; no candle autograd.
 //! - [`capture`]: any candle network built from [`crate::nn`] layers; one batched candle
 //!   forward/backward with probes per batch.
 //! - [`gradients`]: the N×P gradient matrix G as an operator ([`GradientMatrix`]): the factors,
@@ -27,7 +28,6 @@ pub mod graph;
 pub mod kfac;
 pub mod layered;
 pub(crate) mod pool;
-pub mod sequential;
 pub mod transformer;
 
 pub use capture::{CaptureEngine, CaptureOptions};
@@ -40,5 +40,4 @@ pub use gradients::{DenseGradients, GradientMatrix, QueryGradients, StreamedGrad
 pub use gradients::{ExampleGradients, NativeStreamed};
 pub use graph::GraphEngine;
 pub use layered::{LayerRoute, LayeredGradients};
-pub use sequential::FactoredSeq;
 pub use transformer::FactoredTransformer;

@@ -13,8 +13,8 @@ pub mod artifact;
 mod capture;
 mod factored;
 mod generic;
+mod native;
 pub mod offline;
-mod sequential;
 
 pub use artifact::{
     shard_range, tensors_fingerprint, weights_fingerprint, FisherArtifact, FisherMeta,
@@ -22,11 +22,11 @@ pub use artifact::{
 pub use capture::CapturedFisher;
 pub use factored::FactoredFisher;
 pub use generic::GenericFisher;
+pub use native::{GraphFisher, NativeFisher, TransformerFisher};
 pub use offline::{
-    fisher_pass, fisher_pass_captured, fisher_pass_graph, fisher_pass_seq, fisher_pass_transformer,
-    parse_shard, PassKind, PassOptions,
+    fisher_pass, fisher_pass_captured, fisher_pass_graph, fisher_pass_transformer, parse_shard,
+    PassKind, PassOptions,
 };
-pub use sequential::{GraphFisher, NativeFisher, SeqFisher, TransformerFisher};
 
 use faer::{Mat, MatRef};
 

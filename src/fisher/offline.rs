@@ -8,13 +8,12 @@ use super::{CapturedFisher, FactoredFisher, FisherDense, NativeFisher};
 use crate::data::{Dataset, DatasetRange};
 use crate::engine::gradients::ExampleGradients;
 use crate::engine::{
-    CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, FactoredSeq, FactoredTransformer,
-    GraphEngine,
+    CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, FactoredTransformer, GraphEngine,
 };
 use crate::error::Result;
 use crate::fisher::FisherDiag;
 use crate::likelihood::Likelihood;
-use crate::model::{Mlp, Sequential, Transformer};
+use crate::model::{Mlp, Transformer};
 use crate::params::Params;
 
 /// What a pass accumulates.
@@ -115,29 +114,6 @@ pub fn fisher_pass(
             FactoredFisher::new(mlp, lik.clone(), range, opts.engine.clone())?
                 .fisher_dense(opts.memory_budget)
         },
-    )
-}
-
-/// [`fisher_pass`] for a [`Sequential`] model, on the native sequential engine. The artifact's
-/// parameter names, shapes and weight fingerprint are the model's state-dict parameters; shards
-/// merge as for an MLP.
-pub fn fisher_pass_seq(
-    model: &Sequential,
-    lik: Likelihood,
-    likelihood_name: &str,
-    data: &dyn Dataset,
-    opts: &PassOptions,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<FisherArtifact> {
-    let engine = FactoredSeq::new(model)?;
-    native_pass(
-        &model.named_tensors(),
-        &engine,
-        lik,
-        likelihood_name,
-        data,
-        opts,
-        progress,
     )
 }
 

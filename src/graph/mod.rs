@@ -11,8 +11,10 @@
 //! through an anonymous copy (a split tie, a transposed Linear weight) is an error naming it.
 
 pub mod analysis;
+pub mod build;
 pub mod exec;
 pub mod ir;
+pub mod models;
 pub mod onnx;
 pub mod ops;
 pub mod per_example;

@@ -5,7 +5,7 @@
 //! The architecture is written `seq:LAYER,LAYER,...` ([`SeqSpec`]); the per-example input shape
 //! comes from the data (`(C, H, W)` for images). [`Sequential`] runs as a candle [`Module`] built
 //! from [`crate::nn`] layers (so the capture and generic engines see it), and the native
-//! sequential engine ([`crate::engine::FactoredSeq`]) runs it without candle's autograd.
+//! graph engine runs it as a graph ([`crate::graph::models::sequential`], [`crate::engine::GraphEngine::from_sequential`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -659,7 +659,7 @@ pub(crate) struct SeqTensors {
 
 /// An `nn.Sequential` model loaded from a state dict: a candle [`Module`] (built from
 /// [`crate::nn`] layers, so the capture and generic engines see it) and the input of the native
-/// sequential engine ([`crate::engine::FactoredSeq`]).
+/// graph engine ([`crate::engine::GraphEngine::from_sequential`]).
 ///
 /// Its flat parameter layout is the state-dict order of [`SeqSpec::param_names`].
 #[derive(Debug, Clone)]
@@ -668,6 +668,7 @@ pub struct Sequential {
     prefix: String,
     shapes: Vec<Vec<usize>>,
     tensors: Vec<SeqTensors>,
+    source: String,
 }
 
 fn normalize_prefix(prefix: &str) -> String {
@@ -761,6 +762,7 @@ impl Sequential {
             prefix,
             shapes,
             tensors: out,
+            source: source.to_string(),
         })
     }
 
@@ -837,6 +839,19 @@ impl Sequential {
     /// The per-example shapes: entry l is module l's input, the last the output.
     pub fn shapes(&self) -> &[Vec<usize>] {
         &self.shapes
+    }
+
+    /// Where the weights came from (the file, for messages).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The parameters' precision (f32 for a model without parameters).
+    pub fn dtype(&self) -> DType {
+        self.tensors
+            .iter()
+            .find_map(|t| t.weight.as_ref().map(|w| w.dtype()))
+            .unwrap_or(DType::F32)
     }
 
     /// One example's input shape.

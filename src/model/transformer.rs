@@ -281,6 +281,14 @@ impl Transformer {
         self.cfg.num_params()
     }
 
+    /// The parameters' precision.
+    pub fn dtype(&self) -> DType {
+        self.vars
+            .first()
+            .map(|(_, v)| v.dtype())
+            .unwrap_or(DType::F32)
+    }
+
     fn t(&self, name: &str) -> candle_core::Result<Tensor> {
         let key = format!("{}{name}", self.prefix);
         self.vars

@@ -1,5 +1,5 @@
-//! The empirical Fisher of the models the native engines know: a [`Sequential`] (convolutions,
-//! pooling, Linear, norms) and a [`Transformer`] (pre-LN encoder classifier).
+//! The empirical Fisher on a native engine: the graph engine (any graph: ONNX files, `seq:`
+//! models, networks written with the graph builder) and the transformer engine.
 
 use std::sync::Arc;
 
@@ -8,10 +8,10 @@ use faer::Mat;
 use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::Dataset;
 use crate::engine::gradients::{DenseGradients, ExampleGradients, GradientMatrix, NativeStreamed};
-use crate::engine::{FactoredOptions, FactoredSeq, FactoredTransformer, LayerRoute};
+use crate::engine::{FactoredOptions, FactoredTransformer, LayerRoute};
 use crate::error::Result;
 use crate::likelihood::Likelihood;
-use crate::model::{Sequential, Transformer};
+use crate::model::Transformer;
 
 /// The empirical Fisher of a model on a native engine `E` and a likelihood over a dataset.
 ///
@@ -28,27 +28,12 @@ pub struct NativeFisher<'a, E> {
     route: LayerRoute,
 }
 
-/// The empirical Fisher of a [`Sequential`] model on the native sequential engine.
-pub type SeqFisher<'a> = NativeFisher<'a, FactoredSeq>;
-
 /// The empirical Fisher of a [`Transformer`] on the native transformer engine.
 pub type TransformerFisher<'a> = NativeFisher<'a, FactoredTransformer>;
 
 /// The empirical Fisher of a graph model ([`crate::graph::Graph`]) on the graph engine: build it
 /// with [`NativeFisher::with_engine`].
 pub type GraphFisher<'a> = NativeFisher<'a, crate::engine::GraphEngine>;
-
-impl<'a> NativeFisher<'a, FactoredSeq> {
-    /// The Fisher of `lik` on `model`'s outputs over `data` (a snapshot of the weights).
-    pub fn new(
-        model: &Sequential,
-        lik: Likelihood,
-        data: &'a dyn Dataset,
-        opts: FactoredOptions,
-    ) -> Result<Self> {
-        Ok(Self::with_engine(FactoredSeq::new(model)?, lik, data, opts))
-    }
-}
 
 impl<'a> NativeFisher<'a, FactoredTransformer> {
     /// The Fisher of `lik` on `model`'s outputs over token data (a snapshot of the weights).

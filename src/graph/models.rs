@@ -1,0 +1,133 @@
+//! The crate's model types as graphs, written with [`GraphBuilder`]: the MLP, the
+//! `nn.Sequential` of a `seq:` spec and the transformer classifier. Their flat parameter layout
+//! is the model's own (state-dict order), so Fisher files and per-example gradients agree with
+//! the capture and generic engines on the same model.
+
+use std::collections::HashMap;
+
+use super::build::{ConvOptions, GraphBuilder, Value, Weights};
+use super::Graph;
+use crate::error::Result;
+use crate::model::{Mlp, SeqLayer, Sequential, Transformer};
+
+fn named(tensors: Vec<(String, candle_core::Tensor)>, source: &str) -> Result<Weights> {
+    let map: HashMap<String, candle_core::Tensor> = tensors.into_iter().collect();
+    Weights::from_tensors(&map, source)
+}
+
+/// An [`Mlp`] as a graph: Linear layers under its layer names with its activation between.
+pub fn mlp(m: &Mlp) -> Result<Graph> {
+    let w = named(m.named_tensors(), "the MLP")?;
+    let (mut b, x) = GraphBuilder::new(w, &[m.sizes()[0]]);
+    let mut h = x;
+    for (i, name) in m.layer_names().iter().enumerate() {
+        if i > 0 {
+            h = b.activation(h, m.activation());
+        }
+        h = b.linear(h, name, m.layers()[i].bias().is_some())?;
+    }
+    b.finish(h)
+}
+
+/// A [`Sequential`] as a graph, modules at their nn.Sequential indices.
+pub fn sequential(m: &Sequential) -> Result<Graph> {
+    let mut t: Vec<(String, candle_core::Tensor)> = vec![];
+    for (i, ts) in m.tensors().iter().enumerate() {
+        if let Some(w) = &ts.weight {
+            t.push((format!("{i}.weight"), w.as_tensor().clone()));
+        }
+        if let Some(bias) = &ts.bias {
+            t.push((format!("{i}.bias"), bias.as_tensor().clone()));
+        }
+        if let Some((mean, var)) = &ts.stats {
+            t.push((format!("{i}.running_mean"), mean.clone()));
+            t.push((format!("{i}.running_var"), var.clone()));
+        }
+    }
+    let (mut b, x) = GraphBuilder::new(named(t, m.source())?, m.input_shape());
+    let mut h = x;
+    for (i, l) in m.spec().layers.iter().enumerate() {
+        let name = i.to_string();
+        h = match *l {
+            SeqLayer::Linear { bias, .. } => b.linear(h, &name, bias)?,
+            SeqLayer::Conv1d(a) | SeqLayer::Conv2d(a) => {
+                let o = ConvOptions {
+                    stride: a.stride,
+                    padding: a.padding,
+                    dilation: a.dilation,
+                    groups: 1,
+                };
+                b.conv(h, &name, o, a.bias)?
+            }
+            SeqLayer::MaxPool2d { k, stride } => b.max_pool2d(h, k, stride)?,
+            SeqLayer::AvgPool2d { k, stride } => b.avg_pool2d(h, k, stride)?,
+            SeqLayer::Flatten => b.flatten(h),
+            SeqLayer::LayerNorm { eps, .. } => b.layer_norm(h, &name, eps)?,
+            SeqLayer::BatchNorm2d { eps, .. } => b.batch_norm(h, &name, eps)?,
+            SeqLayer::Dropout => h,
+            SeqLayer::Act(a) => b.activation(h, a),
+        };
+    }
+    b.finish(h)
+}
+
+/// A [`Transformer`] as a graph on token sequences of length `len` (≤ its `max_len`).
+pub fn transformer(m: &Transformer, len: usize) -> Result<Graph> {
+    let cfg = *m.config();
+    let mut t = vec![];
+    for (name, _) in cfg.param_shapes() {
+        t.push((name.clone(), m.tensor(&name)?));
+    }
+    let (mut b, tok) = GraphBuilder::with_token_input(named(t, "the transformer")?, len);
+    let e = b.embedding(tok, "emb.weight")?;
+    let p = b.positions("pos.weight", len)?;
+    let mut x = b.add(e, p)?;
+    for i in 0..cfg.layers {
+        let n = |s: &str| format!("blocks.{i}.{s}");
+        let h = b.layer_norm(x, &n("ln1"), cfg.eps)?;
+        let y = attention(&mut b, h, &n("qkv"), &n("proj"), cfg.d, cfg.heads, false)?;
+        x = b.add(x, y)?;
+        let h = b.layer_norm(x, &n("ln2"), cfg.eps)?;
+        let h = b.linear(h, &n("fc1"), true)?;
+        let h = b.activation(h, crate::model::Activation::Gelu);
+        let h = b.linear(h, &n("fc2"), true)?;
+        x = b.add(x, h)?;
+    }
+    let x = b.layer_norm(x, "ln_f", cfg.eps)?;
+    let x = b.mean(x, 0)?;
+    let y = b.linear(x, "head", true)?;
+    b.finish(y)
+}
+
+/// Multi-head self-attention on (T, d): q, k, v from one Linear `qkv` (3d, d) stacked in that
+/// order, scaled dot products (causally masked when `causal`), softmax, and the output Linear
+/// `proj`.
+pub fn attention(
+    b: &mut GraphBuilder,
+    x: Value,
+    qkv: &str,
+    proj: &str,
+    d: usize,
+    heads: usize,
+    causal: bool,
+) -> Result<Value> {
+    let t = b.shape(x)[0];
+    let hd = d / heads.max(1);
+    let qkv = b.linear(x, qkv, true)?;
+    let parts = b.split(qkv, 1, 3)?;
+    let mut part = |k: usize, perm: &[usize]| -> Result<Value> {
+        let p = b.reshape(parts[k], &[t, heads, hd])?;
+        b.transpose(p, perm)
+    };
+    let q = part(0, &[1, 0, 2])?; // (H, T, hd)
+    let kt = part(1, &[1, 2, 0])?; // (H, hd, T)
+    let v = part(2, &[1, 0, 2])?;
+    let s = b.matmul(q, kt)?;
+    let s = b.scale(s, 1.0 / (hd as f64).sqrt())?;
+    let s = if causal { b.causal_mask(s)? } else { s };
+    let a = b.softmax(s, 2)?;
+    let y = b.matmul(a, v)?; // (H, T, hd)
+    let y = b.transpose(y, &[1, 0, 2])?;
+    let y = b.reshape(y, &[t, d])?;
+    b.linear(y, proj, true)
+}
