@@ -532,7 +532,6 @@ pub fn layered_delta_variances_reported(
     q: &crate::engine::LayeredGradients,
     sigma: &dyn SigmaOp,
 ) -> Result<(QuadForms, QueryPath)> {
-    use crate::engine::GradientMatrix;
     if sigma.dim() != q.num_params() {
         return Err(Error::shape(
             format!(

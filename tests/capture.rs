@@ -81,7 +81,7 @@ fn check_layered<M: Module + Sync>(
     queries: &Tensor,
     bs: usize,
 ) {
-    use deltavar::engine::{GradientMatrix, LayerRoute};
+    use deltavar::engine::LayerRoute;
     let (qg, qv) = engine
         .query_gradients(&Qoi::Sum, queries, &opts(bs))
         .unwrap();

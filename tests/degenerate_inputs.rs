@@ -438,7 +438,7 @@ fn fisher_results_and_artifacts_degenerate() {
 /// the kernel method, never a panic; a query batch of the wrong shape names the expected one.
 #[test]
 fn layered_gradients_on_empty_inputs() {
-    use deltavar::engine::{GradientMatrix, LayerRoute};
+    use deltavar::engine::LayerRoute;
     use deltavar::model::{SeqSpec, Sequential};
     let spec: SeqSpec = "seq:conv2d(1,2,3,padding=1),relu,flatten,linear(32,3)"
         .parse()

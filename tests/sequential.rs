@@ -606,7 +606,7 @@ fn dense_kernel_reference(g: &faer::Mat<f64>, qg: &faer::Mat<f64>, lam: f64) -> 
 /// formed query gradients and a dense f64 inverse.
 #[test]
 fn layered_gradients_match_the_dense_block_under_every_route() {
-    use deltavar::engine::{DenseGradients, GradientMatrix, LayerRoute};
+    use deltavar::engine::{DenseGradients, LayerRoute};
     use std::sync::Arc;
     let (model, data, q) = zoo();
     let engine = GraphEngine::from_sequential(&model).unwrap();
@@ -692,7 +692,6 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
 /// alone, and the kernel ΔVar equals a dense f64 inverse.
 #[test]
 fn layered_gram_over_several_blocks_matches_the_dense_block() {
-    use deltavar::engine::GradientMatrix;
     use std::sync::Arc;
     let spec: SeqSpec = "seq:linear(3,4),tanh,flatten,linear(24,3)".parse().unwrap();
     let model = Sequential::init(spec, &[6, 3], DType::F64, 8).unwrap();
@@ -737,7 +736,7 @@ fn layered_gram_over_several_blocks_matches_the_dense_block() {
 /// one-step layered data, and give the kernel ΔVar of a dense f64 inverse.
 #[test]
 fn layered_rollout_queries_match_the_formed_gradients() {
-    use deltavar::engine::{GradientMatrix, LayerRoute};
+    use deltavar::engine::LayerRoute;
     use std::sync::Arc;
     let spec: SeqSpec = "seq:linear(3,6),tanh,layernorm(6),linear(6,3)"
         .parse()

@@ -8,6 +8,7 @@ use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::factored::{Factors, QueryFactors};
 use super::generic::GenericGradients;
+use super::gram::check_gram_out;
 use crate::error::{Error, Result};
 
 /// G, the N×P matrix of per-example log-likelihood gradients, seen through its products.
@@ -56,18 +57,6 @@ pub trait GradientMatrix: Send + Sync {
     }
 }
 
-/// Refuses a Gram matrix output that is not N×N.
-pub(crate) fn check_gram_out(out: MatRef<'_, f64>, n: usize) -> Result<()> {
-    if out.nrows() != n || out.ncols() != n {
-        return Err(Error::shape(
-            "Gram matrix output",
-            format!("{n}×{n}"),
-            format!("{}×{}", out.nrows(), out.ncols()),
-        ));
-    }
-    Ok(())
-}
-
 impl GradientMatrix for Factors {
     fn num_params(&self) -> usize {
         Factors::num_params(self)
@@ -101,6 +90,39 @@ impl GradientMatrix for Factors {
     }
     fn cross_gram_queries(&self, q: &QueryFactors) -> Option<Result<Mat<f64>>> {
         Some(self.cross_gram(q.factors()))
+    }
+}
+
+impl GradientMatrix for super::LayeredGradients {
+    fn num_params(&self) -> usize {
+        super::LayeredGradients::num_params(self)
+    }
+    fn num_examples(&self) -> usize {
+        super::LayeredGradients::num_examples(self)
+    }
+    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        super::LayeredGradients::jv(self, v)
+    }
+    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        super::LayeredGradients::jtu(self, u)
+    }
+    fn gram(&self) -> Result<Mat<f64>> {
+        super::LayeredGradients::gram(self)
+    }
+    fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
+        super::LayeredGradients::gram_lower_into(self, out)
+    }
+    fn cross_gram_layered(&self, q: &super::LayeredGradients) -> Option<Result<Mat<f64>>> {
+        super::LayeredGradients::cross_gram_layered(self, q)
+    }
+    fn diag_sums(&self) -> Result<Vec<f64>> {
+        super::LayeredGradients::diag_sums(self)
+    }
+    fn gram_width(&self) -> usize {
+        super::LayeredGradients::gram_width(self)
+    }
+    fn bytes(&self) -> u64 {
+        super::LayeredGradients::bytes(self)
     }
 }
 
@@ -404,7 +426,7 @@ impl<'a, E: ExampleGradients> NativeStreamed<'a, E> {
     }
 
     fn chunk(&self) -> usize {
-        self.opts.batch_size.max(1) * super::factored::rayon_threads(&self.opts)
+        self.opts.batch_size.max(1) * super::batch::rayon_threads(&self.opts)
     }
 
     fn chunks(&self) -> Vec<(usize, usize)> {
@@ -472,32 +494,4 @@ pub trait QueryGradients: Sync {
         opts: &super::FactoredOptions,
         route: super::LayerRoute,
     ) -> Result<(super::LayeredGradients, Vec<f64>)>;
-}
-
-impl QueryGradients for super::GraphEngine {
-    fn num_params(&self) -> usize {
-        super::GraphEngine::num_params(self)
-    }
-    fn num_outputs(&self) -> usize {
-        self.output_shape().iter().product()
-    }
-    fn query_gradients(
-        &self,
-        qoi: &crate::qoi::Qoi,
-        queries: &Tensor,
-        steps: usize,
-        opts: &super::FactoredOptions,
-    ) -> Result<(Mat<f64>, Vec<f64>)> {
-        super::GraphEngine::query_gradients(self, qoi, queries, steps, opts)
-    }
-    fn query_layered_gradients(
-        &self,
-        qoi: &crate::qoi::Qoi,
-        queries: &Tensor,
-        steps: usize,
-        opts: &super::FactoredOptions,
-        route: super::LayerRoute,
-    ) -> Result<(super::LayeredGradients, Vec<f64>)> {
-        super::GraphEngine::query_layered_gradients(self, qoi, queries, steps, opts, route)
-    }
 }

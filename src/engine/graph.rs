@@ -32,7 +32,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::factored::{rayon_threads, run_in_pool, Batch, FactoredOptions, Rows, Target};
+use super::batch::{rayon_threads, run_in_pool, Batch, FactoredOptions, Rows, Target};
 use super::layered::{LayerKind, LayerRoute, LayerShape, LayeredGradients};
 use crate::data::{Dataset, RowsRef};
 use crate::error::{Error, Result};
@@ -464,7 +464,7 @@ impl GraphEngine {
         let mut gout = self.to_output_layout::<T>(&signal, b);
         for k in (0..steps).rev() {
             let to_input = k > 0;
-            exec::backward(g, an, src, &mut passes[k], gout, to_input, k)?;
+            crate::graph::backward::backward(g, an, src, &mut passes[k], gout, to_input, k)?;
             if to_input {
                 let gi = passes[k].cot[g.input].take().unwrap_or_else(|| {
                     vec![T::of(0.0); b * an.input_shape.iter().product::<usize>()]
@@ -806,7 +806,7 @@ impl GraphEngine {
 
     /// The queries as (M, elements per example), checked against the input shape.
     fn query_rows(&self, queries: &CTensor) -> Result<CTensor> {
-        super::factored::query_rows(queries, &self.an.input_shape, "the graph")
+        super::batch::query_rows(queries, &self.an.input_shape, "the graph")
     }
 
     /// The gradients of a QoI at the M queries (rows of `queries`, shape (M, *input shape);
@@ -1268,5 +1268,33 @@ impl super::ExampleGradients for GraphEngine {
             route,
             memory_budget,
         ))
+    }
+}
+
+impl super::gradients::QueryGradients for GraphEngine {
+    fn num_params(&self) -> usize {
+        GraphEngine::num_params(self)
+    }
+    fn num_outputs(&self) -> usize {
+        self.output_shape().iter().product()
+    }
+    fn query_gradients(
+        &self,
+        qoi: &crate::qoi::Qoi,
+        queries: &candle_core::Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        GraphEngine::query_gradients(self, qoi, queries, steps, opts)
+    }
+    fn query_layered_gradients(
+        &self,
+        qoi: &crate::qoi::Qoi,
+        queries: &candle_core::Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+        route: super::LayerRoute,
+    ) -> Result<(super::LayeredGradients, Vec<f64>)> {
+        GraphEngine::query_layered_gradients(self, qoi, queries, steps, opts, route)
     }
 }

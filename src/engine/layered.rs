@@ -22,7 +22,6 @@ use faer::linalg::matmul::triangular::BlockStructure;
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
-use super::gradients::GradientMatrix;
 use crate::error::{Error, Result};
 
 /// How each layer's per-example gradients are held for the Gram matrix and the products.
@@ -386,7 +385,7 @@ impl LayeredGradients {
                     Par::rayon(0),
                 );
                 if pairs == Pairs::Symmetric {
-                    crate::engine::factored::mirror_lower(kmat.rb_mut());
+                    crate::engine::gram::mirror_lower(kmat.rb_mut());
                 }
             } else {
                 matmul(kmat.rb_mut(), Accum::Add, a, b, 1.0, Par::rayon(0));
@@ -628,16 +627,19 @@ fn add_block_sums(
     }
 }
 
-impl GradientMatrix for LayeredGradients {
-    fn num_params(&self) -> usize {
+impl LayeredGradients {
+    /// P.
+    pub fn num_params(&self) -> usize {
         self.p
     }
 
-    fn num_examples(&self) -> usize {
+    /// N.
+    pub fn num_examples(&self) -> usize {
         self.n
     }
 
-    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
+    /// G V for a P×k block (N×k), layer by layer.
+    pub fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
         if v.nrows() != self.p {
             return Err(Error::shape("V in G·V (P rows)", self.p, v.nrows()));
         }
@@ -703,7 +705,8 @@ impl GradientMatrix for LayeredGradients {
         Ok(out)
     }
 
-    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
+    /// Gᵀ U for an N×k block (P×k), layer by layer.
+    pub fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
         if u.nrows() != self.n {
             return Err(Error::shape("U in Gᵀ·U (N rows)", self.n, u.nrows()));
         }
@@ -768,19 +771,22 @@ impl GradientMatrix for LayeredGradients {
         Ok(out)
     }
 
-    fn gram(&self) -> Result<Mat<f64>> {
+    /// K = G Gᵀ (N×N).
+    pub fn gram(&self) -> Result<Mat<f64>> {
         let mut kmat = Mat::<f64>::zeros(self.n, self.n);
         self.add_pairs(self, kmat.as_mut(), Pairs::Symmetric);
         Ok(kmat)
     }
 
-    fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
-        crate::engine::gradients::check_gram_out(out.rb(), self.n)?;
+    /// Adds the lower triangle of K = G Gᵀ into `out` (N×N), layer by layer.
+    pub fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
+        crate::engine::gram::check_gram_out(out.rb(), self.n)?;
         self.add_pairs(self, out, Pairs::Lower);
         Ok(())
     }
 
-    fn cross_gram_layered(&self, q: &LayeredGradients) -> Option<Result<Mat<f64>>> {
+    /// G·q for query gradients held layer by layer in the same layout (N×M); `None` when the layouts differ.
+    pub fn cross_gram_layered(&self, q: &LayeredGradients) -> Option<Result<Mat<f64>>> {
         if !self.same_layout(q) {
             return None;
         }
@@ -789,7 +795,8 @@ impl GradientMatrix for LayeredGradients {
         Some(Ok(kmat))
     }
 
-    fn diag_sums(&self) -> Result<Vec<f64>> {
+    /// Σᵢ gᵢ∘gᵢ (length P).
+    pub fn diag_sums(&self) -> Result<Vec<f64>> {
         let mut acc = vec![0.0f64; self.p];
         let idx = self.dense_index();
         for j in 0..self.n {
@@ -836,7 +843,8 @@ impl GradientMatrix for LayeredGradients {
         Ok(acc)
     }
 
-    fn gram_width(&self) -> usize {
+    /// Σ over layers of the cost per Gram entry (in + out for a factored layer, its width otherwise).
+    pub fn gram_width(&self) -> usize {
         self.pm
             + self
                 .stored
@@ -849,7 +857,8 @@ impl GradientMatrix for LayeredGradients {
                 .sum::<usize>()
     }
 
-    fn bytes(&self) -> u64 {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
         let mut b = self.dense.len() as u64 * 8;
         for st in &self.stored {
             b += match st {

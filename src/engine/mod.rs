@@ -19,11 +19,13 @@
 //! - [`layered`]: G held layer by layer, each layer materialised or factored, whichever makes
 //!   the Gram matrix cheaper ([`LayeredGradients`], [`LayerRoute`]).
 
+pub mod batch;
 pub mod capture;
 pub mod factored;
 
 pub mod generic;
 pub mod gradients;
+pub(crate) mod gram;
 pub mod graph;
 pub mod kfac;
 pub mod layered;

@@ -14,12 +14,13 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::factored::{rayon_threads, Batch, FactoredOptions, Rows, Scalar, Target};
+use super::batch::{rayon_threads, Batch, FactoredOptions, Rows, Target};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::likelihood::Likelihood;
 use crate::model::{Transformer, TransformerConfig};
 use crate::qoi::Qoi;
+use crate::scalar::Scalar;
 
 /// Columns `off .. off + w` of the rows (stride `stride`) of `src` into `dst` (rows × w).
 fn gather<T: Copy>(src: &[T], stride: usize, off: usize, w: usize, dst: &mut [T]) {
@@ -130,7 +131,7 @@ struct Ws<T> {
 
 fn copy_vec<T: Scalar>(t: &Tensor, what: &str) -> Result<Vec<T>> {
     let mut v = Vec::new();
-    super::factored::copy_rows(&t.flatten_all()?, &mut v, what, 0)?;
+    super::batch::copy_rows(&t.flatten_all()?, &mut v, what, 0)?;
     Ok(v)
 }
 
@@ -682,7 +683,7 @@ impl FactoredTransformer {
     }
 
     fn pool<R: Send>(opts: &FactoredOptions, f: impl FnOnce() -> R + Send) -> Result<R> {
-        super::factored::run_in_pool(opts, f)
+        super::batch::run_in_pool(opts, f)
     }
 
     fn pass<T: Scalar>(

@@ -11,6 +11,7 @@
 //! through an anonymous copy (a split tie, a transposed Linear weight) is an error naming it.
 
 pub mod analysis;
+pub mod backward;
 pub mod build;
 pub mod exec;
 pub mod ir;
@@ -18,6 +19,7 @@ pub mod models;
 pub mod onnx;
 pub mod ops;
 pub mod per_example;
+pub mod records;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! Per-layer factors (X, Δ) of a set of examples and the products they give without the N×P
 //! gradient matrix G (row i of G is example i's gradient, in the MLP's flat layout).
 
+use crate::engine::gram::{check_gram_out, mirror_lower};
 use faer::linalg::matmul::matmul;
 use faer::reborrow::{Reborrow, ReborrowMut};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
@@ -46,24 +47,6 @@ pub struct Factors {
 /// Edge of the Gram matrix's tiles: a 128×128 f64 tile and its two per-layer products (3 ×
 /// 128 KiB) stay in L2 while the layers are summed into it.
 const GRAM_TILE: usize = 128;
-
-/// Copies the lower triangle of a square matrix onto its upper triangle, in 64×64 blocks (both
-/// the rows read and the columns written stay in cache).
-pub(crate) fn mirror_lower(mut k: MatMut<'_, f64>) {
-    let n = k.nrows();
-    let b = 64;
-    for j0 in (0..n).step_by(b) {
-        let j1 = (j0 + b).min(n);
-        for i0 in (0..j1).step_by(b) {
-            let i1 = (i0 + b).min(n);
-            for j in j0..j1 {
-                for i in i0..i1.min(j) {
-                    k[(i, j)] = k[(j, i)];
-                }
-            }
-        }
-    }
-}
 
 fn par() -> Par {
     Par::rayon(0)
@@ -338,7 +321,7 @@ impl Factors {
     /// above the diagonal are not touched. Work: N²/2·Σ_l(in_l + out_l) multiply-adds, in
     /// 128×128 tiles over the rayon pool; no memory beyond `out` but two tiles per thread.
     pub fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
-        crate::engine::gradients::check_gram_out(out.rb(), self.n)?;
+        check_gram_out(out.rb(), self.n)?;
         self.add_gram_lower(out);
         Ok(())
     }

@@ -8,9 +8,10 @@ use candle_core::Tensor;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use super::scalar::{cast_slice, copy_rows, Rows, Scalar};
+use crate::engine::batch::{cast_slice, copy_rows, Rows};
 use crate::error::{Error, Result};
 use crate::model::{Activation, Mlp};
+use crate::scalar::Scalar;
 
 /// Whether φ' needs the pre-activation z (otherwise it follows from a = φ(z)).
 fn needs_pre(act: Activation) -> bool {

@@ -3,8 +3,8 @@
 
 use candle_core::{Device, Tensor, Var};
 
-use super::scalar::Rows;
 use crate::data::RowsRef;
+use crate::engine::batch::Rows;
 use crate::error::{Error, Result};
 use crate::likelihood::{check_label, class_labels, Likelihood};
 use crate::qoi::Qoi;

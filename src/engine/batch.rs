@@ -1,11 +1,43 @@
-//! The float types the native engine runs in (the model's dtype: f32 or f64).
+//! What every native engine shares: the options ([`FactoredOptions`]), the worker pool, one
+//! batch of a dataset ([`Batch`], its rows as a tensor or a mapped view: [`Rows`]), the objective
+//! a pass differentiates ([`Target`]: a likelihood or a QoI), and the checked copy of input rows
+//! into the engine's precision. A leaf of `engine`: it imports no engine.
 
 use candle_core::Tensor;
 
-pub use crate::scalar::Scalar;
-
+use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::likelihood::Likelihood;
 use crate::params::{with_float_slice, FloatSlice};
+use crate::qoi::Qoi;
+use crate::scalar::Scalar;
+
+/// Options of the native engines (MLP, graph, transformer): batch size and worker threads.
+#[derive(Debug, Clone)]
+pub struct FactoredOptions {
+    /// Examples per forward/backward batch. Default 256. Results do not depend on it.
+    pub batch_size: usize,
+    /// Worker threads (batches run in parallel); 0 means one per available core.
+    pub threads: usize,
+}
+
+impl Default for FactoredOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            threads: 0,
+        }
+    }
+}
+
+impl FactoredOptions {
+    fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::invalid("batch_size", 0, "must be at least 1"));
+        }
+        Ok(())
+    }
+}
 
 /// Rows of model inputs or targets: a candle tensor, or a zero-copy view of a mapped file.
 #[derive(Clone, Copy)]
@@ -153,4 +185,99 @@ fn nan_probe<F: Copy>(v: &[F], to: impl Fn(F) -> f64) -> f64 {
         }
     }
     lanes.iter().sum::<f64>() + rest.iter().map(|x| to(*x) * 0.0).sum::<f64>()
+}
+
+/// Runs `f` on a fresh pool of `opts.threads` workers after checking the options (the native
+/// engines' one entry to parallel work).
+pub(crate) fn run_in_pool<R: Send>(
+    opts: &FactoredOptions,
+    f: impl FnOnce() -> R + Send,
+) -> Result<R> {
+    opts.validate()?;
+    crate::engine::pool::in_pool(opts.threads, f)
+}
+
+pub(crate) fn rayon_threads(opts: &FactoredOptions) -> usize {
+    crate::engine::pool::resolve_threads(opts.threads)
+}
+
+/// Queries as (M, elements per example), checked against one example's `input_shape` (`model`
+/// names the model in the error).
+pub(crate) fn query_rows(queries: &Tensor, input_shape: &[usize], model: &str) -> Result<Tensor> {
+    let m = *queries
+        .dims()
+        .first()
+        .ok_or_else(|| Error::shape("queries (one per row)", "rank >= 1", "a scalar"))?;
+    let per: usize = input_shape.iter().product();
+    if queries.rank() < 2 || queries.elem_count() != m * per {
+        return Err(Error::shape(
+            format!("queries for {model} (one example per row)"),
+            format!("(M, {input_shape:?}) or (M, {per})"),
+            format!("{:?}", queries.dims()),
+        ));
+    }
+    Ok(queries.reshape((m, per))?)
+}
+
+/// One batch: owned candle tensors, or a zero-copy view of a mapped dataset.
+pub(crate) enum Batch<'a> {
+    Owned(Tensor, Tensor),
+    Inputs(Tensor),
+    View(crate::data::BatchView<'a>),
+}
+
+impl<'a> Batch<'a> {
+    pub(crate) fn load(data: &'a dyn Dataset, start: usize, len: usize) -> Result<Self> {
+        match data.view(start, len) {
+            Some(v) => Ok(Batch::View(v?)),
+            None => {
+                let (x, y) = data.get(start, len)?;
+                Ok(Batch::Owned(x, y))
+            }
+        }
+    }
+
+    /// (inputs, targets); a query batch has no targets (its inputs stand in, unused).
+    pub(crate) fn rows(&self) -> (Rows<'_>, Rows<'_>) {
+        match self {
+            Batch::Owned(x, y) => (Rows::Tensor(x), Rows::Tensor(y)),
+            Batch::Inputs(x) => (Rows::Tensor(x), Rows::Tensor(x)),
+            Batch::View(v) => (
+                Rows::View(v.x, v.x_cols, v.rows),
+                Rows::View(v.y, v.y_cols, v.rows),
+            ),
+        }
+    }
+}
+
+pub(crate) enum Target<'a> {
+    Likelihood(&'a Likelihood, Rows<'a>),
+    Qoi(&'a Qoi),
+}
+
+impl Target<'_> {
+    /// The objective's values (QoI only) and its signal ∂uᵢ/∂fᵢ (B×o, f64) at the model output
+    /// `out` (B×o, the engine's precision); the targets must have one row per output row.
+    pub(crate) fn signal<T: Scalar>(
+        &self,
+        out: &[T],
+        b: usize,
+        o: usize,
+        first_row: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let f: Vec<f64> = out.iter().map(|v| v.f64()).collect();
+        match self {
+            Target::Likelihood(lik, y) => {
+                if y.dims().0 != b {
+                    return Err(Error::shape(
+                        "targets y (one row per input row)",
+                        b,
+                        y.dims().0,
+                    ));
+                }
+                Ok((Vec::new(), lik.signal(&f, b, o, *y, first_row)?))
+            }
+            Target::Qoi(q) => q.signal(&f, b, o, first_row),
+        }
+    }
 }
