@@ -1,11 +1,14 @@
 //! The peers' W-transformer workload: `TinyTransformer` of `../shared/bench/peers.py` (token +
 //! position embeddings, 2 pre-LayerNorm blocks with 4-head attention and a GELU MLP, final
 //! LayerNorm, mean-pool, linear head) loaded from its PyTorch state dict, on the native
-//! transformer engine (`deltavar::Transformer`, the default, batch 16) or the capture engine
-//! (`--engine capture`: the same network built from `deltavar::nn` layers, batch 128).
+//! transformer engine (`deltavar::Transformer`, the default, batch 16), the graph engine on the
+//! same model written with the graph builder (`--engine graph`) or on DIR/model.onnx
+//! (`--engine onnx`), or the capture engine (`--engine capture`: the same network built from
+//! `deltavar::nn` layers, batch 128). The query gradients and `--full` use the native engine
+//! (or the capture engine).
 //!
 //!     /tmp/peers-venv/bin/python ../shared/bench/peers.py /tmp/dv-workloads transformer
-//!     cargo run --release --example tiny_transformer -- --dir /tmp/dv-workloads/transformer [--engine native|capture] [--batch-size B] [--full kernel|cg] [--out FILE] [--json]
+//!     cargo run --release --example tiny_transformer -- --dir /tmp/dv-workloads/transformer [--engine native|graph|onnx|capture] [--batch-size B] [--full kernel|cg] [--out FILE] [--json]
 //!
 //! Same outputs as `examples/cnn.rs`: the mean diagonal empirical Fisher (categorical) over
 //! DIR/train_x.npy (int64 tokens) and DIR/train_y.npy, written to FILE per parameter, compared

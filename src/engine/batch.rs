@@ -1,6 +1,6 @@
 //! What every native engine shares: the options ([`FactoredOptions`]), the worker pool, one
-//! batch of a dataset ([`Batch`], its rows as a tensor or a mapped view: [`Rows`]), the objective
-//! a pass differentiates ([`Target`]: a likelihood or a QoI), and the checked copy of input rows
+//! batch of a dataset (`Batch`, its rows as a tensor or a mapped view: `Rows`), the objective
+//! a pass differentiates (`Target`: a likelihood or a QoI), and the checked copy of input rows
 //! into the engine's precision. A leaf of `engine`: it imports no engine.
 
 use candle_core::Tensor;

@@ -102,6 +102,38 @@ pub fn transformer(m: &Transformer, len: usize) -> Result<Graph> {
 /// Multi-head self-attention on (T, d): q, k, v from one Linear `qkv` (3d, d) stacked in that
 /// order, scaled dot products (causally masked when `causal`), softmax, and the output Linear
 /// `proj`.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use deltavar::graph::build::{GraphBuilder, Weights};
+/// use deltavar::graph::models::attention;
+/// use deltavar::{FactoredOptions, GraphEngine, Qoi};
+///
+/// # fn main() -> deltavar::Result<()> {
+/// let (t, d) = (3, 4);
+/// let w = |n: usize, s: u64| (0..n).map(|i| ((i as u64 * 7 + s) % 11) as f64 / 10.0 - 0.5).collect();
+/// let weights = Weights::from_named(vec![
+///     ("qkv.weight".into(), vec![3 * d, d], w(3 * d * d, 1)),
+///     ("qkv.bias".into(), vec![3 * d], w(3 * d, 2)),
+///     ("proj.weight".into(), vec![d, d], w(d * d, 3)),
+///     ("proj.bias".into(), vec![d], w(d, 4)),
+/// ])?;
+/// let (mut b, x) = GraphBuilder::new(weights, &[t, d]);
+/// let y = attention(&mut b, x, "qkv", "proj", d, 2, true)?;
+/// let engine = GraphEngine::new(b.finish(y)?, &[t, d], DType::F64)?;
+/// // position 0 attends to itself only: its output does not move with the last position
+/// let z = Tensor::new(&[[[0.1f64, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [0.9, 1.0, 1.1, 1.2]]], &Device::Cpu)?;
+/// let z2 = Tensor::new(&[[[0.1f64, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], [9.0, -9.0, 3.0, 1.0]]], &Device::Cpu)?;
+/// let o = FactoredOptions::default();
+/// let (_, a) = engine.query_gradients(&Qoi::Output(0), &z, 1, &o)?;
+/// let (_, b2) = engine.query_gradients(&Qoi::Output(0), &z2, 1, &o)?;
+/// assert!((a[0] - b2[0]).abs() < 1e-12);
+/// let (_, c) = engine.query_gradients(&Qoi::Output(2 * d), &z2, 1, &o)?;
+/// let (_, c0) = engine.query_gradients(&Qoi::Output(2 * d), &z, 1, &o)?;
+/// assert!((c[0] - c0[0]).abs() > 1e-6); // the last position does
+/// # Ok(())
+/// # }
+/// ```
 pub fn attention(
     b: &mut GraphBuilder,
     x: Value,
