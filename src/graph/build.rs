@@ -45,6 +45,7 @@ use super::ir::{
     AutoPad, Binary, Data, ElemType, Graph, Node, Op, Param, ReduceKind, Tensor, Unary, ValueId,
     Window,
 };
+use super::ops::util::broadcast_dims;
 use crate::error::{Error, Result};
 use crate::model::Activation;
 
@@ -260,6 +261,15 @@ impl GraphBuilder {
         self.g.values.len() - 1
     }
 
+    /// The shape of the stored tensor `name` (empty when there is none).
+    fn stored_shape(&self, name: &str) -> Vec<usize> {
+        self.weights
+            .tensors
+            .get(name)
+            .map(|t| t.0.clone())
+            .unwrap_or_default()
+    }
+
     fn bad(&self, detail: String) -> Error {
         Error::BadFile {
             path: self.weights.source.clone(),
@@ -404,12 +414,7 @@ impl GraphBuilder {
         let Some(&inp) = s.last() else {
             return Err(self.shape_err(name, "a Linear needs an input with a last axis".into()));
         };
-        let wshape = self
-            .weights
-            .tensors
-            .get(&format!("{name}.weight"))
-            .map(|t| t.0.clone())
-            .unwrap_or_default();
+        let wshape = self.stored_shape(&format!("{name}.weight"));
         let out = match wshape.as_slice() {
             [o, i] if *i == inp => *o,
             _ => {
@@ -461,12 +466,7 @@ impl GraphBuilder {
     /// (out, in/groups, kh, kw)) on (C, L) or (C, H, W); with `bias`, `name.bias`.
     pub fn conv(&mut self, x: Value, name: &str, o: ConvOptions, bias: bool) -> Result<Value> {
         let s = self.shape(x).to_vec();
-        let wshape = self
-            .weights
-            .tensors
-            .get(&format!("{name}.weight"))
-            .map(|t| t.0.clone())
-            .unwrap_or_default();
+        let wshape = self.stored_shape(&format!("{name}.weight"));
         let sp = s.len().saturating_sub(1);
         if !(sp == 1 || sp == 2) || wshape.len() != sp + 2 {
             return Err(self.bad(format!(
@@ -644,36 +644,16 @@ impl GraphBuilder {
             f.extend_from_slice(s);
             f
         };
-        let (fa, fb) = (full(a), full(b));
-        let r = fa.len().max(fb.len());
-        let mut out = vec![0; r];
-        for i in 0..r {
-            let da = if i + fa.len() >= r {
-                fa[i + fa.len() - r]
-            } else {
-                1
-            };
-            let db = if i + fb.len() >= r {
-                fb[i + fb.len() - r]
-            } else {
-                1
-            };
-            out[i] = match (da, db) {
-                (x, y) if x == y => x,
-                (1, y) => y,
-                (x, 1) => x,
-                _ => {
-                    return Err(self.shape_err(
-                        what,
-                        format!(
-                            "shapes {:?} and {:?} do not broadcast",
-                            self.shape(a),
-                            self.shape(b)
-                        ),
-                    ))
-                }
-            };
-        }
+        let out = broadcast_dims(&full(a), &full(b)).ok_or_else(|| {
+            self.shape_err(
+                what,
+                format!(
+                    "shapes {:?} and {:?} do not broadcast",
+                    self.shape(a),
+                    self.shape(b)
+                ),
+            )
+        })?;
         Ok(self.strip(a, b, out))
     }
 
@@ -721,31 +701,12 @@ impl GraphBuilder {
             f.extend_from_slice(&s[..s.len() - 2]);
             f
         };
-        let (la, lb) = (lead(a, &sa), lead(b, &sb));
-        let r = la.len().max(lb.len());
-        let mut out = vec![0; r];
-        for i in 0..r {
-            let da = if i + la.len() >= r {
-                la[i + la.len() - r]
-            } else {
-                1
-            };
-            let db = if i + lb.len() >= r {
-                lb[i + lb.len() - r]
-            } else {
-                1
-            };
-            out[i] = if da == db || db == 1 {
-                da
-            } else if da == 1 {
-                db
-            } else {
-                return Err(self.shape_err(
-                    "matmul",
-                    format!("leading axes of {sa:?} and {sb:?} do not broadcast"),
-                ));
-            };
-        }
+        let mut out = broadcast_dims(&lead(a, &sa), &lead(b, &sb)).ok_or_else(|| {
+            self.shape_err(
+                "matmul",
+                format!("leading axes of {sa:?} and {sb:?} do not broadcast"),
+            )
+        })?;
         out.push(sa[sa.len() - 2]);
         out.push(sb[sb.len() - 1]);
         let s = self.strip(a, b, out);
@@ -885,12 +846,7 @@ impl GraphBuilder {
 
     /// `nn.Embedding`: rows of `name` (V, d) for integer ids (shape `[..]` → `[.., d]`).
     pub fn embedding(&mut self, ids: Value, name: &str) -> Result<Value> {
-        let wshape = self
-            .weights
-            .tensors
-            .get(name)
-            .map(|t| t.0.clone())
-            .unwrap_or_default();
+        let wshape = self.stored_shape(name);
         if wshape.len() != 2 {
             return Err(self.bad(format!(
                 "embedding '{name}' needs a (V, d) table, it has shape {wshape:?}"
@@ -905,12 +861,7 @@ impl GraphBuilder {
     /// Rows 0..len of the table `name` (a learned position embedding read as
     /// `pos(arange(len))`): shape (len, d), no batch axis.
     pub fn positions(&mut self, name: &str, len: usize) -> Result<Value> {
-        let wshape = self
-            .weights
-            .tensors
-            .get(name)
-            .map(|t| t.0.clone())
-            .unwrap_or_default();
+        let wshape = self.stored_shape(name);
         if wshape.len() != 2 || wshape[0] < len {
             return Err(self.bad(format!(
                 "position table '{name}' needs shape (≥ {len}, d), it has {wshape:?}"

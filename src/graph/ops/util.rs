@@ -47,34 +47,34 @@ pub fn axis(node: &Node, a: i64, rank: usize) -> Result<usize> {
     Ok(v as usize)
 }
 
-/// The numpy broadcast of two shapes.
-pub fn broadcast(node: &Node, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+/// The numpy broadcast of two shapes, or `None` when they do not broadcast.
+pub fn broadcast_dims(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
-    let mut out = vec![0; r];
-    for i in 0..r {
-        let da = if i + a.len() >= r {
-            a[i + a.len() - r]
+    let dim = |s: &[usize], i: usize| {
+        if i + s.len() >= r {
+            s[i + s.len() - r]
         } else {
             1
-        };
-        let db = if i + b.len() >= r {
-            b[i + b.len() - r]
-        } else {
-            1
-        };
-        out[i] = if da == db || db == 1 {
-            da
-        } else if da == 1 {
-            db
-        } else {
-            return Err(Error::shape(
-                format!("{} (broadcasting)", node.describe()),
-                format!("{a:?} and a compatible shape"),
-                format!("{b:?}"),
-            ));
-        };
-    }
-    Ok(out)
+        }
+    };
+    (0..r)
+        .map(|i| match (dim(a, i), dim(b, i)) {
+            (x, y) if x == y || y == 1 => Some(x),
+            (1, y) => Some(y),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The numpy broadcast of two shapes (an error naming `node` when they do not broadcast).
+pub fn broadcast(node: &Node, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    broadcast_dims(a, b).ok_or_else(|| {
+        Error::shape(
+            format!("{} (broadcasting)", node.describe()),
+            format!("{a:?} and a compatible shape"),
+            format!("{b:?}"),
+        )
+    })
 }
 
 /// Strides of `shape` seen inside `out` (aligned right; 0 on broadcast axes).
