@@ -776,6 +776,60 @@ pub fn delta_covariances(per_output: &[Mat<f64>], sigma: &dyn SigmaOp) -> Result
     Ok(out)
 }
 
+/// The delta variances under the K-FAC Σ of a graph model ([`crate::sigma::KfacSigma`], damped by
+/// `damping`; with `posterior_scale`, divided by N as in the paper's F⁻¹/N): the Kronecker
+/// factors from one pass of the graph engine over `data` under `lik`, the QoI gradients at the
+/// rows of `queries` after `rollout` applications, and ΔVar for every row; with `groups` (in
+/// parameter order, e.g. [`named_groups`]) split by group as well. An [`crate::Mlp`] runs as
+/// its graph ([`crate::engine::GraphEngine::from_mlp`]). A saved Fisher has no Kronecker
+/// factors: K-FAC always reads the training data.
+#[allow(clippy::too_many_arguments)]
+pub fn kfac_delta_variances_with(
+    engine: &crate::engine::GraphEngine,
+    lik: &crate::likelihood::Likelihood,
+    data: &dyn crate::data::Dataset,
+    qoi: Qoi,
+    queries: &candle_core::Tensor,
+    rollout: usize,
+    damping: f64,
+    posterior_scale: bool,
+    groups: Option<Vec<crate::calibration::ParamGroup>>,
+    engine_opts: &FactoredOptions,
+) -> Result<GroupDeltaVariances> {
+    let f = engine.kfac_factors(lik, data, engine_opts)?;
+    let s = crate::sigma::KfacSigma::new(&f, damping)?;
+    let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
+    let n = data.len();
+    let s: Box<dyn SigmaOp> = if posterior_scale && n > 0 {
+        Box::new(crate::sigma::ScaledSigma::new(s, 1.0 / n as f64)?)
+    } else {
+        Box::new(s)
+    };
+    let result = MlpDeltaVariances {
+        qoi: values,
+        delta_variance: s.quad_forms(qg.as_ref())?,
+        sigma: "kfac".into(),
+        method: None,
+        cg: None,
+        lowrank: None,
+        path: QueryPath::Gradients,
+        num_params: engine.num_params(),
+        num_train: n,
+    };
+    let (groups, blocks) = match groups {
+        Some(g) => {
+            let b = crate::calibration::group_delta_variances(qg.as_ref(), &*s, &g)?;
+            (g, b)
+        }
+        None => (vec![], vec![]),
+    };
+    Ok(GroupDeltaVariances {
+        result,
+        groups,
+        blocks,
+    })
+}
+
 /// The result of [`mlp_delta_covariances_with`] and [`engine_delta_covariances_with`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeltaCovariances {
@@ -789,6 +843,30 @@ pub struct DeltaCovariances {
     pub method: Option<MethodChoice>,
     /// P.
     pub num_params: usize,
+}
+
+impl DeltaCovariances {
+    /// The variances on the diagonal, as one result with the M·K values query-major (query m's
+    /// K outputs together): what `variance --qoi outputs` reports beside the covariances.
+    /// `num_train` is the Fisher's N (0 without one).
+    pub fn diagonal(&self, num_train: usize) -> MlpDeltaVariances {
+        let k = self.outputs.first().map(|o| o.len()).unwrap_or(0);
+        MlpDeltaVariances {
+            qoi: self.outputs.iter().flatten().copied().collect(),
+            delta_variance: self
+                .covariance
+                .iter()
+                .flat_map(|m| (0..k).map(move |a| m[a * k + a]))
+                .collect(),
+            sigma: self.sigma.clone(),
+            method: self.method.clone(),
+            cg: None,
+            lowrank: None,
+            path: QueryPath::Gradients,
+            num_params: self.num_params,
+            num_train,
+        }
+    }
 }
 
 fn covariances_from(

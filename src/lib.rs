@@ -74,7 +74,7 @@ pub mod sigma;
 pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, TensorDataset};
 pub use delta::{
     build_sigma, delta_covariances, delta_variances, engine_delta_covariances_with,
-    engine_delta_variances_with, engine_group_delta_variances_with,
+    engine_delta_variances_with, engine_group_delta_variances_with, kfac_delta_variances_with,
     layered_delta_variances_reported, mlp_delta_covariances_with, mlp_delta_variances,
     mlp_delta_variances_with, mlp_group_delta_variances_with, query_delta_variances,
     query_delta_variances_reported, BuiltSigma, DeltaCovariances, GroupDeltaVariances,

@@ -332,13 +332,20 @@ fn a_partial_fisher_file_is_refused_unless_allowed() {
         e.contains("100 of 300") && e.contains("0..100") && e.contains("200..300"),
         "{e}"
     );
+    assert!(
+        e.contains("partial-shard1.safetensors"),
+        "the error names the file: {e}"
+    );
     let mut c = variance(&case, "diag-fim");
     c.arg("--fisher").arg(&shard).arg("--allow-partial");
     let out = c.output().unwrap();
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("warning") && err.contains("33.3%"), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("33.3%") && err.contains("partial-shard1"),
+        "{err}"
+    );
     let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     assert_eq!(v["num_train"].as_u64(), Some(100));
 }
@@ -408,4 +415,47 @@ fn lowrank_sigma_through_the_cli() {
             .args(["--likelihood", &likelihood(&case)]),
     );
     assert!(e.contains("K ≥ 1"), "{e}");
+}
+
+/// A NaN weight is an error naming the file and the tensor, for the MLP engine and for a
+/// `seq:` model on the graph engine alike.
+#[test]
+fn a_nan_weight_names_its_file_and_tensor() {
+    let dev = candle_core::Device::Cpu;
+    let mut w = std::collections::HashMap::new();
+    w.insert(
+        "0.weight".to_string(),
+        candle_core::Tensor::ones((3, 2), candle_core::DType::F32, &dev).unwrap(),
+    );
+    w.insert(
+        "0.bias".to_string(),
+        candle_core::Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap(),
+    );
+    w.insert(
+        "2.weight".to_string(),
+        candle_core::Tensor::new(&[[1.0f32, f32::NAN, 1.0]], &dev).unwrap(),
+    );
+    w.insert(
+        "2.bias".to_string(),
+        candle_core::Tensor::zeros(1, candle_core::DType::F32, &dev).unwrap(),
+    );
+    let weights = tmp("nan-weight.safetensors");
+    candle_core::safetensors::save(&w, &weights).unwrap();
+    let queries = tmp("nan-weight-queries.npy");
+    deltavar::data::write_npy(&queries, &[2, 2], deltavar::data::RowsRef::F32(&[0.0; 4])).unwrap();
+    for arch in ["mlp:2,3,1:tanh", "seq:linear(2,3),tanh,linear(3,1)"] {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_deltavar"));
+        c.args(["variance", "--arch", arch, "--weights"])
+            .arg(&weights);
+        c.arg("--queries")
+            .arg(&queries)
+            .args(["--sigma", "identity"]);
+        let e = run_err(&mut c);
+        assert!(
+            e.contains("'2.weight'")
+                && e.contains("nan-weight.safetensors")
+                && e.contains("element 1"),
+            "{arch}: {e}"
+        );
+    }
 }

@@ -485,3 +485,122 @@ fn layered_gradients_on_empty_inputs() {
         .unwrap();
     assert!(err.to_string().contains("(M, [1, 4, 4])"), "{err}");
 }
+
+/// The entry points the tests above leave out: the transformer, graph and capture engines, the
+/// offline passes of every engine, K-FAC and the low-rank Σ, on an empty dataset, zero queries,
+/// a zero batch size and rank 0.
+#[test]
+fn every_other_engine_and_pass_on_empty_inputs() {
+    use deltavar::model::{SeqSpec, Sequential, Transformer, TransformerConfig};
+    let lik = Likelihood::Categorical;
+    let o = FactoredOptions {
+        batch_size: 4,
+        threads: 2,
+    };
+    let zero_batch = FactoredOptions {
+        batch_size: 0,
+        threads: 2,
+    };
+    // the transformer engine and its graph
+    let cfg = TransformerConfig {
+        vocab: 5,
+        max_len: 3,
+        d: 4,
+        heads: 2,
+        layers: 1,
+        hidden: 6,
+        classes: 2,
+        eps: 1e-5,
+    };
+    let tr = Transformer::init(cfg, DType::F64, 1).unwrap();
+    let no_tokens = TensorDataset::new(
+        Tensor::zeros((0, 3), DType::I64, &Device::Cpu).unwrap(),
+        Tensor::zeros(0, DType::I64, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let zq = Tensor::zeros((0, 3), DType::I64, &Device::Cpu).unwrap();
+    let nat = FactoredTransformer::new(&tr).unwrap();
+    let p = nat.num_params();
+    assert_eq!(nat.sum_sq(&lik, &no_tokens, &o).unwrap(), vec![0.0; p]);
+    assert!(nat.sum_sq(&lik, &no_tokens, &zero_batch).is_err());
+    let (g, v) = nat.query_gradients(&Qoi::Prob(0), &zq, &o).unwrap();
+    assert_eq!((g.nrows(), g.ncols(), v.len()), (p, 0, 0));
+    let graph = GraphEngine::from_transformer(&tr, 3).unwrap();
+    assert_eq!(graph.sum_sq(&lik, &no_tokens, &o).unwrap(), vec![0.0; p]);
+    assert!(graph.sum_sq(&lik, &no_tokens, &zero_batch).is_err());
+    let (g, v) = graph.query_gradients(&Qoi::Prob(0), &zq, 1, &o).unwrap();
+    assert_eq!((g.nrows(), g.ncols(), v.len()), (p, 0, 0));
+    // offline passes over nothing: an artifact of N = 0 with zero sums
+    let po = PassOptions {
+        engine: o.clone(),
+        ..Default::default()
+    };
+    let art = fisher_pass_transformer(
+        &tr,
+        lik.clone(),
+        "categorical",
+        &no_tokens,
+        &po,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(art.meta.num_examples, 0);
+    let art = fisher_pass_graph(
+        &graph,
+        lik.clone(),
+        "categorical",
+        &no_tokens,
+        &po,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(art.meta.num_examples, 0);
+    // a seq: model on the graph engine: K-FAC over nothing, and the capture engine
+    let spec: SeqSpec = "seq:linear(3,4),tanh,linear(4,2)".parse().unwrap();
+    let seq = Sequential::init(spec, &[3], DType::F64, 2).unwrap();
+    let empty = TensorDataset::new(
+        Tensor::zeros((0, 3), DType::F64, &Device::Cpu).unwrap(),
+        Tensor::zeros(0, DType::I64, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let ge = GraphEngine::from_sequential(&seq).unwrap();
+    match ge.kfac_factors(&lik, &empty, &o) {
+        Ok(f) => {
+            // no examples: the factors are zero, and a damped Σ is λ⁻¹ I
+            let s = KfacSigma::new(&f, 0.5).unwrap();
+            let e = Mat::<f64>::identity(ge.num_params(), 1);
+            let got = s.apply(e.as_ref()).unwrap();
+            assert!((got[(0, 0)] - 2.0).abs() < 1e-12, "{}", got[(0, 0)]);
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+    let params = seq.params().unwrap();
+    let cap = CaptureEngine::new(&seq, &params);
+    assert_eq!(
+        cap.sum_sq(&lik, &empty, &CaptureOptions::default())
+            .unwrap(),
+        vec![0.0; params.num_params()]
+    );
+    let art = fisher_pass_captured(
+        &seq,
+        &params,
+        lik.clone(),
+        "categorical",
+        &empty,
+        &po,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(art.meta.num_examples, 0);
+    // the low-rank Σ: rank 0 is an error, and a Fisher of no examples has no eigenpairs to find
+    let fisher = GraphFisher::with_engine(ge.clone(), lik.clone(), &empty, o.clone());
+    assert!(LowRankInverseFisher::from_fisher(&fisher, 1e-3, &LowRankOptions::rank(0)).is_err());
+    match LowRankInverseFisher::from_fisher(&fisher, 1e-3, &LowRankOptions::rank(2)) {
+        Ok(s) => {
+            let e = Mat::<f64>::identity(ge.num_params(), 1);
+            let q = s.quad_forms(e.as_ref()).unwrap();
+            assert!(q[0].is_finite() && q[0] > 0.0, "{q:?}");
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}

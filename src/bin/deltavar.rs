@@ -539,18 +539,7 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         damping,
         posterior_scale,
         full_method: method.parse()?,
-        kernel_precision: match kernel_precision.trim() {
-            "auto" => deltavar::sigma::KernelPrecision::Auto,
-            "f64" => deltavar::sigma::KernelPrecision::F64,
-            "mixed" => deltavar::sigma::KernelPrecision::Mixed,
-            other => {
-                return Err(Error::invalid(
-                    "--kernel-precision",
-                    other,
-                    "expected auto, f64 or mixed",
-                ))
-            }
-        },
+        kernel_precision: kernel_precision.parse()?,
         ..Default::default()
     };
     if let Some(b) = memory_budget {
@@ -591,39 +580,29 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
                 &as_graph
             }
         };
-        let named = engine.named_tensors()?;
-        let f = engine.kfac_factors(&lik, &data, &eo)?;
-        let s = deltavar::sigma::KfacSigma::new(&f, damping)?;
-        let (qg, values) = engine.query_gradients(&qoi, &q, rollout, &eo)?;
-        let n = data.len();
-        let s: Box<dyn deltavar::sigma::SigmaOp> = if posterior_scale && n > 0 {
-            Box::new(deltavar::sigma::ScaledSigma::new(s, 1.0 / n as f64)?)
-        } else {
-            Box::new(s)
-        };
-        let dv = s.quad_forms(qg.as_ref())?;
-        let mut out = MlpDeltaVariances {
-            qoi: values,
-            delta_variance: dv,
-            sigma: "kfac".into(),
-            method: None,
-            cg: None,
-            lowrank: None,
-            path: QueryPath::Gradients,
-            num_params: engine.num_params(),
-            num_train: n,
-        };
         let groups = if split {
-            let sizes: Vec<(String, usize)> = named
-                .into_iter()
-                .map(|(n, t)| (n, t.elem_count()))
-                .collect();
-            let groups = deltavar::calibration::layer_groups(&sizes);
-            let blocks = deltavar::calibration::group_delta_variances(qg.as_ref(), &*s, &groups)?;
+            Some(deltavar::delta::named_groups(&engine.named_tensors()?))
+        } else {
+            None
+        };
+        let g = kfac_delta_variances_with(
+            engine,
+            &lik,
+            &data,
+            qoi,
+            &q,
+            rollout,
+            damping,
+            posterior_scale,
+            groups,
+            &eo,
+        )?;
+        let mut out = g.result;
+        let groups = if split {
             Some(finish_groups(
                 &mut out,
-                groups,
-                blocks,
+                g.groups,
+                g.blocks,
                 calibration.as_deref(),
             )?)
         } else {
@@ -720,22 +699,7 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
                 &eo,
             )?,
         };
-        let k = c.outputs.first().map(|o| o.len()).unwrap_or(0);
-        let out = MlpDeltaVariances {
-            qoi: c.outputs.iter().flatten().copied().collect(),
-            delta_variance: c
-                .covariance
-                .iter()
-                .flat_map(|m| (0..k).map(move |a| m[a * k + a]))
-                .collect(),
-            sigma: c.sigma.clone(),
-            method: c.method.clone(),
-            cg: None,
-            lowrank: None,
-            path: QueryPath::Gradients,
-            num_params: c.num_params,
-            num_train: source.as_ref().map(|f| f.num_examples()).unwrap_or(0),
-        };
+        let out = c.diagonal(source.as_ref().map(|f| f.num_examples()).unwrap_or(0));
         return Ok(Computed {
             out,
             groups: None,

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::likelihood::Likelihood;
 use crate::params::{with_float_slice, FloatSlice};
 use crate::qoi::Qoi;
-use crate::scalar::Scalar;
+use crate::scalar::{first_non_finite, Scalar};
 
 /// Options of the native engines (MLP, graph, transformer): batch size and worker threads.
 #[derive(Debug, Clone)]
@@ -162,29 +162,6 @@ pub(crate) fn copy_rows<T: Scalar>(
         });
     }
     Ok(())
-}
-
-/// The first non-finite entry, found cheaply: Σ x·0 over 8 independent lanes (so it vectorises)
-/// is NaN exactly when some x is NaN or ±Inf; only then is the slice searched.
-fn first_non_finite<F: Copy>(v: &[F], to: impl Fn(F) -> f64) -> Option<(usize, f64)> {
-    if !nan_probe(v, &to).is_nan() {
-        return None;
-    }
-    v.iter()
-        .position(|x| !to(*x).is_finite())
-        .map(|k| (k, to(v[k])))
-}
-
-fn nan_probe<F: Copy>(v: &[F], to: impl Fn(F) -> f64) -> f64 {
-    let mut lanes = [0f64; 8];
-    let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (l, x) in lanes.iter_mut().zip(c) {
-            *l += to(*x) * 0.0;
-        }
-    }
-    lanes.iter().sum::<f64>() + rest.iter().map(|x| to(*x) * 0.0).sum::<f64>()
 }
 
 /// Runs `f` on a fresh pool of `opts.threads` workers after checking the options (the native

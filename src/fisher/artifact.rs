@@ -59,6 +59,9 @@ pub struct FisherArtifact {
     /// Whether this artifact may serve as a Fisher when it covers only part of its dataset
     /// (not saved; default false: an incomplete artifact is an error when used).
     pub allow_partial: bool,
+    /// The file it was read from (not saved; `None` for an artifact made in memory), named in
+    /// errors.
+    pub source: Option<String>,
 }
 
 /// FNV-1a 64 over the parameter names, shapes and values (rounded to f32, so f32 and f64 loads
@@ -273,6 +276,7 @@ impl FisherArtifact {
             diag,
             dense,
             allow_partial: false,
+            source: Some(path.display().to_string()),
         })
     }
 
@@ -314,6 +318,7 @@ impl FisherArtifact {
             .first()
             .ok_or_else(|| Error::invalid("merge", "no files", "give at least one Fisher file"))?;
         let mut out = first.clone();
+        out.source = None;
         for (k, part) in parts.iter().enumerate().skip(1) {
             let m = &part.meta;
             let same = m.weights_fingerprint == out.meta.weights_fingerprint
@@ -412,16 +417,20 @@ impl FisherArtifact {
             .map(|(a, b)| format!("{a}..{b}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let file = match &self.source {
+            Some(p) => format!("the Fisher file {p}"),
+            None => "the Fisher".to_string(),
+        };
         if self.allow_partial {
             return Ok(Some(format!(
-                "warning: the Fisher file covers {} of {} examples ({:.1}%); missing {list}",
+                "warning: {file} covers {} of {} examples ({:.1}%); missing {list}",
                 self.meta.num_examples,
                 self.meta.dataset_len,
                 100.0 * self.coverage()
             )));
         }
         Err(Error::Unsupported(format!(
-            "the Fisher file covers {} of {} examples: examples {list} are missing; merge the \
+            "{file} covers {} of {} examples: examples {list} are missing; merge the \
              missing shards (deltavar merge) or allow partial use (--allow-partial, \
              FisherArtifact::with_partial_allowed)",
             self.meta.num_examples, self.meta.dataset_len

@@ -270,6 +270,7 @@ fn run_pass(
                 diag,
                 dense: None,
                 allow_partial: false,
+                source: None,
             })
         }
         PassKind::Dense => {
@@ -280,6 +281,7 @@ fn run_pass(
                 diag: dense.diag(),
                 dense: Some(dense),
                 allow_partial: false,
+                source: None,
             })
         }
     }

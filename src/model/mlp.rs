@@ -259,6 +259,20 @@ impl Mlp {
                         path: path.display().to_string(),
                         detail: format!("tensor '{key}' cannot be read: {e}"),
                     })?;
+                    let bad = crate::params::with_float_slice(&t, |s| match s {
+                        crate::params::FloatSlice::F32(v) => {
+                            crate::scalar::first_non_finite(v, |x| x as f64)
+                        }
+                        crate::params::FloatSlice::F64(v) => {
+                            crate::scalar::first_non_finite(v, |x| x)
+                        }
+                    })?;
+                    if let Some((k, v)) = bad {
+                        return Err(Error::NonFinite {
+                            what: format!("tensor '{key}' of {}", path.display()),
+                            detail: format!("element {k} is {v}"),
+                        });
+                    }
                     let var = Var::from_tensor(&t.to_dtype(dtype)?)?;
                     drop(t);
                     data.insert(key, var);

@@ -211,3 +211,26 @@ impl Scalar for f64 {
         self.is_finite()
     }
 }
+
+/// The first non-finite entry, found cheaply: Σ x·0 over 8 independent lanes (so it vectorises)
+/// is NaN exactly when some x is NaN or ±Inf; only then is the slice searched.
+pub(crate) fn first_non_finite<F: Copy>(v: &[F], to: impl Fn(F) -> f64) -> Option<(usize, f64)> {
+    if !nan_probe(v, &to).is_nan() {
+        return None;
+    }
+    v.iter()
+        .position(|x| !to(*x).is_finite())
+        .map(|k| (k, to(v[k])))
+}
+
+fn nan_probe<F: Copy>(v: &[F], to: impl Fn(F) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += to(*x) * 0.0;
+        }
+    }
+    lanes.iter().sum::<f64>() + rest.iter().map(|x| to(*x) * 0.0).sum::<f64>()
+}

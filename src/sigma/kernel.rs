@@ -27,6 +27,23 @@ pub enum KernelPrecision {
     Auto,
 }
 
+impl std::str::FromStr for KernelPrecision {
+    type Err = Error;
+    /// `auto`, `f64` or `mixed` (the CLI's `--kernel-precision`).
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "auto" => Ok(KernelPrecision::Auto),
+            "f64" => Ok(KernelPrecision::F64),
+            "mixed" => Ok(KernelPrecision::Mixed),
+            other => Err(Error::invalid(
+                "kernel precision",
+                other,
+                "expected auto, f64 or mixed",
+            )),
+        }
+    }
+}
+
 /// Relative residual the mixed-precision refinement reaches per column.
 const REFINE_TOL: f64 = 1e-14;
 const REFINE_MAX: usize = 40;
