@@ -274,3 +274,62 @@ pub fn uncertainty_metrics(e: &[f64], v: &[f64]) -> Result<UncertaintyMetrics> {
         nll,
     })
 }
+
+/// The held-out errors eᵢ = targetᵢ − QoI valueᵢ of a scalar QoI at M held-out points, the
+/// targets read from the `.npy` file `targets`: column K for `output:K`, the row's sum for
+/// `sum`, 1[y = K] for `prob:K` (class labels, shape (M,)). What `evaluate` and `calibrate`
+/// score ΔVar against.
+pub fn held_out_errors(
+    qoi: &crate::qoi::Qoi,
+    targets: impl AsRef<std::path::Path>,
+    values: &[f64],
+) -> Result<Vec<f64>> {
+    let t = qoi_targets(qoi, targets.as_ref(), values.len())?;
+    Ok(t.iter().zip(values).map(|(y, f)| y - f).collect())
+}
+
+/// The QoI's target per held-out point: y[:, k] for output:K, Σ_k y[:, k] for sum, 1[y = k] for
+/// prob:K (class labels).
+fn qoi_targets(qoi: &crate::qoi::Qoi, path: &std::path::Path, m: usize) -> Result<Vec<f64>> {
+    use crate::data::{NpyArray, RowsRef};
+    let a = NpyArray::open(path)?;
+    let bad = |detail: String| Error::BadFile {
+        path: path.display().to_string(),
+        detail,
+    };
+    if a.rows() != m {
+        return Err(bad(format!(
+            "{} rows, the held-out inputs have {m}",
+            a.rows()
+        )));
+    }
+    let w = a.row_len().max(1);
+    let vals: Vec<f64> = match a.rows_ref(0, a.rows())? {
+        RowsRef::F32(v) => v.iter().map(|x| *x as f64).collect(),
+        RowsRef::F64(v) => v.to_vec(),
+        RowsRef::I64(v) => v.iter().map(|x| *x as f64).collect(),
+    };
+    if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            what: format!("targets {}", path.display()),
+            detail: format!("row {}, column {} is {}", i / w, i % w, vals[i]),
+        });
+    }
+    match qoi {
+        crate::qoi::Qoi::Output(k) if *k < w => Ok((0..m).map(|i| vals[i * w + k]).collect()),
+        crate::qoi::Qoi::Output(k) => Err(bad(format!(
+            "output:{k} needs targets with more than {k} columns, these have {w}"
+        ))),
+        crate::qoi::Qoi::Sum => Ok(vals.chunks_exact(w).map(|r| r.iter().sum()).collect()),
+        crate::qoi::Qoi::Prob(k) if w == 1 => Ok(vals
+            .iter()
+            .map(|y| if *y == *k as f64 { 1.0 } else { 0.0 })
+            .collect()),
+        crate::qoi::Qoi::Prob(_) => Err(bad(format!(
+            "prob:K needs class labels (M,), these rows have {w} values"
+        ))),
+        crate::qoi::Qoi::Custom(_) => Err(Error::Unsupported(
+            "evaluate: a custom QoI has no target".into(),
+        )),
+    }
+}

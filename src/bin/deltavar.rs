@@ -933,74 +933,6 @@ fn fim(a: FimArgs) -> Result<()> {
     Ok(())
 }
 
-/// `merge`: sums the shards of one pass.
-/// A float .npy of M values, shape (M,) or (M, 1).
-fn read_vector(path: &Path) -> Result<Vec<f64>> {
-    let a = NpyArray::open(path)?;
-    let ok = matches!(a.shape(), [_] | [_, 1]);
-    if !ok {
-        return Err(Error::BadFile {
-            path: path.display().to_string(),
-            detail: format!("expected shape (M,) or (M, 1), got {:?}", a.shape()),
-        });
-    }
-    Ok(match a.rows_ref(0, a.rows())? {
-        RowsRef::F32(v) => v.iter().map(|x| *x as f64).collect(),
-        RowsRef::F64(v) => v.to_vec(),
-        RowsRef::I64(_) => {
-            return Err(Error::BadFile {
-                path: path.display().to_string(),
-                detail: "expected float32 or float64 values".into(),
-            })
-        }
-    })
-}
-
-/// The QoI's target per held-out point: y[:, k] for output:K, Σ_k y[:, k] for sum, 1[y = k] for
-/// prob:K (class labels).
-fn qoi_targets(qoi: &Qoi, path: &Path, m: usize) -> Result<Vec<f64>> {
-    let a = NpyArray::open(path)?;
-    let bad = |detail: String| Error::BadFile {
-        path: path.display().to_string(),
-        detail,
-    };
-    if a.rows() != m {
-        return Err(bad(format!(
-            "{} rows, the held-out inputs have {m}",
-            a.rows()
-        )));
-    }
-    let w = a.row_len().max(1);
-    let vals: Vec<f64> = match a.rows_ref(0, a.rows())? {
-        RowsRef::F32(v) => v.iter().map(|x| *x as f64).collect(),
-        RowsRef::F64(v) => v.to_vec(),
-        RowsRef::I64(v) => v.iter().map(|x| *x as f64).collect(),
-    };
-    if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite {
-            what: format!("targets {}", path.display()),
-            detail: format!("row {}, column {} is {}", i / w, i % w, vals[i]),
-        });
-    }
-    match qoi {
-        Qoi::Output(k) if *k < w => Ok((0..m).map(|i| vals[i * w + k]).collect()),
-        Qoi::Output(k) => Err(bad(format!(
-            "output:{k} needs targets with more than {k} columns, these have {w}"
-        ))),
-        Qoi::Sum => Ok(vals.chunks_exact(w).map(|r| r.iter().sum()).collect()),
-        Qoi::Prob(k) if w == 1 => Ok(vals
-            .iter()
-            .map(|y| if *y == *k as f64 { 1.0 } else { 0.0 })
-            .collect()),
-        Qoi::Prob(_) => Err(bad(format!(
-            "prob:K needs class labels (M,), these rows have {w} values"
-        ))),
-        Qoi::Custom(_) => Err(Error::Unsupported(
-            "evaluate: a custom QoI has no target".into(),
-        )),
-    }
-}
-
 /// `evaluate`: ΔVar at held-out inputs, the errors of the QoI, the metrics and a PNG.
 fn evaluate(a: EvaluateArgs) -> Result<()> {
     let EvaluateArgs {
@@ -1011,8 +943,7 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
     } = a;
     let qoi = held_out_queries(&mut v, val_x, "evaluate")?;
     let c = compute_variances(v, false)?;
-    let targets = qoi_targets(&qoi, &val_y, c.out.qoi.len())?;
-    let e: Vec<f64> = targets.iter().zip(&c.out.qoi).map(|(y, f)| y - f).collect();
+    let e = deltavar::metrics::held_out_errors(&qoi, &val_y, &c.out.qoi)?;
     let m = deltavar::metrics::uncertainty_metrics(&e, &c.out.delta_variance)?;
     deltavar::demo::evaluation_plot(&plot, &e, &c.out.delta_variance, &m)?;
     let seconds = c.t0.elapsed().as_secs_f64();
@@ -1092,8 +1023,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     let g = c
         .groups
         .ok_or_else(|| Error::Unsupported("no per-layer split was computed".into()))?;
-    let targets = qoi_targets(&qoi, &val_y, c.out.qoi.len())?;
-    let e: Vec<f64> = targets.iter().zip(&c.out.qoi).map(|(y, f)| y - f).collect();
+    let e = deltavar::metrics::held_out_errors(&qoi, &val_y, &c.out.qoi)?;
     let fit = deltavar::calibration::fit_calibration(
         &e,
         &g.blocks,
@@ -1139,8 +1069,8 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
 
 /// `metrics`: the uncertainty-quality metrics of errors and variances.
 fn metrics(a: MetricsArgs) -> Result<()> {
-    let e = read_vector(&a.errors)?;
-    let v = read_vector(&a.variances)?;
+    let e = deltavar::data::read_vector(&a.errors)?;
+    let v = deltavar::data::read_vector(&a.variances)?;
     let m = deltavar::metrics::uncertainty_metrics(&e, &v)?;
     if a.json {
         println!(
@@ -1167,6 +1097,7 @@ fn metrics(a: MetricsArgs) -> Result<()> {
     Ok(())
 }
 
+/// `merge`: sums the shards of one pass.
 fn merge(a: MergeArgs) -> Result<()> {
     let MergeArgs { inputs, out, json } = a;
     let parts = inputs

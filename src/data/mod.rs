@@ -8,7 +8,7 @@ pub mod npy;
 
 use candle_core::{Device, Tensor};
 
-pub use npy::{write_npy, NpyArray, NpyDtype, RowsRef};
+pub use npy::{read_vector, write_npy, NpyArray, NpyDtype, RowsRef};
 
 use crate::error::{Error, Result};
 

@@ -355,3 +355,26 @@ pub fn write_npy(path: impl AsRef<Path>, shape: &[usize], data: RowsRef<'_>) -> 
     f.flush().map_err(io)?;
     Ok(())
 }
+
+/// A float .npy of M values, shape (M,) or (M, 1).
+pub fn read_vector(path: impl AsRef<Path>) -> Result<Vec<f64>> {
+    let path = path.as_ref();
+    let a = NpyArray::open(path)?;
+    let ok = matches!(a.shape(), [_] | [_, 1]);
+    if !ok {
+        return Err(Error::BadFile {
+            path: path.display().to_string(),
+            detail: format!("expected shape (M,) or (M, 1), got {:?}", a.shape()),
+        });
+    }
+    Ok(match a.rows_ref(0, a.rows())? {
+        RowsRef::F32(v) => v.iter().map(|x| *x as f64).collect(),
+        RowsRef::F64(v) => v.to_vec(),
+        RowsRef::I64(_) => {
+            return Err(Error::BadFile {
+                path: path.display().to_string(),
+                detail: "expected float32 or float64 values".into(),
+            })
+        }
+    })
+}
