@@ -508,16 +508,18 @@ pub fn engine_delta_variances_with(
     let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
     if sigma.diagonal().is_none() {
         // the kernel Σ takes the queries layer by layer (no P×M block for factored layers)
-        let (ql, values) = engine.query_layered_gradients(
+        if let Some(r) = engine.query_layered_gradients(
             &qoi,
             queries,
             rollout,
             engine_opts,
             crate::engine::LayerRoute::Auto,
-        )?;
-        let (forms, path) = layered_delta_variances_reported(&ql, &*sigma)?;
-        let p = engine.num_params();
-        return Ok(assemble(values, forms, path, &*sigma, choice, p, fisher));
+        ) {
+            let (ql, values) = r?;
+            let (forms, path) = layered_delta_variances_reported(&ql, &*sigma)?;
+            let p = engine.num_params();
+            return Ok(assemble(values, forms, path, &*sigma, choice, p, fisher));
+        }
     }
     let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
     Ok(from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, None)?.0)
@@ -925,7 +927,7 @@ pub fn engine_delta_covariances_with(
     engine_opts: &FactoredOptions,
 ) -> Result<DeltaCovariances> {
     let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
-    let k = engine.num_outputs();
+    let k = engine.num_outputs(queries)?;
     let mut grads = Vec::with_capacity(k);
     let mut values = Vec::with_capacity(k);
     for o in 0..k {

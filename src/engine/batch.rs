@@ -12,6 +12,10 @@ use crate::params::{with_float_slice, FloatSlice};
 use crate::qoi::Qoi;
 use crate::scalar::{first_non_finite, Scalar};
 
+/// The default memory budget for dense work (a P×P matrix, a block of gradients held in
+/// memory): 4 GiB.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 4 << 30;
+
 /// Options of the native engines (MLP, graph, transformer): batch size and worker threads.
 #[derive(Debug, Clone)]
 pub struct FactoredOptions {

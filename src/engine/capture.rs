@@ -919,3 +919,61 @@ impl<M: Module + Sync> super::gradients::GradientMatrix for CapturedGradients<'_
         (self.opts.batch_size * self.num_params() * 8) as u64
     }
 }
+
+/// The capture engine in the one delta-variance pipeline: the engine options' batch size is the
+/// capture batch, the layered queries take the default memory budget.
+impl<M: Module + Sync> super::gradients::QueryGradients for CaptureEngine<'_, M> {
+    fn num_params(&self) -> usize {
+        CaptureEngine::num_params(self)
+    }
+    fn num_outputs(&self, queries: &Tensor) -> Result<usize> {
+        if queries.dims().first().copied().unwrap_or(0) == 0 {
+            return Err(Error::invalid(
+                "queries",
+                "none",
+                "the number of outputs is read from one query",
+            ));
+        }
+        let y = self.model.forward(&queries.narrow(0, 0, 1)?)?;
+        Ok(y.elem_count())
+    }
+    fn query_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        super::gradients::single_step(steps, "capture engine")?;
+        let o = CaptureOptions {
+            batch_size: opts.batch_size,
+            ..Default::default()
+        };
+        CaptureEngine::query_gradients(self, qoi, queries, &o)
+    }
+    fn query_layered_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+        route: super::LayerRoute,
+    ) -> Option<Result<(super::LayeredGradients, Vec<f64>)>> {
+        let o = CaptureOptions {
+            batch_size: opts.batch_size,
+            ..Default::default()
+        };
+        Some(
+            super::gradients::single_step(steps, "capture engine").and_then(|_| {
+                CaptureEngine::query_layered_gradients(
+                    self,
+                    qoi,
+                    queries,
+                    &o,
+                    route,
+                    crate::fisher::DEFAULT_MEMORY_BUDGET,
+                )
+            }),
+        )
+    }
+}

@@ -470,12 +470,13 @@ impl<E: ExampleGradients> GradientMatrix for NativeStreamed<'_, E> {
 }
 
 /// An engine's QoI gradients at query points, what the delta-variance pipeline reads
-/// ([`crate::delta::engine_delta_variances_with`]): the graph and transformer engines.
+/// ([`crate::delta::engine_delta_variances_with`] and its group and covariance forms): the
+/// graph, transformer and capture engines.
 pub trait QueryGradients: Sync {
     /// P.
     fn num_params(&self) -> usize;
-    /// Outputs per example (the K of `--qoi outputs`).
-    fn num_outputs(&self) -> usize;
+    /// Outputs per example (the K of `--qoi outputs`) of the model at these queries.
+    fn num_outputs(&self, queries: &Tensor) -> Result<usize>;
     /// The gradients of `qoi` at the rows of `queries`, read after `steps` applications of the
     /// model, as a P×M block, with the QoI values.
     fn query_gradients(
@@ -485,13 +486,29 @@ pub trait QueryGradients: Sync {
         steps: usize,
         opts: &super::FactoredOptions,
     ) -> Result<(Mat<f64>, Vec<f64>)>;
-    /// The same gradients held layer by layer under `route`.
+    /// The same gradients held layer by layer under `route`, where the engine can (`None`:
+    /// the pipeline forms the P×M block instead).
     fn query_layered_gradients(
         &self,
-        qoi: &crate::qoi::Qoi,
-        queries: &Tensor,
-        steps: usize,
-        opts: &super::FactoredOptions,
-        route: super::LayerRoute,
-    ) -> Result<(super::LayeredGradients, Vec<f64>)>;
+        _qoi: &crate::qoi::Qoi,
+        _queries: &Tensor,
+        _steps: usize,
+        _opts: &super::FactoredOptions,
+        _route: super::LayerRoute,
+    ) -> Option<Result<(super::LayeredGradients, Vec<f64>)>> {
+        None
+    }
+}
+
+/// Refuses a rollout on an engine that runs its model once (wrap the model in a rollout module
+/// for the capture engine instead).
+pub(crate) fn single_step(steps: usize, engine: &str) -> Result<()> {
+    if steps != 1 {
+        return Err(Error::invalid(
+            "rollout steps",
+            steps,
+            format!("the {engine} runs its model once; give 1 (or roll the model out inside it)"),
+        ));
+    }
+    Ok(())
 }

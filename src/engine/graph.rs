@@ -1275,8 +1275,8 @@ impl super::gradients::QueryGradients for GraphEngine {
     fn num_params(&self) -> usize {
         GraphEngine::num_params(self)
     }
-    fn num_outputs(&self) -> usize {
-        self.output_shape().iter().product()
+    fn num_outputs(&self, _queries: &candle_core::Tensor) -> Result<usize> {
+        Ok(self.output_shape().iter().product())
     }
     fn query_gradients(
         &self,
@@ -1294,7 +1294,9 @@ impl super::gradients::QueryGradients for GraphEngine {
         steps: usize,
         opts: &super::FactoredOptions,
         route: super::LayerRoute,
-    ) -> Result<(super::LayeredGradients, Vec<f64>)> {
-        GraphEngine::query_layered_gradients(self, qoi, queries, steps, opts, route)
+    ) -> Option<Result<(super::LayeredGradients, Vec<f64>)>> {
+        Some(GraphEngine::query_layered_gradients(
+            self, qoi, queries, steps, opts, route,
+        ))
     }
 }

@@ -905,3 +905,22 @@ impl super::ExampleGradients for FactoredTransformer {
         FactoredTransformer::per_example_gradients(self, lik, data, start, len, opts)
     }
 }
+
+impl super::gradients::QueryGradients for FactoredTransformer {
+    fn num_params(&self) -> usize {
+        FactoredTransformer::num_params(self)
+    }
+    fn num_outputs(&self, _queries: &Tensor) -> Result<usize> {
+        Ok(dispatch!(self, m => m.cfg.classes))
+    }
+    fn query_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &FactoredOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        super::gradients::single_step(steps, "transformer engine")?;
+        FactoredTransformer::query_gradients(self, qoi, queries, opts)
+    }
+}

@@ -33,8 +33,7 @@ use faer::{Mat, MatRef};
 use crate::engine::gradients::GradientMatrix;
 use crate::error::{check_finite, Error, Result};
 
-/// The default memory budget for dense P×P work: 4 GiB.
-pub const DEFAULT_MEMORY_BUDGET: u64 = 4 << 30;
+pub use crate::engine::batch::DEFAULT_MEMORY_BUDGET;
 
 /// Bytes of a dense P×P f64 matrix.
 pub fn dense_fisher_bytes(p: usize) -> u64 {

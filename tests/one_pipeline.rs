@@ -1,0 +1,138 @@
+//! One family of entry points: `engine_delta_variances_with`, its group and covariance forms run
+//! on the graph, transformer and capture engines alike, and the same model gives the same ΔVar
+//! on each (f64, one Fisher source shared).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use deltavar::model::{SeqSpec, Sequential, Transformer, TransformerConfig};
+use deltavar::sigma::*;
+use deltavar::*;
+
+fn eo() -> FactoredOptions {
+    FactoredOptions {
+        batch_size: 3,
+        threads: 2,
+    }
+}
+
+#[test]
+fn graph_and_capture_engines_give_the_same_delta_variances() {
+    let spec: SeqSpec = "seq:conv2d(1,3,3,padding=1),tanh,avgpool2d(2),flatten,linear(12,3)"
+        .parse()
+        .unwrap();
+    let model = Sequential::init(spec, &[1, 4, 4], DType::F64, 7).unwrap();
+    let params = model.params().unwrap();
+    let n = 9;
+    let x = Tensor::from_vec(pseudo_random(n * 16, 2), (n, 1, 4, 4), &Device::Cpu).unwrap();
+    let data = TensorDataset::new(x, random_labels(n, 3, 3)).unwrap();
+    let q = Tensor::from_vec(pseudo_random(4 * 16, 5), (4, 1, 4, 4), &Device::Cpu).unwrap();
+    let lik = Likelihood::Categorical;
+    let graph = GraphEngine::from_sequential(&model).unwrap();
+    let capture = CaptureEngine::new(&model, &params);
+    let fisher = GraphFisher::with_engine(graph.clone(), lik, &data, eo());
+    for (strategy, method) in [
+        (SigmaStrategy::DiagonalEmpiricalFim, FullMethod::Auto),
+        (SigmaStrategy::InverseFullEmpiricalFim, FullMethod::Kernel),
+        (SigmaStrategy::InverseFullEmpiricalFim, FullMethod::Dense),
+    ] {
+        let o = SigmaOptions {
+            damping: 1e-3,
+            full_method: method,
+            ..Default::default()
+        };
+        let s = || match strategy {
+            SigmaStrategy::DiagonalEmpiricalFim => SigmaStrategy::DiagonalEmpiricalFim,
+            _ => SigmaStrategy::InverseFullEmpiricalFim,
+        };
+        let a =
+            engine_delta_variances_with(&graph, Qoi::Prob(1), &q, 1, s(), &o, Some(&fisher), &eo())
+                .unwrap();
+        let b = engine_delta_variances_with(
+            &capture,
+            Qoi::Prob(1),
+            &q,
+            1,
+            s(),
+            &o,
+            Some(&fisher),
+            &eo(),
+        )
+        .unwrap();
+        let err = max_rel_err(&a.delta_variance, &b.delta_variance);
+        assert!(err < 1e-10, "{method:?}: {err:e}");
+        assert!(max_rel_err(&a.qoi, &b.qoi) < 1e-12);
+    }
+    let o = SigmaOptions {
+        damping: 1e-3,
+        ..Default::default()
+    };
+    let s = || SigmaStrategy::InverseFullEmpiricalFim;
+    let ca = engine_delta_covariances_with(&graph, &q, 1, s(), &o, Some(&fisher), &eo()).unwrap();
+    let cb = engine_delta_covariances_with(&capture, &q, 1, s(), &o, Some(&fisher), &eo()).unwrap();
+    assert_eq!(cb.outputs[0].len(), 3);
+    for (x, y) in ca.covariance.iter().zip(&cb.covariance) {
+        assert!(max_rel_err(x, y) < 1e-10);
+    }
+    // a rollout is the graph engine's; the capture engine refuses it by name
+    let e = engine_delta_variances_with(&capture, Qoi::Sum, &q, 2, s(), &o, Some(&fisher), &eo())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("capture engine"), "{e}");
+}
+
+#[test]
+fn transformer_engine_and_its_graph_give_the_same_delta_variances() {
+    let cfg = TransformerConfig {
+        vocab: 7,
+        max_len: 4,
+        d: 4,
+        heads: 2,
+        layers: 1,
+        hidden: 6,
+        classes: 3,
+        eps: 1e-5,
+    };
+    let model = Transformer::init(cfg, DType::F64, 2).unwrap();
+    let ids = |n: usize, seed: u64| {
+        let v: Vec<i64> = pseudo_random(n * 4, seed)
+            .iter()
+            .map(|x| ((x.abs() * 1000.0) as i64) % 7)
+            .collect();
+        Tensor::from_vec(v, (n, 4), &Device::Cpu).unwrap()
+    };
+    let data = TensorDataset::new(ids(8, 1), random_labels(8, 3, 2)).unwrap();
+    let q = ids(3, 4);
+    let native = FactoredTransformer::new(&model).unwrap();
+    let graph = GraphEngine::from_transformer(&model, 4).unwrap();
+    let fisher = TransformerFisher::new(&model, Likelihood::Categorical, &data, eo()).unwrap();
+    let o = SigmaOptions {
+        damping: 1e-3,
+        full_method: FullMethod::Kernel,
+        ..Default::default()
+    };
+    let s = || SigmaStrategy::InverseFullEmpiricalFim;
+    let a =
+        engine_delta_variances_with(&native, Qoi::Prob(0), &q, 1, s(), &o, Some(&fisher), &eo())
+            .unwrap();
+    let b = engine_delta_variances_with(&graph, Qoi::Prob(0), &q, 1, s(), &o, Some(&fisher), &eo())
+        .unwrap();
+    let err = max_rel_err(&a.delta_variance, &b.delta_variance);
+    assert!(err < 1e-9, "{err:e}");
+    let c = engine_delta_covariances_with(&native, &q, 1, s(), &o, Some(&fisher), &eo()).unwrap();
+    assert_eq!(c.outputs[0].len(), 3);
+    let diag: Vec<f64> = c.covariance.iter().map(|m| m[0]).collect();
+    let d0 = engine_delta_variances_with(
+        &native,
+        Qoi::Output(0),
+        &q,
+        1,
+        s(),
+        &o,
+        Some(&fisher),
+        &eo(),
+    )
+    .unwrap();
+    assert!(max_rel_err(&diag, &d0.delta_variance) < 1e-9);
+}
