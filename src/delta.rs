@@ -850,10 +850,25 @@ pub struct DeltaCovariances {
 impl DeltaCovariances {
     /// The variances on the diagonal, as one result with the M·K values query-major (query m's
     /// K outputs together): what `variance --qoi outputs` reports beside the covariances.
-    /// `num_train` is the Fisher's N (0 without one).
-    pub fn diagonal(&self, num_train: usize) -> MlpDeltaVariances {
+    /// `num_train` is the Fisher's N (0 without one). Fields that do not agree (a matrix that
+    /// is not K×K, a query without K outputs) are an error.
+    pub fn diagonal(&self, num_train: usize) -> Result<MlpDeltaVariances> {
         let k = self.outputs.first().map(|o| o.len()).unwrap_or(0);
-        MlpDeltaVariances {
+        let consistent = self.covariance.len() == self.outputs.len()
+            && self.outputs.iter().all(|o| o.len() == k)
+            && self.covariance.iter().all(|m| m.len() == k * k);
+        if !consistent {
+            return Err(Error::shape(
+                "delta covariances (one K×K matrix and K outputs per query)",
+                format!("{} queries of {k} outputs", self.outputs.len()),
+                format!(
+                    "{} matrices of sizes {:?}",
+                    self.covariance.len(),
+                    self.covariance.iter().map(|m| m.len()).collect::<Vec<_>>()
+                ),
+            ));
+        }
+        Ok(MlpDeltaVariances {
             qoi: self.outputs.iter().flatten().copied().collect(),
             delta_variance: self
                 .covariance
@@ -867,7 +882,7 @@ impl DeltaCovariances {
             path: QueryPath::Gradients,
             num_params: self.num_params,
             num_train,
-        }
+        })
     }
 }
 

@@ -303,7 +303,10 @@ fn qoi_targets(qoi: &crate::qoi::Qoi, path: &std::path::Path, m: usize) -> Resul
             a.rows()
         )));
     }
-    let w = a.row_len().max(1);
+    let w = a.row_len();
+    if w == 0 {
+        return Err(bad("rows of zero values: no targets".into()));
+    }
     let vals: Vec<f64> = match a.rows_ref(0, a.rows())? {
         RowsRef::F32(v) => v.iter().map(|x| *x as f64).collect(),
         RowsRef::F64(v) => v.to_vec(),

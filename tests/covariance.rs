@@ -72,6 +72,29 @@ fn covariance_diagonals_are_the_per_output_delta_variances() {
     }
 }
 
+/// The diagonal of a covariance result whose fields disagree is an error, not a panic.
+#[test]
+fn the_diagonal_of_inconsistent_covariances_is_an_error() {
+    let good = DeltaCovariances {
+        outputs: vec![vec![1.0, 2.0]],
+        covariance: vec![vec![4.0, 1.0, 1.0, 9.0]],
+        sigma: "identity".into(),
+        method: None,
+        num_params: 3,
+    };
+    let d = good.diagonal(5).unwrap();
+    assert_eq!(
+        (d.delta_variance, d.qoi, d.num_train),
+        (vec![4.0, 9.0], vec![1.0, 2.0], 5)
+    );
+    let mut bad = good.clone();
+    bad.covariance[0].pop();
+    assert!(bad.diagonal(5).is_err());
+    let mut bad = good;
+    bad.outputs.push(vec![1.0]);
+    assert!(bad.diagonal(5).is_err());
+}
+
 #[test]
 fn covariance_equals_the_explicit_dense_product() {
     let case = Case::load("cls-6-12-4-tanh");

@@ -545,6 +545,7 @@ fn every_other_engine_and_pass_on_empty_inputs() {
     )
     .unwrap();
     assert_eq!(art.meta.num_examples, 0);
+    assert!(art.diag.sums().iter().all(|v| *v == 0.0));
     let art = fisher_pass_graph(
         &graph,
         lik.clone(),
@@ -555,6 +556,7 @@ fn every_other_engine_and_pass_on_empty_inputs() {
     )
     .unwrap();
     assert_eq!(art.meta.num_examples, 0);
+    assert!(art.diag.sums().iter().all(|v| *v == 0.0));
     // a seq: model on the graph engine: K-FAC over nothing, and the capture engine
     let spec: SeqSpec = "seq:linear(3,4),tanh,linear(4,2)".parse().unwrap();
     let seq = Sequential::init(spec, &[3], DType::F64, 2).unwrap();
@@ -592,6 +594,7 @@ fn every_other_engine_and_pass_on_empty_inputs() {
     )
     .unwrap();
     assert_eq!(art.meta.num_examples, 0);
+    assert!(art.diag.sums().iter().all(|v| *v == 0.0));
     // the low-rank Σ: rank 0 is an error, and a Fisher of no examples has no eigenpairs to find
     let fisher = GraphFisher::with_engine(ge.clone(), lik.clone(), &empty, o.clone());
     assert!(LowRankInverseFisher::from_fisher(&fisher, 1e-3, &LowRankOptions::rank(0)).is_err());

@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use common::*;
 use deltavar::graph::build::{GraphBuilder, Weights};
 use deltavar::model::{Transformer, TransformerConfig};
@@ -25,11 +25,7 @@ fn the_transformer_as_a_graph_matches_the_generic_path() {
     let model = Transformer::init(cfg, DType::F64, 5).unwrap();
     let params = model.params().unwrap();
     let (n, t) = (7, 5);
-    let ids: Vec<i64> = pseudo_random(n * t, 1)
-        .iter()
-        .map(|x| ((x.abs() * 1000.0) as i64) % 11)
-        .collect();
-    let x = Tensor::from_vec(ids, (n, t), &Device::Cpu).unwrap();
+    let x = token_ids(n, t, 11, 1);
     let data = TensorDataset::new(x.clone(), random_labels(n, 3, 2)).unwrap();
     let lik = Likelihood::Categorical;
     let engine = GraphEngine::from_transformer(&model, t).unwrap();
@@ -99,6 +95,14 @@ fn loading_mistakes_are_errors_naming_the_tensor() {
     assert!(b.softmax(x, 1).is_err());
     assert!(b.matmul(x, x).is_err());
     assert!(b.max_pool2d(x, 2, 2).is_err());
+    // sizes that overflow are errors, not wrapped arithmetic
+    assert!(b.narrow(x, 0, usize::MAX, 2).is_err());
+    assert!(b.constant(&[usize::MAX, 2], vec![]).is_err());
+    let big = b.reshape(x, &[2, 2]).unwrap();
+    assert!(b.reshape(big, &[usize::MAX, 3]).is_err());
+    // attention needs (T, d) with heads dividing d
+    assert!(deltavar::graph::models::attention(&mut b, x, "fc", "fc", 4, 2, true).is_err());
+    assert!(deltavar::graph::models::attention(&mut b, big, "fc", "fc", 2, 3, true).is_err());
     // an output that does not depend on the input
     let (mut b, _) = GraphBuilder::new(Weights::from_named(vec![]).unwrap(), &[4]);
     let c = b.constant(&[2], vec![1.0, 2.0]).unwrap();

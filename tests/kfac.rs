@@ -380,13 +380,7 @@ fn kfac_of_a_transformer_through_the_capture_engine() {
     let params = model.params().unwrap();
     let p = params.num_params();
     let lik = Likelihood::Categorical;
-    let ids = |n: usize, t: usize, seed: u64| {
-        let v: Vec<i64> = pseudo_random(n * t, seed)
-            .iter()
-            .map(|x| ((x.abs() * 1000.0) as i64) % 7)
-            .collect();
-        Tensor::from_vec(v, (n, t), &Device::Cpu).unwrap()
-    };
+    let ids = |n: usize, t: usize, seed: u64| token_ids(n, t, 7, seed);
     // one example, one token
     let data = TensorDataset::new(ids(1, 1, 1), random_labels(1, 3, 2)).unwrap();
     let f = CaptureEngine::new(&model, &params)

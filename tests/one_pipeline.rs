@@ -95,13 +95,7 @@ fn transformer_engine_and_its_graph_give_the_same_delta_variances() {
         eps: 1e-5,
     };
     let model = Transformer::init(cfg, DType::F64, 2).unwrap();
-    let ids = |n: usize, seed: u64| {
-        let v: Vec<i64> = pseudo_random(n * 4, seed)
-            .iter()
-            .map(|x| ((x.abs() * 1000.0) as i64) % 7)
-            .collect();
-        Tensor::from_vec(v, (n, 4), &Device::Cpu).unwrap()
-    };
+    let ids = |n: usize, seed: u64| token_ids(n, 4, 7, seed);
     let data = TensorDataset::new(ids(8, 1), random_labels(8, 3, 2)).unwrap();
     let q = ids(3, 4);
     let native = FactoredTransformer::new(&model).unwrap();

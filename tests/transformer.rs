@@ -24,11 +24,7 @@ fn cfg() -> TransformerConfig {
 }
 
 fn tokens(n: usize, t: usize, seed: u64) -> Tensor {
-    let v: Vec<i64> = pseudo_random(n * t, seed)
-        .iter()
-        .map(|x| ((x.abs() * 1000.0) as i64) % 11)
-        .collect();
-    Tensor::from_vec(v, (n, t), &Device::Cpu).unwrap()
+    token_ids(n, t, 11, seed)
 }
 
 fn eo(bs: usize) -> FactoredOptions {

@@ -699,7 +699,7 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
                 &eo,
             )?,
         };
-        let out = c.diagonal(source.as_ref().map(|f| f.num_examples()).unwrap_or(0));
+        let out = c.diagonal(source.as_ref().map(|f| f.num_examples()).unwrap_or(0))?;
         return Ok(Computed {
             out,
             groups: None,

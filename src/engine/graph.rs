@@ -139,7 +139,8 @@ impl GraphEngine {
             .first()
             .map(|l| l.weight().dtype())
             .unwrap_or(DType::F32);
-        Self::new(crate::graph::models::mlp(m)?, &[m.sizes()[0]], dt)
+        let width = m.sizes().first().copied().unwrap_or(0);
+        Self::new(crate::graph::models::mlp(m)?, &[width], dt)
     }
 
     /// P.

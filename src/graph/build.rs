@@ -45,7 +45,7 @@ use super::ir::{
     AutoPad, Binary, Data, ElemType, Graph, Node, Op, Param, ReduceKind, Tensor, Unary, ValueId,
     Window,
 };
-use super::ops::util::broadcast_dims;
+use super::ops::util::{broadcast_dims, MAX_ELEMENTS};
 use crate::error::{Error, Result};
 use crate::model::Activation;
 
@@ -281,6 +281,22 @@ impl GraphBuilder {
         Error::Unsupported(format!("graph builder, {node}: {detail}"))
     }
 
+    /// The element count of `shape`, refused on overflow or above [`MAX_ELEMENTS`].
+    fn count(&self, what: &str, shape: &[usize]) -> Result<usize> {
+        shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|n| *n <= MAX_ELEMENTS)
+            .ok_or_else(|| {
+                self.shape_err(
+                    what,
+                    format!(
+                        "shape {shape:?} is over the {MAX_ELEMENTS} elements one value may hold"
+                    ),
+                )
+            })
+    }
+
     /// The parameter `name` (shape checked), read from the weights once; a second call with
     /// the same name is the same parameter (tied weights).
     pub fn param(&mut self, name: &str, shape: &[usize]) -> Result<Value> {
@@ -291,7 +307,7 @@ impl GraphBuilder {
             )));
         }
         if !self.g.params.iter().any(|p| p.value == v) {
-            let data = self.weights.tensors[name].1.clone();
+            let data = self.take_data(name);
             self.g.params.push(Param {
                 name: name.to_string(),
                 value: v,
@@ -311,7 +327,7 @@ impl GraphBuilder {
             )));
         }
         if !self.g.consts.contains_key(&v) {
-            let data = self.weights.tensors[name].1.clone();
+            let data = self.take_data(name);
             self.g.consts.insert(
                 v,
                 Tensor {
@@ -321,6 +337,16 @@ impl GraphBuilder {
             );
         }
         Ok(Value(v))
+    }
+
+    /// Moves the values of a tensor read for the first time into the graph (its shape stays,
+    /// for the messages and `stored_shape`): each weight is held once.
+    fn take_data(&mut self, name: &str) -> Vec<f64> {
+        self.weights
+            .tensors
+            .get_mut(name)
+            .map(|t| std::mem::take(&mut t.1))
+            .unwrap_or_default()
     }
 
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<ValueId> {
@@ -359,14 +385,11 @@ impl GraphBuilder {
 
     /// A constant (no batch axis, not a parameter).
     pub fn constant(&mut self, shape: &[usize], data: Vec<f64>) -> Result<Value> {
-        if shape.iter().product::<usize>() != data.len() {
+        let n = self.count("constant", shape)?;
+        if n != data.len() {
             return Err(self.shape_err(
                 "constant",
-                format!(
-                    "shape {shape:?} holds {} values, not {}",
-                    shape.iter().product::<usize>(),
-                    data.len()
-                ),
+                format!("shape {shape:?} holds {n} values, not {}", data.len()),
             ));
         }
         let k = self.g.values.len();
@@ -430,7 +453,7 @@ impl GraphBuilder {
             None
         };
         let mut ys = s.clone();
-        *ys.last_mut().unwrap_or(&mut 0) = out;
+        ys[s.len() - 1] = out;
         if s.len() == 1 && self.is_batched(x) {
             let op = Op::Gemm {
                 alpha: 1.0,
@@ -479,7 +502,7 @@ impl GraphBuilder {
             || o.dilation == 0
             || s[0] % g != 0
             || wshape[0] % g != 0
-            || wshape[1] * g != s[0]
+            || wshape[1].checked_mul(g) != Some(s[0])
         {
             return Err(self.shape_err(
                 name,
@@ -491,18 +514,27 @@ impl GraphBuilder {
         }
         let mut ys = vec![wshape[0]];
         for (a, &len) in s[1..].iter().enumerate() {
-            let span = o.dilation * (wshape[2 + a].max(1) - 1) + 1;
-            let padded = len + 2 * o.padding;
-            if wshape[2 + a] == 0 || padded < span {
-                return Err(self.shape_err(
-                    name,
-                    format!(
-                        "kernel {:?} is larger than the padded input {s:?}",
-                        &wshape[2..]
-                    ),
-                ));
+            let span = o
+                .dilation
+                .checked_mul(wshape[2 + a].max(1) - 1)
+                .and_then(|x| x.checked_add(1));
+            let padded = o.padding.checked_mul(2).and_then(|p| p.checked_add(len));
+            match (span, padded) {
+                (Some(span), Some(padded)) if wshape[2 + a] > 0 && padded >= span => {
+                    ys.push((padded - span) / o.stride + 1)
+                }
+                _ => {
+                    return Err(self.shape_err(
+                        name,
+                        format!(
+                            "kernel {:?} (dilation {}) is larger than the input {s:?} padded by {}",
+                            &wshape[2..],
+                            o.dilation,
+                            o.padding
+                        ),
+                    ))
+                }
             }
-            ys.push((padded - span) / o.stride + 1);
         }
         let w = self.param(&format!("{name}.weight"), &wshape)?;
         let mut ins = vec![x.0, w.0];
@@ -603,11 +635,9 @@ impl GraphBuilder {
         let m = self.buffer(&format!("{name}.running_mean"), &[c])?;
         let vname = format!("{name}.running_var");
         let v = self.buffer(&vname, &[c])?;
-        if let Some(k) = self.weights.tensors[&vname].1.iter().position(|x| *x < 0.0) {
-            return Err(self.bad(format!(
-                "'{vname}'[{k}] = {} (a variance must be ≥ 0)",
-                self.weights.tensors[&vname].1[k]
-            )));
+        let var = self.g.consts.get(&v.0).and_then(|t| t.floats());
+        if let Some((k, x)) = var.and_then(|d| d.iter().enumerate().find(|(_, x)| **x < 0.0)) {
+            return Err(self.bad(format!("'{vname}'[{k}] = {x} (a variance must be ≥ 0)")));
         }
         Ok(self.node(
             name,
@@ -782,7 +812,7 @@ impl GraphBuilder {
     /// Reshapes one example to `shape` (same number of elements).
     pub fn reshape(&mut self, x: Value, shape: &[usize]) -> Result<Value> {
         let s = self.shape(x).to_vec();
-        if s.iter().product::<usize>() != shape.iter().product::<usize>() {
+        if self.count("reshape", &s)? != self.count("reshape", shape)? {
             return Err(self.shape_err(
                 "reshape",
                 format!("{s:?} has not as many elements as {shape:?}"),
@@ -803,15 +833,16 @@ impl GraphBuilder {
     pub fn narrow(&mut self, x: Value, axis: usize, start: usize, len: usize) -> Result<Value> {
         let a = self.axis(x, axis, "narrow")?;
         let mut s = self.shape(x).to_vec();
-        if start + len > s[axis] || len == 0 {
+        let end = start.checked_add(len).filter(|e| *e <= s[axis] && len > 0);
+        let Some(end) = end else {
             return Err(self.shape_err(
                 "narrow",
-                format!("{start}..{} of axis {axis} of {s:?}", start + len),
+                format!("{len} entries from {start} of axis {axis} of {s:?}"),
             ));
-        }
+        };
         s[axis] = len;
         let st = self.ints(vec![start as i64]);
-        let en = self.ints(vec![(start + len) as i64]);
+        let en = self.ints(vec![end as i64]);
         let ax = self.ints(vec![a]);
         Ok(self.node("narrow", Op::Slice { attrs: None }, &[x.0, st, en, ax], s))
     }
@@ -891,7 +922,8 @@ impl GraphBuilder {
                 format!("scores of shape {s:?} are not square in the last two axes"),
             ));
         }
-        let mask: Vec<f64> = (0..t * t)
+        let n = self.count("causal_mask", &[t, t])?;
+        let mask: Vec<f64> = (0..n)
             .map(|k| {
                 if k % t > k / t {
                     f64::NEG_INFINITY

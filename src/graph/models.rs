@@ -18,13 +18,14 @@ fn named(tensors: Vec<(String, candle_core::Tensor)>, source: &str) -> Result<We
 /// An [`Mlp`] as a graph: Linear layers under its layer names with its activation between.
 pub fn mlp(m: &Mlp) -> Result<Graph> {
     let w = named(m.named_tensors(), "the MLP")?;
-    let (mut b, x) = GraphBuilder::new(w, &[m.sizes()[0]]);
+    let width = m.sizes().first().copied().unwrap_or(0);
+    let (mut b, x) = GraphBuilder::new(w, &[width]);
     let mut h = x;
-    for (i, name) in m.layer_names().iter().enumerate() {
+    for (i, (name, layer)) in m.layer_names().iter().zip(m.layers()).enumerate() {
         if i > 0 {
             h = b.activation(h, m.activation());
         }
-        h = b.linear(h, name, m.layers()[i].bias().is_some())?;
+        h = b.linear(h, name, layer.bias().is_some())?;
     }
     b.finish(h)
 }
@@ -143,8 +144,16 @@ pub fn attention(
     heads: usize,
     causal: bool,
 ) -> Result<Value> {
-    let t = b.shape(x)[0];
-    let hd = d / heads.max(1);
+    let (t, hd) = match *b.shape(x) {
+        [t, w] if w == d && heads > 0 && d % heads == 0 => (t, d / heads),
+        ref other => {
+            return Err(crate::error::Error::invalid(
+                "attention input",
+                format!("{other:?}"),
+                format!("needs one example of shape (T, {d}) and {heads} heads dividing {d}"),
+            ))
+        }
+    };
     let qkv = b.linear(x, qkv, true)?;
     let parts = b.split(qkv, 1, 3)?;
     let mut part = |k: usize, perm: &[usize]| -> Result<Value> {

@@ -153,6 +153,15 @@ pub fn pseudo_random(n: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
+/// Deterministic token ids in 0..vocab as an (n, t) int64 tensor.
+pub fn token_ids(n: usize, t: usize, vocab: i64, seed: u64) -> Tensor {
+    let v: Vec<i64> = pseudo_random(n * t, seed)
+        .iter()
+        .map(|x| ((x.abs() * 1000.0) as i64) % vocab)
+        .collect();
+    Tensor::from_vec(v, (n, t), &Device::Cpu).unwrap()
+}
+
 /// Dense matrix as Vec<Vec<f64>> (row-major) from a faer matrix.
 pub fn to_rows(m: faer::MatRef<'_, f64>) -> Vec<Vec<f64>> {
     (0..m.nrows())

@@ -494,28 +494,18 @@ pub fn pool_forward<T: Scalar>(
     let plane = g.h * g.w;
     if avg.is_none() {
         // the taps inside the input, per output row and column, computed once
-        let rows: Vec<Vec<usize>> = (0..g.oh)
-            .map(|oi| {
-                (0..g.kh)
-                    .filter_map(|ki| {
-                        (oi * g.sh + ki * g.dh)
-                            .checked_sub(g.ph)
-                            .filter(|i| *i < g.h)
-                    })
-                    .collect()
-            })
-            .collect();
-        let cols: Vec<Vec<usize>> = (0..g.ow)
-            .map(|oj| {
-                (0..g.kw)
-                    .filter_map(|kj| {
-                        (oj * g.sw + kj * g.dw)
-                            .checked_sub(g.pw)
-                            .filter(|j| *j < g.w)
-                    })
-                    .collect()
-            })
-            .collect();
+        // (outputs, kernel, stride, dilation, padding, input length) of one axis
+        let taps = |o: usize, k: usize, st: usize, d: usize, p: usize, len: usize| {
+            (0..o)
+                .map(|oi| {
+                    (0..k)
+                        .filter_map(|ki| (oi * st + ki * d).checked_sub(p).filter(|i| *i < len))
+                        .collect::<Vec<usize>>()
+                })
+                .collect::<Vec<_>>()
+        };
+        let rows = taps(g.oh, g.kh, g.sh, g.dh, g.ph, g.h);
+        let cols = taps(g.ow, g.kw, g.sw, g.dw, g.pw, g.w);
         for nc in 0..g.n * g.cin {
             let xp = &xv[nc * plane..(nc + 1) * plane];
             for (oi, ri) in rows.iter().enumerate() {
