@@ -46,22 +46,33 @@ fn benches(c: &mut Criterion) {
         b.iter(|| engine.sum_sq(&lik, &data, &opts).expect("diag"))
     });
     g.bench_function("factors (X, Δ) of the dataset", |b| {
-        b.iter(|| engine.factors(&lik, &data, &opts).expect("factors"))
+        b.iter(|| {
+            engine
+                .layered_gradients(&lik, &data, &opts)
+                .expect("factors")
+        })
     });
-    let factors = engine.factors(&lik, &data, &opts).expect("factors");
+    let factors = engine
+        .layered_gradients(&lik, &data, &opts)
+        .expect("factors");
     for k in [1usize, 16] {
         let v = Mat::from_fn(p, k, |i, j| ((i * 31 + j * 17) % 101) as f64 / 101.0 - 0.5);
         g.bench_function(format!("F·V k={k}"), |b| {
-            b.iter(|| factors.fisher_apply(v.as_ref()).expect("fv"))
+            b.iter(|| {
+                let gv = factors.jv(v.as_ref()).expect("gv");
+                factors.jtu(gv.as_ref()).expect("fv")
+            })
         });
     }
-    g.bench_function("Gram N×N", |b| b.iter(|| factors.gram()));
+    g.bench_function("Gram N×N", |b| b.iter(|| factors.gram().expect("gram")));
     let queries = Tensor::from_vec(lcg(256 * 784, 3), (256, 784), &Device::Cpu).expect("q");
     let sigma = DiagonalSigma::new(vec![0.5; p]).expect("sigma");
     let qoi: Qoi = Qoi::Output(3);
     g.bench_function("256 queries, diagonal Σ", |b| {
         b.iter(|| {
-            let q = engine.query_factors(&qoi, &queries, &opts).expect("q");
+            let (q, _) = engine
+                .query_layered_gradients(&qoi, &queries, &opts)
+                .expect("q");
             query_delta_variances(&q, &sigma).expect("dv")
         })
     });

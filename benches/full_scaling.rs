@@ -79,9 +79,9 @@ fn point(arch: usize, n: usize, method: &str) {
     params.set_flat_values(&w).expect("weights");
     let (data, queries) = problem(n, M, sizes[0]);
     let fisher = categorical_fisher(&mlp, &data);
-    let qf = fisher
+    let (qf, _) = fisher
         .engine()
-        .query_factors(&Qoi::Output(0), &queries, &FactoredOptions::default())
+        .query_layered_gradients(&Qoi::Output(0), &queries, &FactoredOptions::default())
         .expect("q");
     let t = Instant::now();
     let g = fisher
@@ -191,9 +191,9 @@ fn huge_point(path: &std::path::Path, k: usize) {
     let factors = t.elapsed().as_secs_f64();
     let s = KernelInverseFisher::new(Arc::clone(&g), DAMPING).expect("kernel");
     let kernel = t.elapsed().as_secs_f64();
-    let qf = fisher
+    let (qf, _) = fisher
         .engine()
-        .query_factors(&Qoi::Output(0), &queries, &FactoredOptions::default())
+        .query_layered_gradients(&Qoi::Output(0), &queries, &FactoredOptions::default())
         .expect("q");
     let dv = query_delta_variances(&qf, &s).expect("dv");
     let secs = t.elapsed().as_secs_f64();

@@ -105,7 +105,9 @@ fn main() {
             let opts = FactoredOptions::default();
             let qoi: Qoi = Qoi::Output(3);
             let (t, dv) = best_of(reps.max(5), || {
-                let qf = engine.query_factors(&qoi, &q, &opts).expect("queries");
+                let (qf, _) = engine
+                    .query_layered_gradients(&qoi, &q, &opts)
+                    .expect("queries");
                 query_delta_variances(&qf, &sigma).expect("dv")
             });
             println!(
@@ -225,8 +227,8 @@ fn main() {
             )
             .expect("fisher");
             let engine = fisher.engine().clone();
-            let qf = engine
-                .query_factors(&Qoi::Output(3), &q, &FactoredOptions::default())
+            let (qf, _) = engine
+                .query_layered_gradients(&Qoi::Output(3), &q, &FactoredOptions::default())
                 .expect("queries");
             // the exact answer by the kernel method, end to end (factors, Gram, Cholesky, queries)
             let t = Instant::now();
@@ -244,7 +246,7 @@ fn main() {
                 dv
             );
             // CG: cost per iteration, and the iterations to 1e-6 / 1e-10 with each preconditioner
-            let qg = qf.gradients().expect("gradients");
+            let qg = qf.to_dense();
             let iters: usize = std::env::var("DV_CG_ITERS")
                 .ok()
                 .and_then(|s| s.parse().ok())

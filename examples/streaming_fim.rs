@@ -73,7 +73,7 @@ fn main() -> deltavar::Result<()> {
         Some(&loaded),
     )?;
     let queries = Tensor::randn(0f32, 1.0, (4, 784), &Device::Cpu)?;
-    let q = FactoredMlp::new(&mlp)?.query_factors(
+    let (q, _) = FactoredMlp::new(&mlp)?.query_layered_gradients(
         &Qoi::Prob(3),
         &queries,
         &FactoredOptions::default(),

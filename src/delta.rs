@@ -1,12 +1,12 @@
 //! Stage 5: the delta variance ΔVar(z) = ∇q(z)ᵀ Σ ∇q(z): Σ built once from a strategy
 //! ([`build_sigma`]), applied to blocks of query gradients ([`delta_variances`]) or to query
-//! factors ([`query_delta_variances`]), and the whole pipeline for an MLP
-//! ([`mlp_delta_variances`]).
+//! gradients held layer by layer ([`query_delta_variances`]), and the whole pipeline for any
+//! engine ([`engine_delta_variances_with`]; [`mlp_delta_variances`] for a known MLP).
 
 use faer::{Mat, MatRef};
 
 use crate::data::Dataset;
-use crate::engine::{FactoredMlp, FactoredOptions, QueryFactors, QueryGradients};
+use crate::engine::{FactoredMlp, FactoredOptions, LayeredGradients, QueryGradients};
 use crate::error::{Error, Result};
 use crate::fisher::{FactoredFisher, FisherSource, DEFAULT_MEMORY_BUDGET};
 use crate::likelihood::Likelihood;
@@ -343,15 +343,18 @@ pub enum QueryPath {
     Gradients,
 }
 
-/// ΔVarⱼ = qⱼᵀ Σ qⱼ for query gradients given as factors, with the route taken and, for CG,
-/// the solver's report. A diagonal Σ (identity, diagonal, inverse diagonal Fisher, and their
-/// scalings) and the kernel Σ (and its scalings) never form the Jacobian; any other Σ gets the
+/// ΔVarⱼ = qⱼᵀ Σ qⱼ for query gradients held layer by layer ([`LayeredGradients`], from any
+/// engine's `query_layered_gradients`), with the route taken and, for CG, the solver's
+/// report. A diagonal Σ (identity, diagonal, inverse diagonal Fisher, and their scalings)
+/// never forms the gradients of a factored layer read once per example
+/// ([`QueryPath::DiagonalFactored`]); the kernel Σ over a layered gradient operator of the
+/// same layout takes them pair by pair ([`QueryPath::Factored`]); any other Σ gets the formed
 /// P×M block (O(P·M) memory).
 pub fn query_delta_variances_reported(
-    q: &QueryFactors,
+    q: &LayeredGradients,
     sigma: &dyn SigmaOp,
 ) -> Result<(QuadForms, QueryPath)> {
-    let p = q.factors().num_params();
+    let p = q.num_params();
     if sigma.dim() != p {
         return Err(Error::shape(
             format!(
@@ -363,25 +366,19 @@ pub fn query_delta_variances_reported(
         ));
     }
     if let Some(d) = sigma.diagonal() {
-        let out = q.factors().quad_forms_diag(&d)?;
-        let values = crate::sigma::finish(&sigma.name(), out)?;
+        let values = crate::sigma::finish(&sigma.name(), q.quad_forms_diag(&d)?)?;
         return Ok((QuadForms { values, cg: None }, QueryPath::DiagonalFactored));
     }
-    if let Some(r) = sigma.quad_forms_factored(q) {
-        return Ok((
-            QuadForms {
-                values: r?,
-                cg: None,
-            },
-            QueryPath::Factored,
-        ));
+    if let Some(r) = sigma.quad_forms_layered(q) {
+        let values = crate::sigma::finish(&sigma.name(), r?)?;
+        return Ok((QuadForms { values, cg: None }, QueryPath::Factored));
     }
-    let r = sigma.quad_forms_reported(q.gradients()?.as_ref())?;
+    let r = sigma.quad_forms_reported(q.to_dense().as_ref())?;
     Ok((r, QueryPath::Gradients))
 }
 
-/// ΔVarⱼ for query gradients given as factors (see [`query_delta_variances_reported`]).
-pub fn query_delta_variances(q: &QueryFactors, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
+/// ΔVarⱼ for query gradients held layer by layer (see [`query_delta_variances_reported`]).
+pub fn query_delta_variances(q: &LayeredGradients, sigma: &dyn SigmaOp) -> Result<Vec<f64>> {
     Ok(query_delta_variances_reported(q, sigma)?.0.values)
 }
 
@@ -443,30 +440,16 @@ pub fn mlp_delta_variances_with(
     fisher: Option<&dyn FisherSource>,
     engine_opts: &FactoredOptions,
 ) -> Result<MlpDeltaVariances> {
-    let engine = FactoredMlp::new(mlp)?;
-    let p = engine.num_params();
-    let (sigma, choice) = build(strategy, p, opts, fisher)?;
-    if let Some(d) = sigma.diagonal() {
-        // a diagonal Σ straight from each batch's pass: no query factors kept
-        let (values, forms) = engine.query_diag_forms(&qoi, queries, engine_opts, &d)?;
-        let forms = QuadForms {
-            values: crate::sigma::finish(&sigma.name(), forms)?,
-            cg: None,
-        };
-        return Ok(assemble(
-            values,
-            forms,
-            QueryPath::DiagonalFactored,
-            &*sigma,
-            choice,
-            p,
-            fisher,
-        ));
-    }
-    let q = engine.query_factors(&qoi, queries, engine_opts)?;
-    let (forms, path) = query_delta_variances_reported(&q, &*sigma)?;
-    let values = q.values().to_vec();
-    Ok(assemble(values, forms, path, &*sigma, choice, p, fisher))
+    engine_delta_variances_with(
+        &FactoredMlp::new(mlp)?,
+        qoi,
+        queries,
+        1,
+        strategy,
+        opts,
+        fisher,
+        engine_opts,
+    )
 }
 
 /// The delta variances of any engine with query gradients ([`QueryGradients`]: the graph and
@@ -505,51 +488,34 @@ pub fn engine_delta_variances_with(
     fisher: Option<&dyn FisherSource>,
     engine_opts: &FactoredOptions,
 ) -> Result<MlpDeltaVariances> {
-    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
-    if sigma.diagonal().is_none() {
-        // the kernel Σ takes the queries layer by layer (no P×M block for factored layers)
-        if let Some(r) = engine.query_layered_gradients(
-            &qoi,
-            queries,
-            rollout,
-            engine_opts,
-            crate::engine::LayerRoute::Auto,
-        ) {
-            let (ql, values) = r?;
-            let (forms, path) = layered_delta_variances_reported(&ql, &*sigma)?;
-            let p = engine.num_params();
+    let p = engine.num_params();
+    let (sigma, choice) = build(strategy, p, opts, fisher)?;
+    if let Some(d) = sigma.diagonal() {
+        // a diagonal Σ straight from each batch's pass where the engine can: no query
+        // gradients kept
+        if let Some(r) = engine.query_diag_forms(&qoi, queries, rollout, engine_opts, &d) {
+            let (values, forms) = r?;
+            let forms = QuadForms {
+                values: crate::sigma::finish(&sigma.name(), forms)?,
+                cg: None,
+            };
+            let path = QueryPath::DiagonalFactored;
             return Ok(assemble(values, forms, path, &*sigma, choice, p, fisher));
         }
+    } else if let Some(r) = engine.query_layered_gradients(
+        &qoi,
+        queries,
+        rollout,
+        engine_opts,
+        crate::engine::LayerRoute::Auto,
+    ) {
+        // the kernel Σ takes the queries layer by layer (no P×M block for factored layers)
+        let (ql, values) = r?;
+        let (forms, path) = query_delta_variances_reported(&ql, &*sigma)?;
+        return Ok(assemble(values, forms, path, &*sigma, choice, p, fisher));
     }
     let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
     Ok(from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, None)?.0)
-}
-
-/// ΔVarⱼ = qⱼᵀ Σ qⱼ for query gradients held layer by layer
-/// ([`crate::engine::LayeredGradients`], from [`crate::engine::GraphEngine::query_layered_gradients`]
-/// or [`crate::engine::CaptureEngine::query_layered_gradients`]), with the route taken: the
-/// kernel Σ over a layered gradient operator of the same layout takes them pair by pair
-/// ([`QueryPath::Factored`]); any other Σ gets the formed P×M block.
-pub fn layered_delta_variances_reported(
-    q: &crate::engine::LayeredGradients,
-    sigma: &dyn SigmaOp,
-) -> Result<(QuadForms, QueryPath)> {
-    if sigma.dim() != q.num_params() {
-        return Err(Error::shape(
-            format!(
-                "Sigma '{}' (its size must equal the number of parameters P)",
-                sigma.name()
-            ),
-            format!("P = {}", q.num_params()),
-            format!("P = {}", sigma.dim()),
-        ));
-    }
-    if let Some(r) = sigma.quad_forms_layered(q) {
-        let values = crate::sigma::finish(&sigma.name(), r?)?;
-        return Ok((QuadForms { values, cg: None }, QueryPath::Factored));
-    }
-    let r = sigma.quad_forms_reported(q.to_dense().as_ref())?;
-    Ok((r, QueryPath::Gradients))
 }
 
 /// The result record from the values, the forms and the route taken.
@@ -635,23 +601,17 @@ pub fn mlp_group_delta_variances_with(
     fisher: Option<&dyn FisherSource>,
     engine_opts: &FactoredOptions,
 ) -> Result<GroupDeltaVariances> {
-    let engine = FactoredMlp::new(mlp)?;
-    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
-    let q = engine.query_factors(&qoi, queries, engine_opts)?;
-    let groups = tensor_groups(&mlp.named_tensors());
-    let (result, blocks) = from_gradients(
-        q.gradients()?.as_ref(),
-        q.values().to_vec(),
-        &*sigma,
-        choice,
+    engine_group_delta_variances_with(
+        &FactoredMlp::new(mlp)?,
+        tensor_groups(&mlp.named_tensors()),
+        qoi,
+        queries,
+        1,
+        strategy,
+        opts,
         fisher,
-        Some(&groups),
-    )?;
-    Ok(GroupDeltaVariances {
-        result,
-        groups,
-        blocks: blocks.unwrap_or_default(),
-    })
+        engine_opts,
+    )
 }
 
 /// [`engine_delta_variances_with`] split by parameter group ([`GroupDeltaVariances`];
@@ -917,17 +877,15 @@ pub fn mlp_delta_covariances_with(
     fisher: Option<&dyn FisherSource>,
     engine_opts: &FactoredOptions,
 ) -> Result<DeltaCovariances> {
-    let engine = FactoredMlp::new(mlp)?;
-    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
-    let k = engine.sizes().last().copied().unwrap_or(0);
-    let mut grads = Vec::with_capacity(k);
-    let mut values = Vec::with_capacity(k);
-    for o in 0..k {
-        let q = engine.query_factors(&Qoi::Output(o), queries, engine_opts)?;
-        values.push(q.values().to_vec());
-        grads.push(q.gradients()?);
-    }
-    covariances_from(grads, values, &*sigma, choice)
+    engine_delta_covariances_with(
+        &FactoredMlp::new(mlp)?,
+        queries,
+        1,
+        strategy,
+        opts,
+        fisher,
+        engine_opts,
+    )
 }
 
 /// [`mlp_delta_covariances_with`] for any engine with query gradients: every element of the

@@ -75,15 +75,15 @@ pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, Tens
 pub use delta::{
     build_sigma, delta_covariances, delta_variances, engine_delta_covariances_with,
     engine_delta_variances_with, engine_group_delta_variances_with, kfac_delta_variances_with,
-    layered_delta_variances_reported, mlp_delta_covariances_with, mlp_delta_variances,
-    mlp_delta_variances_with, mlp_group_delta_variances_with, query_delta_variances,
-    query_delta_variances_reported, BuiltSigma, DeltaCovariances, GroupDeltaVariances,
-    MlpDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
+    mlp_delta_covariances_with, mlp_delta_variances, mlp_delta_variances_with,
+    mlp_group_delta_variances_with, query_delta_variances, query_delta_variances_reported,
+    BuiltSigma, DeltaCovariances, GroupDeltaVariances, MlpDeltaVariances, QueryPath, SigmaOptions,
+    SigmaStrategy,
 };
 pub use engine::{
     qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions,
-    FactoredTransformer, Factors, GenericGradients, GenericOptions, GraphEngine, QoiGradient,
-    QueryFactors,
+    FactoredTransformer, GenericGradients, GenericOptions, GraphEngine, LayeredGradients,
+    QoiGradient,
 };
 pub use error::{Error, Result};
 pub use fisher::{

@@ -136,19 +136,23 @@ fn models_and_engines_on_empty_inputs() {
     let d = engine.sum_sq(&lik, &empty, &opts).unwrap();
     assert_eq!(d.len(), p);
     assert!(d.iter().all(|v| *v == 0.0));
-    let f = engine.factors(&lik, &empty, &opts).unwrap();
+    let f = engine.layered_gradients(&lik, &empty, &opts).unwrap();
     assert_eq!(f.num_examples(), 0);
-    assert_eq!(f.gram().nrows(), 0);
+    assert_eq!(f.gram().unwrap().nrows(), 0);
+    assert_eq!(f.to_dense().ncols(), 0);
+    assert!(f.diag_sums().unwrap().iter().all(|v| *v == 0.0));
+    assert!(f.quad_forms_diag(&vec![1.0; p]).unwrap().is_empty());
+    assert!(f.quad_forms_diag(&vec![1.0; p + 1]).is_err());
     assert_eq!(f.jv(Mat::zeros(p, 2).as_ref()).unwrap().nrows(), 0);
     assert!(f.jv(Mat::zeros(p + 1, 2).as_ref()).is_err());
     assert!(f.jtu(Mat::zeros(1, 2).as_ref()).is_err());
-    assert!(f.gradients(0, 1).is_err());
-    assert!(f.gradients(usize::MAX, 2).is_err());
     assert!(f.quad_forms_diag(&[1.0]).is_err());
     // zero queries, queries of the wrong shape
     let q0 = Tensor::zeros((0, 3), DType::F64, &Device::Cpu).unwrap();
-    let qf = engine.query_factors(&Qoi::Sum, &q0, &opts).unwrap();
-    assert!(qf.values().is_empty());
+    let (qf, qf_values) = engine
+        .query_layered_gradients(&Qoi::Sum, &q0, &opts)
+        .unwrap();
+    assert!(&qf_values[..].is_empty());
     assert!(query_delta_variances(&qf, &IdentitySigma::new(p))
         .unwrap()
         .is_empty());
@@ -159,13 +163,15 @@ fn models_and_engines_on_empty_inputs() {
         Tensor::new(1.0f64, &Device::Cpu).unwrap(),
     ] {
         assert!(
-            engine.query_factors(&Qoi::Sum, &bad, &opts).is_err(),
+            engine
+                .query_layered_gradients(&Qoi::Sum, &bad, &opts)
+                .is_err(),
             "{:?}",
             bad.dims()
         );
     }
     assert!(engine
-        .query_factors(
+        .query_layered_gradients(
             &Qoi::Prob(7),
             &random_tensor(2, 3, 1),
             &FactoredOptions::default()

@@ -83,21 +83,26 @@ fn check(pb: &Problem, label: &str) {
 
     // per-example rows
     let g = generic.per_example_gradients(0, n).unwrap(); // P×N
-    let factors = factored.factors().unwrap();
+    let factors = factored.layered_gradients().unwrap();
     assert!(
-        mat_rel_err(&factors.gradients(0, n).unwrap(), &g) < TOL,
+        mat_rel_err(&factors.to_dense(), &g) < TOL,
         "{label}: gradient rows"
     );
     assert!(
-        mat_rel_err(
-            &factors.gradients(5, 7).unwrap(),
-            &g.as_ref().subcols(5, 7).to_owned()
-        ) < TOL,
-        "{label}: rows 5..12"
-    );
-    assert!(
-        max_rel_err(&factors.diag_sums(), dg.sums()) < TOL,
+        max_rel_err(&factors.diag_sums().unwrap(), dg.sums()) < TOL,
         "{label}: cached diag"
+    );
+    // gᵢᵀ diag(s) gᵢ from the factors against the formed gradients
+    let s = pseudo_random(p, 12)
+        .iter()
+        .map(|v| v.abs() + 0.1)
+        .collect::<Vec<f64>>();
+    let want: Vec<f64> = (0..n)
+        .map(|j| (0..p).map(|i| s[i] * g[(i, j)] * g[(i, j)]).sum())
+        .collect();
+    assert!(
+        max_rel_err(&factors.quad_forms_diag(&s).unwrap(), &want) < TOL,
+        "{label}: diagonal quadratic forms"
     );
 
     // J·V, Jᵀ·U, F·V, Gram
@@ -114,15 +119,21 @@ fn check(pb: &Problem, label: &str) {
             "{label}: Jᵀ·U k={k}"
         );
         let fv = matmul(&fg, &v);
-        assert!(
-            mat_rel_err(&factors.fisher_apply(v.as_ref()).unwrap(), &fv) < TOL,
-            "{label}: F·V k={k}"
-        );
+        let gv = factors.jv(v.as_ref()).unwrap();
+        let jtu = factors.jtu(gv.as_ref()).unwrap();
+        let got = Mat::from_fn(p, k, |i, j| jtu[(i, j)] / n as f64);
+        assert!(mat_rel_err(&got, &fv) < TOL, "{label}: F·V k={k}");
     }
+    let k = matmul(&gt, &g);
     assert!(
-        mat_rel_err(&factors.gram(), &matmul(&gt, &g)) < TOL,
+        mat_rel_err(&factors.gram().unwrap(), &k) < TOL,
         "{label}: Gram"
     );
+    // the lower triangle a Cholesky in place reads; nothing above it touched
+    let mut lower = Mat::from_fn(n, n, |_, _| 7.0);
+    factors.gram_lower_into(lower.as_mut()).unwrap();
+    let want = Mat::from_fn(n, n, |i, j| if i >= j { k[(i, j)] + 7.0 } else { 7.0 });
+    assert!(mat_rel_err(&lower, &want) < TOL, "{label}: Gram lower");
 
     // queries: gradients and ΔVar under each Σ
     for qoi in [Qoi::Sum, Qoi::Output(1), Qoi::Prob(2)] {
@@ -133,16 +144,16 @@ fn check(pb: &Problem, label: &str) {
             &GenericOptions::default(),
         )
         .unwrap();
-        let qf = factored
+        let (qf, qf_values) = factored
             .engine()
-            .query_factors(&qoi.clone(), &pb.queries, &opts)
+            .query_layered_gradients(&qoi.clone(), &pb.queries, &opts)
             .unwrap();
         assert!(
-            max_rel_err(qf.values(), &qv) < TOL,
+            max_rel_err(&qf_values[..], &qv) < TOL,
             "{label} {qoi:?}: values"
         );
         assert!(
-            mat_rel_err(&qf.gradients().unwrap(), &qg) < TOL,
+            mat_rel_err(&qf.to_dense(), &qg) < TOL,
             "{label} {qoi:?}: query gradients"
         );
         let sigmas: Vec<Box<dyn SigmaOp>> = vec![
@@ -205,15 +216,17 @@ fn custom_closures_match_builtins() {
     assert!(max_rel_err(b.sums(), a.sums()) < 1e-12);
 
     let engine = FactoredMlp::new(&pb.mlp).unwrap();
-    let q = engine
-        .query_factors(&Qoi::Prob(0), &pb.queries, &opts)
+    let (q, q_values) = engine
+        .query_layered_gradients(&Qoi::Prob(0), &pb.queries, &opts)
         .unwrap();
     let custom_q = Qoi::Custom(Arc::new(|f: &Tensor| {
         Qoi::Prob(0).eval(f).map_err(candle_core::Error::wrap)
     }));
-    let c = engine.query_factors(&custom_q, &pb.queries, &opts).unwrap();
-    assert!(max_rel_err(c.values(), q.values()) < 1e-14);
-    assert!(mat_rel_err(&c.gradients().unwrap(), &q.gradients().unwrap()) < 1e-12);
+    let (c, c_values) = engine
+        .query_layered_gradients(&custom_q, &pb.queries, &opts)
+        .unwrap();
+    assert!(max_rel_err(&c_values[..], &q_values[..]) < 1e-14);
+    assert!(mat_rel_err(&c.to_dense(), &q.to_dense()) < 1e-12);
 }
 
 #[test]
@@ -269,12 +282,12 @@ fn parity_fixtures_through_the_factored_engine() {
         )
         .unwrap();
         let queries = case.npy("queries.npy", Some(DType::F64));
-        let qf = fisher
+        let (qf, qf_values) = fisher
             .engine()
-            .query_factors(&case.qoi(), &queries, &FactoredOptions::default())
+            .query_layered_gradients(&case.qoi(), &queries, &FactoredOptions::default())
             .unwrap();
         assert!(
-            norm_rel_err(qf.values(), &case.vec("qoi_value"))
+            norm_rel_err(&qf_values[..], &case.vec("qoi_value"))
                 < parity_tol(name, "qoi_value", "direct"),
             "{name}: values"
         );
@@ -309,12 +322,7 @@ fn parity_fixtures_through_the_factored_engine() {
                 < parity_tol(name, "fim_diagonal", "direct"),
             "{name}: fim_diagonal"
         );
-        let g0: Vec<f64> = qf
-            .factors()
-            .gradients(0, 1)
-            .unwrap()
-            .col_as_slice(0)
-            .to_vec();
+        let g0: Vec<f64> = qf.to_dense().col_as_slice(0).to_vec();
         assert!(
             norm_rel_err(&g0, &case.vec("first_qoi_gradient"))
                 < parity_tol(name, "first_qoi_gradient", "direct"),
@@ -368,7 +376,7 @@ fn factored_errors_name_the_culprit() {
     );
     // QoI index out of range
     let e = engine
-        .query_factors(&Qoi::Output(5), &pb.queries, &opts)
+        .query_layered_gradients(&Qoi::Output(5), &pb.queries, &opts)
         .unwrap_err();
     assert!(e.to_string().contains("3 outputs"), "{e}");
     // batch size 0
@@ -384,7 +392,9 @@ fn factored_errors_name_the_culprit() {
         .unwrap_err();
     assert!(e.to_string().contains("batch_size"), "{e}");
     // Σ of the wrong size
-    let q = engine.query_factors(&Qoi::Sum, &pb.queries, &opts).unwrap();
+    let (q, _) = engine
+        .query_layered_gradients(&Qoi::Sum, &pb.queries, &opts)
+        .unwrap();
     let e = query_delta_variances(&q, &IdentitySigma::new(3)).unwrap_err();
     assert!(e.to_string().contains("P = "), "{e}");
 }
@@ -420,9 +430,11 @@ fn fused_diagonal_query_forms_match_the_factors() {
         .collect();
     let qoi = Qoi::Prob(1);
     let opts = FactoredOptions::default();
-    let q = engine.query_factors(&qoi, &pb.queries, &opts).unwrap();
-    let want = q.factors().quad_forms_diag(&s).unwrap();
-    let g = q.gradients().unwrap();
+    let (q, q_values) = engine
+        .query_layered_gradients(&qoi, &pb.queries, &opts)
+        .unwrap();
+    let want = q.quad_forms_diag(&s).unwrap();
+    let g = q.to_dense();
     let dense: Vec<f64> = (0..g.ncols())
         .map(|j| (0..p).map(|i| g[(i, j)] * g[(i, j)] * s[i]).sum())
         .collect();
@@ -434,7 +446,7 @@ fn fused_diagonal_query_forms_match_the_factors() {
         };
         let (values, forms) = engine.query_diag_forms(&qoi, &pb.queries, &o, &s).unwrap();
         assert!(max_rel_err(&forms, &want) < 1e-13, "batch {bs}");
-        assert!(max_rel_err(&values, q.values()) < 1e-14);
+        assert!(max_rel_err(&values, &q_values[..]) < 1e-14);
     }
     assert!(engine
         .query_diag_forms(&qoi, &pb.queries, &opts, &s[1..])
@@ -457,7 +469,7 @@ fn fused_diagonal_query_forms_match_the_factors() {
     let fisher = FactoredFisher::new(&pb.mlp, pb.lik.clone(), &pb.data, opts.clone()).unwrap();
     let diag = fisher.fisher_diag().unwrap();
     let sd: Vec<f64> = diag.mean().iter().map(|f| 1.0 / (f + 1e-3)).collect();
-    let want = q.factors().quad_forms_diag(&sd).unwrap();
+    let want = q.quad_forms_diag(&sd).unwrap();
     assert!(max_rel_err(&out.delta_variance, &want) < 1e-12);
 }
 

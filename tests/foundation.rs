@@ -23,9 +23,9 @@ fn posterior_scale_keeps_the_fast_paths_and_the_report() {
     let (mlp, _vm, data) = small_factored_problem();
     let lik = Likelihood::gaussian(0.5);
     let fisher = FactoredFisher::new(&mlp, lik.clone(), &data, FactoredOptions::default()).unwrap();
-    let q = FactoredMlp::new(&mlp)
+    let (q, _) = FactoredMlp::new(&mlp)
         .unwrap()
-        .query_factors(
+        .query_layered_gradients(
             &Qoi::Sum,
             &random_tensor(4, 3, 8),
             &FactoredOptions::default(),
@@ -306,15 +306,15 @@ fn cg_on_small_damping_converges_with_the_default_preconditioner() {
     let fisher =
         FactoredFisher::new(&mlp, case.likelihood(), &data, FactoredOptions::default()).unwrap();
     let g = fisher.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
-    let q = FactoredMlp::new(&mlp)
+    let (q, _) = FactoredMlp::new(&mlp)
         .unwrap()
-        .query_factors(
+        .query_layered_gradients(
             &case.qoi(),
             &case.npy("queries.npy", Some(DType::F64)),
             &FactoredOptions::default(),
         )
         .unwrap();
-    let qg = q.gradients().unwrap();
+    let qg = q.to_dense();
     let lam = 1e-5;
     let kernel = KernelInverseFisher::new(g.clone(), lam).unwrap();
     let want = kernel.quad_forms(qg.as_ref()).unwrap();

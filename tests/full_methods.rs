@@ -102,11 +102,11 @@ fn check_problem(act: Activation, categorical: bool, seed: u64) {
     .unwrap();
     let generic = GenericFisher::new(&params, lik.of(&mlp), &data, GenericOptions::default());
     let fmean = factored.fisher_dense(DEFAULT_MEMORY_BUDGET).unwrap().mean();
-    let qf = factored
+    let (qf, _) = factored
         .engine()
-        .query_factors(&Qoi::Output(1), &queries, &FactoredOptions::default())
+        .query_layered_gradients(&Qoi::Output(1), &queries, &FactoredOptions::default())
         .unwrap();
-    let q = qf.gradients().unwrap();
+    let q = qf.to_dense();
     for lam in [1e-6, 1e-3, 1.0] {
         let want = reference(&fmean, lam, &q);
         // observed worst: 4.4e-9 (generic kernel, λ = 1e-6); 2.3e-10 at λ = 1e-3; 1.5e-12 at λ = 1
@@ -236,9 +236,9 @@ fn parity_fixtures_with_each_method() {
             FactoredFisher::new(&mlp, case.likelihood(), &data, FactoredOptions::default())
                 .unwrap();
         let queries = case.npy("queries.npy", Some(DType::F64));
-        let qf = fisher
+        let (qf, _) = fisher
             .engine()
-            .query_factors(&case.qoi(), &queries, &FactoredOptions::default())
+            .query_layered_gradients(&case.qoi(), &queries, &FactoredOptions::default())
             .unwrap();
         let want = case.vec("inverse_full_empirical_fim");
         for method in [FullMethod::Dense, FullMethod::Kernel, FullMethod::Cg] {
@@ -387,14 +387,14 @@ fn both_preconditioners_converge_to_the_same_answer() {
     let g = f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
     let q = f
         .engine()
-        .query_factors(
+        .query_layered_gradients(
             &Qoi::Output(0),
             &random_tensor(4, 4, 3),
             &FactoredOptions::default(),
         )
         .unwrap()
-        .gradients()
-        .unwrap();
+        .0
+        .to_dense();
     let run = |pre| {
         let cg = CgInverseFisher::new(
             g.clone(),
@@ -432,15 +432,15 @@ fn mixed_precision_kernel_refines_to_the_f64_answer() {
         FactoredOptions::default(),
     )
     .unwrap();
-    let qf = f
+    let (qf, _) = f
         .engine()
-        .query_factors(
+        .query_layered_gradients(
             &Qoi::Sum,
             &random_tensor(7, 3, 44),
             &FactoredOptions::default(),
         )
         .unwrap();
-    let q = qf.gradients().unwrap();
+    let q = qf.to_dense();
     let g = f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
     for (lam, expect_fallback) in [(1.0, false), (1e-2, false), (1e-9, true)] {
         let exact =
@@ -496,10 +496,10 @@ fn gram_tiles_cover_every_pair_and_the_kernel_matches_the_inverse() {
         },
     )
     .unwrap();
-    let factors = f.factors().unwrap();
-    let g = factors.gradients(0, n).unwrap(); // P×N
+    let factors = f.layered_gradients().unwrap();
+    let g = factors.to_dense(); // P×N
     let want = g.transpose() * &g;
-    let k = factors.gram();
+    let k = factors.gram().unwrap();
     assert!(
         mat_rel_err(&k, &want) < 1e-13,
         "{:e}",
@@ -522,15 +522,15 @@ fn gram_tiles_cover_every_pair_and_the_kernel_matches_the_inverse() {
         .unwrap_err();
     assert!(err.to_string().contains("300×300"), "{err}");
     // the kernel Σ through those tiles against a Gauss–Jordan inverse of the dense Fisher
-    let qf = f
+    let (qf, _) = f
         .engine()
-        .query_factors(
+        .query_layered_gradients(
             &Qoi::Output(0),
             &random_tensor(9, 3, 54),
             &FactoredOptions::default(),
         )
         .unwrap();
-    let q = qf.gradients().unwrap();
+    let q = qf.to_dense();
     let fmean = f.fisher_dense(DEFAULT_MEMORY_BUDGET).unwrap().mean();
     for lam in [1e-3, 1.0] {
         let kernel =

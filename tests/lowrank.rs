@@ -23,11 +23,11 @@ fn problem(n: usize, seed: u64) -> Problem {
     let y = random_labels(n, 3, seed + 2);
     let data = TensorDataset::new(x, y).unwrap();
     let q = random_tensor(6, 4, seed + 3);
-    let qf = FactoredMlp::new(&mlp)
+    let (qf, _) = FactoredMlp::new(&mlp)
         .unwrap()
-        .query_factors(&Qoi::Output(1), &q, &FactoredOptions::default())
+        .query_layered_gradients(&Qoi::Output(1), &q, &FactoredOptions::default())
         .unwrap();
-    let q = qf.gradients().unwrap();
+    let q = qf.to_dense();
     Problem { mlp, data, q }
 }
 

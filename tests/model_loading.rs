@@ -94,12 +94,12 @@ fn default_prefixed_and_named_layers_load_to_the_same_model() {
     assert_eq!(pa.flat_values().unwrap(), pc.flat_values().unwrap());
     // the factored engine follows the same flat layout
     let z = random_tensor(2, 3, 6);
-    let q = FactoredMlp::new(&mc)
+    let (q, _) = FactoredMlp::new(&mc)
         .unwrap()
-        .query_factors(&Qoi::Sum, &z, &FactoredOptions::default())
+        .query_layered_gradients(&Qoi::Sum, &z, &FactoredOptions::default())
         .unwrap();
     let (g, _) = qoi_gradients(&pc, &z, Qoi::Sum.of(&mc), &GenericOptions::default()).unwrap();
-    let qg = q.gradients().unwrap();
+    let qg = q.to_dense();
     assert!(
         norm_rel_err(
             &to_rows(qg.as_ref()).concat(),

@@ -656,7 +656,7 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
         let layered = kernel.quad_forms_layered(&ql).unwrap().unwrap();
         assert!(max_rel_err(&layered, &kernel.quad_forms(qg.as_ref()).unwrap()) < 1e-10);
         assert!(max_rel_err(&layered, &want) < 1e-8, "{route:?}");
-        let (forms, path) = layered_delta_variances_reported(&ql, &kernel).unwrap();
+        let (forms, path) = query_delta_variances_reported(&ql, &kernel).unwrap();
         assert_eq!(path, QueryPath::Factored);
         assert!(max_rel_err(&forms.values, &layered) < 1e-14);
     }
@@ -669,7 +669,7 @@ fn layered_gradients_match_the_dense_block_under_every_route() {
         .query_layered_gradients(&Qoi::Prob(1), &q, 1, &eo(3), LayerRoute::Factor)
         .unwrap();
     assert!(kernel.quad_forms_layered(&ql).is_none());
-    let (forms, path) = layered_delta_variances_reported(&ql, &kernel).unwrap();
+    let (forms, path) = query_delta_variances_reported(&ql, &kernel).unwrap();
     assert_eq!(path, QueryPath::Gradients);
     assert!(max_rel_err(&forms.values, &want) < 1e-8);
     // the dense operator declines layered queries too

@@ -6,7 +6,6 @@ use faer::linalg::matmul::matmul;
 use faer::reborrow::Reborrow;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
-use super::factored::{Factors, QueryFactors};
 use super::generic::GenericGradients;
 use super::gram::check_gram_out;
 use crate::error::{Error, Result};
@@ -45,51 +44,10 @@ pub trait GradientMatrix: Send + Sync {
     }
     /// Bytes this representation holds.
     fn bytes(&self) -> u64;
-    /// G·Q for query gradients given as factors (N×M), without forming them; `None` when this
-    /// source cannot (only factored sources can).
-    fn cross_gram_queries(&self, _q: &QueryFactors) -> Option<Result<Mat<f64>>> {
-        None
-    }
     /// G·q for query gradients held layer by layer in the same layout (N×M), without forming
     /// them; `None` when this operator cannot.
     fn cross_gram_layered(&self, _q: &super::LayeredGradients) -> Option<Result<Mat<f64>>> {
         None
-    }
-}
-
-impl GradientMatrix for Factors {
-    fn num_params(&self) -> usize {
-        Factors::num_params(self)
-    }
-    fn num_examples(&self) -> usize {
-        Factors::num_examples(self)
-    }
-    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        Factors::jv(self, v)
-    }
-    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        Factors::jtu(self, u)
-    }
-    fn gram(&self) -> Result<Mat<f64>> {
-        Ok(Factors::gram(self))
-    }
-    fn gram_lower_into(&self, out: MatMut<'_, f64>) -> Result<()> {
-        Factors::gram_lower_into(self, out)
-    }
-    fn diag_sums(&self) -> Result<Vec<f64>> {
-        Ok(Factors::diag_sums(self))
-    }
-    fn gram_width(&self) -> usize {
-        self.layers()
-            .iter()
-            .map(|l| l.x().ncols() + l.d().ncols())
-            .sum()
-    }
-    fn bytes(&self) -> u64 {
-        Factors::bytes(self)
-    }
-    fn cross_gram_queries(&self, q: &QueryFactors) -> Option<Result<Mat<f64>>> {
-        Some(self.cross_gram(q.factors()))
     }
 }
 
@@ -496,6 +454,19 @@ pub trait QueryGradients: Sync {
         _opts: &super::FactoredOptions,
         _route: super::LayerRoute,
     ) -> Option<Result<(super::LayeredGradients, Vec<f64>)>> {
+        None
+    }
+    /// The QoI values and the quadratic forms qⱼᵀ diag(s) qⱼ under a diagonal Σ (`s`, length
+    /// P) straight from the query pass, without keeping the gradients, where the engine can
+    /// (`None`: the pipeline forms them).
+    fn query_diag_forms(
+        &self,
+        _qoi: &crate::qoi::Qoi,
+        _queries: &Tensor,
+        _steps: usize,
+        _opts: &super::FactoredOptions,
+        _s: &[f64],
+    ) -> Option<Result<(Vec<f64>, Vec<f64>)>> {
         None
     }
 }

@@ -88,6 +88,7 @@ impl LayerShape {
 }
 
 /// How one layer is held.
+#[derive(Debug, Clone)]
 enum Stored {
     /// Rows `row .. row + w_len + b_len` of every example's dense part (weight, then bias).
     Dense { row: usize },
@@ -111,6 +112,7 @@ enum Stored {
 /// The per-example gradients of N examples held layer by layer (see the module docs): the
 /// gradient operator of a captured or sequential model for the kernel and CG methods, in
 /// N·(P_m + Σ_factored T·(in + 1 + out)) f64 instead of N·P.
+#[derive(Debug, Clone)]
 pub struct LayeredGradients {
     p: usize,
     n: usize,
@@ -269,6 +271,57 @@ impl LayeredGradients {
         }
     }
 
+    /// Writes the examples `start..start + rows` of layer `l`, a rows layer read once per
+    /// example, from one batch: inputs `xs` (rows × in) and signals `ds` (rows × out),
+    /// row-major. A materialised layer gets each example's δxᵀ and δ.
+    pub(crate) fn write_single_rows(
+        &mut self,
+        l: usize,
+        start: usize,
+        xs: &[f64],
+        ds: &[f64],
+    ) -> Result<()> {
+        let (inp, out) = match self.shapes.get(l).map(|s| s.kind) {
+            Some(LayerKind::Rows { t: 1, inp, out }) => (inp, out),
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "layer {l} is not a layer read once per example"
+                )))
+            }
+        };
+        let rows = xs.len().checked_div(inp).unwrap_or(0);
+        if xs.len() != rows * inp || ds.len() != rows * out || start + rows > self.n {
+            return Err(Error::shape(
+                format!("rows of layer '{}'", self.shapes[l].name),
+                format!(
+                    "whole rows of {inp} and {out} values inside {} examples",
+                    self.n
+                ),
+                format!("{} and {} values from example {start}", xs.len(), ds.len()),
+            ));
+        }
+        let factored = self.is_factored(l);
+        for r in 0..rows {
+            let (x, d) = (&xs[r * inp..(r + 1) * inp], &ds[r * out..(r + 1) * out]);
+            if factored {
+                let (xr, dr, _) = self.rows_mut(l, start + r);
+                xr[..inp].copy_from_slice(x);
+                dr.copy_from_slice(d);
+            } else {
+                let g = self.dense_mut(l, start + r);
+                for (q, dv) in d.iter().enumerate() {
+                    for (i, xv) in x.iter().enumerate() {
+                        g[q * inp + i] = dv * xv;
+                    }
+                }
+                if g.len() > inp * out {
+                    g[inp * out..].copy_from_slice(d);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Example `j`'s token ids (T) and Δ (T × out) of a factored embedding, to write.
     pub(crate) fn tokens_mut(&mut self, l: usize, j: usize) -> (&mut [usize], &mut [f64]) {
         match &mut self.stored[l] {
@@ -368,11 +421,11 @@ impl LayeredGradients {
 
     /// K[i, j] += ⟨gᵢ, g'ⱼ⟩ for i in self, j in `other` (same layout), as `pairs` says.
     fn add_pairs(&self, other: &LayeredGradients, mut kmat: MatMut<'_, f64>, pairs: Pairs) {
-        let symmetric = pairs != Pairs::Cross;
+        let lower = pairs == Pairs::Lower;
         if self.pm > 0 && self.n > 0 && other.n > 0 {
             let (a, b) = (self.dense_ref(), other.dense_ref().transpose());
-            if symmetric {
-                // the materialised layers' G_m G_mᵀ: half the product, then its mirror
+            if lower {
+                // the materialised layers' G_m G_mᵀ: the lower half of the product
                 faer::linalg::matmul::triangular::matmul(
                     kmat.rb_mut(),
                     BlockStructure::TriangularLower,
@@ -384,16 +437,33 @@ impl LayeredGradients {
                     1.0,
                     Par::rayon(0),
                 );
-                if pairs == Pairs::Symmetric {
-                    crate::engine::gram::mirror_lower(kmat.rb_mut());
-                }
             } else {
                 matmul(kmat.rb_mut(), Accum::Add, a, b, 1.0, Par::rayon(0));
             }
         }
+        // factored layers read once per example (T = 1, an MLP's or a classifier head's
+        // Linear): all of them in one tiled pass down the lower triangle
+        let single: Vec<(MatRef<'_, f64>, MatRef<'_, f64>)> = if lower {
+            self.stored
+                .iter()
+                .filter_map(|st| match st {
+                    Stored::Rows { x, d, t: 1, k, out } => Some((
+                        MatRef::from_row_major_slice(x, self.n, *k),
+                        MatRef::from_row_major_slice(d, self.n, *out),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if !single.is_empty() {
+            add_lower_single_rows(&single, kmat.rb_mut());
+        }
         for (sa_st, sb_st) in self.stored.iter().zip(&other.stored) {
             let (ta, o) = match sa_st {
                 Stored::Dense { .. } => continue,
+                Stored::Rows { t: 1, .. } if lower => continue,
                 Stored::Rows { t, out, .. } | Stored::Tokens { t, out, .. } => (*t, *out),
             };
             let tb = match sb_st {
@@ -403,7 +473,7 @@ impl LayeredGradients {
             let ba = self.blocks(ta);
             let bb = other.blocks(tb);
             for (a, &(sa, la)) in ba.iter().enumerate() {
-                let b_list = if symmetric { &bb[..=a] } else { &bb[..] };
+                let b_list = if lower { &bb[..=a] } else { &bb[..] };
                 for &(sb, lb) in b_list {
                     let (ra, rb) = (la * ta, lb * tb);
                     let (da, db) = match (sa_st, sb_st) {
@@ -417,8 +487,7 @@ impl LayeredGradients {
                         MatRef::from_row_major_slice(&db[sb * tb * o..(sb + lb) * tb * o], rb, o);
                     let mut dd = Mat::<f64>::zeros(ra, rb);
                     gemm(&mut dd, da, db.transpose());
-                    let mirror = pairs == Pairs::Symmetric && sa != sb;
-                    let lower = pairs == Pairs::Lower && sa == sb;
+                    let diagonal_block = lower && sa == sb;
                     match (sa_st, sb_st) {
                         (Stored::Rows { x: xa, k, .. }, Stored::Rows { x: xb, .. }) => {
                             let k = *k;
@@ -442,7 +511,7 @@ impl LayeredGradients {
                                 (ta, tb),
                                 (sa, la),
                                 (sb, lb),
-                                (mirror, lower),
+                                diagonal_block,
                             );
                         }
                         (Stored::Tokens { ids: ia, .. }, Stored::Tokens { ids: ib, .. }) => {
@@ -456,7 +525,7 @@ impl LayeredGradients {
                                 (ta, tb),
                                 (sa, la),
                                 (sb, lb),
-                                (mirror, lower),
+                                diagonal_block,
                             );
                         }
                         _ => {}
@@ -575,19 +644,32 @@ fn gemm(dst: &mut Mat<f64>, a: MatRef<'_, f64>, b: MatRef<'_, f64>) {
     matmul(dst.as_mut(), Accum::Replace, a, b, 1.0, Par::rayon(0));
 }
 
+/// Calls `f(flat index, value)` for each entry of a rows layer's `m` (out × k: the weight's
+/// entries, then the bias column when the layer has one).
+fn scatter_rows_layer(s: &LayerShape, m: &Mat<f64>, mut f: impl FnMut(usize, f64)) {
+    let inp = m.ncols() - usize::from(s.bias());
+    for q in 0..m.nrows() {
+        for i in 0..inp {
+            f(s.w_off + q * inp + i, m[(q, i)]);
+        }
+        if let Some(b) = s.b_off {
+            f(b + q, m[(q, inp)]);
+        }
+    }
+}
+
 /// Which pairs [`LayeredGradients::add_pairs`] adds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pairs {
     /// every (i in self, j in other)
     Cross,
-    /// other = self and K zero on entry: the lower triangle computed, then mirrored
-    Symmetric,
     /// other = self: the lower triangle only (diagonal included); nothing above it is touched
     Lower,
 }
 
 /// Σ over each example pair's ta×tb block of a ∘ b (both (la·ta) × (lb·tb)), added into
-/// `k[(sa + i, sb + j)]` (and its mirror with `mirror`; with `lower`, only where i ≥ j).
+/// `k[(sa + i, sb + j)]`; on a `diagonal_block` (the same examples on both sides, lower
+/// triangle wanted) only where i ≥ j.
 #[allow(clippy::too_many_arguments)]
 fn add_block_sums(
     mut k: MatMut<'_, f64>,
@@ -597,10 +679,10 @@ fn add_block_sums(
     (ta, tb): (usize, usize),
     (sa, la): (usize, usize),
     (sb, lb): (usize, usize),
-    (mirror, lower): (bool, bool),
+    diagonal_block: bool,
 ) {
     for j in 0..lb {
-        for i in (if lower { j } else { 0 })..la {
+        for i in (if diagonal_block { j } else { 0 })..la {
             let mut s = 0.0;
             for v in 0..tb {
                 let c = j * tb + v;
@@ -620,11 +702,67 @@ fn add_block_sums(
                 }
             }
             k[(sa + i, sb + j)] += s;
-            if mirror {
-                k[(sb + j, sa + i)] += s;
-            }
         }
     }
+}
+
+/// Edge of the tiles of [`add_lower_single_rows`]: a 128×128 f64 tile and its two per-layer
+/// products (3 × 128 KiB) stay in L2 while the layers are summed into it.
+const GRAM_TILE: usize = 128;
+
+/// Adds Σ_l (X̃_l X̃_lᵀ)∘(Δ_l Δ_lᵀ) into the lower triangle of `k` (N×N, diagonal included) for
+/// layers read once per example (`layers`: X̃ N×k with its bias column, Δ N×out). One task
+/// per block of columns, tile by tile down the triangle, every layer summed into a tile while
+/// it is in cache; the tasks write disjoint columns. Work N²/2·Σ_l(k_l + out_l), no memory
+/// beyond two tiles per task.
+fn add_lower_single_rows(layers: &[(MatRef<'_, f64>, MatRef<'_, f64>)], k: MatMut<'_, f64>) {
+    use rayon::prelude::*;
+    let n = k.nrows();
+    let t = GRAM_TILE;
+    k.par_col_chunks_mut(t)
+        .enumerate()
+        .with_max_len(1)
+        .for_each(|(bj, mut kc)| {
+            let (c0, w) = (bj * t, kc.ncols());
+            let mut xx = Mat::<f64>::zeros(t, w);
+            let mut dd = Mat::<f64>::zeros(t, w);
+            for r0 in (c0..n).step_by(t) {
+                let h = t.min(n - r0);
+                for (x, d) in layers {
+                    let mut xt = xx.as_mut().submatrix_mut(0, 0, h, w);
+                    let mut dt = dd.as_mut().submatrix_mut(0, 0, h, w);
+                    let (xi, xj) = (x.subrows(r0, h), x.subrows(c0, w));
+                    matmul(
+                        xt.rb_mut(),
+                        Accum::Replace,
+                        xi,
+                        xj.transpose(),
+                        1.0,
+                        Par::Seq,
+                    );
+                    let (di, dj) = (d.subrows(r0, h), d.subrows(c0, w));
+                    matmul(
+                        dt.rb_mut(),
+                        Accum::Replace,
+                        di,
+                        dj.transpose(),
+                        1.0,
+                        Par::Seq,
+                    );
+                    for j in 0..w {
+                        // rows ≥ c0 + j of column c0 + j: the lower triangle only
+                        let skip = (c0 + j).saturating_sub(r0).min(h);
+                        let kcol = kc.rb_mut().col_mut(j).subrows_mut(r0 + skip, h - skip);
+                        let xc = xt.rb().col(j).subrows(skip, h - skip);
+                        let dc = dt.rb().col(j).subrows(skip, h - skip);
+                        kcol.iter_mut()
+                            .zip(xc.iter())
+                            .zip(dc.iter())
+                            .for_each(|((k, x), d)| *k += x * d);
+                    }
+                }
+            }
+        });
 }
 
 impl LayeredGradients {
@@ -654,11 +792,14 @@ impl LayeredGradients {
             match st {
                 Stored::Dense { .. } => {}
                 Stored::Rows { x, d, t, k, out: o } => {
+                    let (t, k, o) = (*t, *k, *o);
                     let inp = k - usize::from(s.bias());
-                    let blocks = self.blocks(*t);
+                    let blocks = self.blocks(t);
+                    let most = blocks.iter().map(|b| b.1).max().unwrap_or(0) * t;
+                    let mut y = vec![0.0f64; most * o];
                     for col in 0..c {
                         // W̃ (k × out): column q holds weight row q and the bias entry
-                        let w = Mat::from_fn(*k, *o, |i, q| {
+                        let w = Mat::from_fn(k, o, |i, q| {
                             if i < inp {
                                 v[(s.w_off + q * inp + i, col)]
                             } else {
@@ -667,21 +808,25 @@ impl LayeredGradients {
                         });
                         for &(sa, la) in &blocks {
                             let (r0, ra) = (sa * t, la * t);
-                            let xa =
-                                MatRef::from_row_major_slice(&x[r0 * k..(r0 + ra) * k], ra, *k);
-                            let mut y = Mat::<f64>::zeros(ra, *o);
-                            gemm(&mut y, xa, w.as_ref());
+                            let xa = MatRef::from_row_major_slice(&x[r0 * k..(r0 + ra) * k], ra, k);
+                            let ya = &mut y[..ra * o];
+                            matmul(
+                                MatMut::from_row_major_slice_mut(ya, ra, o),
+                                Accum::Replace,
+                                xa,
+                                w.as_ref(),
+                                1.0,
+                                Par::rayon(0),
+                            );
+                            // example j: Σₜ δₜ·(X̃ₜ W̃), rows of Δ and of the product in step
+                            let da = &d[r0 * o..(r0 + ra) * o];
                             for j in 0..la {
-                                let mut acc = 0.0;
-                                for r in j * t..(j + 1) * t {
-                                    let dr = &d[(r0 + r) * o..(r0 + r + 1) * o];
-                                    acc += dr
-                                        .iter()
-                                        .enumerate()
-                                        .map(|(q, dv)| dv * y[(r, q)])
-                                        .sum::<f64>();
-                                }
-                                out[(sa + j, col)] += acc;
+                                let rows = j * t * o..(j + 1) * t * o;
+                                out[(sa + j, col)] += da[rows.clone()]
+                                    .iter()
+                                    .zip(&ya[rows])
+                                    .map(|(a, b)| a * b)
+                                    .sum::<f64>();
                             }
                         }
                     }
@@ -725,34 +870,39 @@ impl LayeredGradients {
             match st {
                 Stored::Dense { .. } => {}
                 Stored::Rows { x, d, t, k, out: o } => {
-                    let inp = k - usize::from(s.bias());
-                    let blocks = self.blocks(*t);
+                    let (t, k, o) = (*t, *k, *o);
+                    let blocks = self.blocks(t);
+                    let most = blocks.iter().map(|b| b.1).max().unwrap_or(0) * t;
+                    let mut du = vec![0.0f64; most * o];
+                    let mut g = Mat::<f64>::zeros(o, k);
                     for col in 0..c {
-                        let mut g = Mat::<f64>::zeros(*o, *k);
                         for &(sa, la) in &blocks {
                             let (r0, ra) = (sa * t, la * t);
-                            let xa =
-                                MatRef::from_row_major_slice(&x[r0 * k..(r0 + ra) * k], ra, *k);
-                            let du = Mat::from_fn(ra, *o, |r, q| {
-                                d[(r0 + r) * o + q] * u[(sa + r / t, col)]
-                            });
+                            let xa = MatRef::from_row_major_slice(&x[r0 * k..(r0 + ra) * k], ra, k);
+                            // Δ's rows scaled by their example's u, row-major like Δ
+                            let dua = &mut du[..ra * o];
+                            for (r, (dst, src)) in dua
+                                .chunks_exact_mut(o)
+                                .zip(d[r0 * o..(r0 + ra) * o].chunks_exact(o))
+                                .enumerate()
+                            {
+                                let w = u[(sa + r / t, col)];
+                                dst.iter_mut().zip(src).for_each(|(a, b)| *a = b * w);
+                            }
+                            let acc = if sa == 0 { Accum::Replace } else { Accum::Add };
                             matmul(
                                 g.as_mut(),
-                                Accum::Add,
-                                du.transpose(),
+                                acc,
+                                MatRef::from_row_major_slice(dua, ra, o).transpose(),
                                 xa,
                                 1.0,
                                 Par::rayon(0),
                             );
                         }
-                        for q in 0..*o {
-                            for i in 0..inp {
-                                out[(s.w_off + q * inp + i, col)] += g[(q, i)];
-                            }
-                            if let Some(b) = s.b_off {
-                                out[(b + q, col)] += g[(q, inp)];
-                            }
+                        if blocks.is_empty() {
+                            continue;
                         }
+                        scatter_rows_layer(s, &g, |p, v| out[(p, col)] += v);
                     }
                 }
                 Stored::Tokens { ids, d, t, out: o } => {
@@ -774,7 +924,8 @@ impl LayeredGradients {
     /// K = G Gᵀ (N×N).
     pub fn gram(&self) -> Result<Mat<f64>> {
         let mut kmat = Mat::<f64>::zeros(self.n, self.n);
-        self.add_pairs(self, kmat.as_mut(), Pairs::Symmetric);
+        self.add_pairs(self, kmat.as_mut(), Pairs::Lower);
+        crate::engine::gram::mirror_lower(kmat.as_mut());
         Ok(kmat)
     }
 
@@ -795,7 +946,8 @@ impl LayeredGradients {
         Some(Ok(kmat))
     }
 
-    /// Σᵢ gᵢ∘gᵢ (length P).
+    /// Σᵢ gᵢ∘gᵢ (length P). A factored layer read once per example takes one matmul,
+    /// (Δ∘Δ)ᵀ(X̃∘X̃); the others form each example's gradient of the layer in turn.
     pub fn diag_sums(&self) -> Result<Vec<f64>> {
         let mut acc = vec![0.0f64; self.p];
         let idx = self.dense_index();
@@ -808,39 +960,132 @@ impl LayeredGradients {
         for (s, st) in self.shapes.iter().zip(&self.stored) {
             match st {
                 Stored::Dense { .. } => {}
+                Stored::Rows {
+                    x,
+                    d,
+                    t: 1,
+                    k,
+                    out: o,
+                } => {
+                    let sq = |v: &[f64]| v.iter().map(|a| a * a).collect::<Vec<f64>>();
+                    let (sqx, sqd) = (sq(x), sq(d));
+                    let mut m = Mat::<f64>::zeros(*o, *k);
+                    gemm(
+                        &mut m,
+                        MatRef::from_row_major_slice(&sqd, self.n, *o).transpose(),
+                        MatRef::from_row_major_slice(&sqx, self.n, *k),
+                    );
+                    scatter_rows_layer(s, &m, |p, v| acc[p] += v);
+                }
                 Stored::Rows { x, d, t, k, out: o } => {
                     self.each_rows_gradient(s, (x, d, *t, *k, *o), |_, p, v| acc[p] += v * v);
                 }
                 Stored::Tokens { ids, d, t, out: o } => {
-                    let mut order: Vec<usize> = Vec::with_capacity(*t);
-                    let mut row = vec![0.0f64; *o];
-                    for j in 0..self.n {
-                        let id = &ids[j * t..(j + 1) * t];
-                        order.clear();
-                        order.extend(0..*t);
-                        order.sort_by_key(|&q| id[q]);
-                        let mut q = 0;
-                        while q < *t {
-                            let v = id[order[q]];
-                            row.iter_mut().for_each(|r| *r = 0.0);
-                            while q < *t && id[order[q]] == v {
-                                let at = (j * t + order[q]) * o;
-                                row.iter_mut()
-                                    .zip(&d[at..at + o])
-                                    .for_each(|(r, x)| *r += x);
-                                q += 1;
-                            }
-                            let base = s.w_off + v * o;
-                            acc[base..base + o]
-                                .iter_mut()
-                                .zip(&row)
-                                .for_each(|(a, r)| *a += r * r);
-                        }
-                    }
+                    self.each_tokens_gradient(s, (ids, d, *t, *o), |_, p, v| acc[p] += v * v);
                 }
             }
         }
         Ok(acc)
+    }
+
+    /// gᵢᵀ diag(s) gᵢ for every example, without forming the gradients of a factored layer
+    /// read once per example: Σ_l rowsum((Δ∘Δ)∘((X̃∘X̃) S̃_l)), S̃_l the layer's part of `s`
+    /// (weight, then bias) as k×out. The other layers form each example's gradient in turn.
+    pub fn quad_forms_diag(&self, s: &[f64]) -> Result<Vec<f64>> {
+        if s.len() != self.p {
+            return Err(Error::shape("diagonal Sigma", self.p, s.len()));
+        }
+        let idx = self.dense_index();
+        let mut out: Vec<f64> = (0..self.n)
+            .map(|j| {
+                self.dense[j * self.pm..(j + 1) * self.pm]
+                    .iter()
+                    .zip(&idx)
+                    .map(|(g, &p)| s[p] * g * g)
+                    .sum()
+            })
+            .collect();
+        for (shape, st) in self.shapes.iter().zip(&self.stored) {
+            match st {
+                Stored::Dense { .. } => {}
+                Stored::Rows {
+                    x,
+                    d,
+                    t: 1,
+                    k,
+                    out: o,
+                } => {
+                    let inp = k - usize::from(shape.bias());
+                    let sw = Mat::from_fn(*k, *o, |i, q| {
+                        if i < inp {
+                            s[shape.w_off + q * inp + i]
+                        } else {
+                            s[shape.b_off.unwrap_or(0) + q]
+                        }
+                    });
+                    let sqx: Vec<f64> = x.iter().map(|a| a * a).collect();
+                    let mut tm = Mat::<f64>::zeros(self.n, *o);
+                    gemm(
+                        &mut tm,
+                        MatRef::from_row_major_slice(&sqx, self.n, *k),
+                        sw.as_ref(),
+                    );
+                    for (j, f) in out.iter_mut().enumerate() {
+                        let dr = &d[j * o..(j + 1) * o];
+                        *f += dr
+                            .iter()
+                            .enumerate()
+                            .map(|(q, dv)| dv * dv * tm[(j, q)])
+                            .sum::<f64>();
+                    }
+                }
+                Stored::Rows { x, d, t, k, out: o } => {
+                    self.each_rows_gradient(shape, (x, d, *t, *k, *o), |j, p, v| {
+                        out[j] += s[p] * v * v
+                    });
+                }
+                Stored::Tokens { ids, d, t, out: o } => {
+                    self.each_tokens_gradient(shape, (ids, d, *t, *o), |j, p, v| {
+                        out[j] += s[p] * v * v
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forms each example's gradient of a factored embedding (the rows of Δ summed per token
+    /// id) and calls `f(example, flat index, value)` for every row it touches.
+    fn each_tokens_gradient(
+        &self,
+        s: &LayerShape,
+        (ids, d, t, o): (&[usize], &[f64], usize, usize),
+        mut f: impl FnMut(usize, usize, f64),
+    ) {
+        let mut order: Vec<usize> = Vec::with_capacity(t);
+        let mut row = vec![0.0f64; o];
+        for j in 0..self.n {
+            let id = &ids[j * t..(j + 1) * t];
+            order.clear();
+            order.extend(0..t);
+            order.sort_by_key(|&q| id[q]);
+            let mut q = 0;
+            while q < t {
+                let v = id[order[q]];
+                row.iter_mut().for_each(|r| *r = 0.0);
+                while q < t && id[order[q]] == v {
+                    let at = (j * t + order[q]) * o;
+                    row.iter_mut()
+                        .zip(&d[at..at + o])
+                        .for_each(|(r, x)| *r += x);
+                    q += 1;
+                }
+                let base = s.w_off + v * o;
+                for (c, r) in row.iter().enumerate() {
+                    f(j, base + c, *r);
+                }
+            }
+        }
     }
 
     /// Σ over layers of the cost per Gram entry (in + out for a factored layer, its width otherwise).

@@ -33,7 +33,7 @@ pub(crate) mod pool;
 pub mod transformer;
 
 pub use capture::{CaptureEngine, CaptureOptions};
-pub use factored::{FactoredMlp, FactoredOptions, Factors, QueryFactors};
+pub use factored::{FactoredMlp, FactoredOptions};
 pub use generic::{
     candle_single_threaded_matmuls, qoi_gradient, qoi_gradients, GenericGradients, GenericOptions,
     QoiGradient,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::{Dataset, DatasetRange};
 use crate::engine::gradients::GradientMatrix;
-use crate::engine::{FactoredMlp, FactoredOptions, Factors};
+use crate::engine::{FactoredMlp, FactoredOptions, LayeredGradients};
 use crate::error::{Error, Result};
 use crate::likelihood::Likelihood;
 use crate::model::Mlp;
@@ -54,10 +54,11 @@ impl<'a> FactoredFisher<'a> {
         &self.engine
     }
 
-    /// The factors of the whole dataset (memory O(N·Σ(in+out))), for J·V, Jᵀ·U, F·V and the
-    /// Gram matrix.
-    pub fn factors(&self) -> Result<Factors> {
-        self.engine.factors(&self.lik, self.data, &self.opts)
+    /// The per-example gradients of the whole dataset as per-layer factors (memory
+    /// O(N·Σ(in+1+out))), for J·V, Jᵀ·U, F·V and the Gram matrix.
+    pub fn layered_gradients(&self) -> Result<LayeredGradients> {
+        self.engine
+            .layered_gradients(&self.lik, self.data, &self.opts)
     }
 }
 
@@ -86,13 +87,14 @@ impl FisherSource for FactoredFisher<'_> {
             self.opts.batch_size,
             memory_budget,
             |start, len| {
-                self.engine
-                    .factors(
+                Ok(self
+                    .engine
+                    .layered_gradients(
                         &self.lik,
                         &DatasetRange::new(self.data, start, len)?,
                         &self.opts,
                     )?
-                    .gradients(0, len)
+                    .to_dense())
             },
         )
     }
@@ -120,6 +122,6 @@ impl FisherSource for FactoredFisher<'_> {
                 hint: "raise the memory budget or use the diagonal Fisher".into(),
             });
         }
-        Ok(Arc::new(self.factors()?))
+        Ok(Arc::new(self.layered_gradients()?))
     }
 }

@@ -41,9 +41,10 @@ pub(crate) fn num_params_of(sizes: &[usize]) -> usize {
     sizes.windows(2).map(|w| w[0] * w[1] + w[1]).sum()
 }
 
-/// Σ_l (in + out) of an MLP with layer widths `sizes`: the width of its per-example factors.
+/// Σ_l (in + 1 + out) of an MLP with layer widths `sizes`: the width of its per-example
+/// factors (inputs with the bias column, signals).
 pub(crate) fn gram_width(sizes: &[usize]) -> usize {
-    sizes.windows(2).map(|w| w[0] + w[1]).sum()
+    sizes.windows(2).map(|w| w[0] + 1 + w[1]).sum()
 }
 
 /// An MLP architecture, `mlp:IN,H1,...,OUT:ACT` (for example `mlp:784,256,10:relu`).

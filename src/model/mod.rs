@@ -9,7 +9,7 @@ mod sequential;
 mod transformer;
 
 pub use activation::Activation;
-pub(crate) use mlp::{gram_width, layer_offsets, num_params_of};
+pub(crate) use mlp::{gram_width, layer_offsets};
 pub use mlp::{Mlp, MlpSpec};
 pub use sequential::{ConvArgs, Rollout, SeqLayer, SeqSpec, Sequential};
 pub use transformer::{Transformer, TransformerConfig};

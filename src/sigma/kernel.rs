@@ -7,7 +7,6 @@ use faer::{Mat, MatRef, Par};
 
 use super::{check_block, col_sum_sq, finish, SigmaOp};
 use crate::engine::gradients::GradientMatrix;
-use crate::engine::QueryFactors;
 use crate::error::{Error, Result};
 
 /// The precision of the kernel system's factorization.
@@ -370,11 +369,6 @@ impl SigmaOp for KernelInverseFisher<'_> {
     fn quad_forms(&self, q: MatRef<'_, f64>) -> Result<Vec<f64>> {
         check_block(self.dim(), q)?;
         self.finish_forms(col_sum_sq(q), self.g.jv(q)?)
-    }
-    fn quad_forms_factored(&self, q: &QueryFactors) -> Option<Result<Vec<f64>>> {
-        // G qⱼ = Σ_l (X Xqᵀ + 1)∘(Δ Δqᵀ): the queries' gradients are never formed
-        let gq = self.g.cross_gram_queries(q)?;
-        Some(gq.and_then(|gq| self.finish_forms(q.sq_norms(), gq)))
     }
     fn quad_forms_layered(&self, q: &crate::engine::LayeredGradients) -> Option<Result<Vec<f64>>> {
         // G qⱼ pair by pair, layer by layer: the queries' gradients are never formed

@@ -83,12 +83,6 @@ pub trait SigmaOp: Send + Sync {
         None
     }
 
-    /// The quadratic forms for query gradients given as factors, when this Σ can use them
-    /// without forming the gradients (the kernel Σ); `None` otherwise.
-    fn quad_forms_factored(&self, _q: &crate::engine::QueryFactors) -> Option<Result<Vec<f64>>> {
-        None
-    }
-
     /// The quadratic forms for query gradients held layer by layer, when this Σ can use them
     /// without forming the gradients (the kernel Σ over a layered gradient operator of the
     /// same layout); `None` otherwise.

@@ -59,9 +59,6 @@ impl<S: SigmaOp> SigmaOp for ScaledSigma<S> {
         ))
     }
     /// The inner Σ's factored quadratic forms, scaled (the kernel Σ never forms query gradients).
-    fn quad_forms_factored(&self, q: &crate::engine::QueryFactors) -> Option<Result<Vec<f64>>> {
-        Some(self.inner.quad_forms_factored(q)?.map(|v| self.scale(v)))
-    }
     /// The inner Σ's layered quadratic forms, scaled.
     fn quad_forms_layered(&self, q: &crate::engine::LayeredGradients) -> Option<Result<Vec<f64>>> {
         Some(self.inner.quad_forms_layered(q)?.map(|v| self.scale(v)))
@@ -100,9 +97,6 @@ impl SigmaOp for Box<dyn SigmaOp + '_> {
     }
     fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
         (**self).diagonal()
-    }
-    fn quad_forms_factored(&self, q: &crate::engine::QueryFactors) -> Option<Result<Vec<f64>>> {
-        (**self).quad_forms_factored(q)
     }
     fn quad_forms_layered(&self, q: &crate::engine::LayeredGradients) -> Option<Result<Vec<f64>>> {
         (**self).quad_forms_layered(q)

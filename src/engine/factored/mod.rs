@@ -8,18 +8,18 @@
 //!   (`FactoredMlp::fisher_diag`); memory: weights + one batch of activations + an O(P)
 //!   accumulator per worker;
 //! - J·V, Jᵀ·U, F·V, the N×N Gram matrix and per-example gradient rows come from the
-//!   [`Factors`] of the whole dataset (memory O(N·Σ(in+out)), never the N×P matrix);
-//! - many query gradients come from one pass ([`FactoredMlp::query_factors`]), and ΔVar under a
-//!   diagonal Σ never forms the M×P Jacobian.
+//!   factors of the whole dataset held as [`LayeredGradients`] (every layer factored, read
+//!   once per example; memory O(N·Σ(in+1+out)), never the N×P matrix);
+//! - many query gradients come from one pass ([`FactoredMlp::query_layered_gradients`]), and
+//!   ΔVar under a diagonal Σ never forms the M×P Jacobian.
 
-mod factors;
 pub(crate) mod native;
 mod signals;
 
 pub use super::batch::FactoredOptions;
 use super::batch::{rayon_threads, run_in_pool, Batch, Rows, Target};
+use super::layered::{LayerKind, LayerRoute, LayerShape, LayeredGradients};
 pub use crate::scalar::Scalar;
-pub use factors::{Factors, QueryFactors};
 
 use candle_core::{DType, Tensor};
 use faer::linalg::matmul::matmul;
@@ -137,7 +137,8 @@ impl FactoredMlp {
         dispatch!(self, m => self.sum_sq_t(m, lik, data, opts))
     }
 
-    /// Σ_l (in + out): the cost of one Gram entry from the factors.
+    /// Σ_l (in + 1 + out): the cost of one Gram entry from the factors (and the f64 values
+    /// held per example).
     pub fn gram_width(&self) -> usize {
         crate::model::gram_width(&self.sizes)
     }
@@ -218,14 +219,15 @@ impl FactoredMlp {
         Ok(sums)
     }
 
-    /// The per-layer factors (X, Δ) of the log-likelihood of every example of `data`, in f64.
-    /// Memory O(N·Σ(in+out)).
-    pub fn factors(
+    /// The per-example gradients of the log-likelihood of every example of `data` as
+    /// per-layer factors (X̃, Δ), in f64 ([`LayeredGradients`], every layer factored).
+    /// Memory O(N·Σ(in+1+out)).
+    pub fn layered_gradients(
         &self,
         lik: &Likelihood,
         data: &dyn Dataset,
         opts: &FactoredOptions,
-    ) -> Result<Factors> {
+    ) -> Result<LayeredGradients> {
         let n = data.len();
         let (f, _) = dispatch!(self, m => self.collect_factors(m, n, opts, |start, len| {
             Batch::load(data, start, len)
@@ -233,25 +235,43 @@ impl FactoredMlp {
         Ok(f)
     }
 
-    /// Gradients of a QoI at the M rows of `queries` from one batched pass, as factors
-    /// (never the M×P Jacobian unless asked through [`QueryFactors::gradients`]).
-    pub fn query_factors(
+    /// Gradients of a QoI at the M rows of `queries` from one batched pass, as per-layer
+    /// factors (never the M×P Jacobian unless asked through
+    /// [`LayeredGradients::to_dense`]), and the QoI values.
+    pub fn query_layered_gradients(
         &self,
         qoi: &Qoi,
         queries: &Tensor,
         opts: &FactoredOptions,
-    ) -> Result<QueryFactors> {
+    ) -> Result<(LayeredGradients, Vec<f64>)> {
         let m_rows = self.query_count(queries)?;
-        let (factors, values) = dispatch!(self, m => self.collect_factors(m, m_rows, opts, |start, len| {
+        dispatch!(self, m => self.collect_factors(m, m_rows, opts, |start, len| {
             Ok(Batch::Inputs(queries.narrow(0, start, len)?))
-        }, None, Some(qoi)))?;
-        Ok(QueryFactors { factors, values })
+        }, None, Some(qoi)))
+    }
+
+    /// The layers as the layered store sees them: Linear layers read once per example, in
+    /// the MLP's flat layout.
+    fn layer_shapes(&self) -> Vec<LayerShape> {
+        layer_offsets(&self.sizes)
+            .into_iter()
+            .enumerate()
+            .map(|(l, (w_off, b_off, inp, out))| LayerShape {
+                name: format!("linear layer {l} ({inp} → {out})"),
+                kind: LayerKind::Rows { t: 1, inp, out },
+                w_off,
+                w_len: inp * out,
+                b_off: Some(b_off),
+                b_len: out,
+            })
+            .collect()
     }
 
     /// The QoI values at the M queries (rows of `queries`) and the quadratic forms qⱼᵀ S qⱼ
     /// under a diagonal S (length P), straight from each batch's pass: per layer
     /// Σₒ δₒ²·((x∘x)·S_Wᵀ + s_b)ₒ in f64, without keeping the query factors (what
-    /// [`Factors::quad_forms_diag`] computes from [`FactoredMlp::query_factors`], without their
+    /// [`LayeredGradients::quad_forms_diag`] computes from
+    /// [`FactoredMlp::query_layered_gradients`], without their
     /// O(M·Σ(in+out)) memory and its copies). Memory per worker: one batch.
     pub fn query_diag_forms(
         &self,
@@ -357,11 +377,15 @@ impl FactoredMlp {
         get: impl Fn(usize, usize) -> Result<Batch<'d>> + Sync,
         lik: Option<&Likelihood>,
         qoi: Option<&Qoi>,
-    ) -> Result<(Factors, Vec<f64>)> {
+    ) -> Result<(LayeredGradients, Vec<f64>)> {
         let bs = opts.batch_size.max(1);
         let starts: Vec<usize> = (0..n).step_by(bs).collect();
-        let offsets = layer_offsets(&self.sizes);
-        let mut factors = Factors::zeros(&self.sizes, n);
+        let mut factors = LayeredGradients::new(
+            self.layer_shapes(),
+            self.num_params(),
+            n,
+            LayerRoute::Factor,
+        )?;
         let mut values = Vec::with_capacity(n);
         // a few batches per worker at a time, written into the factors as they come: the f64
         // copies never exceed one round (not a second copy of every factor)
@@ -369,8 +393,8 @@ impl FactoredMlp {
         for group in starts.chunks(round) {
             let parts = self.factor_round(m, n, bs, group, opts, &get, lik, qoi)?;
             for (&start, (xs, ds, v)) in group.iter().zip(parts) {
-                for (l, &(_, _, inp, out)) in offsets.iter().enumerate() {
-                    factors.write_rows(l, start, &xs[l], inp, &ds[l], out);
+                for (l, (x, d)) in xs.iter().zip(&ds).enumerate() {
+                    factors.write_single_rows(l, start, x, d)?;
                 }
                 values.extend(v);
             }
@@ -421,5 +445,54 @@ impl FactoredMlp {
                 })
                 .collect::<Result<Vec<_>>>()
         })?
+    }
+}
+
+impl super::QueryGradients for FactoredMlp {
+    fn num_params(&self) -> usize {
+        FactoredMlp::num_params(self)
+    }
+    fn num_outputs(&self, queries: &Tensor) -> Result<usize> {
+        self.query_count(queries)?;
+        Ok(self.sizes.last().copied().unwrap_or(0))
+    }
+    fn query_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &FactoredOptions,
+    ) -> Result<(Mat<f64>, Vec<f64>)> {
+        super::gradients::single_step(steps, "MLP engine")?;
+        let (g, values) = FactoredMlp::query_layered_gradients(self, qoi, queries, opts)?;
+        Ok((g.to_dense(), values))
+    }
+    /// Every layer factored, whatever `route` says: the layout of
+    /// [`FactoredMlp::layered_gradients`], which the kernel Σ pairs them with.
+    fn query_layered_gradients(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &FactoredOptions,
+        _route: LayerRoute,
+    ) -> Option<Result<(LayeredGradients, Vec<f64>)>> {
+        Some(
+            super::gradients::single_step(steps, "MLP engine")
+                .and_then(|_| FactoredMlp::query_layered_gradients(self, qoi, queries, opts)),
+        )
+    }
+    fn query_diag_forms(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &FactoredOptions,
+        s: &[f64],
+    ) -> Option<Result<(Vec<f64>, Vec<f64>)>> {
+        Some(
+            super::gradients::single_step(steps, "MLP engine")
+                .and_then(|_| FactoredMlp::query_diag_forms(self, qoi, queries, opts, s)),
+        )
     }
 }
