@@ -306,6 +306,14 @@ fn build_full<'a>(
             opts.damping,
             opts.kernel_precision,
         )?),
+        FullMethod::KernelCg if n > 0 => Box::new(KernelInverseFisher::iterative(
+            src.gradient_matrix(opts.memory_budget)?,
+            opts.damping,
+            &CgOptions {
+                memory_budget: opts.memory_budget,
+                ..opts.cg.clone()
+            },
+        )?),
         FullMethod::Cg if n > 0 => Box::new(CgInverseFisher::from_fisher(
             src,
             opts.damping,
@@ -533,7 +541,7 @@ fn assemble(
         delta_variance: forms.values,
         sigma: sigma.name(),
         method: choice,
-        cg: forms.cg,
+        cg: forms.cg.or_else(|| sigma.solve_report()),
         lowrank: sigma.lowrank_report(),
         path,
         num_params,

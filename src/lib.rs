@@ -66,6 +66,7 @@ pub mod model;
 pub mod nn;
 pub mod params;
 pub mod prelude;
+pub mod progress;
 pub mod qoi;
 pub mod scalar;
 pub mod seed;
@@ -95,5 +96,6 @@ pub use fisher::{
 pub use likelihood::Likelihood;
 pub use model::{Activation, Mlp, SeqSpec, Sequential, Transformer, TransformerConfig};
 pub use params::{ParamOrder, Params};
+pub use progress::Progress;
 pub use qoi::Qoi;
 pub use sigma::{FullMethod, SigmaOp};

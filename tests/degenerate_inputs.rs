@@ -358,6 +358,7 @@ fn sigma_kinds_on_empty_and_degenerate_inputs() {
     let settings = CgSettings {
         tol: 1e-10,
         max_iter: 10,
+        progress: Default::default(),
     };
     let (x, r) = conjugate_gradient(
         &Zero(3),

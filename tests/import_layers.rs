@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 fn stage(module: &str) -> Option<u32> {
     Some(match module {
-        "error" => 0,
+        "error" | "progress" => 0,
         "params" | "data" | "model" | "nn" | "likelihood" | "qoi" | "scalar" | "graph" => 1,
         "engine" => 2,
         "fisher" => 3,

@@ -86,12 +86,22 @@ struct VarianceArgs {
     /// diagonal) | lowrank:K:nodiag
     #[arg(long, default_value = "full-fim")]
     sigma: String,
-    /// auto | dense | kernel | cg (full-fim only)
+    /// auto | dense | kernel | kernel-cg | cg (full-fim only)
     #[arg(long, default_value = "auto")]
     method: String,
     /// The kernel method's factorization: auto (f64) | f64 | mixed (an f32 factor refined in f64).
     #[arg(long, default_value = "auto")]
     kernel_precision: String,
+    /// The iterative methods' (cg, kernel-cg) relative residual per query.
+    #[arg(long, default_value_t = 1e-10)]
+    cg_tol: f64,
+    /// The iterative methods' iteration cap; past it the solve is an error naming its residual.
+    #[arg(long, default_value_t = 2000)]
+    cg_max_iter: usize,
+    /// none | jacobi | nystrom | nystrom:RANK (cg); for kernel-cg the rank of its pivoted
+    /// Cholesky (nystrom: 1024 or N), none for none.
+    #[arg(long, default_value = "nystrom")]
+    cg_preconditioner: String,
     /// Training inputs, .npy: (N, IN), or (N, C, H, W) etc. for a seq: model.
     #[arg(long)]
     train_x: Option<PathBuf>,
@@ -120,12 +130,17 @@ struct VarianceArgs {
     /// Learned per-layer Σ scales from `deltavar calibrate`: ΔVar = Σ_l s_l·ΔVar_l.
     #[arg(long)]
     calibration: Option<PathBuf>,
-    /// Memory budget in bytes for dense work.
+    /// Memory budget in bytes for dense work (default: 80% of the memory available, at least
+    /// 4 GiB; 4 GiB where the available memory cannot be read).
     #[arg(long)]
     memory_budget: Option<u64>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// No progress lines (an iterative solve reports each stage and iteration on stderr: a
+    /// bar on a terminal, a plain line otherwise).
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -423,6 +438,35 @@ fn read_queries(path: &Path, shape: &[usize], dt: DType, int_input: bool) -> Res
     Ok(t.to_dtype(dt)?)
 }
 
+/// The default memory budget: 80% of the memory available now (Linux `MemAvailable`), at least
+/// the library's 4 GiB; the library's default where it cannot be read.
+fn machine_memory_budget() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+    });
+    match available {
+        Some(kb) => (kb.saturating_mul(1024) / 10 * 8).max(DEFAULT_MEMORY_BUDGET),
+        None => DEFAULT_MEMORY_BUDGET,
+    }
+}
+
+/// Where an iterative solve's progress lines go: a spinner line on a terminal, plain
+/// `deltavar: ...` lines on stderr otherwise (a batch job's log), nowhere with `--quiet`.
+fn solve_progress(quiet: bool) -> Progress {
+    if quiet {
+        return Progress::none();
+    }
+    if std::io::stderr().is_terminal() {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.enable_steady_tick(std::time::Duration::from_millis(200));
+        return Progress::new(move |line| pb.set_message(line.to_string()));
+    }
+    Progress::new(|line| eprintln!("deltavar: {line}"))
+}
+
 fn progress_bar(total: usize, quiet: bool) -> indicatif::ProgressBar {
     if quiet || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
@@ -504,6 +548,9 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         sigma,
         method,
         kernel_precision,
+        cg_tol,
+        cg_max_iter,
+        cg_preconditioner,
         train_x,
         train_y,
         likelihood,
@@ -515,6 +562,7 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         memory_budget,
         json,
         rollout,
+        quiet,
     } = a;
     let t0 = Instant::now();
     let split = want_groups || calibration.is_some();
@@ -540,11 +588,13 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         posterior_scale,
         full_method: method.parse()?,
         kernel_precision: kernel_precision.parse()?,
+        memory_budget: memory_budget.unwrap_or_else(machine_memory_budget),
         ..Default::default()
     };
-    if let Some(b) = memory_budget {
-        opts.memory_budget = b;
-    }
+    opts.cg.progress = solve_progress(quiet);
+    opts.cg.tol = cg_tol;
+    opts.cg.max_iter = cg_max_iter;
+    opts.cg.preconditioner = cg_preconditioner.parse()?;
     let eo = FactoredOptions {
         batch_size: batch_size(&model, &net),
         threads: 0,

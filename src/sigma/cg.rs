@@ -26,6 +26,32 @@ pub enum CgPreconditioner {
     },
 }
 
+impl std::str::FromStr for CgPreconditioner {
+    type Err = Error;
+    /// `none`, `jacobi`, `nystrom` (automatic rank) or `nystrom:RANK` (the CLI's
+    /// `--cg-preconditioner`; for the kernel-cg method the rank is its pivoted Cholesky's).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "cg preconditioner",
+                s,
+                "expected none, jacobi, nystrom or nystrom:RANK",
+            )
+        };
+        match s.trim() {
+            "none" => Ok(CgPreconditioner::Identity),
+            "jacobi" => Ok(CgPreconditioner::Jacobi),
+            "nystrom" => Ok(CgPreconditioner::Nystrom { rank: 0 }),
+            t => match t.strip_prefix("nystrom:") {
+                Some(r) => Ok(CgPreconditioner::Nystrom {
+                    rank: r.trim().parse().map_err(|_| bad())?,
+                }),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
 /// Options of the CG method.
 #[derive(Debug, Clone)]
 pub struct CgOptions {
@@ -40,6 +66,8 @@ pub struct CgOptions {
     /// Bytes the preconditioner may hold (the Nyström sketch takes at most a quarter of it).
     /// Default [`crate::fisher::DEFAULT_MEMORY_BUDGET`].
     pub memory_budget: u64,
+    /// A line per iteration (and per stage of the kernel CG's set-up). Default none.
+    pub progress: crate::progress::Progress,
 }
 
 impl Default for CgOptions {
@@ -50,6 +78,7 @@ impl Default for CgOptions {
             accept_unconverged: false,
             preconditioner: CgPreconditioner::Nystrom { rank: 0 },
             memory_budget: crate::fisher::DEFAULT_MEMORY_BUDGET,
+            progress: crate::progress::Progress::none(),
         }
     }
 }
@@ -197,6 +226,7 @@ impl<'a> CgInverseFisher<'a> {
         let settings = CgSettings {
             tol: self.opts.tol,
             max_iter: self.opts.max_iter,
+            progress: self.opts.progress.clone(),
         };
         let (x, report) =
             conjugate_gradient(&op, &*self.pre, q, &settings).map_err(|e| match e {
@@ -220,8 +250,9 @@ impl<'a> CgInverseFisher<'a> {
                 residual: report.worst_residual(),
                 tol: self.opts.tol,
                 hint: format!(
-                    "the kernel method solves this exactly through an {n}×{n} Cholesky \
-                     (method kernel, or auto){}",
+                    "the kernel method solves this exactly through the {n}×{n} system \
+                     (method kernel: a Cholesky; kernel-cg: CG on the stored system, \
+                     for large N; or auto){}",
                     if p <= 4096 {
                         format!(", and so does the dense method ({p}×{p})")
                     } else {

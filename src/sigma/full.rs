@@ -15,6 +15,10 @@ pub enum FullMethod {
     /// Preconditioned CG on the implicit F + λI, all right-hand sides at once (per-column
     /// recurrences). Iterative, residual reported.
     Cg,
+    /// Woodbury through K = GGᵀ like `Kernel`, the N×N system solved by CG with a pivoted
+    /// partial Cholesky preconditioner instead of factored: no N³ work, for large N.
+    /// Iterative (to the CG tolerance, f64), residual reported.
+    KernelCg,
 }
 
 impl std::str::FromStr for FullMethod {
@@ -25,10 +29,11 @@ impl std::str::FromStr for FullMethod {
             "dense" => Ok(FullMethod::Dense),
             "kernel" => Ok(FullMethod::Kernel),
             "cg" => Ok(FullMethod::Cg),
+            "kernel-cg" => Ok(FullMethod::KernelCg),
             _ => Err(Error::invalid(
                 "method",
                 s,
-                "expected auto, dense, kernel or cg",
+                "expected auto, dense, kernel, kernel-cg or cg",
             )),
         }
     }
@@ -42,6 +47,7 @@ impl FullMethod {
             FullMethod::Dense => "dense",
             FullMethod::Kernel => "kernel",
             FullMethod::Cg => "cg",
+            FullMethod::KernelCg => "kernel-cg",
         }
     }
 }
@@ -74,15 +80,27 @@ pub struct MethodChoice {
 /// took 50–400 iterations to 1e-10 in this project's benchmarks).
 pub const CG_ASSUMED_ITERATIONS: f64 = 200.0;
 
+/// Iterations the cost model assumes for CG on the kernel system with its pivoted-Cholesky
+/// preconditioner (see benches/README.md, W-mnist).
+pub const KERNEL_CG_ASSUMED_ITERATIONS: f64 = 60.0;
+
+/// How much slower per flop a Cholesky factorization runs than a matrix product here (faer
+/// 0.24, 2 cores: 51 against about 100 GFLOP/s in f64, N = 8000).
+const CHOLESKY_FLOP_WEIGHT: f64 = 2.0;
+
 /// Picks a method for P parameters, N examples, `gram_width` = Σ_l(in+out) for a factored model
 /// (P for the generic path), M right-hand sides and a memory budget in bytes.
 ///
 /// Model: dense holds 2·P²·8 bytes and costs N·P² + P³/3; kernel holds N²·8 (the system,
 /// factored in place; about half of it resident) + the gradient operator and costs
-/// N²·gram_width + N³/3; CG holds 6·P·M·8 + the gradient operator and costs about
-/// [`CG_ASSUMED_ITERATIONS`]·4·N·P·M. `requested` other than `Auto` is honoured (and refused if
-/// over the budget); `Auto` takes the cheapest of those that fit, preferring the exact
-/// methods when CG is not at least 4× cheaper.
+/// N²·gram_width + 2·N³/3 (a Cholesky flop counted twice: it runs at half a product's rate
+/// here); kernel-cg holds N²·4 (the lower half) + N·r·8 (its preconditioner, r =
+/// [`super::default_kernel_cg_rank`]) + the gradient operator and costs N²·gram_width +
+/// 2·N·r² + [`KERNEL_CG_ASSUMED_ITERATIONS`]·(2·N² + 4·N·r)·M; CG holds 6·P·M·8 + the
+/// gradient operator and costs about [`CG_ASSUMED_ITERATIONS`]·4·N·P·M. `requested` other
+/// than `Auto` is honoured (and refused if over the budget); `Auto` takes the cheapest exact
+/// method (dense, kernel) that fits unless the cheapest iterative one (kernel-cg, CG) that
+/// fits is at least 4× cheaper.
 pub fn choose_full_method(
     requested: FullMethod,
     p: usize,
@@ -110,9 +128,19 @@ pub fn choose_full_method(
         ),
         est(
             FullMethod::Kernel,
-            nf * nf * gram_width as f64 + nf * nf * nf / 3.0,
+            nf * nf * gram_width as f64 + CHOLESKY_FLOP_WEIGHT * nf * nf * nf / 3.0,
             nf * nf * 8.0 + operator_bytes as f64,
         ),
+        {
+            let r = super::default_kernel_cg_rank(n, memory_budget) as f64;
+            est(
+                FullMethod::KernelCg,
+                nf * nf * gram_width as f64
+                    + 2.0 * nf * r * r
+                    + KERNEL_CG_ASSUMED_ITERATIONS * (2.0 * nf * nf + 4.0 * nf * r) * mf,
+                nf * nf * 4.0 + nf * r * 8.0 + 8.0 * nf * mf * 8.0 + operator_bytes as f64,
+            )
+        },
         est(
             FullMethod::Cg,
             CG_ASSUMED_ITERATIONS * 4.0 * nf * pf * mf,
@@ -133,7 +161,11 @@ pub fn choose_full_method(
             .find(|e| e.method == requested)
             .cloned()
             .ok_or_else(|| {
-                Error::invalid("method", requested.name(), "expected dense, kernel or cg")
+                Error::invalid(
+                    "method",
+                    requested.name(),
+                    "expected dense, kernel, kernel-cg or cg",
+                )
             })?;
         if !e.fits {
             return Err(Error::MemoryBudget {
@@ -156,9 +188,13 @@ pub fn choose_full_method(
     let fitting: Vec<&MethodEstimate> = estimates.iter().filter(|e| e.fits).collect();
     let best_exact = fitting
         .iter()
-        .filter(|e| e.method != FullMethod::Cg)
+        .filter(|e| e.method == FullMethod::Dense || e.method == FullMethod::Kernel)
         .min_by(|a, b| a.flops.total_cmp(&b.flops));
-    let cg = fitting.iter().find(|e| e.method == FullMethod::Cg);
+    // the iterative methods, the kernel system's first (its iterations are N² each, not N·P)
+    let cg = fitting
+        .iter()
+        .filter(|e| e.method == FullMethod::Cg || e.method == FullMethod::KernelCg)
+        .min_by(|a, b| a.flops.total_cmp(&b.flops));
     let pick = match (best_exact, cg) {
         (Some(x), Some(c)) if c.flops * 4.0 < x.flops => *c,
         (Some(x), _) => *x,

@@ -5,7 +5,9 @@ use faer::linalg::triangular_solve::{
 };
 use faer::{Mat, MatRef, Par};
 
-use super::{check_block, col_sum_sq, finish, SigmaOp};
+use super::pivoted::PivotedCholesky;
+use super::solver::{conjugate_gradient, CgReport, CgSettings, LinOp};
+use super::{check_block, col_sum_sq, finish, CgOptions, CgPreconditioner, QuadForms, SigmaOp};
 use crate::engine::gradients::GradientMatrix;
 use crate::error::{Error, Result};
 
@@ -71,21 +73,54 @@ pub struct KernelInverseFisher<'a> {
 }
 
 /// An N×N column-major f64 matrix in a zero-initialised buffer of which only the lower triangle
-/// is used. `vec![0.0; n²]` asks the allocator for zeroed memory (for large sizes, fresh pages
-/// nobody has written), so the pages only the strict upper triangle would use are never touched:
-/// a factor stored in place costs about N²/2 f64 of resident memory, not N².
+/// is used. The buffer is fresh zero pages nobody has written (from the allocator for small
+/// sizes; above [`MAPPED_BYTES`] an anonymous mapping made without reserving swap, so that the
+/// kernel's overcommit check does not refuse an N² buffer of which only half will ever be
+/// touched), so the pages only the strict upper triangle would use are never touched: a system
+/// stored in place costs about N²/2 f64 of resident memory, not N².
 struct Square {
-    data: Vec<f64>,
+    buf: Buffer,
     n: usize,
+}
+
+/// Sizes from which [`Square`] maps its buffer instead of allocating it: 64 MiB.
+const MAPPED_BYTES: usize = 64 << 20;
+
+enum Buffer {
+    Heap(Vec<f64>),
+    Mapped(memmap2::MmapMut),
 }
 
 impl Square {
     /// A zero matrix whose lower triangle's pages are touched once, by this thread. Measured on
     /// this project's 2-core VM (n = 4096): faulting them in serially takes 37–40 ms and the
     /// Gram tiles after it 65 ms, while letting the parallel tiles fault them in takes 220 ms.
-    fn zeros_lower(n: usize) -> Self {
-        let mut data = vec![0.0; n * n];
+    fn zeros_lower(n: usize) -> Result<Self> {
+        let len = n.checked_mul(n).filter(|l| l.checked_mul(8).is_some());
+        let len = len.ok_or_else(|| {
+            Error::invalid("kernel system size", n, "N² f64 does not fit in memory")
+        })?;
+        let buf = if len * 8 < MAPPED_BYTES {
+            Buffer::Heap(vec![0.0; len])
+        } else {
+            let map = memmap2::MmapOptions::new()
+                .len(len * 8)
+                .no_reserve_swap()
+                .map_anon()
+                .map_err(|e| Error::MemoryBudget {
+                    what: format!("the {n}×{n} kernel system (about half of it resident)"),
+                    needed: (len as u64) * 4,
+                    budget: 0,
+                    hint: format!(
+                        "the system could not be mapped ({e}); use fewer examples, or the cg \
+                         or low-rank methods"
+                    ),
+                })?;
+            Buffer::Mapped(map)
+        };
+        let mut sq = Self { buf, n };
         const PAGE: usize = 4096 / std::mem::size_of::<f64>();
+        let data = sq.slice_mut();
         for j in 0..n {
             let col = &mut data[j * n + j..(j + 1) * n];
             // volatile: the compiler knows the buffer is zero and could drop plain stores of 0
@@ -98,13 +133,33 @@ impl Square {
                 unsafe { std::ptr::write_volatile(v, 0.0) };
             }
         }
-        Self { data, n }
+        Ok(sq)
+    }
+    fn slice(&self) -> &[f64] {
+        match &self.buf {
+            Buffer::Heap(v) => v,
+            // SAFETY: the mapping is page-aligned (so f64-aligned), n²·8 bytes long, zero-filled
+            // by the kernel (every bit pattern is a valid f64), and lives as long as `self`
+            Buffer::Mapped(m) => unsafe {
+                std::slice::from_raw_parts(m.as_ptr().cast::<f64>(), m.len() / 8)
+            },
+        }
+    }
+    fn slice_mut(&mut self) -> &mut [f64] {
+        match &mut self.buf {
+            Buffer::Heap(v) => v,
+            // SAFETY: as in `slice`, and `&mut self` makes the borrow exclusive
+            Buffer::Mapped(m) => unsafe {
+                std::slice::from_raw_parts_mut(m.as_mut_ptr().cast::<f64>(), m.len() / 8)
+            },
+        }
     }
     fn as_ref(&self) -> MatRef<'_, f64> {
-        MatRef::from_column_major_slice(&self.data, self.n, self.n)
+        MatRef::from_column_major_slice(self.slice(), self.n, self.n)
     }
     fn as_mut(&mut self) -> faer::MatMut<'_, f64> {
-        faer::MatMut::from_column_major_slice_mut(&mut self.data, self.n, self.n)
+        let n = self.n;
+        faer::MatMut::from_column_major_slice_mut(self.slice_mut(), n, n)
     }
 }
 
@@ -119,6 +174,77 @@ enum Factor {
         refinements: std::sync::atomic::AtomicUsize,
         fallbacks: std::sync::atomic::AtomicUsize,
     },
+    /// The system itself (lower triangle) solved by preconditioned CG
+    Iterative {
+        a: Square,
+        pre: PivotedCholesky,
+        settings: CgSettings,
+        accept_unconverged: bool,
+        last: std::sync::Mutex<Option<CgReport>>,
+    },
+}
+
+/// K + μI held as its lower triangle (a [`Square`]), applied as tril(A)·X + strict_tril(A)ᵀ·X:
+/// the entries above the diagonal are never read.
+struct LowerSymmetric<'a> {
+    a: MatRef<'a, f64>,
+}
+
+impl LinOp for LowerSymmetric<'_> {
+    fn dim(&self) -> usize {
+        self.a.nrows()
+    }
+    fn apply(&self, x: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+        let mut y = Mat::<f64>::zeros(self.a.nrows(), x.ncols());
+        matmul(
+            y.as_mut(),
+            BlockStructure::Rectangular,
+            faer::Accum::Replace,
+            self.a,
+            BlockStructure::TriangularLower,
+            x,
+            BlockStructure::Rectangular,
+            1.0,
+            Par::rayon(0),
+        );
+        matmul(
+            y.as_mut(),
+            BlockStructure::Rectangular,
+            faer::Accum::Add,
+            self.a.transpose(),
+            BlockStructure::StrictTriangularUpper,
+            x,
+            BlockStructure::Rectangular,
+            1.0,
+            Par::rayon(0),
+        );
+        Ok(y)
+    }
+}
+
+/// The default rank of the kernel CG's pivoted-Cholesky preconditioner: min(N, 1024), capped
+/// so that its N×rank factor takes at most an eighth of the memory budget.
+pub fn default_kernel_cg_rank(n: usize, memory_budget: u64) -> usize {
+    let fit = (memory_budget / 8) / (8 * n.max(1) as u64);
+    n.min(1024).min(fit as usize)
+}
+
+/// Fails naming the first entry of the Gram matrix's lower triangle that is not finite.
+fn check_gram_finite(a: &Square) -> Result<()> {
+    let n = a.n;
+    for j in 0..n {
+        if let Some(i) = a.slice()[j * n + j..(j + 1) * n]
+            .iter()
+            .position(|v| !v.is_finite())
+        {
+            return Err(Error::NonFinite {
+                what: "Gram matrix".into(),
+                detail: format!("entry ({}, {j})", i + j),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl<'a> KernelInverseFisher<'a> {
@@ -154,17 +280,10 @@ impl<'a> KernelInverseFisher<'a> {
         let n = g.num_examples();
         // the lower triangle of NλI + K in a zeroed buffer: the factorization in place reads
         // and writes only that, so the pages above the diagonal are never touched
-        let mut a = Square::zeros_lower(n);
+        let mut a = Square::zeros_lower(n)?;
         g.gram_lower_into(a.as_mut())?;
+        check_gram_finite(&a)?;
         for j in 0..n {
-            for i in j..n {
-                if !a.as_ref()[(i, j)].is_finite() {
-                    return Err(Error::NonFinite {
-                        what: "Gram matrix".into(),
-                        detail: format!("entry ({i}, {j})"),
-                    });
-                }
-            }
             a.as_mut()[(j, j)] += n as f64 * damping;
         }
         let what = "the kernel system N·λ·I + G Gᵀ";
@@ -191,6 +310,120 @@ impl<'a> KernelInverseFisher<'a> {
         Ok(Self { factor, g, damping })
     }
 
+    /// The kernel system solved by preconditioned CG instead of a factorization (the
+    /// `kernel-cg` method): the lower triangle of NλI + K is stored (about N²/2 f64 resident,
+    /// the same as the Cholesky route, but no N³/3 factorization), a randomly pivoted partial
+    /// Cholesky factor of K of rank `opts.preconditioner`'s rank (`Nystrom { rank: 0 }`: the
+    /// [`default_kernel_cg_rank`]; `Identity`: none) preconditions it, and every solve runs
+    /// CG on the stored system in f64 (2·N² multiply-adds per iteration and right-hand side)
+    /// to `opts.tol`, reported through [`SigmaOp::solve_report`]. A solve that misses the
+    /// tolerance is an [`Error::NotConverged`] unless `opts.accept_unconverged`.
+    /// `opts.progress` gets a line per stage and per iteration.
+    pub fn iterative(
+        g: Arc<dyn GradientMatrix + 'a>,
+        damping: f64,
+        opts: &CgOptions,
+    ) -> Result<Self> {
+        if !(damping.is_finite() && damping > 0.0) {
+            return Err(Error::invalid(
+                "damping",
+                damping,
+                "the kernel method needs a finite damping > 0",
+            ));
+        }
+        if !(opts.tol.is_finite() && opts.tol > 0.0) {
+            return Err(Error::invalid(
+                "cg tolerance",
+                opts.tol,
+                "must be finite and > 0",
+            ));
+        }
+        if opts.max_iter == 0 {
+            return Err(Error::invalid("cg max_iter", 0, "must be at least 1"));
+        }
+        let n = g.num_examples();
+        let t = std::time::Instant::now();
+        opts.progress.report(|| {
+            format!(
+                "kernel-cg: Gram matrix of {n} examples (lower half, {:.1} GB)",
+                (n as f64) * (n as f64) * 4.0 / 1e9
+            )
+        });
+        let mut a = Square::zeros_lower(n)?;
+        g.gram_lower_into(a.as_mut())?;
+        check_gram_finite(&a)?;
+        opts.progress.report(|| {
+            format!(
+                "kernel-cg: Gram matrix done, {:.1} s",
+                t.elapsed().as_secs_f64()
+            )
+        });
+        let mu = n as f64 * damping;
+        let rank = match opts.preconditioner {
+            CgPreconditioner::Identity => 0,
+            CgPreconditioner::Nystrom { rank: 0 } | CgPreconditioner::Jacobi => {
+                default_kernel_cg_rank(n, opts.memory_budget)
+            }
+            CgPreconditioner::Nystrom { rank } => rank,
+        };
+        let data = a.slice();
+        let diag: Vec<f64> = (0..n).map(|j| data[j * n + j]).collect();
+        let column = |j: usize, out: &mut [f64]| {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = if i >= j {
+                    data[j * n + i]
+                } else {
+                    data[i * n + j]
+                };
+            }
+        };
+        let pre = PivotedCholesky::new(
+            &diag,
+            column,
+            rank,
+            1e-14,
+            mu.max(f64::MIN_POSITIVE),
+            0x5eed,
+        )?;
+        opts.progress.report(|| {
+            format!(
+                "kernel-cg: preconditioner of rank {} ready, {:.1} s",
+                pre.rank(),
+                t.elapsed().as_secs_f64()
+            )
+        });
+        for j in 0..n {
+            a.as_mut()[(j, j)] += mu;
+        }
+        Ok(Self {
+            factor: Factor::Iterative {
+                a,
+                pre,
+                settings: CgSettings {
+                    tol: opts.tol,
+                    max_iter: opts.max_iter,
+                    progress: opts.progress.clone(),
+                },
+                accept_unconverged: opts.accept_unconverged,
+                last: std::sync::Mutex::new(None),
+            },
+            g,
+            damping,
+        })
+    }
+
+    /// How the kernel system is solved: `cholesky (f64)`, `cholesky (f32, refined to f64)` or
+    /// `cg (pivoted cholesky (rank r))`.
+    pub fn solver(&self) -> String {
+        match &self.factor {
+            Factor::F64(_) => "cholesky (f64)".into(),
+            Factor::Mixed { .. } => "cholesky (f32, refined to f64)".into(),
+            Factor::Iterative { pre, .. } => {
+                format!("cg ({})", super::solver::Preconditioner::name(pre))
+            }
+        }
+    }
+
     /// λ.
     pub fn damping(&self) -> f64 {
         self.damping
@@ -199,7 +432,7 @@ impl<'a> KernelInverseFisher<'a> {
     /// The precision of the factor in use: `F64`, or `Mixed` (an f32 factor that held).
     pub fn precision(&self) -> KernelPrecision {
         match self.factor {
-            Factor::F64(_) => KernelPrecision::F64,
+            Factor::F64(_) | Factor::Iterative { .. } => KernelPrecision::F64,
             Factor::Mixed { .. } => KernelPrecision::Mixed,
         }
     }
@@ -208,7 +441,7 @@ impl<'a> KernelInverseFisher<'a> {
     /// all solves so far; (0, 0) for the f64 factor.
     pub fn refinement_stats(&self) -> (usize, usize) {
         match &self.factor {
-            Factor::F64(_) => (0, 0),
+            Factor::F64(_) | Factor::Iterative { .. } => (0, 0),
             Factor::Mixed {
                 refinements,
                 fallbacks,
@@ -225,6 +458,49 @@ impl<'a> KernelInverseFisher<'a> {
     fn solve(&self, b: Mat<f64>, half: bool) -> Result<(Mat<f64>, bool)> {
         match &self.factor {
             Factor::F64(l) => Ok((solve_f64(l.as_ref(), b, half), half)),
+            Factor::Iterative {
+                a,
+                pre,
+                settings,
+                accept_unconverged,
+                last,
+            } => {
+                let n = a.n;
+                let (x, report) = conjugate_gradient(
+                    &LowerSymmetric { a: a.as_ref() },
+                    pre,
+                    b.as_ref(),
+                    settings,
+                )
+                .map_err(|e| match e {
+                    Error::NotPositiveDefinite { pivot, dim, .. } => Error::NotPositiveDefinite {
+                        what: "the kernel system N·λ·I + G Gᵀ seen by CG (pᵀAp ≤ 0)".into(),
+                        pivot,
+                        dim,
+                        damping: self.damping,
+                        suggestion: self.damping * 100.0,
+                    },
+                    e => e,
+                })?;
+                if !report.converged && !accept_unconverged {
+                    return Err(Error::NotConverged {
+                        what: format!(
+                            "CG on the {n}×{n} kernel system (λ = {:e}, preconditioner {})",
+                            self.damping, report.preconditioner
+                        ),
+                        iterations: report.iterations,
+                        residual: report.worst_residual(),
+                        tol: settings.tol,
+                        hint: "raise the iteration cap or the preconditioner's rank, or solve \
+                               it exactly with the kernel method (a Cholesky factorization)"
+                            .into(),
+                    });
+                }
+                if let Ok(mut l) = last.lock() {
+                    *l = Some(report);
+                }
+                Ok((x, false))
+            }
             Factor::Mixed {
                 a,
                 l32,
@@ -303,6 +579,18 @@ impl<'a> KernelInverseFisher<'a> {
         let (x, half) = self.solve(gq.clone(), true)?;
         let z: Vec<f64> = if half {
             col_sum_sq(x.as_ref())
+        } else if let Factor::Iterative { a, .. } = &self.factor {
+            // an approximate solve: 2bᵀx − xᵀAx = bᵀA⁻¹b − eᵀAe (e = A⁻¹b − x), whose error
+            // is quadratic in the residual (‖r‖²/(Nλ) at most), where bᵀx's is linear; the
+            // Woodbury form's cancellation ‖g‖²/(λ·ΔVar) multiplies whichever is left
+            let ax = LowerSymmetric { a: a.as_ref() }.apply(x.as_ref())?;
+            (0..gq.ncols())
+                .map(|j| {
+                    (0..gq.nrows())
+                        .map(|i| x[(i, j)] * (2.0 * gq[(i, j)] - ax[(i, j)]))
+                        .sum()
+                })
+                .collect()
         } else {
             (0..gq.ncols())
                 .map(|j| (0..gq.nrows()).map(|i| gq[(i, j)] * x[(i, j)]).sum())
@@ -369,6 +657,18 @@ impl SigmaOp for KernelInverseFisher<'_> {
     fn quad_forms(&self, q: MatRef<'_, f64>) -> Result<Vec<f64>> {
         check_block(self.dim(), q)?;
         self.finish_forms(col_sum_sq(q), self.g.jv(q)?)
+    }
+    fn quad_forms_reported(&self, q: MatRef<'_, f64>) -> Result<QuadForms> {
+        Ok(QuadForms {
+            values: self.quad_forms(q)?,
+            cg: self.solve_report(),
+        })
+    }
+    fn solve_report(&self) -> Option<CgReport> {
+        match &self.factor {
+            Factor::Iterative { last, .. } => last.lock().ok().and_then(|l| l.clone()),
+            _ => None,
+        }
     }
     fn quad_forms_layered(&self, q: &crate::engine::LayeredGradients) -> Option<Result<Vec<f64>>> {
         // G qⱼ pair by pair, layer by layer: the queries' gradients are never formed

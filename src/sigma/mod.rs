@@ -28,6 +28,7 @@ mod inverse_fisher;
 mod kernel;
 mod kfac;
 mod lowrank;
+mod pivoted;
 mod scaled;
 pub mod solver;
 
@@ -39,7 +40,7 @@ pub use full::{choose_full_method, FullMethod, MethodChoice, CG_ASSUMED_ITERATIO
 pub use identity::IdentitySigma;
 pub(crate) use inverse_fisher::inverse_fim_diagonal as inverse_fisher_diag_values;
 pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
-pub use kernel::{KernelInverseFisher, KernelPrecision};
+pub use kernel::{default_kernel_cg_rank, KernelInverseFisher, KernelPrecision};
 pub use kfac::{KfacFactors, KfacLayer, KfacSigma};
 pub use lowrank::{
     fisher_top_eigenpairs, FisherEigenpairs, LowRankInverseFisher, LowRankMethod, LowRankOptions,
@@ -97,6 +98,12 @@ pub trait SigmaOp: Send + Sync {
             values: self.quad_forms(g)?,
             cg: None,
         })
+    }
+
+    /// For a Σ that solves iteratively inside its quadratic forms (the kernel system by CG):
+    /// the report of its last solve; `None` for the other kinds.
+    fn solve_report(&self) -> Option<CgReport> {
+        None
     }
 
     /// For a low-rank Σ: its eigenpairs' values and residuals; `None` for the other kinds.

@@ -58,8 +58,7 @@ impl<S: SigmaOp> SigmaOp for ScaledSigma<S> {
             d.iter().map(|v| v * self.factor).collect(),
         ))
     }
-    /// The inner Σ's factored quadratic forms, scaled (the kernel Σ never forms query gradients).
-    /// The inner Σ's layered quadratic forms, scaled.
+    /// The inner Σ's layered quadratic forms, scaled (the kernel Σ never forms query gradients).
     fn quad_forms_layered(&self, q: &crate::engine::LayeredGradients) -> Option<Result<Vec<f64>>> {
         Some(self.inner.quad_forms_layered(q)?.map(|v| self.scale(v)))
     }
@@ -70,6 +69,9 @@ impl<S: SigmaOp> SigmaOp for ScaledSigma<S> {
             values: self.scale(r.values),
             cg: r.cg,
         })
+    }
+    fn solve_report(&self) -> Option<super::CgReport> {
+        self.inner.solve_report()
     }
 }
 
@@ -103,5 +105,8 @@ impl SigmaOp for Box<dyn SigmaOp + '_> {
     }
     fn quad_forms_reported(&self, g: MatRef<'_, f64>) -> Result<super::QuadForms> {
         (**self).quad_forms_reported(g)
+    }
+    fn solve_report(&self) -> Option<super::CgReport> {
+        (**self).solve_report()
     }
 }

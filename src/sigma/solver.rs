@@ -245,6 +245,9 @@ pub struct CgSettings {
     pub tol: f64,
     /// Iteration cap.
     pub max_iter: usize,
+    /// One line per iteration (the worst recursive residual of the active columns, how many
+    /// are active, the time so far). Default none.
+    pub progress: crate::progress::Progress,
 }
 
 /// How a CG solve went.
@@ -304,6 +307,7 @@ pub fn conjugate_gradient(
     let mut iterations = 0usize;
     let mut restarts = vec![0usize; k];
     let cols = |m: &Mat<f64>, idx: &[usize]| Mat::from_fn(p, idx.len(), |i, c| m[(i, idx[c])]);
+    let start = std::time::Instant::now();
     while !active.is_empty() && iterations < settings.max_iter {
         let pa = cols(&pdir, &active);
         let ap = a.apply(pa.as_ref())?;
@@ -334,6 +338,19 @@ pub fn conjugate_gradient(
                 done.push(j);
             }
         }
+        settings.progress.report(|| {
+            let worst = active
+                .iter()
+                .map(|&j| col_dot(r.as_ref(), j, r.as_ref(), j).sqrt() / norms[j])
+                .fold(0.0, f64::max);
+            format!(
+                "cg iteration {iterations}: worst relative residual {worst:.2e} (tolerance {:.0e}), \
+                 {} of {k} right-hand sides active, {:.1} s",
+                settings.tol,
+                still.len(),
+                start.elapsed().as_secs_f64()
+            )
+        });
         // columns whose recursive residual says "converged": check the true residual and
         // restart those that drifted (residual replacement)
         if !done.is_empty() && iterations < settings.max_iter {
