@@ -36,7 +36,10 @@ pub use cg::{default_nystrom_rank, CgInverseFisher, CgOptions, CgPreconditioner}
 pub use custom::CustomSigma;
 pub use dense::DenseSigma;
 pub use diagonal::DiagonalSigma;
-pub use full::{choose_full_method, FullMethod, MethodChoice, CG_ASSUMED_ITERATIONS};
+pub use full::{
+    choose_full_method, FullMethod, MethodChoice, CG_ASSUMED_ITERATIONS,
+    KERNEL_CG_ASSUMED_ITERATIONS,
+};
 pub use identity::IdentitySigma;
 pub(crate) use inverse_fisher::inverse_fim_diagonal as inverse_fisher_diag_values;
 pub use inverse_fisher::{InverseDiagonalFisher, InverseFullFisher};
