@@ -20,6 +20,12 @@ pub trait GradientMatrix: Send + Sync {
     fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>>;
     /// Gᵀ U for an N×k block (P×k).
     fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>>;
+    /// Gᵀ(G V) for a P×k block (P×k): the Fisher's product without the 1/N. The default is
+    /// two products; a source that recomputes G streams it once ([`GradientMatrix::jtu`] of
+    /// each chunk's [`GradientMatrix::jv`]).
+    fn jtjv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
+        self.jtu(self.jv(v)?.as_ref())
+    }
     /// K = G Gᵀ (N×N).
     fn gram(&self) -> Result<Mat<f64>>;
     /// Adds the lower triangle of K = G Gᵀ (diagonal included) into `out` (N×N) and leaves the

@@ -20,7 +20,7 @@ pub use artifact::{
     shard_range, tensors_fingerprint, weights_fingerprint, FisherArtifact, FisherMeta,
 };
 pub use capture::CapturedFisher;
-pub use factored::FactoredFisher;
+pub use factored::{FactoredFisher, StreamedFactors};
 pub use generic::GenericFisher;
 pub use native::{GraphFisher, NativeFisher, TransformerFisher};
 pub use offline::{

@@ -26,6 +26,23 @@ pub enum CgPreconditioner {
     },
 }
 
+impl CgOptions {
+    /// Refuses a tolerance that is not finite and > 0, and an iteration cap of 0.
+    pub(crate) fn check(&self) -> Result<()> {
+        if !(self.tol.is_finite() && self.tol > 0.0) {
+            return Err(Error::invalid(
+                "cg tolerance",
+                self.tol,
+                "must be finite and > 0",
+            ));
+        }
+        if self.max_iter == 0 {
+            return Err(Error::invalid("cg max_iter", 0, "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
 impl std::str::FromStr for CgPreconditioner {
     type Err = Error;
     /// `none`, `jacobi`, `nystrom` (automatic rank) or `nystrom:RANK` (the CLI's
@@ -110,7 +127,7 @@ impl LinOp for FisherOp<'_, '_> {
         if n == 0 {
             return Ok(Mat::zeros(v.nrows(), v.ncols()));
         }
-        let mut out = self.g.jtu(self.g.jv(v)?.as_ref())?;
+        let mut out = self.g.jtjv(v)?;
         out *= faer::Scale(1.0 / n as f64);
         Ok(out)
     }
@@ -165,23 +182,8 @@ impl<'a> CgInverseFisher<'a> {
 
     /// The CG Σ over `g` with damping λ > 0 (builds the preconditioner).
     pub fn new(g: Arc<dyn GradientMatrix + 'a>, damping: f64, opts: CgOptions) -> Result<Self> {
-        if !(damping.is_finite() && damping > 0.0) {
-            return Err(Error::invalid(
-                "damping",
-                damping,
-                "the CG method needs a finite damping > 0",
-            ));
-        }
-        if !(opts.tol.is_finite() && opts.tol > 0.0) {
-            return Err(Error::invalid(
-                "cg tolerance",
-                opts.tol,
-                "must be finite and > 0",
-            ));
-        }
-        if opts.max_iter == 0 {
-            return Err(Error::invalid("cg max_iter", 0, "must be at least 1"));
-        }
+        super::check_damping(damping, "the CG method")?;
+        opts.check()?;
         let (p, n) = (g.num_params(), g.num_examples());
         let pre: Box<dyn Preconditioner> = match opts.preconditioner {
             CgPreconditioner::Identity => Box::new(IdentityPreconditioner),

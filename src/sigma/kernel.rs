@@ -270,13 +270,7 @@ impl<'a> KernelInverseFisher<'a> {
         damping: f64,
         precision: KernelPrecision,
     ) -> Result<Self> {
-        if !(damping.is_finite() && damping > 0.0) {
-            return Err(Error::invalid(
-                "damping",
-                damping,
-                "the kernel method needs a finite damping > 0",
-            ));
-        }
+        super::check_damping(damping, "the kernel method")?;
         let n = g.num_examples();
         // the lower triangle of NλI + K in a zeroed buffer: the factorization in place reads
         // and writes only that, so the pages above the diagonal are never touched
@@ -324,23 +318,8 @@ impl<'a> KernelInverseFisher<'a> {
         damping: f64,
         opts: &CgOptions,
     ) -> Result<Self> {
-        if !(damping.is_finite() && damping > 0.0) {
-            return Err(Error::invalid(
-                "damping",
-                damping,
-                "the kernel method needs a finite damping > 0",
-            ));
-        }
-        if !(opts.tol.is_finite() && opts.tol > 0.0) {
-            return Err(Error::invalid(
-                "cg tolerance",
-                opts.tol,
-                "must be finite and > 0",
-            ));
-        }
-        if opts.max_iter == 0 {
-            return Err(Error::invalid("cg max_iter", 0, "must be at least 1"));
-        }
+        super::check_damping(damping, "the kernel method")?;
+        opts.check()?;
         let n = g.num_examples();
         let t = std::time::Instant::now();
         opts.progress.report(|| {

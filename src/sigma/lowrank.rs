@@ -172,7 +172,7 @@ impl FisherOperator<'_> {
                 if n == 0 {
                     return Ok(Mat::zeros(v.nrows(), v.ncols()));
                 }
-                let mut out = g.jtu(g.jv(v)?.as_ref())?;
+                let mut out = g.jtjv(v)?;
                 out *= faer::Scale(1.0 / n as f64);
                 Ok(out)
             }

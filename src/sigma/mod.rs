@@ -216,6 +216,19 @@ pub(crate) fn cholesky_lower_in_place(
     Ok(())
 }
 
+/// Refuses a damping that is not finite and > 0 for `method` (the kernel and CG methods need
+/// λ > 0: with λ = 0 and N < P their systems are singular).
+pub(crate) fn check_damping(damping: f64, method: &str) -> Result<()> {
+    if !(damping.is_finite() && damping > 0.0) {
+        return Err(Error::invalid(
+            "damping",
+            damping,
+            format!("{method} needs a finite damping > 0"),
+        ));
+    }
+    Ok(())
+}
+
 /// faer's blocked Cholesky factorization in place (the lower triangle of `a` becomes L; the
 /// strict upper triangle is left as it was), or the index of the first non-positive pivot.
 /// In place, it saves the two N×N copies `Mat::llt` + `L().to_owned()` make (measured: n = 4096,
