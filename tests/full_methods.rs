@@ -688,6 +688,33 @@ fn streamed_factors_match_the_factors_in_memory() {
     assert!(mat_rel_err(&streamed.gram().unwrap(), &held.gram().unwrap()) < tol);
     assert!(max_rel_err(&streamed.diag_sums().unwrap(), &held.diag_sums().unwrap()) < tol);
     assert!(streamed.jtu(Mat::zeros(n + 1, 1).as_ref()).is_err());
+    // a product over many chunks says how far it got
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = lines.clone();
+    let fp = FactoredFisher::new(
+        &mlp,
+        Likelihood::Categorical,
+        &data,
+        FactoredOptions {
+            batch_size: 32,
+            threads: 0,
+        },
+    )
+    .unwrap()
+    .with_progress(Progress::new(move |l| sink.lock().unwrap().push(l.into())));
+    let g = fp.gradient_matrix(budget).unwrap();
+    assert!(
+        mat_rel_err(
+            &g.jtjv(v.as_ref()).unwrap(),
+            &held.jtjv(v.as_ref()).unwrap()
+        ) < tol
+    );
+    let seen = lines.lock().unwrap().clone();
+    assert!(seen.len() > 1, "{seen:?}");
+    assert!(
+        seen[0].contains("(streamed): chunk 1 of") && seen[0].contains("examples 0.."),
+        "{seen:?}"
+    );
     // the CG Σ over the streamed operator against the explicit inverse
     let q = Mat::from_fn(p, 4, |i, j| pseudo_random(p * 4, 46)[i * 4 + j]);
     let lam = 1e-2;

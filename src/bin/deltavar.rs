@@ -709,13 +709,14 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
             }
             data = MmapNpyDataset::open(x, y)?;
             match &net {
-                Model::Mlp(m) => Some(Box::new(FactoredFisher::new(m, lik, &data, eo.clone())?)),
-                Model::Graph(g) => Some(Box::new(GraphFisher::with_engine(
-                    g.clone(),
-                    lik,
-                    &data,
-                    eo.clone(),
-                ))),
+                Model::Mlp(m) => Some(Box::new(
+                    FactoredFisher::new(m, lik, &data, eo.clone())?
+                        .with_progress(opts.cg.progress.clone()),
+                )),
+                Model::Graph(g) => Some(Box::new(
+                    GraphFisher::with_engine(g.clone(), lik, &data, eo.clone())
+                        .with_progress(opts.cg.progress.clone()),
+                )),
             }
         }
         (None, Some(_), None) | (None, None, Some(_)) => {

@@ -371,6 +371,7 @@ pub struct NativeStreamed<'a, E> {
     lik: &'a crate::likelihood::Likelihood,
     data: &'a dyn crate::data::Dataset,
     opts: super::FactoredOptions,
+    progress: crate::progress::Progress,
 }
 
 impl<'a, E: ExampleGradients> NativeStreamed<'a, E> {
@@ -386,7 +387,14 @@ impl<'a, E: ExampleGradients> NativeStreamed<'a, E> {
             lik,
             data,
             opts,
+            progress: crate::progress::Progress::none(),
         }
+    }
+
+    /// A line per chunk of every product (a product over a large dataset takes minutes).
+    pub fn with_progress(mut self, progress: crate::progress::Progress) -> Self {
+        self.progress = progress;
+        self
     }
 
     fn chunk(&self) -> usize {
@@ -400,6 +408,13 @@ impl<'a, E: ExampleGradients> NativeStreamed<'a, E> {
     }
 
     fn block(&self, s: usize, l: usize) -> Result<Mat<f64>> {
+        self.progress.report(|| {
+            format!(
+                "streamed gradients: examples {s}..{} of {}",
+                s + l,
+                self.data.len()
+            )
+        });
         self.engine
             .per_example_gradients(self.lik, self.data, s, l, &self.opts)
     }

@@ -33,6 +33,7 @@ pub struct FactoredFisher<'a> {
     lik: Likelihood,
     data: &'a dyn Dataset,
     opts: FactoredOptions,
+    progress: crate::progress::Progress,
 }
 
 impl<'a> FactoredFisher<'a> {
@@ -48,7 +49,15 @@ impl<'a> FactoredFisher<'a> {
             lik,
             data,
             opts,
+            progress: crate::progress::Progress::none(),
         })
+    }
+
+    /// A line per chunk of every streamed product ([`StreamedFactors`]: a product over
+    /// millions of examples takes minutes). Default none.
+    pub fn with_progress(mut self, progress: crate::progress::Progress) -> Self {
+        self.progress = progress;
+        self
     }
 
     /// The engine.
@@ -192,6 +201,24 @@ impl StreamedFactors<'_, '_> {
             .map(|s| (s, self.chunk.min(n - s)))
             .collect()
     }
+
+    /// The factors of chunk `c` of `of` (examples `s .. s + l`), reporting the product's progress.
+    fn factors(
+        &self,
+        what: &str,
+        c: usize,
+        of: usize,
+        (s, l): (usize, usize),
+    ) -> Result<LayeredGradients> {
+        self.fisher.progress.report(|| {
+            format!(
+                "{what} (streamed): chunk {} of {of}, examples {s}..{}",
+                c + 1,
+                s + l
+            )
+        });
+        self.fisher.chunk_factors(s, l)
+    }
 }
 
 impl GradientMatrix for StreamedFactors<'_, '_> {
@@ -203,8 +230,9 @@ impl GradientMatrix for StreamedFactors<'_, '_> {
     }
     fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
         let mut out = Mat::<f64>::zeros(self.num_examples(), v.ncols());
-        for (s, l) in self.chunks() {
-            let gv = self.fisher.chunk_factors(s, l)?.jv(v)?;
+        let chunks = self.chunks();
+        for (c, &(s, l)) in chunks.iter().enumerate() {
+            let gv = self.factors("G·V", c, chunks.len(), (s, l))?.jv(v)?;
             out.as_mut().subrows_mut(s, l).copy_from(gv.as_ref());
         }
         Ok(out)
@@ -218,15 +246,19 @@ impl GradientMatrix for StreamedFactors<'_, '_> {
             ));
         }
         let mut out = Mat::<f64>::zeros(self.num_params(), u.ncols());
-        for (s, l) in self.chunks() {
-            out += self.fisher.chunk_factors(s, l)?.jtu(u.subrows(s, l))?;
+        let chunks = self.chunks();
+        for (c, &(s, l)) in chunks.iter().enumerate() {
+            out += self
+                .factors("Gᵀ·U", c, chunks.len(), (s, l))?
+                .jtu(u.subrows(s, l))?;
         }
         Ok(out)
     }
     fn jtjv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
         let mut out = Mat::<f64>::zeros(self.num_params(), v.ncols());
-        for (s, l) in self.chunks() {
-            let f = self.fisher.chunk_factors(s, l)?;
+        let chunks = self.chunks();
+        for (c, &(s, l)) in chunks.iter().enumerate() {
+            let f = self.factors("Gᵀ(G·V)", c, chunks.len(), (s, l))?;
             out += f.jtu(f.jv(v)?.as_ref())?;
         }
         Ok(out)

@@ -26,6 +26,7 @@ pub struct NativeFisher<'a, E> {
     data: &'a dyn Dataset,
     opts: FactoredOptions,
     route: LayerRoute,
+    progress: crate::progress::Progress,
 }
 
 /// The empirical Fisher of a [`Transformer`] on the native transformer engine.
@@ -66,12 +67,20 @@ impl<'a, E: ExampleGradients> NativeFisher<'a, E> {
             data,
             opts,
             route: LayerRoute::Auto,
+            progress: crate::progress::Progress::none(),
         }
     }
 
     /// How the gradient operator holds each layer (default [`LayerRoute::Auto`]).
     pub fn with_layer_route(mut self, route: LayerRoute) -> Self {
         self.route = route;
+        self
+    }
+
+    /// A line per chunk of every streamed product ([`NativeStreamed`], when the gradients do
+    /// not fit). Default none.
+    pub fn with_progress(mut self, progress: crate::progress::Progress) -> Self {
+        self.progress = progress;
         self
     }
 
@@ -157,11 +166,9 @@ impl<E: ExampleGradients> FisherSource for NativeFisher<'_, E> {
                 self.per_example_gradients(0, n)?,
             )));
         }
-        Ok(Arc::new(NativeStreamed::new(
-            &self.engine,
-            &self.lik,
-            self.data,
-            self.opts.clone(),
-        )))
+        Ok(Arc::new(
+            NativeStreamed::new(&self.engine, &self.lik, self.data, self.opts.clone())
+                .with_progress(self.progress.clone()),
+        ))
     }
 }
