@@ -976,4 +976,34 @@ impl<M: Module + Sync> super::gradients::QueryGradients for CaptureEngine<'_, M>
             }),
         )
     }
+    /// A batch of queries at a time, every rows and tokens layer factored: one batch's layered
+    /// store, never the P×M block.
+    fn query_diag_forms(
+        &self,
+        qoi: &Qoi,
+        queries: &Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+        s: &[f64],
+    ) -> Option<Result<(Vec<f64>, Vec<f64>)>> {
+        let run = || {
+            super::gradients::single_step(steps, "capture engine")?;
+            let o = CaptureOptions {
+                batch_size: opts.batch_size,
+                ..Default::default()
+            };
+            let m = queries.dim(0)?;
+            super::gradients::chunked_diag_forms(m, opts.batch_size, s, |start, len| {
+                CaptureEngine::query_layered_gradients(
+                    self,
+                    qoi,
+                    &queries.narrow(0, start, len)?,
+                    &o,
+                    super::LayerRoute::Factor,
+                    crate::fisher::DEFAULT_MEMORY_BUDGET,
+                )
+            })
+        };
+        Some(run())
+    }
 }

@@ -492,6 +492,27 @@ pub trait QueryGradients: Sync {
     }
 }
 
+/// The QoI values and the quadratic forms qⱼᵀ diag(s) qⱼ of `m` queries from their gradients
+/// held layer by layer, `chunk` queries at a time (`layered(start, len)` gives a chunk's): one
+/// chunk's store is held, never the P×M block, and the layers read once per query never form
+/// their gradients ([`super::LayeredGradients::quad_forms_diag`]).
+pub(crate) fn chunked_diag_forms(
+    m: usize,
+    chunk: usize,
+    s: &[f64],
+    layered: impl Fn(usize, usize) -> Result<(super::LayeredGradients, Vec<f64>)>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let chunk = chunk.max(1);
+    let mut values = Vec::with_capacity(m);
+    let mut forms = Vec::with_capacity(m);
+    for start in (0..m).step_by(chunk) {
+        let (g, v) = layered(start, chunk.min(m - start))?;
+        forms.extend(g.quad_forms_diag(s)?);
+        values.extend(v);
+    }
+    Ok((values, forms))
+}
+
 /// Refuses a rollout on an engine that runs its model once (wrap the model in a rollout module
 /// for the capture engine instead).
 pub(crate) fn single_step(steps: usize, engine: &str) -> Result<()> {

@@ -1300,4 +1300,30 @@ impl super::gradients::QueryGradients for GraphEngine {
             self, qoi, queries, steps, opts, route,
         ))
     }
+    /// A chunk of queries at a time (a batch per worker), every rows and tokens group factored:
+    /// one chunk's layered store, never the P×M block.
+    fn query_diag_forms(
+        &self,
+        qoi: &crate::qoi::Qoi,
+        queries: &candle_core::Tensor,
+        steps: usize,
+        opts: &super::FactoredOptions,
+        s: &[f64],
+    ) -> Option<Result<(Vec<f64>, Vec<f64>)>> {
+        let run = || {
+            let m = queries.dim(0)?;
+            let chunk = opts.batch_size.max(1) * super::batch::rayon_threads(opts).max(1);
+            super::gradients::chunked_diag_forms(m, chunk, s, |start, len| {
+                GraphEngine::query_layered_gradients(
+                    self,
+                    qoi,
+                    &queries.narrow(0, start, len)?,
+                    steps,
+                    opts,
+                    super::LayerRoute::Factor,
+                )
+            })
+        };
+        Some(run())
+    }
 }
