@@ -230,17 +230,9 @@ impl<'a> CgInverseFisher<'a> {
             max_iter: self.opts.max_iter,
             progress: self.opts.progress.clone(),
         };
-        let (x, report) =
-            conjugate_gradient(&op, &*self.pre, q, &settings).map_err(|e| match e {
-                Error::NotPositiveDefinite { pivot, dim, .. } => Error::NotPositiveDefinite {
-                    what: "F + λI seen by CG (pᵀAp ≤ 0)".into(),
-                    pivot,
-                    dim,
-                    damping: self.damping,
-                    suggestion: self.damping * 100.0,
-                },
-                e => e,
-            })?;
+        let (x, report) = conjugate_gradient(&op, &*self.pre, q, &settings).map_err(|e| {
+            super::solver::name_indefinite(e, "F + λI seen by CG (pᵀAp ≤ 0)", self.damping)
+        })?;
         if !report.converged && !self.opts.accept_unconverged {
             let (p, n) = (self.g.num_params(), self.g.num_examples());
             return Err(Error::NotConverged {

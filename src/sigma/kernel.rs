@@ -451,15 +451,12 @@ impl<'a> KernelInverseFisher<'a> {
                     b.as_ref(),
                     settings,
                 )
-                .map_err(|e| match e {
-                    Error::NotPositiveDefinite { pivot, dim, .. } => Error::NotPositiveDefinite {
-                        what: "the kernel system N·λ·I + G Gᵀ seen by CG (pᵀAp ≤ 0)".into(),
-                        pivot,
-                        dim,
-                        damping: self.damping,
-                        suggestion: self.damping * 100.0,
-                    },
-                    e => e,
+                .map_err(|e| {
+                    super::solver::name_indefinite(
+                        e,
+                        "the kernel system N·λ·I + G Gᵀ seen by CG (pᵀAp ≤ 0)",
+                        self.damping,
+                    )
                 })?;
                 if !report.converged && !accept_unconverged {
                     return Err(Error::NotConverged {

@@ -275,6 +275,21 @@ fn col_dot(a: MatRef<'_, f64>, ca: usize, b: MatRef<'_, f64>, cb: usize) -> f64 
     (0..a.nrows()).map(|i| a[(i, ca)] * b[(i, cb)]).sum()
 }
 
+/// [`conjugate_gradient`]'s error with a non-positive pᵀAp renamed for the operator the caller
+/// solved (`what`), with its damping and the damping to try; other errors as they are.
+pub(crate) fn name_indefinite(e: Error, what: &str, damping: f64) -> Error {
+    match e {
+        Error::NotPositiveDefinite { pivot, dim, .. } => Error::NotPositiveDefinite {
+            what: what.into(),
+            pivot,
+            dim,
+            damping,
+            suggestion: damping * 100.0,
+        },
+        e => e,
+    }
+}
+
 /// Solves A X = B by preconditioned CG from X = 0, all columns at once. Returns X and the
 /// report whether or not every column reached the tolerance (the caller decides what a miss
 /// means). pᵀAp ≤ 0 is an [`Error::NotPositiveDefinite`].
