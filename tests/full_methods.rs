@@ -364,6 +364,14 @@ fn automatic_choice_follows_the_cost_model_and_budget() {
     .unwrap();
     assert_eq!(c.method, FullMethod::KernelCg, "{}", c.reason);
     assert!(c.reason.contains("kernel ~"), "{}", c.reason);
+    // the expected time on this machine, in the reason and the estimates (measured: 249 s)
+    assert!(c.reason.contains(" s here)"), "{}", c.reason);
+    let e = c
+        .estimates
+        .iter()
+        .find(|e| e.method == FullMethod::KernelCg)
+        .unwrap();
+    assert!(e.seconds > 100.0 && e.seconds < 600.0, "{}", e.seconds);
     // ... and W-cg's size (N = 8192, 16 queries): the factorization
     let n = 8192;
     let c =

@@ -595,6 +595,8 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
     opts.cg.tol = cg_tol;
     opts.cg.max_iter = cg_max_iter;
     opts.cg.preconditioner = cg_preconditioner.parse()?;
+    // the automatic method choice plans for the queries at hand
+    opts.expected_queries = q.dim(0)?.max(1);
     let eo = FactoredOptions {
         batch_size: batch_size(&model, &net),
         threads: 0,

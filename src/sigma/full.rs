@@ -59,6 +59,8 @@ pub struct MethodEstimate {
     pub method: FullMethod,
     /// Estimated floating-point operations.
     pub flops: f64,
+    /// The expected time: `flops` at [`ASSUMED_FLOP_RATE`].
+    pub seconds: f64,
     /// Estimated peak bytes.
     pub bytes: u64,
     /// Whether `bytes` fits the memory budget.
@@ -81,8 +83,15 @@ pub struct MethodChoice {
 pub const CG_ASSUMED_ITERATIONS: f64 = 200.0;
 
 /// Iterations the cost model assumes for CG on the kernel system with its pivoted-Cholesky
-/// preconditioner (see benches/README.md, W-mnist).
-pub const KERNEL_CG_ASSUMED_ITERATIONS: f64 = 60.0;
+/// preconditioner: twice the 11 that W-mnist took to 1e-10 at N = 8,192, 16,384 and 60,000
+/// with rank 1024 (benches/README.md).
+pub const KERNEL_CG_ASSUMED_ITERATIONS: f64 = 20.0;
+
+/// The flop rate the expected times assume: what this project's 2-core machine reaches on the
+/// work these estimates count (Gram tiles about 60 GFLOP/s; the f64 Cholesky 51, counted
+/// twice; W-mnist's kernel-cg at N = 60,000 and 64 queries is estimated 1.6e13 flop, 330 s,
+/// and took 249 s).
+pub const ASSUMED_FLOP_RATE: f64 = 5e10;
 
 /// How much slower per flop a Cholesky factorization runs than a matrix product here (faer
 /// 0.24, 2 cores: 51 against about 100 GFLOP/s in f64, N = 8000).
@@ -116,6 +125,7 @@ pub fn choose_full_method(
         MethodEstimate {
             method,
             flops,
+            seconds: flops / ASSUMED_FLOP_RATE,
             bytes,
             fits: bytes <= memory_budget,
         }
@@ -149,9 +159,10 @@ pub fn choose_full_method(
     ];
     let describe = |e: &MethodEstimate| {
         format!(
-            "{} ~{:.1e} flop, {:.1e} B",
+            "{} ~{:.1e} flop (~{} here), {:.1e} B",
             e.method.name(),
             e.flops,
+            human_seconds(e.seconds),
             e.bytes as f64
         )
     };
@@ -230,4 +241,19 @@ pub fn choose_full_method(
         ),
         estimates,
     })
+}
+
+/// "0.3 s", "42 s", "7 min", "3.1 h": an expected time for a reason string.
+fn human_seconds(s: f64) -> String {
+    if !s.is_finite() {
+        "forever".into()
+    } else if s < 10.0 {
+        format!("{s:.1} s")
+    } else if s < 600.0 {
+        format!("{s:.0} s")
+    } else if s < 3.0 * 3600.0 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
 }

@@ -37,7 +37,7 @@ pub use custom::CustomSigma;
 pub use dense::DenseSigma;
 pub use diagonal::DiagonalSigma;
 pub use full::{
-    choose_full_method, FullMethod, MethodChoice, CG_ASSUMED_ITERATIONS,
+    choose_full_method, FullMethod, MethodChoice, ASSUMED_FLOP_RATE, CG_ASSUMED_ITERATIONS,
     KERNEL_CG_ASSUMED_ITERATIONS,
 };
 pub use identity::IdentitySigma;
