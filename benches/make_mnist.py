@@ -14,28 +14,39 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-out = sys.argv[1]
-n = int(sys.argv[2]) if len(sys.argv) > 2 else 60000
-seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-torch.manual_seed(11 + seed)
-sizes = [784, 256, 256, 10]
-layers = []
-for i in range(len(sizes) - 1):
-    layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-    if i < len(sizes) - 2:
-        layers.append(nn.ReLU())
-model = nn.Sequential(*layers)
-smooth = lambda k: torch.nn.functional.avg_pool2d(torch.randn(k, 1, 32, 32), 5, stride=1).reshape(k, 784)
-x = torch.cat([smooth(min(8192, n - s)) for s in range(0, n, 8192)])
-q = smooth(64)
-with torch.no_grad():
-    y = torch.distributions.Categorical(logits=model(x)).sample()
-os.makedirs(out, exist_ok=True)
-save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
-np.save(os.path.join(out, "train_x.npy"), x.numpy().astype(np.float32))
-np.save(os.path.join(out, "train_y.npy"), y.numpy().astype(np.int64))
-np.save(os.path.join(out, "queries.npy"), q.numpy().astype(np.float32))
-with open(os.path.join(out, "case.json"), "w") as fh:
-    json.dump(dict(name="mnist", sizes=sizes, act="relu", lik="categorical", n=n, m=64, seed=seed,
-                   qoi="output:3", damping=1e-3), fh)
-print(json.dumps(dict(out=out, n=n, P=sum(p.numel() for p in model.parameters()))))
+
+def mlp(sizes):
+    """The W-mnist network: Linear layers with ReLU between them (nn.Sequential names)."""
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def main():
+    out = sys.argv[1]
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 60000
+    seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    torch.manual_seed(11 + seed)
+    sizes = [784, 256, 256, 10]
+    model = mlp(sizes)
+    smooth = lambda k: torch.nn.functional.avg_pool2d(torch.randn(k, 1, 32, 32), 5, stride=1).reshape(k, 784)
+    x = torch.cat([smooth(min(8192, n - s)) for s in range(0, n, 8192)])
+    q = smooth(64)
+    with torch.no_grad():
+        y = torch.distributions.Categorical(logits=model(x)).sample()
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(out, "model.safetensors"))
+    np.save(os.path.join(out, "train_x.npy"), x.numpy().astype(np.float32))
+    np.save(os.path.join(out, "train_y.npy"), y.numpy().astype(np.int64))
+    np.save(os.path.join(out, "queries.npy"), q.numpy().astype(np.float32))
+    with open(os.path.join(out, "case.json"), "w") as fh:
+        json.dump(dict(name="mnist", sizes=sizes, act="relu", lik="categorical", n=n, m=64, seed=seed,
+                       qoi="output:3", damping=1e-3), fh)
+    print(json.dumps(dict(out=out, n=n, P=sum(p.numel() for p in model.parameters()))))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,13 +15,10 @@ torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 d = sys.argv[1]
 iters = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 case = json.load(open(os.path.join(d, "case.json")))
-sizes = case["sizes"]
-layers = []
-for i in range(len(sizes) - 1):
-    layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-    if i < len(sizes) - 2:
-        layers.append(nn.ReLU())
-model = nn.Sequential(*layers)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_mnist import mlp  # the same network as the files were written with
+
+model = mlp(case["sizes"])
 model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
 x = torch.from_numpy(np.load(os.path.join(d, "train_x.npy")))
 y = torch.from_numpy(np.load(os.path.join(d, "train_y.npy")))

@@ -6,7 +6,7 @@ use faer::linalg::triangular_solve::{
 use faer::{Mat, MatRef, Par};
 
 use super::pivoted::PivotedCholesky;
-use super::solver::{conjugate_gradient, CgReport, CgSettings, LinOp};
+use super::solver::{conjugate_gradient_with_product, CgReport, CgSettings, LinOp};
 use super::{check_block, col_sum_sq, finish, CgOptions, CgPreconditioner, QuadForms, SigmaOp};
 use crate::engine::gradients::GradientMatrix;
 use crate::error::{Error, Result};
@@ -161,6 +161,14 @@ impl Square {
         let n = self.n;
         faer::MatMut::from_column_major_slice_mut(self.slice_mut(), n, n)
     }
+}
+
+/// A solve of the kernel system: X, whether it is the half solve L⁻¹B, and for an iterative
+/// solve A·X (from the solver's last product).
+struct Solved {
+    x: Mat<f64>,
+    half: bool,
+    ax: Option<Mat<f64>>,
 }
 
 enum Factor {
@@ -433,10 +441,11 @@ impl<'a> KernelInverseFisher<'a> {
     }
 
     /// (NλI + K)⁻¹ B for an N×k block, or with `half`, L⁻¹B for the f64 factor L (the
-    /// quadratic forms need only ‖L⁻¹b‖² = bᵀ(NλI+K)⁻¹b); returns whether it is the half solve.
-    fn solve(&self, b: Mat<f64>, half: bool) -> Result<(Mat<f64>, bool)> {
+    /// quadratic forms need only ‖L⁻¹b‖² = bᵀ(NλI+K)⁻¹b).
+    fn solve(&self, b: Mat<f64>, half: bool) -> Result<Solved> {
+        let exact = |x: Mat<f64>, half: bool| Solved { x, half, ax: None };
         match &self.factor {
-            Factor::F64(l) => Ok((solve_f64(l.as_ref(), b, half), half)),
+            Factor::F64(l) => Ok(exact(solve_f64(l.as_ref(), b, half), half)),
             Factor::Iterative {
                 a,
                 pre,
@@ -445,7 +454,7 @@ impl<'a> KernelInverseFisher<'a> {
                 last,
             } => {
                 let n = a.n;
-                let (x, report) = conjugate_gradient(
+                let (x, report, ax) = conjugate_gradient_with_product(
                     &LowerSymmetric { a: a.as_ref() },
                     pre,
                     b.as_ref(),
@@ -475,7 +484,11 @@ impl<'a> KernelInverseFisher<'a> {
                 if let Ok(mut l) = last.lock() {
                     *l = Some(report);
                 }
-                Ok((x, false))
+                Ok(Solved {
+                    x,
+                    half: false,
+                    ax: Some(ax),
+                })
             }
             Factor::Mixed {
                 a,
@@ -532,7 +545,7 @@ impl<'a> KernelInverseFisher<'a> {
                     refinements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 if ok {
-                    return Ok((x, false));
+                    return Ok(exact(x, false));
                 }
                 fallbacks.fetch_add(b.ncols(), std::sync::atomic::Ordering::Relaxed);
                 let l = l64
@@ -545,21 +558,21 @@ impl<'a> KernelInverseFisher<'a> {
                     })
                     .as_ref()
                     .map_err(|e| Error::Unsupported(e.to_string()))?;
-                Ok((solve_f64(l.as_ref(), b, half), half))
+                Ok(exact(solve_f64(l.as_ref(), b, half), half))
             }
         }
     }
 
     /// (‖q‖² − (Gq)ᵀ(NλI+K)⁻¹(Gq))/λ from the squared norms and G·Q.
     fn finish_forms(&self, sq: Vec<f64>, gq: Mat<f64>) -> Result<Vec<f64>> {
-        let (x, half) = self.solve(gq.clone(), true)?;
+        let Solved { x, half, ax } = self.solve(gq.clone(), true)?;
         let z: Vec<f64> = if half {
             col_sum_sq(x.as_ref())
-        } else if let Factor::Iterative { a, .. } = &self.factor {
+        } else if let Some(ax) = ax {
             // an approximate solve: 2bᵀx − xᵀAx = bᵀA⁻¹b − eᵀAe (e = A⁻¹b − x), whose error
             // is quadratic in the residual (‖r‖²/(Nλ) at most), where bᵀx's is linear; the
-            // Woodbury form's cancellation ‖g‖²/(λ·ΔVar) multiplies whichever is left
-            let ax = LowerSymmetric { a: a.as_ref() }.apply(x.as_ref())?;
+            // Woodbury form's cancellation ‖g‖²/(λ·ΔVar) multiplies whichever is left. A·x is
+            // the product CG computed its final residual from.
             (0..gq.ncols())
                 .map(|j| {
                     (0..gq.nrows())
@@ -624,7 +637,7 @@ impl SigmaOp for KernelInverseFisher<'_> {
     }
     fn apply(&self, q: MatRef<'_, f64>) -> Result<Mat<f64>> {
         check_block(self.dim(), q)?;
-        let (x, _) = self.solve(self.g.jv(q)?, false)?;
+        let x = self.solve(self.g.jv(q)?, false)?.x;
         let corr = self.g.jtu(x.as_ref())?;
         Ok(Mat::from_fn(q.nrows(), q.ncols(), |i, j| {
             (q[(i, j)] - corr[(i, j)]) / self.damping

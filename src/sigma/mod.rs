@@ -10,7 +10,7 @@
 //! | [`CustomSigma`] | user closure g ↦ gᵀΣg | whatever the closure holds |
 //! | [`InverseDiagonalFisher`] | diag(F + λ)⁻¹ | O(P) |
 //! | [`InverseFullFisher`] | (F + λI)⁻¹ as a Cholesky factor (the "dense" method) | O(P²) |
-//! | [`KernelInverseFisher`] | (F + λI)⁻¹ exactly, via the N×N kernel (Woodbury) | O(N²) + the gradient operator |
+//! | [`KernelInverseFisher`] | (F + λI)⁻¹ exactly, via the N×N kernel (Woodbury): a Cholesky factor, or the stored system solved by CG (`iterative`, the kernel-cg method) | N²/2 f64 resident + the gradient operator (kernel-cg: + N·rank f64) |
 //! | [`CgInverseFisher`] | (F + λI)⁻¹ by preconditioned CG ([`solver`]), all right-hand sides at once | O(P·M) + the preconditioner (O(P·rank) Nyström, O(P) Jacobi) + the gradient operator |
 //! | [`LowRankInverseFisher`] | (U S Uᵀ + D + λI)⁻¹ from F's top-k eigenpairs (block Lanczos, Gram or dense) and a diagonal correction, by Woodbury | O(k·P); block Lanczos holds 2·P·(products) while building |
 //! | [`KfacSigma`] | (Ā⊗Ḡ + λI)⁻¹ per layer (K-FAC) | Σ_l (in+1)² + out² |

@@ -56,14 +56,7 @@ impl PivotedCholesky {
         let dmax0 = d.iter().cloned().fold(0.0, f64::max);
         let mut f = Mat::<f64>::zeros(n, rank);
         let mut k = 0usize;
-        let mut state = seed | 1;
-        let mut uniform = || {
-            // xorshift64*: a reproducible stream, enough for pivot sampling
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut uniform = super::solver::uniform_stream(seed);
         let mut g = Mat::<f64>::zeros(n, BLOCK.min(rank.max(1)));
         while k < rank {
             let total: f64 = d.iter().sum();

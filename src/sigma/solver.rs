@@ -94,15 +94,21 @@ pub struct NystromPreconditioner {
     rank: usize,
 }
 
-/// Standard normal deviates from a fixed-seed xorshift generator (Box–Muller).
-pub(crate) fn gaussian_matrix(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
+/// Uniform deviates in (0, 1) from a fixed-seed xorshift generator: a reproducible stream for
+/// sketches and pivot sampling (not for anything that needs statistical quality).
+pub(crate) fn uniform_stream(seed: u64) -> impl FnMut() -> f64 {
     let mut s = seed.max(1);
-    let mut uniform = move || {
+    move || {
         s ^= s << 13;
         s ^= s >> 7;
         s ^= s << 17;
         ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
+    }
+}
+
+/// Standard normal deviates from [`uniform_stream`] (Box–Muller).
+pub(crate) fn gaussian_matrix(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
+    let mut uniform = uniform_stream(seed);
     Mat::from_fn(rows, cols, |_, _| {
         let (a, b) = (uniform(), uniform());
         (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()
@@ -303,6 +309,18 @@ pub fn conjugate_gradient(
     b: MatRef<'_, f64>,
     settings: &CgSettings,
 ) -> Result<(Mat<f64>, CgReport)> {
+    let (x, report, _) = conjugate_gradient_with_product(a, pre, b, settings)?;
+    Ok((x, report))
+}
+
+/// [`conjugate_gradient`], also returning A·X: the product its final true residual was
+/// computed from, for a caller that needs it (the kernel method's quadratic forms).
+pub(crate) fn conjugate_gradient_with_product(
+    a: &dyn LinOp,
+    pre: &dyn Preconditioner,
+    b: MatRef<'_, f64>,
+    settings: &CgSettings,
+) -> Result<(Mat<f64>, CgReport, Mat<f64>)> {
     let (p, k) = (b.nrows(), b.ncols());
     if p != a.dim() {
         return Err(Error::shape(
@@ -423,6 +441,7 @@ pub fn conjugate_gradient(
             converged,
             preconditioner: pre.name(),
         },
+        ax,
     ))
 }
 
