@@ -124,6 +124,11 @@ pub enum Error {
         hint: String,
     },
 
+    /// The caller's stop check ([`crate::Progress::with_stop`]) asked to stop (Ctrl-C in the
+    /// Python package); nothing was returned.
+    #[error("interrupted at {0}")]
+    Interrupted(String),
+
     /// A file could not be read or written.
     #[error("I/O error on {path}: {source}")]
     Io {

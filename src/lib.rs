@@ -14,7 +14,9 @@
 //! 4. [`sigma`] — Σ as a linear operator ([`SigmaOp`]), the full inverse by dense Cholesky, the
 //!    exact N×N kernel, or preconditioned CG;
 //! 5. [`delta`] — ΔVar for blocks of query gradients or query factors;
-//! 6. [`seed`] — the Python package's functions by their names; [`prelude`] — the common imports.
+//! 6. [`seed`] — the Python package's functions by their names; [`prelude`] — the common imports;
+//! 7. [`pipeline`] — the whole pipeline behind one call (a model from its files, ΔVar as one
+//!    report), what the CLI and the Python package (`python/`) call.
 //!
 //! The `cli` feature (default) adds the `deltavar` binary and the demo.
 //!
@@ -65,6 +67,7 @@ pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod params;
+pub mod pipeline;
 pub mod prelude;
 pub mod progress;
 pub mod qoi;

@@ -276,23 +276,23 @@ pub fn uncertainty_metrics(e: &[f64], v: &[f64]) -> Result<UncertaintyMetrics> {
 }
 
 /// The held-out errors eᵢ = targetᵢ − QoI valueᵢ of a scalar QoI at M held-out points, the
-/// targets read from the `.npy` file `targets`: column K for `output:K`, the row's sum for
+/// targets read from `targets` (an `.npy` file or an array in memory): column K for `output:K`, the row's sum for
 /// `sum`, 1[y = K] for `prob:K` (class labels, shape (M,)). What `evaluate` and `calibrate`
 /// score ΔVar against.
 pub fn held_out_errors(
     qoi: &crate::qoi::Qoi,
-    targets: impl AsRef<std::path::Path>,
+    targets: &crate::data::NpyArray,
     values: &[f64],
 ) -> Result<Vec<f64>> {
-    let t = qoi_targets(qoi, targets.as_ref(), values.len())?;
+    let t = qoi_targets(qoi, targets, values.len())?;
     Ok(t.iter().zip(values).map(|(y, f)| y - f).collect())
 }
 
 /// The QoI's target per held-out point: y[:, k] for output:K, Σ_k y[:, k] for sum, 1[y = k] for
 /// prob:K (class labels).
-fn qoi_targets(qoi: &crate::qoi::Qoi, path: &std::path::Path, m: usize) -> Result<Vec<f64>> {
-    use crate::data::{NpyArray, RowsRef};
-    let a = NpyArray::open(path)?;
+fn qoi_targets(qoi: &crate::qoi::Qoi, a: &crate::data::NpyArray, m: usize) -> Result<Vec<f64>> {
+    use crate::data::RowsRef;
+    let path = a.path();
     let bad = |detail: String| Error::BadFile {
         path: path.display().to_string(),
         detail,

@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use clap::{Parser, Subcommand};
-use deltavar::data::{NpyArray, RowsRef};
-use deltavar::model::{MlpSpec, SeqSpec};
+use deltavar::data::NpyArray;
+use deltavar::pipeline::{
+    self, machine_memory_budget, parse_dtype, row_shape, FisherInput, ModelSpec, Network,
+    SigmaChoice, VarianceRequest,
+};
 use deltavar::*;
 
 #[derive(Parser)]
@@ -233,224 +236,24 @@ struct DemoArgs {
     out: PathBuf,
 }
 
-fn dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f64" => Ok(DType::F64),
-        _ => Err(Error::invalid("--dtype", s, "expected f32 or f64")),
-    }
-}
-
-/// The model the CLI runs: an MLP (`mlp:`), any `nn.Sequential` (`seq:`) or a graph (`onnx:`).
-enum Model {
-    Mlp(Mlp),
-    Graph(GraphEngine),
-}
-
-impl Model {
-    fn num_params(&self) -> usize {
-        match self {
-            Model::Mlp(m) => m.num_params(),
-            Model::Graph(g) => g.num_params(),
-        }
-    }
-    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(match self {
-            Model::Mlp(m) => m.named_tensors(),
-            Model::Graph(g) => g.named_tensors()?,
+impl ModelArgs {
+    fn spec(&self) -> Result<ModelSpec> {
+        Ok(ModelSpec {
+            arch: self.arch.clone(),
+            weights: self.weights.clone(),
+            prefix: self.prefix.clone(),
+            layer_names: self
+                .layer_names
+                .as_ref()
+                .map(|s| s.split(',').map(|x| x.trim().to_string()).collect()),
+            dtype: parse_dtype(&self.dtype)?,
         })
     }
-    fn input_shape(&self) -> Vec<usize> {
-        match self {
-            Model::Mlp(m) => vec![m.sizes()[0]],
-            Model::Graph(g) => g.input_shape().to_vec(),
-        }
-    }
-    /// Whether the inputs are integers (token ids).
-    fn int_input(&self) -> bool {
-        matches!(self, Model::Graph(g) if g.graph().input_type != deltavar::graph::ElemType::Float)
-    }
-}
-
-fn check_exists(p: &Path) -> Result<()> {
-    if !p.exists() {
-        return Err(Error::Io {
-            path: p.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-        });
-    }
-    Ok(())
 }
 
 /// The per-example shape of an .npy file's rows.
-fn row_shape(path: &Path) -> Result<Vec<usize>> {
-    let a = NpyArray::open(path)?;
-    Ok(match a.shape() {
-        [] | [_] => vec![1],
-        s => s[1..].to_vec(),
-    })
-}
-
-/// The batch size: as given, else 256 for an MLP and 32 for a graph (`seq:` and `onnx:`; their
-/// fastest on the peers' workloads: a convolution's patches of 256 examples fall out of cache).
-fn batch_size(m: &ModelArgs, net: &Model) -> usize {
-    m.batch_size.unwrap_or(match net {
-        Model::Mlp(_) => 256,
-        Model::Graph(_) => 32,
-    })
-}
-
-/// Loads the model; a `seq:` model takes its per-example input shape from `input_shape` (the
-/// rows of the data it will see). With `rollout` > 1 an `mlp:` architecture is run as the
-/// equivalent `seq:` model (its default nn.Sequential names).
-fn load_model(m: &ModelArgs, input_shape: Option<&[usize]>, rollout: usize) -> Result<Model> {
-    let dt = dtype(&m.dtype)?;
-    if let Some(path) = m.arch.trim_start().strip_prefix("onnx:") {
-        let path = Path::new(path.trim());
-        check_exists(path)?;
-        if let Some(w) = &m.weights {
-            check_exists(w)?;
-        }
-        let shape = input_shape.ok_or_else(|| {
-            Error::invalid(
-                "--arch",
-                &m.arch,
-                "an onnx: model needs data to take its input shape from",
-            )
-        })?;
-        let g = deltavar::graph::Graph::from_onnx(path, m.weights.as_deref())?;
-        return Ok(Model::Graph(GraphEngine::new(g, shape, dt)?));
-    }
-    let weights = m.weights.as_ref().ok_or_else(|| {
-        Error::invalid(
-            "--weights",
-            "missing",
-            "mlp: and seq: architectures read their weights from a safetensors state dict",
-        )
-    })?;
-    check_exists(weights)?;
-    let spec: SeqSpec = if m.arch.trim_start().starts_with("seq:") {
-        m.arch.parse()?
-    } else {
-        let arch: MlpSpec = m.arch.parse()?;
-        if rollout <= 1 {
-            return load_mlp(m, &arch, dt).map(Model::Mlp);
-        }
-        if m.layer_names.is_some() {
-            return Err(Error::invalid(
-                "--layer-names",
-                m.layer_names.as_deref().unwrap_or_default(),
-                "a rollout of an mlp: architecture uses the default nn.Sequential names; write it as seq:linear(..),ACT,... instead",
-            ));
-        }
-        arch.to_seq()
-    };
-    let shape = input_shape.ok_or_else(|| {
-        Error::invalid(
-            "--arch",
-            &m.arch,
-            "a seq: model needs data to take its input shape from",
-        )
-    })?;
-    let seq = Sequential::load_safetensors(weights, spec, shape, dt, &m.prefix)?;
-    Ok(Model::Graph(GraphEngine::from_sequential(&seq)?))
-}
-
-fn load_mlp(m: &ModelArgs, arch: &MlpSpec, dt: DType) -> Result<Mlp> {
-    let names: Option<Vec<String>> = m
-        .layer_names
-        .as_ref()
-        .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
-    let weights = m.weights.as_ref().ok_or_else(|| {
-        Error::invalid(
-            "--weights",
-            "missing",
-            "an mlp: architecture reads its weights from a safetensors state dict",
-        )
-    })?;
-    let (mlp, _varmap) = Mlp::load_safetensors(
-        weights,
-        arch.activation,
-        dt,
-        &Device::Cpu,
-        &m.prefix,
-        names.as_deref(),
-    )?;
-    if mlp.sizes() != arch.sizes.as_slice() {
-        return Err(Error::invalid(
-            "--arch",
-            &m.arch,
-            format!(
-                "the weights in {} have layer widths {:?}",
-                weights.display(),
-                mlp.sizes()
-            ),
-        ));
-    }
-    Ok(mlp)
-}
-
-/// The queries as a tensor of shape (M, *shape) in `dt` (int64 for a model with integer inputs),
-/// checked finite.
-fn read_queries(path: &Path, shape: &[usize], dt: DType, int_input: bool) -> Result<Tensor> {
-    let a = NpyArray::open(path)?;
-    let width: usize = shape.iter().product();
-    if a.shape().len() < 2 || a.shape()[1..] != *shape {
-        return Err(Error::BadFile {
-            path: path.display().to_string(),
-            detail: format!(
-                "queries must have shape (M, {}) for this model, got {:?}",
-                shape
-                    .iter()
-                    .map(|d| d.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                a.shape()
-            ),
-        });
-    }
-    let rows = a.rows();
-    let mut full = vec![rows];
-    full.extend_from_slice(shape);
-    let t = match a.rows_ref(0, rows)? {
-        RowsRef::I64(v) if int_input => {
-            return Ok(Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?)
-        }
-        RowsRef::F32(v) => Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?,
-        RowsRef::F64(v) => Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?,
-        RowsRef::I64(_) => {
-            return Err(Error::BadFile {
-                path: path.display().to_string(),
-                detail: "queries must be float32 or float64".into(),
-            })
-        }
-    };
-    if int_input {
-        return Ok(t.to_dtype(DType::I64)?);
-    }
-    let vals = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    if let Some(k) = vals.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite {
-            what: format!("queries {}", path.display()),
-            detail: format!("row {}, element {} is {}", k / width, k % width, vals[k]),
-        });
-    }
-    Ok(t.to_dtype(dt)?)
-}
-
-/// The default memory budget: 80% of the memory available now (Linux `MemAvailable`), at least
-/// the library's 4 GiB; the library's default where it cannot be read.
-fn machine_memory_budget() -> u64 {
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-    });
-    match available {
-        Some(kb) => (kb.saturating_mul(1024) / 10 * 8).max(DEFAULT_MEMORY_BUDGET),
-        None => DEFAULT_MEMORY_BUDGET,
-    }
+fn file_row_shape(path: &Path) -> Result<Vec<usize>> {
+    Ok(row_shape(&NpyArray::open(path)?))
 }
 
 /// Where an iterative solve's progress lines go: a spinner line on a terminal, plain
@@ -480,67 +283,13 @@ fn progress_bar(total: usize, quiet: bool) -> indicatif::ProgressBar {
     pb
 }
 
-/// `variance`: Σ from the training data or a saved Fisher, query factors, ΔVar.
-/// What `variance` computed, with the options its output reports.
-struct Computed {
-    out: MlpDeltaVariances,
-    /// The delta variances by layer (for `calibrate` and `--calibration`), and the calibration
-    /// applied to `out.delta_variance`.
-    groups: Option<Groups>,
-    /// `--qoi outputs`: the per-query output covariances.
-    cov: Option<DeltaCovariances>,
-    sigma_name: &'static str,
-    damping: f64,
-    posterior_scale: bool,
-    rollout: usize,
-    json: bool,
-    t0: Instant,
-}
-
-/// The per-layer split of a `variance` run.
-struct Groups {
-    groups: Vec<deltavar::calibration::ParamGroup>,
-    blocks: Vec<Vec<f64>>,
-    calibration: Option<deltavar::calibration::Calibration>,
-}
-
-/// Applies `--calibration` (when given) to a per-layer split: the delta variances become
-/// Σ_l s_l·ΔVar_l.
-fn finish_groups(
-    out: &mut MlpDeltaVariances,
-    groups: Vec<deltavar::calibration::ParamGroup>,
-    blocks: Vec<Vec<f64>>,
-    file: Option<&Path>,
-) -> Result<Groups> {
-    let calibration = match file {
-        None => None,
-        Some(f) => {
-            let c = deltavar::calibration::Calibration::load(f)?;
-            c.check_groups(&groups)?;
-            if c.sigma != out.sigma {
-                return Err(Error::invalid(
-                    "--calibration",
-                    f.display(),
-                    format!(
-                        "its scales were fitted for Sigma '{}', this run uses '{}'; calibrate again with this Sigma",
-                        c.sigma, out.sigma
-                    ),
-                ));
-            }
-            out.delta_variance = c.apply(&blocks)?;
-            Some(c)
-        }
-    };
-    Ok(Groups {
-        groups,
-        blocks,
-        calibration,
-    })
-}
-
-/// The `variance` pipeline: Σ from the training data or a saved Fisher, query gradients, ΔVar;
-/// split by layer when `want_groups` or `--calibration`.
-fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
+/// The library's request for the `variance` options, with the model and the queries; `split`
+/// asks for the per-layer split (`calibrate`).
+fn request(
+    a: VarianceArgs,
+    split: bool,
+    data: &mut Option<MmapNpyDataset>,
+) -> Result<(Network, Tensor, VarianceRequest<'_>, bool)> {
     let VarianceArgs {
         model,
         queries,
@@ -564,26 +313,17 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         rollout,
         quiet,
     } = a;
-    let t0 = Instant::now();
-    let split = want_groups || calibration.is_some();
     let queries = queries
         .ok_or_else(|| Error::invalid("--queries", "missing", "give the query inputs (.npy)"))?;
-    let qshape = row_shape(&queries)?;
-    let net = load_model(&model, Some(&qshape), rollout)?;
-    // `outputs`: the covariance of every output (a vector QoI)
-    let outputs = qoi.trim() == "outputs";
-    let qoi: Qoi = if outputs { Qoi::Sum } else { qoi.parse()? };
-    // `kfac`: the Kronecker-factored Σ on the graph engine (an MLP runs as its graph)
-    let kfac = sigma.trim() == "kfac";
-    let strategy: SigmaStrategy = if kfac {
-        SigmaStrategy::Identity
-    } else {
-        sigma.parse()?
+    let queries = NpyArray::open(&queries)?;
+    let net = Network::load(&model.spec()?, Some(&row_shape(&queries)), rollout)?;
+    let q = net.queries(&queries)?;
+    let sigma_choice: SigmaChoice = sigma.parse()?;
+    let missing = |what: &str| Error::MissingInput {
+        strategy: sigma.clone(),
+        missing: what.into(),
     };
-    let sigma_name = if kfac { "kfac" } else { strategy.name() };
-    let in_shape = net.input_shape();
-    let q = read_queries(&queries, &in_shape, dtype(&model.dtype)?, net.int_input())?;
-    let mut opts = SigmaOptions {
+    let mut options = SigmaOptions {
         damping,
         posterior_scale,
         full_method: method.parse()?,
@@ -591,92 +331,11 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
         memory_budget: memory_budget.unwrap_or_else(machine_memory_budget),
         ..Default::default()
     };
-    opts.cg.progress = solve_progress(quiet);
-    opts.cg.tol = cg_tol;
-    opts.cg.max_iter = cg_max_iter;
-    opts.cg.preconditioner = cg_preconditioner.parse()?;
-    // the automatic method choice plans for the queries at hand
-    opts.expected_queries = q.dim(0)?.max(1);
-    let eo = FactoredOptions {
-        batch_size: batch_size(&model, &net),
-        threads: 0,
-    };
-    let missing = |what: &str| Error::MissingInput {
-        strategy: sigma.clone(),
-        missing: what.into(),
-    };
-    if kfac {
-        if outputs {
-            return Err(Error::invalid(
-                "--qoi",
-                "outputs",
-                "--sigma kfac takes a scalar QoI (sum, output:K, prob:K)",
-            ));
-        }
-        let (Some(x), Some(y), None) = (train_x, train_y, fisher.as_ref()) else {
-            return Err(missing(
-                "training data (--train-x, --train-y, --likelihood); a saved Fisher has no K-FAC factors",
-            ));
-        };
-        let lik: Likelihood = likelihood
-            .as_deref()
-            .ok_or_else(|| missing("--likelihood gaussian[:SIGMA]|categorical"))?
-            .parse()?;
-        let data = MmapNpyDataset::open(x, y)?;
-        // an MLP runs as its graph here (K-FAC factors come from the graph engine)
-        let as_graph;
-        let engine = match &net {
-            Model::Graph(g) => g,
-            Model::Mlp(m) => {
-                as_graph = GraphEngine::from_mlp(m)?;
-                &as_graph
-            }
-        };
-        let groups = if split {
-            Some(deltavar::delta::named_groups(&engine.named_tensors()?))
-        } else {
-            None
-        };
-        let g = kfac_delta_variances_with(
-            engine,
-            &lik,
-            &data,
-            qoi,
-            &q,
-            rollout,
-            damping,
-            posterior_scale,
-            groups,
-            &eo,
-        )?;
-        let mut out = g.result;
-        let groups = if split {
-            Some(finish_groups(
-                &mut out,
-                g.groups,
-                g.blocks,
-                calibration.as_deref(),
-            )?)
-        } else {
-            None
-        };
-        return Ok(Computed {
-            out,
-            groups,
-            cov: None,
-            sigma_name,
-            damping,
-            posterior_scale,
-            rollout,
-            json,
-            t0,
-        });
-    }
-    let needs_fisher = !matches!(strategy, SigmaStrategy::Identity);
-    // the Fisher source: a saved pass, or the training data on the model's engine; both then
-    // run the same pipeline
-    let data;
-    let source: Option<Box<dyn FisherSource + '_>> = match (fisher, train_x, train_y) {
+    options.cg.progress = solve_progress(quiet);
+    options.cg.tol = cg_tol;
+    options.cg.max_iter = cg_max_iter;
+    options.cg.preconditioner = cg_preconditioner.parse()?;
+    let fisher = match (fisher, train_x, train_y) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
             return Err(Error::invalid(
                 "--fisher",
@@ -684,222 +343,63 @@ fn compute_variances(a: VarianceArgs, want_groups: bool) -> Result<Computed> {
                 "give either a saved Fisher or training data, not both",
             ))
         }
-        _ if !needs_fisher => None,
-        (Some(f), None, None) => {
-            let art = FisherArtifact::load(f)?.with_partial_allowed(allow_partial);
-            art.check_tensors(&net.named_tensors()?)?;
-            if let Some(w) = art.check_complete()? {
-                eprintln!("{w}");
-            }
-            Some(Box::new(art))
-        }
+        (Some(f), None, None) => FisherInput::Saved(Box::new(
+            FisherArtifact::load(f)?.with_partial_allowed(allow_partial),
+        )),
         (None, Some(x), Some(y)) => {
-            let lik: Likelihood = likelihood
+            let likelihood: Likelihood = likelihood
                 .as_deref()
                 .ok_or_else(|| {
                     missing("--likelihood gaussian[:SIGMA]|categorical with the training data")
                 })?
                 .parse()?;
-            let xs = row_shape(&x)?;
-            if xs != in_shape {
-                return Err(Error::BadFile {
-                        path: x.display().to_string(),
-                        detail: format!(
-                            "training inputs have rows of shape {xs:?}, the model (and the queries) take {in_shape:?}"
-                        ),
-                    });
-            }
-            data = MmapNpyDataset::open(x, y)?;
-            match &net {
-                Model::Mlp(m) => Some(Box::new(
-                    FactoredFisher::new(m, lik, &data, eo.clone())?
-                        .with_progress(opts.cg.progress.clone()),
-                )),
-                Model::Graph(g) => Some(Box::new(
-                    GraphFisher::with_engine(g.clone(), lik, &data, eo.clone())
-                        .with_progress(opts.cg.progress.clone()),
-                )),
+            FisherInput::Data {
+                data: data.insert(MmapNpyDataset::open(x, y)?),
+                likelihood,
             }
         }
         (None, Some(_), None) | (None, None, Some(_)) => {
             return Err(missing("both --train-x and --train-y"))
         }
-        (None, None, None) => {
-            return Err(missing(
-                "training data (--train-x, --train-y, --likelihood) or a saved Fisher (--fisher)",
-            ))
-        }
+        (None, None, None) => FisherInput::None,
     };
-    if outputs && split {
-        return Err(Error::invalid(
-            "--qoi",
-            "outputs",
-            "per-layer scales (calibrate, --calibration) take a scalar QoI (sum, output:K, prob:K)",
-        ));
-    }
-    if outputs {
-        let c = match &net {
-            Model::Mlp(m) => {
-                mlp_delta_covariances_with(m, &q, strategy, &opts, source.as_deref(), &eo)?
-            }
-            Model::Graph(g) => engine_delta_covariances_with(
-                g,
-                &q,
-                rollout,
-                strategy,
-                &opts,
-                source.as_deref(),
-                &eo,
-            )?,
-        };
-        let out = c.diagonal(source.as_ref().map(|f| f.num_examples()).unwrap_or(0))?;
-        return Ok(Computed {
-            out,
-            groups: None,
-            cov: Some(c),
-            sigma_name,
-            damping,
-            posterior_scale,
-            rollout,
-            json,
-            t0,
-        });
-    }
-    if split {
-        let g = match &net {
-            Model::Mlp(m) => {
-                mlp_group_delta_variances_with(m, qoi, &q, strategy, &opts, source.as_deref(), &eo)?
-            }
-            Model::Graph(g) => engine_group_delta_variances_with(
-                g,
-                deltavar::delta::named_groups(&g.named_tensors()?),
-                qoi,
-                &q,
-                rollout,
-                strategy,
-                &opts,
-                source.as_deref(),
-                &eo,
-            )?,
-        };
-        let mut out = g.result;
-        let groups = finish_groups(&mut out, g.groups, g.blocks, calibration.as_deref())?;
-        return Ok(Computed {
-            out,
-            groups: Some(groups),
-            cov: None,
-            sigma_name,
-            damping,
-            posterior_scale,
-            rollout,
-            json,
-            t0,
-        });
-    }
-    let out = match &net {
-        Model::Mlp(m) => {
-            mlp_delta_variances_with(m, qoi, &q, strategy, &opts, source.as_deref(), &eo)?
-        }
-        Model::Graph(g) => engine_delta_variances_with(
-            g,
-            qoi,
-            &q,
-            rollout,
-            strategy,
-            &opts,
-            source.as_deref(),
-            &eo,
-        )?,
+    let calibration = match calibration {
+        Some(f) => Some((
+            deltavar::calibration::Calibration::load(&f)?,
+            f.display().to_string(),
+        )),
+        None => None,
     };
-    Ok(Computed {
-        out,
-        groups: None,
-        cov: None,
-        sigma_name,
-        damping,
-        posterior_scale,
+    let req = VarianceRequest {
+        qoi: qoi.parse()?,
+        sigma: sigma_choice,
+        options,
+        fisher,
         rollout,
-        json,
-        t0,
-    })
+        batch_size: model.batch_size,
+        split,
+        calibration,
+    };
+    Ok((net, q, req, json))
 }
 
 fn variance(a: VarianceArgs) -> Result<()> {
-    let Computed {
-        out,
-        groups,
-        cov,
-        sigma_name,
-        damping,
-        posterior_scale,
-        rollout,
-        json,
-        t0,
-    } = compute_variances(a, false)?;
+    let t0 = Instant::now();
+    let mut data = None;
+    let (net, q, req, json) = request(a, false, &mut data)?;
+    let r = pipeline::variances(&net, &q, req)?;
+    for w in &r.warnings {
+        eprintln!("{w}");
+    }
     let seconds = t0.elapsed().as_secs_f64();
-    if let (true, Some(c)) = (json, &cov) {
-        let k = c.outputs.first().map(|o| o.len()).unwrap_or(0);
-        let nested: Vec<Vec<Vec<f64>>> = c
-            .covariance
-            .iter()
-            .map(|m| m.chunks(k.max(1)).map(|r| r.to_vec()).collect())
-            .collect();
-        let diag: Vec<Vec<f64>> = out
-            .delta_variance
-            .chunks(k.max(1))
-            .map(|r| r.to_vec())
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({
-                "qoi": c.outputs,
-                "delta_variance": diag,
-                "covariance": nested,
-                "sigma": sigma_name,
-                "method": out.method.as_ref().map(|m| m.method.name()),
-                "method_reason": out.method.as_ref().map(|m| m.reason.clone()),
-                "num_params": out.num_params,
-                "num_train": out.num_train,
-                "damping": damping,
-                "posterior_scale": posterior_scale,
-                "rollout": rollout,
-                "seconds": seconds,
-            })
-        );
-        return Ok(());
-    }
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "delta_variance": out.delta_variance,
-                "qoi": out.qoi,
-                "sigma": sigma_name,
-                "method": out.method.as_ref().map(|m| m.method.name()),
-                "method_reason": out.method.as_ref().map(|m| m.reason.clone()),
-                "cg": out.cg,
-                "lowrank": out.lowrank,
-                "calibration": groups.as_ref().and_then(|g| g.calibration.as_ref()).map(|c| serde_json::json!({
-                    "scales": c.scales,
-                    "groups": c.groups.iter().map(|g| g.name.clone()).collect::<Vec<_>>(),
-                    "beta": c.beta,
-                })),
-                "predictive_variance": groups.as_ref().and_then(|g| g.calibration.as_ref()).map(|c| {
-                    out.delta_variance.iter().map(|v| v + c.beta).collect::<Vec<_>>()
-                }),
-                "path": out.path,
-                "num_params": out.num_params,
-                "num_train": out.num_train,
-                "damping": damping,
-                "posterior_scale": posterior_scale,
-                "rollout": rollout,
-                "seconds": seconds,
-            })
-        );
+        println!("{}", r.to_json(seconds));
         return Ok(());
     }
+    let out = &r.result;
     println!(
-        "sigma {sigma_name}{}  P = {}  N = {}  ({seconds:.3} s)",
+        "sigma {}{}  P = {}  N = {}  ({seconds:.3} s)",
+        r.sigma,
         out.method
             .as_ref()
             .map(|m| format!(" ({})", m.method.name()))
@@ -932,8 +432,7 @@ fn fim(a: FimArgs) -> Result<()> {
         quiet,
     } = a;
     let t0 = Instant::now();
-    let net = load_model(&model, Some(&row_shape(&train_x)?), 1)?;
-    let lik: Likelihood = likelihood.parse()?;
+    let net = Network::load(&model.spec()?, Some(&file_row_shape(&train_x)?), 1)?;
     let data = MmapNpyDataset::open(&train_x, &train_y)?;
     let mut opts = PassOptions {
         kind: kind.parse()?,
@@ -942,7 +441,7 @@ fn fim(a: FimArgs) -> Result<()> {
             .map(deltavar::fisher::parse_shard)
             .transpose()?,
         engine: FactoredOptions {
-            batch_size: batch_size(&model, &net),
+            batch_size: model.batch_size.unwrap_or(net.default_batch_size()),
             threads: 0,
         },
         ..Default::default()
@@ -955,10 +454,7 @@ fn fim(a: FimArgs) -> Result<()> {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     };
-    let art = match &net {
-        Model::Mlp(m) => fisher_pass(m, lik, &likelihood, &data, &opts, &mut progress)?,
-        Model::Graph(g) => fisher_pass_graph(g, lik, &likelihood, &data, &opts, &mut progress)?,
-    };
+    let art = net.fisher_pass(&likelihood, &data, &opts, &mut progress)?;
     pb.finish_and_clear();
     art.save(&out)?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -994,20 +490,21 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
         val_y,
         plot,
     } = a;
-    let qoi = held_out_queries(&mut v, val_x, "evaluate")?;
-    let c = compute_variances(v, false)?;
-    let e = deltavar::metrics::held_out_errors(&qoi, &val_y, &c.out.qoi)?;
-    let m = deltavar::metrics::uncertainty_metrics(&e, &c.out.delta_variance)?;
-    deltavar::demo::evaluation_plot(&plot, &e, &c.out.delta_variance, &m)?;
-    let seconds = c.t0.elapsed().as_secs_f64();
-    if c.json {
+    let t0 = Instant::now();
+    held_out_queries(&mut v, val_x, "evaluate")?;
+    let mut data = None;
+    let (net, q, req, json) = request(v, false, &mut data)?;
+    let (m, e, r) = pipeline::evaluate(&net, &q, &NpyArray::open(&val_y)?, req)?;
+    deltavar::demo::evaluation_plot(&plot, &e, &r.result.delta_variance, &m)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    if json {
         println!(
             "{}",
             serde_json::json!({
                 "metrics": m,
-                "sigma": c.sigma_name,
-                "damping": c.damping,
-                "posterior_scale": c.posterior_scale,
+                "sigma": r.sigma,
+                "damping": r.damping,
+                "posterior_scale": r.posterior_scale,
                 "plot": plot.display().to_string(),
                 "seconds": seconds,
             })
@@ -1022,7 +519,7 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
         "{} held-out points, sigma {}: spearman {}, pearson {}, removal AUC {:.4} (oracle {:.4}), \
          alpha {:.4e}, beta {:.4e}, NLL {:.4}  ({seconds:.3} s) -> {}",
         m.m,
-        c.sigma_name,
+        r.sigma,
         opt(m.spearman),
         opt(m.pearson),
         m.removal_auc,
@@ -1035,9 +532,8 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
     Ok(())
 }
 
-/// For the held-out subcommands: --val-x becomes the queries (--queries refused) and the QoI
-/// must be scalar; returns it.
-fn held_out_queries(v: &mut VarianceArgs, val_x: PathBuf, cmd: &str) -> Result<Qoi> {
+/// For the held-out subcommands: --val-x becomes the queries (--queries refused).
+fn held_out_queries(v: &mut VarianceArgs, val_x: PathBuf, cmd: &str) -> Result<()> {
     if v.queries.is_some() {
         return Err(Error::invalid(
             "--queries",
@@ -1045,15 +541,8 @@ fn held_out_queries(v: &mut VarianceArgs, val_x: PathBuf, cmd: &str) -> Result<Q
             format!("{cmd} reads its queries from --val-x"),
         ));
     }
-    if v.qoi.trim() == "outputs" {
-        return Err(Error::invalid(
-            "--qoi",
-            "outputs",
-            format!("{cmd} takes a scalar QoI (sum, output:K, prob:K)"),
-        ));
-    }
     v.queries = Some(val_x);
-    v.qoi.parse()
+    Ok(())
 }
 
 /// `calibrate`: per-layer Σ scales fitted on held-out data, written as JSON.
@@ -1064,31 +553,21 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
         val_y,
         out,
     } = a;
-    if v.calibration.is_some() {
-        return Err(Error::invalid(
-            "--calibration",
-            "given",
-            "calibrate fits the scales; give --calibration to variance or evaluate",
-        ));
-    }
-    let qoi = held_out_queries(&mut v, val_x, "calibrate")?;
-    let c = compute_variances(v, true)?;
-    let g = c
-        .groups
-        .ok_or_else(|| Error::Unsupported("no per-layer split was computed".into()))?;
-    let e = deltavar::metrics::held_out_errors(&qoi, &val_y, &c.out.qoi)?;
-    let fit = deltavar::calibration::fit_calibration(
-        &e,
-        &g.blocks,
-        &g.groups,
-        &c.out.sigma,
+    let t0 = Instant::now();
+    held_out_queries(&mut v, val_x, "calibrate")?;
+    let mut data = None;
+    let (net, q, req, json) = request(v, true, &mut data)?;
+    let c = pipeline::calibrate(
+        &net,
+        &q,
+        &NpyArray::open(&val_y)?,
+        req,
         &deltavar::calibration::CalibrationOptions::default(),
     )?;
-    // the one-scale fit (α·ΔVar + β) on the same points, to compare
-    let one = deltavar::metrics::uncertainty_metrics(&e, &c.out.delta_variance)?;
+    let (fit, one) = (&c.calibration, &c.one_scale);
     fit.save(&out)?;
-    let seconds = c.t0.elapsed().as_secs_f64();
-    if c.json {
+    let seconds = t0.elapsed().as_secs_f64();
+    if json {
         println!(
             "{}",
             serde_json::json!({
@@ -1105,7 +584,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     println!(
         "{} held-out points, sigma {}: mean NLL {:.6} with one scale per layer, {:.6} with one scale (alpha {:.4e}){}  ({seconds:.3} s) -> {}",
         fit.num_points,
-        c.sigma_name,
+        c.variances.sigma,
         fit.nll,
         one.nll,
         one.alpha,

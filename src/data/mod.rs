@@ -8,7 +8,7 @@ pub mod npy;
 
 use candle_core::{Device, Tensor};
 
-pub use npy::{read_vector, write_npy, NpyArray, NpyDtype, RowsRef};
+pub use npy::{read_vector, write_npy, NpyArray, NpyDtype, RowsBuf, RowsRef};
 
 use crate::error::{Error, Result};
 
@@ -73,8 +73,12 @@ pub struct MmapNpyDataset {
 impl MmapNpyDataset {
     /// Maps both files and checks them against each other.
     pub fn open(x: impl AsRef<std::path::Path>, y: impl AsRef<std::path::Path>) -> Result<Self> {
-        let x = NpyArray::open(x)?;
-        let y = NpyArray::open(y)?;
+        Self::from_arrays(NpyArray::open(x)?, NpyArray::open(y)?)
+    }
+
+    /// Pairs two arrays, mapped files or in memory ([`NpyArray::from_rows`]), with the checks of
+    /// [`MmapNpyDataset::open`]: in memory, the engines read them as they read a file's mapping.
+    pub fn from_arrays(x: NpyArray, y: NpyArray) -> Result<Self> {
         if x.shape().len() < 2 {
             return Err(Error::BadFile {
                 path: x.path().display().to_string(),

@@ -1,4 +1,5 @@
-//! `.npy` files, memory-mapped (memmap2): header parsing, validation and zero-copy row views.
+//! `.npy` files, memory-mapped (memmap2): header parsing, validation and zero-copy row views;
+//! the same arrays held in memory ([`NpyArray::from_rows`]).
 //!
 //! Supported: C-order arrays of little-endian f32 (`<f4`), f64 (`<f8`) and i64 (`<i8`), format
 //! versions 1.0–3.0. Anything else (Fortran order, other dtypes, big-endian, a file shorter than
@@ -43,13 +44,61 @@ pub enum RowsRef<'a> {
     I64(&'a [i64]),
 }
 
-/// A memory-mapped `.npy` array. Memory: the mapping only (pages are read on demand and can be
-/// dropped by the OS), so files far larger than RAM work.
+/// An owned run of rows: the data of an in-memory [`NpyArray`].
+#[derive(Debug, Clone)]
+pub enum RowsBuf {
+    /// f32 data.
+    F32(Vec<f32>),
+    /// f64 data.
+    F64(Vec<f64>),
+    /// i64 data.
+    I64(Vec<i64>),
+}
+
+impl RowsBuf {
+    /// The data borrowed.
+    pub fn as_ref(&self) -> RowsRef<'_> {
+        match self {
+            RowsBuf::F32(v) => RowsRef::F32(v),
+            RowsBuf::F64(v) => RowsRef::F64(v),
+            RowsBuf::I64(v) => RowsRef::I64(v),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            RowsBuf::F32(v) => v.len(),
+            RowsBuf::F64(v) => v.len(),
+            RowsBuf::I64(v) => v.len(),
+        }
+    }
+    fn dtype(&self) -> NpyDtype {
+        match self {
+            RowsBuf::F32(_) => NpyDtype::F32,
+            RowsBuf::F64(_) => NpyDtype::F64,
+            RowsBuf::I64(_) => NpyDtype::I64,
+        }
+    }
+}
+
+/// Where an [`NpyArray`]'s elements live.
+#[derive(Debug)]
+enum Storage {
+    /// A memory-mapped file; the data start `offset` bytes in.
+    Mapped { mmap: Mmap, offset: usize },
+    /// Owned, in memory (arrays handed over by a caller, e.g. the Python package's NumPy arrays).
+    Owned(RowsBuf),
+}
+
+/// A C-order array of f32, f64 or i64: a memory-mapped `.npy` file ([`NpyArray::open`]) or rows
+/// held in memory ([`NpyArray::from_rows`]); both are read the same way, so every reader of
+/// `.npy` data (datasets, queries, held-out targets) takes either.
+///
+/// Memory: a file, the mapping only (pages are read on demand and can be dropped by the OS), so
+/// files far larger than RAM work; in memory, the data themselves.
 #[derive(Debug)]
 pub struct NpyArray {
     path: PathBuf,
-    mmap: Mmap,
-    offset: usize,
+    storage: Storage,
     dtype: NpyDtype,
     shape: Vec<usize>,
     row_len: usize,
@@ -221,15 +270,39 @@ impl NpyArray {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
-            offset,
+            storage: Storage::Mapped { mmap, offset },
             dtype,
             shape,
             row_len,
         })
     }
 
-    /// The file.
+    /// An in-memory array of `shape` holding `data` (C order). `name` stands in for the file
+    /// name in errors (for example "x" or "queries"). A shape whose element count is not the
+    /// data's length is an error.
+    pub fn from_rows(name: &str, shape: &[usize], data: RowsBuf) -> Result<Self> {
+        let path = Path::new(name);
+        let count = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if count != Some(data.len()) {
+            return Err(bad(
+                path,
+                format!(
+                    "shape {shape:?} does not match the {} elements given",
+                    data.len()
+                ),
+            ));
+        }
+        let row_len = shape.iter().skip(1).product();
+        Ok(Self {
+            path: path.to_path_buf(),
+            dtype: data.dtype(),
+            storage: Storage::Owned(data),
+            shape: shape.to_vec(),
+            row_len,
+        })
+    }
+
+    /// The file (for an in-memory array, the name it was given).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -257,17 +330,19 @@ impl NpyArray {
         if super::check_range(self.rows(), start, len).is_err() {
             return;
         }
+        let Storage::Mapped { mmap, offset } = &self.storage else {
+            return;
+        };
         let row_bytes = self.row_len() * self.dtype.size();
         let page = 4096;
-        let a = self.offset + start * row_bytes;
-        let b = (self.offset + (start + len) * row_bytes).min(self.mmap.len());
+        let a = offset + start * row_bytes;
+        let b = (offset + (start + len) * row_bytes).min(mmap.len());
         let (a, b) = (a.div_ceil(page) * page, b / page * page);
         if a < b {
             // SAFETY: a private read-only file mapping: dropped pages are re-read from the
             // unchanged file on the next access, so any live view keeps seeing the same bytes.
             let _ = unsafe {
-                self.mmap
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
             };
         }
     }
@@ -276,8 +351,18 @@ impl NpyArray {
     pub fn rows_ref(&self, start: usize, len: usize) -> Result<RowsRef<'_>> {
         super::check_range(self.rows(), start, len)?;
         let w = self.row_len();
-        let bytes = &self.mmap[self.offset..];
         let (a, b) = (start * w, (start + len) * w);
+        let (mmap, offset) = match &self.storage {
+            Storage::Owned(buf) => {
+                return Ok(match buf {
+                    RowsBuf::F32(v) => RowsRef::F32(&v[a..b]),
+                    RowsBuf::F64(v) => RowsRef::F64(&v[a..b]),
+                    RowsBuf::I64(v) => RowsRef::I64(&v[a..b]),
+                })
+            }
+            Storage::Mapped { mmap, offset } => (mmap, *offset),
+        };
+        let bytes = &mmap[offset..];
         // SAFETY: the region was checked to lie inside the mapping in `open`, its start is
         // aligned (mmap is page-aligned and `offset` is a multiple of the element size), and
         // every bit pattern is a valid f32/f64/i64.

@@ -414,7 +414,7 @@ impl<'a, E: ExampleGradients> NativeStreamed<'a, E> {
                 s + l,
                 self.data.len()
             )
-        });
+        })?;
         self.engine
             .per_example_gradients(self.lik, self.data, s, l, &self.opts)
     }

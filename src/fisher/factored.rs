@@ -216,7 +216,7 @@ impl StreamedFactors<'_, '_> {
                 c + 1,
                 s + l
             )
-        });
+        })?;
         self.fisher.chunk_factors(s, l)
     }
 }

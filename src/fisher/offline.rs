@@ -73,6 +73,10 @@ pub struct PassOptions {
     pub memory_budget: u64,
     /// Batches per progress step (each step runs in parallel on the workers). Default 64.
     pub batches_per_step: usize,
+    /// Its stop check ([`Progress::with_stop`](crate::Progress::with_stop)) is asked after
+    /// every step of a diagonal pass: [`Error::Interrupted`](crate::Error::Interrupted) when it
+    /// says stop. Default none.
+    pub progress: crate::progress::Progress,
 }
 
 impl Default for PassOptions {
@@ -83,6 +87,7 @@ impl Default for PassOptions {
             engine: FactoredOptions::default(),
             memory_budget: super::DEFAULT_MEMORY_BUDGET,
             batches_per_step: 64,
+            progress: crate::progress::Progress::none(),
         }
     }
 }
@@ -264,6 +269,8 @@ fn run_pass(
                 diag.merge(&FisherDiag::from_sums(part, len)?)?;
                 done += len;
                 progress(done, total);
+                opts.progress
+                    .check(|| format!("the Fisher pass, {done} of {total} examples"))?;
             }
             Ok(FisherArtifact {
                 meta,

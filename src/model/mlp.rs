@@ -299,6 +299,14 @@ impl Mlp {
         &self.sizes
     }
 
+    /// The precision of the weights (the first layer's).
+    pub fn dtype(&self) -> candle_core::DType {
+        self.layers
+            .first()
+            .map(|l| l.weight().dtype())
+            .unwrap_or(candle_core::DType::F32)
+    }
+
     /// The activation.
     pub fn activation(&self) -> Activation {
         self.act

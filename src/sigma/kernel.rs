@@ -335,7 +335,7 @@ impl<'a> KernelInverseFisher<'a> {
                 "kernel-cg: Gram matrix of {n} examples (lower half, {:.1} GB)",
                 (n as f64) * (n as f64) * 4.0 / 1e9
             )
-        });
+        })?;
         let mut a = Square::zeros_lower(n)?;
         g.gram_lower_into(a.as_mut())?;
         check_gram_finite(&a)?;
@@ -344,7 +344,7 @@ impl<'a> KernelInverseFisher<'a> {
                 "kernel-cg: Gram matrix done, {:.1} s",
                 t.elapsed().as_secs_f64()
             )
-        });
+        })?;
         let mu = n as f64 * damping;
         let rank = match opts.preconditioner {
             CgPreconditioner::Identity => 0,
@@ -378,7 +378,7 @@ impl<'a> KernelInverseFisher<'a> {
                 pre.rank(),
                 t.elapsed().as_secs_f64()
             )
-        });
+        })?;
         for j in 0..n {
             a.as_mut()[(j, j)] += mu;
         }

@@ -383,7 +383,7 @@ pub(crate) fn conjugate_gradient_with_product(
                 still.len(),
                 start.elapsed().as_secs_f64()
             )
-        });
+        })?;
         // columns whose recursive residual says "converged": check the true residual and
         // restart those that drifted (residual replacement)
         if !done.is_empty() && iterations < settings.max_iter {
