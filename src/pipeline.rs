@@ -420,7 +420,7 @@ pub enum FisherInput<'a> {
     #[default]
     None,
     /// A saved pass ([`Network::fisher_pass`], the CLI's `fim`), checked against the model.
-    Saved(Box<FisherArtifact>),
+    Saved(&'a FisherArtifact),
     /// Training data and the likelihood of its targets.
     Data {
         /// The examples (files or arrays in memory).
@@ -690,7 +690,8 @@ pub fn variances(
     };
     let needs_fisher = !matches!(strategy, SigmaStrategy::Identity);
     let mut warnings = vec![];
-    let source: Option<Box<dyn FisherSource + '_>> = match fisher {
+    let from_data: Option<Box<dyn FisherSource + '_>>;
+    let fisher: Option<&dyn FisherSource> = match fisher {
         _ if !needs_fisher => None,
         FisherInput::Saved(art) => {
             art.check_tensors(&net.named_tensors()?)?;
@@ -700,7 +701,8 @@ pub fn variances(
             Some(art)
         }
         FisherInput::Data { data, likelihood } => {
-            Some(net.fisher_source(likelihood, data, &eo, &options.cg.progress)?)
+            from_data = Some(net.fisher_source(likelihood, data, &eo, &options.cg.progress)?);
+            from_data.as_deref()
         }
         FisherInput::None => {
             return Err(missing(
@@ -710,7 +712,6 @@ pub fn variances(
     };
     let engine = net.query_engine()?;
     let engine = engine.get();
-    let fisher = source.as_deref();
     let Some(qoi) = scalar else {
         if split {
             return Err(Error::invalid(

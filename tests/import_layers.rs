@@ -21,7 +21,7 @@ fn stage(module: &str) -> Option<u32> {
         "fisher" => 3,
         "sigma" => 4,
         "delta" | "metrics" | "calibration" => 5,
-        "seed" | "prelude" => 6,
+        "seed" | "prelude" | "pipeline" => 6,
         "demo" => 7,
         _ => return None,
     })

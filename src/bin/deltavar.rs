@@ -285,11 +285,12 @@ fn progress_bar(total: usize, quiet: bool) -> indicatif::ProgressBar {
 
 /// The library's request for the `variance` options, with the model and the queries; `split`
 /// asks for the per-layer split (`calibrate`).
-fn request(
+fn request<'a>(
     a: VarianceArgs,
     split: bool,
-    data: &mut Option<MmapNpyDataset>,
-) -> Result<(Network, Tensor, VarianceRequest<'_>, bool)> {
+    data: &'a mut Option<MmapNpyDataset>,
+    saved: &'a mut Option<FisherArtifact>,
+) -> Result<(Network, Tensor, VarianceRequest<'a>, bool)> {
     let VarianceArgs {
         model,
         queries,
@@ -343,9 +344,9 @@ fn request(
                 "give either a saved Fisher or training data, not both",
             ))
         }
-        (Some(f), None, None) => FisherInput::Saved(Box::new(
-            FisherArtifact::load(f)?.with_partial_allowed(allow_partial),
-        )),
+        (Some(f), None, None) => FisherInput::Saved(
+            saved.insert(FisherArtifact::load(f)?.with_partial_allowed(allow_partial)),
+        ),
         (None, Some(x), Some(y)) => {
             let likelihood: Likelihood = likelihood
                 .as_deref()
@@ -385,8 +386,8 @@ fn request(
 
 fn variance(a: VarianceArgs) -> Result<()> {
     let t0 = Instant::now();
-    let mut data = None;
-    let (net, q, req, json) = request(a, false, &mut data)?;
+    let (mut data, mut saved) = (None, None);
+    let (net, q, req, json) = request(a, false, &mut data, &mut saved)?;
     let r = pipeline::variances(&net, &q, req)?;
     for w in &r.warnings {
         eprintln!("{w}");
@@ -492,8 +493,8 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
     } = a;
     let t0 = Instant::now();
     held_out_queries(&mut v, val_x, "evaluate")?;
-    let mut data = None;
-    let (net, q, req, json) = request(v, false, &mut data)?;
+    let (mut data, mut saved) = (None, None);
+    let (net, q, req, json) = request(v, false, &mut data, &mut saved)?;
     let (m, e, r) = pipeline::evaluate(&net, &q, &NpyArray::open(&val_y)?, req)?;
     deltavar::demo::evaluation_plot(&plot, &e, &r.result.delta_variance, &m)?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -555,8 +556,8 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     } = a;
     let t0 = Instant::now();
     held_out_queries(&mut v, val_x, "calibrate")?;
-    let mut data = None;
-    let (net, q, req, json) = request(v, true, &mut data)?;
+    let (mut data, mut saved) = (None, None);
+    let (net, q, req, json) = request(v, true, &mut data, &mut saved)?;
     let c = pipeline::calibrate(
         &net,
         &q,
