@@ -52,7 +52,9 @@ impl SigmaStrategy {
         }
     }
 
-    fn needs_fisher(&self) -> bool {
+    /// Whether Σ is built from a Fisher (the empirical-Fisher strategies; a given Σ or the
+    /// identity needs none).
+    pub fn needs_fisher(&self) -> bool {
         matches!(
             self,
             SigmaStrategy::DiagonalEmpiricalFim

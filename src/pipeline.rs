@@ -688,7 +688,7 @@ pub fn variances(
             return Ok(report(out, layers, None, vec![]));
         }
     };
-    let needs_fisher = !matches!(strategy, SigmaStrategy::Identity);
+    let needs_fisher = strategy.needs_fisher();
     let mut warnings = vec![];
     let from_data: Option<Box<dyn FisherSource + '_>>;
     let fisher: Option<&dyn FisherSource> = match fisher {

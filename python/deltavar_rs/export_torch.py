@@ -10,8 +10,10 @@ state dict as `model.safetensors`, checks both, and prints the `--arch onnx:...`
         --input-shape 3,32,32 --out out/model
     deltavar fim --arch onnx:out/model.onnx --weights out/model.safetensors ...
 
-    from export_torch import export_onnx
+    from deltavar_rs.export_torch import export_onnx        # scripts/export_torch.py runs this file
     arch = export_onnx(model, example_input, "out/model")   # out/model.onnx + out/model.safetensors
+
+(`deltavar_rs.Model.from_torch(model, example_input)` calls `export_onnx` and loads the result.)
 
 An nn.Sequential, as a `seq:` string (the form below): the state dict and the `--arch seq:...`
 string that describes it.
@@ -24,7 +26,7 @@ running statistics) and prints the `--arch` string that describes it, so that
 
 round-trips. Use it as a library too:
 
-    from export_torch import export
+    from deltavar_rs.export_torch import export
     arch = export(model, "model.safetensors")      # model: an nn.Sequential
 
 Supported modules: Linear, Conv1d, Conv2d (groups=1, zero padding, int or square tuple
