@@ -759,6 +759,21 @@ pub struct CalibrationReport {
     pub variances: VarianceReport,
 }
 
+impl CalibrationReport {
+    /// The CLI's `calibrate --json` object: the fit, the one-scale fit beside it, the file
+    /// written (`out`) and `seconds` as given.
+    pub fn to_json(&self, out: Option<&Path>, seconds: f64) -> serde_json::Value {
+        serde_json::json!({
+            "calibration": self.calibration,
+            "nll_one_scale": self.one_scale.nll,
+            "alpha_one_scale": self.one_scale.alpha,
+            "beta_one_scale": self.one_scale.beta,
+            "out": out.map(|p| p.display().to_string()),
+            "seconds": seconds,
+        })
+    }
+}
+
 /// Per-layer Σ scales fitted on held-out data: ΔVar at `val_x` (from [`Network::queries`]),
 /// split by layer, scored against the errors of the QoI's values at `val_y` by the Gaussian
 /// likelihood. `req.qoi` must be a scalar and `req.calibration` none.

@@ -143,6 +143,7 @@ def export_onnx(model, example, out, check=True):
     nothing folds, fuses, renames or merges them. `example` is a batch of at least 2 examples."""
     import contextlib
     import io
+    import logging
     import os
 
     import onnx
@@ -161,10 +162,19 @@ def export_onnx(model, example, out, check=True):
         prog = torch.onnx.export(model, (example,), dynamo=True, optimize=False, input_names=["x"],
                                  output_names=["y"], dynamic_shapes=({0: torch.export.Dim("batch")},))
     g = prog.model.graph
+    # parameters and buffers (batch norm's running statistics) pinned, so that nothing folds them
     names = set(dict(model.named_parameters(remove_duplicate=False)))
+    names |= set(dict(model.named_buffers(remove_duplicate=False)))
     n_in = len(g.inputs)
     g.inputs.extend([v for k, v in g.initializers.items() if k in names])
-    onnxscript.optimizer.optimize_ir(prog.model)
+    # the optimizer logs a warning per pinned initializer ("Skipped deduplication ..."): expected
+    quiet = logging.getLogger("onnx_ir")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        onnxscript.optimizer.optimize_ir(prog.model)
+    finally:
+        quiet.setLevel(level)
     del g.inputs[n_in:]
     onnx_ir.save(prog.model, out + ".onnx")
     # the state dict without aliases (a tied weight once, under its first name)

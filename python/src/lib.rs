@@ -497,15 +497,8 @@ impl NativeModel {
         if let Some(p) = &out {
             c.calibration.save(p).map_err(to_py)?;
         }
-        Ok(serde_json::json!({
-            "calibration": c.calibration,
-            "nll_one_scale": c.one_scale.nll,
-            "alpha_one_scale": c.one_scale.alpha,
-            "beta_one_scale": c.one_scale.beta,
-            "out": out.map(|p| p.display().to_string()),
-            "seconds": t0.elapsed().as_secs_f64(),
-        })
-        .to_string())
+        Ok(c.to_json(out.as_deref(), t0.elapsed().as_secs_f64())
+            .to_string())
     }
 
     /// ΔVar at held-out inputs scored against their errors (`deltavar evaluate`, without the

@@ -211,8 +211,12 @@ def test_from_torch_round_trip(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxscript")
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                              torch.nn.Linear(4 * 6 * 6, 3))
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    # batch norm with running statistics of its own (eval mode reads them)
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    net.eval()
     x = torch.randn(20, 1, 8, 8)
     y = torch.randint(0, 3, (20,))
     model = dv.Model.from_torch(net, x[:2], path=tmp_path / "net")

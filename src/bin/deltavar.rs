@@ -569,17 +569,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     fit.save(&out)?;
     let seconds = t0.elapsed().as_secs_f64();
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "calibration": fit,
-                "nll_one_scale": one.nll,
-                "alpha_one_scale": one.alpha,
-                "beta_one_scale": one.beta,
-                "out": out.display().to_string(),
-                "seconds": seconds,
-            })
-        );
+        println!("{}", c.to_json(Some(&out), seconds));
         return Ok(());
     }
     println!(
