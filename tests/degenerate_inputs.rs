@@ -296,6 +296,31 @@ fn sigma_kinds_on_empty_and_degenerate_inputs() {
     );
     assert!(apply_diagonal_sigma(&[1.0], &[]).is_err());
     assert!(DenseSigma::new(Mat::zeros(2, 3)).is_err());
+    // a dense Σ that is not a covariance: a negative diagonal entry, or an indefinite matrix
+    // whose quadratic form goes below zero, is an error and not a negative variance
+    let e =
+        DenseSigma::new(Mat::from_fn(2, 2, |i, j| if i == j { -1.0 } else { 0.0 })).unwrap_err();
+    assert!(e.to_string().contains("(0, 0)"), "{e}");
+    let indefinite =
+        DenseSigma::new(Mat::from_fn(2, 2, |i, j| if i == j { 1.0 } else { 3.0 })).unwrap();
+    let g = Mat::from_fn(2, 2, |i, j| {
+        if j == 0 {
+            1.0
+        } else if i == 0 {
+            1.0
+        } else {
+            -1.0
+        }
+    });
+    let e = indefinite.quad_forms(g.as_ref()).unwrap_err();
+    assert!(
+        e.to_string().contains("positive semi-definite") && e.to_string().contains("query 1"),
+        "{e}"
+    );
+    // a positive semi-definite one (rank 1) with a zero form passes
+    let psd = DenseSigma::new(Mat::from_fn(2, 2, |_, _| 1.0)).unwrap();
+    let f = psd.quad_forms(g.as_ref()).unwrap();
+    assert_eq!(f, vec![4.0, 0.0]);
     assert!(DiagonalSigma::new(vec![f64::NAN]).is_err());
     assert!(InverseDiagonalFisher::new(&[], 1e-3)
         .unwrap()

@@ -65,6 +65,16 @@ def _array(a, name):
     )
 
 
+def _count(v, name, minimum=0):
+    """An optional non-negative integer option, checked here so that a negative value is a
+    DeltavarValueError like every other bad option (not an OverflowError of the conversion)."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or int(v) != v or int(v) < minimum:
+        raise DeltavarValueError(f"invalid option {name} = {v}: expected an integer >= {minimum}")
+    return int(v)
+
+
 class _Progress:
     """The progress of one long call on stderr: a tqdm bar for passes over the data when tqdm
     is installed (a plain bar on a terminal otherwise) and the solver's stage and iteration
@@ -364,8 +374,8 @@ class Model:
         "dense"; `shard` "I/N" for one shard of N (merge them with `Fisher.merge`)."""
         f = self._native.fisher(
             _array(x, "x"), _array(y, "y"), likelihood, kind,
-            batch_size if batch_size is not None else self.batch_size,
-            shard, memory_budget, _progress(progress, "fisher"),
+            _count(batch_size if batch_size is not None else self.batch_size, "batch_size"),
+            shard, _count(memory_budget, "memory_budget"), _progress(progress, "fisher"),
         )
         return Fisher(f)
 
@@ -396,14 +406,14 @@ class Model:
             "damping": float(damping),
             "method": method,
             "posterior_scale": bool(posterior_scale),
-            "rollout": int(rollout),
+            "rollout": _count(rollout, "rollout"),
             "kernel_precision": kernel_precision,
             "cg_tol": float(cg_tol),
-            "cg_max_iter": int(cg_max_iter),
+            "cg_max_iter": _count(cg_max_iter, "cg_max_iter"),
             "cg_preconditioner": cg_preconditioner,
-            "memory_budget": memory_budget,
+            "memory_budget": _count(memory_budget, "memory_budget"),
             "calibration": None if calibration is None else os.fspath(getattr(calibration, "path", None) or calibration),
-            "batch_size": batch_size if batch_size is not None else self.batch_size,
+            "batch_size": _count(batch_size if batch_size is not None else self.batch_size, "batch_size"),
             "split": bool(by_layer),
             "progress": _progress(progress, desc),
         }

@@ -85,6 +85,14 @@ def test_errors_are_python_exceptions_with_the_clis_message(cls, tmp_path):
         m.delta_variance(q, sigma="diag-fim", fisher=(1, 2, 3), progress=False)
     with pytest.raises(dv.DeltavarValueError, match="fisher"):
         m.delta_variance(q, sigma="diag-fim", fisher="a string", progress=False)
+    # negative counts, a Σ matrix that is not a covariance
+    with pytest.raises(dv.DeltavarValueError, match="batch_size"):
+        m.fisher(cls.array("train_x.npy"), cls.array("train_y.npy"), batch_size=-1, progress=False)
+    with pytest.raises(dv.DeltavarValueError, match="memory_budget"):
+        m.delta_variance(q, sigma="identity", memory_budget=-5, progress=False)
+    p = m.num_params([q.shape[1]])
+    with pytest.raises(dv.DeltavarValueError, match="non-negative"):
+        m.delta_variance(q, sigma=-np.eye(p), progress=False)
     # a Σ that needs a Fisher without one
     with pytest.raises(dv.DeltavarValueError, match="training data"):
         m.delta_variance(q, sigma="full-fim", progress=False)

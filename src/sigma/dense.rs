@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 /// Σ = S for a user P×P matrix (finite entries). Holds the O(P²) matrix.
 ///
 /// The quadratic form is gᵀ S g as written (S is not symmetrised), like the seed's
-/// `apply_full_sigma`.
+/// `apply_full_sigma`. S must be a covariance: a negative diagonal entry is refused when it is
+/// built, and a quadratic form below zero beyond rounding (S not positive semi-definite) is an
+/// error, not a negative variance.
 #[derive(Debug, Clone)]
 pub struct DenseSigma {
     mat: Mat<f64>,
@@ -32,6 +34,13 @@ impl DenseSigma {
                     });
                 }
             }
+        }
+        if let Some(i) = (0..mat.nrows()).find(|&i| mat[(i, i)] < 0.0) {
+            return Err(Error::invalid(
+                format!("dense Sigma entry ({i}, {i})"),
+                mat[(i, i)],
+                "a covariance diagonal must be non-negative",
+            ));
         }
         Ok(Self { mat })
     }
@@ -72,5 +81,26 @@ impl SigmaOp for DenseSigma {
             Par::rayon(0),
         );
         Ok(out)
+    }
+    fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
+        let sg = self.apply(g)?;
+        let mut out = Vec::with_capacity(g.ncols());
+        for j in 0..g.ncols() {
+            let (mut v, mut bound) = (0.0, 0.0);
+            for i in 0..g.nrows() {
+                v += g[(i, j)] * sg[(i, j)];
+                bound += (g[(i, j)] * sg[(i, j)]).abs();
+            }
+            // rounding in gᵀ(Sg) is at most a few P·ε of the sum of magnitudes
+            if v < -(g.nrows() as f64 + 4.0) * f64::EPSILON * bound {
+                return Err(Error::invalid(
+                    "dense Sigma",
+                    format!("gᵀΣg = {v:e} at query {j}"),
+                    "a quadratic form below zero: Sigma must be positive semi-definite (a covariance)",
+                ));
+            }
+            out.push(v);
+        }
+        super::finish(&self.name(), out)
     }
 }
