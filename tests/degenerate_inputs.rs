@@ -303,15 +303,8 @@ fn sigma_kinds_on_empty_and_degenerate_inputs() {
     assert!(e.to_string().contains("(0, 0)"), "{e}");
     let indefinite =
         DenseSigma::new(Mat::from_fn(2, 2, |i, j| if i == j { 1.0 } else { 3.0 })).unwrap();
-    let g = Mat::from_fn(2, 2, |i, j| {
-        if j == 0 {
-            1.0
-        } else if i == 0 {
-            1.0
-        } else {
-            -1.0
-        }
-    });
+    // columns (1, 1) and (1, -1)
+    let g = Mat::from_fn(2, 2, |i, j| if j == 1 && i == 1 { -1.0 } else { 1.0 });
     let e = indefinite.quad_forms(g.as_ref()).unwrap_err();
     assert!(
         e.to_string().contains("positive semi-definite") && e.to_string().contains("query 1"),
