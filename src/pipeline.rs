@@ -12,6 +12,33 @@
 //!   [`VarianceRequest`], as a [`VarianceReport`] whose [`VarianceReport::to_json`] is the CLI's
 //!   `--json` output;
 //! * [`calibrate`] — per-layer Σ scales fitted on held-out data.
+//!
+//! ```
+//! use deltavar::data::NpyArray;
+//! use deltavar::pipeline::{self, FisherInput, ModelSpec, Network, VarianceRequest};
+//! use deltavar::{Likelihood, MmapNpyDataset};
+//! # fn main() -> deltavar::Result<()> {
+//! let dir = "tests/data/deltavar-parity/tanh-4-16-16-3";
+//! let queries = NpyArray::open(format!("{dir}/queries.npy"))?; // or NpyArray::from_rows
+//! let spec = ModelSpec::new("mlp:4,16,16,3:tanh", Some(format!("{dir}/model.safetensors").into()));
+//! let net = Network::load(&spec, Some(&pipeline::row_shape(&queries)), 1)?;
+//! let data = MmapNpyDataset::open(format!("{dir}/train_x.npy"), format!("{dir}/train_y.npy"))?;
+//! let report = pipeline::variances(
+//!     &net,
+//!     &net.queries(&queries)?,
+//!     VarianceRequest {
+//!         qoi: "output:1".parse()?,
+//!         sigma: "full-fim".parse()?,
+//!         fisher: FisherInput::Data { data: &data, likelihood: Likelihood::gaussian(1.0) },
+//!         ..Default::default()
+//!     },
+//! )?;
+//! assert_eq!(report.result.delta_variance.len(), 8);
+//! assert!(report.result.delta_variance.iter().all(|v| *v > 0.0));
+//! assert_eq!(report.to_json(0.0)["method"], "kernel"); // the CLI's --json object
+//! # Ok(())
+//! # }
+//! ```
 
 use std::path::{Path, PathBuf};
 

@@ -29,7 +29,7 @@ pub use ir::{Data, ElemType, Graph, Node, Op, Param, Tensor, ValueId, SUPPORTED_
 
 use crate::error::{Error, Result};
 
-const REEXPORT: &str = "re-export with `python scripts/export_torch.py --onnx` (torch.onnx dynamo export, every parameter kept as an initializer under its state-dict name)";
+const REEXPORT: &str = "re-export with `python scripts/export_torch.py --onnx` or `deltavar_rs.Model.from_torch` (torch.onnx dynamo export, every parameter kept as an initializer under its state-dict name)";
 
 impl Graph {
     /// Reads an ONNX model. Without `weights`, the parameters are the float initializers of
