@@ -12,18 +12,31 @@ from ._errors import DeltavarMemoryError as DeltavarMemoryError
 from ._errors import DeltavarValueError as DeltavarValueError
 
 __version__: str
+__all__ = [
+    "Calibration",
+    "DeltaVariance",
+    "DeltavarError",
+    "DeltavarIOError",
+    "DeltavarMemoryError",
+    "DeltavarValueError",
+    "Fisher",
+    "Model",
+    "calibrate",
+    "metrics",
+]
 
-ArrayIn = npt.ArrayLike | str | os.PathLike[str] | Any
+_ArrayIn = npt.ArrayLike | str | os.PathLike[str] | Any
 """A NumPy array, a torch tensor, anything with `__array__`, or the path of an .npy file."""
 
-PathIn = str | os.PathLike[str]
+_PathIn = str | os.PathLike[str]
 
 class Fisher:
+    def __init__(self, native: Any) -> None: ...
     @classmethod
-    def load(cls, path: PathIn) -> Fisher: ...
+    def load(cls, path: _PathIn) -> Fisher: ...
     @classmethod
     def merge(cls, parts: Sequence[Fisher]) -> Fisher: ...
-    def save(self, path: PathIn) -> None: ...
+    def save(self, path: _PathIn) -> None: ...
     def allow_partial(self) -> Fisher: ...
     @property
     def diagonal(self) -> dict[str, npt.NDArray[np.float64]]: ...
@@ -47,6 +60,7 @@ class Fisher:
     def complete(self) -> bool: ...
 
 class DeltaVariance:
+    def __init__(self, obj: dict[str, Any], blocks: bytes | None = None, layers: Sequence[str] | None = None) -> None: ...
     json: dict[str, Any]
     delta_variance: npt.NDArray[np.float64]
     qoi: npt.NDArray[np.float64]
@@ -71,6 +85,7 @@ class DeltaVariance:
     def __len__(self) -> int: ...
 
 class Calibration:
+    def __init__(self, obj: dict[str, Any]) -> None: ...
     json: dict[str, Any]
     scales: npt.NDArray[np.float64]
     layers: list[str]
@@ -80,19 +95,20 @@ class Calibration:
     nll_one_scale: float
     path: str | None
 
-Sigma = str | npt.ArrayLike
-FisherIn = Fisher | tuple[ArrayIn, ArrayIn] | None
+_Sigma = str | npt.ArrayLike
+_FisherIn = Fisher | tuple[_ArrayIn, _ArrayIn] | None
 
 class Model:
     batch_size: int | None
+    def __init__(self, native: Any, batch_size: int | None = None) -> None: ...
     @classmethod
     def from_onnx(
-        cls, path: PathIn, weights: PathIn | None = None, dtype: Literal["f32", "f64"] = "f32", batch_size: int | None = None
+        cls, path: _PathIn, weights: _PathIn | None = None, dtype: Literal["f32", "f64"] = "f32", batch_size: int | None = None
     ) -> Model: ...
     @classmethod
     def from_safetensors(
         cls,
-        path: PathIn,
+        path: _PathIn,
         arch: str,
         prefix: str = "",
         layer_names: Sequence[str] | None = None,
@@ -104,7 +120,7 @@ class Model:
         cls,
         module: Any,
         example_input: Any,
-        path: PathIn | None = None,
+        path: _PathIn | None = None,
         dtype: Literal["f32", "f64"] = "f32",
         batch_size: int | None = None,
     ) -> Model: ...
@@ -114,8 +130,8 @@ class Model:
     def num_params(self, input_shape: Sequence[int]) -> int: ...
     def fisher(
         self,
-        x: ArrayIn,
-        y: ArrayIn,
+        x: _ArrayIn,
+        y: _ArrayIn,
         likelihood: str = "categorical",
         kind: Literal["diag", "dense"] = "diag",
         batch_size: int | None = None,
@@ -125,10 +141,10 @@ class Model:
     ) -> Fisher: ...
     def delta_variance(
         self,
-        queries: ArrayIn,
+        queries: _ArrayIn,
         qoi: str = "sum",
-        sigma: Sigma = "full-fim",
-        fisher: FisherIn = None,
+        sigma: _Sigma = "full-fim",
+        fisher: _FisherIn = None,
         likelihood: str = "categorical",
         damping: float = 1e-5,
         method: Literal["auto", "dense", "kernel", "kernel-cg", "cg"] = "auto",
@@ -140,25 +156,25 @@ class Model:
         cg_max_iter: int = 2000,
         cg_preconditioner: str = "nystrom",
         memory_budget: int | None = None,
-        calibration: Calibration | PathIn | None = None,
+        calibration: Calibration | _PathIn | None = None,
         batch_size: int | None = None,
         by_layer: bool = False,
         progress: bool = True,
     ) -> DeltaVariance: ...
     def calibrate(
         self,
-        val_x: ArrayIn,
-        val_y: ArrayIn,
+        val_x: _ArrayIn,
+        val_y: _ArrayIn,
         qoi: str = "sum",
-        sigma: Sigma = "full-fim",
-        fisher: FisherIn = None,
+        sigma: _Sigma = "full-fim",
+        fisher: _FisherIn = None,
         likelihood: str = "categorical",
         damping: float = 1e-5,
         method: str = "auto",
         posterior_scale: bool = False,
         rollout: int = 1,
         *,
-        out: PathIn | None = None,
+        out: _PathIn | None = None,
         kernel_precision: str = "auto",
         cg_tol: float = 1e-10,
         cg_max_iter: int = 2000,
@@ -169,18 +185,18 @@ class Model:
     ) -> Calibration: ...
     def evaluate(
         self,
-        val_x: ArrayIn,
-        val_y: ArrayIn,
+        val_x: _ArrayIn,
+        val_y: _ArrayIn,
         qoi: str = "sum",
-        sigma: Sigma = "full-fim",
-        fisher: FisherIn = None,
+        sigma: _Sigma = "full-fim",
+        fisher: _FisherIn = None,
         likelihood: str = "categorical",
         damping: float = 1e-5,
         method: str = "auto",
         posterior_scale: bool = False,
         rollout: int = 1,
         *,
-        calibration: Calibration | PathIn | None = None,
+        calibration: Calibration | _PathIn | None = None,
         kernel_precision: str = "auto",
         cg_tol: float = 1e-10,
         cg_max_iter: int = 2000,
@@ -191,4 +207,4 @@ class Model:
     ) -> dict[str, Any]: ...
 
 def metrics(errors: npt.ArrayLike, variances: npt.ArrayLike) -> dict[str, Any]: ...
-def calibrate(model: Model, val_x: ArrayIn, val_y: ArrayIn, **options: Any) -> Calibration: ...
+def calibrate(model: Model, val_x: _ArrayIn, val_y: _ArrayIn, **options: Any) -> Calibration: ...

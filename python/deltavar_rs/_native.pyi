@@ -1,11 +1,13 @@
 """The extension module (Rust, PyO3): called by deltavar_rs; not a public API."""
 
-from typing import Any
+from typing import Any, final
 
 __version__: str
+__all__ = ["NativeModel", "NativeFisher", "metrics", "__version__"]
 
+@final
 class NativeModel:
-    def __init__(self, arch: str, weights: str | None = None, prefix: str = "", layer_names: list[str] | None = None, dtype: str = "f32") -> None: ...
+    def __new__(cls, arch: str, weights: str | None = None, prefix: str = ..., layer_names: list[str] | None = None, dtype: str = "f32") -> NativeModel: ...
     @property
     def arch(self) -> str: ...
     def parameters(self, input_shape: list[int]) -> tuple[int, list[str], list[list[int]]]: ...
@@ -14,6 +16,7 @@ class NativeModel:
     def calibrate(self, val_x: Any, val_y: Any, opts: dict[str, Any], out: str | None = None) -> str: ...
     def evaluate(self, val_x: Any, val_y: Any, opts: dict[str, Any]) -> tuple[str, list[float], list[float]]: ...
 
+@final
 class NativeFisher:
     @staticmethod
     def load(path: str) -> NativeFisher: ...
