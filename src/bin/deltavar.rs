@@ -486,15 +486,14 @@ fn fim(a: FimArgs) -> Result<()> {
 /// `evaluate`: ΔVar at held-out inputs, the errors of the QoI, the metrics and a PNG.
 fn evaluate(a: EvaluateArgs) -> Result<()> {
     let EvaluateArgs {
-        mut v,
+        v,
         val_x,
         val_y,
         plot,
     } = a;
     let t0 = Instant::now();
-    held_out_queries(&mut v, val_x, "evaluate")?;
     let (mut data, mut saved) = (None, None);
-    let (net, q, req, json) = request(v, false, &mut data, &mut saved)?;
+    let (net, q, req, json) = held_out(v, val_x, "evaluate", &mut data, &mut saved)?;
     let (m, e, r) = pipeline::evaluate(&net, &q, &NpyArray::open(&val_y)?, req)?;
     deltavar::demo::evaluation_plot(&plot, &e, &r.result.delta_variance, &m)?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -533,8 +532,15 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
     Ok(())
 }
 
-/// For the held-out subcommands: --val-x becomes the queries (--queries refused).
-fn held_out_queries(v: &mut VarianceArgs, val_x: PathBuf, cmd: &str) -> Result<()> {
+/// For the held-out subcommands: [`request`] with --val-x as the queries (--queries refused);
+/// `calibrate` asks for the per-layer split.
+fn held_out<'a>(
+    mut v: VarianceArgs,
+    val_x: PathBuf,
+    cmd: &str,
+    data: &'a mut Option<MmapNpyDataset>,
+    saved: &'a mut Option<FisherArtifact>,
+) -> Result<(Network, Tensor, VarianceRequest<'a>, bool)> {
     if v.queries.is_some() {
         return Err(Error::invalid(
             "--queries",
@@ -543,21 +549,20 @@ fn held_out_queries(v: &mut VarianceArgs, val_x: PathBuf, cmd: &str) -> Result<(
         ));
     }
     v.queries = Some(val_x);
-    Ok(())
+    request(v, cmd == "calibrate", data, saved)
 }
 
 /// `calibrate`: per-layer Σ scales fitted on held-out data, written as JSON.
 fn calibrate(a: CalibrateArgs) -> Result<()> {
     let CalibrateArgs {
-        mut v,
+        v,
         val_x,
         val_y,
         out,
     } = a;
     let t0 = Instant::now();
-    held_out_queries(&mut v, val_x, "calibrate")?;
     let (mut data, mut saved) = (None, None);
-    let (net, q, req, json) = request(v, true, &mut data, &mut saved)?;
+    let (net, q, req, json) = held_out(v, val_x, "calibrate", &mut data, &mut saved)?;
     let c = pipeline::calibrate(
         &net,
         &q,
