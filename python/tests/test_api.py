@@ -25,7 +25,7 @@ def model_of(case, dtype="f64"):
 def big_mlp(tmp_path, n=40_000, inputs=256, width=2048):
     """An MLP state dict and classification data for a pass of a few seconds and many steps."""
     rng = np.random.default_rng(0)
-    from safetensors.numpy import save_file
+    save_file = pytest.importorskip("safetensors.numpy").save_file
 
     w = {
         "0.weight": rng.standard_normal((width, inputs)).astype(np.float32) * 0.05,
