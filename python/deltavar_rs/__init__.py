@@ -336,9 +336,17 @@ class Model:
         state-dict name (the checked recipe of `scripts/export_torch.py --onnx`,
         `deltavar_rs.export_torch.export_onnx`), then loaded. `example_input` is a batch of at
         least 2 examples; `path` where to write `path.onnx` and `path.safetensors` (default a
-        new temporary folder). Needs torch, onnx and onnxscript."""
+        new temporary folder). Needs torch, onnx, onnxscript and safetensors (the extra
+        `deltavar-rs[torch]`); without them an ImportError says which are missing."""
+        import importlib.util
         import tempfile
 
+        missing = [m for m in ("torch", "onnx", "onnxscript", "safetensors") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(
+                "Model.from_torch needs torch, onnx, onnxscript and safetensors; missing: "
+                + ", ".join(missing) + " (pip install " + " ".join(missing) + ")"
+            )
         import torch
 
         from .export_torch import export_onnx
