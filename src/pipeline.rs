@@ -267,12 +267,26 @@ impl Network {
         let mut full = vec![rows];
         full.extend_from_slice(&shape);
         let int_input = self.int_input();
+        let non_finite = |k: usize, v: f64| Error::NonFinite {
+            what: format!("queries {path}"),
+            detail: format!("row {}, element {} is {v}", k / width, k % width),
+        };
         let t = match a.rows_ref(0, rows)? {
             RowsRef::I64(v) if int_input => {
                 return Ok(Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?)
             }
-            RowsRef::F32(v) => Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?,
-            RowsRef::F64(v) => Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?,
+            RowsRef::F32(v) => {
+                if let Some(k) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(non_finite(k, v[k] as f64));
+                }
+                Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?
+            }
+            RowsRef::F64(v) => {
+                if let Some(k) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(non_finite(k, v[k]));
+                }
+                Tensor::from_slice(v, full.as_slice(), &Device::Cpu)?
+            }
             RowsRef::I64(_) => {
                 return Err(Error::BadFile {
                     path,
@@ -280,17 +294,8 @@ impl Network {
                 })
             }
         };
-        if int_input {
-            return Ok(t.to_dtype(DType::I64)?);
-        }
-        let vals = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        if let Some(k) = vals.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: format!("queries {path}"),
-                detail: format!("row {}, element {} is {}", k / width, k % width, vals[k]),
-            });
-        }
-        Ok(t.to_dtype(self.dtype())?)
+        // token ids given as floats become int64 (finite, checked above)
+        Ok(t.to_dtype(if int_input { DType::I64 } else { self.dtype() })?)
     }
 
     /// Checks that the training inputs' rows have the model's input shape.
@@ -620,7 +625,7 @@ fn finish_layers(
 /// ΔVar of `req.qoi` at `queries` (from [`Network::queries`]) under `req.sigma`: the pipeline
 /// of the CLI's `variance`. Split by layer when `req.split` or a calibration is given.
 ///
-/// Memory: what the chosen Σ route holds (see `docs/sigma.md`) plus the query gradients of one
+/// Memory: what the chosen Σ route holds (see `docs/library.md`) plus the query gradients of one
 /// block of queries; the data are read batch by batch.
 pub fn variances(
     net: &Network,

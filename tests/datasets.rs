@@ -251,3 +251,40 @@ fn wrapping_shape_product_is_a_bad_file() {
     a.release_rows(usize::MAX, 2);
     assert!(a.rows_ref(usize::MAX, 2).is_err());
 }
+
+#[test]
+fn in_memory_arrays_read_like_files_and_refuse_bad_shapes() {
+    use deltavar::data::RowsBuf;
+    // the same rows from a file and from memory
+    let p = tmp("mem.npy");
+    let vals: Vec<f32> = (0..12).map(|i| i as f32 * 0.5).collect();
+    write_npy(&p, &[4, 3], RowsRef::F32(&vals)).unwrap();
+    let file = NpyArray::open(&p).unwrap();
+    let mem = NpyArray::from_rows("x", &[4, 3], RowsBuf::F32(vals.clone())).unwrap();
+    assert_eq!(
+        (mem.shape(), mem.rows(), mem.row_len()),
+        (file.shape(), 4, 3)
+    );
+    assert_eq!(mem.path().to_str(), Some("x"));
+    match (mem.rows_ref(1, 2).unwrap(), file.rows_ref(1, 2).unwrap()) {
+        (RowsRef::F32(a), RowsRef::F32(b)) => assert_eq!(a, b),
+        _ => panic!("dtype changed"),
+    }
+    assert!(mem.rows_ref(3, 2).is_err());
+    // a dataset of two in-memory arrays, checked like two files
+    let y = NpyArray::from_rows("y", &[4], RowsBuf::I64(vec![0, 1, 2, 1])).unwrap();
+    let d = MmapNpyDataset::from_arrays(mem, y).unwrap();
+    assert_eq!(d.len(), 4);
+    let short = NpyArray::from_rows("y", &[3], RowsBuf::I64(vec![0, 1, 2])).unwrap();
+    let x = NpyArray::from_rows("x", &[4, 3], RowsBuf::F32(vals)).unwrap();
+    let e = MmapNpyDataset::from_arrays(x, short).unwrap_err();
+    assert!(e.to_string().contains("3 rows"), "{e}");
+    // a shape that does not match the data, or whose row size wraps with zero rows
+    let e = NpyArray::from_rows("q", &[2, 3], RowsBuf::F64(vec![0.0; 5])).unwrap_err();
+    assert!(
+        e.to_string().contains("q") && e.to_string().contains("5 elements"),
+        "{e}"
+    );
+    let e = NpyArray::from_rows("q", &[0, 1 << 40, 1 << 40], RowsBuf::F64(vec![])).unwrap_err();
+    assert!(e.to_string().contains("more elements than"), "{e}");
+}

@@ -177,20 +177,26 @@ struct Built {
 }
 
 impl NativeModel {
-    /// The engine for rows of `shape`, rolled out (`rollout` > 1) or not; built once.
-    fn network(&self, shape: &[usize], rollout: usize) -> PyResult<Arc<Network>> {
+    /// The engine for rows of `shape`, rolled out (`rollout` > 1) or not; built once, with the
+    /// GIL released. Nothing Python runs while the lock is held (an error becomes an exception
+    /// only after it is released), so another thread waiting on it cannot deadlock with us.
+    fn network(&self, py: Python<'_>, shape: &[usize], rollout: usize) -> PyResult<Arc<Network>> {
+        py.detach(|| self.build(shape, rollout)).map_err(to_py)
+    }
+
+    fn build(&self, shape: &[usize], rollout: usize) -> deltavar::Result<Arc<Network>> {
         let rolled = rollout > 1;
         let mut built = self
             .built
             .lock()
-            .map_err(|_| to_py(Error::Unsupported("a previous call panicked".into())))?;
+            .map_err(|_| Error::Unsupported("a previous call panicked".into()))?;
         if let Some(b) = built
             .iter()
             .find(|b| b.shape == shape && b.rolled == rolled)
         {
             return Ok(b.net.clone());
         }
-        let net = Arc::new(Network::load(&self.spec, Some(shape), rollout).map_err(to_py)?);
+        let net = Arc::new(Network::load(&self.spec, Some(shape), rollout)?);
         built.push(Built {
             shape: shape.to_vec(),
             rolled,
@@ -207,15 +213,14 @@ struct Options<'py> {
 }
 
 impl<'py> Options<'py> {
+    /// The option `key` (every call's dict has every key; a missing one is the Python layer's bug).
+    fn item(&self, key: &str) -> PyResult<Bound<'py, PyAny>> {
+        self.d
+            .get_item(key)?
+            .ok_or_else(|| to_py(Error::invalid(key, "missing", "an option the call needs")))
+    }
     fn get<T: for<'a> FromPyObject<'a, 'py>>(&self, key: &str) -> PyResult<T> {
-        match self.d.get_item(key)? {
-            Some(v) => v.extract::<T>().map_err(Into::into),
-            None => Err(to_py(Error::invalid(
-                key,
-                "missing",
-                "an option the call needs",
-            ))),
-        }
+        self.item(key)?.extract::<T>().map_err(Into::into)
     }
     fn any(&self, key: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
         Ok(self.d.get_item(key)?.filter(|v| !v.is_none()))
@@ -271,16 +276,7 @@ fn request<'a>(
     reporter: &Reporter,
 ) -> PyResult<VarianceRequest<'a>> {
     let saved = p.saved.as_ref().map(|f| &f.get().art);
-    let sigma = sigma_choice(
-        py,
-        &o.d.get_item("sigma")?.ok_or_else(|| {
-            to_py(Error::invalid(
-                "sigma",
-                "missing",
-                "an option the call needs",
-            ))
-        })?,
-    )?;
+    let sigma = sigma_choice(py, &o.item("sigma")?)?;
     let mut options = SigmaOptions {
         damping: o.get("damping")?,
         posterior_scale: o.get("posterior_scale")?,
@@ -385,7 +381,7 @@ impl NativeModel {
         py: Python<'_>,
         input_shape: Vec<usize>,
     ) -> PyResult<(usize, Vec<String>, Vec<Vec<usize>>)> {
-        let net = py.detach(|| self.network(&input_shape, 1))?;
+        let net = self.network(py, &input_shape, 1)?;
         let named = net.named_tensors().map_err(to_py)?;
         Ok((
             net.num_params(),
@@ -410,7 +406,7 @@ impl NativeModel {
         progress: Option<Py<PyAny>>,
     ) -> PyResult<NativeFisher> {
         let data = dataset(py, x, y)?;
-        let net = self.network(&row_shape(data.x()), 1)?;
+        let net = self.network(py, &row_shape(data.x()), 1)?;
         let reporter = Reporter::new(progress);
         let mut opts = PassOptions {
             kind: kind.parse().map_err(to_py)?,
@@ -534,7 +530,7 @@ impl NativeModel {
     ) -> PyResult<Prepared> {
         let qa = array_arg(py, "queries", queries)?;
         let rollout: usize = o.get("rollout")?;
-        let net = self.network(&row_shape(&qa), rollout)?;
+        let net = self.network(py, &row_shape(&qa), rollout)?;
         let q = net.queries(&qa).map_err(to_py)?;
         let data = match (o.any("x")?, o.any("y")?) {
             (Some(x), Some(y)) => Some(dataset(py, &x, &y)?),

@@ -65,6 +65,13 @@ def test_errors_are_python_exceptions_with_the_clis_message(cls, tmp_path):
     q2[1, 2] = np.nan
     with pytest.raises(dv.DeltavarValueError, match="row 1"):
         m.delta_variance(q2, sigma="identity", progress=False)
+    # token ids given as floats are checked too (a NaN is not cast to some id)
+    from conftest import GRAPH
+    gpt = dv.Model.from_onnx(GRAPH / "gpt" / "model.onnx", weights=GRAPH / "gpt" / "model.safetensors")
+    ids = np.load(GRAPH / "gpt" / "queries.npy").astype(np.float64)
+    ids[0, 0] = np.nan
+    with pytest.raises(dv.DeltavarValueError, match="row 0"):
+        gpt.delta_variance(ids, sigma="identity", progress=False)
     # a NaN in the training data
     x = cls.array("train_x.npy").copy()
     x[3, 0] = np.inf

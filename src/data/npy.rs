@@ -56,14 +56,6 @@ pub enum RowsBuf {
 }
 
 impl RowsBuf {
-    /// The data borrowed.
-    pub fn as_ref(&self) -> RowsRef<'_> {
-        match self {
-            RowsBuf::F32(v) => RowsRef::F32(v),
-            RowsBuf::F64(v) => RowsRef::F64(v),
-            RowsBuf::I64(v) => RowsRef::I64(v),
-        }
-    }
     fn len(&self) -> usize {
         match self {
             RowsBuf::F32(v) => v.len(),
@@ -155,6 +147,22 @@ fn parse_header(path: &Path, h: &str) -> Result<(String, bool, Vec<usize>)> {
     Ok((descr, fortran, dims))
 }
 
+/// Elements per row of `shape`, checked on its own: with zero rows the total is 0 whatever the
+/// trailing dimensions are, so a hostile shape like (0, 2⁴⁰, 2⁴⁰) must not wrap here.
+fn row_len(path: &Path, shape: &[usize], dtype: NpyDtype) -> Result<usize> {
+    shape
+        .iter()
+        .skip(1)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|r| r.checked_mul(dtype.size()).is_some())
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("shape {shape:?}: one row has more elements than this machine can address"),
+            )
+        })
+}
+
 impl NpyArray {
     /// Maps `path` and checks its header and size.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -221,21 +229,7 @@ impl NpyArray {
                     format!("shape {shape:?} has more elements than this machine can address"),
                 )
             })?;
-        // elements per row, checked on its own: with zero rows the total is 0 whatever the
-        // trailing dimensions are
-        let row_len = shape
-            .iter()
-            .skip(1)
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .filter(|r| r.checked_mul(dtype.size()).is_some())
-            .ok_or_else(|| {
-                bad(
-                    path,
-                    format!(
-                        "shape {shape:?}: one row has more elements than this machine can address"
-                    ),
-                )
-            })?;
+        let row_len = row_len(path, &shape, dtype)?;
         let need = count
             .checked_mul(dtype.size())
             .and_then(|b| b.checked_add(offset))
@@ -292,7 +286,7 @@ impl NpyArray {
                 ),
             ));
         }
-        let row_len = shape.iter().skip(1).product();
+        let row_len = row_len(path, shape, data.dtype())?;
         Ok(Self {
             path: path.to_path_buf(),
             dtype: data.dtype(),
