@@ -16,11 +16,14 @@ pub(crate) fn resolve_threads(threads: usize) -> usize {
     }
 }
 
-/// Runs `f` inside a fresh pool of `threads` workers (0: one per core).
+/// Runs `f` inside a fresh pool of `threads` workers (0: one per core). The workers recycle the
+/// graph engine's pass buffers ([`crate::scalar::pool`]); their buffers go with them when the
+/// pool ends.
 pub(crate) fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> Result<T> {
     let threads = resolve_threads(threads);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
+        .start_handler(|_| crate::scalar::pool::enable_on_this_thread())
         .build()
         .map_err(|e| {
             Error::invalid(

@@ -109,8 +109,8 @@ pub struct Analysis {
     pub live: Vec<bool>,
     /// Live readers (node input slots) of each value.
     pub uses: Vec<usize>,
-    /// Live nodes whose outputs depend on neither the data nor the parameters: computed once
-    /// per batch size.
+    /// Live nodes whose outputs do not depend on the data (constants, shape arithmetic,
+    /// transforms of the parameters): computed once per batch size.
     pub fold: Vec<bool>,
     /// Live nodes whose outputs are parameter-derived without a batch axis.
     pub chain_node: Vec<bool>,
@@ -371,7 +371,7 @@ impl Analysis {
             .nodes
             .iter()
             .enumerate()
-            .map(|(k, n)| live[k] && n.outputs.iter().flatten().all(|o| !dd[*o] && !pd[*o]))
+            .map(|(k, n)| live[k] && n.outputs.iter().flatten().all(|o| !dd[*o]))
             .collect();
         let mut an = Analysis {
             uses,

@@ -19,8 +19,9 @@ pub struct Sources<T> {
     pub consts: HashMap<ValueId, Tensor<T>>,
     /// Parameter index by value.
     pub param_at: HashMap<ValueId, usize>,
-    /// Per batch size, the values that depend on neither the data nor the parameters (shape
-    /// arithmetic, masks, index tensors, constant tensors expanded to the batch): computed by
+    /// Per batch size, the values that do not depend on the data (shape arithmetic, masks,
+    /// index tensors, constant tensors expanded to the batch, and transforms of the parameters
+    /// such as a Linear's Transpose(W), which stay fixed for the sources' life): computed by
     /// the first pass of that size, reused by the others.
     folded: std::sync::Mutex<HashMap<usize, Folded<T>>>,
 }
@@ -74,7 +75,7 @@ impl<T: Scalar> Sources<T> {
 }
 
 /// One batch's pass: values, what the backward keeps, cotangents and per-example records.
-pub struct Pass<T> {
+pub struct Pass<T: Scalar> {
     /// Examples in the batch.
     pub b: usize,
     /// Node outputs and the input, by value.
@@ -123,8 +124,52 @@ impl<T: Scalar> Pass<T> {
     }
 }
 
+impl<T: Scalar> Drop for Pass<T> {
+    /// Hands the pass's float buffers to this thread's pool for the next batch
+    /// ([`crate::scalar::pool`]).
+    fn drop(&mut self) {
+        use super::records::{Record, Src};
+        use crate::scalar::pool::recycle;
+        crate::scalar::pool::turn::<T>();
+        for t in self.vals.drain(..).flatten() {
+            if let Data::F(v) = t.data {
+                recycle(v);
+            }
+        }
+        for s in self.saved.drain(..) {
+            match s {
+                Saved::Patches(v) | Saved::Deriv(v) => recycle(v),
+                Saved::Norm { xh, inv } => {
+                    recycle(xh);
+                    recycle(inv);
+                }
+                Saved::None | Saved::Indices(_) => {}
+            }
+        }
+        for v in self.cot.drain(..).chain(self.pe.drain(..)).flatten() {
+            recycle(v);
+        }
+        for r in self.records.drain(..) {
+            match r {
+                Record::Rows { x, d, .. } => {
+                    for s in [x.src, d.src] {
+                        if let Src::Owned(v) = s {
+                            recycle(v);
+                        }
+                    }
+                }
+                Record::Tokens { d, .. } => {
+                    if let Src::Owned(v) = d.src {
+                        recycle(v);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// What a forward pass may skip or reuse: the number of live readers of each value and which
-/// nodes depend on neither the data nor the parameters (see [`super::Analysis`]).
+/// nodes do not depend on the data (see [`super::Analysis`]).
 pub struct Reuse<'a> {
     /// Live readers (input slots) of each value.
     pub uses: &'a [usize],
@@ -132,11 +177,13 @@ pub struct Reuse<'a> {
     pub fold: &'a [bool],
 }
 
-/// Runs every live node (`live[k]`) on `input` (B examples along axis 0). With `reuse`, a
-/// reshaping node (Reshape, Flatten, Squeeze, Unsqueeze, Identity) that is the only reader of
-/// a computed value takes its elements instead of copying them (its backward needs only the
-/// shape, which stays), and the nodes that depend on neither the data nor the parameters run
-/// once per batch size (their outputs kept in the sources).
+/// Runs every live node (`live[k]`) on `input` (B examples along axis 0). With `reuse`, a node
+/// that is the only reader of a computed value takes its buffer instead of allocating one: a
+/// reshaping node (Reshape, Flatten, Squeeze, Unsqueeze, Identity) keeps its elements, an Add
+/// or Sub whose operand has the output's shape updates it in place (their backward passes and
+/// per-example rules need only the shapes, which stay); and the nodes that do not depend on
+/// the data run once per batch size (their outputs kept in the sources). Float buffers come
+/// from, and go back to, the thread's pool ([`crate::scalar::pool`]).
 pub fn forward<T: Scalar>(
     g: &Graph,
     live: &[bool],
@@ -186,19 +233,53 @@ pub fn forward<T: Scalar>(
                 | Op::Unsqueeze { .. }
                 | Op::Identity
         );
-        let movable = node.input(0).filter(|v| {
-            reshaping
-                && !fold.is_some_and(|f| f[k])
-                && producers.get(*v).copied().flatten().is_some_and(|p| {
-                    // the producer's backward must not read its output's elements
-                    !output_read_by_backward(&g.nodes[p].op)
+        let additive = matches!(node.op, Op::Binary(Binary::Add | Binary::Sub));
+        // a computed value read by this node alone, whose producer's backward does not read it
+        let movable = |pass: &Pass<T>, v: ValueId| {
+            !fold.is_some_and(|f| f[k])
+                && producers.get(v).copied().flatten().is_some_and(|p| {
+                    // the producer's backward must not read its output's elements, and a
+                    // folded output is kept for the next passes
+                    !output_read_by_backward(&g.nodes[p].op) && !fold.is_some_and(|f| f[p])
                 })
-                && *v != g.input
-                && *v != g.output
-                && uses.is_some_and(|u| u[*v] == 1)
-                && pass.vals[*v].is_some()
-        });
-        let taken = movable.and_then(|v| {
+                && v != g.input
+                && v != g.output
+                && uses.is_some_and(|u| u[v] == 1)
+                && pass.vals[v].is_some()
+        };
+        // the slot whose buffer this node takes: a reshape's input (its backward needs only
+        // the shape), or an Add/Sub operand of the output's shape (their backward and
+        // per-example rules read shapes and the cotangent only), updated in place
+        let take_slot = if reshaping {
+            node.input(0).filter(|v| movable(&pass, *v)).map(|_| 0)
+        } else if additive && node.inputs.len() == 2 {
+            let shape_of = |s: usize| {
+                node.input(s)
+                    .and_then(|v| pass.value(src, v))
+                    .filter(|t| t.floats().is_some())
+                    .map(|t| t.shape.clone())
+            };
+            match (shape_of(0), shape_of(1)) {
+                (Some(a), Some(b)) => {
+                    let out = ops::util::broadcast(node, &a, &b).ok();
+                    let slots: &[usize] = if matches!(node.op, Op::Binary(Binary::Add)) {
+                        &[0, 1]
+                    } else {
+                        &[0]
+                    };
+                    slots.iter().copied().find(|s| {
+                        let shape = if *s == 0 { &a } else { &b };
+                        out.as_ref() == Some(shape)
+                            && node.input(*s).is_some_and(|v| movable(&pass, v))
+                    })
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let taken = take_slot.and_then(|slot| {
+            let v = node.input(slot)?;
             let t = pass.vals[v].take()?;
             // a placeholder that keeps the shape (and element type) for the backward pass
             let empty = match &t.data {
@@ -210,7 +291,7 @@ pub fn forward<T: Scalar>(
                 shape: t.shape.clone(),
                 data: empty,
             });
-            Some(t.data)
+            Some((slot, t))
         });
         let (outs, saved) = {
             let ins: Vec<Option<&Tensor<T>>> = node
@@ -229,19 +310,28 @@ pub fn forward<T: Scalar>(
                     node.describe()
                 )));
             }
-            ops::forward(node, &ins)?
-        };
-        let outs = match taken {
-            Some(data) => outs
-                .into_iter()
-                .next()
-                .map(|o| Tensor {
-                    shape: o.shape,
-                    data,
-                })
-                .into_iter()
-                .collect(),
-            None => outs,
+            match (taken, &node.op) {
+                (Some((slot, t)), Op::Binary(op)) => {
+                    let other = ops::util::input(node, &ins, 1 - slot)?;
+                    let y = ops::elementwise::binary_in_place(node, *op, t, slot, other)?;
+                    (vec![y], Saved::None)
+                }
+                (Some((_, t)), _) => {
+                    // a reshape: its output's shape, the taken elements
+                    let (outs, saved) = ops::forward(node, &ins)?;
+                    let outs = outs
+                        .into_iter()
+                        .next()
+                        .map(|o| Tensor {
+                            shape: o.shape,
+                            data: t.data,
+                        })
+                        .into_iter()
+                        .collect();
+                    (outs, saved)
+                }
+                (None, _) => ops::forward(node, &ins)?,
+            }
         };
         pass.saved[k] = saved;
         for (o, t) in node.outputs.iter().zip(outs) {
@@ -270,7 +360,7 @@ pub fn forward<T: Scalar>(
 
 /// Whether the backward (or a per-example rule) of `op` reads the elements of its own output:
 /// such an output must stay in place (not be taken by a reshape that reads it).
-pub(crate) fn output_read_by_backward(op: &Op) -> bool {
+pub fn output_read_by_backward(op: &Op) -> bool {
     use super::ir::Unary;
     match op {
         Op::Unary(u) => matches!(

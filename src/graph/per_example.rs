@@ -193,6 +193,28 @@ fn rows_of<T: Scalar>(
 /// rank, 1 where broadcast) is broadcast, except the batch axis: B × |u|.
 pub fn pe_reduce<T: Scalar>(c: &[T], out: &[usize], a: usize, u: &[usize], b: usize) -> Vec<T> {
     let nu: usize = u.iter().product();
+    // batch axis first: each example's block reduced on its own (a copy when u is its shape)
+    if a == 0 && !out.is_empty() && u.len() == out.len() && u[0] == 1 {
+        let m: usize = out[1..].iter().product();
+        if m > 0 && c.len() == b * m && out[0] == b {
+            if u[1..] == out[1..] {
+                return c.to_vec();
+            }
+            let mut pe = Vec::with_capacity(b * nu);
+            for blk in c.chunks_exact(m) {
+                match sum_trailing(blk, &out[1..], &u[1..]) {
+                    Some(v) => pe.extend(v),
+                    None => {
+                        pe.clear();
+                        break;
+                    }
+                }
+            }
+            if pe.len() == b * nu {
+                return pe;
+            }
+        }
+    }
     let mut pe = vec![T::of(0.0); b * nu];
     let mut us = bstrides(u, out);
     us[a] = nu;

@@ -3,13 +3,14 @@
 //! are always f64.
 
 pub(crate) mod fastmath;
+pub mod pool;
 
 use candle_core::DType;
 
 /// f32 or f64: the model's own precision for forward and backward passes. Sums, solves and
 /// quadratic forms are always f64.
 pub trait Scalar:
-    faer::traits::RealField + Copy + Send + Sync + Default + std::fmt::Debug + 'static
+    faer::traits::RealField + Copy + Send + Sync + Default + std::fmt::Debug + pool::Pooled + 'static
 {
     /// The matching candle dtype.
     const DTYPE: DType;

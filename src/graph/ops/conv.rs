@@ -6,6 +6,7 @@ use super::linalg::gemm_into;
 use super::util::*;
 use crate::error::{Error, Result};
 use crate::graph::ir::{AutoPad, Node, Tensor, Window};
+use crate::scalar::pool::{buffer, with_capacity};
 use crate::scalar::Scalar;
 
 /// A window's geometry over 2-D spatial axes (1-D as height 1).
@@ -363,8 +364,9 @@ pub fn conv_forward<T: Scalar>(
     let g = &s.g;
     let (l, k, cg, og) = (g.l(), s.k, g.cin / groups, s.cout / groups);
     let per_in = g.cin * g.h * g.w;
-    let mut patches: Vec<T> = Vec::with_capacity(g.n * groups * k * l);
-    let mut out = vec![T::of(0.0); g.n * s.cout * l];
+    let mut patches: Vec<T> = with_capacity(g.n * groups * k * l);
+    // every output row is written (the bias, or replaced by the product)
+    let mut out = buffer(g.n * s.cout * l);
     let bias = match b {
         Some(b) => {
             let bv = floats(node, b, "B")?;

@@ -4,6 +4,7 @@
 use super::util::*;
 use crate::error::{Error, Result};
 use crate::graph::ir::{Binary, Data, ElemType, Logic, Node, Tensor, Unary};
+use crate::scalar::pool::buffer;
 use crate::scalar::Scalar;
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -94,6 +95,13 @@ fn unary_deriv<T: Scalar>(u: Unary, x: T, y: T) -> T {
     }
 }
 
+/// `f` of every element of `v`, in a recycled buffer.
+fn map_pooled<T: Scalar>(v: &[T], f: impl Fn(T) -> T) -> Vec<T> {
+    let mut o = buffer(v.len());
+    o.iter_mut().zip(v).for_each(|(o, x)| *o = f(*x));
+    o
+}
+
 /// Forward of a unary function: the output and, for the GELUs, the derivative (computed with
 /// the value by the vectorised kernels, kept for the backward).
 pub fn unary_forward<T: Scalar>(
@@ -105,8 +113,9 @@ pub fn unary_forward<T: Scalar>(
         Data::F(v) => {
             let (out, deriv) = match u {
                 Unary::Gelu { tanh } => {
-                    let mut z = v.clone();
-                    let mut o = vec![T::of(0.0); v.len()];
+                    let mut z = buffer(v.len());
+                    z.copy_from_slice(v);
+                    let mut o = buffer(v.len());
                     if tanh {
                         T::gelu_tanh_slice(&mut z, &mut o);
                     } else {
@@ -115,24 +124,20 @@ pub fn unary_forward<T: Scalar>(
                     (o, Some(z))
                 }
                 Unary::Tanh => {
-                    let mut o = v.clone();
+                    let mut o = buffer(v.len());
+                    o.copy_from_slice(v);
                     T::tanh_slice(&mut o);
                     (o, None)
                 }
                 Unary::Relu => {
                     let zero = T::of(0.0);
-                    (
-                        v.iter()
-                            .map(|x| if *x > zero { *x } else { zero })
-                            .collect(),
-                        None,
-                    )
+                    (map_pooled(v, |x| if x > zero { x } else { zero }), None)
                 }
                 Unary::Sigmoid => {
                     let one = T::of(1.0);
-                    (v.iter().map(|x| one / (one + (-*x).exp())).collect(), None)
+                    (map_pooled(v, |x| one / (one + (-x).exp())), None)
                 }
-                _ => (v.iter().map(|x| unary_value(u, *x)).collect(), None),
+                _ => (map_pooled(v, |x| unary_value(u, x)), None),
             };
             Ok((ft(x.shape.clone(), out), deriv))
         }
@@ -169,7 +174,11 @@ pub fn unary_backward<T: Scalar>(
     g: &[T],
 ) -> Result<Vec<T>> {
     if let Some(d) = deriv {
-        return Ok(g.iter().zip(d).map(|(a, b)| *a * *b).collect());
+        let mut o = buffer(g.len());
+        o.iter_mut()
+            .zip(g.iter().zip(d))
+            .for_each(|(o, (a, b))| *o = *a * *b);
+        return Ok(o);
     }
     let xs = floats(node, x, "X")?;
     let ys = floats(node, y, "Y")?;
@@ -201,6 +210,24 @@ pub fn unary_backward<T: Scalar>(
         Unary::Exp => return Ok(g.iter().zip(ys).map(|(g, y)| *g * *y).collect()),
         _ => {}
     }
+    if ys.len() != xs.len() {
+        // the output's buffer was taken by its only reader (see `exec::forward`): the
+        // functions whose derivative reads the output keep theirs
+        if matches!(
+            u,
+            Unary::Sqrt | Unary::Exp | Unary::Sigmoid | Unary::Tanh | Unary::Reciprocal
+        ) {
+            return Err(Error::Unsupported(format!(
+                "{}: its output was not kept for the backward pass",
+                node.describe()
+            )));
+        }
+        return Ok(xs
+            .iter()
+            .zip(g)
+            .map(|(x, g)| *g * unary_deriv(u, *x, zero))
+            .collect());
+    }
     Ok(xs
         .iter()
         .zip(ys)
@@ -210,7 +237,7 @@ pub fn unary_backward<T: Scalar>(
 }
 
 /// The combined operation of a broadcasting binary op on two slices: `out[i] = f(a[ia], b[ib])`.
-fn broadcast_apply<A: Copy, B: Copy, O>(
+fn broadcast_apply<A: Copy, B: Copy, O: Copy + Default>(
     a: &[A],
     ashape: &[usize],
     b: &[B],
@@ -218,15 +245,48 @@ fn broadcast_apply<A: Copy, B: Copy, O>(
     out: &[usize],
     f: impl Fn(A, B) -> O,
 ) -> Vec<O> {
-    let n: usize = out.iter().product();
+    let mut o = vec![O::default(); out.iter().product()];
+    broadcast_fill(&mut o, a, ashape, b, bshape, out, f);
+    o
+}
+
+/// [`broadcast_apply`] for floats, into a recycled buffer.
+fn broadcast_float<T: Scalar>(
+    a: &[T],
+    ashape: &[usize],
+    b: &[T],
+    bshape: &[usize],
+    out: &[usize],
+    f: impl Fn(T, T) -> T,
+) -> Vec<T> {
+    let mut o = buffer(out.iter().product());
+    broadcast_fill(&mut o, a, ashape, b, bshape, out, f);
+    o
+}
+
+/// Writes `f(a, b)` broadcast to `out` into every element of `o` (of `out`'s size).
+fn broadcast_fill<A: Copy, B: Copy, O>(
+    o: &mut [O],
+    a: &[A],
+    ashape: &[usize],
+    b: &[B],
+    bshape: &[usize],
+    out: &[usize],
+    f: impl Fn(A, B) -> O,
+) {
     if ashape == out && bshape == out {
-        return a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect();
+        o.iter_mut()
+            .zip(a.iter().zip(b))
+            .for_each(|(o, (x, y))| *o = f(*x, *y));
+        return;
     }
     if ashape == out && b.len() == 1 {
-        return a.iter().map(|x| f(*x, b[0])).collect();
+        o.iter_mut().zip(a).for_each(|(o, x)| *o = f(*x, b[0]));
+        return;
     }
     if bshape == out && a.len() == 1 {
-        return b.iter().map(|y| f(a[0], *y)).collect();
+        o.iter_mut().zip(b).for_each(|(o, y)| *o = f(a[0], *y));
+        return;
     }
     // b broadcast over leading axes only (a bias on the trailing axes)
     let trailing = |s: &[usize]| {
@@ -234,27 +294,86 @@ fn broadcast_apply<A: Copy, B: Copy, O>(
         !t.is_empty() && out.ends_with(&t)
     };
     if ashape == out && !b.is_empty() && trailing(bshape) {
-        let mut o = Vec::with_capacity(n);
-        for row in a.chunks(b.len()) {
-            o.extend(row.iter().zip(b).map(|(x, y)| f(*x, *y)));
+        for (orow, row) in o.chunks_mut(b.len()).zip(a.chunks(b.len())) {
+            orow.iter_mut()
+                .zip(row.iter().zip(b))
+                .for_each(|(o, (x, y))| *o = f(*x, *y));
         }
-        return o;
+        return;
     }
     if bshape == out && !a.is_empty() && trailing(ashape) {
-        let mut o = Vec::with_capacity(n);
-        for row in b.chunks(a.len()) {
-            o.extend(a.iter().zip(row).map(|(x, y)| f(*x, *y)));
+        for (orow, row) in o.chunks_mut(a.len()).zip(b.chunks(a.len())) {
+            orow.iter_mut()
+                .zip(a.iter().zip(row))
+                .for_each(|(o, (x, y))| *o = f(*x, *y));
         }
-        return o;
+        return;
     }
     let sa = bstrides(ashape, out);
     let sb = bstrides(bshape, out);
     let so = strides(out);
-    let mut o = Vec::with_capacity(n);
-    for_each(out, [&so, &sa, &sb], |_, [_, ia, ib]| {
-        o.push(f(a[ia], b[ib]))
+    for_each(out, [&so, &sa, &sb], |io, [_, ia, ib]| {
+        o[io] = f(a[ia], b[ib])
     });
-    o
+}
+
+/// Add (either operand) or Sub (the minuend) with the float operand in slot `slot`, shaped
+/// like the output, updated in place: the same values as [`binary_forward`] without a new
+/// buffer.
+pub fn binary_in_place<T: Scalar>(
+    node: &Node,
+    op: Binary,
+    acc: Tensor<T>,
+    slot: usize,
+    other: &Tensor<T>,
+) -> Result<Tensor<T>> {
+    let out = broadcast(node, &acc.shape, &other.shape)?;
+    let (Data::F(mut a), Some(b)) = (acc.data, other.floats()) else {
+        return Err(Error::Unsupported(format!(
+            "{}: in-place update needs float operands",
+            node.describe()
+        )));
+    };
+    if out != acc.shape || a.len() != out.iter().product::<usize>() {
+        return Err(Error::shape(
+            format!("{} (in-place operand)", node.describe()),
+            format!("{out:?}"),
+            format!("{:?}", acc.shape),
+        ));
+    }
+    match (op, slot) {
+        (Binary::Add, _) => update(&mut a, &out, b, &other.shape, |x, y| x + y),
+        (Binary::Sub, 0) => update(&mut a, &out, b, &other.shape, |x, y| x - y),
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "{}: no in-place form for input {slot}",
+                node.describe()
+            )))
+        }
+    }
+    Ok(Tensor {
+        shape: out,
+        data: Data::F(a),
+    })
+}
+
+/// `a[i] = f(a[i], b[i broadcast])` over `out` (a's shape).
+fn update<T: Scalar>(a: &mut [T], out: &[usize], b: &[T], bshape: &[usize], f: impl Fn(T, T) -> T) {
+    let trailing = {
+        let t: Vec<usize> = bshape.iter().copied().skip_while(|d| *d == 1).collect();
+        !t.is_empty() && out.ends_with(&t)
+    };
+    if b.len() == 1 {
+        a.iter_mut().for_each(|x| *x = f(*x, b[0]));
+    } else if bshape == out || trailing {
+        for row in a.chunks_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(x, y)| *x = f(*x, *y));
+        }
+    } else {
+        let sb = bstrides(bshape, out);
+        let so = strides(out);
+        for_each(out, [&so, &sb], |io, [_, ib]| a[io] = f(a[io], b[ib]));
+    }
 }
 
 /// Forward of Add, Sub, Mul, Div, Pow (floats; integers for shape arithmetic).
@@ -271,10 +390,10 @@ pub fn binary_forward<T: Scalar>(
             // one loop per operator (a match inside the loop would not vectorise)
             let (sa, sb) = (&a.shape, &b.shape);
             Data::F(match op {
-                Binary::Add => broadcast_apply(x, sa, y, sb, &out, |p, q| p + q),
-                Binary::Sub => broadcast_apply(x, sa, y, sb, &out, |p, q| p - q),
-                Binary::Mul => broadcast_apply(x, sa, y, sb, &out, |p, q| p * q),
-                Binary::Div => broadcast_apply(x, sa, y, sb, &out, |p, q| p / q),
+                Binary::Add => broadcast_float(x, sa, y, sb, &out, |p, q| p + q),
+                Binary::Sub => broadcast_float(x, sa, y, sb, &out, |p, q| p - q),
+                Binary::Mul => broadcast_float(x, sa, y, sb, &out, |p, q| p * q),
+                Binary::Div => broadcast_float(x, sa, y, sb, &out, |p, q| p / q),
                 Binary::Pow => broadcast_apply(x, sa, y, sb, &out, |p, q| p.powf(q)),
             })
         }
@@ -342,12 +461,12 @@ pub fn binary_backward<T: Scalar>(
             Binary::Mul => {
                 let other = if which_a { b } else { a };
                 let o = floats(node, other, "B")?;
-                broadcast_apply(g, out, o, &other.shape, out, |p, q| p * q)
+                broadcast_float(g, out, o, &other.shape, out, |p, q| p * q)
             }
             Binary::Div => {
                 let bv = floats(node, b, "B")?;
                 if which_a {
-                    broadcast_apply(g, out, bv, &b.shape, out, |p, q| p / q)
+                    broadcast_float(g, out, bv, &b.shape, out, |p, q| p / q)
                 } else {
                     // −g·y/b
                     let ys = floats(node, y, "Y")?;
@@ -380,12 +499,12 @@ pub fn binary_backward<T: Scalar>(
         Ok(full)
     };
     let ga = if need.0 {
-        Some(reduce_to(&contrib(true)?, out, &a.shape))
+        Some(reduce_owned(contrib(true)?, out, &a.shape))
     } else {
         None
     };
     let gb = if need.1 {
-        Some(reduce_to(&contrib(false)?, out, &b.shape))
+        Some(reduce_owned(contrib(false)?, out, &b.shape))
     } else {
         None
     };

@@ -7,6 +7,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use super::util::*;
 use crate::error::{Error, Result};
 use crate::graph::ir::{Node, Tensor};
+use crate::scalar::pool::buffer;
 use crate::scalar::Scalar;
 
 /// `dst (m×n) (+)= a (m×k, row-major or transposed) · b (k×n, ...)`, all row-major slices.
@@ -143,7 +144,8 @@ pub fn matmul_forward<T: Scalar>(node: &Node, a: &Tensor<T>, b: &Tensor<T>) -> R
     let av = floats(node, a, "A")?;
     let bv = floats(node, b, "B")?;
     let total = numel(node, &s.out)?;
-    let mut out = vec![T::of(0.0); total];
+    // every output matrix is written once, replacing what the buffer held
+    let mut out = buffer(total);
     let (m, k, n) = (s.m, s.k, s.n);
     if s.b_batch.iter().all(|d| *d == 1) && s.a_batch == s.batch {
         // one matmul over every row of A
@@ -187,9 +189,15 @@ pub fn matmul_backward<T: Scalar>(
     let av = floats(node, a, "A")?;
     let bv = floats(node, b, "B")?;
     let (m, k, n) = (s.m, s.k, s.n);
-    let mut ga = need.0.then(|| vec![T::of(0.0); av.len()]);
-    let mut gb = need.1.then(|| vec![T::of(0.0); bv.len()]);
-    if s.b_batch.iter().all(|d| *d == 1) && s.a_batch == s.batch {
+    // one product over all rows when B is one matrix; otherwise an operand not broadcast over
+    // the batch gets each of its matrices written once (a recycled buffer), and a broadcast
+    // one sums several products (zeros first)
+    let whole = s.b_batch.iter().all(|d| *d == 1) && s.a_batch == s.batch;
+    let (a_once, b_once) = (s.a_batch == s.batch, whole || s.b_batch == s.batch);
+    let fresh = |n: usize, once: bool| if once { buffer(n) } else { vec![T::of(0.0); n] };
+    let mut ga = need.0.then(|| fresh(av.len(), a_once));
+    let mut gb = need.1.then(|| fresh(bv.len(), b_once));
+    if whole {
         let rows = g.len() / n.max(1);
         if let Some(ga) = ga.as_mut() {
             gemm_into(ga, false, g, false, bv, true, (rows, n, k), T::of(1.0));
@@ -204,7 +212,7 @@ pub fn matmul_backward<T: Scalar>(
         if let Some(ga) = ga.as_mut() {
             gemm_into(
                 &mut ga[ia * m * k..(ia + 1) * m * k],
-                true,
+                !a_once,
                 gs,
                 false,
                 &bv[ib * k * n..(ib + 1) * k * n],
@@ -216,7 +224,7 @@ pub fn matmul_backward<T: Scalar>(
         if let Some(gb) = gb.as_mut() {
             gemm_into(
                 &mut gb[ib * k * n..(ib + 1) * k * n],
-                true,
+                !b_once,
                 &av[ia * m * k..(ia + 1) * m * k],
                 true,
                 gs,

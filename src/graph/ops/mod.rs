@@ -604,7 +604,7 @@ pub fn backward<T: Scalar>(
             for i in [1, 2] {
                 if needs(i) {
                     let full = elementwise::where_contribution(node, c, g0, out, i)?;
-                    res[i] = Some(reduce_to(&full, out, &x(i)?.shape));
+                    res[i] = Some(reduce_owned(full, out, &x(i)?.shape));
                 }
             }
         }

@@ -4,6 +4,7 @@
 use super::util::*;
 use crate::error::{Error, Result};
 use crate::graph::ir::{Node, Tensor};
+use crate::scalar::pool::{buffer, with_capacity};
 use crate::scalar::Scalar;
 
 /// Per channel: (scale·inv_std, shift) so that y = a·x + b; inv_std = 1/√(var + ε).
@@ -70,7 +71,7 @@ pub fn batch_norm_forward<T: Scalar>(
         eps,
     )?;
     let xv = floats(node, x, "X")?;
-    let mut out = Vec::with_capacity(xv.len());
+    let mut out = with_capacity(xv.len());
     for e in 0..n {
         for k in 0..c {
             let at = (e * c + k) * sp;
@@ -87,7 +88,7 @@ pub fn batch_norm_xhat<T: Scalar>(node: &Node, ins: [&Tensor<T>; 5], eps: f64) -
     let mv = floats(node, m, "mean")?;
     let vv = floats(node, v, "var")?;
     let xv = floats(node, x, "X")?;
-    let mut out = Vec::with_capacity(xv.len());
+    let mut out = with_capacity(xv.len());
     for e in 0..n {
         for k in 0..c {
             let inv = T::of(1.0) / (vv[k] + T::of(eps)).sqrt();
@@ -188,9 +189,10 @@ pub fn layer_norm_forward<T: Scalar>(
     let sc = expand(scale, "scale", T::of(1.0))?;
     let bi = expand(bias, "B", T::of(0.0))?;
     let xv = floats(node, x, "X")?;
-    let mut xh = vec![T::of(0.0); xv.len()];
-    let mut inv = vec![T::of(0.0); rows];
-    let mut y = vec![T::of(0.0); xv.len()];
+    // every element is written below
+    let mut xh = buffer(xv.len());
+    let mut inv = buffer(rows);
+    let mut y = buffer(xv.len());
     let df = T::of(d as f64);
     for r in 0..rows {
         let xr = &xv[r * d..(r + 1) * d];
@@ -245,7 +247,7 @@ pub fn layer_norm_backward<T: Scalar>(
     };
     let df = T::of(d as f64);
     let dx = need[0].then(|| {
-        let mut dx = vec![T::of(0.0); g.len()];
+        let mut dx = buffer(g.len());
         let mut gh = vec![T::of(0.0); d];
         for r in 0..rows {
             let (mut m1, mut m2) = (T::of(0.0), T::of(0.0));
@@ -272,15 +274,15 @@ pub fn layer_norm_backward<T: Scalar>(
         acc
     };
     let ds = match (need[1], scale) {
-        (true, Some(t)) => Some(reduce_to(
-            &sum_rows(&|i| g[i] * xh[i]),
+        (true, Some(t)) => Some(reduce_owned(
+            sum_rows(&|i| g[i] * xh[i]),
             &norm_shape,
             &t.shape,
         )),
         _ => None,
     };
     let db = match (need[2], bias) {
-        (true, Some(t)) => Some(reduce_to(&sum_rows(&|i| g[i]), &norm_shape, &t.shape)),
+        (true, Some(t)) => Some(reduce_owned(sum_rows(&|i| g[i]), &norm_shape, &t.shape)),
         _ => None,
     };
     Ok([dx, ds, db])
@@ -319,7 +321,8 @@ pub fn softmax_forward<T: Scalar>(
     let xv = floats(node, x, "input")?;
     if inner == 1 && n > 0 {
         // rows are contiguous: the vectorised exp
-        let mut y = xv.to_vec();
+        let mut y = buffer(xv.len());
+        y.copy_from_slice(xv);
         for row in y.chunks_mut(n) {
             let mut m = T::of(f64::NEG_INFINITY);
             for v in row.iter() {
@@ -348,7 +351,7 @@ pub fn softmax_forward<T: Scalar>(
         }
         return Ok(ft(x.shape.clone(), y));
     }
-    let mut y = vec![T::of(0.0); xv.len()];
+    let mut y = buffer(xv.len());
     for o in 0..outer {
         for i in 0..inner {
             let at = |k: usize| (o * n + k) * inner + i;
@@ -394,7 +397,7 @@ pub fn softmax_backward<T: Scalar>(
 ) -> Result<Vec<T>> {
     let (outer, n, inner) = softmax_dims(node, &y.shape, axis, legacy)?;
     let yv = floats(node, y, "output")?;
-    let mut dx = vec![T::of(0.0); yv.len()];
+    let mut dx = buffer(yv.len());
     if inner == 1 && n > 0 {
         for ((d, yr), gr) in dx.chunks_mut(n).zip(yv.chunks(n)).zip(g.chunks(n)) {
             let mut s = T::of(0.0);

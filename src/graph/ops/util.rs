@@ -155,11 +155,37 @@ pub fn reduce_to<T: Scalar>(g: &[T], out: &[usize], target: &[usize]) -> Vec<T> 
     if out == target {
         return g.to_vec();
     }
+    if let Some(acc) = sum_trailing(g, out, target) {
+        return acc;
+    }
     let mut acc = vec![T::of(0.0); n];
     let ts = bstrides(target, out);
     let os = strides(out);
     for_each(out, [&os, &ts], |_, [io, it]| acc[it] += g[io]);
     acc
+}
+
+/// [`reduce_to`] taking `g` by value: the buffer itself when nothing is summed.
+pub fn reduce_owned<T: Scalar>(g: Vec<T>, out: &[usize], target: &[usize]) -> Vec<T> {
+    if out == target {
+        return g;
+    }
+    reduce_to(&g, out, target)
+}
+
+/// When `target` is `out`'s trailing axes (after leading ones: a bias, a norm's scale), the sum
+/// of `g`'s rows of that size, added in the same order as the general reduction.
+pub fn sum_trailing<T: Scalar>(g: &[T], out: &[usize], target: &[usize]) -> Option<Vec<T>> {
+    let n: usize = target.iter().product();
+    let t: Vec<usize> = target.iter().copied().skip_while(|d| *d == 1).collect();
+    if n == 0 || target.len() > out.len() || !out.ends_with(&t) || g.len() % n != 0 {
+        return None;
+    }
+    let mut acc = vec![T::of(0.0); n];
+    for row in g.chunks_exact(n) {
+        acc.iter_mut().zip(row).for_each(|(a, x)| *a += *x);
+    }
+    Some(acc)
 }
 
 /// Σ aᵢ·bᵢ over eight partial sums (so the loop vectorises).
