@@ -709,6 +709,41 @@ impl GraphEngine {
                 }
                 continue;
             }
+            if let Group::Tokens { out, .. } = self.an.groups[gi] {
+                // per example only the rows of the ids it reads: each row's signals summed in
+                // f64 in the order of the general path, then squared (the other rows are 0)
+                let mut hits: Vec<(usize, usize, usize)> = vec![];
+                for e in 0..b {
+                    hits.clear();
+                    let recs: Vec<_> = tokens_records(passes, gi).collect();
+                    let mats = recs
+                        .iter()
+                        .map(|(pass, _, d, _, _)| d.mat(pass, e))
+                        .collect::<Result<Vec<_>>>()?;
+                    for (r, ((_, ids, _, _, _), dm)) in recs.iter().zip(&mats).enumerate() {
+                        let t = dm.nrows();
+                        for u in 0..t {
+                            hits.push((ids[e * t + u], r, u));
+                        }
+                    }
+                    hits.sort_by_key(|h| h.0);
+                    buf.resize(out, 0.0);
+                    for run in hits.chunk_by(|a, b2| a.0 == b2.0) {
+                        let id = run[0].0;
+                        buf.iter_mut().for_each(|v| *v = 0.0);
+                        for &(_, r, u) in run {
+                            for (q, v) in buf.iter_mut().enumerate() {
+                                *v += mats[r][(u, q)].f64();
+                            }
+                        }
+                        let at = s.w_off + id * out;
+                        for (a, v) in acc[at..at + out].iter_mut().zip(buf.iter()) {
+                            *a += v * v;
+                        }
+                    }
+                }
+                continue;
+            }
             buf.resize(s.w_len + s.b_len, 0.0);
             for e in 0..b {
                 self.group_grad(passes, gi, e, buf, tmp)?;

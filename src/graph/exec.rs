@@ -179,9 +179,10 @@ pub struct Reuse<'a> {
 
 /// Runs every live node (`live[k]`) on `input` (B examples along axis 0). With `reuse`, a node
 /// that is the only reader of a computed value takes its buffer instead of allocating one: a
-/// reshaping node (Reshape, Flatten, Squeeze, Unsqueeze, Identity) keeps its elements, an Add
-/// or Sub whose operand has the output's shape updates it in place (their backward passes and
-/// per-example rules need only the shapes, which stay); and the nodes that do not depend on
+/// reshaping node (Reshape, Flatten, Squeeze, Unsqueeze, Identity) keeps its elements, a
+/// softmax or GELU runs in its input's buffer, an Add or Sub whose operand has the output's
+/// shape updates it in place (their backward passes and per-example rules need only the
+/// shapes, which stay); and the nodes that do not depend on
 /// the data run once per batch size (their outputs kept in the sources). Float buffers come
 /// from, and go back to, the thread's pool ([`crate::scalar::pool`]).
 pub fn forward<T: Scalar>(
@@ -248,9 +249,10 @@ pub fn forward<T: Scalar>(
                 && pass.vals[v].is_some()
         };
         // the slot whose buffer this node takes: a reshape's input (its backward needs only
-        // the shape), or an Add/Sub operand of the output's shape (their backward and
+        // the shape), a softmax's or GELU's input (their backward reads the output or the kept
+        // derivative), or an Add/Sub operand of the output's shape (their backward and
         // per-example rules read shapes and the cotangent only), updated in place
-        let take_slot = if reshaping {
+        let take_slot = if reshaping || ops::runs_in_place(&node.op) {
             node.input(0).filter(|v| movable(&pass, *v)).map(|_| 0)
         } else if additive && node.inputs.len() == 2 {
             let shape_of = |s: usize| {
@@ -316,6 +318,7 @@ pub fn forward<T: Scalar>(
                     let y = ops::elementwise::binary_in_place(node, *op, t, slot, other)?;
                     (vec![y], Saved::None)
                 }
+                (Some((_, t)), op) if ops::runs_in_place(op) => ops::forward_owned(node, t, &ins)?,
                 (Some((_, t)), _) => {
                     // a reshape: its output's shape, the taken elements
                     let (outs, saved) = ops::forward(node, &ins)?;

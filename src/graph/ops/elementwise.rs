@@ -164,6 +164,34 @@ pub fn unary_forward<T: Scalar>(
     }
 }
 
+/// [`unary_forward`] on an input the caller gives up: the GELUs keep their derivative in its
+/// buffer.
+pub fn unary_forward_owned<T: Scalar>(
+    node: &Node,
+    u: Unary,
+    x: Tensor<T>,
+) -> Result<(Tensor<T>, Option<Vec<T>>)> {
+    match (u, x.data) {
+        (Unary::Gelu { tanh }, Data::F(mut z)) => {
+            let mut o = buffer(z.len());
+            if tanh {
+                T::gelu_tanh_slice(&mut z, &mut o);
+            } else {
+                T::gelu_slice(&mut z, &mut o);
+            }
+            Ok((ft(x.shape, o), Some(z)))
+        }
+        (_, data) => unary_forward(
+            node,
+            u,
+            &Tensor {
+                shape: x.shape,
+                data,
+            },
+        ),
+    }
+}
+
 /// Backward of a unary function: g·f'(x) (f' kept by the forward when given).
 pub fn unary_backward<T: Scalar>(
     node: &Node,

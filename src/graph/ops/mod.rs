@@ -140,6 +140,40 @@ fn one<T>(t: Tensor<T>) -> (Vec<Tensor<T>>, Saved<T>) {
     (vec![t], Saved::None)
 }
 
+/// Whether [`forward_owned`] runs `op` in the buffer of its input 0, which its backward then
+/// no longer reads (a softmax reads its output, a GELU its kept derivative).
+pub fn runs_in_place(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Softmax { .. } | Op::Unary(crate::graph::ir::Unary::Gelu { .. })
+    )
+}
+
+/// [`forward`] of a node for which [`runs_in_place`] holds, on its input 0 given up by the
+/// caller (`x`; the other inputs in `ins`).
+pub fn forward_owned<T: Scalar>(
+    node: &Node,
+    x: Tensor<T>,
+    ins: &[Option<&Tensor<T>>],
+) -> Result<(Vec<Tensor<T>>, Saved<T>)> {
+    match &node.op {
+        Op::Softmax { axis, log, legacy } => Ok(one(norm::softmax_forward_owned(
+            node, x, *axis, *log, *legacy,
+        )?)),
+        Op::Unary(u) => {
+            let (y, d) = elementwise::unary_forward_owned(node, *u, x)?;
+            Ok((vec![y], d.map_or(Saved::None, Saved::Deriv)))
+        }
+        _ => {
+            let mut all: Vec<Option<&Tensor<T>>> = ins.to_vec();
+            if let Some(first) = all.first_mut() {
+                *first = Some(&x);
+            }
+            forward(node, &all)
+        }
+    }
+}
+
 /// Runs `node` on `ins`: its outputs (in order; omitted outputs included as computed) and what
 /// its backward needs.
 pub fn forward<T: Scalar>(

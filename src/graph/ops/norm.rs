@@ -3,7 +3,7 @@
 
 use super::util::*;
 use crate::error::{Error, Result};
-use crate::graph::ir::{Node, Tensor};
+use crate::graph::ir::{Data, Node, Tensor};
 use crate::scalar::pool::{buffer, with_capacity};
 use crate::scalar::Scalar;
 
@@ -323,32 +323,7 @@ pub fn softmax_forward<T: Scalar>(
         // rows are contiguous: the vectorised exp
         let mut y = buffer(xv.len());
         y.copy_from_slice(xv);
-        for row in y.chunks_mut(n) {
-            let mut m = T::of(f64::NEG_INFINITY);
-            for v in row.iter() {
-                if *v > m {
-                    m = *v;
-                }
-            }
-            if !m.finite() {
-                m = T::of(0.0);
-            }
-            let orig: Vec<T> = if log { row.to_vec() } else { vec![] };
-            T::exp_shift(row, m);
-            let mut s = T::of(0.0);
-            for v in row.iter() {
-                s += *v;
-            }
-            if log {
-                let ls = s.ln() + m;
-                for (v, o) in row.iter_mut().zip(&orig) {
-                    *v = *o - ls;
-                }
-            } else {
-                let inv = T::of(1.0) / s;
-                row.iter_mut().for_each(|v| *v *= inv);
-            }
-        }
+        softmax_rows(&mut y, n, log);
         return Ok(ft(x.shape.clone(), y));
     }
     let mut y = buffer(xv.len());
@@ -384,6 +359,64 @@ pub fn softmax_forward<T: Scalar>(
         }
     }
     Ok(ft(x.shape.clone(), y))
+}
+
+/// [`softmax_forward`] on an input the caller gives up: the rows are normalized in its buffer
+/// when they are contiguous.
+pub fn softmax_forward_owned<T: Scalar>(
+    node: &Node,
+    x: Tensor<T>,
+    axis: i64,
+    log: bool,
+    legacy: bool,
+) -> Result<Tensor<T>> {
+    let (_, n, inner) = softmax_dims(node, &x.shape, axis, legacy)?;
+    match x.data {
+        Data::F(mut y) if inner == 1 && n > 0 && y.len() % n == 0 => {
+            softmax_rows(&mut y, n, log);
+            Ok(ft(x.shape, y))
+        }
+        data => softmax_forward(
+            node,
+            &Tensor {
+                shape: x.shape,
+                data,
+            },
+            axis,
+            log,
+            legacy,
+        ),
+    }
+}
+
+/// Softmax (or log-softmax) of every contiguous row of `n` entries of `y`, in place.
+fn softmax_rows<T: Scalar>(y: &mut [T], n: usize, log: bool) {
+    for row in y.chunks_mut(n) {
+        let mut m = T::of(f64::NEG_INFINITY);
+        for v in row.iter() {
+            if *v > m {
+                m = *v;
+            }
+        }
+        if !m.finite() {
+            m = T::of(0.0);
+        }
+        let orig: Vec<T> = if log { row.to_vec() } else { vec![] };
+        T::exp_shift(row, m);
+        let mut s = T::of(0.0);
+        for v in row.iter() {
+            s += *v;
+        }
+        if log {
+            let ls = s.ln() + m;
+            for (v, o) in row.iter_mut().zip(&orig) {
+                *v = *o - ls;
+            }
+        } else {
+            let inv = T::of(1.0) / s;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
 }
 
 /// dX of softmax (y·(g − Σg·y)) or log-softmax (g − softmax·Σg).
