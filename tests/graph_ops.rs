@@ -555,3 +555,41 @@ fn in_place_add_and_sub_equal_the_forward() {
         assert!(binary_in_place(&n, Binary::Sub, a.clone(), 1, &c).is_err());
     }
 }
+
+#[test]
+fn permute_matches_the_index_formula_for_every_axis_order() {
+    use deltavar::graph::ops::util::permute;
+    let shape = [2usize, 3, 4, 5];
+    let src: Vec<usize> = (0..120).collect();
+    let mut perms = vec![];
+    for a in 0..4 {
+        for b in 0..4 {
+            for c in 0..4 {
+                for d in 0..4 {
+                    let p = [a, b, c, d];
+                    if (0..4).all(|k| p.contains(&k)) {
+                        perms.push(p);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(perms.len(), 24);
+    let st = [60usize, 20, 5, 1];
+    for p in perms {
+        let out = permute(&src, &shape, &p);
+        let os: Vec<usize> = p.iter().map(|k| shape[*k]).collect();
+        let mut want = vec![];
+        for i0 in 0..os[0] {
+            for i1 in 0..os[1] {
+                for i2 in 0..os[2] {
+                    for i3 in 0..os[3] {
+                        let ix = [i0, i1, i2, i3];
+                        want.push((0..4).map(|k| ix[k] * st[p[k]]).sum::<usize>());
+                    }
+                }
+            }
+        }
+        assert_eq!(out, want, "perm {p:?}");
+    }
+}

@@ -442,18 +442,18 @@ fn materialise<T: Scalar>(c: &Ctx<'_, T>, s: usize) -> Result<Vec<T>> {
                     node.describe()
                 )));
             };
-            let full: Vec<T> = if s == 1 {
-                c.g.iter().zip(xh).map(|(g, h)| *g * *h).collect()
-            } else {
-                c.g.to_vec()
-            };
-            Ok(pe_reduce(
-                &full,
-                &y.shape,
-                a,
-                &aligned(&u.shape, y.shape.len()),
-                b,
-            ))
+            let ua = aligned(&u.shape, y.shape.len());
+            if s != 1 {
+                // the bias: the cotangent itself, summed
+                return Ok(pe_reduce(c.g, &y.shape, a, &ua, b));
+            }
+            let mut full = crate::scalar::pool::buffer(c.g.len());
+            full.iter_mut()
+                .zip(c.g.iter().zip(xh))
+                .for_each(|(f, (g, h))| *f = *g * *h);
+            let pe = pe_reduce(&full, &y.shape, a, &ua, b);
+            crate::scalar::pool::recycle(full);
+            Ok(pe)
         }
         Op::BatchNorm { epsilon } if a == 0 && y.shape.len() >= 2 => {
             // per example and channel: Σ over the spatial positions of g·x̂ (scale) or g (bias)

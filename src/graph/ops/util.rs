@@ -228,39 +228,45 @@ pub fn sum<T: Scalar>(a: &[T]) -> T {
     s
 }
 
-/// Permutes the axes of row-major `src` (shape `shape`) by `perm`: out axis i = in axis
-/// `perm[i]`.
+/// The elements of `src` (row-major `shape`) with axes permuted (`perm[i]` = input axis of
+/// output axis i). The output is written row by row: a run of the input when the last axis
+/// stays, a tile of the last two output axes when the second-to-last is the input's contiguous
+/// one (a transpose of the trailing axes), strided reads otherwise.
 pub fn permute<E: Copy>(src: &[E], shape: &[usize], perm: &[usize]) -> Vec<E> {
     let r = shape.len();
-    if r >= 2 && perm[r - 1] == r - 1 && shape[r - 1] > 1 {
-        // the last axis stays: copy whole rows
-        let w = shape[r - 1];
-        let rows: Vec<usize> = permute(
-            &(0..src.len() / w).collect::<Vec<usize>>(),
-            &shape[..r - 1],
-            &perm[..r - 1],
-        );
-        let mut out = Vec::with_capacity(src.len());
-        for row in rows {
-            out.extend_from_slice(&src[row * w..(row + 1) * w]);
-        }
+    let mut out = Vec::with_capacity(src.len());
+    if r == 0 || src.is_empty() || perm.len() != r {
+        out.extend_from_slice(src);
         return out;
     }
     let s = strides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|p| shape[*p]).collect();
     let ps: Vec<usize> = perm.iter().map(|p| s[*p]).collect();
-    let mut out = Vec::with_capacity(src.len());
-    if r == 0 || src.is_empty() {
-        out.extend_from_slice(src);
-        return out;
-    }
-    // the output's last axis reads the input with a fixed stride: one strided run per row
     let (last, step) = (out_shape[r - 1], ps[r - 1]);
-    let mut idx = vec![0usize; r - 1];
+    let tile = r >= 2 && step != 1 && ps[r - 2] == 1 && out_shape[r - 2] > 1;
+    // the output axes walked by the odometer, the rest written per visit
+    let outer = if tile { r - 2 } else { r - 1 };
+    let mut idx = vec![0usize; outer];
     let mut base = 0usize;
     loop {
-        out.extend(src[base..].iter().step_by(step.max(1)).take(last).copied());
-        let mut ax = r - 1;
+        if tile {
+            // out[i][j] = src[base + i + j·step]: read input runs, write the tile's columns
+            let a = out_shape[r - 2];
+            let at = out.len();
+            out.resize(at + a * last, src[base]);
+            let blk = &mut out[at..];
+            for j in 0..last {
+                let run = &src[base + j * step..base + j * step + a];
+                for (i, v) in run.iter().enumerate() {
+                    blk[i * last + j] = *v;
+                }
+            }
+        } else if step == 1 {
+            out.extend_from_slice(&src[base..base + last]);
+        } else {
+            out.extend((0..last).map(|j| src[base + j * step]));
+        }
+        let mut ax = outer;
         loop {
             if ax == 0 {
                 return out;
