@@ -1,14 +1,13 @@
 //! The peers' W-transformer workload: `TinyTransformer` of `../shared/bench/peers.py` (token +
 //! position embeddings, 2 pre-LayerNorm blocks with 4-head attention and a GELU MLP, final
-//! LayerNorm, mean-pool, linear head) loaded from its PyTorch state dict, on the native
-//! transformer engine (`deltavar::Transformer`, the default, batch 16), the graph engine on the
-//! same model written with the graph builder (`--engine graph`) or on DIR/model.onnx
-//! (`--engine onnx`), or the capture engine (`--engine capture`: the same network built from
-//! `deltavar::nn` layers, batch 128). The query gradients and `--full` use the native engine
-//! (or the capture engine).
+//! LayerNorm, mean-pool, linear head) loaded from its PyTorch state dict, on the graph engine:
+//! `deltavar::Transformer` written with the graph builder (the default, batch 16; `--engine
+//! graph` or `native` name it too) or DIR/model.onnx (`--engine onnx`); or on the capture engine
+//! (`--engine capture`: the same network built from `deltavar::nn` layers, batch 128). The query
+//! gradients and `--full` use the same engine.
 //!
 //!     /tmp/peers-venv/bin/python ../shared/bench/peers.py /tmp/dv-workloads transformer
-//!     cargo run --release --example tiny_transformer -- --dir /tmp/dv-workloads/transformer [--engine native|graph|onnx|capture] [--batch-size B] [--repeat R] [--full kernel|cg] [--out FILE] [--json]
+//!     cargo run --release --example tiny_transformer -- --dir /tmp/dv-workloads/transformer [--engine graph|onnx|capture] [--batch-size B] [--repeat R] [--full kernel|cg] [--out FILE] [--json]
 //!
 //! Same outputs as `examples/cnn.rs`: the mean diagonal empirical Fisher (categorical) over
 //! DIR/train_x.npy (int64 tokens) and DIR/train_y.npy, written to FILE per parameter, compared
@@ -140,6 +139,7 @@ fn main() -> deltavar::Result<()> {
     let data = TensorDataset::new(x, y)?;
     let n = data.len();
 
+    // the graph engine (the default; `native` names it too) or the capture engine
     let native = arg("--engine").as_deref() != Some("capture");
     let nat =
         deltavar::Transformer::load_safetensors(dir.join("model.safetensors"), 4, DType::F32, "")?;
@@ -155,16 +155,15 @@ fn main() -> deltavar::Result<()> {
         ..Default::default()
     };
     let t0 = Instant::now();
-    let nat_engine = deltavar::FactoredTransformer::new(&nat)?;
     let t_len = data.get(0, 1)?.0.dims()[1];
-    let graph_engine = if arg("--engine").as_deref() == Some("graph") {
-        Some(GraphEngine::from_transformer(&nat, t_len)?)
-    } else if arg("--engine").as_deref() == Some("onnx") {
+    let graph_engine = if arg("--engine").as_deref() == Some("onnx") {
         let g = deltavar::graph::Graph::from_onnx(
             dir.join("model.onnx"),
             Some(&dir.join("model.safetensors")),
         )?;
         Some(GraphEngine::new(g, &[t_len], DType::F32)?)
+    } else if native {
+        Some(GraphEngine::from_transformer(&nat, t_len)?)
     } else {
         None
     };
@@ -179,8 +178,6 @@ fn main() -> deltavar::Result<()> {
     for _ in 0..repeat {
         sums = if let Some(g) = &graph_engine {
             g.sum_sq(&Likelihood::Categorical, &data, &fo)?
-        } else if native {
-            nat_engine.sum_sq(&Likelihood::Categorical, &data, &fo)?
         } else {
             engine.sum_sq(&Likelihood::Categorical, &data, &opts)?
         };
@@ -203,8 +200,8 @@ fn main() -> deltavar::Result<()> {
     )?;
 
     let q = Tensor::read_npy(dir.join("queries.npy"))?;
-    let (qg, qv) = if native {
-        nat_engine.query_gradients(&Qoi::Prob(0), &q, &fo)?
+    let (qg, qv) = if let Some(g) = &graph_engine {
+        g.query_gradients(&Qoi::Prob(0), &q, 1, &fo)?
     } else {
         engine.query_gradients(&Qoi::Prob(0), &q, &opts)?
     };
@@ -213,13 +210,13 @@ fn main() -> deltavar::Result<()> {
     if let Some(method) = arg("--full") {
         let t = Instant::now();
         // the Fisher in the same flat layout as the query gradients
-        let fisher: Box<dyn FisherSource + '_> = if native {
-            Box::new(deltavar::TransformerFisher::new(
-                &nat,
+        let fisher: Box<dyn FisherSource + '_> = if let Some(g) = &graph_engine {
+            Box::new(deltavar::GraphFisher::with_engine(
+                g.clone(),
                 Likelihood::Categorical,
                 &data,
                 fo.clone(),
-            )?)
+            ))
         } else {
             Box::new(deltavar::CapturedFisher::new(
                 &model,

@@ -463,7 +463,7 @@ pub fn mlp_delta_variances_with(
 }
 
 /// The delta variances of any engine with query gradients ([`QueryGradients`]: the graph and
-/// transformer engines): Σ from `strategy` (the Fisher strategies read `fisher`), the QoI
+/// capture engines): Σ from `strategy` (the Fisher strategies read `fisher`), the QoI
 /// gradients at the rows of `queries` after `rollout` applications of the model, and ΔVar for
 /// every row. A non-diagonal Σ takes the queries held layer by layer (the kernel Σ pairs them
 /// with the training gradients without forming the P×M block); a diagonal Σ the P×M block.

@@ -86,15 +86,13 @@ pub use delta::{
 };
 pub use engine::{
     qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions,
-    FactoredTransformer, GenericGradients, GenericOptions, GraphEngine, LayeredGradients,
-    QoiGradient,
+    GenericGradients, GenericOptions, GraphEngine, LayeredGradients, QoiGradient,
 };
 pub use error::{Error, Result};
 pub use fisher::{
-    fisher_pass, fisher_pass_captured, fisher_pass_graph, fisher_pass_transformer,
-    tensors_fingerprint, weights_fingerprint, CapturedFisher, FactoredFisher, FisherArtifact,
-    FisherDense, FisherDiag, FisherSource, GenericFisher, GraphFisher, PassKind, PassOptions,
-    TransformerFisher, DEFAULT_MEMORY_BUDGET,
+    fisher_pass, fisher_pass_captured, fisher_pass_graph, tensors_fingerprint, weights_fingerprint,
+    CapturedFisher, FactoredFisher, FisherArtifact, FisherDense, FisherDiag, FisherSource,
+    GenericFisher, GraphFisher, PassKind, PassOptions, DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
 pub use model::{Activation, Mlp, SeqSpec, Sequential, Transformer, TransformerConfig};

@@ -388,7 +388,7 @@ fn kfac_of_a_transformer_through_the_capture_engine() {
         .unwrap();
     // qkv, proj, fc1, fc2, head
     assert_eq!(f.layers.len(), 5);
-    let g = FactoredTransformer::new(&model)
+    let g = GraphEngine::from_transformer(&model, 1)
         .unwrap()
         .per_example_gradients(&lik, &data, 0, 1, &FactoredOptions::default())
         .unwrap();
@@ -432,8 +432,8 @@ fn kfac_of_a_transformer_through_the_capture_engine() {
             },
         )
         .unwrap();
-    let exact = FactoredTransformer::new(&model)
-        .unwrap()
+    let graph = GraphEngine::from_transformer(&model, 4).unwrap();
+    let exact = graph
         .sum_sq(&lik, &data, &FactoredOptions::default())
         .unwrap();
     for (off, v) in &f.diagonal {
@@ -449,15 +449,13 @@ fn kfac_of_a_transformer_through_the_capture_engine() {
         assert!((l.a[k * k - 1] - 1.0).abs() < 1e-14);
     }
     let s = KfacSigma::new(&f, 1e-3).unwrap();
-    let (qg, _) = FactoredTransformer::new(&model)
-        .unwrap()
-        .query_gradients(&Qoi::Prob(1), &ids(3, 4, 9), &FactoredOptions::default())
+    let (qg, _) = CaptureEngine::new(&model, &params)
+        .query_gradients(&Qoi::Prob(1), &ids(3, 4, 9), &CaptureOptions::default())
         .unwrap();
     let dv = s.quad_forms(qg.as_ref()).unwrap();
     assert!(dv.iter().all(|v| v.is_finite() && *v > 0.0), "{dv:?}");
     // an independent implementation: the graph engine's factors of the same transformer
     // written with the graph builder give the same Σ (every product) and the same ΔVar
-    let graph = GraphEngine::from_transformer(&model, 4).unwrap();
     let fg = graph
         .kfac_factors(&lik, &data, &FactoredOptions::default())
         .unwrap();

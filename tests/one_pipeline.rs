@@ -83,7 +83,7 @@ fn graph_and_capture_engines_give_the_same_delta_variances() {
 }
 
 #[test]
-fn transformer_engine_and_its_graph_give_the_same_delta_variances() {
+fn the_transformer_on_the_graph_and_capture_engines_gives_the_same_delta_variances() {
     let cfg = TransformerConfig {
         vocab: 7,
         max_len: 4,
@@ -98,9 +98,10 @@ fn transformer_engine_and_its_graph_give_the_same_delta_variances() {
     let ids = |n: usize, seed: u64| token_ids(n, 4, 7, seed);
     let data = TensorDataset::new(ids(8, 1), random_labels(8, 3, 2)).unwrap();
     let q = ids(3, 4);
-    let native = FactoredTransformer::new(&model).unwrap();
+    let params = model.params().unwrap();
+    let native = CaptureEngine::new(&model, &params);
     let graph = GraphEngine::from_transformer(&model, 4).unwrap();
-    let fisher = TransformerFisher::new(&model, Likelihood::Categorical, &data, eo()).unwrap();
+    let fisher = GraphFisher::with_engine(graph.clone(), Likelihood::Categorical, &data, eo());
     let o = SigmaOptions {
         damping: 1e-3,
         full_method: FullMethod::Kernel,

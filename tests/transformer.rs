@@ -1,6 +1,7 @@
-//! The native transformer engine (`FactoredTransformer`) against the generic path (one candle
-//! backward per example through the same model built from `deltavar::nn` layers) in f64, and the
-//! generic path against central finite differences.
+//! The transformer on the graph engine (`GraphEngine::from_transformer`: the model written with
+//! the graph builder) against the generic path (one candle backward per example through the
+//! same model built from `deltavar::nn` layers) in f64, and the generic path against central
+//! finite differences.
 
 mod common;
 
@@ -35,7 +36,7 @@ fn eo(bs: usize) -> FactoredOptions {
 }
 
 #[test]
-fn native_transformer_matches_the_generic_path() {
+fn the_transformer_on_the_graph_engine_matches_the_generic_path() {
     let model = Transformer::init(cfg(), DType::F64, 5).unwrap();
     let params = model.params().unwrap();
     assert_eq!(params.num_params(), cfg().num_params());
@@ -43,7 +44,7 @@ fn native_transformer_matches_the_generic_path() {
     let data = TensorDataset::new(tokens(9, 5, 1), random_labels(9, 3, 2)).unwrap();
     let lik = Likelihood::Categorical;
     let generic = GenericFisher::new(&params, lik.of(&model), &data, GenericOptions::default());
-    let engine = FactoredTransformer::new(&model).unwrap();
+    let engine = GraphEngine::from_transformer(&model, 5).unwrap();
     let want = generic.fisher_diag().unwrap();
     for bs in [1, 4, 9] {
         let got = engine.sum_sq(&lik, &data, &eo(bs)).unwrap();
@@ -63,7 +64,9 @@ fn native_transformer_matches_the_generic_path() {
     let gw = generic.per_example_gradients(1, 7).unwrap();
     assert!(mat_rel_err(&g, &gw) < 1e-10, "{}", mat_rel_err(&g, &gw));
     let q = tokens(4, 5, 3);
-    let (qg, qv) = engine.query_gradients(&Qoi::Prob(2), &q, &eo(3)).unwrap();
+    let (qg, qv) = engine
+        .query_gradients(&Qoi::Prob(2), &q, 1, &eo(3))
+        .unwrap();
     let (qgw, qvw) = qoi_gradients(
         &params,
         &q,
@@ -73,8 +76,8 @@ fn native_transformer_matches_the_generic_path() {
     .unwrap();
     assert!(mat_rel_err(&qg, &qgw) < 1e-10);
     assert!(max_rel_err(&qv, &qvw) < 1e-12);
-    // ΔVar through the native Fisher source, every strategy and method
-    let native = TransformerFisher::new(&model, lik.clone(), &data, eo(4)).unwrap();
+    // ΔVar through the graph engine's Fisher source, every method
+    let native = GraphFisher::with_engine(engine.clone(), lik.clone(), &data, eo(4));
     for method in [FullMethod::Dense, FullMethod::Kernel, FullMethod::Cg] {
         let o = SigmaOptions {
             damping: 1e-3,
@@ -131,15 +134,19 @@ fn the_generic_oracle_matches_finite_differences_on_the_transformer() {
 #[test]
 fn bad_tokens_and_files_are_errors() {
     let model = Transformer::init(cfg(), DType::F64, 5).unwrap();
-    let engine = FactoredTransformer::new(&model).unwrap();
+    let engine = GraphEngine::from_transformer(&model, 3).unwrap();
     let lik = Likelihood::Categorical;
-    // a token outside the vocabulary, a sequence longer than the position table
+    // a token outside the vocabulary, sequences of another length, longer than the position table
     let x = Tensor::new(&[[1i64, 2, 11]], &Device::Cpu).unwrap();
     let data = TensorDataset::new(x, random_labels(1, 3, 1)).unwrap();
     let e = engine.sum_sq(&lik, &data, &eo(4)).unwrap_err().to_string();
-    assert!(e.contains("token id") && e.contains("0..11"), "{e}");
-    let data = TensorDataset::new(tokens(2, 7, 1), random_labels(2, 3, 1)).unwrap();
+    assert!(e.contains("11") && e.contains("emb.weight"), "{e}");
+    let data = TensorDataset::new(tokens(2, 4, 1), random_labels(2, 3, 1)).unwrap();
     assert!(engine.sum_sq(&lik, &data, &eo(4)).is_err());
+    let e = GraphEngine::from_transformer(&model, 7)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pos.weight") || e.contains('6'), "{e}");
     // a state dict with a wrong shape, a missing and an extra tensor
     let mut named: std::collections::HashMap<String, Tensor> =
         model.named_tensors().into_iter().collect();
@@ -200,7 +207,7 @@ fn offline_passes_of_a_transformer_and_memory_mapped_tokens() {
     .unwrap();
     let mapped = MmapNpyDataset::open(dir.join("x.npy"), dir.join("y.npy")).unwrap();
     let memory = TensorDataset::new(x, Tensor::from_vec(labels, n, &Device::Cpu).unwrap()).unwrap();
-    let engine = FactoredTransformer::new(&model).unwrap();
+    let engine = GraphEngine::from_transformer(&model, 6).unwrap();
     let a = engine.sum_sq(&lik, &mapped, &eo(4)).unwrap();
     let b = engine.sum_sq(&lik, &memory, &eo(5)).unwrap();
     assert!(norm_rel_err(&a, &b) < 1e-6, "{}", norm_rel_err(&a, &b));
@@ -209,8 +216,8 @@ fn offline_passes_of_a_transformer_and_memory_mapped_tokens() {
         engine: eo(4),
         ..Default::default()
     };
-    let whole = fisher_pass_transformer(
-        &model,
+    let whole = fisher_pass_graph(
+        &engine,
         lik.clone(),
         "categorical",
         &mapped,
@@ -225,8 +232,8 @@ fn offline_passes_of_a_transformer_and_memory_mapped_tokens() {
                 shard: Some((i, 2)),
                 ..opts.clone()
             };
-            fisher_pass_transformer(
-                &model,
+            fisher_pass_graph(
+                &engine,
                 lik.clone(),
                 "categorical",
                 &mapped,

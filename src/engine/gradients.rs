@@ -324,8 +324,7 @@ impl<'c> Chunked<'c> {
 }
 
 /// A native engine's per-example log-likelihood gradients: what [`NativeStreamed`] and the
-/// native Fisher sources need ([`crate::engine::GraphEngine`],
-/// [`crate::engine::FactoredTransformer`]).
+/// native Fisher sources need ([`crate::engine::GraphEngine`]).
 pub trait ExampleGradients: Sync {
     /// P.
     fn num_params(&self) -> usize;

@@ -30,7 +30,6 @@ pub mod graph;
 pub mod kfac;
 pub mod layered;
 pub(crate) mod pool;
-pub mod transformer;
 
 pub use capture::{CaptureEngine, CaptureOptions};
 pub use factored::{FactoredMlp, FactoredOptions};
@@ -42,4 +41,3 @@ pub use gradients::{DenseGradients, GradientMatrix, QueryGradients, StreamedGrad
 pub use gradients::{ExampleGradients, NativeStreamed};
 pub use graph::GraphEngine;
 pub use layered::{LayerRoute, LayeredGradients};
-pub use transformer::FactoredTransformer;

@@ -22,10 +22,9 @@ pub use artifact::{
 pub use capture::CapturedFisher;
 pub use factored::{FactoredFisher, StreamedFactors};
 pub use generic::GenericFisher;
-pub use native::{GraphFisher, NativeFisher, TransformerFisher};
+pub use native::{GraphFisher, NativeFisher};
 pub use offline::{
-    fisher_pass, fisher_pass_captured, fisher_pass_graph, fisher_pass_transformer, parse_shard,
-    PassKind, PassOptions,
+    fisher_pass, fisher_pass_captured, fisher_pass_graph, parse_shard, PassKind, PassOptions,
 };
 
 use faer::{Mat, MatRef};

@@ -1,5 +1,5 @@
-//! The empirical Fisher on a native engine: the graph engine (any graph: ONNX files, `seq:`
-//! models, networks written with the graph builder) and the transformer engine.
+//! The empirical Fisher on the graph engine (any graph: ONNX files, `seq:` models, the
+//! transformer and other networks written with the graph builder).
 
 use std::sync::Arc;
 
@@ -8,10 +8,9 @@ use faer::Mat;
 use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::Dataset;
 use crate::engine::gradients::{DenseGradients, ExampleGradients, GradientMatrix, NativeStreamed};
-use crate::engine::{FactoredOptions, FactoredTransformer, LayerRoute};
+use crate::engine::{FactoredOptions, LayerRoute};
 use crate::error::Result;
 use crate::likelihood::Likelihood;
-use crate::model::Transformer;
 
 /// The empirical Fisher of a model on a native engine `E` and a likelihood over a dataset.
 ///
@@ -29,29 +28,9 @@ pub struct NativeFisher<'a, E> {
     progress: crate::progress::Progress,
 }
 
-/// The empirical Fisher of a [`Transformer`] on the native transformer engine.
-pub type TransformerFisher<'a> = NativeFisher<'a, FactoredTransformer>;
-
 /// The empirical Fisher of a graph model ([`crate::graph::Graph`]) on the graph engine: build it
 /// with [`NativeFisher::with_engine`].
 pub type GraphFisher<'a> = NativeFisher<'a, crate::engine::GraphEngine>;
-
-impl<'a> NativeFisher<'a, FactoredTransformer> {
-    /// The Fisher of `lik` on `model`'s outputs over token data (a snapshot of the weights).
-    pub fn new(
-        model: &Transformer,
-        lik: Likelihood,
-        data: &'a dyn Dataset,
-        opts: FactoredOptions,
-    ) -> Result<Self> {
-        Ok(Self::with_engine(
-            FactoredTransformer::new(model)?,
-            lik,
-            data,
-            opts,
-        ))
-    }
-}
 
 impl<'a, E: ExampleGradients> NativeFisher<'a, E> {
     /// From an engine already built.

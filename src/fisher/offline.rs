@@ -7,13 +7,11 @@ use super::FisherSource;
 use super::{CapturedFisher, FactoredFisher, FisherDense, NativeFisher};
 use crate::data::{Dataset, DatasetRange};
 use crate::engine::gradients::ExampleGradients;
-use crate::engine::{
-    CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, FactoredTransformer, GraphEngine,
-};
+use crate::engine::{CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, GraphEngine};
 use crate::error::Result;
 use crate::fisher::FisherDiag;
 use crate::likelihood::Likelihood;
-use crate::model::{Mlp, Transformer};
+use crate::model::Mlp;
 use crate::params::Params;
 
 /// What a pass accumulates.
@@ -119,27 +117,6 @@ pub fn fisher_pass(
             FactoredFisher::new(mlp, lik.clone(), range, opts.engine.clone())?
                 .fisher_dense(opts.memory_budget)
         },
-    )
-}
-
-/// [`fisher_pass`] for a [`Transformer`], on the native transformer engine (token-id data).
-pub fn fisher_pass_transformer(
-    model: &Transformer,
-    lik: Likelihood,
-    likelihood_name: &str,
-    data: &dyn Dataset,
-    opts: &PassOptions,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<FisherArtifact> {
-    let engine = FactoredTransformer::new(model)?;
-    native_pass(
-        &model.named_tensors(),
-        &engine,
-        lik,
-        likelihood_name,
-        data,
-        opts,
-        progress,
     )
 }
 

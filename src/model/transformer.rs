@@ -7,8 +7,9 @@
 //! `blocks.{i}.{ln1,qkv,proj,ln2,fc1,fc2}.{weight,bias}` (qkv: (3d, d) with q, k, v stacked;
 //! fc1: (hidden, d); fc2: (d, hidden)), `ln_f.{weight,bias}`, `head.{weight,bias}` (C, d).
 //! As a candle [`Module`] it is built from [`crate::nn`] layers (so the generic and capture
-//! engines run it); the native engine ([`crate::engine::FactoredTransformer`]) runs it without
-//! candle's autograd.
+//! engines run it); the graph engine runs it without candle's autograd
+//! ([`crate::engine::GraphEngine::from_transformer`], the model written with the graph builder
+//! for one sequence length).
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -22,7 +22,7 @@ pub const MIN_BYTES: usize = 16 << 10;
 
 /// One thread's free buffers of one element type, by length: the buffers of the last finished
 /// pass. A pass takes buffers of the lengths it asks for; what it did not take is freed when it
-/// hands over its own ([`BufPool::turn`]), so a pool never holds more than one pass's buffers.
+/// hands over its own ([`turn`]), so a pool never holds more than one pass's buffers.
 #[derive(Debug, Default)]
 pub struct BufPool<T> {
     free: std::collections::HashMap<usize, Vec<Vec<T>>>,
