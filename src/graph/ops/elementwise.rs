@@ -264,8 +264,23 @@ pub fn unary_backward<T: Scalar>(
         .collect())
 }
 
+/// Element types of a broadcast's output and where their buffer comes from: floats from the
+/// thread's pool ([`buffer`]), the rest zero-filled.
+trait OutElem: Copy + Default {
+    fn out_buffer(n: usize) -> Vec<Self> {
+        vec![Self::default(); n]
+    }
+}
+impl OutElem for bool {}
+impl OutElem for i64 {}
+impl<T: Scalar> OutElem for T {
+    fn out_buffer(n: usize) -> Vec<Self> {
+        buffer(n)
+    }
+}
+
 /// The combined operation of a broadcasting binary op on two slices: `out[i] = f(a[ia], b[ib])`.
-fn broadcast_apply<A: Copy, B: Copy, O: Copy + Default>(
+fn broadcast_apply<A: Copy, B: Copy, O: OutElem>(
     a: &[A],
     ashape: &[usize],
     b: &[B],
@@ -273,48 +288,21 @@ fn broadcast_apply<A: Copy, B: Copy, O: Copy + Default>(
     out: &[usize],
     f: impl Fn(A, B) -> O,
 ) -> Vec<O> {
-    let mut o = vec![O::default(); out.iter().product()];
-    broadcast_fill(&mut o, a, ashape, b, bshape, out, f);
-    o
-}
-
-/// [`broadcast_apply`] for floats, into a recycled buffer.
-fn broadcast_float<T: Scalar>(
-    a: &[T],
-    ashape: &[usize],
-    b: &[T],
-    bshape: &[usize],
-    out: &[usize],
-    f: impl Fn(T, T) -> T,
-) -> Vec<T> {
-    let mut o = buffer(out.iter().product());
-    broadcast_fill(&mut o, a, ashape, b, bshape, out, f);
-    o
-}
-
-/// Writes `f(a, b)` broadcast to `out` into every element of `o` (of `out`'s size).
-fn broadcast_fill<A: Copy, B: Copy, O>(
-    o: &mut [O],
-    a: &[A],
-    ashape: &[usize],
-    b: &[B],
-    bshape: &[usize],
-    out: &[usize],
-    f: impl Fn(A, B) -> O,
-) {
+    // every element is written below
+    let mut o = O::out_buffer(out.iter().product());
     if ashape == out && bshape == out {
         o.iter_mut()
             .zip(a.iter().zip(b))
             .for_each(|(o, (x, y))| *o = f(*x, *y));
-        return;
+        return o;
     }
     if ashape == out && b.len() == 1 {
         o.iter_mut().zip(a).for_each(|(o, x)| *o = f(*x, b[0]));
-        return;
+        return o;
     }
     if bshape == out && a.len() == 1 {
         o.iter_mut().zip(b).for_each(|(o, y)| *o = f(a[0], *y));
-        return;
+        return o;
     }
     // b broadcast over leading axes only (a bias on the trailing axes)
     let trailing = |s: &[usize]| {
@@ -327,7 +315,7 @@ fn broadcast_fill<A: Copy, B: Copy, O>(
                 .zip(row.iter().zip(b))
                 .for_each(|(o, (x, y))| *o = f(*x, *y));
         }
-        return;
+        return o;
     }
     if bshape == out && !a.is_empty() && trailing(ashape) {
         for (orow, row) in o.chunks_mut(a.len()).zip(b.chunks(a.len())) {
@@ -335,7 +323,7 @@ fn broadcast_fill<A: Copy, B: Copy, O>(
                 .zip(a.iter().zip(row))
                 .for_each(|(o, (x, y))| *o = f(*x, *y));
         }
-        return;
+        return o;
     }
     let sa = bstrides(ashape, out);
     let sb = bstrides(bshape, out);
@@ -343,6 +331,7 @@ fn broadcast_fill<A: Copy, B: Copy, O>(
     for_each(out, [&so, &sa, &sb], |io, [_, ia, ib]| {
         o[io] = f(a[ia], b[ib])
     });
+    o
 }
 
 /// Add (either operand) or Sub (the minuend) with the float operand in slot `slot`, shaped
@@ -418,10 +407,10 @@ pub fn binary_forward<T: Scalar>(
             // one loop per operator (a match inside the loop would not vectorise)
             let (sa, sb) = (&a.shape, &b.shape);
             Data::F(match op {
-                Binary::Add => broadcast_float(x, sa, y, sb, &out, |p, q| p + q),
-                Binary::Sub => broadcast_float(x, sa, y, sb, &out, |p, q| p - q),
-                Binary::Mul => broadcast_float(x, sa, y, sb, &out, |p, q| p * q),
-                Binary::Div => broadcast_float(x, sa, y, sb, &out, |p, q| p / q),
+                Binary::Add => broadcast_apply(x, sa, y, sb, &out, |p, q| p + q),
+                Binary::Sub => broadcast_apply(x, sa, y, sb, &out, |p, q| p - q),
+                Binary::Mul => broadcast_apply(x, sa, y, sb, &out, |p, q| p * q),
+                Binary::Div => broadcast_apply(x, sa, y, sb, &out, |p, q| p / q),
                 Binary::Pow => broadcast_apply(x, sa, y, sb, &out, |p, q| p.powf(q)),
             })
         }
@@ -489,12 +478,12 @@ pub fn binary_backward<T: Scalar>(
             Binary::Mul => {
                 let other = if which_a { b } else { a };
                 let o = floats(node, other, "B")?;
-                broadcast_float(g, out, o, &other.shape, out, |p, q| p * q)
+                broadcast_apply(g, out, o, &other.shape, out, |p, q| p * q)
             }
             Binary::Div => {
                 let bv = floats(node, b, "B")?;
                 if which_a {
-                    broadcast_float(g, out, bv, &b.shape, out, |p, q| p / q)
+                    broadcast_apply(g, out, bv, &b.shape, out, |p, q| p / q)
                 } else {
                     // −g·y/b
                     let ys = floats(node, y, "Y")?;
