@@ -168,6 +168,49 @@ pub(crate) fn copy_rows<T: Scalar>(
     Ok(())
 }
 
+/// Σ over `data` of each batch's contribution to a length-`p` f64 accumulator (the native
+/// engines' diagonal passes): the batches of `opts.batch_size` split into one contiguous run per
+/// worker, each run with its own state from `init` and its own accumulator, the runs' sums
+/// added. `step(state, acc, start, len, x, y)` gets each batch's rows; the batch is released
+/// after it.
+pub(crate) fn sum_over_batches<S>(
+    opts: &FactoredOptions,
+    data: &dyn Dataset,
+    p: usize,
+    init: impl Fn() -> S + Sync,
+    step: impl Fn(&mut S, &mut [f64], usize, usize, Rows<'_>, Rows<'_>) -> Result<()> + Sync,
+) -> Result<Vec<f64>> {
+    use rayon::prelude::*;
+    let n = data.len();
+    let bs = opts.batch_size.max(1);
+    let starts: Vec<usize> = (0..n).step_by(bs).collect();
+    let per = starts.len().div_ceil(rayon_threads(opts).max(1)).max(1);
+    let runs: Vec<&[usize]> = starts.chunks(per).collect();
+    run_in_pool(opts, || {
+        runs.par_iter()
+            .map(|run| {
+                let mut state = init();
+                let mut acc = vec![0.0; p];
+                for &start in run.iter() {
+                    let len = bs.min(n - start);
+                    let batch = Batch::load(data, start, len)?;
+                    let (x, y) = batch.rows();
+                    step(&mut state, &mut acc, start, len, x, y)?;
+                    drop(batch);
+                    data.release(start, len);
+                }
+                Ok::<_, Error>(acc)
+            })
+            .try_reduce(
+                || vec![0.0; p],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    Ok(a)
+                },
+            )
+    })?
+}
+
 /// Runs `f` on a fresh pool of `opts.threads` workers after checking the options (the native
 /// engines' one entry to parallel work).
 pub(crate) fn run_in_pool<R: Send>(

@@ -32,7 +32,9 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::batch::{rayon_threads, run_in_pool, Batch, FactoredOptions, Rows, Target};
+use super::batch::{
+    rayon_threads, run_in_pool, sum_over_batches, Batch, FactoredOptions, Rows, Target,
+};
 use super::layered::{LayerKind, LayerRoute, LayerShape, LayeredGradients};
 use crate::data::{Dataset, RowsRef};
 use crate::error::{Error, Result};
@@ -90,11 +92,6 @@ impl std::fmt::Debug for GraphEngine {
             self.dtype()
         )
     }
-}
-
-/// Per-worker state of a diagonal pass.
-struct DiagAcc {
-    acc: Vec<f64>,
 }
 
 impl GraphEngine {
@@ -591,40 +588,17 @@ impl GraphEngine {
         data: &dyn Dataset,
         opts: &FactoredOptions,
     ) -> Result<Vec<f64>> {
-        let n = data.len();
-        let p = self.num_params();
-        let bs = opts.batch_size.max(1);
-        let starts: Vec<usize> = (0..n).step_by(bs).collect();
-        let threads = rayon_threads(opts);
-        let per = starts.len().div_ceil(threads.max(1)).max(1);
-        let runs: Vec<&[usize]> = starts.chunks(per).collect();
         let shapes = self.shapes();
-        run_in_pool(opts, || {
-            runs.par_iter()
-                .map(|run| {
-                    let mut st = DiagAcc { acc: vec![0.0; p] };
-                    let mut buf = vec![];
-                    let mut tmp = Mat::<T>::zeros(0, 0);
-                    for &start in run.iter() {
-                        let len = bs.min(n - start);
-                        let batch = Batch::load(data, start, len)?;
-                        let (x, y) = batch.rows();
-                        let (passes, _) =
-                            self.run_batch(src, x, &Target::Likelihood(lik, y), 1, start)?;
-                        drop(batch);
-                        data.release(start, len);
-                        self.add_sum_sq(&shapes, &passes, len, &mut st.acc, &mut buf, &mut tmp)?;
-                    }
-                    Ok::<_, Error>(st.acc)
-                })
-                .try_reduce(
-                    || vec![0.0; p],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                        Ok(a)
-                    },
-                )
-        })?
+        sum_over_batches(
+            opts,
+            data,
+            self.num_params(),
+            || (vec![], Mat::<T>::zeros(0, 0)),
+            |(buf, tmp), acc, start, len, x, y| {
+                let (passes, _) = self.run_batch(src, x, &Target::Likelihood(lik, y), 1, start)?;
+                self.add_sum_sq(&shapes, &passes, len, acc, buf, tmp)
+            },
+        )
     }
 
     /// Adds Σ over the batch's examples of gᵢ∘gᵢ into `acc`.

@@ -17,7 +17,7 @@ pub(crate) mod native;
 mod signals;
 
 pub use super::batch::FactoredOptions;
-use super::batch::{rayon_threads, run_in_pool, Batch, Rows, Target};
+use super::batch::{rayon_threads, run_in_pool, sum_over_batches, Batch, Rows, Target};
 use super::layered::{LayerKind, LayerRoute, LayerShape, LayeredGradients};
 pub use crate::scalar::Scalar;
 
@@ -60,7 +60,6 @@ macro_rules! dispatch {
 
 struct DiagState<T> {
     ws: Workspace<T>,
-    acc: Vec<f64>,
     sqx: Vec<T>,
     sqd: Vec<T>,
     prod: Vec<T>,
@@ -150,73 +149,49 @@ impl FactoredMlp {
         data: &dyn Dataset,
         opts: &FactoredOptions,
     ) -> Result<Vec<f64>> {
-        let n = data.len();
-        let p = m.num_params();
-        let bs = opts.batch_size.max(1);
-        let starts: Vec<usize> = (0..n).step_by(bs).collect();
         let offsets = layer_offsets(&self.sizes);
         let max_prod = offsets.iter().map(|o| o.2 * o.3).max().unwrap_or(0);
-        let threads = rayon_threads(opts);
-        let per = starts.len().div_ceil(threads.max(1)).max(1);
-        // one contiguous run of batches per worker, each with its own accumulator
-        let runs: Vec<&[usize]> = starts.chunks(per).collect();
-        let sums = Self::pool(opts, || {
-            runs.par_iter()
-                .map(|run| {
-                    let mut st = DiagState {
-                        ws: Workspace::default(),
-                        acc: vec![0.0; p],
-                        sqx: vec![],
-                        sqd: vec![],
-                        prod: vec![T::default(); max_prod],
-                    };
-                    for &start in run.iter() {
-                        let len = bs.min(n - start);
-                        let batch = Batch::load(data, start, len)?;
-                        let (x, y) = batch.rows();
-                        Self::pass(m, &mut st.ws, x, Target::Likelihood(lik, y), start)?;
-                        drop(batch);
-                        data.release(start, len);
-                        for (l, &(w_off, b_off, inp, out)) in offsets.iter().enumerate() {
-                            let xs = &st.ws.acts[l];
-                            let ds = &st.ws.deltas[l];
-                            st.sqx.clear();
-                            st.sqx.extend(xs.iter().map(|v| *v * *v));
-                            st.sqd.clear();
-                            st.sqd.extend(ds.iter().map(|v| *v * *v));
-                            let prod = &mut st.prod[..out * inp];
-                            matmul(
-                                MatMut::from_row_major_slice_mut(prod, out, inp),
-                                Accum::Replace,
-                                MatRef::from_row_major_slice(&st.sqd, len, out).transpose(),
-                                MatRef::from_row_major_slice(&st.sqx, len, inp),
-                                T::of(1.0),
-                                Par::Seq,
-                            );
-                            for (a, v) in
-                                st.acc[w_off..w_off + out * inp].iter_mut().zip(prod.iter())
-                            {
-                                *a += v.f64();
-                            }
-                            let accb = &mut st.acc[b_off..b_off + out];
-                            for row in st.sqd.chunks_exact(out) {
-                                for (a, v) in accb.iter_mut().zip(row) {
-                                    *a += v.f64();
-                                }
-                            }
+        sum_over_batches(
+            opts,
+            data,
+            m.num_params(),
+            || DiagState {
+                ws: Workspace::default(),
+                sqx: vec![],
+                sqd: vec![],
+                prod: vec![T::default(); max_prod],
+            },
+            |st, acc, start, len, x, y| {
+                Self::pass(m, &mut st.ws, x, Target::Likelihood(lik, y), start)?;
+                for (l, &(w_off, b_off, inp, out)) in offsets.iter().enumerate() {
+                    let xs = &st.ws.acts[l];
+                    let ds = &st.ws.deltas[l];
+                    st.sqx.clear();
+                    st.sqx.extend(xs.iter().map(|v| *v * *v));
+                    st.sqd.clear();
+                    st.sqd.extend(ds.iter().map(|v| *v * *v));
+                    let prod = &mut st.prod[..out * inp];
+                    matmul(
+                        MatMut::from_row_major_slice_mut(prod, out, inp),
+                        Accum::Replace,
+                        MatRef::from_row_major_slice(&st.sqd, len, out).transpose(),
+                        MatRef::from_row_major_slice(&st.sqx, len, inp),
+                        T::of(1.0),
+                        Par::Seq,
+                    );
+                    for (a, v) in acc[w_off..w_off + out * inp].iter_mut().zip(prod.iter()) {
+                        *a += v.f64();
+                    }
+                    let accb = &mut acc[b_off..b_off + out];
+                    for row in st.sqd.chunks_exact(out) {
+                        for (a, v) in accb.iter_mut().zip(row) {
+                            *a += v.f64();
                         }
                     }
-                    Ok::<_, Error>(st.acc)
-                })
-                .try_reduce(
-                    || vec![0.0; p],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                        Ok(a)
-                    },
-                )
-        })??;
-        Ok(sums)
+                }
+                Ok(())
+            },
+        )
     }
 
     /// The per-example gradients of the log-likelihood of every example of `data` as
