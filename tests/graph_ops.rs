@@ -549,6 +549,12 @@ fn in_place_add_and_sub_equal_the_forward() {
                 "{big:?} {op:?} {small:?} slot {slot}"
             );
         }
+        // a zero-sized axis: an empty result, not a panic
+        let e = f(&[0, 4], 30);
+        let got = binary_in_place(&n, Binary::Add, e.clone(), 0, &f(&[4], 31)).unwrap();
+        assert_eq!((got.shape.clone(), got.numel()), (vec![0, 4], 0));
+        let got = binary_in_place(&n, Binary::Add, e.clone(), 0, &e).unwrap();
+        assert_eq!(got.numel(), 0);
         // an operand smaller than the output cannot be updated in place
         assert!(binary_in_place(&n, Binary::Add, c.clone(), 0, &a).is_err() || small == big);
         // nor a subtrahend
@@ -591,5 +597,57 @@ fn permute_matches_the_index_formula_for_every_axis_order() {
             }
         }
         assert_eq!(out, want, "perm {p:?}");
+    }
+}
+
+#[test]
+fn in_place_forwards_equal_the_copying_ones() {
+    // softmax over the last axis (in place) and over another axis (falls back to a copy),
+    // log-softmax, both GELUs (the derivative kept in the input's buffer), and an op without
+    // an in-place form
+    let cases = [
+        (
+            Op::Softmax {
+                axis: -1,
+                log: false,
+                legacy: false,
+            },
+            vec![3, 5],
+        ),
+        (
+            Op::Softmax {
+                axis: 0,
+                log: false,
+                legacy: false,
+            },
+            vec![3, 5],
+        ),
+        (
+            Op::Softmax {
+                axis: -1,
+                log: true,
+                legacy: false,
+            },
+            vec![2, 3, 4],
+        ),
+        (Op::Unary(Unary::Gelu { tanh: false }), vec![4, 6]),
+        (Op::Unary(Unary::Gelu { tanh: true }), vec![4, 6]),
+        (Op::Unary(Unary::Tanh), vec![7]),
+    ];
+    for (k, (op, shape)) in cases.into_iter().enumerate() {
+        let n = node(op, 1, 1);
+        let x = f(&shape, 40 + k as u64);
+        let (want, ws) = ops::forward(&n, &[Some(&x)]).unwrap();
+        let (got, gs) = ops::forward_owned(&n, x.clone(), &[Some(&x)]).unwrap();
+        assert_eq!(got.len(), want.len(), "{}", n.describe());
+        for (a, b) in got.iter().zip(&want) {
+            assert_eq!(a.shape, b.shape, "{}", n.describe());
+            assert_eq!(a.floats(), b.floats(), "{}", n.describe());
+        }
+        match (gs, ws) {
+            (ops::Saved::Deriv(a), ops::Saved::Deriv(b)) => assert_eq!(a, b, "{}", n.describe()),
+            (ops::Saved::None, ops::Saved::None) => {}
+            (a, b) => panic!("{}: kept {a:?}, the copying forward {b:?}", n.describe()),
+        }
     }
 }

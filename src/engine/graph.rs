@@ -686,10 +686,11 @@ impl GraphEngine {
             if let Group::Tokens { out, .. } = self.an.groups[gi] {
                 // per example only the rows of the ids it reads: each row's signals summed in
                 // f64 in the order of the general path, then squared (the other rows are 0)
+                let recs: Vec<_> = tokens_records(passes, gi).collect();
                 let mut hits: Vec<(usize, usize, usize)> = vec![];
+                buf.resize(out, 0.0);
                 for e in 0..b {
                     hits.clear();
-                    let recs: Vec<_> = tokens_records(passes, gi).collect();
                     let mats = recs
                         .iter()
                         .map(|(pass, _, d, _, _)| d.mat(pass, e))
@@ -701,7 +702,6 @@ impl GraphEngine {
                         }
                     }
                     hits.sort_by_key(|h| h.0);
-                    buf.resize(out, 0.0);
                     for run in hits.chunk_by(|a, b2| a.0 == b2.0) {
                         let id = run[0].0;
                         buf.iter_mut().for_each(|v| *v = 0.0);

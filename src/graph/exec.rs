@@ -255,28 +255,27 @@ pub fn forward<T: Scalar>(
         let take_slot = if reshaping || ops::runs_in_place(&node.op) {
             node.input(0).filter(|v| movable(&pass, *v)).map(|_| 0)
         } else if additive && node.inputs.len() == 2 {
+            // Add takes either operand, Sub its minuend; the shapes are read only for a
+            // candidate
+            let slots: &[usize] = if matches!(node.op, Op::Binary(Binary::Add)) {
+                &[0, 1]
+            } else {
+                &[0]
+            };
             let shape_of = |s: usize| {
                 node.input(s)
                     .and_then(|v| pass.value(src, v))
                     .filter(|t| t.floats().is_some())
-                    .map(|t| t.shape.clone())
+                    .map(|t| t.shape.as_slice())
             };
-            match (shape_of(0), shape_of(1)) {
-                (Some(a), Some(b)) => {
-                    let out = ops::util::broadcast(node, &a, &b).ok();
-                    let slots: &[usize] = if matches!(node.op, Op::Binary(Binary::Add)) {
-                        &[0, 1]
-                    } else {
-                        &[0]
-                    };
-                    slots.iter().copied().find(|s| {
-                        let shape = if *s == 0 { &a } else { &b };
-                        out.as_ref() == Some(shape)
-                            && node.input(*s).is_some_and(|v| movable(&pass, v))
-                    })
-                }
-                _ => None,
-            }
+            slots.iter().copied().find(|&s| {
+                node.input(s).is_some_and(|v| movable(&pass, v))
+                    && match (shape_of(0), shape_of(1)) {
+                        (Some(a), Some(b)) => ops::util::broadcast(node, a, b)
+                            .is_ok_and(|out| out.as_slice() == if s == 0 { a } else { b }),
+                        _ => false,
+                    }
+            })
         } else {
             None
         };

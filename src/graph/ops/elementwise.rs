@@ -376,6 +376,10 @@ pub fn binary_in_place<T: Scalar>(
 
 /// `a[i] = f(a[i], b[i broadcast])` over `out` (a's shape).
 fn update<T: Scalar>(a: &mut [T], out: &[usize], b: &[T], bshape: &[usize], f: impl Fn(T, T) -> T) {
+    if a.is_empty() || b.is_empty() {
+        // an empty output (a zero-sized axis): nothing to update
+        return;
+    }
     let trailing = {
         let t: Vec<usize> = bshape.iter().copied().skip_while(|d| *d == 1).collect();
         !t.is_empty() && out.ends_with(&t)
