@@ -225,12 +225,13 @@ impl Network {
         matches!(self, Network::Graph(g) if g.graph().input_type != crate::graph::ElemType::Float)
     }
 
-    /// The default examples per batch: 256 for an MLP, 32 for a graph (their fastest on the
-    /// peers' workloads: a convolution's patches of 256 examples fall out of cache).
+    /// The default examples per batch: 256 for an MLP, for a graph
+    /// [`GraphEngine::default_batch_size`] (256 when every weight is read once per example,
+    /// else 32).
     pub fn default_batch_size(&self) -> usize {
         match self {
             Network::Mlp(_) => 256,
-            Network::Graph(_) => 32,
+            Network::Graph(g) => g.default_batch_size(),
         }
     }
 

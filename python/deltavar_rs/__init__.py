@@ -310,7 +310,7 @@ class Model:
 
     `dtype` is the precision of the forward and backward passes ("f32" or "f64"); Fisher sums
     and solves are always float64. `batch_size` is the examples per batch (default 256 for an
-    MLP, 32 for a graph)."""
+    MLP and for a graph whose weights are each read once per example, 32 for other graphs)."""
 
     def __init__(self, native, batch_size=None):
         self._native = native

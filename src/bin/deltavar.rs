@@ -48,7 +48,8 @@ struct ModelArgs {
     /// Precision of the forward and backward passes (sums and solves are always f64).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// Examples per batch (default 256 for mlp:, 64 for seq:, 32 for onnx:).
+    /// Examples per batch (default 256 for mlp: and for a graph whose weights are each read once
+    /// per example, such as an MLP written as seq: or exported to ONNX; 32 for the others).
     #[arg(long)]
     batch_size: Option<usize>,
 }

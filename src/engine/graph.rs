@@ -145,6 +145,22 @@ impl GraphEngine {
         self.an.num_params
     }
 
+    /// The examples per batch the CLI uses when none is given: 256 when every weight is read
+    /// once per example (an MLP: small activations, and the diagonal pass's per-batch
+    /// (Δ∘Δ)ᵀ(X∘X) products and their f64 sums amortise over more examples), else 32 (a
+    /// convolution's patches or a sequence's rows of 256 examples fall out of cache).
+    pub fn default_batch_size(&self) -> usize {
+        let once = self.an.groups.iter().all(|g| match g {
+            Group::Rows { t, .. } | Group::Tokens { t, .. } => *t == 1,
+            Group::Dense { .. } => true,
+        });
+        if once {
+            256
+        } else {
+            32
+        }
+    }
+
     /// The precision of the passes.
     pub fn dtype(&self) -> DType {
         match self.inner {
@@ -924,60 +940,132 @@ impl GraphEngine {
                     .map(|&start| {
                         let len = bs.min(n - start);
                         let batch = get(start, len)?;
-                        let (x, y) = batch.rows();
-                        let target = match objective {
-                            (Some(l), _) => Target::Likelihood(l, y),
-                            (_, Some(q)) => Target::Qoi(q),
-                            _ => {
-                                return Err(Error::Unsupported(
-                                    "a pass without an objective".into(),
-                                ))
-                            }
-                        };
-                        let (passes, v) = self.run_batch(src, x, &target, steps, start)?;
+                        let r = self.layered_batch(
+                            src,
+                            (&batch, start, len),
+                            objective,
+                            steps,
+                            (&shapes, &factored),
+                        );
                         drop(batch);
                         release(start, len);
-                        let parts = self.layer_parts(&shapes, &factored, &passes, len, steps)?;
+                        let (parts, v) = r?;
                         Ok::<_, Error>((start, len, parts, v))
                     })
                     .collect::<Result<Vec<_>>>()
             })??;
             for (start, len, parts, v) in parts {
                 values.extend(v);
-                for (l, part) in parts.into_iter().enumerate() {
-                    match part {
-                        Part::Dense(gs) => {
-                            let w = gs.len() / len.max(1);
-                            for i in 0..len {
-                                store
-                                    .dense_mut(l, start + i)
-                                    .copy_from_slice(&gs[i * w..(i + 1) * w]);
-                            }
-                        }
-                        Part::Rows(xs, ds, t, inp, out) => {
-                            for i in 0..len {
-                                let (xd, dd, k) = store.rows_mut(l, start + i);
-                                for r in 0..t {
-                                    xd[r * k..r * k + inp].copy_from_slice(
-                                        &xs[(i * t + r) * inp..(i * t + r + 1) * inp],
-                                    );
-                                }
-                                dd.copy_from_slice(&ds[i * t * out..(i + 1) * t * out]);
-                            }
-                        }
-                        Part::Tokens(ids, ds, t, out) => {
-                            for i in 0..len {
-                                let (id, dd) = store.tokens_mut(l, start + i);
-                                id.copy_from_slice(&ids[i * t..(i + 1) * t]);
-                                dd.copy_from_slice(&ds[i * t * out..(i + 1) * t * out]);
-                            }
-                        }
-                    }
-                }
+                Self::store_parts(&mut store, start, len, parts);
             }
         }
         store.check_finite()?;
         Ok((store, values))
+    }
+
+    /// ΔVar under a diagonal Σ = diag(`s`) of the QoI at every query row of `q`, with the QoI
+    /// values: each worker runs a batch, holds its layered store and takes its quadratic forms.
+    fn diag_forms_t<T: Scalar>(
+        &self,
+        src: &Sources<T>,
+        q: &CTensor,
+        qoi: &Qoi,
+        steps: usize,
+        opts: &FactoredOptions,
+        s: &[f64],
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let m = q.dim(0)?;
+        let shapes = self.shapes();
+        let bs = opts.batch_size.max(1);
+        let starts: Vec<usize> = (0..m).step_by(bs).collect();
+        let parts = run_in_pool(opts, || {
+            starts
+                .par_iter()
+                .map(|&start| {
+                    let len = bs.min(m - start);
+                    let mut store = LayeredGradients::with_steps(
+                        shapes.clone(),
+                        self.num_params(),
+                        len,
+                        LayerRoute::Factor,
+                        steps,
+                    )?;
+                    let factored: Vec<bool> =
+                        (0..shapes.len()).map(|l| store.is_factored(l)).collect();
+                    let batch = Batch::Inputs(q.narrow(0, start, len)?);
+                    let (parts, v) = self.layered_batch(
+                        src,
+                        (&batch, start, len),
+                        (None, Some(qoi)),
+                        steps,
+                        (&shapes, &factored),
+                    )?;
+                    Self::store_parts(&mut store, 0, len, parts);
+                    store.check_finite()?;
+                    Ok::<_, Error>((v, store.quad_forms_diag(s)?))
+                })
+                .collect::<Result<Vec<_>>>()
+        })??;
+        let (mut values, mut forms) = (Vec::with_capacity(m), Vec::with_capacity(m));
+        for (v, f) in parts {
+            values.extend(v);
+            forms.extend(f);
+        }
+        Ok((values, forms))
+    }
+
+    /// One batch's pass and its contribution to the layered store (per group), with the
+    /// objective's values.
+    fn layered_batch<T: Scalar>(
+        &self,
+        src: &Sources<T>,
+        (batch, start, len): (&Batch<'_>, usize, usize),
+        objective: (Option<&Likelihood>, Option<&Qoi>),
+        steps: usize,
+        (shapes, factored): (&[LayerShape], &[bool]),
+    ) -> Result<(Vec<Part>, Vec<f64>)> {
+        let (x, y) = batch.rows();
+        let target = match objective {
+            (Some(l), _) => Target::Likelihood(l, y),
+            (_, Some(q)) => Target::Qoi(q),
+            _ => return Err(Error::Unsupported("a pass without an objective".into())),
+        };
+        let (passes, v) = self.run_batch(src, x, &target, steps, start)?;
+        let parts = self.layer_parts(shapes, factored, &passes, len, steps)?;
+        Ok((parts, v))
+    }
+
+    /// Copies a batch's parts into the store's examples `start..start + len`.
+    fn store_parts(store: &mut LayeredGradients, start: usize, len: usize, parts: Vec<Part>) {
+        for (l, part) in parts.into_iter().enumerate() {
+            match part {
+                Part::Dense(gs) => {
+                    let w = gs.len() / len.max(1);
+                    for i in 0..len {
+                        store
+                            .dense_mut(l, start + i)
+                            .copy_from_slice(&gs[i * w..(i + 1) * w]);
+                    }
+                }
+                Part::Rows(xs, ds, t, inp, out) => {
+                    for i in 0..len {
+                        let (xd, dd, k) = store.rows_mut(l, start + i);
+                        for r in 0..t {
+                            xd[r * k..r * k + inp]
+                                .copy_from_slice(&xs[(i * t + r) * inp..(i * t + r + 1) * inp]);
+                        }
+                        dd.copy_from_slice(&ds[i * t * out..(i + 1) * t * out]);
+                    }
+                }
+                Part::Tokens(ids, ds, t, out) => {
+                    for i in 0..len {
+                        let (id, dd) = store.tokens_mut(l, start + i);
+                        id.copy_from_slice(&ids[i * t..(i + 1) * t]);
+                        dd.copy_from_slice(&ds[i * t * out..(i + 1) * t * out]);
+                    }
+                }
+            }
+        }
     }
 
     /// One batch's contribution to the layered store, per group.
@@ -1004,6 +1092,19 @@ impl GraphEngine {
             match self.an.groups[gi] {
                 Group::Rows { k, out: o, t, .. } => {
                     let tt = t * steps;
+                    // one row per example read once, each factor one contiguous block
+                    if let ([(pass, x, d, 0, 0)], 1) =
+                        (rows_records(passes, gi).collect::<Vec<_>>().as_slice(), tt)
+                    {
+                        if let (Some(xs), Some(ds)) =
+                            (x.contiguous(pass, len), d.contiguous(pass, len))
+                        {
+                            let xs: Vec<f64> = xs.iter().map(|v| v.f64()).collect();
+                            let ds: Vec<f64> = ds.iter().map(|v| v.f64()).collect();
+                            out.push(Part::Rows(xs, ds, 1, k, o));
+                            continue;
+                        }
+                    }
                     let mut xs = vec![0.0; len * tt * k];
                     let mut ds = vec![0.0; len * tt * o];
                     for (pass, x, d, row, step) in rows_records(passes, gi) {
@@ -1309,8 +1410,8 @@ impl super::gradients::QueryGradients for GraphEngine {
             self, qoi, queries, steps, opts, route,
         ))
     }
-    /// A chunk of queries at a time (a batch per worker), every rows and tokens group factored:
-    /// one chunk's layered store, never the P×M block.
+    /// A batch of queries per worker, every rows and tokens group factored: each worker holds
+    /// its batch's layered store, never the P×M block.
     fn query_diag_forms(
         &self,
         qoi: &crate::qoi::Qoi,
@@ -1319,20 +1420,12 @@ impl super::gradients::QueryGradients for GraphEngine {
         opts: &super::FactoredOptions,
         s: &[f64],
     ) -> Option<Result<(Vec<f64>, Vec<f64>)>> {
-        let run = || {
-            let m = queries.dim(0)?;
-            let chunk = opts.batch_size.max(1) * super::batch::rayon_threads(opts).max(1);
-            super::gradients::chunked_diag_forms(m, chunk, s, |start, len| {
-                GraphEngine::query_layered_gradients(
-                    self,
-                    qoi,
-                    &queries.narrow(0, start, len)?,
-                    steps,
-                    opts,
-                    super::LayerRoute::Factor,
-                )
-            })
-        };
-        Some(run())
+        Some(
+            self.check_rollout(steps)
+                .and_then(|()| self.query_rows(queries))
+                .and_then(
+                    |q| dispatch!(self, src => self.diag_forms_t(src, &q, qoi, steps, opts, s)),
+                ),
+        )
     }
 }

@@ -84,10 +84,10 @@ impl Weights {
             if !t.dtype().is_float() {
                 continue;
             }
-            let data = t
-                .to_dtype(candle_core::DType::F64)?
-                .flatten_all()?
-                .to_vec1::<f64>()?;
+            let data = crate::params::with_float_slice(t, |s| match s {
+                crate::params::FloatSlice::F32(v) => v.iter().map(|x| *x as f64).collect(),
+                crate::params::FloatSlice::F64(v) => v.to_vec(),
+            })?;
             w.insert(name.clone(), t.dims().to_vec(), data)?;
         }
         Ok(w)
