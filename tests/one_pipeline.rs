@@ -187,4 +187,34 @@ fn a_diagonal_sigma_never_forms_the_query_gradients() {
     let se = GraphEngine::from_sequential(&step).unwrap();
     let z = Tensor::from_vec(pseudo_random(5 * 3, 13), (5, 3), &Device::Cpu).unwrap();
     check(&se, &se, Qoi::Output(1), &z, 3, 14);
+    // the same network once per query: every weight read once, the forms straight from each
+    // batch's pass (no layered store), several batches over two workers
+    check(&se, &se, Qoi::Output(1), &z, 1, 15);
+    check(&se, &se, Qoi::Sum, &z, 1, 16);
+    // a non-finite query is refused, naming it; a query that overflows the pass gives an
+    // error naming the layer or the query, or finite variances, never a NaN
+    let run = |v: f64| {
+        let mut z = pseudo_random(5 * 3, 17);
+        z[4] = v;
+        let z = Tensor::from_vec(z, (5, 3), &Device::Cpu).unwrap();
+        engine_delta_variances_with(
+            &se,
+            Qoi::Output(1),
+            &z,
+            1,
+            SigmaStrategy::Diagonal(vec![1.0; se.num_params()]),
+            &SigmaOptions::default(),
+            None,
+            &eo(),
+        )
+    };
+    let err = run(f64::NAN).expect_err("a NaN query is refused");
+    assert!(err.to_string().contains("row 1"), "{err}");
+    match run(1e300) {
+        Ok(r) => assert!(r.delta_variance.iter().all(|v| v.is_finite())),
+        Err(e) => {
+            let m = e.to_string();
+            assert!(m.contains("layer") || m.contains("entry 1"), "{m}")
+        }
+    }
 }

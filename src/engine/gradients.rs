@@ -512,6 +512,43 @@ pub(crate) fn chunked_diag_forms(
     Ok((values, forms))
 }
 
+/// Adds a layer read once per example to `forms`: gᵢᵀ diag(s) gᵢ of its gradients δᵢxᵢᵀ and
+/// δᵢ, Σ_o δ²ᵢₒ ((X∘X) Wᵀ + s_b)ᵢₒ for the `b` rows of `xs` (b×k) and `ds` (b×out) in the run's
+/// precision, `w` the weight's part of s (out×k, read in place) and `bias` the bias's; `sqx`
+/// a scratch buffer. One matmul in f64, never a gradient.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_row_diag_forms<T: crate::scalar::Scalar>(
+    forms: &mut [f64],
+    (xs, ds): (&[T], &[T]),
+    (b, k, out): (usize, usize, usize),
+    w: &[f64],
+    bias: Option<&[f64]>,
+    sqx: &mut Vec<f64>,
+) {
+    sqx.clear();
+    sqx.extend(xs[..b * k].iter().map(|v| v.f64() * v.f64()));
+    let mut t = Mat::<f64>::zeros(b, out);
+    matmul(
+        t.as_mut(),
+        Accum::Replace,
+        MatRef::from_row_major_slice(sqx, b, k),
+        MatRef::from_row_major_slice(&w[..out * k], out, k).transpose(),
+        1.0,
+        Par::Seq,
+    );
+    for (i, f) in forms.iter_mut().enumerate().take(b) {
+        let dr = &ds[i * out..(i + 1) * out];
+        *f += dr
+            .iter()
+            .enumerate()
+            .map(|(o, dv)| {
+                let dv = dv.f64();
+                dv * dv * (t[(i, o)] + bias.map_or(0.0, |sb| sb[o]))
+            })
+            .sum::<f64>();
+    }
+}
+
 /// Refuses a rollout on an engine that runs its model once (wrap the model in a rollout module
 /// for the capture engine instead).
 pub(crate) fn single_step(steps: usize, engine: &str) -> Result<()> {

@@ -609,10 +609,10 @@ impl GraphEngine {
             opts,
             data,
             self.num_params(),
-            || (vec![], Mat::<T>::zeros(0, 0)),
-            |(buf, tmp), acc, start, len, x, y| {
+            || (vec![], Mat::<T>::zeros(0, 0), Default::default()),
+            |(buf, tmp, sq), acc, start, len, x, y| {
                 let (passes, _) = self.run_batch(src, x, &Target::Likelihood(lik, y), 1, start)?;
-                self.add_sum_sq(&shapes, &passes, len, acc, buf, tmp)
+                self.add_sum_sq(&shapes, &passes, len, acc, (buf, tmp, sq))
             },
         )
     }
@@ -624,8 +624,7 @@ impl GraphEngine {
         passes: &[Pass<T>],
         b: usize,
         acc: &mut [f64],
-        buf: &mut Vec<f64>,
-        tmp: &mut Mat<T>,
+        (buf, tmp, sq): (&mut Vec<f64>, &mut Mat<T>, &mut [Vec<T>; 3]),
     ) -> Result<()> {
         for (gi, s) in shapes.iter().enumerate() {
             if let Group::Rows { k, out, t, .. } = self.an.groups[gi] {
@@ -638,18 +637,24 @@ impl GraphEngine {
                 // one row per example, one use, contiguous rows: (Δ∘Δ)ᵀ(X∘X) over the batch
                 if let ([(pass, x, d)], 1) = (recs.as_slice(), t) {
                     if let (Some(xs), Some(ds)) = (x.contiguous(pass, b), d.contiguous(pass, b)) {
-                        let xx: Vec<T> = xs.iter().map(|v| *v * *v).collect();
-                        let dd: Vec<T> = ds.iter().map(|v| *v * *v).collect();
-                        let mut prod = vec![T::of(0.0); out * k];
+                        // the squares and the product in the worker's buffers, reused by
+                        // every batch (no fresh pages per batch)
+                        let [xx, dd, prod] = sq;
+                        xx.clear();
+                        xx.extend(xs.iter().map(|v| *v * *v));
+                        dd.clear();
+                        dd.extend(ds.iter().map(|v| *v * *v));
+                        prod.resize(out * k, T::of(0.0));
+                        let prod = &mut prod[..out * k];
                         matmul(
-                            MatMut::from_row_major_slice_mut(&mut prod, out, k),
+                            MatMut::from_row_major_slice_mut(prod, out, k),
                             Accum::Replace,
-                            MatRef::from_row_major_slice(&dd, b, out).transpose(),
-                            MatRef::from_row_major_slice(&xx, b, k),
+                            MatRef::from_row_major_slice(dd, b, out).transpose(),
+                            MatRef::from_row_major_slice(xx, b, k),
                             T::of(1.0),
                             Par::Seq,
                         );
-                        for (a, v) in acc[s.w_off..s.w_off + out * k].iter_mut().zip(&prod) {
+                        for (a, v) in acc[s.w_off..s.w_off + out * k].iter_mut().zip(prod.iter()) {
                             *a += v.f64();
                         }
                         if let Some(bo) = s.b_off {
@@ -983,6 +988,12 @@ impl GraphEngine {
                 .par_iter()
                 .map(|&start| {
                     let len = bs.min(m - start);
+                    let batch = Batch::Inputs(q.narrow(0, start, len)?);
+                    let (x, _) = batch.rows();
+                    let (passes, v) = self.run_batch(src, x, &Target::Qoi(qoi), steps, start)?;
+                    if let Some(forms) = self.fused_diag_forms(&shapes, &passes, len, s) {
+                        return Ok((v, forms));
+                    }
                     let mut store = LayeredGradients::with_steps(
                         shapes.clone(),
                         self.num_params(),
@@ -992,14 +1003,7 @@ impl GraphEngine {
                     )?;
                     let factored: Vec<bool> =
                         (0..shapes.len()).map(|l| store.is_factored(l)).collect();
-                    let batch = Batch::Inputs(q.narrow(0, start, len)?);
-                    let (parts, v) = self.layered_batch(
-                        src,
-                        (&batch, start, len),
-                        (None, Some(qoi)),
-                        steps,
-                        (&shapes, &factored),
-                    )?;
+                    let parts = self.layer_parts(&shapes, &factored, &passes, len, steps)?;
                     Self::store_parts(&mut store, 0, len, parts);
                     store.check_finite()?;
                     Ok::<_, Error>((v, store.quad_forms_diag(s)?))
@@ -1012,6 +1016,55 @@ impl GraphEngine {
             forms.extend(f);
         }
         Ok((values, forms))
+    }
+
+    /// A batch's gᵢᵀ diag(`s`) gᵢ straight from its pass when every group is a weight read once
+    /// per example from one contiguous block (an MLP): Σ_l rowsum((Δ∘Δ)∘((X∘X) S_lᵀ + s_b)),
+    /// S_l the weight's part of `s` read in place, no layered store. `None` otherwise, or when
+    /// a form is not finite (the store's route then names the layer).
+    fn fused_diag_forms<T: Scalar>(
+        &self,
+        shapes: &[LayerShape],
+        passes: &[Pass<T>],
+        b: usize,
+        s: &[f64],
+    ) -> Option<Vec<f64>> {
+        let mut blocks = Vec::with_capacity(shapes.len());
+        for (gi, sh) in shapes.iter().enumerate() {
+            let Group::Rows { k, out, t: 1, .. } = self.an.groups[gi] else {
+                return None;
+            };
+            let recs: Vec<_> = rows_records(passes, gi).collect();
+            let [(pass, x, d, 0, 0)] = recs.as_slice() else {
+                return None;
+            };
+            let w = s.get(sh.w_off..sh.w_off + out * k)?;
+            let bias = match sh.b_off {
+                Some(o) => Some(s.get(o..o + out)?),
+                None => None,
+            };
+            blocks.push((
+                k,
+                out,
+                x.contiguous(pass, b)?,
+                d.contiguous(pass, b)?,
+                w,
+                bias,
+            ));
+        }
+        let mut forms = vec![0.0f64; b];
+        let mut sqx: Vec<f64> = vec![];
+        for (k, out, xs, ds, w, bias) in blocks {
+            super::gradients::add_row_diag_forms(
+                &mut forms,
+                (xs, ds),
+                (b, k, out),
+                w,
+                bias,
+                &mut sqx,
+            );
+        }
+        forms.iter().all(|f| f.is_finite()).then_some(forms)
     }
 
     /// One batch's pass and its contribution to the layered store (per group), with the

@@ -286,36 +286,14 @@ impl FactoredMlp {
                         let values = Self::pass(m, ws, x, Target::Qoi(qoi), start)?;
                         let mut forms = vec![0.0f64; len];
                         for (l, &(w_off, b_off, inp, out)) in offsets.iter().enumerate() {
-                            sqx.clear();
-                            sqx.extend(ws.acts[l][..len * inp].iter().map(|v| {
-                                let v = v.f64();
-                                v * v
-                            }));
-                            let mut t = Mat::<f64>::zeros(len, out);
-                            matmul(
-                                t.as_mut(),
-                                Accum::Replace,
-                                MatRef::from_row_major_slice(sqx, len, inp),
-                                MatRef::from_row_major_slice(
-                                    &s[w_off..w_off + out * inp],
-                                    out,
-                                    inp,
-                                )
-                                .transpose(),
-                                1.0,
-                                Par::Seq,
+                            super::gradients::add_row_diag_forms(
+                                &mut forms,
+                                (&ws.acts[l], &ws.deltas[l]),
+                                (len, inp, out),
+                                &s[w_off..w_off + out * inp],
+                                Some(&s[b_off..b_off + out]),
+                                sqx,
                             );
-                            let sb = &s[b_off..b_off + out];
-                            let d = &ws.deltas[l];
-                            for (i, f) in forms.iter_mut().enumerate() {
-                                let dr = &d[i * out..(i + 1) * out];
-                                *f += (0..out)
-                                    .map(|o| {
-                                        let dv = dr[o].f64();
-                                        dv * dv * (t[(i, o)] + sb[o])
-                                    })
-                                    .sum::<f64>();
-                            }
                         }
                         Ok((values, forms))
                     },
