@@ -105,17 +105,11 @@ impl<M: Module + Sync> FisherSource for CapturedFisher<'_, M> {
     }
 
     fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
-        if let Ok(b) = self.layered_bytes() {
-            if b <= memory_budget / 2 {
-                return b;
-            }
-        }
-        let full = (self.num_examples() * self.num_params() * 8) as u64;
-        if full <= memory_budget / 2 {
-            full
-        } else {
-            (self.opts.batch_size * self.num_params() * 8) as u64
-        }
+        super::operator_bytes(
+            self.layered_bytes().ok(),
+            (self.num_examples(), self.num_params(), self.opts.batch_size),
+            memory_budget,
+        )
     }
 
     fn has_gradient_operator(&self) -> bool {

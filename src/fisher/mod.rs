@@ -34,6 +34,26 @@ use crate::error::{check_finite, Error, Result};
 
 pub use crate::engine::batch::DEFAULT_MEMORY_BUDGET;
 
+/// The bytes a native engine's gradient operator holds under `memory_budget`: the gradients
+/// held layer by layer (`layered`) when they fit half of it, else G (N·P f64) when that fits,
+/// else one streamed chunk of `chunk` examples' gradients.
+pub(crate) fn operator_bytes(
+    layered: Option<u64>,
+    (n, p, chunk): (usize, usize, usize),
+    memory_budget: u64,
+) -> u64 {
+    let half = memory_budget / 2;
+    if let Some(b) = layered.filter(|b| *b <= half) {
+        return b;
+    }
+    let f64s = |rows: usize| (rows as u64).saturating_mul(p as u64).saturating_mul(8);
+    if f64s(n) <= half {
+        f64s(n)
+    } else {
+        f64s(chunk)
+    }
+}
+
 /// Bytes of a dense P×P f64 matrix.
 pub fn dense_fisher_bytes(p: usize) -> u64 {
     (p as u64).saturating_mul(p as u64).saturating_mul(8)

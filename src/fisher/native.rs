@@ -110,19 +110,11 @@ impl<E: ExampleGradients> FisherSource for NativeFisher<'_, E> {
     }
 
     fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
-        if let Some(b) = self
-            .engine
-            .layered_bytes(self.num_examples(), self.route)
-            .filter(|b| *b <= memory_budget / 2)
-        {
-            return b;
-        }
-        let full = (self.num_examples() * self.num_params() * 8) as u64;
-        if full <= memory_budget / 2 {
-            full
-        } else {
-            (self.block_size() * self.num_params() * 8) as u64
-        }
+        super::operator_bytes(
+            self.engine.layered_bytes(self.num_examples(), self.route),
+            (self.num_examples(), self.num_params(), self.block_size()),
+            memory_budget,
+        )
     }
 
     fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
