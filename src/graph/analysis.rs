@@ -231,9 +231,9 @@ impl Analysis {
                 pd[*o] = q;
             }
         }
-        // probes
-        let src = Sources::<f64>::new(g);
-        let probe = |b: usize| -> Result<exec::Pass<f64>> {
+        // probes, in f32 (only shapes, element types and integer values are read)
+        let src = Sources::<f32>::new(g);
+        let probe = |b: usize| -> Result<exec::Pass<f32>> {
             let mut shape = vec![b];
             shape.extend_from_slice(input_shape);
             let n: usize = shape.iter().product();
@@ -246,7 +246,7 @@ impl Analysis {
         };
         let p2 = probe(2)?;
         let p3 = probe(3)?;
-        let shape_of = |p: &exec::Pass<f64>, v: usize| p.value(&src, v).map(|t| t.shape.clone());
+        let shape_of = |p: &exec::Pass<f32>, v: usize| p.value(&src, v).map(|t| t.shape.clone());
         let mut bax = vec![None; nv];
         let mut float = vec![false; nv];
         let producer: HashMap<usize, usize> = g
@@ -400,8 +400,8 @@ impl Analysis {
         &mut self,
         g: &Graph,
         consumers: &[Vec<(usize, usize)>],
-        p2: &exec::Pass<f64>,
-        src: &Sources<f64>,
+        p2: &exec::Pass<f32>,
+        src: &Sources<f32>,
     ) -> Result<()> {
         let param_at: HashMap<usize, usize> = g
             .params
@@ -706,8 +706,8 @@ fn check_axes(
     g: &Graph,
     k: usize,
     bax: &[Option<usize>],
-    p2: &exec::Pass<f64>,
-    src: &Sources<f64>,
+    p2: &exec::Pass<f32>,
+    src: &Sources<f32>,
 ) -> Result<()> {
     let n = &g.nodes[k];
     let ax = |s: usize| n.input(s).and_then(|v| bax[v]);
