@@ -289,6 +289,27 @@ fn rows_with_several_uses_a_moved_batch_axis_and_a_paired_bias() {
 }
 
 #[test]
+fn an_mlp_read_once_per_example_takes_the_contiguous_fast_paths() {
+    // Gemm(x, W, b, transB) → tanh → Gemm: every weight read once per example from one
+    // contiguous block (the factors copied whole, the diagonal pass's one product per layer)
+    let mut b = B::new(ElemType::Float);
+    b.param("W1", &[5, 3], 1)
+        .param("b1", &[5], 2)
+        .param("W2", &[2, 5], 3)
+        .param("b2", &[2], 4);
+    b.op(gemm(1.0, 1.0, false, true), &["x", "W1", "b1"], "h")
+        .op(Op::Unary(Unary::Tanh), &["h"], "t")
+        .op(gemm(1.0, 1.0, false, true), &["t", "W2", "b2"], "y");
+    check(
+        "mlp",
+        b.done("y"),
+        &[3],
+        None,
+        &["rows", "rows (bias)", "rows", "rows (bias)"],
+    );
+}
+
+#[test]
 fn materialised_gemm_matmul_and_a_conv_through_a_chain() {
     // Gemm with α, β ≠ 1 and an in×out weight: materialised
     let mut b = B::new(ElemType::Float);

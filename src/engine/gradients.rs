@@ -516,7 +516,6 @@ pub(crate) fn chunked_diag_forms(
 /// δᵢ, Σ_o δ²ᵢₒ ((X∘X) Wᵀ + s_b)ᵢₒ for the `b` rows of `xs` (b×k) and `ds` (b×out) in the run's
 /// precision, `w` the weight's part of s (out×k, read in place) and `bias` the bias's; `sqx`
 /// a scratch buffer. One matmul in f64, never a gradient.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn add_row_diag_forms<T: crate::scalar::Scalar>(
     forms: &mut [f64],
     (xs, ds): (&[T], &[T]),

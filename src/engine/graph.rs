@@ -635,8 +635,8 @@ impl GraphEngine {
                     continue;
                 }
                 // one row per example, one use, contiguous rows: (Δ∘Δ)ᵀ(X∘X) over the batch
-                if let ([(pass, x, d)], 1) = (recs.as_slice(), t) {
-                    if let (Some(xs), Some(ds)) = (x.contiguous(pass, b), d.contiguous(pass, b)) {
+                if t == 1 {
+                    if let Some((xs, ds)) = single_row_factors(passes, gi, b) {
                         // the squares and the product in the worker's buffers, reused by
                         // every batch (no fresh pages per batch)
                         let [xx, dd, prod] = sq;
@@ -1034,23 +1034,13 @@ impl GraphEngine {
             let Group::Rows { k, out, t: 1, .. } = self.an.groups[gi] else {
                 return None;
             };
-            let recs: Vec<_> = rows_records(passes, gi).collect();
-            let [(pass, x, d, 0, 0)] = recs.as_slice() else {
-                return None;
-            };
+            let (xs, ds) = single_row_factors(passes, gi, b)?;
             let w = s.get(sh.w_off..sh.w_off + out * k)?;
             let bias = match sh.b_off {
                 Some(o) => Some(s.get(o..o + out)?),
                 None => None,
             };
-            blocks.push((
-                k,
-                out,
-                x.contiguous(pass, b)?,
-                d.contiguous(pass, b)?,
-                w,
-                bias,
-            ));
+            blocks.push((k, out, xs, ds, w, bias));
         }
         let mut forms = vec![0.0f64; b];
         let mut sqx: Vec<f64> = vec![];
@@ -1146,12 +1136,8 @@ impl GraphEngine {
                 Group::Rows { k, out: o, t, .. } => {
                     let tt = t * steps;
                     // one row per example read once, each factor one contiguous block
-                    if let ([(pass, x, d, 0, 0)], 1) =
-                        (rows_records(passes, gi).collect::<Vec<_>>().as_slice(), tt)
-                    {
-                        if let (Some(xs), Some(ds)) =
-                            (x.contiguous(pass, len), d.contiguous(pass, len))
-                        {
+                    if tt == 1 {
+                        if let Some((xs, ds)) = single_row_factors(passes, gi, len) {
                             let xs: Vec<f64> = xs.iter().map(|v| v.f64()).collect();
                             let ds: Vec<f64> = ds.iter().map(|v| v.f64()).collect();
                             out.push(Part::Rows(xs, ds, 1, k, o));
@@ -1367,6 +1353,20 @@ fn tokens_records<T: Scalar>(
             _ => None,
         })
     })
+}
+
+/// The factors X (b×k) and Δ (b×out) of rows group `gi` when the batch's passes read it once
+/// per example (one record, at row 0 of step 0) and each factor is one contiguous block: the
+/// shape of a Linear on per-example vectors, which the fast paths take whole.
+fn single_row_factors<T: Scalar>(passes: &[Pass<T>], gi: usize, b: usize) -> Option<(&[T], &[T])> {
+    let mut recs = rows_records(passes, gi);
+    let (pass, x, d, 0, 0) = recs.next()? else {
+        return None;
+    };
+    if recs.next().is_some() {
+        return None;
+    }
+    Some((x.contiguous(pass, b)?, d.contiguous(pass, b)?))
 }
 
 /// acc (k×k, row-major) += mᵀ m.
