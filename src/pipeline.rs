@@ -59,7 +59,7 @@ use crate::fisher::{
 };
 use crate::likelihood::Likelihood;
 use crate::metrics::{held_out_errors, uncertainty_metrics, UncertaintyMetrics};
-use crate::model::{Mlp, MlpSpec, SeqSpec, Sequential};
+use crate::model::{Mlp, MlpSpec, SeqSpec};
 use crate::qoi::Qoi;
 
 /// How to load a model: what the CLI's `--arch`, `--weights`, `--prefix`, `--layer-names` and
@@ -184,8 +184,9 @@ impl Network {
                 "a seq: model needs data to take its input shape from",
             )
         })?;
-        let s = Sequential::load_safetensors(weights, seq, shape, dt, &spec.prefix)?;
-        Ok(Network::Graph(GraphEngine::from_sequential(&s)?))
+        let w = crate::graph::build::Weights::from_safetensors(weights)?.with_prefix(&spec.prefix);
+        let g = crate::graph::models::seq(&seq, w, shape)?;
+        Ok(Network::Graph(GraphEngine::new(g, shape, dt)?))
     }
 
     /// P, the number of parameters.

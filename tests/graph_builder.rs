@@ -108,3 +108,109 @@ fn loading_mistakes_are_errors_naming_the_tensor() {
     let c = b.constant(&[2], vec![1.0, 2.0]).unwrap();
     assert!(b.finish(c).is_err());
 }
+
+/// `Weights::from_safetensors` reads the file memory-mapped and converts each float tensor to
+/// f64 itself: F32, F64, F16 and BF16 give the values candle reads, integer tensors are
+/// skipped, a NaN names its tensor and file, a corrupt file is an error naming the file.
+#[test]
+fn safetensors_weights_are_read_exactly_in_every_float_type() {
+    use candle_core::{Device, Tensor};
+    let dir = std::env::temp_dir().join(format!("deltavar-weights-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vals = [0.1f64, -2.5, 3.0e-3, 7.0, -0.0, 1.0e4];
+    let mut map = std::collections::HashMap::new();
+    for (name, dt) in [
+        ("a32", DType::F32),
+        ("a64", DType::F64),
+        ("a16", DType::F16),
+        ("abf", DType::BF16),
+    ] {
+        let t = Tensor::new(&vals[..], &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        map.insert(name.to_string(), t.to_dtype(dt).unwrap());
+    }
+    map.insert(
+        "ids".to_string(),
+        Tensor::new(&[1i64, 2, 3], &Device::Cpu).unwrap(),
+    );
+    let path = dir.join("w.safetensors");
+    candle_core::safetensors::save(&map, &path).unwrap();
+    let w = Weights::from_safetensors(&path).unwrap();
+    assert_eq!(w.names(), vec!["a16", "a32", "a64", "abf"]);
+    for name in ["a32", "a64", "a16", "abf"] {
+        let want: Vec<f64> = map[name]
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(w.values(name).unwrap(), want.as_slice(), "{name}");
+        assert_eq!(w.shape_of(name).unwrap(), vec![2, 3], "{name}");
+    }
+    assert_eq!(w.values("a64").unwrap(), &vals[..]);
+
+    let mut bad = vals;
+    bad[4] = f64::NAN;
+    let nan: std::collections::HashMap<String, Tensor> = [(
+        "layer.weight".to_string(),
+        Tensor::new(&bad[..], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap(),
+    )]
+    .into_iter()
+    .collect();
+    let p = dir.join("nan.safetensors");
+    candle_core::safetensors::save(&nan, &p).unwrap();
+    let e = Weights::from_safetensors(&p).unwrap_err().to_string();
+    assert!(
+        e.contains("layer.weight") && e.contains("nan.safetensors") && e.contains("element 4"),
+        "{e}"
+    );
+
+    let p = dir.join("corrupt.safetensors");
+    std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
+    let e = Weights::from_safetensors(&p).unwrap_err().to_string();
+    assert!(e.contains("corrupt.safetensors"), "{e}");
+    let e = Weights::from_safetensors(dir.join("missing.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.safetensors"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The engine holds a model's weights once, in its precision: it drops the graph's f64 copy
+/// only where its own copy gives the values back exactly, so `named_tensors` (what Fisher
+/// files fingerprint) returns the graph's values in every case — an f32 run of f64 weights
+/// that f32 cannot hold included.
+#[test]
+fn the_engine_keeps_every_weight_value_it_was_given() {
+    let third = 1.0 / 3.0; // not an f32
+    let named = vec![
+        (
+            "fc.weight".to_string(),
+            vec![2, 3],
+            vec![0.5, -1.25, third, 2.0, 0.0, -4.0],
+        ),
+        ("fc.bias".to_string(), vec![2], vec![0.25, -0.75]),
+    ];
+    for dt in [DType::F32, DType::F64] {
+        let (mut b, x) = GraphBuilder::new(Weights::from_named(named.clone()).unwrap(), &[3]);
+        let y = b.linear(x, "fc", true).unwrap();
+        let engine = GraphEngine::new(b.finish(y).unwrap(), &[3], dt).unwrap();
+        let got = engine.named_tensors().unwrap();
+        for ((name, _, want), (gname, t)) in named.iter().zip(&got) {
+            assert_eq!(name, gname);
+            let v: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(&v, want, "{name} in {dt:?}");
+        }
+        // the exact f32 values (the bias) are held by the engine alone in an f32 run
+        let bias = &engine.graph().params[1];
+        assert_eq!(bias.data.is_empty(), dt == DType::F32 || dt == DType::F64);
+        let weight = &engine.graph().params[0];
+        assert_eq!(weight.data.is_empty(), dt == DType::F64, "{dt:?}");
+    }
+}

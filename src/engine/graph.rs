@@ -94,15 +94,34 @@ impl std::fmt::Debug for GraphEngine {
     }
 }
 
+/// Empties each graph parameter's f64 values that `src` (the engine's copy) gives back
+/// exactly, so that a model's weights are held once.
+fn drop_exact_copies<T: Scalar>(g: &mut Graph, src: &Sources<T>) {
+    for (p, t) in g.params.iter_mut().zip(&src.params) {
+        if let crate::graph::Data::F(v) = &t.data {
+            if v.len() == p.data.len() && v.iter().zip(&p.data).all(|(a, b)| a.f64() == *b) {
+                p.data = Vec::new();
+            }
+        }
+    }
+}
+
 impl GraphEngine {
     /// Analyses `graph` for examples of shape `input_shape` and converts its weights to
     /// `dtype` (f64 runs in f64, anything else in f32).
-    pub fn new(graph: Graph, input_shape: &[usize], dtype: DType) -> Result<Self> {
+    pub fn new(mut graph: Graph, input_shape: &[usize], dtype: DType) -> Result<Self> {
         let an = Analysis::new(&graph, input_shape)?;
         let inner = match dtype {
             DType::F64 => Inner::F64(std::sync::Arc::new(Sources::new(&graph))),
             _ => Inner::F32(std::sync::Arc::new(Sources::new(&graph))),
         };
+        // the parameters are held once, in the run's precision: a graph parameter whose values
+        // the engine's copy gives back exactly (every parameter of an f32 model, all of an
+        // f64 run) drops its f64 copy, and named_tensors reads it from the engine's copy
+        match &inner {
+            Inner::F32(src) => drop_exact_copies(&mut graph, src),
+            Inner::F64(src) => drop_exact_copies(&mut graph, src),
+        }
         Ok(Self {
             graph: std::sync::Arc::new(graph),
             an: std::sync::Arc::new(an),
@@ -169,7 +188,9 @@ impl GraphEngine {
         }
     }
 
-    /// The graph.
+    /// The graph: its nodes, names and shapes. The parameters' values are held once, by the
+    /// engine in its precision: a [`crate::graph::Param`]'s `data` is empty where the engine's
+    /// copy gives it back exactly; read the values with [`GraphEngine::named_tensors`].
     pub fn graph(&self) -> &Graph {
         &self.graph
     }
@@ -189,9 +210,23 @@ impl GraphEngine {
         &self.an.output_shape
     }
 
-    /// The parameters as named tensors (flat-layout order).
+    /// The parameters as named f64 tensors (flat-layout order): the graph's values (read from
+    /// the engine's own copy where the graph's was dropped as an exact duplicate).
     pub fn named_tensors(&self) -> Result<Vec<(String, CTensor)>> {
-        self.graph.named_tensors()
+        dispatch!(self, src => self
+            .graph
+            .params
+            .iter()
+            .zip(&src.params)
+            .map(|(p, t)| {
+                let data: Vec<f64> = match (&t.data, p.data.len() == p.numel()) {
+                    (crate::graph::Data::F(v), false) => v.iter().map(|x| x.f64()).collect(),
+                    _ => p.data.clone(),
+                };
+                let t = CTensor::from_vec(data, p.shape.as_slice(), &candle_core::Device::Cpu)?;
+                Ok((p.name.clone(), t))
+            })
+            .collect())
     }
 
     /// How each parameter is held: (name, "rows" | "tokens" | "dense").

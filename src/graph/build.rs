@@ -93,17 +93,60 @@ impl Weights {
         Ok(w)
     }
 
-    /// Reads a safetensors file (a PyTorch state dict).
+    /// Reads a safetensors file (a PyTorch state dict): the file is memory-mapped and each
+    /// float tensor converted straight to f64 (F32 and F64 from their bytes, other float types
+    /// through candle), so the file is never read into memory whole and nothing else is
+    /// copied; integer tensors are skipped. Errors name the file and the tensor.
     pub fn from_safetensors(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let tensors =
-            candle_core::safetensors::load(path, &candle_core::Device::Cpu).map_err(|e| {
-                Error::BadFile {
-                    path: path.display().to_string(),
-                    detail: format!("not a readable safetensors file: {e}"),
+        let source = path.display().to_string();
+        let bad = |detail: String| Error::BadFile {
+            path: source.clone(),
+            detail,
+        };
+        let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
+        // SAFETY: the map is only read; as with any mapped file, another process rewriting the
+        // file meanwhile could change the values read.
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(format!("cannot map: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&map)
+            .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+        let mut w = Weights {
+            tensors: HashMap::new(),
+            source: source.clone(),
+        };
+        for (name, view) in st.tensors() {
+            use safetensors::Dtype as D;
+            let bytes = view.data();
+            let data: Vec<f64> = match view.dtype() {
+                D::F32 => le_floats::<4>(bytes, |c| f32::from_le_bytes(c) as f64),
+                D::F64 => le_floats::<8>(bytes, f64::from_le_bytes),
+                D::F16 | D::BF16 => {
+                    let dt = if view.dtype() == D::F16 {
+                        candle_core::DType::F16
+                    } else {
+                        candle_core::DType::BF16
+                    };
+                    let n = view.shape().iter().product::<usize>();
+                    candle_core::Tensor::from_raw_buffer(bytes, dt, &[n], &candle_core::Device::Cpu)
+                        .and_then(|t| t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>())
+                        .map_err(|e| bad(format!("tensor '{name}': {e}")))?
                 }
-            })?;
-        Self::from_tensors(&tensors, &path.display().to_string())
+                _ => continue,
+            };
+            w.insert(name, view.shape().to_vec(), data)?;
+        }
+        Ok(w)
+    }
+
+    /// The shape of tensor `name`, if there is one.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|(s, _)| s.clone())
+    }
+
+    /// The values of tensor `name` (row-major), if there is one.
+    pub fn values(&self, name: &str) -> Option<&[f64]> {
+        self.tensors.get(name).map(|(_, v)| v.as_slice())
     }
 
     /// Only the tensors whose names start with `prefix` (a `.` is added when missing), with
@@ -163,6 +206,17 @@ impl Weights {
         self.tensors.insert(name, (shape, data));
         Ok(())
     }
+}
+
+/// Little-endian floats of `N` bytes each, as f64 (the bytes need no alignment).
+fn le_floats<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
+    let mut out = Vec::with_capacity(bytes.len() / N);
+    out.extend(
+        bytes
+            .chunks_exact(N)
+            .map(|c| f(c.try_into().unwrap_or([0; N]))),
+    );
+    out
 }
 
 /// A value of the graph being built (a handle; see [`GraphBuilder::shape`]).

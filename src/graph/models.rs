@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use super::build::{ConvOptions, GraphBuilder, Value, Weights};
 use super::Graph;
 use crate::error::Result;
-use crate::model::{Mlp, SeqLayer, Sequential, Transformer};
+use crate::model::{Mlp, SeqLayer, SeqSpec, Sequential, Transformer};
 
 fn named(tensors: Vec<(String, candle_core::Tensor)>, source: &str) -> Result<Weights> {
     let map: HashMap<String, candle_core::Tensor> = tensors.into_iter().collect();
@@ -45,9 +45,31 @@ pub fn sequential(m: &Sequential) -> Result<Graph> {
             t.push((format!("{i}.running_var"), var.clone()));
         }
     }
-    let (mut b, x) = GraphBuilder::new(named(t, m.source())?, m.input_shape());
+    seq(m.spec(), named(t, m.source())?, m.input_shape())
+}
+
+/// The `nn.Sequential` that `spec` describes, as a graph on examples of `input_shape`, from its
+/// state dict (take a model inside a larger checkpoint with [`Weights::with_prefix`]). The
+/// state dict is checked against the architecture first ([`SeqSpec::check_state_dict`]: every
+/// tensor present with PyTorch's shape, none left over, running variances ≥ 0), so an error
+/// names the module. Nothing but the graph is built: this is the `seq:` loader's route.
+pub fn seq(spec: &SeqSpec, w: Weights, input_shape: &[usize]) -> Result<Graph> {
+    spec.check_state_dict(
+        input_shape,
+        "",
+        w.source(),
+        |k| w.shape_of(k),
+        w.names().into_iter(),
+    )?;
+    for (i, l) in spec.layers.iter().enumerate() {
+        if !l.buffer_shapes().is_empty() {
+            let key = format!("{i}.running_var");
+            crate::model::check_running_var(w.values(&key).unwrap_or(&[]), &key, w.source())?;
+        }
+    }
+    let (mut b, x) = GraphBuilder::new(w, input_shape);
     let mut h = x;
-    for (i, l) in m.spec().layers.iter().enumerate() {
+    for (i, l) in spec.layers.iter().enumerate() {
         let name = i.to_string();
         h = match *l {
             SeqLayer::Linear { bias, .. } => b.linear(h, &name, bias)?,

@@ -571,6 +571,60 @@ impl std::fmt::Display for SeqSpec {
 }
 
 impl SeqSpec {
+    /// Checks a state dict against the architecture, by tensor names and shapes only: every
+    /// parameter and buffer a module needs is present under `prefix` with PyTorch's shape, and
+    /// no tensor under `prefix` is left unused (`num_batches_tracked` excepted). `shape_of`
+    /// gives a tensor's shape by its full name, `names` every name; `source` names the file in
+    /// errors. Returns [`SeqSpec::shapes`] of `input_shape`.
+    pub fn check_state_dict<'a>(
+        &self,
+        input_shape: &[usize],
+        prefix: &str,
+        source: &str,
+        shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+        names: impl Iterator<Item = &'a str>,
+    ) -> Result<Vec<Vec<usize>>> {
+        let shapes = self.shapes(input_shape)?;
+        let bad = |detail: String| Error::BadFile {
+            path: source.to_string(),
+            detail,
+        };
+        let mut used = std::collections::HashSet::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (part, shape) in l.param_shapes().into_iter().chain(l.buffer_shapes()) {
+                let key = format!("{prefix}{i}.{part}");
+                match shape_of(&key) {
+                    None => {
+                        return Err(bad(format!(
+                            "tensor '{key}' (module {i}, {l}) is missing; expected shape {shape:?}"
+                        )))
+                    }
+                    Some(s) if s != shape => {
+                        return Err(bad(format!(
+                            "tensor '{key}' (module {i}, {l}) has shape {s:?}, the architecture needs {shape:?}"
+                        )))
+                    }
+                    Some(_) => {}
+                }
+                used.insert(key);
+            }
+            if !l.buffer_shapes().is_empty() {
+                used.insert(format!("{prefix}{i}.num_batches_tracked"));
+            }
+        }
+        let mut unused: Vec<&str> = names
+            .filter(|k| !used.contains(*k) && k.starts_with(prefix))
+            .collect();
+        if !unused.is_empty() {
+            unused.sort_unstable();
+            return Err(bad(format!(
+                "tensor(s) {unused:?} are used by no module of {self}; check --arch (module indices \
+                 follow nn.Sequential's numbering, activations and pooling count too)"
+            )));
+        }
+        Ok(shapes)
+    }
+
     /// The per-example shapes: entry l is the input of module l, the last the output. Fails
     /// naming the first module that cannot take its input.
     pub fn shapes(&self, input: &[usize]) -> Result<Vec<Vec<usize>>> {
@@ -648,6 +702,20 @@ impl SeqSpec {
     }
 }
 
+/// Fails unless every value of a BatchNorm's running variance `key` is finite and ≥ 0.
+pub(crate) fn check_running_var(vals: &[f64], key: &str, source: &str) -> Result<()> {
+    match vals.iter().position(|x| !x.is_finite() || *x < 0.0) {
+        Some(k) => Err(Error::BadFile {
+            path: source.to_string(),
+            detail: format!(
+                "'{key}'[{k}] = {} (a variance must be finite and >= 0)",
+                vals[k]
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// One module's tensors.
 #[derive(Debug, Clone)]
 pub(crate) struct SeqTensors {
@@ -693,69 +761,43 @@ impl Sequential {
         source: &str,
     ) -> Result<Self> {
         let prefix = normalize_prefix(prefix);
-        let shapes = spec.shapes(input_shape)?;
-        let mut used = std::collections::HashSet::new();
-        let mut out = Vec::with_capacity(spec.layers.len());
-        let bad = |detail: String| Error::BadFile {
-            path: source.to_string(),
-            detail,
+        let shapes = spec.check_state_dict(
+            input_shape,
+            &prefix,
+            source,
+            |k| tensors.get(k).map(|t| t.dims().to_vec()),
+            tensors.keys().map(|k| k.as_str()),
+        )?;
+        let get = |i: usize, part: &str| -> Result<Tensor> {
+            let key = format!("{prefix}{i}.{part}");
+            let t = tensors.get(&key).ok_or_else(|| Error::BadFile {
+                path: source.to_string(),
+                detail: format!("tensor '{key}' is missing"),
+            })?;
+            Ok(t.to_dtype(dtype)?)
         };
+        let mut out = Vec::with_capacity(spec.layers.len());
         for (i, l) in spec.layers.iter().enumerate() {
-            let mut get = |part: &str, shape: &[usize]| -> Result<Tensor> {
-                let key = format!("{prefix}{i}.{part}");
-                let t = tensors.get(&key).ok_or_else(|| {
-                    bad(format!(
-                        "tensor '{key}' (module {i}, {l}) is missing; expected shape {shape:?}"
-                    ))
-                })?;
-                if t.dims() != shape {
-                    return Err(bad(format!(
-                        "tensor '{key}' (module {i}, {l}) has shape {:?}, the architecture needs {shape:?}",
-                        t.dims()
-                    )));
-                }
-                used.insert(key);
-                Ok(t.to_dtype(dtype)?)
-            };
             let mut t = SeqTensors {
                 weight: None,
                 bias: None,
                 stats: None,
             };
-            for (part, shape) in l.param_shapes() {
-                let v = Var::from_tensor(&get(part, &shape)?)?;
+            for (part, _) in l.param_shapes() {
+                let v = Var::from_tensor(&get(i, part)?)?;
                 if part == "weight" {
                     t.weight = Some(v);
                 } else {
                     t.bias = Some(v);
                 }
             }
-            let bufs = l.buffer_shapes();
-            if !bufs.is_empty() {
-                let m = get(bufs[0].0, &bufs[0].1)?;
-                let v = get(bufs[1].0, &bufs[1].1)?;
+            if !l.buffer_shapes().is_empty() {
+                let (m, v) = (get(i, "running_mean")?, get(i, "running_var")?);
                 let vals = v.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                if let Some(k) = vals.iter().position(|x| !x.is_finite() || *x < 0.0) {
-                    return Err(bad(format!(
-                        "'{prefix}{i}.running_var'[{k}] = {} (a variance must be finite and >= 0)",
-                        vals[k]
-                    )));
-                }
-                used.insert(format!("{prefix}{i}.num_batches_tracked"));
+                check_running_var(&vals, &format!("{prefix}{i}.running_var"), source)?;
                 t.stats = Some((m, v));
             }
             out.push(t);
-        }
-        let mut unused: Vec<&String> = tensors
-            .keys()
-            .filter(|k| !used.contains(*k) && k.starts_with(&prefix))
-            .collect();
-        if !unused.is_empty() {
-            unused.sort();
-            return Err(bad(format!(
-                "tensor(s) {unused:?} are used by no module of {spec}; check --arch (module indices \
-                 follow nn.Sequential's numbering, activations and pooling count too)"
-            )));
         }
         Ok(Self {
             spec,
