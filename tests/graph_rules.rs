@@ -307,6 +307,25 @@ fn an_mlp_read_once_per_example_takes_the_contiguous_fast_paths() {
         None,
         &["rows", "rows (bias)", "rows", "rows (bias)"],
     );
+    // ReLU and the sigmoid run in their input's buffer (read once, by them) and their
+    // backward reads their output instead
+    let mut b = B::new(ElemType::Float);
+    b.param("W1", &[5, 3], 5)
+        .param("b1", &[5], 6)
+        .param("W2", &[4, 5], 7)
+        .param("W3", &[2, 4], 8);
+    b.op(gemm(1.0, 1.0, false, true), &["x", "W1", "b1"], "h")
+        .op(Op::Unary(Unary::Relu), &["h"], "r")
+        .op(gemm(1.0, 1.0, false, true), &["r", "W2"], "h2")
+        .op(Op::Unary(Unary::Sigmoid), &["h2"], "s")
+        .op(gemm(1.0, 1.0, false, true), &["s", "W3"], "y");
+    check(
+        "mlp relu sigmoid",
+        b.done("y"),
+        &[3],
+        None,
+        &["rows", "rows (bias)", "rows", "rows"],
+    );
 }
 
 #[test]

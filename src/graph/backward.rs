@@ -56,7 +56,9 @@ pub fn backward<T: Scalar>(
             .filter(|(_, i)| i.is_some_and(|v| ng[v] && an.bax[v].is_none()))
             .map(|(s, _)| s)
             .collect();
-        if pass_through(g, an, k, &need, &boundary, pass) {
+        if pass_through(g, an, k, &need, &boundary, pass)
+            || unary_in_place(g, k, &need, &boundary, src, pass)?
+        {
             continue;
         }
         let grads = {
@@ -226,6 +228,45 @@ fn pass_through<T: Scalar>(
         pass.add_cot(v, part);
     }
     true
+}
+
+/// A unary node (ReLU, tanh, …) whose input needs its cotangent takes the output's cotangent
+/// buffer, read by no one after its producer (as in [`pass_through`]), scales it by f' in
+/// place and hands it on: no new buffer per node and batch. Returns whether it was handled.
+fn unary_in_place<T: Scalar>(
+    g: &Graph,
+    k: usize,
+    need: &[bool],
+    boundary: &[usize],
+    src: &Sources<T>,
+    pass: &mut Pass<T>,
+) -> Result<bool> {
+    let node = &g.nodes[k];
+    let (Op::Unary(u), [Some(out)], [Some(v)], [true], []) = (
+        &node.op,
+        node.outputs.as_slice(),
+        node.inputs.as_slice(),
+        need,
+        boundary,
+    ) else {
+        return Ok(false);
+    };
+    let Some(mut gv) = pass.cot[*out].take() else {
+        return Ok(false);
+    };
+    let d = match &pass.saved[k] {
+        ops::Saved::Deriv(d) => Some(d.as_slice()),
+        _ => None,
+    };
+    let (Some(x), Some(y)) = (pass.value(src, *v), pass.value(src, *out)) else {
+        return Err(Error::Unsupported(format!(
+            "{}: its input or output was not kept for the backward pass",
+            node.describe()
+        )));
+    };
+    ops::elementwise::unary_backward_in_place(node, *u, x, y, d, &mut gv)?;
+    pass.add_cot(*v, gv);
+    Ok(true)
 }
 
 /// Per-example cotangents through the unbatched chains (nodes whose outputs carry no batch

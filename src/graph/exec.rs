@@ -180,7 +180,7 @@ pub struct Reuse<'a> {
 /// Runs every live node (`live[k]`) on `input` (B examples along axis 0). With `reuse`, a node
 /// that is the only reader of a computed value takes its buffer instead of allocating one: a
 /// reshaping node (Reshape, Flatten, Squeeze, Unsqueeze, Identity) keeps its elements, a
-/// softmax or GELU runs in its input's buffer, an Add or Sub whose operand has the output's
+/// softmax, GELU, ReLU, tanh or sigmoid runs in its input's buffer, an Add or Sub whose operand has the output's
 /// shape updates it in place (their backward passes and per-example rules need only the
 /// shapes, which stay); and the nodes that do not depend on
 /// the data run once per batch size (their outputs kept in the sources). Float buffers come
@@ -367,7 +367,12 @@ pub fn output_read_by_backward(op: &Op) -> bool {
     match op {
         Op::Unary(u) => matches!(
             u,
-            Unary::Sqrt | Unary::Exp | Unary::Sigmoid | Unary::Tanh | Unary::Reciprocal
+            Unary::Sqrt
+                | Unary::Exp
+                | Unary::Sigmoid
+                | Unary::Tanh
+                | Unary::Reciprocal
+                | Unary::Relu
         ),
         Op::Binary(b) => matches!(b, Binary::Div | Binary::Pow),
         Op::Softmax { .. } => true,

@@ -181,6 +181,22 @@ pub fn unary_forward_owned<T: Scalar>(
             }
             Ok((ft(x.shape, o), Some(z)))
         }
+        // the functions whose backward reads only the output run in the input's buffer
+        (Unary::Relu, Data::F(mut z)) => {
+            let zero = T::of(0.0);
+            z.iter_mut()
+                .for_each(|x| *x = if *x > zero { *x } else { zero });
+            Ok((ft(x.shape, z), None))
+        }
+        (Unary::Tanh, Data::F(mut z)) => {
+            T::tanh_slice(&mut z);
+            Ok((ft(x.shape, z), None))
+        }
+        (Unary::Sigmoid, Data::F(mut z)) => {
+            let one = T::of(1.0);
+            z.iter_mut().for_each(|x| *x = one / (one + (-*x).exp()));
+            Ok((ft(x.shape, z), None))
+        }
         (_, data) => unary_forward(
             node,
             u,
@@ -192,7 +208,7 @@ pub fn unary_forward_owned<T: Scalar>(
     }
 }
 
-/// Backward of a unary function: g·f'(x) (f' kept by the forward when given).
+/// Backward of a unary function: g·f'(x) (f' kept by the forward when given), in a new buffer.
 pub fn unary_backward<T: Scalar>(
     node: &Node,
     u: Unary,
@@ -201,67 +217,78 @@ pub fn unary_backward<T: Scalar>(
     deriv: Option<&[T]>,
     g: &[T],
 ) -> Result<Vec<T>> {
+    let mut o = buffer(g.len());
+    o.copy_from_slice(g);
+    unary_backward_in_place(node, u, x, y, deriv, &mut o)?;
+    Ok(o)
+}
+
+/// Backward of a unary function in the output cotangent's own buffer: g ← g·f'(x) (the
+/// backward pass hands a unary node's output cotangent, read by no one after it, to its input
+/// this way instead of filling a new buffer per node and batch).
+pub fn unary_backward_in_place<T: Scalar>(
+    node: &Node,
+    u: Unary,
+    x: &Tensor<T>,
+    y: &Tensor<T>,
+    deriv: Option<&[T]>,
+    g: &mut [T],
+) -> Result<()> {
+    let bad_len = |what: &str, n: usize| {
+        Error::Unsupported(format!(
+            "{}: its {what} holds {n} values, the cotangent {}",
+            node.describe(),
+            g.len()
+        ))
+    };
     if let Some(d) = deriv {
-        let mut o = buffer(g.len());
-        o.iter_mut()
-            .zip(g.iter().zip(d))
-            .for_each(|(o, (a, b))| *o = *a * *b);
-        return Ok(o);
+        if d.len() != g.len() {
+            return Err(bad_len("saved derivative", d.len()));
+        }
+        g.iter_mut().zip(d).for_each(|(g, d)| *g *= *d);
+        return Ok(());
     }
     let xs = floats(node, x, "X")?;
     let ys = floats(node, y, "Y")?;
+    // a buffer given up to a reader (see `exec::forward`) is left empty: ReLU, tanh and the
+    // sigmoid run in their input's buffer and read their output, a reshape may take the
+    // output of the others
+    let (has_x, has_y) = (xs.len() == g.len(), ys.len() == g.len());
     let one = T::of(1.0);
     let zero = T::of(0.0);
+    let lost = |what: &str| {
+        Err(Error::Unsupported(format!(
+            "{}: its {what} was not kept for the backward pass",
+            node.describe()
+        )))
+    };
     // one loop per common function (vectorises)
     match u {
-        Unary::Tanh => {
-            return Ok(g
-                .iter()
-                .zip(ys)
-                .map(|(g, y)| *g * (one - *y * *y))
-                .collect())
+        Unary::Tanh | Unary::Sigmoid | Unary::Exp | Unary::Sqrt | Unary::Reciprocal if !has_y => {
+            return lost("output")
         }
-        Unary::Sigmoid => {
-            return Ok(g
-                .iter()
-                .zip(ys)
-                .map(|(g, y)| *g * *y * (one - *y))
-                .collect())
-        }
-        Unary::Relu => {
-            return Ok(g
-                .iter()
-                .zip(xs)
-                .map(|(g, x)| if *x > zero { *g } else { zero })
-                .collect())
-        }
-        Unary::Exp => return Ok(g.iter().zip(ys).map(|(g, y)| *g * *y).collect()),
-        _ => {}
+        Unary::Tanh => g.iter_mut().zip(ys).for_each(|(g, y)| *g *= one - *y * *y),
+        Unary::Sigmoid => g
+            .iter_mut()
+            .zip(ys)
+            .for_each(|(g, y)| *g = *g * *y * (one - *y)),
+        Unary::Exp => g.iter_mut().zip(ys).for_each(|(g, y)| *g *= *y),
+        // y > 0 exactly where x > 0
+        Unary::Relu if has_y || has_x => g
+            .iter_mut()
+            .zip(if has_y { ys } else { xs })
+            .for_each(|(g, v)| *g = if *v > zero { *g } else { zero }),
+        _ if !has_x => return lost("input"),
+        _ if !has_y => g
+            .iter_mut()
+            .zip(xs)
+            .for_each(|(g, x)| *g *= unary_deriv(u, *x, zero)),
+        _ => g
+            .iter_mut()
+            .zip(xs.iter().zip(ys))
+            .for_each(|(g, (x, y))| *g *= unary_deriv(u, *x, *y)),
     }
-    if ys.len() != xs.len() {
-        // the output's buffer was taken by its only reader (see `exec::forward`): the
-        // functions whose derivative reads the output keep theirs
-        if matches!(
-            u,
-            Unary::Sqrt | Unary::Exp | Unary::Sigmoid | Unary::Tanh | Unary::Reciprocal
-        ) {
-            return Err(Error::Unsupported(format!(
-                "{}: its output was not kept for the backward pass",
-                node.describe()
-            )));
-        }
-        return Ok(xs
-            .iter()
-            .zip(g)
-            .map(|(x, g)| *g * unary_deriv(u, *x, zero))
-            .collect());
-    }
-    Ok(xs
-        .iter()
-        .zip(ys)
-        .zip(g)
-        .map(|((x, y), g)| *g * unary_deriv(u, *x, *y))
-        .collect())
+    Ok(())
 }
 
 /// Element types of a broadcast's output and where their buffer comes from: floats from the

@@ -141,11 +141,18 @@ fn one<T>(t: Tensor<T>) -> (Vec<Tensor<T>>, Saved<T>) {
 }
 
 /// Whether [`forward_owned`] runs `op` in the buffer of its input 0, which its backward then
-/// no longer reads (a softmax reads its output, a GELU its kept derivative).
+/// no longer reads (a softmax, ReLU, tanh and sigmoid read their output, a GELU its kept
+/// derivative).
 pub fn runs_in_place(op: &Op) -> bool {
     matches!(
         op,
-        Op::Softmax { .. } | Op::Unary(crate::graph::ir::Unary::Gelu { .. })
+        Op::Softmax { .. }
+            | Op::Unary(
+                crate::graph::ir::Unary::Gelu { .. }
+                    | crate::graph::ir::Unary::Relu
+                    | crate::graph::ir::Unary::Tanh
+                    | crate::graph::ir::Unary::Sigmoid
+            )
     )
 }
 
