@@ -110,10 +110,22 @@ impl GraphEngine {
     /// Analyses `graph` for examples of shape `input_shape` and converts its weights to
     /// `dtype` (f64 runs in f64, anything else in f32).
     pub fn new(mut graph: Graph, input_shape: &[usize], dtype: DType) -> Result<Self> {
-        let an = Analysis::new(&graph, input_shape)?;
-        let inner = match dtype {
-            DType::F64 => Inner::F64(std::sync::Arc::new(Sources::new(&graph))),
-            _ => Inner::F32(std::sync::Arc::new(Sources::new(&graph))),
+        // the analysis probes with the engine's own copy of the parameters
+        let (an, inner) = match dtype {
+            DType::F64 => {
+                let src = Sources::new(&graph);
+                (
+                    Analysis::with_sources(&graph, input_shape, &src)?,
+                    Inner::F64(std::sync::Arc::new(src)),
+                )
+            }
+            _ => {
+                let src = Sources::new(&graph);
+                (
+                    Analysis::with_sources(&graph, input_shape, &src)?,
+                    Inner::F32(std::sync::Arc::new(src)),
+                )
+            }
         };
         // the parameters are held once, in the run's precision: a graph parameter whose values
         // the engine's copy gives back exactly (every parameter of an f32 model, all of an

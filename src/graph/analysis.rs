@@ -22,6 +22,7 @@ use super::exec::{self, Sources};
 use super::ir::{Data, ElemType, Graph, Op, Tensor};
 use super::ops::util::axis as norm_axis;
 use crate::error::{Error, Result};
+use crate::scalar::Scalar;
 
 /// How a rows use reads its weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,8 +166,19 @@ fn shape_err(g: &Graph, k: usize, detail: String) -> Error {
 }
 
 impl Analysis {
-    /// Analyses `g` for examples of shape `input_shape`.
+    /// Analyses `g` for examples of shape `input_shape` (its probes run in f32 on a copy of
+    /// the parameters; [`Analysis::with_sources`] reuses an engine's).
     pub fn new(g: &Graph, input_shape: &[usize]) -> Result<Self> {
+        Self::with_sources(g, input_shape, &Sources::<f32>::new(g))
+    }
+
+    /// [`Analysis::new`] probing with `src`, the graph's parameters and constants already
+    /// converted (an engine's own; the probes read only shapes, element types and integers).
+    pub fn with_sources<T: Scalar>(
+        g: &Graph,
+        input_shape: &[usize],
+        src: &Sources<T>,
+    ) -> Result<Self> {
         if let Some(dims) = &g.input_dims {
             let ok = dims.len() == input_shape.len()
                 && dims
@@ -231,22 +243,21 @@ impl Analysis {
                 pd[*o] = q;
             }
         }
-        // probes, in f32 (only shapes, element types and integer values are read)
-        let src = Sources::<f32>::new(g);
-        let probe = |b: usize| -> Result<exec::Pass<f32>> {
+        // probes (only shapes, element types and integer values are read)
+        let probe = |b: usize| -> Result<exec::Pass<T>> {
             let mut shape = vec![b];
             shape.extend_from_slice(input_shape);
             let n: usize = shape.iter().product();
             let data = match g.input_type {
-                ElemType::Float => Data::F(vec![0.0; n]),
+                ElemType::Float => Data::F(vec![T::of(0.0); n]),
                 ElemType::Int => Data::I(vec![0; n]),
                 ElemType::Bool => Data::B(vec![false; n]),
             };
-            exec::forward(g, &live, None, &src, Tensor { shape, data })
+            exec::forward(g, &live, None, src, Tensor { shape, data })
         };
         let p2 = probe(2)?;
         let p3 = probe(3)?;
-        let shape_of = |p: &exec::Pass<f32>, v: usize| p.value(&src, v).map(|t| t.shape.clone());
+        let shape_of = |p: &exec::Pass<T>, v: usize| p.value(src, v).map(|t| t.shape.clone());
         let mut bax = vec![None; nv];
         let mut float = vec![false; nv];
         let producer: HashMap<usize, usize> = g
@@ -260,7 +271,7 @@ impl Analysis {
                 continue;
             };
             float[v] = p2
-                .value(&src, v)
+                .value(src, v)
                 .is_some_and(|t| t.elem_type() == ElemType::Float);
             let k = producer.get(&v).copied();
             let culprit = |detail: String| match k {
@@ -314,7 +325,7 @@ impl Analysis {
         // operators that act along an axis must not act along the batch axis
         for (k, n) in g.nodes.iter().enumerate() {
             if live[k] {
-                check_axes(g, k, &bax, &p2, &src)?;
+                check_axes(g, k, &bax, &p2, src)?;
             }
             let _ = n;
         }
@@ -391,17 +402,17 @@ impl Analysis {
             output_shape,
             output_axis,
         };
-        an.plan_uses(g, &consumers, &p2, &src)?;
+        an.plan_uses(g, &consumers, &p2, src)?;
         Ok(an)
     }
 
     /// Parameter forms, groups and the per-example rule of every boundary input.
-    fn plan_uses(
+    fn plan_uses<T: Scalar>(
         &mut self,
         g: &Graph,
         consumers: &[Vec<(usize, usize)>],
-        p2: &exec::Pass<f32>,
-        src: &Sources<f32>,
+        p2: &exec::Pass<T>,
+        src: &Sources<T>,
     ) -> Result<()> {
         let param_at: HashMap<usize, usize> = g
             .params
@@ -702,12 +713,12 @@ impl Analysis {
 }
 
 /// Refuses operators acting along the batch axis of their input.
-fn check_axes(
+fn check_axes<T: Scalar>(
     g: &Graph,
     k: usize,
     bax: &[Option<usize>],
-    p2: &exec::Pass<f32>,
-    src: &Sources<f32>,
+    p2: &exec::Pass<T>,
+    src: &Sources<T>,
 ) -> Result<()> {
     let n = &g.nodes[k];
     let ax = |s: usize| n.input(s).and_then(|v| bax[v]);
