@@ -35,7 +35,7 @@ fn setup(n: usize) -> (Mlp, VarMap, TensorDataset) {
 fn benches(c: &mut Criterion) {
     let n = 2048;
     let (mlp, _vm, data) = setup(n);
-    let engine = FactoredMlp::new(&mlp).expect("engine");
+    let engine = GraphEngine::from_mlp(&mlp).expect("engine");
     let lik: Likelihood = Likelihood::Categorical;
     let opts = FactoredOptions::default();
     let p = engine.num_params();
@@ -48,12 +48,12 @@ fn benches(c: &mut Criterion) {
     g.bench_function("factors (X, Δ) of the dataset", |b| {
         b.iter(|| {
             engine
-                .layered_gradients(&lik, &data, &opts)
+                .layered_gradients(&lik, &data, &opts, LayerRoute::Factor, u64::MAX)
                 .expect("factors")
         })
     });
     let factors = engine
-        .layered_gradients(&lik, &data, &opts)
+        .layered_gradients(&lik, &data, &opts, LayerRoute::Factor, u64::MAX)
         .expect("factors");
     for k in [1usize, 16] {
         let v = Mat::from_fn(p, k, |i, j| ((i * 31 + j * 17) % 101) as f64 / 101.0 - 0.5);
@@ -71,7 +71,7 @@ fn benches(c: &mut Criterion) {
     g.bench_function("256 queries, diagonal Σ", |b| {
         b.iter(|| {
             let (q, _) = engine
-                .query_layered_gradients(&qoi, &queries, &opts)
+                .query_layered_gradients(&qoi, &queries, 1, &opts, LayerRoute::Factor)
                 .expect("q");
             query_delta_variances(&q, &sigma).expect("dv")
         })

@@ -41,15 +41,14 @@ fn problem(n: usize, m: usize, inputs: usize) -> (TensorDataset, Tensor) {
     (data, queries)
 }
 
-/// The factored Fisher of a classifier on `data`, default engine options.
-fn categorical_fisher<'a>(mlp: &'a Mlp, data: &'a TensorDataset) -> FactoredFisher<'a> {
-    FactoredFisher::new(
-        mlp,
+/// The graph engine's Fisher of a classifier on `data`, default engine options.
+fn categorical_fisher<'a>(mlp: &Mlp, data: &'a TensorDataset) -> GraphFisher<'a> {
+    GraphFisher::with_engine(
+        GraphEngine::from_mlp(mlp).expect("engine"),
         Likelihood::Categorical,
         data,
         FactoredOptions::default(),
     )
-    .expect("fisher")
 }
 
 fn point(arch: usize, n: usize, method: &str) {
@@ -81,7 +80,13 @@ fn point(arch: usize, n: usize, method: &str) {
     let fisher = categorical_fisher(&mlp, &data);
     let (qf, _) = fisher
         .engine()
-        .query_layered_gradients(&Qoi::Output(0), &queries, &FactoredOptions::default())
+        .query_layered_gradients(
+            &Qoi::Output(0),
+            &queries,
+            1,
+            &FactoredOptions::default(),
+            LayerRoute::Factor,
+        )
         .expect("q");
     let t = Instant::now();
     let g = fisher
@@ -193,7 +198,13 @@ fn huge_point(path: &std::path::Path, k: usize) {
     let kernel = t.elapsed().as_secs_f64();
     let (qf, _) = fisher
         .engine()
-        .query_layered_gradients(&Qoi::Output(0), &queries, &FactoredOptions::default())
+        .query_layered_gradients(
+            &Qoi::Output(0),
+            &queries,
+            1,
+            &FactoredOptions::default(),
+            LayerRoute::Factor,
+        )
         .expect("q");
     let dv = query_delta_variances(&qf, &s).expect("dv");
     let secs = t.elapsed().as_secs_f64();

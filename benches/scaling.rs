@@ -42,7 +42,7 @@ fn point(arch: usize, n: usize) {
         .collect();
     let data =
         TensorDataset::new(x, Tensor::from_vec(y, n, &Device::Cpu).expect("y")).expect("data");
-    let engine = FactoredMlp::new(&mlp).expect("engine");
+    let engine = GraphEngine::from_mlp(&mlp).expect("engine");
     let lik: Likelihood = Likelihood::Categorical;
     let opts = FactoredOptions::default();
     let t = Instant::now();

@@ -89,7 +89,7 @@ fn model() -> (Mlp, VarMap) {
 
 fn child(dir: &Path, mode: &str, rows: usize) {
     let (mlp, _vm) = model();
-    let engine = FactoredMlp::new(&mlp).expect("engine");
+    let engine = GraphEngine::from_mlp(&mlp).expect("engine");
     let lik: Likelihood = Likelihood::Categorical;
     let opts = FactoredOptions::default();
     let mm = MmapNpyDataset::open(dir.join("x.npy"), dir.join("y.npy")).expect("open");

@@ -68,7 +68,7 @@ fn main() {
                     batch_size: bs,
                     threads: 0,
                 };
-                let engine = FactoredMlp::new(&mlp).expect("engine");
+                let engine = GraphEngine::from_mlp(&mlp).expect("engine");
                 let lik: Likelihood = Likelihood::Categorical;
                 let (t, diag) = best_of(reps.max(3), || {
                     engine.sum_sq(&lik, &data, &opts).expect("diag")
@@ -96,7 +96,7 @@ fn main() {
             )
             .expect("model");
             let q = Tensor::read_npy(d.join("queries.npy")).expect("queries");
-            let engine = FactoredMlp::new(&mlp).expect("engine");
+            let engine = GraphEngine::from_mlp(&mlp).expect("engine");
             let p = engine.num_params();
             let diag: Vec<f64> = (0..p)
                 .map(|i| ((i * 7919) % 1000) as f64 / 1000.0)
@@ -106,7 +106,7 @@ fn main() {
             let qoi: Qoi = Qoi::Output(3);
             let (t, dv) = best_of(reps.max(5), || {
                 let (qf, _) = engine
-                    .query_layered_gradients(&qoi, &q, &opts)
+                    .query_layered_gradients(&qoi, &q, 1, &opts, LayerRoute::Factor)
                     .expect("queries");
                 query_delta_variances(&qf, &sigma).expect("dv")
             });
@@ -219,16 +219,21 @@ fn main() {
             let y = Tensor::read_npy(d.join("train_y.npy")).expect("y");
             let data = TensorDataset::new(x, y).expect("data");
             let q = Tensor::read_npy(d.join("queries.npy")).expect("queries");
-            let fisher = FactoredFisher::new(
-                &mlp,
+            let fisher = GraphFisher::with_engine(
+                GraphEngine::from_mlp(&mlp).expect("engine"),
                 Likelihood::Categorical,
                 &data,
                 FactoredOptions::default(),
-            )
-            .expect("fisher");
+            );
             let engine = fisher.engine().clone();
             let (qf, _) = engine
-                .query_layered_gradients(&Qoi::Output(3), &q, &FactoredOptions::default())
+                .query_layered_gradients(
+                    &Qoi::Output(3),
+                    &q,
+                    1,
+                    &FactoredOptions::default(),
+                    LayerRoute::Factor,
+                )
                 .expect("queries");
             // the exact answer by the kernel method, end to end (factors, Gram, Cholesky, queries)
             let t = Instant::now();

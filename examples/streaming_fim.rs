@@ -47,8 +47,9 @@ fn main() -> deltavar::Result<()> {
     // the streaming pass, with progress on stderr
     let data = MmapNpyDataset::open(&x_path, &y_path)?;
     let t = std::time::Instant::now();
+    let engine = GraphEngine::from_mlp(&mlp)?;
     let artifact = fisher_pass(
-        &mlp,
+        &engine,
         Likelihood::Categorical,
         "categorical",
         &data,
@@ -73,10 +74,12 @@ fn main() -> deltavar::Result<()> {
         Some(&loaded),
     )?;
     let queries = Tensor::randn(0f32, 1.0, (4, 784), &Device::Cpu)?;
-    let (q, _) = FactoredMlp::new(&mlp)?.query_layered_gradients(
+    let (q, _) = engine.query_layered_gradients(
         &Qoi::Prob(3),
         &queries,
+        1,
         &FactoredOptions::default(),
+        LayerRoute::Factor,
     )?;
     println!(
         "ΔVar of p(class 3) at 4 random inputs: {:?}",

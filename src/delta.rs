@@ -6,9 +6,9 @@
 use faer::{Mat, MatRef};
 
 use crate::data::Dataset;
-use crate::engine::{FactoredMlp, FactoredOptions, LayeredGradients, QueryGradients};
+use crate::engine::{FactoredOptions, LayeredGradients, QueryGradients};
 use crate::error::{Error, Result};
-use crate::fisher::{FactoredFisher, FisherSource, DEFAULT_MEMORY_BUDGET};
+use crate::fisher::{FisherSource, DEFAULT_MEMORY_BUDGET};
 use crate::likelihood::Likelihood;
 use crate::qoi::Qoi;
 use crate::sigma::{
@@ -392,10 +392,11 @@ pub fn query_delta_variances(q: &LayeredGradients, sigma: &dyn SigmaOp) -> Resul
     Ok(query_delta_variances_reported(q, sigma)?.0.values)
 }
 
-/// The delta variances of a known [`crate::Mlp`], end to end on the factored engine: Σ from
-/// `strategy` (the Fisher strategies use a [`crate::FactoredFisher`] over `training`), query
-/// gradients from one batched pass over the rows of `queries`, and ΔVar for every row (a
-/// diagonal Σ never forms the Jacobian).
+/// The delta variances of a [`crate::Mlp`] in one call, on the graph engine
+/// ([`crate::GraphEngine::from_mlp`]): Σ from `strategy` (the Fisher strategies use a
+/// [`crate::GraphFisher`] over `training`), query gradients from one batched pass over the rows
+/// of `queries`, and ΔVar for every row (a diagonal Σ never forms the Jacobian). The same as
+/// [`engine_delta_variances_with`] on that engine; any other model goes there.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -422,42 +423,19 @@ pub fn mlp_delta_variances(
     opts: &SigmaOptions,
     training: Option<(&dyn Dataset, Likelihood)>,
     engine_opts: &FactoredOptions,
-) -> Result<MlpDeltaVariances> {
-    let fisher = match training {
-        Some((data, lik)) => Some(FactoredFisher::new(mlp, lik, data, engine_opts.clone())?),
-        None => None,
-    };
-    mlp_delta_variances_with(
-        mlp,
-        qoi,
-        queries,
-        strategy,
-        opts,
-        fisher.as_ref().map(|f| f as &dyn FisherSource),
-        engine_opts,
-    )
-}
-
-/// [`mlp_delta_variances`] with any [`FisherSource`] for the Fisher strategies: the factored
-/// Fisher of training data, a saved [`crate::FisherArtifact`], or a generic Fisher of the same
-/// parameters (flat layout of [`crate::Mlp::param_names`]).
-pub fn mlp_delta_variances_with(
-    mlp: &crate::Mlp,
-    qoi: Qoi,
-    queries: &candle_core::Tensor,
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-    engine_opts: &FactoredOptions,
-) -> Result<MlpDeltaVariances> {
+) -> Result<DeltaVariances> {
+    let engine = crate::engine::GraphEngine::from_mlp(mlp)?;
+    let fisher = training.map(|(data, lik)| {
+        crate::fisher::GraphFisher::with_engine(engine.clone(), lik, data, engine_opts.clone())
+    });
     engine_delta_variances_with(
-        &FactoredMlp::new(mlp)?,
+        &engine,
         qoi,
         queries,
         1,
         strategy,
         opts,
-        fisher,
+        fisher.as_ref().map(|f| f as &dyn FisherSource),
         engine_opts,
     )
 }
@@ -497,7 +475,7 @@ pub fn engine_delta_variances_with(
     opts: &SigmaOptions,
     fisher: Option<&dyn FisherSource>,
     engine_opts: &FactoredOptions,
-) -> Result<MlpDeltaVariances> {
+) -> Result<DeltaVariances> {
     let p = engine.num_params();
     let (sigma, choice) = build(strategy, p, opts, fisher)?;
     if let Some(d) = sigma.diagonal() {
@@ -537,8 +515,8 @@ fn assemble(
     choice: Option<MethodChoice>,
     num_params: usize,
     fisher: Option<&dyn FisherSource>,
-) -> MlpDeltaVariances {
-    MlpDeltaVariances {
+) -> DeltaVariances {
+    DeltaVariances {
         qoi: values,
         delta_variance: forms.values,
         sigma: sigma.name(),
@@ -560,7 +538,7 @@ fn from_gradients(
     choice: Option<MethodChoice>,
     fisher: Option<&dyn FisherSource>,
     groups: Option<&[crate::calibration::ParamGroup]>,
-) -> Result<(MlpDeltaVariances, Option<Vec<Vec<f64>>>)> {
+) -> Result<(DeltaVariances, Option<Vec<Vec<f64>>>)> {
     let forms = sigma.quad_forms_reported(qg)?;
     let blocks = groups
         .map(|g| crate::calibration::group_delta_variances(qg, sigma, g))
@@ -584,44 +562,11 @@ fn from_gradients(
 #[derive(Debug, Clone)]
 pub struct GroupDeltaVariances {
     /// The ordinary delta variances (and QoI values, Σ, method).
-    pub result: MlpDeltaVariances,
+    pub result: DeltaVariances,
     /// The groups, in parameter order.
     pub groups: Vec<crate::calibration::ParamGroup>,
     /// M row-major L×L blocks (entries sum to ΔVar; the diagonal is each group's own ΔVar_l).
     pub blocks: Vec<Vec<f64>>,
-}
-
-/// The parameter groups (layers) of named tensors in flat order.
-fn tensor_groups(named: &[(String, candle_core::Tensor)]) -> Vec<crate::calibration::ParamGroup> {
-    let sizes: Vec<(&str, usize)> = named
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.elem_count()))
-        .collect();
-    crate::calibration::layer_groups(&sizes)
-}
-
-/// [`mlp_delta_variances_with`] with the delta variances split by layer
-/// ([`GroupDeltaVariances`]). The query gradients are formed (P×M).
-pub fn mlp_group_delta_variances_with(
-    mlp: &crate::Mlp,
-    qoi: Qoi,
-    queries: &candle_core::Tensor,
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-    engine_opts: &FactoredOptions,
-) -> Result<GroupDeltaVariances> {
-    engine_group_delta_variances_with(
-        &FactoredMlp::new(mlp)?,
-        tensor_groups(&mlp.named_tensors()),
-        qoi,
-        queries,
-        1,
-        strategy,
-        opts,
-        fisher,
-        engine_opts,
-    )
 }
 
 /// [`engine_delta_variances_with`] split by parameter group ([`GroupDeltaVariances`];
@@ -654,12 +599,16 @@ pub fn engine_group_delta_variances_with(
 pub fn named_groups(
     named: &[(String, candle_core::Tensor)],
 ) -> Vec<crate::calibration::ParamGroup> {
-    tensor_groups(named)
+    let sizes: Vec<(&str, usize)> = named
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.elem_count()))
+        .collect();
+    crate::calibration::layer_groups(&sizes)
 }
 
 /// The result of [`mlp_delta_variances`] and [`engine_delta_variances_with`].
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct MlpDeltaVariances {
+pub struct DeltaVariances {
     /// q(θ, zⱼ) for every query row.
     pub qoi: Vec<f64>,
     /// ΔVar(zⱼ) for every query row.
@@ -777,7 +726,7 @@ pub fn kfac_delta_variances_with(
     } else {
         Box::new(s)
     };
-    let result = MlpDeltaVariances {
+    let result = DeltaVariances {
         qoi: values,
         delta_variance: s.quad_forms(qg.as_ref())?,
         sigma: "kfac".into(),
@@ -802,7 +751,7 @@ pub fn kfac_delta_variances_with(
     })
 }
 
-/// The result of [`mlp_delta_covariances_with`] and [`engine_delta_covariances_with`].
+/// The result of [`engine_delta_covariances_with`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeltaCovariances {
     /// The K outputs at each query (M × K).
@@ -822,7 +771,7 @@ impl DeltaCovariances {
     /// K outputs together): what `variance --qoi outputs` reports beside the covariances.
     /// `num_train` is the Fisher's N (0 without one). Fields that do not agree (a matrix that
     /// is not K×K, a query without K outputs) are an error.
-    pub fn diagonal(&self, num_train: usize) -> Result<MlpDeltaVariances> {
+    pub fn diagonal(&self, num_train: usize) -> Result<DeltaVariances> {
         let k = self.outputs.first().map(|o| o.len()).unwrap_or(0);
         let consistent = self.covariance.len() == self.outputs.len()
             && self.outputs.iter().all(|o| o.len() == k)
@@ -838,7 +787,7 @@ impl DeltaCovariances {
                 ),
             ));
         }
-        Ok(MlpDeltaVariances {
+        Ok(DeltaVariances {
             qoi: self.outputs.iter().flatten().copied().collect(),
             delta_variance: self
                 .covariance
@@ -875,31 +824,11 @@ fn covariances_from(
     })
 }
 
-/// The output covariance J Σ Jᵀ (K×K, every output of the model) at every row of `queries` for
-/// a known [`crate::Mlp`]: Σ built once from `strategy` (Fisher strategies read `fisher`), one
-/// batched query pass per output. Its diagonal equals [`mlp_delta_variances_with`] with
-/// `Qoi::Output(k)`.
-pub fn mlp_delta_covariances_with(
-    mlp: &crate::Mlp,
-    queries: &candle_core::Tensor,
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-    engine_opts: &FactoredOptions,
-) -> Result<DeltaCovariances> {
-    engine_delta_covariances_with(
-        &FactoredMlp::new(mlp)?,
-        queries,
-        1,
-        strategy,
-        opts,
-        fisher,
-        engine_opts,
-    )
-}
-
-/// [`mlp_delta_covariances_with`] for any engine with query gradients: every element of the
-/// per-example output (after `rollout` applications) is one of the K outputs.
+/// The output covariance J Σ Jᵀ (K×K, every output of the model) at every row of `queries`,
+/// for any engine with query gradients: Σ built once from `strategy` (Fisher strategies read
+/// `fisher`), one batched query pass per output; every element of the per-example output
+/// (after `rollout` applications) is one of the K outputs. Its diagonal equals
+/// [`engine_delta_variances_with`] with `Qoi::Output(k)`.
 pub fn engine_delta_covariances_with(
     engine: &dyn QueryGradients,
     queries: &candle_core::Tensor,

@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 
-use crate::delta::{mlp_delta_variances, SigmaOptions, SigmaStrategy};
+use crate::delta::{engine_delta_variances_with, SigmaOptions, SigmaStrategy};
 use crate::engine::FactoredOptions;
 use crate::error::{Error, Result};
 use crate::likelihood::Likelihood;
@@ -172,21 +172,18 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
     let data = TensorDataset::new(x, y)?;
     let lik = Likelihood::gaussian(NOISE);
     let eo = FactoredOptions::default();
+    let engine = crate::GraphEngine::from_mlp(&mlp)?;
+    let fisher = crate::GraphFisher::with_engine(engine.clone(), lik.clone(), &data, eo.clone());
+    let variances = |z: &Tensor, strategy, opts: &SigmaOptions| {
+        engine_delta_variances_with(&engine, Qoi::Sum, z, 1, strategy, opts, Some(&fisher), &eo)
+    };
     let run = |strategy, posterior| {
         let opts = SigmaOptions {
             damping: 1e-4,
             posterior_scale: posterior,
             ..Default::default()
         };
-        mlp_delta_variances(
-            &mlp,
-            Qoi::Sum,
-            &z,
-            strategy,
-            &opts,
-            Some((&data, lik.clone())),
-            &eo,
-        )
+        variances(&z, strategy, &opts)
     };
     let id = run(SigmaStrategy::Identity, false)?;
     let dg = run(SigmaStrategy::DiagonalEmpiricalFim, true)?;
@@ -217,15 +214,7 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
             posterior_scale: posterior,
             ..Default::default()
         };
-        let r = mlp_delta_variances(
-            &mlp,
-            Qoi::Sum,
-            &hz,
-            strategy,
-            &opts,
-            Some((&data, lik.clone())),
-            &eo,
-        )?;
+        let r = variances(&hz, strategy, &opts)?;
         let e: Vec<f64> = hy.iter().zip(&r.qoi).map(|(y, f)| y - f).collect();
         crate::metrics::uncertainty_metrics(&e, &r.delta_variance)
     };
@@ -241,22 +230,19 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
         ),
     ];
     // learned per-layer scales: fit on one half of the held-out points, score on the other
-    let g = crate::mlp_group_delta_variances_with(
-        &mlp,
+    let g = crate::engine_group_delta_variances_with(
+        &engine,
+        crate::delta::named_groups(&engine.named_tensors()?),
         Qoi::Sum,
         &hz,
+        1,
         SigmaStrategy::InverseFullEmpiricalFim,
         &SigmaOptions {
             damping: 1e-4,
             posterior_scale: true,
             ..Default::default()
         },
-        Some(&crate::FactoredFisher::new(
-            &mlp,
-            lik.clone(),
-            &data,
-            eo.clone(),
-        )?),
+        Some(&fisher),
         &eo,
     )?;
     let e: Vec<f64> = hy.iter().zip(&g.result.qoi).map(|(y, f)| y - f).collect();

@@ -79,20 +79,18 @@ pub use data::{BatchList, BatchView, Dataset, DatasetRange, MmapNpyDataset, Tens
 pub use delta::{
     build_sigma, delta_covariances, delta_variances, engine_delta_covariances_with,
     engine_delta_variances_with, engine_group_delta_variances_with, kfac_delta_variances_with,
-    mlp_delta_covariances_with, mlp_delta_variances, mlp_delta_variances_with,
-    mlp_group_delta_variances_with, query_delta_variances, query_delta_variances_reported,
-    BuiltSigma, DeltaCovariances, GroupDeltaVariances, MlpDeltaVariances, QueryPath, SigmaOptions,
-    SigmaStrategy,
+    mlp_delta_variances, query_delta_variances, query_delta_variances_reported, BuiltSigma,
+    DeltaCovariances, DeltaVariances, GroupDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
-    qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions,
-    GenericGradients, GenericOptions, GraphEngine, LayeredGradients, QoiGradient,
+    qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredOptions, GenericGradients,
+    GenericOptions, GraphEngine, LayerRoute, LayeredGradients, QoiGradient,
 };
 pub use error::{Error, Result};
 pub use fisher::{
-    fisher_pass, fisher_pass_captured, fisher_pass_graph, tensors_fingerprint, weights_fingerprint,
-    CapturedFisher, FactoredFisher, FisherArtifact, FisherDense, FisherDiag, FisherSource,
-    GenericFisher, GraphFisher, PassKind, PassOptions, DEFAULT_MEMORY_BUDGET,
+    fisher_pass, fisher_pass_captured, tensors_fingerprint, weights_fingerprint, CapturedFisher,
+    FisherArtifact, FisherDense, FisherDiag, FisherSource, GenericFisher, GraphFisher, PassKind,
+    PassOptions, DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
 pub use model::{Activation, Mlp, SeqSpec, Sequential, Transformer, TransformerConfig};

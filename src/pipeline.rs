@@ -21,7 +21,7 @@
 //! let dir = "tests/data/deltavar-parity/tanh-4-16-16-3";
 //! let queries = NpyArray::open(format!("{dir}/queries.npy"))?; // or NpyArray::from_rows
 //! let spec = ModelSpec::new("mlp:4,16,16,3:tanh", Some(format!("{dir}/model.safetensors").into()));
-//! let net = Network::load(&spec, Some(&pipeline::row_shape(&queries)), 1)?;
+//! let net = Network::load(&spec, Some(&pipeline::row_shape(&queries)))?;
 //! let data = MmapNpyDataset::open(format!("{dir}/train_x.npy"), format!("{dir}/train_y.npy"))?;
 //! let report = pipeline::variances(
 //!     &net,
@@ -48,18 +48,15 @@ use crate::calibration::{Calibration, CalibrationOptions, ParamGroup};
 use crate::data::{MmapNpyDataset, NpyArray, RowsRef};
 use crate::delta::{
     engine_delta_covariances_with, engine_delta_variances_with, engine_group_delta_variances_with,
-    kfac_delta_variances_with, named_groups, DeltaCovariances, MlpDeltaVariances, SigmaOptions,
+    kfac_delta_variances_with, named_groups, DeltaCovariances, DeltaVariances, SigmaOptions,
     SigmaStrategy,
 };
-use crate::engine::{FactoredMlp, FactoredOptions, GraphEngine, QueryGradients};
+use crate::engine::{FactoredOptions, GraphEngine};
 use crate::error::{Error, Result};
-use crate::fisher::{
-    fisher_pass, fisher_pass_graph, FactoredFisher, FisherArtifact, FisherSource, GraphFisher,
-    PassOptions,
-};
+use crate::fisher::{fisher_pass, FisherArtifact, FisherSource, GraphFisher, PassOptions};
 use crate::likelihood::Likelihood;
 use crate::metrics::{held_out_errors, uncertainty_metrics, UncertaintyMetrics};
-use crate::model::{Mlp, MlpSpec, SeqSpec};
+use crate::model::{MlpSpec, SeqSpec};
 use crate::qoi::Qoi;
 
 /// How to load a model: what the CLI's `--arch`, `--weights`, `--prefix`, `--layer-names` and
@@ -102,14 +99,11 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
-/// A model loaded for the fast engines: an MLP (`mlp:`, the factored engine) or a graph
-/// (`seq:`, `onnx:`, an `mlp:` rolled out; the graph engine).
-#[derive(Debug)]
-pub enum Network {
-    /// An `mlp:` architecture.
-    Mlp(Mlp),
-    /// Any graph.
-    Graph(GraphEngine),
+/// A model loaded for the graph engine: `mlp:`, `seq:` and `onnx:` architectures all become
+/// a [`GraphEngine`] (its fast paths take an MLP's Linear layers as the MLP engine did).
+#[derive(Debug, Clone)]
+pub struct Network {
+    engine: GraphEngine,
 }
 
 fn check_exists(p: &Path) -> Result<()> {
@@ -132,12 +126,12 @@ pub fn row_shape(a: &NpyArray) -> Vec<usize> {
 
 impl Network {
     /// Loads the model `spec` names. A `seq:` or `onnx:` model takes its per-example input
-    /// shape from `input_shape` (the rows of the data it will see). With `rollout` > 1 an
-    /// `mlp:` architecture is run as the equivalent `seq:` model (its default nn.Sequential
-    /// names).
-    pub fn load(spec: &ModelSpec, input_shape: Option<&[usize]>, rollout: usize) -> Result<Self> {
+    /// shape from `input_shape` (the rows of the data it will see); an `mlp:` model's is its
+    /// input width. Rollouts need nothing at load time: every model is a graph.
+    pub fn load(spec: &ModelSpec, input_shape: Option<&[usize]>) -> Result<Self> {
         let dt = spec.dtype;
-        if let Some(path) = spec.arch.trim_start().strip_prefix("onnx:") {
+        let arch = spec.arch.trim_start();
+        if let Some(path) = arch.strip_prefix("onnx:") {
             let path = Path::new(path.trim());
             check_exists(path)?;
             if let Some(w) = &spec.weights {
@@ -151,7 +145,7 @@ impl Network {
                 )
             })?;
             let g = crate::graph::Graph::from_onnx(path, spec.weights.as_deref())?;
-            return Ok(Network::Graph(GraphEngine::new(g, shape, dt)?));
+            return Self::from_engine(GraphEngine::new(g, shape, dt)?);
         }
         let weights = spec.weights.as_ref().ok_or_else(|| {
             Error::invalid(
@@ -161,22 +155,18 @@ impl Network {
             )
         })?;
         check_exists(weights)?;
-        let seq: SeqSpec = if spec.arch.trim_start().starts_with("seq:") {
-            spec.arch.parse()?
-        } else {
-            let arch: MlpSpec = spec.arch.parse()?;
-            if rollout <= 1 {
-                return load_mlp(spec, weights, &arch).map(Network::Mlp);
-            }
-            if let Some(names) = &spec.layer_names {
-                return Err(Error::invalid(
-                    "--layer-names",
-                    names.join(","),
-                    "a rollout of an mlp: architecture uses the default nn.Sequential names; write it as seq:linear(..),ACT,... instead",
-                ));
-            }
-            arch.to_seq()
-        };
+        let w = crate::graph::build::Weights::from_safetensors(weights)?;
+        if !arch.starts_with("seq:") {
+            let mlp: MlpSpec = spec.arch.parse()?;
+            let g = crate::graph::models::mlp_state_dict(
+                &mlp,
+                w,
+                &spec.prefix,
+                spec.layer_names.as_deref(),
+            )?;
+            return Self::from_engine(GraphEngine::new(g, &mlp.sizes[..1], dt)?);
+        }
+        let seq: SeqSpec = spec.arch.parse()?;
         let shape = input_shape.ok_or_else(|| {
             Error::invalid(
                 "--arch",
@@ -184,64 +174,49 @@ impl Network {
                 "a seq: model needs data to take its input shape from",
             )
         })?;
-        let w = crate::graph::build::Weights::from_safetensors(weights)?.with_prefix(&spec.prefix);
-        let g = crate::graph::models::seq(&seq, w, shape)?;
-        Ok(Network::Graph(GraphEngine::new(g, shape, dt)?))
+        let g = crate::graph::models::seq(&seq, w.with_prefix(&spec.prefix), shape)?;
+        Self::from_engine(GraphEngine::new(g, shape, dt)?)
+    }
+
+    /// A model already on the graph engine.
+    pub fn from_engine(engine: GraphEngine) -> Result<Self> {
+        Ok(Self { engine })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &GraphEngine {
+        &self.engine
     }
 
     /// P, the number of parameters.
     pub fn num_params(&self) -> usize {
-        match self {
-            Network::Mlp(m) => m.num_params(),
-            Network::Graph(g) => g.num_params(),
-        }
+        self.engine.num_params()
     }
 
     /// The parameters by name, in flat order.
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(match self {
-            Network::Mlp(m) => m.named_tensors(),
-            Network::Graph(g) => g.named_tensors()?,
-        })
+        self.engine.named_tensors()
     }
 
     /// The per-example input shape.
     pub fn input_shape(&self) -> Vec<usize> {
-        match self {
-            Network::Mlp(m) => vec![m.sizes()[0]],
-            Network::Graph(g) => g.input_shape().to_vec(),
-        }
+        self.engine.input_shape().to_vec()
     }
 
     /// The precision the model runs in.
     pub fn dtype(&self) -> DType {
-        match self {
-            Network::Mlp(m) => m.dtype(),
-            Network::Graph(g) => g.dtype(),
-        }
+        self.engine.dtype()
     }
 
     /// Whether the inputs are integers (token ids).
     pub fn int_input(&self) -> bool {
-        matches!(self, Network::Graph(g) if g.graph().input_type != crate::graph::ElemType::Float)
+        self.engine.graph().input_type != crate::graph::ElemType::Float
     }
 
-    /// The default examples per batch: 256 for an MLP, for a graph
-    /// [`GraphEngine::default_batch_size`] (256 when every weight is read once per example,
-    /// else 32).
+    /// The default examples per batch ([`GraphEngine::default_batch_size`]: 256 when every
+    /// weight is read once per example, an MLP's Linear layers say, else 32).
     pub fn default_batch_size(&self) -> usize {
-        match self {
-            Network::Mlp(_) => 256,
-            Network::Graph(g) => g.default_batch_size(),
-        }
-    }
-
-    /// The engine that computes query gradients.
-    fn query_engine(&self) -> Result<QueryEngine<'_>> {
-        Ok(match self {
-            Network::Mlp(m) => QueryEngine::Mlp(FactoredMlp::new(m)?),
-            Network::Graph(g) => QueryEngine::Graph(g),
-        })
+        self.engine.default_batch_size()
     }
 
     /// The queries in `a` as a tensor of shape (M, *input shape) in the model's precision
@@ -327,10 +302,7 @@ impl Network {
     ) -> Result<FisherArtifact> {
         self.check_data(data)?;
         let lik: Likelihood = likelihood.parse()?;
-        match self {
-            Network::Mlp(m) => fisher_pass(m, lik, likelihood, data, opts, progress),
-            Network::Graph(g) => fisher_pass_graph(g, lik, likelihood, data, opts, progress),
-        }
+        fisher_pass(&self.engine, lik, likelihood, data, opts, progress)
     }
 
     /// The Fisher of `lik` over `data` on this model's engine, computed as Σ needs it.
@@ -342,53 +314,10 @@ impl Network {
         progress: &crate::progress::Progress,
     ) -> Result<Box<dyn FisherSource + 'a>> {
         self.check_data(data)?;
-        Ok(match self {
-            Network::Mlp(m) => Box::new(
-                FactoredFisher::new(m, lik, data, engine.clone())?.with_progress(progress.clone()),
-            ),
-            Network::Graph(g) => Box::new(
-                GraphFisher::with_engine(g.clone(), lik, data, engine.clone())
-                    .with_progress(progress.clone()),
-            ),
-        })
-    }
-}
-
-fn load_mlp(spec: &ModelSpec, weights: &Path, arch: &MlpSpec) -> Result<Mlp> {
-    let (mlp, _varmap) = Mlp::load_safetensors(
-        weights,
-        arch.activation,
-        spec.dtype,
-        &Device::Cpu,
-        &spec.prefix,
-        spec.layer_names.as_deref(),
-    )?;
-    if mlp.sizes() != arch.sizes.as_slice() {
-        return Err(Error::invalid(
-            "--arch",
-            &spec.arch,
-            format!(
-                "the weights in {} have layer widths {:?}",
-                weights.display(),
-                mlp.sizes()
-            ),
-        ));
-    }
-    Ok(mlp)
-}
-
-/// A model's query-gradient engine, owned (an MLP's factored engine) or borrowed (a graph).
-enum QueryEngine<'a> {
-    Mlp(FactoredMlp),
-    Graph(&'a GraphEngine),
-}
-
-impl QueryEngine<'_> {
-    fn get(&self) -> &dyn QueryGradients {
-        match self {
-            QueryEngine::Mlp(m) => m,
-            QueryEngine::Graph(g) => *g,
-        }
+        Ok(Box::new(
+            GraphFisher::with_engine(self.engine.clone(), lik, data, engine.clone())
+                .with_progress(progress.clone()),
+        ))
     }
 }
 
@@ -517,7 +446,7 @@ pub struct LayerSplit {
 pub struct VarianceReport {
     /// ΔVar and the QoI per query (for `outputs`: the covariances' diagonals, query-major),
     /// the method and its reason, CG and low-rank reports.
-    pub result: MlpDeltaVariances,
+    pub result: DeltaVariances,
     /// The per-layer split (with `split` or a calibration).
     pub layers: Option<LayerSplit>,
     /// `outputs`: the per-query output covariances.
@@ -594,7 +523,7 @@ impl VarianceReport {
 /// Applies a calibration (when given) to a per-layer split: the delta variances become
 /// Σ_l s_l·ΔVar_l.
 fn finish_layers(
-    out: &mut MlpDeltaVariances,
+    out: &mut DeltaVariances,
     groups: Vec<ParamGroup>,
     blocks: Vec<Vec<f64>>,
     calibration: Option<(Calibration, String)>,
@@ -687,15 +616,7 @@ pub fn variances(
                 ));
             };
             net.check_data(data)?;
-            // an MLP runs as its graph here (K-FAC factors come from the graph engine)
-            let as_graph;
-            let engine = match net {
-                Network::Graph(g) => g,
-                Network::Mlp(m) => {
-                    as_graph = GraphEngine::from_mlp(m)?;
-                    &as_graph
-                }
-            };
+            let engine = net.engine();
             let groups = if split {
                 Some(named_groups(&engine.named_tensors()?))
             } else {
@@ -744,8 +665,7 @@ pub fn variances(
             ))
         }
     };
-    let engine = net.query_engine()?;
-    let engine = engine.get();
+    let engine = net.engine();
     let Some(qoi) = scalar else {
         if split {
             return Err(Error::invalid(

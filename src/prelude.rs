@@ -13,13 +13,13 @@
 pub use crate::data::{Dataset, MmapNpyDataset, TensorDataset};
 pub use crate::delta::{
     build_sigma, delta_variances, engine_delta_variances_with, mlp_delta_variances,
-    mlp_delta_variances_with, query_delta_variances, SigmaOptions, SigmaStrategy,
+    query_delta_variances, SigmaOptions, SigmaStrategy,
 };
 pub use crate::engine::{
-    qoi_gradient, qoi_gradients, FactoredMlp, FactoredOptions, GenericOptions, GraphEngine,
+    qoi_gradient, qoi_gradients, FactoredOptions, GenericOptions, GraphEngine,
 };
 pub use crate::error::{Error, Result};
-pub use crate::fisher::{FactoredFisher, FisherArtifact, FisherSource, GenericFisher, GraphFisher};
+pub use crate::fisher::{FisherArtifact, FisherSource, GenericFisher, GraphFisher};
 pub use crate::graph::Graph;
 pub use crate::likelihood::Likelihood;
 pub use crate::model::{Activation, Mlp};

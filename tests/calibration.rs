@@ -376,17 +376,19 @@ fn calibrate_and_apply_through_the_cli() {
     let (mlp, _vm) = case.model(DType::F64);
     let q = case.npy("queries.npy", Some(DType::F64));
     let data = case.data(DType::F64);
-    let fisher = FactoredFisher::new(
+    let fisher = mlp_fisher(
         &mlp,
         Likelihood::gaussian(0.5),
         &data,
         FactoredOptions::default(),
-    )
-    .unwrap();
-    let g = mlp_group_delta_variances_with(
-        &mlp,
+    );
+    let engine = mlp_engine(&mlp);
+    let g = engine_group_delta_variances_with(
+        &engine,
+        deltavar::delta::named_groups(&engine.named_tensors().unwrap()),
         Qoi::Output(1),
         &q,
+        1,
         SigmaStrategy::InverseFullEmpiricalFim,
         &SigmaOptions {
             damping: 1e-3,

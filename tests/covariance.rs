@@ -18,8 +18,8 @@ fn covariance_diagonals_are_the_per_output_delta_variances() {
     let (mlp, _vm) = case.model(DType::F64);
     let data = case.data(DType::F64);
     let q = case.npy("queries.npy", Some(DType::F64));
-    let fisher =
-        FactoredFisher::new(&mlp, case.likelihood(), &data, FactoredOptions::default()).unwrap();
+    let fisher = mlp_fisher(&mlp, case.likelihood(), &data, FactoredOptions::default());
+    let engine = mlp_engine(&mlp);
     let eo = FactoredOptions::default();
     for (strategy, method) in [
         (SigmaStrategy::Identity, FullMethod::Auto),
@@ -38,12 +38,21 @@ fn covariance_diagonals_are_the_per_output_delta_variances() {
             SigmaStrategy::DiagonalEmpiricalFim => SigmaStrategy::DiagonalEmpiricalFim,
             _ => SigmaStrategy::InverseFullEmpiricalFim,
         };
-        let c = mlp_delta_covariances_with(&mlp, &q, same(), &o, Some(&fisher), &eo).unwrap();
+        let c =
+            engine_delta_covariances_with(&engine, &q, 1, same(), &o, Some(&fisher), &eo).unwrap();
         assert_eq!(c.covariance.len(), 8);
         for k in 0..3 {
-            let d =
-                mlp_delta_variances_with(&mlp, Qoi::Output(k), &q, same(), &o, Some(&fisher), &eo)
-                    .unwrap();
+            let d = engine_delta_variances_with(
+                &engine,
+                Qoi::Output(k),
+                &q,
+                1,
+                same(),
+                &o,
+                Some(&fisher),
+                &eo,
+            )
+            .unwrap();
             let diag: Vec<f64> = c.covariance.iter().map(|m| m[k * 3 + k]).collect();
             let err = max_rel_err(&diag, &d.delta_variance);
             assert!(
@@ -57,7 +66,8 @@ fn covariance_diagonals_are_the_per_output_delta_variances() {
         // the off-diagonal entries, independently: Var(Σ_k f_k) = Σ_ab C_ab, the ΔVar of the
         // QoI `sum` computed on its own
         let total =
-            mlp_delta_variances_with(&mlp, Qoi::Sum, &q, same(), &o, Some(&fisher), &eo).unwrap();
+            engine_delta_variances_with(&engine, Qoi::Sum, &q, 1, same(), &o, Some(&fisher), &eo)
+                .unwrap();
         let sums: Vec<f64> = c.covariance.iter().map(|m| m.iter().sum()).collect();
         let err = max_rel_err(&sums, &total.delta_variance);
         assert!(err < 1e-9, "{} {method:?} sum: {err:e}", strategy.name());
@@ -215,16 +225,16 @@ fn matches_laplace_torch_glm_functional_variance() {
     let delta = expected["prior_precision"].as_f64().unwrap();
     let eo = FactoredOptions::default();
     let sigma_match = 0.5f64.powf(0.25);
-    let fisher =
-        FactoredFisher::new(&mlp, Likelihood::gaussian(sigma_match), &data, eo.clone()).unwrap();
+    let fisher = mlp_fisher(&mlp, Likelihood::gaussian(sigma_match), &data, eo.clone());
     let o = SigmaOptions {
         damping: delta / n,
         posterior_scale: true,
         ..Default::default()
     };
-    let c = mlp_delta_covariances_with(
-        &mlp,
+    let c = engine_delta_covariances_with(
+        &mlp_engine(&mlp),
         &q,
+        1,
         SigmaStrategy::InverseFullEmpiricalFim,
         &o,
         Some(&fisher),

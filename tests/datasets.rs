@@ -24,7 +24,7 @@ fn fixtures_through_mmap_match_in_memory() {
         let mem = case.data(DType::F32);
         assert_eq!(mm.len(), mem.len());
         let (mlp, _vm) = case.model(DType::F64);
-        let engine = FactoredMlp::new(&mlp).unwrap();
+        let engine = mlp_engine(&mlp);
         let lik: Likelihood = case.likelihood();
         let opts = FactoredOptions {
             batch_size: 17,
@@ -179,8 +179,7 @@ fn every_bad_file_is_an_error_naming_it() {
         None,
     )
     .unwrap();
-    let e = FactoredMlp::new(&mlp)
-        .unwrap()
+    let e = mlp_engine(&mlp)
         .sum_sq(&Likelihood::Categorical, &ds, &FactoredOptions::default())
         .unwrap_err();
     assert!(
@@ -196,8 +195,7 @@ fn every_bad_file_is_an_error_naming_it() {
     )
     .unwrap();
     let ds = MmapNpyDataset::open(&xnan, &good_y).unwrap();
-    let e = FactoredMlp::new(&mlp)
-        .unwrap()
+    let e = mlp_engine(&mlp)
         .sum_sq(&Likelihood::Categorical, &ds, &FactoredOptions::default())
         .unwrap_err();
     assert!(e.to_string().contains("row 2"), "{e}");

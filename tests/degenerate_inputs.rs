@@ -123,7 +123,7 @@ fn models_and_engines_on_empty_inputs() {
     )
     .is_err());
     let (mlp, vm, params) = random_mlp(&[3, 4, 2], Activation::Tanh, 1);
-    let engine = FactoredMlp::new(&mlp).unwrap();
+    let engine = mlp_engine(&mlp);
     let p = engine.num_params();
     let empty = TensorDataset::new(
         Tensor::zeros((0, 3), DType::F64, &Device::Cpu).unwrap(),
@@ -136,7 +136,9 @@ fn models_and_engines_on_empty_inputs() {
     let d = engine.sum_sq(&lik, &empty, &opts).unwrap();
     assert_eq!(d.len(), p);
     assert!(d.iter().all(|v| *v == 0.0));
-    let f = engine.layered_gradients(&lik, &empty, &opts).unwrap();
+    let f = engine
+        .layered_gradients(&lik, &empty, &opts, LayerRoute::Factor, u64::MAX)
+        .unwrap();
     assert_eq!(f.num_examples(), 0);
     assert_eq!(f.gram().unwrap().nrows(), 0);
     assert_eq!(f.to_dense().ncols(), 0);
@@ -150,7 +152,7 @@ fn models_and_engines_on_empty_inputs() {
     // zero queries, queries of the wrong shape
     let q0 = Tensor::zeros((0, 3), DType::F64, &Device::Cpu).unwrap();
     let (qf, qf_values) = engine
-        .query_layered_gradients(&Qoi::Sum, &q0, &opts)
+        .query_layered_gradients(&Qoi::Sum, &q0, 1, &opts, LayerRoute::Factor)
         .unwrap();
     assert!(&qf_values[..].is_empty());
     assert!(query_delta_variances(&qf, &IdentitySigma::new(p))
@@ -164,7 +166,7 @@ fn models_and_engines_on_empty_inputs() {
     ] {
         assert!(
             engine
-                .query_layered_gradients(&Qoi::Sum, &bad, &opts)
+                .query_layered_gradients(&Qoi::Sum, &bad, 1, &opts, LayerRoute::Factor)
                 .is_err(),
             "{:?}",
             bad.dims()
@@ -174,7 +176,9 @@ fn models_and_engines_on_empty_inputs() {
         .query_layered_gradients(
             &Qoi::Prob(7),
             &random_tensor(2, 3, 1),
-            &FactoredOptions::default()
+            1,
+            &FactoredOptions::default(),
+            LayerRoute::Factor
         )
         .is_err());
     assert!(engine
@@ -556,7 +560,7 @@ fn every_other_engine_and_pass_on_empty_inputs() {
         ..Default::default()
     };
     let cat = "categorical";
-    let art = fisher_pass_graph(&graph, lik.clone(), cat, &no_tokens, &po, &mut |_, _| {});
+    let art = fisher_pass(&graph, lik.clone(), cat, &no_tokens, &po, &mut |_, _| {});
     let art = art.unwrap();
     assert_eq!(art.meta.num_examples, 0);
     assert!(art.diag.sums().iter().all(|v| *v == 0.0));

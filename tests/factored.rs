@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use common::*;
+use deltavar::engine::QueryGradients;
 use deltavar::seed::*;
 use deltavar::sigma::*;
 use deltavar::*;
@@ -65,7 +66,7 @@ fn check(pb: &Problem, label: &str) {
         &pb.data,
         GenericOptions::default(),
     );
-    let factored = FactoredFisher::new(&pb.mlp, pb.lik.clone(), &pb.data, opts.clone()).unwrap();
+    let factored = mlp_fisher(&pb.mlp, pb.lik.clone(), &pb.data, opts.clone());
     let n = pb.data.len();
     let p = pb.params.num_params();
 
@@ -83,7 +84,10 @@ fn check(pb: &Problem, label: &str) {
 
     // per-example rows
     let g = generic.per_example_gradients(0, n).unwrap(); // P×N
-    let factors = factored.layered_gradients().unwrap();
+    let factors = factored
+        .engine()
+        .layered_gradients(&pb.lik, &pb.data, &opts, LayerRoute::Factor, u64::MAX)
+        .unwrap();
     assert!(
         mat_rel_err(&factors.to_dense(), &g) < TOL,
         "{label}: gradient rows"
@@ -146,7 +150,7 @@ fn check(pb: &Problem, label: &str) {
         .unwrap();
         let (qf, qf_values) = factored
             .engine()
-            .query_layered_gradients(&qoi.clone(), &pb.queries, &opts)
+            .query_layered_gradients(&qoi.clone(), &pb.queries, 1, &opts, LayerRoute::Factor)
             .unwrap();
         assert!(
             max_rel_err(&qf_values[..], &qv) < TOL,
@@ -204,26 +208,25 @@ fn factored_matches_generic_categorical_every_activation() {
 fn custom_closures_match_builtins() {
     let pb = problem(Activation::Tanh, true, 901);
     let opts = FactoredOptions::default();
-    let builtin =
-        FactoredFisher::new(&pb.mlp, Likelihood::Categorical, &pb.data, opts.clone()).unwrap();
+    let builtin = mlp_fisher(&pb.mlp, Likelihood::Categorical, &pb.data, opts.clone());
     let lik = Likelihood::Categorical;
     let custom_lik = Likelihood::Custom(Arc::new(move |f: &Tensor, y: &Tensor| {
         lik.log_likelihood(f, y).map_err(candle_core::Error::wrap)
     }));
-    let custom = FactoredFisher::new(&pb.mlp, custom_lik, &pb.data, opts.clone()).unwrap();
+    let custom = mlp_fisher(&pb.mlp, custom_lik, &pb.data, opts.clone());
     let a = builtin.fisher_diag().unwrap();
     let b = custom.fisher_diag().unwrap();
     assert!(max_rel_err(b.sums(), a.sums()) < 1e-12);
 
-    let engine = FactoredMlp::new(&pb.mlp).unwrap();
+    let engine = mlp_engine(&pb.mlp);
     let (q, q_values) = engine
-        .query_layered_gradients(&Qoi::Prob(0), &pb.queries, &opts)
+        .query_layered_gradients(&Qoi::Prob(0), &pb.queries, 1, &opts, LayerRoute::Factor)
         .unwrap();
     let custom_q = Qoi::Custom(Arc::new(|f: &Tensor| {
         Qoi::Prob(0).eval(f).map_err(candle_core::Error::wrap)
     }));
     let (c, c_values) = engine
-        .query_layered_gradients(&custom_q, &pb.queries, &opts)
+        .query_layered_gradients(&custom_q, &pb.queries, 1, &opts, LayerRoute::Factor)
         .unwrap();
     assert!(max_rel_err(&c_values[..], &q_values[..]) < 1e-14);
     assert!(mat_rel_err(&c.to_dense(), &q.to_dense()) < 1e-12);
@@ -232,8 +235,7 @@ fn custom_closures_match_builtins() {
 #[test]
 fn batch_size_and_threads_do_not_change_results() {
     let pb = problem(Activation::Gelu, false, 950);
-    let reference = FactoredMlp::new(&pb.mlp)
-        .unwrap()
+    let reference = mlp_engine(&pb.mlp)
         .sum_sq(
             &pb.lik.clone(),
             &pb.data,
@@ -245,8 +247,7 @@ fn batch_size_and_threads_do_not_change_results() {
         .unwrap();
     for bs in [2, 7, 29, 100] {
         for threads in [1, 2, 3] {
-            let d = FactoredMlp::new(&pb.mlp)
-                .unwrap()
+            let d = mlp_engine(&pb.mlp)
                 .sum_sq(
                     &pb.lik.clone(),
                     &pb.data,
@@ -271,7 +272,7 @@ fn parity_fixtures_through_the_factored_engine() {
         let case = Case::load(name);
         let (mlp, _vm) = case.model(DType::F64);
         let data = case.data(DType::F64);
-        let fisher = FactoredFisher::new(
+        let fisher = mlp_fisher(
             &mlp,
             case.likelihood(),
             &data,
@@ -279,12 +280,17 @@ fn parity_fixtures_through_the_factored_engine() {
                 batch_size: 64,
                 threads: 0,
             },
-        )
-        .unwrap();
+        );
         let queries = case.npy("queries.npy", Some(DType::F64));
         let (qf, qf_values) = fisher
             .engine()
-            .query_layered_gradients(&case.qoi(), &queries, &FactoredOptions::default())
+            .query_layered_gradients(
+                &case.qoi(),
+                &queries,
+                1,
+                &FactoredOptions::default(),
+                LayerRoute::Factor,
+            )
             .unwrap();
         assert!(
             norm_rel_err(&qf_values[..], &case.vec("qoi_value"))
@@ -334,7 +340,7 @@ fn parity_fixtures_through_the_factored_engine() {
 #[test]
 fn factored_errors_name_the_culprit() {
     let pb = problem(Activation::Relu, true, 990);
-    let engine = FactoredMlp::new(&pb.mlp).unwrap();
+    let engine = mlp_engine(&pb.mlp);
     let opts = FactoredOptions::default();
     // wrong input width
     let bad = TensorDataset::new(random_tensor(5, 3, 1), random_labels(5, 3, 2)).unwrap();
@@ -342,7 +348,9 @@ fn factored_errors_name_the_culprit() {
         .sum_sq(&Likelihood::Categorical, &bad, &opts)
         .unwrap_err();
     assert!(
-        matches!(e, Error::Shape { .. }) && e.to_string().contains("[5, 4]"),
+        matches!(e, Error::Shape { .. })
+            && e.to_string().contains("[4]")
+            && e.to_string().contains("got 3 values"),
         "{e}"
     );
     // label out of range
@@ -376,7 +384,7 @@ fn factored_errors_name_the_culprit() {
     );
     // QoI index out of range
     let e = engine
-        .query_layered_gradients(&Qoi::Output(5), &pb.queries, &opts)
+        .query_layered_gradients(&Qoi::Output(5), &pb.queries, 1, &opts, LayerRoute::Factor)
         .unwrap_err();
     assert!(e.to_string().contains("3 outputs"), "{e}");
     // batch size 0
@@ -393,7 +401,7 @@ fn factored_errors_name_the_culprit() {
     assert!(e.to_string().contains("batch_size"), "{e}");
     // Σ of the wrong size
     let (q, _) = engine
-        .query_layered_gradients(&Qoi::Sum, &pb.queries, &opts)
+        .query_layered_gradients(&Qoi::Sum, &pb.queries, 1, &opts, LayerRoute::Factor)
         .unwrap();
     let e = query_delta_variances(&q, &IdentitySigma::new(3)).unwrap_err();
     assert!(e.to_string().contains("P = "), "{e}");
@@ -407,8 +415,8 @@ fn f32_model_runs_in_f32_close_to_f64() {
     let d64 = case.data(DType::F64);
     let d32 = case.data(DType::F32);
     let lik: Likelihood = case.likelihood();
-    let e64 = FactoredMlp::new(&m64).unwrap();
-    let e32 = FactoredMlp::new(&m32).unwrap();
+    let e64 = mlp_engine(&m64);
+    let e32 = mlp_engine(&m32);
     assert_eq!(e32.dtype(), DType::F32);
     let a = e64.sum_sq(&lik, &d64, &FactoredOptions::default()).unwrap();
     let b = e32.sum_sq(&lik, &d32, &FactoredOptions::default()).unwrap();
@@ -422,7 +430,7 @@ fn f32_model_runs_in_f32_close_to_f64() {
 #[test]
 fn fused_diagonal_query_forms_match_the_factors() {
     let pb = problem(Activation::Tanh, true, 977);
-    let engine = FactoredMlp::new(&pb.mlp).unwrap();
+    let engine = mlp_engine(&pb.mlp);
     let p = engine.num_params();
     let s: Vec<f64> = pseudo_random(p, 978)
         .iter()
@@ -431,7 +439,7 @@ fn fused_diagonal_query_forms_match_the_factors() {
     let qoi = Qoi::Prob(1);
     let opts = FactoredOptions::default();
     let (q, q_values) = engine
-        .query_layered_gradients(&qoi, &pb.queries, &opts)
+        .query_layered_gradients(&qoi, &pb.queries, 1, &opts, LayerRoute::Factor)
         .unwrap();
     let want = q.quad_forms_diag(&s).unwrap();
     let g = q.to_dense();
@@ -444,13 +452,18 @@ fn fused_diagonal_query_forms_match_the_factors() {
             batch_size: bs,
             threads,
         };
-        let (values, forms) = engine.query_diag_forms(&qoi, &pb.queries, &o, &s).unwrap();
+        let (values, forms) =
+            QueryGradients::query_diag_forms(&engine, &qoi, &pb.queries, 1, &o, &s)
+                .unwrap()
+                .unwrap();
         assert!(max_rel_err(&forms, &want) < 1e-13, "batch {bs}");
         assert!(max_rel_err(&values, &q_values[..]) < 1e-14);
     }
-    assert!(engine
-        .query_diag_forms(&qoi, &pb.queries, &opts, &s[1..])
-        .is_err());
+    assert!(
+        QueryGradients::query_diag_forms(&engine, &qoi, &pb.queries, 1, &opts, &s[1..])
+            .unwrap()
+            .is_err()
+    );
     // through the pipeline: the diagonal Σ takes the fused route
     let out = mlp_delta_variances(
         &pb.mlp,
@@ -466,37 +479,35 @@ fn fused_diagonal_query_forms_match_the_factors() {
     )
     .unwrap();
     assert_eq!(out.path, QueryPath::DiagonalFactored);
-    let fisher = FactoredFisher::new(&pb.mlp, pb.lik.clone(), &pb.data, opts.clone()).unwrap();
+    let fisher = mlp_fisher(&pb.mlp, pb.lik.clone(), &pb.data, opts.clone());
     let diag = fisher.fisher_diag().unwrap();
     let sd: Vec<f64> = diag.mean().iter().map(|f| 1.0 / (f + 1e-3)).collect();
     let want = q.quad_forms_diag(&sd).unwrap();
     assert!(max_rel_err(&out.delta_variance, &want) < 1e-12);
 }
 
-/// The MLP engine reads the model's own f32/f64 weight tensors (no copy): it sees a change to
-/// the variables without a rebuild and equals a freshly built engine; a weight that becomes NaN
-/// is an error naming the layer, never a NaN result.
+/// The engine snapshots the model's weights: a model whose variables changed gives a new
+/// engine with other sums (the old one keeps its snapshot), and a weight that became NaN is
+/// refused when the engine is built, naming the tensor, never a NaN result.
 #[test]
-fn engine_reads_the_live_weights_and_refuses_non_finite_ones() {
+fn engine_snapshots_the_weights_and_refuses_non_finite_ones() {
     let pb = problem(Activation::Tanh, false, 1201);
     let opts = FactoredOptions::default();
-    let engine = FactoredMlp::new(&pb.mlp).unwrap();
+    let engine = mlp_engine(&pb.mlp);
     let before = engine.sum_sq(&pb.lik, &pb.data, &opts).unwrap();
     let theta = pb.params.flat_values().unwrap();
     let moved: Vec<f64> = theta.iter().map(|v| v * 1.5 + 0.01).collect();
     pb.params.set_flat_values(&moved).unwrap();
-    let after = engine.sum_sq(&pb.lik, &pb.data, &opts).unwrap();
-    let fresh = FactoredMlp::new(&pb.mlp)
-        .unwrap()
+    assert_eq!(engine.sum_sq(&pb.lik, &pb.data, &opts).unwrap(), before);
+    let after = mlp_engine(&pb.mlp)
         .sum_sq(&pb.lik, &pb.data, &opts)
         .unwrap();
-    assert_eq!(after, fresh);
     assert!(max_rel_err(&after, &before) > 1e-3);
-    // a NaN written into a weight: the next pass fails naming it, a new engine too
+    // a NaN written into a weight: a new engine fails naming it
     let mut bad = moved.clone();
     bad[3] = f64::NAN;
     pb.params.set_flat_values(&bad).unwrap();
-    let err = FactoredMlp::new(&pb.mlp).err().unwrap();
-    assert!(err.to_string().contains("weight of layer 0"), "{err}");
-    assert!(engine.sum_sq(&pb.lik, &pb.data, &opts).is_err());
+    let err = GraphEngine::from_mlp(&pb.mlp).err().unwrap();
+    assert!(err.to_string().contains("0.weight"), "{err}");
+    assert!(err.to_string().contains("element 3"), "{err}");
 }

@@ -22,13 +22,14 @@ fn small_factored_problem() -> (Mlp, VarMap, TensorDataset) {
 fn posterior_scale_keeps_the_fast_paths_and_the_report() {
     let (mlp, _vm, data) = small_factored_problem();
     let lik = Likelihood::gaussian(0.5);
-    let fisher = FactoredFisher::new(&mlp, lik.clone(), &data, FactoredOptions::default()).unwrap();
-    let (q, _) = FactoredMlp::new(&mlp)
-        .unwrap()
+    let fisher = mlp_fisher(&mlp, lik.clone(), &data, FactoredOptions::default());
+    let (q, _) = mlp_engine(&mlp)
         .query_layered_gradients(
             &Qoi::Sum,
             &random_tensor(4, 3, 8),
+            1,
             &FactoredOptions::default(),
+            LayerRoute::Factor,
         )
         .unwrap();
     let n = data.len() as f64;
@@ -98,7 +99,7 @@ fn posterior_scale_keeps_the_fast_paths_and_the_report() {
 fn fisher_pass_fingerprints_the_summed_weights() {
     let (mlp, vm, data) = small_factored_problem();
     let art = fisher_pass(
-        &mlp,
+        &mlp_engine(&mlp),
         Likelihood::gaussian(0.5),
         "gaussian:0.5",
         &data,
@@ -125,7 +126,7 @@ fn an_incomplete_fisher_artifact_is_refused_unless_allowed() {
     let (mlp, _vm, data) = small_factored_problem();
     let shard = |i| {
         fisher_pass(
-            &mlp,
+            &mlp_engine(&mlp),
             Likelihood::gaussian(0.5),
             "gaussian:0.5",
             &data,
@@ -303,15 +304,15 @@ fn cg_on_small_damping_converges_with_the_default_preconditioner() {
     let case = Case::load("tanh-4-16-16-3");
     let (mlp, _vm) = case.model(DType::F64);
     let data = case.data(DType::F64);
-    let fisher =
-        FactoredFisher::new(&mlp, case.likelihood(), &data, FactoredOptions::default()).unwrap();
+    let fisher = mlp_fisher(&mlp, case.likelihood(), &data, FactoredOptions::default());
     let g = fisher.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
-    let (q, _) = FactoredMlp::new(&mlp)
-        .unwrap()
+    let (q, _) = mlp_engine(&mlp)
         .query_layered_gradients(
             &case.qoi(),
             &case.npy("queries.npy", Some(DType::F64)),
+            1,
             &FactoredOptions::default(),
+            LayerRoute::Factor,
         )
         .unwrap();
     let qg = q.to_dense();
@@ -357,13 +358,12 @@ fn cg_on_small_damping_converges_with_the_default_preconditioner() {
 fn nystrom_rank_trades_iterations_for_memory() {
     let (mlp, _vm, _p) = random_mlp(&[4, 16, 3], Activation::Relu, 31);
     let data = TensorDataset::new(random_tensor(60, 4, 1), random_labels(60, 3, 2)).unwrap();
-    let f = FactoredFisher::new(
+    let f = mlp_fisher(
         &mlp,
         Likelihood::Categorical,
         &data,
         FactoredOptions::default(),
-    )
-    .unwrap();
+    );
     let g = f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
     let q = Mat::from_fn(f.num_params(), 3, |i, j| {
         pseudo_random(400, 9)[(i * 3 + j) % 400]
@@ -401,11 +401,10 @@ fn fisher_apply_matches_the_dense_fisher_on_every_source() {
     let (mlp, vm, data) = small_factored_problem();
     let params = mlp.params(&vm).unwrap();
     let lik = Likelihood::gaussian(0.5);
-    let factored =
-        FactoredFisher::new(&mlp, lik.clone(), &data, FactoredOptions::default()).unwrap();
+    let factored = mlp_fisher(&mlp, lik.clone(), &data, FactoredOptions::default());
     let generic = GenericFisher::new(&params, lik.of(&mlp), &data, GenericOptions::default());
     let art = fisher_pass(
-        &mlp,
+        &mlp_engine(&mlp),
         lik.clone(),
         "gaussian:0.5",
         &data,

@@ -112,7 +112,7 @@ fn check_problem(act: Activation, categorical: bool, seed: u64) {
     };
     let data = TensorDataset::new(x, y).unwrap();
     let queries = random_tensor(5, 3, seed + 3);
-    let factored = FactoredFisher::new(
+    let factored = mlp_fisher(
         &mlp,
         lik.clone(),
         &data,
@@ -120,13 +120,18 @@ fn check_problem(act: Activation, categorical: bool, seed: u64) {
             batch_size: 7,
             threads: 0,
         },
-    )
-    .unwrap();
+    );
     let generic = GenericFisher::new(&params, lik.of(&mlp), &data, GenericOptions::default());
     let fmean = factored.fisher_dense(DEFAULT_MEMORY_BUDGET).unwrap().mean();
     let (qf, _) = factored
         .engine()
-        .query_layered_gradients(&Qoi::Output(1), &queries, &FactoredOptions::default())
+        .query_layered_gradients(
+            &Qoi::Output(1),
+            &queries,
+            1,
+            &FactoredOptions::default(),
+            LayerRoute::Factor,
+        )
         .unwrap();
     let q = qf.to_dense();
     for lam in [1e-6, 1e-3, 1.0] {
@@ -180,13 +185,12 @@ fn dense_kernel_and_cg_match_the_explicit_inverse_categorical() {
 fn apply_agrees_across_methods() {
     let (mlp, _vm, _params) = random_mlp(&[3, 5, 2], Activation::Tanh, 7);
     let data = TensorDataset::new(random_tensor(11, 3, 1), random_tensor(11, 2, 2)).unwrap();
-    let f = FactoredFisher::new(
+    let f = mlp_fisher(
         &mlp,
         Likelihood::gaussian(1.0),
         &data,
         FactoredOptions::default(),
-    )
-    .unwrap();
+    );
     let p = f.num_params();
     let v = Mat::from_fn(p, 3, |i, j| pseudo_random(p * 3, 5)[i * 3 + j]);
     let ms = methods(&f, 1e-2);
@@ -254,13 +258,17 @@ fn parity_fixtures_with_each_method() {
         let case = Case::load(name);
         let (mlp, _vm) = case.model(DType::F64);
         let data = case.data(DType::F64);
-        let fisher =
-            FactoredFisher::new(&mlp, case.likelihood(), &data, FactoredOptions::default())
-                .unwrap();
+        let fisher = mlp_fisher(&mlp, case.likelihood(), &data, FactoredOptions::default());
         let queries = case.npy("queries.npy", Some(DType::F64));
         let (qf, _) = fisher
             .engine()
-            .query_layered_gradients(&case.qoi(), &queries, &FactoredOptions::default())
+            .query_layered_gradients(
+                &case.qoi(),
+                &queries,
+                1,
+                &FactoredOptions::default(),
+                LayerRoute::Factor,
+            )
             .unwrap();
         let want = case.vec("inverse_full_empirical_fim");
         for method in [
@@ -383,13 +391,12 @@ fn automatic_choice_follows_the_cost_model_and_budget() {
 fn cg_that_does_not_converge_is_an_error_unless_accepted() {
     let (mlp, _vm, _p) = random_mlp(&[3, 8, 2], Activation::Tanh, 3);
     let data = TensorDataset::new(random_tensor(40, 3, 1), random_tensor(40, 2, 2)).unwrap();
-    let f = FactoredFisher::new(
+    let f = mlp_fisher(
         &mlp,
         Likelihood::gaussian(0.1),
         &data,
         FactoredOptions::default(),
-    )
-    .unwrap();
+    );
     let g = f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
     let q = Mat::from_fn(f.num_params(), 2, |i, j| {
         pseudo_random(200, 4)[(i + j) % 200]
@@ -474,20 +481,21 @@ fn cg_that_does_not_converge_is_an_error_unless_accepted() {
 fn both_preconditioners_converge_to_the_same_answer() {
     let (mlp, _vm, _p) = random_mlp(&[4, 16, 3], Activation::Relu, 31);
     let data = TensorDataset::new(random_tensor(200, 4, 1), random_labels(200, 3, 2)).unwrap();
-    let f = FactoredFisher::new(
+    let f = mlp_fisher(
         &mlp,
         Likelihood::Categorical,
         &data,
         FactoredOptions::default(),
-    )
-    .unwrap();
+    );
     let g = f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
     let q = f
         .engine()
         .query_layered_gradients(
             &Qoi::Output(0),
             &random_tensor(4, 4, 3),
+            1,
             &FactoredOptions::default(),
+            LayerRoute::Factor,
         )
         .unwrap()
         .0
@@ -522,19 +530,20 @@ fn mixed_precision_kernel_refines_to_the_f64_answer() {
     let (mlp, _vm, _p) = random_mlp(&[3, 8, 8, 2], Activation::Tanh, 41);
     let n = 60;
     let data = TensorDataset::new(random_tensor(n, 3, 42), random_tensor(n, 2, 43)).unwrap();
-    let f = FactoredFisher::new(
+    let f = mlp_fisher(
         &mlp,
         Likelihood::gaussian(0.5),
         &data,
         FactoredOptions::default(),
-    )
-    .unwrap();
+    );
     let (qf, _) = f
         .engine()
         .query_layered_gradients(
             &Qoi::Sum,
             &random_tensor(7, 3, 44),
+            1,
             &FactoredOptions::default(),
+            LayerRoute::Factor,
         )
         .unwrap();
     let q = qf.to_dense();
@@ -583,7 +592,7 @@ fn gram_tiles_cover_every_pair_and_the_kernel_matches_the_inverse() {
     let (mlp, _vm, _p) = random_mlp(&[3, 8, 8, 2], Activation::Tanh, 51);
     let n = 300;
     let data = TensorDataset::new(random_tensor(n, 3, 52), random_tensor(n, 2, 53)).unwrap();
-    let f = FactoredFisher::new(
+    let f = mlp_fisher(
         &mlp,
         Likelihood::gaussian(0.5),
         &data,
@@ -591,9 +600,17 @@ fn gram_tiles_cover_every_pair_and_the_kernel_matches_the_inverse() {
             batch_size: 64,
             threads: 2,
         },
-    )
-    .unwrap();
-    let factors = f.layered_gradients().unwrap();
+    );
+    let factors = f
+        .engine()
+        .layered_gradients(
+            &Likelihood::gaussian(0.5),
+            &data,
+            &FactoredOptions::default(),
+            LayerRoute::Factor,
+            u64::MAX,
+        )
+        .unwrap();
     let g = factors.to_dense(); // P×N
     let want = g.transpose() * &g;
     let k = factors.gram().unwrap();
@@ -624,7 +641,9 @@ fn gram_tiles_cover_every_pair_and_the_kernel_matches_the_inverse() {
         .query_layered_gradients(
             &Qoi::Output(0),
             &random_tensor(9, 3, 54),
+            1,
             &FactoredOptions::default(),
+            LayerRoute::Factor,
         )
         .unwrap();
     let q = qf.to_dense();
@@ -647,8 +666,8 @@ fn gram_tiles_cover_every_pair_and_the_kernel_matches_the_inverse() {
     }
 }
 
-/// Issue 21: when the factors of every example do not fit half the budget, the MLP's gradient
-/// operator streams them chunk by chunk on every product — every product equal to the one over
+/// Issue 21: when the factors of every example do not fit half the budget, the gradient
+/// operator recomputes them chunk by chunk on every product — every product equal to the one over
 /// the factors in memory, and the CG Σ built on it gives the same ΔVar.
 #[test]
 fn streamed_factors_match_the_factors_in_memory() {
@@ -657,7 +676,7 @@ fn streamed_factors_match_the_factors_in_memory() {
     let data = TensorDataset::new(random_tensor(n, 5, 42), random_labels(n, 3, 43)).unwrap();
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
-    let f = FactoredFisher::new(
+    let f = mlp_fisher(
         &mlp,
         Likelihood::Categorical,
         &data,
@@ -666,10 +685,10 @@ fn streamed_factors_match_the_factors_in_memory() {
             threads: 0,
         },
     )
-    .unwrap()
     .with_progress(Progress::new(move |l| sink.lock().unwrap().push(l.into())));
     let p = f.num_params();
-    let whole = (n * f.gram_width() * 8) as u64;
+    // the factors of every example held layer by layer
+    let whole = f.engine().layered_bytes(n, LayerRoute::Auto);
     let budget = whole; // half of it is below the factors' size: they stream
     let held = f.gradient_matrix(DEFAULT_MEMORY_BUDGET).unwrap();
     let streamed = f.gradient_matrix(budget).unwrap();
@@ -703,7 +722,7 @@ fn streamed_factors_match_the_factors_in_memory() {
     let seen = lines.lock().unwrap().clone();
     assert!(seen.len() > 1, "{seen:?}");
     assert!(
-        seen[0].contains("(streamed): chunk 1 of") && seen[0].contains("examples 0.."),
+        seen[0].contains("streamed gradients: examples 0..") && seen[0].contains("of 1000"),
         "{seen:?}"
     );
     // the CG Σ over the streamed operator against the explicit inverse

@@ -346,7 +346,7 @@ fn shards_of_an_offline_pass_merge_to_the_whole() {
         let c = load(name);
         let lik_name = c.meta["lik"].as_str().unwrap();
         let pass = |shard| {
-            fisher_pass_graph(
+            fisher_pass(
                 &c.engine,
                 c.lik(),
                 lik_name,

@@ -23,17 +23,22 @@ fn problem(n: usize, seed: u64) -> Problem {
     let y = random_labels(n, 3, seed + 2);
     let data = TensorDataset::new(x, y).unwrap();
     let q = random_tensor(6, 4, seed + 3);
-    let (qf, _) = FactoredMlp::new(&mlp)
-        .unwrap()
-        .query_layered_gradients(&Qoi::Output(1), &q, &FactoredOptions::default())
+    let (qf, _) = mlp_engine(&mlp)
+        .query_layered_gradients(
+            &Qoi::Output(1),
+            &q,
+            1,
+            &FactoredOptions::default(),
+            LayerRoute::Factor,
+        )
         .unwrap();
     let q = qf.to_dense();
     Problem { mlp, data, q }
 }
 
 impl Problem {
-    fn fisher(&self) -> FactoredFisher<'_> {
-        FactoredFisher::new(
+    fn fisher(&self) -> GraphFisher<'_> {
+        mlp_fisher(
             &self.mlp,
             Likelihood::Categorical,
             &self.data,
@@ -42,7 +47,6 @@ impl Problem {
                 threads: 0,
             },
         )
-        .unwrap()
     }
 }
 
@@ -288,13 +292,12 @@ fn bad_options_are_errors_that_say_what_to_do() {
     assert!(e.is_ok(), "{:?}", e.err());
     let (mlp, _vm, _p) = random_mlp(&[2, 3, 1], Activation::Tanh, 2);
     let data = TensorDataset::new(random_tensor(40, 2, 3), random_tensor(40, 1, 4)).unwrap();
-    let small = FactoredFisher::new(
+    let small = mlp_fisher(
         &mlp,
         Likelihood::gaussian(1.0),
         &data,
         FactoredOptions::default(),
-    )
-    .unwrap();
+    );
     // a model smaller than the block: the space is exhausted and the pairs are exact
     let e = fisher_top_eigenpairs(
         &small,
@@ -376,13 +379,12 @@ fn an_empty_dataset_gives_the_identity_over_lambda() {
         candle_core::Tensor::zeros(0, candle_core::DType::I64, &candle_core::Device::Cpu).unwrap(),
     )
     .unwrap();
-    let f = FactoredFisher::new(
+    let f = mlp_fisher(
         &mlp,
         Likelihood::Categorical,
         &data,
         FactoredOptions::default(),
-    )
-    .unwrap();
+    );
     let s = LowRankInverseFisher::from_fisher(&f, 0.5, &LowRankOptions::rank(4)).unwrap();
     assert_eq!(s.eigenpairs().values.len(), 0);
     let g = vec![1.0; 403];

@@ -94,9 +94,14 @@ fn default_prefixed_and_named_layers_load_to_the_same_model() {
     assert_eq!(pa.flat_values().unwrap(), pc.flat_values().unwrap());
     // the factored engine follows the same flat layout
     let z = random_tensor(2, 3, 6);
-    let (q, _) = FactoredMlp::new(&mc)
-        .unwrap()
-        .query_layered_gradients(&Qoi::Sum, &z, &FactoredOptions::default())
+    let (q, _) = mlp_engine(&mc)
+        .query_layered_gradients(
+            &Qoi::Sum,
+            &z,
+            1,
+            &FactoredOptions::default(),
+            LayerRoute::Factor,
+        )
         .unwrap();
     let (g, _) = qoi_gradients(&pc, &z, Qoi::Sum.of(&mc), &GenericOptions::default()).unwrap();
     let qg = q.to_dense();

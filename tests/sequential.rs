@@ -364,7 +364,7 @@ fn offline_passes_of_a_sequential_model_serve_every_method() {
         engine: eo(4),
         ..Default::default()
     };
-    let art = fisher_pass_graph(
+    let art = fisher_pass(
         &GraphEngine::from_sequential(&model).unwrap(),
         lik.clone(),
         "categorical",
@@ -407,7 +407,7 @@ fn offline_passes_of_a_sequential_model_serve_every_method() {
     assert!(err < 1e-9, "{err:e}");
     // shards of the diagonal pass merge to the whole
     opts.kind = PassKind::Diag;
-    let whole = fisher_pass_graph(
+    let whole = fisher_pass(
         &GraphEngine::from_sequential(&model).unwrap(),
         lik.clone(),
         "categorical",
@@ -422,7 +422,7 @@ fn offline_passes_of_a_sequential_model_serve_every_method() {
                 shard: Some((i, 3)),
                 ..opts.clone()
             };
-            fisher_pass_graph(
+            fisher_pass(
                 &GraphEngine::from_sequential(&model).unwrap(),
                 lik.clone(),
                 "categorical",

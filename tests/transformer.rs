@@ -216,7 +216,7 @@ fn offline_passes_of_a_transformer_and_memory_mapped_tokens() {
         engine: eo(4),
         ..Default::default()
     };
-    let whole = fisher_pass_graph(
+    let whole = fisher_pass(
         &engine,
         lik.clone(),
         "categorical",
@@ -232,7 +232,7 @@ fn offline_passes_of_a_transformer_and_memory_mapped_tokens() {
                 shard: Some((i, 2)),
                 ..opts.clone()
             };
-            fisher_pass_graph(
+            fisher_pass(
                 &engine,
                 lik.clone(),
                 "categorical",

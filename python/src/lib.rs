@@ -161,45 +161,39 @@ fn dataset(py: Python<'_>, x: &Bound<'_, PyAny>, y: &Bound<'_, PyAny>) -> PyResu
     MmapNpyDataset::from_arrays(array_arg(py, "x", x)?, array_arg(py, "y", y)?).map_err(to_py)
 }
 
-/// A model: its specification, and the engines built from it, one per input shape and rollout
-/// kind (an `onnx:` or `seq:` model takes its input shape from the data it first sees).
+/// A model: its specification, and the engines built from it, one per input shape (an `onnx:`
+/// or `seq:` model takes its input shape from the data it first sees).
 #[pyclass(frozen, module = "deltavar_rs._native")]
 struct NativeModel {
     spec: ModelSpec,
     built: Mutex<Vec<Built>>,
 }
 
-/// An engine built for rows of a shape, rolled out or not.
+/// An engine built for rows of a shape.
 struct Built {
     shape: Vec<usize>,
-    rolled: bool,
     net: Arc<Network>,
 }
 
 impl NativeModel {
-    /// The engine for rows of `shape`, rolled out (`rollout` > 1) or not; built once, with the
+    /// The engine for rows of `shape` (rolled out or not: every model is a graph); built once, with the
     /// GIL released. Nothing Python runs while the lock is held (an error becomes an exception
     /// only after it is released), so another thread waiting on it cannot deadlock with us.
-    fn network(&self, py: Python<'_>, shape: &[usize], rollout: usize) -> PyResult<Arc<Network>> {
-        py.detach(|| self.build(shape, rollout)).map_err(to_py)
+    fn network(&self, py: Python<'_>, shape: &[usize]) -> PyResult<Arc<Network>> {
+        py.detach(|| self.build(shape)).map_err(to_py)
     }
 
-    fn build(&self, shape: &[usize], rollout: usize) -> deltavar::Result<Arc<Network>> {
-        let rolled = rollout > 1;
+    fn build(&self, shape: &[usize]) -> deltavar::Result<Arc<Network>> {
         let mut built = self
             .built
             .lock()
             .map_err(|_| Error::Unsupported("a previous call panicked".into()))?;
-        if let Some(b) = built
-            .iter()
-            .find(|b| b.shape == shape && b.rolled == rolled)
-        {
+        if let Some(b) = built.iter().find(|b| b.shape == shape) {
             return Ok(b.net.clone());
         }
-        let net = Arc::new(Network::load(&self.spec, Some(shape), rollout)?);
+        let net = Arc::new(Network::load(&self.spec, Some(shape))?);
         built.push(Built {
             shape: shape.to_vec(),
-            rolled,
             net: net.clone(),
         });
         Ok(net)
@@ -381,7 +375,7 @@ impl NativeModel {
         py: Python<'_>,
         input_shape: Vec<usize>,
     ) -> PyResult<(usize, Vec<String>, Vec<Vec<usize>>)> {
-        let net = self.network(py, &input_shape, 1)?;
+        let net = self.network(py, &input_shape)?;
         let named = net.named_tensors().map_err(to_py)?;
         Ok((
             net.num_params(),
@@ -406,7 +400,7 @@ impl NativeModel {
         progress: Option<Py<PyAny>>,
     ) -> PyResult<NativeFisher> {
         let data = dataset(py, x, y)?;
-        let net = self.network(py, &row_shape(data.x()), 1)?;
+        let net = self.network(py, &row_shape(data.x()))?;
         let reporter = Reporter::new(progress);
         let mut opts = PassOptions {
             kind: kind.parse().map_err(to_py)?,
@@ -529,8 +523,7 @@ impl NativeModel {
         o: &Options<'_>,
     ) -> PyResult<Prepared> {
         let qa = array_arg(py, "queries", queries)?;
-        let rollout: usize = o.get("rollout")?;
-        let net = self.network(py, &row_shape(&qa), rollout)?;
+        let net = self.network(py, &row_shape(&qa))?;
         let q = net.queries(&qa).map_err(to_py)?;
         let data = match (o.any("x")?, o.any("y")?) {
             (Some(x), Some(y)) => Some(dataset(py, &x, &y)?),

@@ -318,7 +318,7 @@ fn request<'a>(
     let queries = queries
         .ok_or_else(|| Error::invalid("--queries", "missing", "give the query inputs (.npy)"))?;
     let queries = NpyArray::open(&queries)?;
-    let net = Network::load(&model.spec()?, Some(&row_shape(&queries)), rollout)?;
+    let net = Network::load(&model.spec()?, Some(&row_shape(&queries)))?;
     let q = net.queries(&queries)?;
     let sigma_choice: SigmaChoice = sigma.parse()?;
     let missing = |what: &str| Error::MissingInput {
@@ -434,7 +434,7 @@ fn fim(a: FimArgs) -> Result<()> {
         quiet,
     } = a;
     let t0 = Instant::now();
-    let net = Network::load(&model.spec()?, Some(&file_row_shape(&train_x)?), 1)?;
+    let net = Network::load(&model.spec()?, Some(&file_row_shape(&train_x)?))?;
     let data = MmapNpyDataset::open(&train_x, &train_y)?;
     let mut opts = PassOptions {
         kind: kind.parse()?,

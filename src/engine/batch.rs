@@ -122,14 +122,6 @@ impl Rows<'_> {
 
 /// Copies a float tensor's elements (row-major) into `dst` as `T`, failing on a non-finite entry
 /// (named by its row, counted from `first_row`, and column).
-/// The slice itself when it holds `T`.
-pub(crate) fn cast_slice<T: Scalar>(s: FloatSlice<'_>) -> Option<&[T]> {
-    match s {
-        FloatSlice::F32(v) => T::from_f32_slice(v),
-        FloatSlice::F64(v) => T::from_f64_slice(v),
-    }
-}
-
 pub(crate) fn copy_rows<T: Scalar>(
     t: &Tensor,
     dst: &mut Vec<T>,
@@ -233,7 +225,8 @@ pub(crate) fn query_rows(queries: &Tensor, input_shape: &[usize], model: &str) -
         .first()
         .ok_or_else(|| Error::shape("queries (one per row)", "rank >= 1", "a scalar"))?;
     let per: usize = input_shape.iter().product();
-    if queries.rank() < 2 || queries.elem_count() != m * per {
+    let rest = queries.dims().get(1..).unwrap_or(&[]);
+    if queries.rank() < 2 || (rest != input_shape && rest != [per]) {
         return Err(Error::shape(
             format!("queries for {model} (one example per row)"),
             format!("(M, {input_shape:?}) or (M, {per})"),

@@ -271,57 +271,6 @@ impl LayeredGradients {
         }
     }
 
-    /// Writes the examples `start..start + rows` of layer `l`, a rows layer read once per
-    /// example, from one batch: inputs `xs` (rows × in) and signals `ds` (rows × out),
-    /// row-major. A materialised layer gets each example's δxᵀ and δ.
-    pub(crate) fn write_single_rows(
-        &mut self,
-        l: usize,
-        start: usize,
-        xs: &[f64],
-        ds: &[f64],
-    ) -> Result<()> {
-        let (inp, out) = match self.shapes.get(l).map(|s| s.kind) {
-            Some(LayerKind::Rows { t: 1, inp, out }) => (inp, out),
-            _ => {
-                return Err(Error::Unsupported(format!(
-                    "layer {l} is not a layer read once per example"
-                )))
-            }
-        };
-        let rows = xs.len().checked_div(inp).unwrap_or(0);
-        if xs.len() != rows * inp || ds.len() != rows * out || start + rows > self.n {
-            return Err(Error::shape(
-                format!("rows of layer '{}'", self.shapes[l].name),
-                format!(
-                    "whole rows of {inp} and {out} values inside {} examples",
-                    self.n
-                ),
-                format!("{} and {} values from example {start}", xs.len(), ds.len()),
-            ));
-        }
-        let factored = self.is_factored(l);
-        for r in 0..rows {
-            let (x, d) = (&xs[r * inp..(r + 1) * inp], &ds[r * out..(r + 1) * out]);
-            if factored {
-                let (xr, dr, _) = self.rows_mut(l, start + r);
-                xr[..inp].copy_from_slice(x);
-                dr.copy_from_slice(d);
-            } else {
-                let g = self.dense_mut(l, start + r);
-                for (q, dv) in d.iter().enumerate() {
-                    for (i, xv) in x.iter().enumerate() {
-                        g[q * inp + i] = dv * xv;
-                    }
-                }
-                if g.len() > inp * out {
-                    g[inp * out..].copy_from_slice(d);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Example `j`'s token ids (T) and Δ (T × out) of a factored embedding, to write.
     pub(crate) fn tokens_mut(&mut self, l: usize, j: usize) -> (&mut [usize], &mut [f64]) {
         match &mut self.stored[l] {

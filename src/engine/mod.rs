@@ -5,11 +5,8 @@
 //! - [`generic`]: any candle closure; one forward+backward per example, run in parallel
 //!   ([`GenericGradients`], [`qoi_gradient`], [`qoi_gradients`]).
 //!   Memory O(threads·P) for the squared sums, O(batch·P) extra for the outer-product sum.
-//! - [`factored`]: models it knows ([`crate::Mlp`]); a native batched forward/backward gives each
-//!   layer's factors (X, Δ), from which Σgᵢ∘gᵢ, F·V, J·V, Jᵀ·U, the Gram matrix and query
-//!   gradients follow without the N×P matrix.
 //! - [`graph`]: any model as a graph ([`crate::graph`]: an ONNX file, or a network written with
-//!   [`crate::graph::build::GraphBuilder`], including the `seq:` models); a native batched
+//!   [`crate::graph::build::GraphBuilder`], including the `mlp:` and `seq:` models); a native batched
 //!   forward/backward keeps each weight's input rows (patches) and output signals, and the
 //!   per-example gradients follow per use and example; no candle autograd.
 //! - [`capture`]: any candle network built from [`crate::nn`] layers; one batched candle
@@ -21,8 +18,6 @@
 
 pub mod batch;
 pub mod capture;
-pub mod factored;
-
 pub mod generic;
 pub mod gradients;
 pub(crate) mod gram;
@@ -30,9 +25,10 @@ pub mod graph;
 pub mod kfac;
 pub mod layered;
 pub(crate) mod pool;
+pub(crate) mod signals;
 
+pub use batch::FactoredOptions;
 pub use capture::{CaptureEngine, CaptureOptions};
-pub use factored::{FactoredMlp, FactoredOptions};
 pub use generic::{
     candle_single_threaded_matmuls, qoi_gradient, qoi_gradients, GenericGradients, GenericOptions,
     QoiGradient,

@@ -11,7 +11,6 @@
 
 pub mod artifact;
 mod capture;
-mod factored;
 mod generic;
 mod native;
 pub mod offline;
@@ -20,12 +19,9 @@ pub use artifact::{
     shard_range, tensors_fingerprint, weights_fingerprint, FisherArtifact, FisherMeta,
 };
 pub use capture::CapturedFisher;
-pub use factored::{FactoredFisher, StreamedFactors};
 pub use generic::GenericFisher;
 pub use native::{GraphFisher, NativeFisher};
-pub use offline::{
-    fisher_pass, fisher_pass_captured, fisher_pass_graph, parse_shard, PassKind, PassOptions,
-};
+pub use offline::{fisher_pass, fisher_pass_captured, parse_shard, PassKind, PassOptions};
 
 use faer::{Mat, MatRef};
 

@@ -4,14 +4,12 @@ use super::artifact::{
     shard_range, tensors_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
 };
 use super::FisherSource;
-use super::{CapturedFisher, FactoredFisher, FisherDense, NativeFisher};
+use super::{CapturedFisher, FisherDense, NativeFisher};
 use crate::data::{Dataset, DatasetRange};
-use crate::engine::gradients::ExampleGradients;
-use crate::engine::{CaptureEngine, CaptureOptions, FactoredMlp, FactoredOptions, GraphEngine};
+use crate::engine::{CaptureEngine, CaptureOptions, FactoredOptions, GraphEngine};
 use crate::error::Result;
 use crate::fisher::FisherDiag;
 use crate::likelihood::Likelihood;
-use crate::model::Mlp;
 use crate::params::Params;
 
 /// What a pass accumulates.
@@ -90,40 +88,16 @@ impl Default for PassOptions {
     }
 }
 
-/// Runs a Fisher pass of an [`Mlp`] over `data` (or one shard of it) on the factored engine,
-/// calling `progress(done, total)` as examples are processed. `likelihood_name` is recorded in
-/// the metadata (for example "categorical" or "gaussian:0.5"). The artifact's parameter names,
-/// shapes and weight fingerprint are those of `mlp`, the weights that were summed over.
+/// Runs a Fisher pass of a model on the graph engine (any model: `mlp:`, `seq:`, ONNX, a
+/// [`crate::graph::build::GraphBuilder`] network) over `data` (or one shard of it), calling
+/// `progress(done, total)` as examples are processed. `likelihood_name` is recorded in the
+/// metadata (for example "categorical" or "gaussian:0.5"). The artifact's parameter names,
+/// shapes and weight fingerprint are the engine's parameters (the state dict's), the weights
+/// that were summed over; shards merge.
 ///
 /// Memory: the engine's (weights + per worker a P-vector and one batch) for diag, plus O(P²)
 /// for dense; the dataset is read batch by batch (memory-mapped files stay on disk).
 pub fn fisher_pass(
-    mlp: &Mlp,
-    lik: Likelihood,
-    likelihood_name: &str,
-    data: &dyn Dataset,
-    opts: &PassOptions,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<FisherArtifact> {
-    let engine = FactoredMlp::new(mlp)?;
-    run_pass(
-        &mlp.named_tensors(),
-        likelihood_name,
-        data,
-        opts,
-        progress,
-        &|range| engine.sum_sq(&lik, range, &opts.engine),
-        &|range| {
-            FactoredFisher::new(mlp, lik.clone(), range, opts.engine.clone())?
-                .fisher_dense(opts.memory_budget)
-        },
-    )
-}
-
-/// [`fisher_pass`] for a graph model ([`crate::graph::Graph`], an ONNX file), on the graph
-/// engine. The artifact's parameter names, shapes and weight fingerprint are the graph's
-/// parameters (the state dict's, with `--weights`); shards merge as for an MLP.
-pub fn fisher_pass_graph(
     engine: &GraphEngine,
     lik: Likelihood,
     likelihood_name: &str,
@@ -131,29 +105,8 @@ pub fn fisher_pass_graph(
     opts: &PassOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FisherArtifact> {
-    native_pass(
-        &engine.named_tensors()?,
-        engine,
-        lik,
-        likelihood_name,
-        data,
-        opts,
-        progress,
-    )
-}
-
-/// The pass on a native engine (one weight snapshot for every range).
-fn native_pass<E: ExampleGradients + Clone>(
-    named: &[(String, candle_core::Tensor)],
-    engine: &E,
-    lik: Likelihood,
-    likelihood_name: &str,
-    data: &dyn Dataset,
-    opts: &PassOptions,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<FisherArtifact> {
     run_pass(
-        named,
+        &engine.named_tensors()?,
         likelihood_name,
         data,
         opts,
@@ -168,7 +121,7 @@ fn native_pass<E: ExampleGradients + Clone>(
 
 /// [`fisher_pass`] for any model built from [`crate::nn`] layers, on the capture engine
 /// (batches of `opts.engine.batch_size`). The artifact's parameter names, shapes and weight
-/// fingerprint are those of `params`, the parameters summed over; shards merge as for an MLP.
+/// fingerprint are those of `params`, the parameters summed over; shards merge as for a graph.
 pub fn fisher_pass_captured<M: candle_core::Module + Sync>(
     model: &M,
     params: &Params,

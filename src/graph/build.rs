@@ -139,6 +139,12 @@ impl Weights {
         Ok(w)
     }
 
+    /// Only the tensors whose names `keep` accepts.
+    pub fn retain(mut self, keep: impl Fn(&str) -> bool) -> Self {
+        self.tensors.retain(|k, _| keep(k));
+        self
+    }
+
     /// The shape of tensor `name`, if there is one.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         self.tensors.get(name).map(|(s, _)| s.clone())
@@ -316,6 +322,11 @@ impl GraphBuilder {
     }
 
     /// The shape of the stored tensor `name` (empty when there is none).
+    /// Whether the weights hold a tensor `name` (an optional bias, say).
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.weights.tensors.contains_key(name)
+    }
+
     fn stored_shape(&self, name: &str) -> Vec<usize> {
         self.weights
             .tensors

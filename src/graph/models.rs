@@ -7,8 +7,8 @@ use std::collections::HashMap;
 
 use super::build::{ConvOptions, GraphBuilder, Value, Weights};
 use super::Graph;
-use crate::error::Result;
-use crate::model::{Mlp, SeqLayer, SeqSpec, Sequential, Transformer};
+use crate::error::{Error, Result};
+use crate::model::{Mlp, MlpSpec, SeqLayer, SeqSpec, Sequential, Transformer};
 
 fn named(tensors: Vec<(String, candle_core::Tensor)>, source: &str) -> Result<Weights> {
     let map: HashMap<String, candle_core::Tensor> = tensors.into_iter().collect();
@@ -17,15 +17,93 @@ fn named(tensors: Vec<(String, candle_core::Tensor)>, source: &str) -> Result<We
 
 /// An [`Mlp`] as a graph: Linear layers under its layer names with its activation between.
 pub fn mlp(m: &Mlp) -> Result<Graph> {
-    let w = named(m.named_tensors(), "the MLP")?;
-    let width = m.sizes().first().copied().unwrap_or(0);
-    let (mut b, x) = GraphBuilder::new(w, &[width]);
-    let mut h = x;
-    for (i, (name, layer)) in m.layer_names().iter().zip(m.layers()).enumerate() {
-        if i > 0 {
-            h = b.activation(h, m.activation());
+    let arch = MlpSpec {
+        sizes: m.sizes().to_vec(),
+        activation: m.activation(),
+    };
+    mlp_state_dict(
+        &arch,
+        named(m.named_tensors(), "the MLP")?,
+        "",
+        Some(m.layer_names()),
+    )
+}
+
+/// The MLP `arch` (`mlp:IN,H,...,OUT:ACT`) from a state dict: Linear layers `PREFIX NAME`
+/// (`.weight` of shape (out, in), `.bias` where the file has one) with the activation between,
+/// under `names` (default nn.Sequential's `0, 2, 4, …`, as many as the file holds). Parameter
+/// names keep the prefix; tensors outside these layers are ignored. Fails naming the file when
+/// a weight is missing or the file's layer widths are not `arch`'s. This is the `mlp:`
+/// loader's route: nothing but the graph is built.
+pub fn mlp_state_dict(
+    arch: &MlpSpec,
+    w: Weights,
+    prefix: &str,
+    names: Option<&[String]>,
+) -> Result<Graph> {
+    let prefix = if prefix.is_empty() || prefix.ends_with('.') {
+        prefix.to_string()
+    } else {
+        format!("{prefix}.")
+    };
+    let names: Vec<String> = match names {
+        Some(n) => n.iter().map(|n| format!("{prefix}{n}")).collect(),
+        None => (0..)
+            .map(|i| format!("{prefix}{}", 2 * i))
+            .take_while(|n| w.shape_of(&format!("{n}.weight")).is_some())
+            .collect(),
+    };
+    let bad = |detail: String| Error::BadFile {
+        path: w.source().to_string(),
+        detail,
+    };
+    if names.is_empty() {
+        return Err(bad(format!(
+            "no Linear weight '{prefix}0.weight' found (tensors: {:?}); check the prefix / layer names",
+            w.names()
+        )));
+    }
+    // the file's widths, checked against the architecture
+    let mut widths = vec![];
+    for (i, n) in names.iter().enumerate() {
+        let key = format!("{n}.weight");
+        match w.shape_of(&key).as_deref() {
+            Some([o, inp]) => {
+                if i == 0 {
+                    widths.push(*inp);
+                } else if widths[i] != *inp {
+                    return Err(bad(format!(
+                        "'{key}' takes {inp} inputs but the previous layer has {} outputs",
+                        widths[i]
+                    )));
+                }
+                widths.push(*o);
+            }
+            Some(s) => return Err(bad(format!("'{key}' has shape {s:?}, expected (out, in)"))),
+            None => return Err(bad(format!("tensor '{key}' (layer {i}) is missing"))),
         }
-        h = b.linear(h, name, layer.bias().is_some())?;
+    }
+    if widths != arch.sizes {
+        let sizes: Vec<String> = arch.sizes.iter().map(|s| s.to_string()).collect();
+        return Err(Error::invalid(
+            "--arch",
+            format!("mlp:{}", sizes.join(",")),
+            format!("the weights in {} have layer widths {widths:?}", w.source()),
+        ));
+    }
+    let keep: std::collections::HashSet<String> = names
+        .iter()
+        .flat_map(|n| [format!("{n}.weight"), format!("{n}.bias")])
+        .collect();
+    let w = w.retain(|k| keep.contains(k));
+    let (mut b, x) = GraphBuilder::new(w, &arch.sizes[..1]);
+    let mut h = x;
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            h = b.activation(h, arch.activation);
+        }
+        let bias = b.has_tensor(&format!("{name}.bias"));
+        h = b.linear(h, name, bias)?;
     }
     b.finish(h)
 }

@@ -20,31 +20,9 @@ pub struct Mlp {
     act: Activation,
 }
 
-/// The flat layout of an MLP with layer widths `sizes` (`[in, h1, ..., out]`), the one owner
-/// of it: per Linear layer (weight offset, bias offset, in, out), the weight stored out×in
-/// row-major and followed by its bias, layer after layer (PyTorch's state-dict order).
-pub(crate) fn layer_offsets(sizes: &[usize]) -> Vec<(usize, usize, usize, usize)> {
-    let mut off = 0;
-    sizes
-        .windows(2)
-        .map(|w| {
-            let (inp, out) = (w[0], w[1]);
-            let r = (off, off + out * inp, inp, out);
-            off += out * inp + out;
-            r
-        })
-        .collect()
-}
-
 /// P of an MLP with layer widths `sizes`.
 pub(crate) fn num_params_of(sizes: &[usize]) -> usize {
     sizes.windows(2).map(|w| w[0] * w[1] + w[1]).sum()
-}
-
-/// Σ_l (in + 1 + out) of an MLP with layer widths `sizes`: the width of its per-example
-/// factors (inputs with the bias column, signals).
-pub(crate) fn gram_width(sizes: &[usize]) -> usize {
-    sizes.windows(2).map(|w| w[0] + 1 + w[1]).sum()
 }
 
 /// An MLP architecture, `mlp:IN,H1,...,OUT:ACT` (for example `mlp:784,256,10:relu`).

@@ -9,7 +9,6 @@ mod sequential;
 mod transformer;
 
 pub use activation::Activation;
-pub(crate) use mlp::{gram_width, layer_offsets};
 pub use mlp::{Mlp, MlpSpec};
 pub(crate) use sequential::check_running_var;
 pub use sequential::{ConvArgs, Rollout, SeqLayer, SeqSpec, Sequential};

@@ -14,10 +14,6 @@ pub trait Scalar:
 {
     /// The matching candle dtype.
     const DTYPE: DType;
-    /// The slice itself when this type is f32.
-    fn from_f32_slice(v: &[f32]) -> Option<&[Self]>;
-    /// The slice itself when this type is f64.
-    fn from_f64_slice(v: &[f64]) -> Option<&[Self]>;
     /// From f64 (rounding for f32).
     fn of(v: f64) -> Self;
     /// To f64.
@@ -82,12 +78,6 @@ pub trait Scalar:
 
 impl Scalar for f32 {
     const DTYPE: DType = DType::F32;
-    fn from_f32_slice(v: &[f32]) -> Option<&[Self]> {
-        Some(v)
-    }
-    fn from_f64_slice(_: &[f64]) -> Option<&[Self]> {
-        None
-    }
     #[inline]
     fn of(v: f64) -> Self {
         v as f32
@@ -155,12 +145,6 @@ impl Scalar for f32 {
 
 impl Scalar for f64 {
     const DTYPE: DType = DType::F64;
-    fn from_f32_slice(_: &[f32]) -> Option<&[Self]> {
-        None
-    }
-    fn from_f64_slice(v: &[f64]) -> Option<&[Self]> {
-        Some(v)
-    }
     #[inline]
     fn of(v: f64) -> Self {
         v

@@ -373,3 +373,18 @@ pub fn vec_of(v: &Value) -> Vec<f64> {
         .map(|x| x.as_f64().unwrap())
         .collect()
 }
+
+/// An MLP on the graph engine (its one native engine).
+pub fn mlp_engine(m: &Mlp) -> GraphEngine {
+    GraphEngine::from_mlp(m).unwrap()
+}
+
+/// The graph engine's Fisher of an MLP over `data`.
+pub fn mlp_fisher<'a>(
+    m: &Mlp,
+    lik: Likelihood,
+    data: &'a dyn Dataset,
+    opts: FactoredOptions,
+) -> GraphFisher<'a> {
+    GraphFisher::with_engine(mlp_engine(m), lik, data, opts)
+}
