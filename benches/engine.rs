@@ -1,6 +1,6 @@
-//! Criterion benches of the factored engine on a synthetic 784-256-256-10 relu classifier
-//! (P = 269,322), N = 2048 training examples, f32 model (also on the graph engine, for the
-//! comparison), the graph engine on a LeNet-style CNN, and the full-inverse methods.
+//! Criterion benches of the graph engine on a synthetic 784-256-256-10 relu classifier
+//! (P = 269,322; its Linear layers' factored fast paths), N = 2048 training examples, f32
+//! model, on a LeNet-style CNN, and the full-inverse methods.
 //!
 //!     cargo bench --bench engine
 
@@ -75,22 +75,6 @@ fn benches(c: &mut Criterion) {
                 .expect("q");
             query_delta_variances(&q, &sigma).expect("dv")
         })
-    });
-    // the same MLP on the graph engine: what the MLP engine's special case buys
-    let seq = Sequential::from_tensors(
-        "seq:linear(784,256),relu,linear(256,256),relu,linear(256,10)"
-            .parse()
-            .expect("spec"),
-        &[784],
-        &mlp.named_tensors().into_iter().collect(),
-        "",
-        DType::F32,
-        "mlp",
-    )
-    .expect("seq");
-    let seq_engine = GraphEngine::from_sequential(&seq).expect("engine");
-    g.bench_function("diag F, same MLP on the graph engine", |b| {
-        b.iter(|| seq_engine.sum_sq(&lik, &data, &opts).expect("diag"))
     });
     g.finish();
 

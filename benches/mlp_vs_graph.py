@@ -1,5 +1,7 @@
-"""The MLP engine (`--arch mlp:`) against the same MLP on the graph engine (`--arch seq:...`),
-through the CLI on the peers' MLP workloads (W-diag, W-queries, W-full, W-cg), interleaved.
+"""An MLP written `--arch mlp:` against the same MLP written `--arch seq:...` (both on the graph
+engine since the MLP engine was retired), through the CLI on the peers' MLP workloads (W-diag,
+W-queries, W-full, W-cg), interleaved; with BASE_BINARY (say a build of cbdc73f, the last commit
+with the MLP engine, whose `mlp:` runs it) the retirement's before and after.
 
     THREADS=2 /tmp/peers-venv/bin/python ../shared/bench/peers.py /tmp/dv-workloads diag queries full cg
     cargo build --release --bin deltavar
@@ -7,8 +9,8 @@ through the CLI on the peers' MLP workloads (W-diag, W-queries, W-full, W-cg), i
     python3 benches/mlp_vs_graph.py /tmp/dv-workloads full,cg 2 [BASE_BINARY]
 
 Prints per workload the median and fastest wall time of each (binary, engine), the per-round
-median ratios (graph/MLP; this binary/BASE_BINARY when given) and the largest relative ΔVar
-difference against the first binary's MLP engine. Only the standard library is needed.
+median ratios (seq/mlp; this binary/BASE_BINARY when given) and the largest relative ΔVar
+difference against the first binary's `mlp:` run. Only the standard library is needed.
 """
 import json
 import statistics as st
@@ -69,7 +71,7 @@ for w in WORKLOADS:
              for b in BINS for e in ARCH]
     print(f"{w}: " + " | ".join(cells))
     for b in BINS:
-        print(f"   {b}: graph/MLP {ratio((w, b, 'seq'), (w, b, 'mlp')):.3f}")
+        print(f"   {b}: seq/mlp {ratio((w, b, 'seq'), (w, b, 'mlp')):.3f}")
     if "base" in BINS:
         for e in ARCH:
             print(f"   {e}: new/base {ratio((w, 'new', e), (w, 'base', e)):.3f}")

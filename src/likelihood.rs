@@ -16,7 +16,7 @@ pub type LikelihoodFn = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> 
 /// A per-example log-likelihood of the model output: gaussian, categorical, or a user closure.
 ///
 /// Both engines take it: the generic path differentiates `log_likelihood` through the whole
-/// model with candle; the factored engine needs only its gradient with respect to the output,
+/// model with candle; the native engines need only its gradient with respect to the output,
 /// computed in closed form for the built-ins and by candle on the (B, out) output alone for a
 /// closure.
 #[derive(Clone)]

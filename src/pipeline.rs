@@ -100,7 +100,8 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 }
 
 /// A model loaded for the graph engine: `mlp:`, `seq:` and `onnx:` architectures all become
-/// a [`GraphEngine`] (its fast paths take an MLP's Linear layers as the MLP engine did).
+/// a [`GraphEngine`] (an MLP's Linear layers take its fast paths: one product per layer for diag F,
+/// the diagonal-Σ forms inside the pass).
 #[derive(Debug, Clone)]
 pub struct Network {
     engine: GraphEngine,

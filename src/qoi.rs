@@ -1,5 +1,5 @@
 //! The quantity of interest q(θ, z) on a model's output (its gradients are taken by the engines:
-//! [`crate::qoi_gradient`], [`crate::FactoredMlp::query_layered_gradients`]).
+//! [`crate::qoi_gradient`], [`crate::GraphEngine::query_layered_gradients`]).
 
 use std::sync::Arc;
 

@@ -464,8 +464,8 @@ fn lowrank_sigma_through_the_cli() {
     assert!(e.contains("K ≥ 1"), "{e}");
 }
 
-/// A NaN weight is an error naming the file and the tensor, for the MLP engine and for a
-/// `seq:` model on the graph engine alike.
+/// A NaN weight is an error naming the file and the tensor, for an `mlp:` and for a `seq:`
+/// model alike.
 #[test]
 fn a_nan_weight_names_its_file_and_tensor() {
     let dev = candle_core::Device::Cpu;

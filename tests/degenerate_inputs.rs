@@ -132,7 +132,7 @@ fn models_and_engines_on_empty_inputs() {
     .unwrap();
     let lik: Likelihood = Likelihood::gaussian(1.0);
     let opts = FactoredOptions::default();
-    // factored engine on no data
+    // the graph engine on no data
     let d = engine.sum_sq(&lik, &empty, &opts).unwrap();
     assert_eq!(d.len(), p);
     assert!(d.iter().all(|v| *v == 0.0));

@@ -1,4 +1,4 @@
-//! The factored engine against the generic path (candle autograd, one backward per example) and
+//! An MLP on the graph engine (its Linear layers' factored fast paths) against the generic path (candle autograd, one backward per example) and
 //! explicit dense products, in f64: every quantity within 1e-10 relative.
 
 mod common;

@@ -1,8 +1,8 @@
 //! The pipeline is one-way: each top-level module imports only modules of its own stage or
 //! below (params, data, model, likelihood, qoi, scalar, graph → engine → fisher → sigma →
 //! delta → seed / prelude → demo; `metrics` and `calibration` sit with delta), and no two
-//! sibling modules import each other, at any depth (`engine::factored` ↔ `engine::gradients`
-//! is a circle as much as `engine` ↔ `fisher`).
+//! sibling modules import each other, at any depth (`engine::graph` ↔ `engine::gradients`
+//! would be a circle as much as `engine` ↔ `fisher`).
 //!
 //! Read from the sources (code lines, comments stripped): every `crate::`, `super::` and
 //! `self::` path, grouped imports (`use crate::{a::X, b::{Y, Z}}`) expanded, each resolved to
@@ -40,7 +40,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The module a file defines: `engine/factored/mod.rs` → `engine::factored`.
+/// The module a file defines: `engine/graph.rs` → `engine::graph`, `graph/ops/mod.rs` →
+/// `graph::ops`.
 fn module_of(rel: &Path) -> Module {
     let mut parts: Vec<String> = rel
         .components()
@@ -349,16 +350,13 @@ fn the_reader_sees_super_paths_groups_and_reexports() {
     let mut out = vec![];
     let here: Module = vec!["engine".into(), "graph".into()];
     let ps = paths(
-        "use super::{factored::{Rows, Batch}, gradients::X};\nuse crate::error::Result; // crate::demo\nfn f() { super::super::sigma::g() }",
+        "use super::{batch::{Rows, Batch}, gradients::X};\nuse crate::error::Result; // crate::demo\nfn f() { super::super::sigma::g() }",
         &here,
     );
     out.extend(ps);
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    assert!(out.contains(&s(&["engine", "factored", "Rows"])), "{out:?}");
-    assert!(
-        out.contains(&s(&["engine", "factored", "Batch"])),
-        "{out:?}"
-    );
+    assert!(out.contains(&s(&["engine", "batch", "Rows"])), "{out:?}");
+    assert!(out.contains(&s(&["engine", "batch", "Batch"])), "{out:?}");
     assert!(out.contains(&s(&["engine", "gradients", "X"])), "{out:?}");
     assert!(out.contains(&s(&["error", "Result"])), "{out:?}");
     assert!(out.contains(&s(&["sigma", "g"])), "{out:?}");

@@ -92,7 +92,7 @@ fn default_prefixed_and_named_layers_load_to_the_same_model() {
     );
     assert_eq!(pa.flat_values().unwrap(), pb.flat_values().unwrap());
     assert_eq!(pa.flat_values().unwrap(), pc.flat_values().unwrap());
-    // the factored engine follows the same flat layout
+    // the graph engine follows the same flat layout
     let z = random_tensor(2, 3, 6);
     let (q, _) = mlp_engine(&mc)
         .query_layered_gradients(

@@ -42,8 +42,8 @@ pub trait Dataset: Sync {
     fn get(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)>;
 
     /// Examples `start .. start + len` borrowed without copying, for sources that hold them
-    /// contiguously (memory-mapped files); `None` for the others. The factored engine reads
-    /// batches this way when it can.
+    /// contiguously (memory-mapped files); `None` for the others. The native engines (graph,
+    /// capture) read batches this way when they can.
     fn view(&self, _start: usize, _len: usize) -> Option<Result<BatchView<'_>>> {
         None
     }
@@ -61,7 +61,7 @@ pub trait Dataset: Sync {
 /// back from [`Dataset::get`] with that shape.
 ///
 /// Memory: only the pages being read (the OS maps them on demand and may drop them), so the
-/// files can be far larger than RAM. The factored engine reads batches straight from the
+/// files can be far larger than RAM. The native engines read batches straight from the
 /// mapping ([`Dataset::view`]); [`Dataset::get`] copies one batch into candle tensors. The files
 /// must not be truncated by another process while mapped.
 #[derive(Debug)]

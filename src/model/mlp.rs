@@ -309,7 +309,7 @@ impl Mlp {
     }
 
     /// The weight and bias tensors in state-dict order, with their names (the values the
-    /// factored engine snapshots).
+    /// graph engine snapshots, [`crate::GraphEngine::from_mlp`]).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         self.names
             .iter()

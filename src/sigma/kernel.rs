@@ -54,7 +54,7 @@ const REFINE_MAX: usize = 40;
 /// (F + λI)⁻¹ = (1/λ)(I − Gᵀ(NλI + K)⁻¹G),  K = GGᵀ,
 /// so gᵀΣg = (‖g‖² − (Gg)ᵀ(NλI + K)⁻¹(Gg)) / λ.
 ///
-/// Holds the Cholesky factor of NλI + K and the gradient operator (for the factored engine, the
+/// Holds the Cholesky factor of NλI + K and the gradient operator (for the graph engine, the
 /// per-layer factors, O(N·Σ(in+out))); never anything P×P. The f64 factor is one N×N buffer:
 /// the lower triangle of the system is written into it tile by tile
 /// ([`GradientMatrix::gram_lower_into`]) and factored in place, so the pages above the diagonal

@@ -279,10 +279,10 @@ pub fn gemm_forward<T: Scalar>(
     let (m, k, n) = gemm_shape(node, &a.shape, &b.shape, trans_a, trans_b)?;
     let out_shape = vec![m, n];
     numel(node, &out_shape)?;
-    let mut out = vec![T::of(0.0); m * n];
+    // every element is written: by C below, or by the product (which replaces without C)
+    let mut out = buffer(m * n);
     if let Some(c) = c {
         let cv = floats(node, c, "C")?;
-        broadcast(node, &c.shape, &out_shape)?;
         if broadcast(node, &c.shape, &out_shape)? != out_shape {
             return Err(Error::shape(
                 format!("{} (C broadcast to the output)", node.describe()),
@@ -290,10 +290,21 @@ pub fn gemm_forward<T: Scalar>(
                 format!("{:?}", c.shape),
             ));
         }
-        let sc = bstrides(&c.shape, &out_shape);
-        let so = strides(&out_shape);
         let bt = T::of(beta);
-        for_each(&out_shape, [&so, &sc], |io, [_, ic]| out[io] = bt * cv[ic]);
+        if cv.len() == n && n > 0 && c.shape.last() == Some(&n) {
+            // a bias row (shape (n) or (1, n)), the common case: copied row by row
+            for row in out.chunks_exact_mut(n) {
+                if beta == 1.0 {
+                    row.copy_from_slice(cv);
+                } else {
+                    row.iter_mut().zip(cv).for_each(|(o, c)| *o = bt * *c);
+                }
+            }
+        } else {
+            let sc = bstrides(&c.shape, &out_shape);
+            let so = strides(&out_shape);
+            for_each(&out_shape, [&so, &sc], |io, [_, ic]| out[io] = bt * cv[ic]);
+        }
     }
     gemm_into(
         &mut out,
@@ -323,8 +334,9 @@ pub fn gemm_backward<T: Scalar>(
     let av = floats(node, a, "A")?;
     let bv = floats(node, b, "B")?;
     let al = T::of(alpha);
+    // the products replace every element of their (recycled) buffers
     let ga = need[0].then(|| {
-        let mut d = vec![T::of(0.0); m * k];
+        let mut d = buffer(m * k);
         if trans_a {
             // dA (k×m) = α·op(B)·gᵀ
             gemm_into(&mut d, false, bv, trans_b, g, true, (k, n, m), al);
@@ -334,7 +346,7 @@ pub fn gemm_backward<T: Scalar>(
         d
     });
     let gb = need[1].then(|| {
-        let mut d = vec![T::of(0.0); k * n];
+        let mut d = buffer(k * n);
         if trans_b {
             // dB (n×k) = α·gᵀ·op(A)
             gemm_into(&mut d, false, g, true, av, trans_a, (n, m, k), al);
