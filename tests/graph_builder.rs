@@ -214,3 +214,70 @@ fn the_engine_keeps_every_weight_value_it_was_given() {
         assert_eq!(weight.data.is_empty(), dt == DType::F64, "{dt:?}");
     }
 }
+
+/// `mlp:` from a state dict (`graph::models::mlp_state_dict`, what `--arch mlp:` loads): a
+/// prefix and Linear layer names are honoured and kept in the parameter names, tensors outside
+/// the layers are ignored, and the graph equals the candle `Mlp` loaded from the same file;
+/// widths that are not the architecture's and a missing layer are errors naming the file.
+#[test]
+fn an_mlp_loads_from_a_state_dict_with_its_prefix_and_layer_names() {
+    use candle_core::{Device, Tensor};
+    use deltavar::pipeline::{ModelSpec, Network};
+    let dir = std::env::temp_dir().join(format!("deltavar-mlpsd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = |n: usize, shape: &[usize], seed: u64| {
+        Tensor::from_vec(pseudo_random(n, seed), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let map: std::collections::HashMap<String, Tensor> = [
+        ("model.fc1.weight", t(32, &[8, 4], 1)),
+        ("model.fc1.bias", t(8, &[8], 2)),
+        ("model.fc2.weight", t(24, &[3, 8], 3)),
+        ("model.fc2.bias", t(3, &[3], 4)),
+        ("head.extra", t(5, &[5], 5)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let path = dir.join("m.safetensors");
+    candle_core::safetensors::save(&map, &path).unwrap();
+    let spec = |arch: &str, names: &[&str]| ModelSpec {
+        prefix: "model".into(),
+        layer_names: Some(names.iter().map(|s| s.to_string()).collect()),
+        ..ModelSpec::new(arch, Some(path.clone()))
+    };
+    let net = Network::load(&spec("mlp:4,8,3:tanh", &["fc1", "fc2"]), None).unwrap();
+    let names: Vec<String> = net.named_tensors().unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        ["model.fc1.weight", "model.fc1.bias", "model.fc2.weight", "model.fc2.bias"]
+    );
+    let names_owned = vec!["fc1".to_string(), "fc2".to_string()];
+    let (mlp, _vm) = Mlp::load_safetensors(
+        &path,
+        Activation::Tanh,
+        DType::F32,
+        &Device::Cpu,
+        "model",
+        Some(&names_owned),
+    )
+    .unwrap();
+    let data = TensorDataset::new(random_tensor(9, 4, 6), random_tensor(9, 3, 7)).unwrap();
+    let lik = Likelihood::gaussian(0.5);
+    let o = FactoredOptions::default();
+    let want = GraphEngine::from_mlp(&mlp).unwrap().sum_sq(&lik, &data, &o).unwrap();
+    let got = net.engine().sum_sq(&lik, &data, &o).unwrap();
+    assert_eq!(got, want);
+
+    let e = Network::load(&spec("mlp:4,8,2:tanh", &["fc1", "fc2"]), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer widths [4, 8, 3]") && e.contains("m.safetensors"), "{e}");
+    let e = Network::load(&spec("mlp:4,8,3:tanh", &["fc1", "fc3"]), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.fc3.weight") && e.contains("m.safetensors"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
