@@ -249,10 +249,20 @@ fn an_mlp_loads_from_a_state_dict_with_its_prefix_and_layer_names() {
         ..ModelSpec::new(arch, Some(path.clone()))
     };
     let net = Network::load(&spec("mlp:4,8,3:tanh", &["fc1", "fc2"]), None).unwrap();
-    let names: Vec<String> = net.named_tensors().unwrap().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = net
+        .named_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(
         names,
-        ["model.fc1.weight", "model.fc1.bias", "model.fc2.weight", "model.fc2.bias"]
+        [
+            "model.fc1.weight",
+            "model.fc1.bias",
+            "model.fc2.weight",
+            "model.fc2.bias"
+        ]
     );
     let names_owned = vec!["fc1".to_string(), "fc2".to_string()];
     let (mlp, _vm) = Mlp::load_safetensors(
@@ -267,17 +277,26 @@ fn an_mlp_loads_from_a_state_dict_with_its_prefix_and_layer_names() {
     let data = TensorDataset::new(random_tensor(9, 4, 6), random_tensor(9, 3, 7)).unwrap();
     let lik = Likelihood::gaussian(0.5);
     let o = FactoredOptions::default();
-    let want = GraphEngine::from_mlp(&mlp).unwrap().sum_sq(&lik, &data, &o).unwrap();
+    let want = GraphEngine::from_mlp(&mlp)
+        .unwrap()
+        .sum_sq(&lik, &data, &o)
+        .unwrap();
     let got = net.engine().sum_sq(&lik, &data, &o).unwrap();
     assert_eq!(got, want);
 
     let e = Network::load(&spec("mlp:4,8,2:tanh", &["fc1", "fc2"]), None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("layer widths [4, 8, 3]") && e.contains("m.safetensors"), "{e}");
+    assert!(
+        e.contains("layer widths [4, 8, 3]") && e.contains("m.safetensors"),
+        "{e}"
+    );
     let e = Network::load(&spec("mlp:4,8,3:tanh", &["fc1", "fc3"]), None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("model.fc3.weight") && e.contains("m.safetensors"), "{e}");
+    assert!(
+        e.contains("model.fc3.weight") && e.contains("m.safetensors"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
