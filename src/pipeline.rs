@@ -69,7 +69,8 @@ pub struct ModelSpec {
     /// truth of the parameters, checked against the graph (without it, the file's own
     /// initializers).
     pub weights: Option<PathBuf>,
-    /// Prefix of the tensor names (for example `"model."`).
+    /// Prefix of the tensor names (for example `"model."`); for `mlp:` and `seq:` only the
+    /// tensors under it are read.
     pub prefix: String,
     /// Names of an `mlp:`'s Linear layers (default `0, 2, 4, …`, nn.Sequential's).
     pub layer_names: Option<Vec<String>>,
@@ -146,7 +147,7 @@ impl Network {
                 )
             })?;
             let g = crate::graph::Graph::from_onnx(path, spec.weights.as_deref())?;
-            return Self::from_engine(GraphEngine::new(g, shape, dt)?);
+            return Ok(Self::from_engine(GraphEngine::new(g, shape, dt)?));
         }
         let weights = spec.weights.as_ref().ok_or_else(|| {
             Error::invalid(
@@ -156,16 +157,46 @@ impl Network {
             )
         })?;
         check_exists(weights)?;
-        let w = crate::graph::build::Weights::from_safetensors(weights)?;
+        // only the tensors under the prefix are converted (a model inside a larger checkpoint)
+        let prefix = match spec.prefix.as_str() {
+            "" => String::new(),
+            p if p.ends_with('.') => p.to_string(),
+            p => format!("{p}."),
+        };
+        let read = |path: &Path| -> Result<crate::graph::build::Weights> {
+            let w = crate::graph::build::Weights::from_safetensors_where(path, |n| {
+                n.starts_with(&prefix)
+            })?;
+            if w.names().is_empty() && !prefix.is_empty() {
+                let all = std::cell::RefCell::new(vec![]);
+                crate::graph::build::read_safetensors(
+                    path,
+                    |n| {
+                        all.borrow_mut().push(n.to_string());
+                        false
+                    },
+                    |_, _, _, _| Ok(()),
+                )?;
+                return Err(Error::BadFile {
+                    path: path.display().to_string(),
+                    detail: format!(
+                        "no float tensor under the prefix '{prefix}' (tensors: {:?}); check --prefix",
+                        all.into_inner()
+                    ),
+                });
+            }
+            Ok(w)
+        };
         if !arch.starts_with("seq:") {
             let mlp: MlpSpec = spec.arch.parse()?;
             let g = crate::graph::models::mlp_state_dict(
                 &mlp,
-                w,
+                read(weights)?,
                 &spec.prefix,
                 spec.layer_names.as_deref(),
             )?;
-            return Self::from_engine(GraphEngine::new(g, &mlp.sizes[..1], dt)?);
+            let width = mlp.sizes.first().copied().unwrap_or(0);
+            return Ok(Self::from_engine(GraphEngine::new(g, &[width], dt)?));
         }
         let seq: SeqSpec = spec.arch.parse()?;
         let shape = input_shape.ok_or_else(|| {
@@ -175,13 +206,13 @@ impl Network {
                 "a seq: model needs data to take its input shape from",
             )
         })?;
-        let g = crate::graph::models::seq(&seq, w.with_prefix(&spec.prefix), shape)?;
-        Self::from_engine(GraphEngine::new(g, shape, dt)?)
+        let g = crate::graph::models::seq(&seq, read(weights)?.with_prefix(&spec.prefix), shape)?;
+        Ok(Self::from_engine(GraphEngine::new(g, shape, dt)?))
     }
 
     /// A model already on the graph engine.
-    pub fn from_engine(engine: GraphEngine) -> Result<Self> {
-        Ok(Self { engine })
+    pub fn from_engine(engine: GraphEngine) -> Self {
+        Self { engine }
     }
 
     /// The engine.

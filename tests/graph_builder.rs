@@ -298,5 +298,15 @@ fn an_mlp_loads_from_a_state_dict_with_its_prefix_and_layer_names() {
         e.contains("model.fc3.weight") && e.contains("m.safetensors"),
         "{e}"
     );
+    // only the tensors under the prefix are read; a prefix with none lists the file's
+    let wrong = ModelSpec {
+        prefix: "modle".into(),
+        ..spec("mlp:4,8,3:tanh", &["fc1", "fc2"])
+    };
+    let e = Network::load(&wrong, None).unwrap_err().to_string();
+    assert!(
+        e.contains("prefix 'modle.'") && e.contains("model.fc1.weight") && e.contains("head.extra"),
+        "{e}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

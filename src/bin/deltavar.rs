@@ -39,7 +39,8 @@ struct ModelArgs {
     /// relu, tanh, sigmoid, gelu, gelu-tanh, silu, softplus.
     #[arg(long)]
     arch: String,
-    /// Prefix of the tensor names (for example "model.").
+    /// Prefix of the tensor names (for example "model."): the model inside a larger state dict;
+    /// only the tensors under it are read.
     #[arg(long, default_value = "")]
     prefix: String,
     /// Names of the Linear layers, comma separated (default 0,2,4,...).

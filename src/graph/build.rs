@@ -93,49 +93,26 @@ impl Weights {
         Ok(w)
     }
 
-    /// Reads a safetensors file (a PyTorch state dict): the file is memory-mapped and each
-    /// float tensor converted straight to f64 (F32 and F64 from their bytes, other float types
-    /// through candle), so the file is never read into memory whole and nothing else is
-    /// copied; integer tensors are skipped. Errors name the file and the tensor.
+    /// Reads a safetensors file (a PyTorch state dict) with [`read_safetensors`]: every float
+    /// tensor as f64, integer tensors skipped. Errors name the file and the tensor.
     pub fn from_safetensors(path: impl AsRef<Path>) -> Result<Self> {
+        Self::from_safetensors_where(path, |_| true)
+    }
+
+    /// [`Weights::from_safetensors`] converting only the tensors whose names `keep` accepts (a
+    /// model under a prefix in a larger checkpoint: the others are never converted).
+    pub fn from_safetensors_where(
+        path: impl AsRef<Path>,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
         let path = path.as_ref();
-        let source = path.display().to_string();
-        let bad = |detail: String| Error::BadFile {
-            path: source.clone(),
-            detail,
-        };
-        let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
-        // SAFETY: the map is only read; as with any mapped file, another process rewriting the
-        // file meanwhile could change the values read.
-        let map =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(format!("cannot map: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&map)
-            .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
         let mut w = Weights {
             tensors: HashMap::new(),
-            source: source.clone(),
+            source: path.display().to_string(),
         };
-        for (name, view) in st.tensors() {
-            use safetensors::Dtype as D;
-            let bytes = view.data();
-            let data: Vec<f64> = match view.dtype() {
-                D::F32 => le_floats::<4>(bytes, |c| f32::from_le_bytes(c) as f64),
-                D::F64 => le_floats::<8>(bytes, f64::from_le_bytes),
-                D::F16 | D::BF16 => {
-                    let dt = if view.dtype() == D::F16 {
-                        candle_core::DType::F16
-                    } else {
-                        candle_core::DType::BF16
-                    };
-                    let n = view.shape().iter().product::<usize>();
-                    candle_core::Tensor::from_raw_buffer(bytes, dt, &[n], &candle_core::Device::Cpu)
-                        .and_then(|t| t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>())
-                        .map_err(|e| bad(format!("tensor '{name}': {e}")))?
-                }
-                _ => continue,
-            };
-            w.insert(name, view.shape().to_vec(), data)?;
-        }
+        read_safetensors(path, keep, |name, _, shape, data| {
+            w.insert(name.to_string(), shape.to_vec(), data)
+        })?;
         Ok(w)
     }
 
@@ -217,12 +194,68 @@ impl Weights {
 /// Little-endian floats of `N` bytes each, as f64 (the bytes need no alignment).
 fn le_floats<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f64) -> Vec<f64> {
     let mut out = Vec::with_capacity(bytes.len() / N);
-    out.extend(
-        bytes
-            .chunks_exact(N)
-            .map(|c| f(c.try_into().unwrap_or([0; N]))),
-    );
+    out.extend(bytes.chunks_exact(N).map(|c| {
+        let mut a = [0u8; N];
+        a.copy_from_slice(c);
+        f(a)
+    }));
     out
+}
+
+/// Reads the float tensors of a safetensors file, memory-mapped (never read into memory whole),
+/// in name order: for each whose name `keep` accepts, `each(name, dtype, shape, values)` with
+/// the values as f64 (F32 and F64 from their bytes, F16 and BF16 through candle). Integer and
+/// boolean tensors are skipped. The one reader of state dicts: the `mlp:` and `seq:` loaders
+/// and the ONNX `--weights` binding use it. Errors name the file (and the tensor).
+pub fn read_safetensors(
+    path: &Path,
+    keep: impl Fn(&str) -> bool,
+    mut each: impl FnMut(&str, safetensors::Dtype, &[usize], Vec<f64>) -> Result<()>,
+) -> Result<()> {
+    let io = |e| Error::Io {
+        path: path.display().to_string(),
+        source: e,
+    };
+    let bad = |detail: String| Error::BadFile {
+        path: path.display().to_string(),
+        detail,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the map is only read; as with any mapped file, another process rewriting the
+    // file meanwhile could change the values read.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let st = safetensors::SafeTensors::deserialize(&map)
+        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
+    let mut names = st.names();
+    names.sort_unstable();
+    for name in names {
+        if !keep(name) {
+            continue;
+        }
+        let view = st
+            .tensor(name)
+            .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
+        use safetensors::Dtype as D;
+        let bytes = view.data();
+        let data: Vec<f64> = match view.dtype() {
+            D::F32 => le_floats::<4>(bytes, |c| f32::from_le_bytes(c) as f64),
+            D::F64 => le_floats::<8>(bytes, f64::from_le_bytes),
+            D::F16 | D::BF16 => {
+                let dt = if view.dtype() == D::F16 {
+                    candle_core::DType::F16
+                } else {
+                    candle_core::DType::BF16
+                };
+                let n = view.shape().iter().product::<usize>();
+                candle_core::Tensor::from_raw_buffer(bytes, dt, &[n], &candle_core::Device::Cpu)
+                    .and_then(|t| t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>())
+                    .map_err(|e| bad(format!("tensor '{name}': {e}")))?
+            }
+            _ => continue,
+        };
+        each(name, view.dtype(), view.shape(), data)?;
+    }
+    Ok(())
 }
 
 /// A value of the graph being built (a handle; see [`GraphBuilder::shape`]).

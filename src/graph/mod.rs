@@ -126,94 +126,67 @@ fn bind_weights(
         path: path.display().to_string(),
         detail,
     };
-    let file = std::fs::File::open(path).map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    })?;
-    // SAFETY: read-only map of a file this process only reads.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Io {
-        path: path.display().to_string(),
-        source: e,
-    })?;
-    let st = safetensors::SafeTensors::deserialize(&map)
-        .map_err(|e| bad(format!("not a readable safetensors file: {e}")))?;
     let by_name: HashMap<&str, ValueId> = initializers
         .iter()
         .map(|v| (g.values[*v].as_str(), *v))
         .collect();
     let mut weights: HashMap<ValueId, Vec<f64>> = HashMap::new();
     let mut floats: Vec<(String, Vec<usize>, Vec<f64>)> = vec![];
-    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
-    names.sort();
-    for name in names {
-        let t = st
-            .tensor(&name)
-            .map_err(|e| bad(format!("tensor '{name}': {e}")))?;
-        let data: Vec<f64> = match t.dtype() {
-            safetensors::Dtype::F32 => t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                .collect(),
-            safetensors::Dtype::F64 => t
-                .data()
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-            safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {
+    // integer and boolean buffers (num_batches_tracked, edge lists) are not parameters: the
+    // reader skips them
+    build::read_safetensors(
+        path,
+        |_| true,
+        |name, dtype, shape, data| {
+            if matches!(dtype, safetensors::Dtype::F16 | safetensors::Dtype::BF16) {
                 return Err(bad(format!(
-                    "tensor '{name}' is {:?}; save the state dict in float32 or float64",
-                    t.dtype()
-                )))
+                    "tensor '{name}' is {dtype:?}; save the state dict in float32 or float64"
+                )));
             }
-            // integer and boolean buffers (num_batches_tracked, edge lists) are not parameters
-            _ => continue,
-        };
-        let shape = t.shape().to_vec();
-        let v = by_name
-            .get(name.as_str())
-            .copied()
-            .filter(|v| read.contains(v));
-        let Some(v) = v else {
-            return Err(bad(format!(
+            let shape = shape.to_vec();
+            let v = by_name.get(name).copied().filter(|v| read.contains(v));
+            let Some(v) = v else {
+                return Err(bad(format!(
                 "tensor '{name}' of the state dict is not read by the graph in {}: the exporter folded, renamed or copied it \
                  (batch norm folded into a convolution, a Linear weight copied, tied weights split, equal initializers merged); {REEXPORT}",
                 g.source
             )));
-        };
-        let c = g
-            .consts
-            .get(&v)
-            .ok_or_else(|| bad(format!("tensor '{name}' is not an initializer")))?;
-        if c.shape != shape {
-            return Err(bad(format!(
-                "tensor '{name}' has shape {shape:?}, the graph reads it as {:?}; {REEXPORT}",
-                c.shape
-            )));
-        }
-        let same = match &c.data {
-            Data::F(gv) => gv.iter().zip(&data).all(|(a, b)| {
-                (*a as f32).to_bits() == (*b as f32).to_bits() || (a.is_nan() && b.is_nan())
-            }),
-            _ => false,
-        };
-        if !same {
-            return Err(bad(format!(
+            };
+            let c = g
+                .consts
+                .get(&v)
+                .ok_or_else(|| bad(format!("tensor '{name}' is not an initializer")))?;
+            if c.shape != shape {
+                return Err(bad(format!(
+                    "tensor '{name}' has shape {shape:?}, the graph reads it as {:?}; {REEXPORT}",
+                    c.shape
+                )));
+            }
+            let same = match &c.data {
+                Data::F(gv) => gv.iter().zip(&data).all(|(a, b)| {
+                    (*a as f32).to_bits() == (*b as f32).to_bits() || (a.is_nan() && b.is_nan())
+                }),
+                _ => false,
+            };
+            if !same {
+                return Err(bad(format!(
                 "the graph in {} reads '{name}' with other values than the state dict (folded, for example batch norm into a convolution); {REEXPORT}",
                 g.source
             )));
-        }
-        if !data.iter().all(|x| x.is_finite()) {
-            return Err(Error::NonFinite {
-                what: format!("tensor '{name}' of {}", path.display()),
-                detail: "a parameter holds NaN or an infinity".into(),
-            });
-        }
-        floats.push((name.clone(), shape, data.clone()));
-        if !stats.contains(&v) {
-            weights.insert(v, data);
-        }
-    }
+            }
+            if !data.iter().all(|x| x.is_finite()) {
+                return Err(Error::NonFinite {
+                    what: format!("tensor '{name}' of {}", path.display()),
+                    detail: "a parameter holds NaN or an infinity".into(),
+                });
+            }
+            floats.push((name.to_string(), shape, data.clone()));
+            if !stats.contains(&v) {
+                weights.insert(v, data);
+            }
+            Ok(())
+        },
+    )?;
     // anonymous copies of parameters: a tie split, a Linear weight transposed into a constant
     for v in initializers {
         if weights.contains_key(v) || !read.contains(v) {

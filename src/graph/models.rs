@@ -46,43 +46,14 @@ pub fn mlp_state_dict(
     } else {
         format!("{prefix}.")
     };
-    let names: Vec<String> = match names {
-        Some(n) => n.iter().map(|n| format!("{prefix}{n}")).collect(),
-        None => (0..)
-            .map(|i| format!("{prefix}{}", 2 * i))
-            .take_while(|n| w.shape_of(&format!("{n}.weight")).is_some())
-            .collect(),
-    };
-    let bad = |detail: String| Error::BadFile {
-        path: w.source().to_string(),
-        detail,
-    };
-    if names.is_empty() {
-        return Err(bad(format!(
-            "no Linear weight '{prefix}0.weight' found (tensors: {:?}); check the prefix / layer names",
-            w.names()
-        )));
-    }
-    // the file's widths, checked against the architecture
-    let mut widths = vec![];
-    for (i, n) in names.iter().enumerate() {
-        let key = format!("{n}.weight");
-        match w.shape_of(&key).as_deref() {
-            Some([o, inp]) => {
-                if i == 0 {
-                    widths.push(*inp);
-                } else if widths[i] != *inp {
-                    return Err(bad(format!(
-                        "'{key}' takes {inp} inputs but the previous layer has {} outputs",
-                        widths[i]
-                    )));
-                }
-                widths.push(*o);
-            }
-            Some(s) => return Err(bad(format!("'{key}' has shape {s:?}, expected (out, in)"))),
-            None => return Err(bad(format!("tensor '{key}' (layer {i}) is missing"))),
-        }
-    }
+    let (names, widths) = crate::model::state_dict_layers(
+        &prefix,
+        names,
+        |k| w.shape_of(k),
+        || w.names().into_iter().map(String::from).collect(),
+        w.source(),
+    )?;
+    let names: Vec<String> = names.iter().map(|n| format!("{prefix}{n}")).collect();
     if widths != arch.sizes {
         let sizes: Vec<String> = arch.sizes.iter().map(|s| s.to_string()).collect();
         return Err(Error::invalid(
@@ -96,7 +67,7 @@ pub fn mlp_state_dict(
         .flat_map(|n| [format!("{n}.weight"), format!("{n}.bias")])
         .collect();
     let w = w.retain(|k| keep.contains(k));
-    let (mut b, x) = GraphBuilder::new(w, &arch.sizes[..1]);
+    let (mut b, x) = GraphBuilder::new(w, &widths[..1]);
     let mut h = x;
     for (i, name) in names.iter().enumerate() {
         if i > 0 {

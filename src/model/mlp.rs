@@ -98,6 +98,59 @@ pub fn sequential_layer_names(n: usize) -> Vec<String> {
     (0..n).map(|i| (2 * i).to_string()).collect()
 }
 
+/// The Linear layers of an MLP state dict: their names (`names`, or nn.Sequential's `0, 2, 4, …`
+/// for as many as `{prefix}{name}.weight` exists) and the widths `[in, h1, …, out]` read from
+/// the weights' (out, in) shapes, each layer taking the previous one's outputs. `prefix` is
+/// empty or ends with `.`; `shape_of` gives a tensor's shape by its full name, `all` every name
+/// (for the message when none is found). Errors name `source`. Shared by
+/// [`Mlp::load_safetensors`] and the graph's `mlp:` loader.
+pub(crate) fn state_dict_layers(
+    prefix: &str,
+    names: Option<&[String]>,
+    shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+    all: impl FnOnce() -> Vec<String>,
+    source: &str,
+) -> Result<(Vec<String>, Vec<usize>)> {
+    let bad = |detail: String| Error::BadFile {
+        path: source.to_string(),
+        detail,
+    };
+    let names: Vec<String> = match names {
+        Some(n) => n.to_vec(),
+        None => (0..)
+            .map(|i| (2 * i).to_string())
+            .take_while(|n| shape_of(&format!("{prefix}{n}.weight")).is_some())
+            .collect(),
+    };
+    if names.is_empty() {
+        let mut keys = all();
+        keys.sort();
+        return Err(bad(format!(
+            "no Linear weight '{prefix}0.weight' found (tensors: {keys:?}); check the prefix / layer names"
+        )));
+    }
+    let mut sizes = vec![];
+    for (i, n) in names.iter().enumerate() {
+        let key = format!("{prefix}{n}.weight");
+        match shape_of(&key).as_deref() {
+            Some(&[o, inp]) => {
+                if i == 0 {
+                    sizes.push(inp);
+                } else if sizes[i] != inp {
+                    return Err(bad(format!(
+                        "'{key}' takes {inp} inputs but the previous layer has {} outputs",
+                        sizes[i]
+                    )));
+                }
+                sizes.push(o);
+            }
+            Some(s) => return Err(bad(format!("'{key}' has shape {s:?}, expected (out, in)"))),
+            None => return Err(bad(format!("tensor '{key}' (layer {i}) is missing"))),
+        }
+    }
+    Ok((names, sizes))
+}
+
 impl Mlp {
     /// Builds an MLP with layer widths `sizes` (`[in, h1, ..., out]`) from a [`VarBuilder`], at
     /// the given layer names (default `nn.Sequential` names when `None`). With a `VarMap`-backed
@@ -183,22 +236,14 @@ impl Mlp {
             .into_iter()
             .map(|(name, view)| (name, view.shape().to_vec()))
             .collect();
-        let names: Vec<String> = match layer_names {
-            Some(n) => n.to_vec(),
-            None => (0..)
-                .map(|i| (2 * i).to_string())
-                .take_while(|n| tensors.contains_key(&format!("{prefix}{n}.weight")))
-                .collect(),
-        };
-        if names.is_empty() {
-            let mut keys: Vec<&String> = tensors.keys().collect();
-            keys.sort();
-            return Err(Error::BadFile {
-                path: path.display().to_string(),
-                detail: format!("no Linear weight '{prefix}0.weight' found (tensors: {keys:?}); check the prefix / layer names"),
-            });
-        }
-        let mut sizes = Vec::new();
+        let source = path.display().to_string();
+        let (names, sizes) = state_dict_layers(
+            prefix,
+            layer_names,
+            |k| tensors.get(k).cloned(),
+            || tensors.keys().cloned().collect(),
+            &source,
+        )?;
         let varmap = VarMap::new();
         {
             let mut data = varmap
@@ -208,31 +253,11 @@ impl Mlp {
             for (i, n) in names.iter().enumerate() {
                 for part in ["weight", "bias"] {
                     let key = format!("{prefix}{n}.{part}");
-                    let shape = tensors.get(&key).ok_or_else(|| Error::BadFile {
-                        path: path.display().to_string(),
-                        detail: format!("tensor '{key}' (layer {i}) is missing"),
-                    })?;
-                    if part == "weight" {
-                        let (o, inp) = match shape[..] {
-                            [o, inp] => (o, inp),
-                            _ => {
-                                return Err(Error::BadFile {
-                                    path: path.display().to_string(),
-                                    detail: format!(
-                                        "'{key}' has shape {shape:?}, expected (out, in)"
-                                    ),
-                                })
-                            }
-                        };
-                        if i == 0 {
-                            sizes.push(inp);
-                        } else if sizes[i] != inp {
-                            return Err(Error::BadFile {
-                                path: path.display().to_string(),
-                                detail: format!("'{key}' takes {inp} inputs but the previous layer has {} outputs", sizes[i]),
-                            });
-                        }
-                        sizes.push(o);
+                    if !tensors.contains_key(&key) {
+                        return Err(Error::BadFile {
+                            path: source.clone(),
+                            detail: format!("tensor '{key}' (layer {i}) is missing"),
+                        });
                     }
                     let t = st.load(&key, device).map_err(|e| Error::BadFile {
                         path: path.display().to_string(),

@@ -9,6 +9,7 @@ mod sequential;
 mod transformer;
 
 pub use activation::Activation;
+pub(crate) use mlp::state_dict_layers;
 pub use mlp::{Mlp, MlpSpec};
 pub(crate) use sequential::check_running_var;
 pub use sequential::{ConvArgs, Rollout, SeqLayer, SeqSpec, Sequential};
