@@ -180,11 +180,11 @@ pub struct Reuse<'a> {
 /// Runs every live node (`live[k]`) on `input` (B examples along axis 0). With `reuse`, a node
 /// that is the only reader of a computed value takes its buffer instead of allocating one: a
 /// reshaping node (Reshape, Flatten, Squeeze, Unsqueeze, Identity) keeps its elements, a
-/// softmax, GELU, ReLU, tanh or sigmoid runs in its input's buffer, an Add or Sub whose operand has the output's
-/// shape updates it in place (their backward passes and per-example rules need only the
-/// shapes, which stay); and the nodes that do not depend on
-/// the data run once per batch size (their outputs kept in the sources). Float buffers come
-/// from, and go back to, the thread's pool ([`crate::scalar::pool`]).
+/// softmax, GELU, ReLU, tanh or sigmoid runs in its input's buffer, an Add or Sub whose operand
+/// has the output's shape updates it in place (their backward passes and per-example rules need
+/// only the shapes, which stay); and the nodes that do not depend on the data run once per batch
+/// size (their outputs kept in the sources). Float buffers come from, and go back to, the
+/// thread's pool ([`crate::scalar::pool`]).
 pub fn forward<T: Scalar>(
     g: &Graph,
     live: &[bool],
