@@ -88,9 +88,9 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use fisher::{
-    fisher_pass, fisher_pass_captured, tensors_fingerprint, weights_fingerprint, CapturedFisher,
-    FisherArtifact, FisherDense, FisherDiag, FisherSource, GenericFisher, GraphFisher, PassKind,
-    PassOptions, DEFAULT_MEMORY_BUDGET,
+    fisher_pass, tensors_fingerprint, weights_fingerprint, CapturedFisher, FisherArtifact,
+    FisherDense, FisherDiag, FisherSource, GenericFisher, GraphFisher, PassKind, PassOptions,
+    DEFAULT_MEMORY_BUDGET,
 };
 pub use likelihood::Likelihood;
 pub use model::{Activation, Mlp, SeqSpec, Sequential, Transformer, TransformerConfig};

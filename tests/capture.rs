@@ -703,9 +703,8 @@ fn offline_passes_and_shards_for_a_captured_model() {
     let (cnn, _vm, params, data, q) = cnn_problem();
     let lik = Likelihood::Categorical;
     let pass = |shard, kind| {
-        fisher_pass_captured(
-            &cnn,
-            &params,
+        fisher_pass(
+            &CaptureEngine::new(&cnn, &params),
             lik.clone(),
             "categorical",
             &data,
@@ -946,15 +945,18 @@ fn strided_conv2d_on_a_non_square_input() {
 /// equals the in-memory one: G·V, Gᵀ·U, the Gram matrix and the squared sums.
 #[test]
 fn streamed_captured_gradients_match_the_block() {
-    use deltavar::engine::capture::CapturedGradients;
-    use deltavar::engine::GradientMatrix;
+    use deltavar::engine::{GradientMatrix, NativeStreamed};
     let (cnn, _vm, params, data, _q) = cnn_problem();
     let lik = Likelihood::Categorical;
     let engine = CaptureEngine::new(&cnn, &params);
     let g = engine
         .per_example_gradients(&lik, &data, 0, data.len(), &opts(4))
         .unwrap();
-    let streamed = CapturedGradients::new(&engine, &lik, &data, opts(4));
+    let fo = FactoredOptions {
+        batch_size: 4,
+        threads: 1,
+    };
+    let streamed = NativeStreamed::new(&engine, &lik, &data, fo);
     let p = params.num_params();
     let n = data.len();
     let v = faer::Mat::from_fn(p, 2, |i, j| pseudo_random(2 * p, 71)[i * 2 + j]);

@@ -590,9 +590,8 @@ fn every_other_engine_and_pass_on_empty_inputs() {
             .unwrap(),
         vec![0.0; params.num_params()]
     );
-    let art = fisher_pass_captured(
-        &seq,
-        &params,
+    let art = fisher_pass(
+        &CaptureEngine::new(&seq, &params),
         lik.clone(),
         "categorical",
         &empty,

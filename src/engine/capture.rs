@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use candle_core::{DType, Module, Tensor, TensorId};
 use faer::Mat;
 
-use super::gradients::Chunked;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::likelihood::Likelihood;
@@ -81,6 +80,18 @@ pub struct CaptureEngine<'a, M> {
     model: &'a M,
     params: &'a Params,
     by_id: HashMap<TensorId, usize>,
+    chunk_elements: usize,
+}
+
+impl<M> Clone for CaptureEngine<'_, M> {
+    fn clone(&self) -> Self {
+        Self {
+            model: self.model,
+            params: self.params,
+            by_id: self.by_id.clone(),
+            chunk_elements: self.chunk_elements,
+        }
+    }
 }
 
 impl<'a, M: Module> CaptureEngine<'a, M> {
@@ -97,12 +108,28 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
             model,
             params,
             by_id,
+            chunk_elements: CaptureOptions::default().chunk_elements,
         }
+    }
+
+    /// The [`CaptureOptions::chunk_elements`] used where the engine runs with
+    /// [`super::FactoredOptions`] (as an [`ExampleGradients`] or [`QueryGradients`] engine).
+    pub fn with_chunk_elements(mut self, chunk_elements: usize) -> Self {
+        self.chunk_elements = chunk_elements;
+        self
     }
 
     /// P.
     pub fn num_params(&self) -> usize {
         self.params.num_params()
+    }
+
+    /// The capture options of `opts`: its batch size, this engine's chunk.
+    fn options(&self, opts: &super::FactoredOptions) -> CaptureOptions {
+        CaptureOptions {
+            batch_size: opts.batch_size,
+            chunk_elements: self.chunk_elements,
+        }
     }
 
     fn dtype(&self) -> DType {
@@ -448,7 +475,7 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
                 .collect::<Result<Vec<_>>>()?
         };
         let need = LayeredGradients::bytes_for(&shapes, n, route);
-        super::layered::check_budget(need, memory_budget, "capture", "CapturedGradients")?;
+        super::layered::check_budget(need, memory_budget, "capture", "NativeStreamed")?;
         let mut store = LayeredGradients::new(shapes, self.num_params(), n, route)?;
         let mut values = Vec::with_capacity(n);
         for (start, len) in self.batches(n, opts.batch_size)? {
@@ -854,72 +881,6 @@ fn store_layer(
     Ok(())
 }
 
-/// G recomputed from the capture engine chunk by chunk on every product: the gradient operator
-/// of a captured model when N·P does not fit in memory. Memory O(chunk·P); each product costs
-/// one captured pass over the data.
-pub struct CapturedGradients<'a, M> {
-    engine: &'a CaptureEngine<'a, M>,
-    lik: &'a Likelihood,
-    data: &'a dyn Dataset,
-    opts: CaptureOptions,
-}
-
-impl<'a, M: Module + Sync> CapturedGradients<'a, M> {
-    /// Streams the engine's log-likelihood gradients over `data` in chunks of `opts.batch_size`.
-    pub fn new(
-        engine: &'a CaptureEngine<'a, M>,
-        lik: &'a Likelihood,
-        data: &'a dyn Dataset,
-        opts: CaptureOptions,
-    ) -> Self {
-        Self {
-            engine,
-            lik,
-            data,
-            opts,
-        }
-    }
-
-    fn chunks(&self) -> Vec<(usize, usize)> {
-        let n = self.data.len();
-        let bs = self.opts.batch_size.max(1);
-        (0..n).step_by(bs).map(|s| (s, bs.min(n - s))).collect()
-    }
-
-    fn block(&self, s: usize, l: usize) -> Result<Mat<f64>> {
-        self.engine
-            .per_example_gradients(self.lik, self.data, s, l, &self.opts)
-    }
-}
-
-impl<M: Module + Sync> super::gradients::GradientMatrix for CapturedGradients<'_, M> {
-    fn num_params(&self) -> usize {
-        self.engine.num_params()
-    }
-    fn num_examples(&self) -> usize {
-        self.data.len()
-    }
-    fn jv(&self, v: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
-        let chunks = self.chunks();
-        Chunked::new(self.num_params(), self.num_examples(), &chunks).jv(v, |s, l| self.block(s, l))
-    }
-    fn jtu(&self, u: faer::MatRef<'_, f64>) -> Result<Mat<f64>> {
-        let chunks = self.chunks();
-        Chunked::new(self.num_params(), self.num_examples(), &chunks)
-            .jtu(u, |s, l| self.block(s, l))
-    }
-    fn gram(&self) -> Result<Mat<f64>> {
-        let chunks = self.chunks();
-        Chunked::new(self.num_params(), self.num_examples(), &chunks).gram(|s, l| self.block(s, l))
-    }
-    fn diag_sums(&self) -> Result<Vec<f64>> {
-        self.engine.sum_sq(self.lik, self.data, &self.opts)
-    }
-    fn bytes(&self) -> u64 {
-        (self.opts.batch_size * self.num_params() * 8) as u64
-    }
-}
-
 /// The capture engine in the one delta-variance pipeline: the engine options' batch size is the
 /// capture batch, the layered queries take the default memory budget.
 impl<M: Module + Sync> super::gradients::QueryGradients for CaptureEngine<'_, M> {
@@ -945,11 +906,7 @@ impl<M: Module + Sync> super::gradients::QueryGradients for CaptureEngine<'_, M>
         opts: &super::FactoredOptions,
     ) -> Result<(Mat<f64>, Vec<f64>)> {
         super::gradients::single_step(steps, "capture engine")?;
-        let o = CaptureOptions {
-            batch_size: opts.batch_size,
-            ..Default::default()
-        };
-        CaptureEngine::query_gradients(self, qoi, queries, &o)
+        CaptureEngine::query_gradients(self, qoi, queries, &self.options(opts))
     }
     fn query_layered_gradients(
         &self,
@@ -959,17 +916,13 @@ impl<M: Module + Sync> super::gradients::QueryGradients for CaptureEngine<'_, M>
         opts: &super::FactoredOptions,
         route: super::LayerRoute,
     ) -> Option<Result<(super::LayeredGradients, Vec<f64>)>> {
-        let o = CaptureOptions {
-            batch_size: opts.batch_size,
-            ..Default::default()
-        };
         Some(
             super::gradients::single_step(steps, "capture engine").and_then(|_| {
                 CaptureEngine::query_layered_gradients(
                     self,
                     qoi,
                     queries,
-                    &o,
+                    &self.options(opts),
                     route,
                     crate::fisher::DEFAULT_MEMORY_BUDGET,
                 )
@@ -988,10 +941,7 @@ impl<M: Module + Sync> super::gradients::QueryGradients for CaptureEngine<'_, M>
     ) -> Option<Result<(Vec<f64>, Vec<f64>)>> {
         let run = || {
             super::gradients::single_step(steps, "capture engine")?;
-            let o = CaptureOptions {
-                batch_size: opts.batch_size,
-                ..Default::default()
-            };
+            let o = self.options(opts);
             let m = queries.dim(0)?;
             super::gradients::chunked_diag_forms(m, opts.batch_size, s, |start, len| {
                 CaptureEngine::query_layered_gradients(
@@ -1005,5 +955,72 @@ impl<M: Module + Sync> super::gradients::QueryGradients for CaptureEngine<'_, M>
             })
         };
         Some(run())
+    }
+}
+
+/// The capture engine as a per-example gradient engine: the Fisher source
+/// [`crate::fisher::CapturedFisher`] and the offline pass [`crate::fisher::fisher_pass`] run on
+/// it as on the graph engine. The options' batch size is the capture batch; the engine runs one
+/// batch at a time (its threads are candle's).
+impl<M: Module + Sync> super::gradients::ExampleGradients for CaptureEngine<'_, M> {
+    fn num_params(&self) -> usize {
+        CaptureEngine::num_params(self)
+    }
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .params
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.var.as_tensor().clone()))
+            .collect())
+    }
+    fn sum_sq(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &super::FactoredOptions,
+    ) -> Result<Vec<f64>> {
+        CaptureEngine::sum_sq(self, lik, data, &self.options(opts))
+    }
+    fn per_example_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        start: usize,
+        len: usize,
+        opts: &super::FactoredOptions,
+    ) -> Result<Mat<f64>> {
+        CaptureEngine::per_example_gradients(self, lik, data, start, len, &self.options(opts))
+    }
+    /// One captured pass over the first example reads the layers.
+    fn layered_bytes(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        route: super::LayerRoute,
+    ) -> Result<Option<u64>> {
+        let shapes = self.layer_shapes(lik, data)?;
+        Ok(Some(super::layered::LayeredGradients::bytes_for(
+            &shapes,
+            data.len(),
+            route,
+        )))
+    }
+    fn layered_gradients(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &super::FactoredOptions,
+        route: super::LayerRoute,
+        memory_budget: u64,
+    ) -> Option<Result<super::LayeredGradients>> {
+        Some(CaptureEngine::layered_gradients(
+            self,
+            lik,
+            data,
+            &self.options(opts),
+            route,
+            memory_budget,
+        ))
     }
 }

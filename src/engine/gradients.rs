@@ -323,11 +323,16 @@ impl<'c> Chunked<'c> {
     }
 }
 
-/// A native engine's per-example log-likelihood gradients: what [`NativeStreamed`] and the
-/// native Fisher sources need ([`crate::engine::GraphEngine`]).
+/// An engine's per-example log-likelihood gradients: what [`NativeStreamed`], the Fisher source
+/// [`crate::fisher::NativeFisher`] and the offline pass [`crate::fisher::fisher_pass`] need (the
+/// graph engine [`crate::engine::GraphEngine`] and the capture engine
+/// [`crate::engine::CaptureEngine`]).
 pub trait ExampleGradients: Sync {
     /// P.
     fn num_params(&self) -> usize;
+    /// The parameters as named tensors in flat-layout order (an offline pass records their
+    /// names, shapes and fingerprint).
+    fn named_tensors(&self) -> Result<Vec<(String, Tensor)>>;
     /// Σᵢ gᵢ∘gᵢ over `data` (length P), f64.
     fn sum_sq(
         &self,
@@ -344,10 +349,15 @@ pub trait ExampleGradients: Sync {
         len: usize,
         opts: &super::FactoredOptions,
     ) -> Result<Mat<f64>>;
-    /// Bytes the gradients of `n` examples take held layer by layer under `route`; `None` when
-    /// the engine cannot hold them so.
-    fn layered_bytes(&self, _n: usize, _route: super::LayerRoute) -> Option<u64> {
-        None
+    /// Bytes the gradients of the examples of `data` take held layer by layer under `route`;
+    /// `None` when the engine cannot hold them so.
+    fn layered_bytes(
+        &self,
+        _lik: &crate::likelihood::Likelihood,
+        _data: &dyn crate::data::Dataset,
+        _route: super::LayerRoute,
+    ) -> Result<Option<u64>> {
+        Ok(None)
     }
     /// The gradients of every example held layer by layer ([`super::LayeredGradients`]);
     /// `None` when the engine cannot.

@@ -1442,6 +1442,9 @@ impl super::ExampleGradients for GraphEngine {
     fn num_params(&self) -> usize {
         GraphEngine::num_params(self)
     }
+    fn named_tensors(&self) -> Result<Vec<(String, CTensor)>> {
+        GraphEngine::named_tensors(self)
+    }
     fn sum_sq(
         &self,
         lik: &Likelihood,
@@ -1460,8 +1463,13 @@ impl super::ExampleGradients for GraphEngine {
     ) -> Result<Mat<f64>> {
         GraphEngine::per_example_gradients(self, lik, data, start, len, opts)
     }
-    fn layered_bytes(&self, n: usize, route: LayerRoute) -> Option<u64> {
-        Some(GraphEngine::layered_bytes(self, n, route))
+    fn layered_bytes(
+        &self,
+        _lik: &Likelihood,
+        data: &dyn Dataset,
+        route: LayerRoute,
+    ) -> Result<Option<u64>> {
+        Ok(Some(GraphEngine::layered_bytes(self, data.len(), route)))
     }
     fn layered_gradients(
         &self,

@@ -10,7 +10,6 @@
 //! | [`FisherDense`] | O(P²): formed only when asked, under a memory budget |
 
 pub mod artifact;
-mod capture;
 mod generic;
 mod native;
 pub mod offline;
@@ -18,10 +17,9 @@ pub mod offline;
 pub use artifact::{
     shard_range, tensors_fingerprint, weights_fingerprint, FisherArtifact, FisherMeta,
 };
-pub use capture::CapturedFisher;
 pub use generic::GenericFisher;
-pub use native::{GraphFisher, NativeFisher};
-pub use offline::{fisher_pass, fisher_pass_captured, parse_shard, PassKind, PassOptions};
+pub use native::{CapturedFisher, GraphFisher, NativeFisher};
+pub use offline::{fisher_pass, parse_shard, PassKind, PassOptions};
 
 use faer::{Mat, MatRef};
 

@@ -1,5 +1,6 @@
-//! The empirical Fisher on the graph engine (any graph: ONNX files, `seq:` models, the
-//! transformer and other networks written with the graph builder).
+//! The empirical Fisher on an engine with per-example gradients: the graph engine (any graph:
+//! ONNX files, `seq:` models, the transformer and other networks written with the graph
+//! builder) and the capture engine (candle code built from `deltavar::nn`).
 
 use std::sync::Arc;
 
@@ -8,17 +9,19 @@ use faer::Mat;
 use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::Dataset;
 use crate::engine::gradients::{DenseGradients, ExampleGradients, GradientMatrix, NativeStreamed};
-use crate::engine::{FactoredOptions, LayerRoute};
+use crate::engine::{CaptureEngine, CaptureOptions, FactoredOptions, LayerRoute};
 use crate::error::Result;
 use crate::likelihood::Likelihood;
 
-/// The empirical Fisher of a model on a native engine `E` and a likelihood over a dataset.
+/// The empirical Fisher of a model on an engine `E` ([`GraphFisher`], [`CapturedFisher`]) and a
+/// likelihood over a dataset.
 ///
 /// Memory: diag F O(P) + one batch of activations per worker; dense F O(P² + chunk·P). The
-/// gradient operator for the kernel and CG methods holds, when that takes at most half the
-/// budget, the gradients layer by layer ([`crate::engine::LayeredGradients`]: each Linear or convolution
-/// factored or materialised, whichever makes the Gram matrix cheaper — for the sequential
-/// engine) or G (N·P f64); otherwise it recomputes G in chunks on every product.
+/// gradient operator for the kernel and CG methods holds the gradients layer by layer
+/// ([`crate::engine::LayeredGradients`]: each Linear, convolution or embedding factored or
+/// materialised, whichever makes the Gram matrix cheaper) when that takes at most half the
+/// budget, else G (N·P f64) when that does; otherwise it recomputes G in chunks on every
+/// product ([`NativeStreamed`]).
 pub struct NativeFisher<'a, E> {
     engine: E,
     lik: Likelihood,
@@ -31,6 +34,31 @@ pub struct NativeFisher<'a, E> {
 /// The empirical Fisher of a graph model ([`crate::graph::Graph`]) on the graph engine: build it
 /// with [`NativeFisher::with_engine`].
 pub type GraphFisher<'a> = NativeFisher<'a, crate::engine::GraphEngine>;
+
+/// The empirical Fisher of any network built from [`crate::nn`] layers on the capture engine
+/// (one batched forward and backward per batch): build it with [`CapturedFisher::new`]. The
+/// gradient operator holds the captured layers' gradients layer by layer
+/// ([`crate::engine::LayeredGradients`]) when they fit half the budget, as for a graph.
+pub type CapturedFisher<'a, M> = NativeFisher<'a, CaptureEngine<'a, M>>;
+
+impl<'a, M: candle_core::Module + Sync> CapturedFisher<'a, M> {
+    /// The Fisher of `lik` on `model`'s outputs over `data`, with respect to `params` (which
+    /// must all belong to `nn` layers of the model), batches of `opts.batch_size`.
+    pub fn new(
+        model: &'a M,
+        params: &'a crate::params::Params,
+        lik: Likelihood,
+        data: &'a dyn Dataset,
+        opts: CaptureOptions,
+    ) -> Self {
+        let engine = CaptureEngine::new(model, params).with_chunk_elements(opts.chunk_elements);
+        let opts = FactoredOptions {
+            batch_size: opts.batch_size,
+            threads: 1,
+        };
+        Self::with_engine(engine, lik, data, opts)
+    }
+}
 
 impl<'a, E: ExampleGradients> NativeFisher<'a, E> {
     /// From an engine already built.
@@ -74,6 +102,11 @@ impl<'a, E: ExampleGradients> NativeFisher<'a, E> {
             .per_example_gradients(&self.lik, self.data, start, len, &self.opts)
     }
 
+    /// Bytes the layered gradient operator would hold (`None`: the engine has none).
+    fn layered_bytes(&self) -> Result<Option<u64>> {
+        self.engine.layered_bytes(&self.lik, self.data, self.route)
+    }
+
     fn block_size(&self) -> usize {
         self.opts.batch_size.max(1) * crate::engine::pool::resolve_threads(self.opts.threads)
     }
@@ -111,7 +144,7 @@ impl<E: ExampleGradients> FisherSource for NativeFisher<'_, E> {
 
     fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
         super::operator_bytes(
-            self.engine.layered_bytes(self.num_examples(), self.route),
+            self.layered_bytes().ok().flatten(),
             (self.num_examples(), self.num_params(), self.block_size()),
             memory_budget,
         )
@@ -120,11 +153,7 @@ impl<E: ExampleGradients> FisherSource for NativeFisher<'_, E> {
     fn gradient_matrix(&self, memory_budget: u64) -> Result<Arc<dyn GradientMatrix + '_>> {
         let n = self.num_examples();
         let half = memory_budget / 2;
-        if self
-            .engine
-            .layered_bytes(n, self.route)
-            .is_some_and(|b| b <= half)
-        {
+        if self.layered_bytes()?.is_some_and(|b| b <= half) {
             if let Some(g) = self
                 .engine
                 .layered_gradients(&self.lik, self.data, &self.opts, self.route, half)

@@ -4,13 +4,12 @@ use super::artifact::{
     shard_range, tensors_fingerprint, FisherArtifact, FisherMeta, FORMAT_VERSION,
 };
 use super::FisherSource;
-use super::{CapturedFisher, FisherDense, NativeFisher};
+use super::NativeFisher;
 use crate::data::{Dataset, DatasetRange};
-use crate::engine::{CaptureEngine, CaptureOptions, FactoredOptions, GraphEngine};
+use crate::engine::{ExampleGradients, FactoredOptions};
 use crate::error::Result;
 use crate::fisher::FisherDiag;
 use crate::likelihood::Likelihood;
-use crate::params::Params;
 
 /// What a pass accumulates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,84 +87,25 @@ impl Default for PassOptions {
     }
 }
 
-/// Runs a Fisher pass of a model on the graph engine (any model: `mlp:`, `seq:`, ONNX, a
-/// [`crate::graph::build::GraphBuilder`] network) over `data` (or one shard of it), calling
-/// `progress(done, total)` as examples are processed. `likelihood_name` is recorded in the
-/// metadata (for example "categorical" or "gaussian:0.5"). The artifact's parameter names,
-/// shapes and weight fingerprint are the engine's parameters (the state dict's), the weights
-/// that were summed over; shards merge.
+/// Runs a Fisher pass of a model over `data` (or one shard of it), calling
+/// `progress(done, total)` as examples are processed: on the graph engine (any model: `mlp:`,
+/// `seq:`, ONNX, a [`crate::graph::build::GraphBuilder`] network) or the capture engine
+/// ([`crate::engine::CaptureEngine`]: any model built from [`crate::nn`] layers).
+/// `likelihood_name` is recorded in the metadata (for example "categorical" or
+/// "gaussian:0.5"). The artifact's parameter names, shapes and weight fingerprint are the
+/// engine's parameters (the state dict's), the weights that were summed over; shards merge.
 ///
 /// Memory: the engine's (weights + per worker a P-vector and one batch) for diag, plus O(P²)
 /// for dense; the dataset is read batch by batch (memory-mapped files stay on disk).
-pub fn fisher_pass(
-    engine: &GraphEngine,
+pub fn fisher_pass<E: ExampleGradients + Clone>(
+    engine: &E,
     lik: Likelihood,
     likelihood_name: &str,
     data: &dyn Dataset,
     opts: &PassOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FisherArtifact> {
-    run_pass(
-        &engine.named_tensors()?,
-        likelihood_name,
-        data,
-        opts,
-        progress,
-        &|range| engine.sum_sq(&lik, range, &opts.engine),
-        &|range| {
-            NativeFisher::with_engine(engine.clone(), lik.clone(), range, opts.engine.clone())
-                .fisher_dense(opts.memory_budget)
-        },
-    )
-}
-
-/// [`fisher_pass`] for any model built from [`crate::nn`] layers, on the capture engine
-/// (batches of `opts.engine.batch_size`). The artifact's parameter names, shapes and weight
-/// fingerprint are those of `params`, the parameters summed over; shards merge as for a graph.
-pub fn fisher_pass_captured<M: candle_core::Module + Sync>(
-    model: &M,
-    params: &Params,
-    lik: Likelihood,
-    likelihood_name: &str,
-    data: &dyn Dataset,
-    opts: &PassOptions,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<FisherArtifact> {
-    let named: Vec<(String, candle_core::Tensor)> = params
-        .entries()
-        .iter()
-        .map(|e| (e.name.clone(), e.var.as_tensor().clone()))
-        .collect();
-    let copts = CaptureOptions {
-        batch_size: opts.engine.batch_size,
-        ..Default::default()
-    };
-    let engine = CaptureEngine::new(model, params);
-    run_pass(
-        &named,
-        likelihood_name,
-        data,
-        opts,
-        progress,
-        &|range| engine.sum_sq(&lik, range, &copts),
-        &|range| {
-            CapturedFisher::new(model, params, lik.clone(), range, copts.clone())
-                .fisher_dense(opts.memory_budget)
-        },
-    )
-}
-
-/// The pass itself: the metadata of `named`, then diag sums step by step (with progress) or
-/// the dense sum of the range.
-fn run_pass(
-    named: &[(String, candle_core::Tensor)],
-    likelihood_name: &str,
-    data: &dyn Dataset,
-    opts: &PassOptions,
-    progress: &mut dyn FnMut(usize, usize),
-    diag_sums: &dyn Fn(&DatasetRange<'_>) -> Result<Vec<f64>>,
-    dense_sum: &dyn Fn(&DatasetRange<'_>) -> Result<FisherDense>,
-) -> Result<FisherArtifact> {
+    let named = engine.named_tensors()?;
     let (start, end) = match opts.shard {
         Some((i, n)) => shard_range(i, n, data.len())?,
         None => (0, data.len()),
@@ -183,7 +123,7 @@ fn run_pass(
         likelihood: likelihood_name.into(),
         param_names: named.iter().map(|(n, _)| n.clone()).collect(),
         param_shapes: named.iter().map(|(_, t)| t.dims().to_vec()).collect(),
-        weights_fingerprint: tensors_fingerprint(named)?,
+        weights_fingerprint: tensors_fingerprint(&named)?,
         ranges: vec![(start, end)],
         dataset_len: data.len(),
     };
@@ -195,7 +135,8 @@ fn run_pass(
             let mut done = 0;
             while done < total {
                 let len = step.min(total - done);
-                let part = diag_sums(&DatasetRange::new(data, start + done, len)?)?;
+                let range = DatasetRange::new(data, start + done, len)?;
+                let part = engine.sum_sq(&lik, &range, &opts.engine)?;
                 diag.merge(&FisherDiag::from_sums(part, len)?)?;
                 done += len;
                 progress(done, total);
@@ -211,7 +152,9 @@ fn run_pass(
             })
         }
         PassKind::Dense => {
-            let dense = dense_sum(&DatasetRange::new(data, start, total)?)?;
+            let range = DatasetRange::new(data, start, total)?;
+            let dense = NativeFisher::with_engine(engine.clone(), lik, &range, opts.engine.clone())
+                .fisher_dense(opts.memory_budget)?;
             progress(total, total);
             Ok(FisherArtifact {
                 meta,
