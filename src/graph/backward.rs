@@ -8,7 +8,7 @@
 
 use super::analysis::Analysis;
 use super::exec::{Pass, Sources};
-use super::ir::{Binary, Graph, Op, Tensor};
+use super::ir::{Binary, Graph, Op};
 use super::ops;
 use super::per_example;
 use crate::error::{Error, Result};
@@ -62,16 +62,10 @@ pub fn backward<T: Scalar>(
             continue;
         }
         let grads = {
-            let ins: Vec<Option<&Tensor<T>>> = node
-                .inputs
-                .iter()
-                .map(|i| i.and_then(|v| pass.value(src, v)))
-                .collect();
-            let outs: Vec<Option<&Tensor<T>>> = node
-                .outputs
-                .iter()
-                .map(|o| o.and_then(|v| pass.value(src, v)))
-                .collect();
+            let (ins, outs) = (
+                pass.values(src, &node.inputs),
+                pass.values(src, &node.outputs),
+            );
             let grefs: Vec<Option<&[T]>> = node
                 .outputs
                 .iter()
@@ -297,16 +291,10 @@ fn chain_backward<T: Scalar>(
             .collect();
         let mut acc: Vec<Option<Vec<T>>> = vec![None; node.inputs.len()];
         {
-            let ins: Vec<Option<&Tensor<T>>> = node
-                .inputs
-                .iter()
-                .map(|i| i.and_then(|v| pass.value(src, v)))
-                .collect();
-            let outs: Vec<Option<&Tensor<T>>> = node
-                .outputs
-                .iter()
-                .map(|o| o.and_then(|v| pass.value(src, v)))
-                .collect();
+            let (ins, outs) = (
+                pass.values(src, &node.inputs),
+                pass.values(src, &node.outputs),
+            );
             let sizes: Vec<usize> = outs.iter().map(|t| t.map_or(0, |t| t.numel())).collect();
             for e in 0..b {
                 let grefs: Vec<Option<&[T]>> = pes

@@ -108,6 +108,17 @@ impl<T: Scalar> Pass<T> {
         src.consts.get(&v)
     }
 
+    /// The values of `ids` (a node's inputs or outputs; `None` where absent or not held).
+    pub(crate) fn values<'a>(
+        &'a self,
+        src: &'a Sources<T>,
+        ids: &[Option<ValueId>],
+    ) -> Vec<Option<&'a Tensor<T>>> {
+        ids.iter()
+            .map(|i| i.and_then(|v| self.value(src, v)))
+            .collect()
+    }
+
     pub(crate) fn add_cot(&mut self, v: ValueId, g: Vec<T>) {
         match &mut self.cot[v] {
             Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, x)| *a += *x),
@@ -295,11 +306,7 @@ pub fn forward<T: Scalar>(
             Some((slot, t))
         });
         let (outs, saved) = {
-            let ins: Vec<Option<&Tensor<T>>> = node
-                .inputs
-                .iter()
-                .map(|i| i.and_then(|v| pass.value(src, v)))
-                .collect();
+            let ins = pass.values(src, &node.inputs);
             if let Some((slot, _)) = node
                 .inputs
                 .iter()
