@@ -219,3 +219,76 @@ fn nan_probe<F: Copy>(v: &[F], to: impl Fn(F) -> f64) -> f64 {
     }
     lanes.iter().sum::<f64>() + rest.iter().map(|x| to(*x) * 0.0).sum::<f64>()
 }
+
+/// Σₖ f(k) for k < n in eight interleaved partial sums (combined pairwise), so that the loop
+/// vectorises: a plain running sum is one chain of dependent adds (a 64-wide layer-norm row
+/// waits on 64 add latencies). The order of the additions differs from a running sum's: equal
+/// to float rounding.
+#[inline(always)]
+pub(crate) fn lane_sum<T: Scalar>(n: usize, f: impl Fn(usize) -> T) -> T {
+    let mut acc = [T::of(0.0); 8];
+    let full = n - n % 8;
+    for base in (0..full).step_by(8) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(base + l);
+        }
+    }
+    let mut tail = T::of(0.0);
+    for k in full..n {
+        tail += f(k);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// The largest of `v` (−∞ for none; NaN entries are passed over), in eight interleaved lanes
+/// (see [`lane_sum`]).
+#[inline(always)]
+pub(crate) fn lane_max<T: Scalar>(v: &[T]) -> T {
+    let ninf = T::of(f64::NEG_INFINITY);
+    let mut acc = [ninf; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            if *x > *a {
+                *a = *x;
+            }
+        }
+    }
+    let mut m = ninf;
+    for x in acc.iter().chain(chunks.remainder()) {
+        if *x > m {
+            m = *x;
+        }
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{lane_max, lane_sum};
+
+    #[test]
+    fn lane_reductions_equal_plain_ones() {
+        for n in [0usize, 1, 7, 8, 9, 31, 64, 67] {
+            let v: Vec<f64> = (0..n).map(|i| ((i * 37) % 11) as f64 - 4.5).collect();
+            // small integers and halves: every order of addition is exact
+            assert_eq!(lane_sum(n, |k| v[k]), v.iter().sum::<f64>(), "n = {n}");
+            let want = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(lane_max(&v), want, "n = {n}");
+        }
+        let with_nan = [
+            1.0f32,
+            f32::NAN,
+            3.0,
+            -2.0,
+            f32::NAN,
+            0.5,
+            2.0,
+            1.0,
+            9.0,
+            f32::NAN,
+        ];
+        assert_eq!(lane_max(&with_nan), 9.0);
+        assert_eq!(lane_max(&[f32::NAN; 3]), f32::NEG_INFINITY);
+    }
+}

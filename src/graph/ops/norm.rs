@@ -5,18 +5,21 @@ use super::util::*;
 use crate::error::{Error, Result};
 use crate::graph::ir::{Data, Node, Tensor};
 use crate::scalar::pool::{buffer, with_capacity};
-use crate::scalar::Scalar;
+use crate::scalar::{lane_max, lane_sum, Scalar};
 
-/// Per channel: (scale·inv_std, shift) so that y = a·x + b; inv_std = 1/√(var + ε).
+/// A batch norm's dimensions (N, C, spatial size) and per channel (scale·inv_std, shift), so
+/// that y = a·x + shift; inv_std = 1/√(var + ε).
+#[allow(clippy::type_complexity)]
 fn bn_coeffs<T: Scalar>(
     node: &Node,
-    c: usize,
-    scale: &[T],
-    bias: &[T],
-    mean: &[T],
-    var: &[T],
+    ins: [&Tensor<T>; 5],
     eps: f64,
-) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+) -> Result<((usize, usize, usize), Vec<T>, Vec<T>)> {
+    let [x, s, b, m, v] = ins;
+    let dims = bn_dims(node, &x.shape)?;
+    let c = dims.1;
+    let (scale, bias) = (floats(node, s, "scale")?, floats(node, b, "B")?);
+    let (mean, var) = (floats(node, m, "mean")?, floats(node, v, "var")?);
     if [scale.len(), bias.len(), mean.len(), var.len()]
         .iter()
         .any(|l| *l != c)
@@ -33,13 +36,11 @@ fn bn_coeffs<T: Scalar>(
             ),
         ));
     }
-    let inv: Vec<T> = var
-        .iter()
-        .map(|v| T::of(1.0) / (*v + T::of(eps)).sqrt())
+    let a: Vec<T> = (0..c)
+        .map(|k| scale[k] * (T::of(1.0) / (var[k] + T::of(eps)).sqrt()))
         .collect();
-    let a: Vec<T> = scale.iter().zip(&inv).map(|(s, i)| *s * *i).collect();
-    let b: Vec<T> = (0..c).map(|k| bias[k] - a[k] * mean[k]).collect();
-    Ok((a, b, inv))
+    let shift: Vec<T> = (0..c).map(|k| bias[k] - a[k] * mean[k]).collect();
+    Ok((dims, a, shift))
 }
 
 fn bn_dims(node: &Node, shape: &[usize]) -> Result<(usize, usize, usize)> {
@@ -53,50 +54,50 @@ fn bn_dims(node: &Node, shape: &[usize]) -> Result<(usize, usize, usize)> {
     Ok((shape[0], shape[1], shape[2..].iter().product()))
 }
 
+/// `f(k, v)` of every element of `v` (N, C, spatial), k its channel, in order.
+fn per_channel<T: Scalar>(
+    (n, c, sp): (usize, usize, usize),
+    v: &[T],
+    f: impl Fn(usize, T) -> T,
+) -> Vec<T> {
+    let mut out = with_capacity(v.len());
+    for e in 0..n {
+        for k in 0..c {
+            let at = (e * c + k) * sp;
+            out.extend(v[at..at + sp].iter().map(|x| f(k, *x)));
+        }
+    }
+    out
+}
+
 /// BatchNormalization (inference).
 pub fn batch_norm_forward<T: Scalar>(
     node: &Node,
     ins: [&Tensor<T>; 5],
     eps: f64,
 ) -> Result<Tensor<T>> {
-    let [x, s, b, m, v] = ins;
-    let (n, c, sp) = bn_dims(node, &x.shape)?;
-    let (a, sh, _) = bn_coeffs(
-        node,
-        c,
-        floats(node, s, "scale")?,
-        floats(node, b, "B")?,
-        floats(node, m, "mean")?,
-        floats(node, v, "var")?,
-        eps,
-    )?;
+    let (dims, a, sh) = bn_coeffs(node, ins, eps)?;
+    let x = ins[0];
     let xv = floats(node, x, "X")?;
-    let mut out = with_capacity(xv.len());
-    for e in 0..n {
-        for k in 0..c {
-            let at = (e * c + k) * sp;
-            out.extend(xv[at..at + sp].iter().map(|x| a[k] * *x + sh[k]));
-        }
-    }
-    Ok(ft(x.shape.clone(), out))
+    Ok(ft(
+        x.shape.clone(),
+        per_channel(dims, xv, |k, x| a[k] * x + sh[k]),
+    ))
 }
 
 /// The normalized input x̂ = (x − mean)/√(var + ε) of a batch norm.
 pub fn batch_norm_xhat<T: Scalar>(node: &Node, ins: [&Tensor<T>; 5], eps: f64) -> Result<Vec<T>> {
     let [x, _, _, m, v] = ins;
-    let (n, c, sp) = bn_dims(node, &x.shape)?;
+    let dims = bn_dims(node, &x.shape)?;
     let mv = floats(node, m, "mean")?;
     let vv = floats(node, v, "var")?;
-    let xv = floats(node, x, "X")?;
-    let mut out = with_capacity(xv.len());
-    for e in 0..n {
-        for k in 0..c {
-            let inv = T::of(1.0) / (vv[k] + T::of(eps)).sqrt();
-            let at = (e * c + k) * sp;
-            out.extend(xv[at..at + sp].iter().map(|x| (*x - mv[k]) * inv));
-        }
-    }
-    Ok(out)
+    let inv: Vec<T> = vv
+        .iter()
+        .map(|v| T::of(1.0) / (*v + T::of(eps)).sqrt())
+        .collect();
+    Ok(per_channel(dims, floats(node, x, "X")?, |k, x| {
+        (x - mv[k]) * inv[k]
+    }))
 }
 
 /// (dX, dscale, dB) of a batch norm, each when asked. The running statistics take no gradient.
@@ -107,27 +108,9 @@ pub fn batch_norm_backward<T: Scalar>(
     g: &[T],
     need: [bool; 3],
 ) -> Result<[Option<Vec<T>>; 3]> {
-    let [x, s, b, m, v] = ins;
-    let (n, c, sp) = bn_dims(node, &x.shape)?;
-    let (a, _, _) = bn_coeffs(
-        node,
-        c,
-        floats(node, s, "scale")?,
-        floats(node, b, "B")?,
-        floats(node, m, "mean")?,
-        floats(node, v, "var")?,
-        eps,
-    )?;
-    let dx = need[0].then(|| {
-        let mut d = Vec::with_capacity(g.len());
-        for e in 0..n {
-            for (k, ak) in a.iter().enumerate() {
-                let at = (e * c + k) * sp;
-                d.extend(g[at..at + sp].iter().map(|gv| *gv * *ak));
-            }
-        }
-        d
-    });
+    let (dims, a, _) = bn_coeffs(node, ins, eps)?;
+    let (n, c, sp) = dims;
+    let dx = need[0].then(|| per_channel(dims, g, |k, gv| gv * a[k]));
     let (mut ds, mut db) = (None, None);
     if need[1] || need[2] {
         let xh = batch_norm_xhat(node, ins, eps)?;
@@ -196,17 +179,11 @@ pub fn layer_norm_forward<T: Scalar>(
     let df = T::of(d as f64);
     for r in 0..rows {
         let xr = &xv[r * d..(r + 1) * d];
-        let mut mean = T::of(0.0);
-        for v in xr {
-            mean += *v;
-        }
-        mean /= df;
-        let mut var = T::of(0.0);
-        for v in xr {
-            let c = *v - mean;
-            var += c * c;
-        }
-        var /= df;
+        let mean = lane_sum(d, |i| xr[i]) / df;
+        let var = lane_sum(d, |i| {
+            let c = xr[i] - mean;
+            c * c
+        }) / df;
         let iv = T::of(1.0) / (var + T::of(eps)).sqrt();
         inv[r] = iv;
         for i in 0..d {
@@ -250,14 +227,12 @@ pub fn layer_norm_backward<T: Scalar>(
         let mut dx = buffer(g.len());
         let mut gh = vec![T::of(0.0); d];
         for r in 0..rows {
-            let (mut m1, mut m2) = (T::of(0.0), T::of(0.0));
+            let xr = &xh[r * d..(r + 1) * d];
             for i in 0..d {
                 gh[i] = g[r * d + i] * sc[i];
-                m1 += gh[i];
-                m2 += gh[i] * xh[r * d + i];
             }
-            m1 /= df;
-            m2 /= df;
+            let m1 = lane_sum(d, |i| gh[i]) / df;
+            let m2 = lane_sum(d, |i| gh[i] * xr[i]) / df;
             for i in 0..d {
                 dx[r * d + i] = inv[r] * (gh[i] - m1 - xh[r * d + i] * m2);
             }
@@ -392,21 +367,13 @@ pub fn softmax_forward_owned<T: Scalar>(
 /// Softmax (or log-softmax) of every contiguous row of `n` entries of `y`, in place.
 fn softmax_rows<T: Scalar>(y: &mut [T], n: usize, log: bool) {
     for row in y.chunks_mut(n) {
-        let mut m = T::of(f64::NEG_INFINITY);
-        for v in row.iter() {
-            if *v > m {
-                m = *v;
-            }
-        }
+        let mut m = lane_max(row);
         if !m.finite() {
             m = T::of(0.0);
         }
         let orig: Vec<T> = if log { row.to_vec() } else { vec![] };
         T::exp_shift(row, m);
-        let mut s = T::of(0.0);
-        for v in row.iter() {
-            s += *v;
-        }
+        let s = lane_sum(row.len(), |k| row[k]);
         if log {
             let ls = s.ln() + m;
             for (v, o) in row.iter_mut().zip(&orig) {
@@ -433,18 +400,13 @@ pub fn softmax_backward<T: Scalar>(
     let mut dx = buffer(yv.len());
     if inner == 1 && n > 0 {
         for ((d, yr), gr) in dx.chunks_mut(n).zip(yv.chunks(n)).zip(g.chunks(n)) {
-            let mut s = T::of(0.0);
             if log {
-                for gv in gr {
-                    s += *gv;
-                }
+                let s = lane_sum(n, |k| gr[k]);
                 for ((dv, yv), gv) in d.iter_mut().zip(yr).zip(gr) {
                     *dv = *gv - yv.exp() * s;
                 }
             } else {
-                for (gv, yv) in gr.iter().zip(yr) {
-                    s += *gv * *yv;
-                }
+                let s = lane_sum(n, |k| gr[k] * yr[k]);
                 for ((dv, yv), gv) in d.iter_mut().zip(yr).zip(gr) {
                     *dv = *yv * (*gv - s);
                 }
