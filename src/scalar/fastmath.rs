@@ -98,6 +98,11 @@ fn gelu_f32_with<const FMA: bool>(z: f32) -> (f32, f32) {
 pub(crate) fn gelu_slice_f32(z: &mut [f32], u: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the feature the function is compiled for
+            unsafe { gelu_slice_avx512(z, u) };
+            return;
+        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports the features the function is compiled for
@@ -120,6 +125,18 @@ fn gelu_slice_plain(z: &mut [f32], u: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn gelu_slice_avx2(z: &mut [f32], u: &mut [f32]) {
+    gelu_slice_fma(z, u);
+}
+
+/// The GELU kernel 16 lanes wide (AVX-512 includes FMA).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_slice_avx512(z: &mut [f32], u: &mut [f32]) {
+    gelu_slice_fma(z, u);
+}
+
+#[inline(always)]
+fn gelu_slice_fma(z: &mut [f32], u: &mut [f32]) {
     for (zv, uv) in z.iter_mut().zip(u.iter_mut()) {
         let (g, d) = gelu_f32_with::<true>(*zv);
         *uv = g;
