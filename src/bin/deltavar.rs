@@ -188,16 +188,23 @@ struct MergeArgs {
     json: bool,
 }
 
+/// The held-out data of `evaluate` and `calibrate`.
 #[derive(clap::Args)]
-struct EvaluateArgs {
-    #[command(flatten)]
-    v: VarianceArgs,
+struct HeldOutArgs {
     /// Held-out inputs, .npy (shaped like --queries would be).
     #[arg(long)]
     val_x: PathBuf,
     /// Held-out targets, .npy: (M, OUT) floats for output:K and sum, (M,) int64 labels for prob:K.
     #[arg(long)]
     val_y: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct EvaluateArgs {
+    #[command(flatten)]
+    v: VarianceArgs,
+    #[command(flatten)]
+    held: HeldOutArgs,
     /// The PNG to draw: |error| against sqrt(ΔVar) and the removal curves.
     #[arg(long, default_value = "evaluation.png")]
     plot: PathBuf,
@@ -207,12 +214,8 @@ struct EvaluateArgs {
 struct CalibrateArgs {
     #[command(flatten)]
     v: VarianceArgs,
-    /// Held-out inputs, .npy (shaped like --queries would be).
-    #[arg(long)]
-    val_x: PathBuf,
-    /// Held-out targets, .npy: (M, OUT) floats for output:K and sum, (M,) int64 labels for prob:K.
-    #[arg(long)]
-    val_y: PathBuf,
+    #[command(flatten)]
+    held: HeldOutArgs,
     /// Where to write the scales (JSON).
     #[arg(long, default_value = "calibration.json")]
     out: PathBuf,
@@ -489,8 +492,7 @@ fn fim(a: FimArgs) -> Result<()> {
 fn evaluate(a: EvaluateArgs) -> Result<()> {
     let EvaluateArgs {
         v,
-        val_x,
-        val_y,
+        held: HeldOutArgs { val_x, val_y },
         plot,
     } = a;
     let t0 = Instant::now();
@@ -558,8 +560,7 @@ fn held_out<'a>(
 fn calibrate(a: CalibrateArgs) -> Result<()> {
     let CalibrateArgs {
         v,
-        val_x,
-        val_y,
+        held: HeldOutArgs { val_x, val_y },
         out,
     } = a;
     let t0 = Instant::now();

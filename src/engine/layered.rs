@@ -908,7 +908,6 @@ impl LayeredGradients {
         }
         for (s, st) in self.shapes.iter().zip(&self.stored) {
             match st {
-                Stored::Dense { .. } => {}
                 Stored::Rows {
                     x,
                     d,
@@ -926,12 +925,7 @@ impl LayeredGradients {
                     );
                     scatter_rows_layer(s, &m, |p, v| acc[p] += v);
                 }
-                Stored::Rows { x, d, t, k, out: o } => {
-                    self.each_rows_gradient(s, (x, d, *t, *k, *o), |_, p, v| acc[p] += v * v);
-                }
-                Stored::Tokens { ids, d, t, out: o } => {
-                    self.each_tokens_gradient(s, (ids, d, *t, *o), |_, p, v| acc[p] += v * v);
-                }
+                _ => self.each_factored_gradient(s, st, |_, p, v| acc[p] += v * v),
             }
         }
         Ok(acc)
@@ -956,7 +950,6 @@ impl LayeredGradients {
             .collect();
         for (shape, st) in self.shapes.iter().zip(&self.stored) {
             match st {
-                Stored::Dense { .. } => {}
                 Stored::Rows {
                     x,
                     d,
@@ -988,19 +981,29 @@ impl LayeredGradients {
                             .sum::<f64>();
                     }
                 }
-                Stored::Rows { x, d, t, k, out: o } => {
-                    self.each_rows_gradient(shape, (x, d, *t, *k, *o), |j, p, v| {
-                        out[j] += s[p] * v * v
-                    });
-                }
-                Stored::Tokens { ids, d, t, out: o } => {
-                    self.each_tokens_gradient(shape, (ids, d, *t, *o), |j, p, v| {
-                        out[j] += s[p] * v * v
-                    });
-                }
+                _ => self.each_factored_gradient(shape, st, |j, p, v| out[j] += s[p] * v * v),
             }
         }
         Ok(out)
+    }
+
+    /// Calls `f(example, flat index, value)` for every gradient entry of a factored layer (rows
+    /// or tokens), forming each example's gradient in turn; nothing for a materialised one.
+    fn each_factored_gradient(
+        &self,
+        shape: &LayerShape,
+        st: &Stored,
+        f: impl FnMut(usize, usize, f64),
+    ) {
+        match st {
+            Stored::Dense { .. } => {}
+            Stored::Rows { x, d, t, k, out } => {
+                self.each_rows_gradient(shape, (x, d, *t, *k, *out), f)
+            }
+            Stored::Tokens { ids, d, t, out } => {
+                self.each_tokens_gradient(shape, (ids, d, *t, *out), f)
+            }
+        }
     }
 
     /// Forms each example's gradient of a factored embedding (the rows of Δ summed per token

@@ -14,3 +14,16 @@ pub use mlp::{Mlp, MlpSpec};
 pub(crate) use sequential::check_running_var;
 pub use sequential::{ConvArgs, Rollout, SeqLayer, SeqSpec, Sequential};
 pub use transformer::{Transformer, TransformerConfig};
+
+/// Uniform draws on [0, 1) from `seed` (splitmix64, 53-bit mantissas): the deterministic
+/// initialisation of [`Sequential::init`] and [`Transformer::init`].
+pub(crate) fn seeded_uniform(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}

@@ -836,15 +836,7 @@ impl Sequential {
     /// ones and zeros for norms, zero mean and unit variance for BatchNorm statistics), from a
     /// seed: for tests and demos.
     pub fn init(spec: SeqSpec, input_shape: &[usize], dtype: DType, seed: u64) -> Result<Self> {
-        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-        let mut uniform = move || {
-            // splitmix64
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut uniform = super::seeded_uniform(seed);
         let mut tensors = HashMap::new();
         for (i, l) in spec.layers.iter().enumerate() {
             let fan_in = match l {

@@ -220,14 +220,7 @@ impl Transformer {
     /// A model with small random weights (norms near 1), from a seed: for tests and demos.
     pub fn init(cfg: TransformerConfig, dtype: DType, seed: u64) -> Result<Self> {
         cfg.check()?;
-        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-        let mut uniform = move || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut uniform = super::seeded_uniform(seed);
         let mut tensors = HashMap::new();
         for (name, shape) in cfg.param_shapes() {
             let n: usize = shape.iter().product();

@@ -33,6 +33,29 @@ pub(crate) struct Imported {
     pub initializers: Vec<ValueId>,
 }
 
+/// The one item of `items` (the graph's data inputs or outputs): none is a bad file, several
+/// are unsupported (the engine takes models with one input and one output).
+fn only_one<'a, I>(
+    path: &Path,
+    items: &'a [I],
+    name: impl Fn(&I) -> &String,
+    what: &str,
+) -> Result<&'a I> {
+    match items {
+        [one] => Ok(one),
+        [] => Err(bad(path, format!("the graph has no {what}"))),
+        many => Err(Error::Unsupported(format!(
+            "{}: the graph has {} {what}s ({}); the graph engine takes models with one {what}",
+            path.display(),
+            many.len(),
+            many.iter()
+                .map(|i| name(i).as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
     Error::BadFile {
         path: path.display().to_string(),
@@ -120,21 +143,7 @@ fn from_model(model: proto::ModelProto, path: &Path, dir: &Path) -> Result<Impor
         .iter()
         .filter(|i| !init_names.contains(&i.name))
         .collect();
-    let input = match data_inputs.as_slice() {
-        [one] => one,
-        [] => return Err(bad(path, "the graph has no data input")),
-        many => {
-            return Err(Error::Unsupported(format!(
-            "{}: the graph has {} data inputs ({}); the graph engine takes models with one input",
-            path.display(),
-            many.len(),
-            many.iter()
-                .map(|i| i.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )))
-        }
-    };
+    let input = *only_one(path, &data_inputs, |i| &i.name, "data input")?;
     let (input_type, input_dims) = match input.r#type.as_ref().and_then(|t| t.tensor_type.as_ref())
     {
         Some(tt) => {
@@ -159,21 +168,10 @@ fn from_model(model: proto::ModelProto, path: &Path, dir: &Path) -> Result<Impor
         None => (ElemType::Float, None),
     };
     let input_id = id(&input.name, &mut values);
-    let output = match g.output.as_slice() {
-        [one] => id(&one.name, &mut values),
-        [] => return Err(bad(path, "the graph has no output")),
-        many => {
-            return Err(Error::Unsupported(format!(
-                "{}: the graph has {} outputs ({}); the graph engine takes models with one output",
-                path.display(),
-                many.len(),
-                many.iter()
-                    .map(|i| i.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )))
-        }
-    };
+    let output = id(
+        &only_one(path, &g.output, |o| &o.name, "output")?.name,
+        &mut values,
+    );
     let mut nodes = Vec::with_capacity(g.node.len());
     for (k, n) in g.node.iter().enumerate() {
         let name = if n.name.is_empty() {

@@ -357,28 +357,8 @@ pub fn forward<T: Scalar>(
             let (d, idx, u) = (x(0)?, x(1)?, x(2)?);
             let map = scatter_map(node, d, idx, u)?;
             let data = match (&d.data, &u.data) {
-                (Data::F(dv), Data::F(uv)) => {
-                    let mut o = dv.clone();
-                    for (k, t) in map.iter().enumerate() {
-                        if *add {
-                            o[*t] += uv[k];
-                        } else {
-                            o[*t] = uv[k];
-                        }
-                    }
-                    Data::F(o)
-                }
-                (Data::I(dv), Data::I(uv)) => {
-                    let mut o = dv.clone();
-                    for (k, t) in map.iter().enumerate() {
-                        if *add {
-                            o[*t] += uv[k];
-                        } else {
-                            o[*t] = uv[k];
-                        }
-                    }
-                    Data::I(o)
-                }
+                (Data::F(dv), Data::F(uv)) => Data::F(scatter(dv, uv, &map, *add)),
+                (Data::I(dv), Data::I(uv)) => Data::I(scatter(dv, uv, &map, *add)),
                 _ => {
                     return Err(Error::Unsupported(format!(
                         "{}: data and updates of different or boolean types",
@@ -793,4 +773,22 @@ pub fn backward<T: Scalar>(
         return unsupported(i);
     }
     Ok(res)
+}
+
+/// `data` with `updates[k]` written (or added, `add`) at `map[k]`.
+fn scatter<V: Copy + std::ops::AddAssign>(
+    data: &[V],
+    updates: &[V],
+    map: &[usize],
+    add: bool,
+) -> Vec<V> {
+    let mut o = data.to_vec();
+    for (t, u) in map.iter().zip(updates) {
+        if add {
+            o[*t] += *u;
+        } else {
+            o[*t] = *u;
+        }
+    }
+    o
 }
