@@ -365,12 +365,23 @@ pub enum QoiRequest {
 
 impl std::str::FromStr for QoiRequest {
     type Err = Error;
+    /// `outputs`, or a [`Qoi`].
     fn from_str(s: &str) -> Result<Self> {
-        if s.trim() == "outputs" {
-            return Ok(QoiRequest::Outputs);
-        }
-        Ok(QoiRequest::Scalar(s.parse()?))
+        keyword_or(s, "outputs", QoiRequest::Outputs, QoiRequest::Scalar)
     }
+}
+
+/// `special` when `s` is `keyword`, else `s` parsed and wrapped.
+fn keyword_or<T, U: std::str::FromStr<Err = Error>>(
+    s: &str,
+    keyword: &str,
+    special: T,
+    wrap: impl FnOnce(U) -> T,
+) -> Result<T> {
+    if s.trim() == keyword {
+        return Ok(special);
+    }
+    Ok(wrap(s.parse()?))
 }
 
 /// The Σ of a [`VarianceRequest`]: one of [`SigmaStrategy`] or K-FAC (the Kronecker-factored
@@ -400,11 +411,9 @@ impl std::fmt::Debug for SigmaChoice {
 
 impl std::str::FromStr for SigmaChoice {
     type Err = Error;
+    /// `kfac`, or a [`SigmaStrategy`].
     fn from_str(s: &str) -> Result<Self> {
-        if s.trim() == "kfac" {
-            return Ok(SigmaChoice::Kfac);
-        }
-        Ok(SigmaChoice::Strategy(s.parse()?))
+        keyword_or(s, "kfac", SigmaChoice::Kfac, SigmaChoice::Strategy)
     }
 }
 
@@ -499,9 +508,7 @@ impl VarianceReport {
     /// The CLI's `variance --json` object (`seconds` as given).
     pub fn to_json(&self, seconds: f64) -> serde_json::Value {
         let out = &self.result;
-        let method = out.method.as_ref().map(|m| m.method.name());
-        let reason = out.method.as_ref().map(|m| m.reason.clone());
-        if let Some(c) = &self.covariance {
+        let mut v = if let Some(c) = &self.covariance {
             let k = c.outputs.first().map(|o| o.len()).unwrap_or(0).max(1);
             let nested: Vec<Vec<Vec<f64>>> = c
                 .covariance
@@ -509,46 +516,44 @@ impl VarianceReport {
                 .map(|m| m.chunks(k).map(|r| r.to_vec()).collect())
                 .collect();
             let diag: Vec<Vec<f64>> = out.delta_variance.chunks(k).map(|r| r.to_vec()).collect();
-            return serde_json::json!({
+            serde_json::json!({
                 "qoi": c.outputs,
                 "delta_variance": diag,
                 "covariance": nested,
-                "sigma": self.sigma,
-                "method": method,
-                "method_reason": reason,
-                "num_params": out.num_params,
-                "num_train": out.num_train,
-                "damping": self.damping,
-                "posterior_scale": self.posterior_scale,
-                "rollout": self.rollout,
-                "seconds": seconds,
-            });
-        }
-        let cal = self.layers.as_ref().and_then(|g| g.calibration.as_ref());
-        serde_json::json!({
-            "delta_variance": out.delta_variance,
-            "qoi": out.qoi,
+            })
+        } else {
+            let cal = self.layers.as_ref().and_then(|g| g.calibration.as_ref());
+            serde_json::json!({
+                "delta_variance": out.delta_variance,
+                "qoi": out.qoi,
+                "cg": out.cg,
+                "lowrank": out.lowrank,
+                "calibration": cal.map(|c| serde_json::json!({
+                    "scales": c.scales,
+                    "groups": c.groups.iter().map(|g| g.name.clone()).collect::<Vec<_>>(),
+                    "beta": c.beta,
+                })),
+                "predictive_variance": cal.map(|c| {
+                    out.delta_variance.iter().map(|v| v + c.beta).collect::<Vec<_>>()
+                }),
+                "path": out.path,
+            })
+        };
+        let common = serde_json::json!({
             "sigma": self.sigma,
-            "method": method,
-            "method_reason": reason,
-            "cg": out.cg,
-            "lowrank": out.lowrank,
-            "calibration": cal.map(|c| serde_json::json!({
-                "scales": c.scales,
-                "groups": c.groups.iter().map(|g| g.name.clone()).collect::<Vec<_>>(),
-                "beta": c.beta,
-            })),
-            "predictive_variance": cal.map(|c| {
-                out.delta_variance.iter().map(|v| v + c.beta).collect::<Vec<_>>()
-            }),
-            "path": out.path,
+            "method": out.method.as_ref().map(|m| m.method.name()),
+            "method_reason": out.method.as_ref().map(|m| m.reason.clone()),
             "num_params": out.num_params,
             "num_train": out.num_train,
             "damping": self.damping,
             "posterior_scale": self.posterior_scale,
             "rollout": self.rollout,
             "seconds": seconds,
-        })
+        });
+        if let (Some(o), serde_json::Value::Object(c)) = (v.as_object_mut(), common) {
+            o.extend(c);
+        }
+        v
     }
 }
 

@@ -138,18 +138,14 @@ fn pass_through<T: Scalar>(
     pass: &mut Pass<T>,
 ) -> bool {
     let node = &g.nodes[k];
-    let reshaping = matches!(
-        node.op,
-        Op::Reshape { .. }
-            | Op::Flatten { .. }
-            | Op::Squeeze { .. }
-            | Op::Unsqueeze { .. }
-            | Op::Identity
-            | Op::CastLike
-            | Op::Cast {
-                to: super::ir::ElemType::Float
-            }
-    );
+    let reshaping = node.op.is_reshape()
+        || matches!(
+            node.op,
+            Op::CastLike
+                | Op::Cast {
+                    to: super::ir::ElemType::Float
+                }
+        );
     let additive = matches!(node.op, Op::Binary(Binary::Add) | Op::Binary(Binary::Sub));
     if !(reshaping || additive) || node.outputs.len() != 1 {
         return false;

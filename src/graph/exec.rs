@@ -237,14 +237,7 @@ pub fn forward<T: Scalar>(
         if have_folded && fold.is_some_and(|f| f[k]) {
             continue;
         }
-        let reshaping = matches!(
-            node.op,
-            Op::Reshape { .. }
-                | Op::Flatten { .. }
-                | Op::Squeeze { .. }
-                | Op::Unsqueeze { .. }
-                | Op::Identity
-        );
+        let reshaping = node.op.is_reshape();
         let additive = matches!(node.op, Op::Binary(Binary::Add | Binary::Sub));
         // a computed value read by this node alone, whose producer's backward does not read it
         let movable = |pass: &Pass<T>, v: ValueId| {

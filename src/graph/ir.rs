@@ -363,6 +363,19 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether the op only reshapes its first input: its output holds the same values in the
+    /// same order (Reshape, Flatten, Squeeze, Unsqueeze, Identity).
+    pub fn is_reshape(&self) -> bool {
+        matches!(
+            self,
+            Op::Reshape { .. }
+                | Op::Flatten { .. }
+                | Op::Squeeze { .. }
+                | Op::Unsqueeze { .. }
+                | Op::Identity
+        )
+    }
+
     /// The ONNX name of the operator.
     pub fn name(&self) -> &'static str {
         match self {

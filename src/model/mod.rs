@@ -27,3 +27,16 @@ pub(crate) fn seeded_uniform(seed: u64) -> impl FnMut() -> f64 {
         ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
 }
+
+/// Every tensor of a safetensors file, as candle reads them (a file that is not one is an
+/// error naming it).
+pub(crate) fn read_candle_tensors(
+    path: &std::path::Path,
+) -> crate::error::Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).map_err(|e| {
+        crate::error::Error::BadFile {
+            path: path.display().to_string(),
+            detail: format!("not a readable safetensors file: {e}"),
+        }
+    })
+}

@@ -817,11 +817,7 @@ impl Sequential {
         prefix: &str,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let tensors =
-            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::BadFile {
-                path: path.display().to_string(),
-                detail: format!("not a readable safetensors file: {e}"),
-            })?;
+        let tensors = super::read_candle_tensors(path)?;
         Self::from_tensors(
             spec,
             input_shape,

@@ -256,12 +256,7 @@ pub fn unary_backward_in_place<T: Scalar>(
     let (has_x, has_y) = (xs.len() == g.len(), ys.len() == g.len());
     let one = T::of(1.0);
     let zero = T::of(0.0);
-    let lost = |what: &str| {
-        Err(Error::Unsupported(format!(
-            "{}: its {what} was not kept for the backward pass",
-            node.describe()
-        )))
-    };
+    let lost = |what: &str| Err(super::not_kept(node, what));
     // one loop per common function (vectorises)
     match u {
         Unary::Tanh | Unary::Sigmoid | Unary::Exp | Unary::Sqrt | Unary::Reciprocal if !has_y => {

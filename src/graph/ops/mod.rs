@@ -225,10 +225,7 @@ pub fn forward<T: Scalar>(
             count_include_pad,
         } => one(conv::pool_forward(node, x(0)?, window, Some(*count_include_pad))?.0),
         Op::GlobalAveragePool | Op::Reduce { .. } => {
-            let kind = match node.op {
-                Op::Reduce { kind, .. } => kind,
-                _ => ReduceKind::Mean,
-            };
+            let kind = reduce_kind(&node.op);
             let xi = x(0)?;
             let (ax, out) = reduce_plan(node, ins, &xi.shape)?;
             let (y, arg) = reduce::reduce_forward(node, kind, xi, &ax, out)?;
@@ -452,7 +449,7 @@ pub fn backward<T: Scalar>(
         outs.first()
             .copied()
             .flatten()
-            .ok_or_else(|| Error::Unsupported(format!("{}: output not kept", node.describe())))
+            .ok_or_else(|| not_kept(node, "output"))
     };
     let unsupported = |i: usize| {
         Err(Error::Unsupported(format!(
@@ -495,10 +492,7 @@ pub fn backward<T: Scalar>(
         }
         Op::Conv { window, group } => {
             let Saved::Patches(p) = saved else {
-                return Err(Error::Unsupported(format!(
-                    "{}: patches not kept",
-                    node.describe()
-                )));
+                return Err(not_kept(node, "patches"));
             };
             let [a, b, c] = conv::conv_backward(
                 node,
@@ -518,10 +512,7 @@ pub fn backward<T: Scalar>(
         }
         Op::MaxPool { window } => {
             let Saved::Indices(arg) = saved else {
-                return Err(Error::Unsupported(format!(
-                    "{}: indices not kept",
-                    node.describe()
-                )));
+                return Err(not_kept(node, "indices"));
             };
             res[0] = Some(conv::pool_backward(node, x(0)?, window, None, arg, g0)?);
         }
@@ -539,10 +530,7 @@ pub fn backward<T: Scalar>(
             )?);
         }
         Op::GlobalAveragePool | Op::Reduce { .. } => {
-            let kind = match node.op {
-                Op::Reduce { kind, .. } => kind,
-                _ => ReduceKind::Mean,
-            };
+            let kind = reduce_kind(&node.op);
             let xi = x(0)?;
             let (ax, _) = reduce_plan(node, ins, &xi.shape)?;
             let arg: &[usize] = match saved {
@@ -568,10 +556,7 @@ pub fn backward<T: Scalar>(
         }
         Op::LayerNorm { axis, .. } => {
             let Saved::Norm { xh, inv } = saved else {
-                return Err(Error::Unsupported(format!(
-                    "{}: x̂ not kept",
-                    node.describe()
-                )));
+                return Err(not_kept(node, "x̂"));
             };
             let [a, b, c] = norm::layer_norm_backward(
                 node,
@@ -791,4 +776,20 @@ fn scatter<V: Copy + std::ops::AddAssign>(
         }
     }
     o
+}
+
+/// The error of a backward rule whose forward value is gone.
+pub(crate) fn not_kept(node: &Node, what: &str) -> Error {
+    Error::Unsupported(format!(
+        "{}: its {what} was not kept for the backward pass",
+        node.describe()
+    ))
+}
+
+/// The reduction of a Reduce node (a global average pool is a mean).
+fn reduce_kind(op: &Op) -> ReduceKind {
+    match op {
+        Op::Reduce { kind, .. } => *kind,
+        _ => ReduceKind::Mean,
+    }
 }
