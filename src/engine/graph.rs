@@ -714,17 +714,21 @@ impl GraphEngine {
                         continue;
                     }
                 }
-                // per example: G = Σ_uses Δᵀ X̃ in the run's precision, squared into f64
-                let mut g = vec![T::of(0.0); out * k];
-                let mut gb = vec![T::of(0.0); out];
+                // per example: G = Σ_uses Δᵀ X̃ in the run's precision, squared into f64 for
+                // SQ_BLOCK examples at a time (the f64 sums read and written once per block)
+                let mut gs = vec![T::of(0.0); SQ_BLOCK * out * k];
+                let mut gbs = vec![T::of(0.0); SQ_BLOCK * out];
                 let mut ones: Vec<T> = vec![];
                 for e in 0..b {
+                    let slot = e % SQ_BLOCK;
+                    let g = &mut gs[slot * out * k..(slot + 1) * out * k];
+                    let gb = &mut gbs[slot * out..(slot + 1) * out];
                     for (u, (pass, x, d)) in recs.iter().enumerate() {
                         let xm = x.mat(pass, e)?;
                         let dm = d.mat(pass, e)?;
                         let acc_mode = if u == 0 { Accum::Replace } else { Accum::Add };
                         matmul(
-                            MatMut::from_row_major_slice_mut(&mut g, out, k),
+                            MatMut::from_row_major_slice_mut(g, out, k),
                             acc_mode,
                             dm.transpose(),
                             xm,
@@ -735,7 +739,7 @@ impl GraphEngine {
                             // the bias: Δᵀ·1
                             ones.resize(dm.nrows(), T::of(1.0));
                             matmul(
-                                MatMut::from_column_major_slice_mut(&mut gb, out, 1),
+                                MatMut::from_column_major_slice_mut(gb, out, 1),
                                 acc_mode,
                                 dm.transpose(),
                                 MatRef::from_column_major_slice(&ones, dm.nrows(), 1),
@@ -744,9 +748,13 @@ impl GraphEngine {
                             );
                         }
                     }
-                    T::add_squares(&mut acc[s.w_off..s.w_off + out * k], &g);
-                    if let Some(bo) = s.b_off {
-                        T::add_squares(&mut acc[bo..bo + out], &gb);
+                    if slot + 1 == SQ_BLOCK || e + 1 == b {
+                        let filled = slot + 1;
+                        let (w, wb) = (&gs[..filled * out * k], &gbs[..filled * out]);
+                        T::add_squares(&mut acc[s.w_off..s.w_off + out * k], w);
+                        if let Some(bo) = s.b_off {
+                            T::add_squares(&mut acc[bo..bo + out], wb);
+                        }
                     }
                 }
                 continue;
@@ -1415,6 +1423,9 @@ fn single_row_factors<T: Scalar>(passes: &[Pass<T>], gi: usize, b: usize) -> Opt
     }
     Some((x.contiguous(pass, b)?, d.contiguous(pass, b)?))
 }
+
+/// Examples whose per-example gradients the diagonal pass squares into its f64 sums together.
+const SQ_BLOCK: usize = 4;
 
 /// acc (k×k, row-major) += mᵀ m.
 fn add_gram(acc: &mut [f64], k: usize, m: MatRef<'_, f64>) {

@@ -311,7 +311,9 @@ unsafe fn gelu_tanh_slice_avx2(z: &mut [f32], u: &mut [f32]) {
     gelu_tanh_slice_plain(z, u);
 }
 
-/// `acc[k] += v[k]²` in f64, AVX2 when available.
+/// `acc[k] += v_j[k]²` in f64 for the vectors v_j that `v` holds back to back (each as long as
+/// `acc`), in order of j: four at a time, so that `acc` is read and written once per four (the
+/// sums are those of one vector at a time, bit for bit). AVX2 when available.
 pub(crate) fn add_squares_f32(acc: &mut [f64], v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -321,17 +323,34 @@ pub(crate) fn add_squares_f32(acc: &mut [f64], v: &[f32]) {
             return;
         }
     }
-    acc.iter_mut()
-        .zip(v)
-        .for_each(|(a, x)| *a += (*x * *x) as f64);
+    add_squares_rows(acc, v);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn add_squares_avx2(acc: &mut [f64], v: &[f32]) {
-    acc.iter_mut()
-        .zip(v)
-        .for_each(|(a, x)| *a += (*x * *x) as f64);
+    add_squares_rows(acc, v);
+}
+
+#[inline(always)]
+fn add_squares_rows(acc: &mut [f64], v: &[f32]) {
+    let n = acc.len();
+    if n == 0 {
+        return;
+    }
+    let sq = |x: &f32| (*x * *x) as f64;
+    let mut quads = v.chunks_exact(4 * n);
+    for q in &mut quads {
+        let (r0, rest) = q.split_at(n);
+        let (r1, rest) = rest.split_at(n);
+        let (r2, r3) = rest.split_at(n);
+        for ((((a, x0), x1), x2), x3) in acc.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
+            *a = (((*a + sq(x0)) + sq(x1)) + sq(x2)) + sq(x3);
+        }
+    }
+    for r in quads.remainder().chunks_exact(n) {
+        acc.iter_mut().zip(r).for_each(|(a, x)| *a += sq(x));
+    }
 }
 
 #[cfg(test)]
@@ -455,10 +474,21 @@ mod tests {
             let want = exp_f32(z0[k] - 0.5);
             assert!((row[k] - want).abs() <= 1e-6 * want, "{k}");
         }
-        let mut acc = vec![1.0f64; z0.len()];
-        add_squares_f32(&mut acc, &z0);
-        for k in 0..z0.len() {
-            assert_eq!(acc[k], 1.0 + (z0[k] * z0[k]) as f64);
+        // one vector, and several back to back: the same sums as one at a time, bit for bit
+        for count in [1usize, 3, 4, 6, 9] {
+            let n = 37;
+            let v: Vec<f32> = (0..count * n)
+                .map(|i| (i as f32 * 0.37).sin() * 3.1)
+                .collect();
+            let mut acc: Vec<f64> = (0..n).map(|i| i as f64 * 0.01).collect();
+            let mut want = acc.clone();
+            for row in v.chunks(n) {
+                for (w, x) in want.iter_mut().zip(row) {
+                    *w += (*x * *x) as f64;
+                }
+            }
+            add_squares_f32(&mut acc, &v);
+            assert_eq!(acc, want, "{count} vectors");
         }
     }
 }

@@ -52,11 +52,14 @@ pub trait Scalar:
     fn exp_shift(row: &mut [Self], m: Self) {
         row.iter_mut().for_each(|v| *v = (*v - m).exp());
     }
-    /// `acc[k] += v[k]²` in f64.
+    /// `acc[k] += v_j[k]²` in f64 for the vectors v_j that `v` holds back to back (each as
+    /// long as `acc`; a partial one at the end is passed over), in order of j.
     fn add_squares(acc: &mut [f64], v: &[Self]) {
-        acc.iter_mut()
-            .zip(v)
-            .for_each(|(a, x)| *a += (*x * *x).f64());
+        for row in v.chunks_exact(acc.len().max(1)) {
+            acc.iter_mut()
+                .zip(row)
+                .for_each(|(a, x)| *a += (*x * *x).f64());
+        }
     }
     /// ln x.
     fn ln(self) -> Self {

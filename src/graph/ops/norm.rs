@@ -186,10 +186,11 @@ pub fn layer_norm_forward<T: Scalar>(
         }) / df;
         let iv = T::of(1.0) / (var + T::of(eps)).sqrt();
         inv[r] = iv;
-        for i in 0..d {
-            let h = (xr[i] - mean) * iv;
-            xh[r * d + i] = h;
-            y[r * d + i] = h * sc[i] + bi[i];
+        let (hr, yr) = (&mut xh[r * d..(r + 1) * d], &mut y[r * d..(r + 1) * d]);
+        for ((((h, yv), x), s), b) in hr.iter_mut().zip(yr).zip(xr).zip(&sc).zip(&bi) {
+            let hv = (*x - mean) * iv;
+            *h = hv;
+            *yv = hv * *s + *b;
         }
     }
     Ok((ft(x.shape.clone(), y), xh, inv))
@@ -227,14 +228,15 @@ pub fn layer_norm_backward<T: Scalar>(
         let mut dx = buffer(g.len());
         let mut gh = vec![T::of(0.0); d];
         for r in 0..rows {
-            let xr = &xh[r * d..(r + 1) * d];
-            for i in 0..d {
-                gh[i] = g[r * d + i] * sc[i];
+            let (xr, gr) = (&xh[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+            for ((h, gv), s) in gh.iter_mut().zip(gr).zip(&sc) {
+                *h = *gv * *s;
             }
             let m1 = lane_sum(d, |i| gh[i]) / df;
             let m2 = lane_sum(d, |i| gh[i] * xr[i]) / df;
-            for i in 0..d {
-                dx[r * d + i] = inv[r] * (gh[i] - m1 - xh[r * d + i] * m2);
+            let ir = inv[r];
+            for ((o, h), x) in dx[r * d..(r + 1) * d].iter_mut().zip(&gh).zip(xr) {
+                *o = ir * (*h - m1 - *x * m2);
             }
         }
         dx
