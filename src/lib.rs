@@ -83,8 +83,9 @@ pub use delta::{
     DeltaCovariances, DeltaVariances, GroupDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
-    qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, FactoredOptions, GenericGradients,
-    GenericOptions, GraphEngine, LayerRoute, LayeredGradients, QoiGradient,
+    qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, ExampleGradients, FactoredOptions,
+    GenericGradients, GenericOptions, GraphEngine, LayerRoute, LayeredGradients, QoiGradient,
+    QueryGradients,
 };
 pub use error::{Error, Result};
 pub use fisher::{

@@ -16,7 +16,8 @@ pub use crate::delta::{
     query_delta_variances, SigmaOptions, SigmaStrategy,
 };
 pub use crate::engine::{
-    qoi_gradient, qoi_gradients, FactoredOptions, GenericOptions, GraphEngine,
+    qoi_gradient, qoi_gradients, ExampleGradients, FactoredOptions, GenericOptions, GraphEngine,
+    QueryGradients,
 };
 pub use crate::error::{Error, Result};
 pub use crate::fisher::{FisherArtifact, FisherSource, GenericFisher, GraphFisher};

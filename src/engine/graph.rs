@@ -66,7 +66,8 @@ macro_rules! dispatch {
 /// The graph engine for one graph and one per-example input shape (see the module docs).
 ///
 /// ```no_run
-/// use deltavar::{engine::GraphEngine, graph::Graph, FactoredOptions, Likelihood, MmapNpyDataset};
+/// use deltavar::{engine::GraphEngine, graph::Graph, ExampleGradients, FactoredOptions};
+/// use deltavar::{Likelihood, MmapNpyDataset};
 /// let g = Graph::from_onnx("model.onnx", Some("model.safetensors".as_ref())).unwrap();
 /// let data = MmapNpyDataset::open("train_x.npy", "train_y.npy").unwrap();
 /// let engine = GraphEngine::new(g, &[3, 32, 32], candle_core::DType::F32).unwrap();
@@ -632,18 +633,6 @@ impl GraphEngine {
         Ok(())
     }
 
-    /// Σᵢ gᵢ∘gᵢ of the log-likelihood over `data` (length P), in f64.
-    pub fn sum_sq(
-        &self,
-        lik: &Likelihood,
-        data: &dyn Dataset,
-        opts: &FactoredOptions,
-    ) -> Result<Vec<f64>> {
-        let s = dispatch!(self, src => self.sum_sq_t(src, lik, data, opts))?;
-        crate::error::check_finite("Fisher diagonal sums (graph engine)", &s)?;
-        Ok(s)
-    }
-
     fn sum_sq_t<T: Scalar>(
         &self,
         src: &Sources<T>,
@@ -873,45 +862,9 @@ impl GraphEngine {
         Ok((g, values.into_iter().flatten().collect()))
     }
 
-    /// The log-likelihood gradients of examples `start .. start + len` of `data` as a P×len
-    /// matrix (one column per example). O(P·len) memory.
-    pub fn per_example_gradients(
-        &self,
-        lik: &Likelihood,
-        data: &dyn Dataset,
-        start: usize,
-        len: usize,
-        opts: &FactoredOptions,
-    ) -> Result<Mat<f64>> {
-        crate::data::check_range(data.len(), start, len)?;
-        let (g, _) = dispatch!(self, src => self.gradient_block(src, len, 1, opts, |s, l| {
-            Batch::load(data, start + s, l)
-        }, Some(lik), None, start))?;
-        Ok(g)
-    }
-
     /// The queries as (M, elements per example), checked against the input shape.
     fn query_rows(&self, queries: &CTensor) -> Result<CTensor> {
         super::batch::query_rows(queries, &self.an.input_shape, "the graph")
-    }
-
-    /// The gradients of a QoI at the M queries (rows of `queries`, shape (M, *input shape);
-    /// integer tensors for token inputs) as a P×M block, and the QoI values. With `steps` = K > 1
-    /// the QoI is read after K applications of the graph (input and output shapes equal), the
-    /// gradients flowing through every step.
-    pub fn query_gradients(
-        &self,
-        qoi: &Qoi,
-        queries: &CTensor,
-        steps: usize,
-        opts: &FactoredOptions,
-    ) -> Result<(Mat<f64>, Vec<f64>)> {
-        self.check_rollout(steps)?;
-        let q = self.query_rows(queries)?;
-        let m = q.dim(0)?;
-        dispatch!(self, src => self.gradient_block(src, m, steps, opts, |s, l| {
-            Ok(Batch::Inputs(q.narrow(0, s, l)?))
-        }, None, Some(qoi), 0))
     }
 
     /// Bytes [`GraphEngine::layered_gradients`] holds for `n` examples under `route`.
@@ -1462,7 +1415,9 @@ impl super::ExampleGradients for GraphEngine {
         data: &dyn Dataset,
         opts: &FactoredOptions,
     ) -> Result<Vec<f64>> {
-        GraphEngine::sum_sq(self, lik, data, opts)
+        let s = dispatch!(self, src => self.sum_sq_t(src, lik, data, opts))?;
+        crate::error::check_finite("Fisher diagonal sums (graph engine)", &s)?;
+        Ok(s)
     }
     fn per_example_gradients(
         &self,
@@ -1472,7 +1427,11 @@ impl super::ExampleGradients for GraphEngine {
         len: usize,
         opts: &FactoredOptions,
     ) -> Result<Mat<f64>> {
-        GraphEngine::per_example_gradients(self, lik, data, start, len, opts)
+        crate::data::check_range(data.len(), start, len)?;
+        let (g, _) = dispatch!(self, src => self.gradient_block(src, len, 1, opts, |s, l| {
+            Batch::load(data, start + s, l)
+        }, Some(lik), None, start))?;
+        Ok(g)
     }
     fn layered_bytes(
         &self,
@@ -1508,6 +1467,9 @@ impl super::gradients::QueryGradients for GraphEngine {
     fn num_outputs(&self, _queries: &candle_core::Tensor) -> Result<usize> {
         Ok(self.output_shape().iter().product())
     }
+    /// Queries of shape (M, *input shape) or (M, elements per example); integer tensors for
+    /// token inputs. With `steps` = K > 1 (input and output shapes equal) the gradients flow
+    /// through every step.
     fn query_gradients(
         &self,
         qoi: &crate::qoi::Qoi,
@@ -1515,7 +1477,12 @@ impl super::gradients::QueryGradients for GraphEngine {
         steps: usize,
         opts: &super::FactoredOptions,
     ) -> Result<(Mat<f64>, Vec<f64>)> {
-        GraphEngine::query_gradients(self, qoi, queries, steps, opts)
+        self.check_rollout(steps)?;
+        let q = self.query_rows(queries)?;
+        let m = q.dim(0)?;
+        dispatch!(self, src => self.gradient_block(src, m, steps, opts, |s, l| {
+            Ok(Batch::Inputs(q.narrow(0, s, l)?))
+        }, None, Some(qoi), 0))
     }
     fn query_layered_gradients(
         &self,

@@ -179,7 +179,7 @@ pub fn transformer(m: &Transformer, len: usize) -> Result<Graph> {
 /// use candle_core::{DType, Device, Tensor};
 /// use deltavar::graph::build::{GraphBuilder, Weights};
 /// use deltavar::graph::models::attention;
-/// use deltavar::{FactoredOptions, GraphEngine, Qoi};
+/// use deltavar::{FactoredOptions, GraphEngine, Qoi, QueryGradients};
 ///
 /// # fn main() -> deltavar::Result<()> {
 /// let (t, d) = (3, 4);
