@@ -113,7 +113,7 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
     }
 
     /// The [`CaptureOptions::chunk_elements`] used where the engine runs with
-    /// [`super::FactoredOptions`] (as an [`ExampleGradients`] or [`QueryGradients`] engine).
+    /// [`super::FactoredOptions`] (as an [`super::ExampleGradients`] or [`super::QueryGradients`] engine).
     pub fn with_chunk_elements(mut self, chunk_elements: usize) -> Self {
         self.chunk_elements = chunk_elements;
         self

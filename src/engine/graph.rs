@@ -8,13 +8,13 @@
 //! tokens (ids and signal rows of an embedding) or materialised per-example gradients (norms,
 //! biases, tied weights). From them:
 //!
-//! - [`GraphEngine::sum_sq`]: Σᵢ gᵢ∘gᵢ in f64 (a weight used once per example with one row:
+//! - `sum_sq` ([`super::ExampleGradients`]): Σᵢ gᵢ∘gᵢ in f64 (a weight used once per example with one row:
 //!   one (Δ∘Δ)ᵀ(X∘X) matmul per batch; otherwise Δᵢᵀ X̃ᵢ per example);
-//! - [`GraphEngine::per_example_gradients`]: the P×len block of a range;
+//! - `per_example_gradients` (the same trait): the P×len block of a range;
 //! - [`GraphEngine::layered_gradients`]: every example held layer by layer
 //!   ([`LayeredGradients`]: rows and tokens groups factored or materialised by cost) for the
 //!   kernel and CG methods;
-//! - [`GraphEngine::query_gradients`] / [`GraphEngine::query_layered_gradients`]: QoI
+//! - `query_gradients` ([`super::QueryGradients`]) / [`GraphEngine::query_layered_gradients`]: QoI
 //!   gradients through a rollout of K applications of the graph (output fed back as input);
 //! - [`GraphEngine::kfac_factors`]: K-FAC factors of the rows groups, the exact diagonal of the
 //!   others.
