@@ -9,21 +9,7 @@
 /// eʳ, and 2ⁿ built from the exponent bits. Inputs below −87.3 give 0, above 88.7 give +∞.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
-    let x = x.clamp(-87.33, 88.72);
-    // round to nearest by the 1.5·2²³ trick (f32::round is a libm call without SSE4.1)
-    // (its low mantissa bits then hold n as an integer: no float-to-int conversion)
-    const MAGIC: f32 = 12_582_912.0;
-    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = shifted - MAGIC;
-    let n_int = (shifted.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    let r = (x - n * 0.693_145_75) - n * 1.428_606_8e-6;
-    // Taylor to degree 6 on |r| ≤ 0.347: truncation < 2.4e-8 relative
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
-    p * scale
+    exp_f32_with::<false>(x)
 }
 
 /// a·b + c, fused (one rounding) when `FMA` (only inside functions compiled with the `fma`
@@ -40,15 +26,15 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// eˣ in f32 as [`exp_f32`], its polynomial in fused multiply-adds when `FMA`.
 #[inline(always)]
 fn exp_f32_with<const FMA: bool>(x: f32) -> f32 {
-    if !FMA {
-        return exp_f32(x);
-    }
     let x = x.clamp(-87.33, 88.72);
+    // round to nearest by the 1.5·2²³ trick (f32::round is a libm call without SSE4.1)
+    // (its low mantissa bits then hold n as an integer: no float-to-int conversion)
     const MAGIC: f32 = 12_582_912.0;
     let shifted = madd::<FMA>(x, std::f32::consts::LOG2_E, MAGIC);
     let n = shifted - MAGIC;
     let n_int = (shifted.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let r = madd::<FMA>(-n, 1.428_606_8e-6, madd::<FMA>(-n, 0.693_145_75, x));
+    // Taylor to degree 6 on |r| ≤ 0.347: truncation < 2.4e-8 relative
     let mut p = 1.0 / 720.0;
     for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = madd::<FMA>(p, r, c);

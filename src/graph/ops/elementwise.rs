@@ -301,6 +301,16 @@ impl<T: Scalar> OutElem for T {
     }
 }
 
+/// `o[r·n + j] = f(full[r·n + j], small[j])` for every row r (n = small.len() > 0).
+#[inline(always)]
+fn rows_apply<X: Copy, Y: Copy, O>(o: &mut [O], full: &[X], small: &[Y], f: impl Fn(X, Y) -> O) {
+    for (orow, row) in o.chunks_mut(small.len()).zip(full.chunks(small.len())) {
+        orow.iter_mut()
+            .zip(row.iter().zip(small))
+            .for_each(|(o, (x, y))| *o = f(*x, *y));
+    }
+}
+
 /// The combined operation of a broadcasting binary op on two slices: `out[i] = f(a[ia], b[ib])`.
 fn broadcast_apply<A: Copy, B: Copy, O: OutElem>(
     a: &[A],
@@ -332,19 +342,11 @@ fn broadcast_apply<A: Copy, B: Copy, O: OutElem>(
         !t.is_empty() && out.ends_with(&t)
     };
     if ashape == out && !b.is_empty() && trailing(bshape) {
-        for (orow, row) in o.chunks_mut(b.len()).zip(a.chunks(b.len())) {
-            orow.iter_mut()
-                .zip(row.iter().zip(b))
-                .for_each(|(o, (x, y))| *o = f(*x, *y));
-        }
+        rows_apply(&mut o, a, b, &f);
         return o;
     }
     if bshape == out && !a.is_empty() && trailing(ashape) {
-        for (orow, row) in o.chunks_mut(a.len()).zip(b.chunks(a.len())) {
-            orow.iter_mut()
-                .zip(a.iter().zip(row))
-                .for_each(|(o, (x, y))| *o = f(*x, *y));
-        }
+        rows_apply(&mut o, b, a, |y, x| f(x, y));
         return o;
     }
     let sa = bstrides(ashape, out);
