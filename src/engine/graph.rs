@@ -704,9 +704,12 @@ impl GraphEngine {
                     }
                 }
                 // per example: G = Σ_uses Δᵀ X̃ in the run's precision, squared into f64 for
-                // SQ_BLOCK examples at a time (the f64 sums read and written once per block)
-                let mut gs = vec![T::of(0.0); SQ_BLOCK * out * k];
-                let mut gbs = vec![T::of(0.0); SQ_BLOCK * out];
+                // SQ_BLOCK examples at a time (the f64 sums read and written once per block);
+                // the blocks in the worker's buffers, kept across batches (the products replace
+                // every element they read back)
+                let [gs, gbs, _] = &mut *sq;
+                gs.resize(SQ_BLOCK * out * k, T::of(0.0));
+                gbs.resize(SQ_BLOCK * out, T::of(0.0));
                 let mut ones: Vec<T> = vec![];
                 for e in 0..b {
                     let slot = e % SQ_BLOCK;

@@ -7,14 +7,17 @@ use crate::graph::ir::{Data, Node, Tensor};
 use crate::scalar::pool::{buffer, with_capacity};
 use crate::scalar::{lane_max, lane_sum, Scalar};
 
-/// A batch norm's dimensions (N, C, spatial size) and per channel (scale·inv_std, shift), so
-/// that y = a·x + shift; inv_std = 1/√(var + ε).
-#[allow(clippy::type_complexity)]
-fn bn_coeffs<T: Scalar>(
-    node: &Node,
-    ins: [&Tensor<T>; 5],
-    eps: f64,
-) -> Result<((usize, usize, usize), Vec<T>, Vec<T>)> {
+/// A batch norm's dimensions (N, C, spatial size), its inputs checked (scale, B, mean and var
+/// one per channel), and per channel a = scale·inv_std, shift and inv_std = 1/√(var + ε), so
+/// that y = a·x + shift and x̂ = (x − mean)·inv_std.
+struct BnCoeffs<T> {
+    dims: (usize, usize, usize),
+    a: Vec<T>,
+    shift: Vec<T>,
+    inv: Vec<T>,
+}
+
+fn bn_coeffs<T: Scalar>(node: &Node, ins: [&Tensor<T>; 5], eps: f64) -> Result<BnCoeffs<T>> {
     let [x, s, b, m, v] = ins;
     let dims = bn_dims(node, &x.shape)?;
     let c = dims.1;
@@ -36,11 +39,18 @@ fn bn_coeffs<T: Scalar>(
             ),
         ));
     }
-    let a: Vec<T> = (0..c)
-        .map(|k| scale[k] * (T::of(1.0) / (var[k] + T::of(eps)).sqrt()))
+    let inv: Vec<T> = var
+        .iter()
+        .map(|v| T::of(1.0) / (*v + T::of(eps)).sqrt())
         .collect();
+    let a: Vec<T> = scale.iter().zip(&inv).map(|(s, i)| *s * *i).collect();
     let shift: Vec<T> = (0..c).map(|k| bias[k] - a[k] * mean[k]).collect();
-    Ok((dims, a, shift))
+    Ok(BnCoeffs {
+        dims,
+        a,
+        shift,
+        inv,
+    })
 }
 
 fn bn_dims(node: &Node, shape: &[usize]) -> Result<(usize, usize, usize)> {
@@ -76,27 +86,22 @@ pub fn batch_norm_forward<T: Scalar>(
     ins: [&Tensor<T>; 5],
     eps: f64,
 ) -> Result<Tensor<T>> {
-    let (dims, a, sh) = bn_coeffs(node, ins, eps)?;
+    let BnCoeffs { dims, a, shift, .. } = bn_coeffs(node, ins, eps)?;
     let x = ins[0];
     let xv = floats(node, x, "X")?;
     Ok(ft(
         x.shape.clone(),
-        per_channel(dims, xv, |k, x| a[k] * x + sh[k]),
+        per_channel(dims, xv, |k, x| a[k] * x + shift[k]),
     ))
 }
 
 /// The normalized input x̂ = (x − mean)/√(var + ε) of a batch norm.
 pub fn batch_norm_xhat<T: Scalar>(node: &Node, ins: [&Tensor<T>; 5], eps: f64) -> Result<Vec<T>> {
-    let [x, _, _, m, v] = ins;
-    let dims = bn_dims(node, &x.shape)?;
-    let mv = floats(node, m, "mean")?;
-    let vv = floats(node, v, "var")?;
-    let inv: Vec<T> = vv
-        .iter()
-        .map(|v| T::of(1.0) / (*v + T::of(eps)).sqrt())
-        .collect();
+    let BnCoeffs { dims, inv, .. } = bn_coeffs(node, ins, eps)?;
+    let [x, _, _, m, _] = ins;
+    let mean = floats(node, m, "mean")?;
     Ok(per_channel(dims, floats(node, x, "X")?, |k, x| {
-        (x - mv[k]) * inv[k]
+        (x - mean[k]) * inv[k]
     }))
 }
 
@@ -108,7 +113,7 @@ pub fn batch_norm_backward<T: Scalar>(
     g: &[T],
     need: [bool; 3],
 ) -> Result<[Option<Vec<T>>; 3]> {
-    let (dims, a, _) = bn_coeffs(node, ins, eps)?;
+    let BnCoeffs { dims, a, .. } = bn_coeffs(node, ins, eps)?;
     let (n, c, sp) = dims;
     let dx = need[0].then(|| per_channel(dims, g, |k, gv| gv * a[k]));
     let (mut ds, mut db) = (None, None);
