@@ -28,22 +28,37 @@ impl Default for Conv2dConfig {
     }
 }
 
-/// A 2-D convolution, a drop-in for `candle_nn::Conv2d` with groups = 1 (same `VarBuilder` names
-/// `weight` (out, in, k, k) and `bias` (out), same initialisation), captured by the capture
-/// engine. Input (B, C, H, W), output (B, out, H_out, W_out).
+/// A convolution over `D` spatial dimensions with groups = 1, captured by the capture engine:
+/// each output position is a use of a linear layer on its unfolded patch (capture.md). Use it
+/// as [`Conv2d`] or [`Conv1d`].
 #[derive(Debug, Clone)]
-pub struct Conv2d {
+pub struct Conv<const D: usize> {
     weight: Tensor,
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
 }
 
-impl Conv2d {
-    /// From a weight (out, in, kh, kw), an optional bias (out) and the configuration.
+/// A 2-D convolution, a drop-in for `candle_nn::Conv2d` with groups = 1 (same `VarBuilder` names
+/// `weight` (out, in, k, k) and `bias` (out), same initialisation). Input (B, C, H, W), output
+/// (B, out, H_out, W_out).
+pub type Conv2d = Conv<2>;
+
+/// A 1-D convolution, a drop-in for `candle_nn::Conv1d` with groups = 1 (`weight` (out, in, k),
+/// `bias` (out)). Input (B, C, L), output (B, out, L_out). Padding, stride and dilation as in
+/// [`Conv2dConfig`].
+///
+/// It runs as a 2-D convolution over (B, C, 1, L): candle 0.11.1's own `conv1d` backward gives
+/// wrong input gradients for every example of a batch but the first (measured, see
+/// tests/capture.rs), which would corrupt the signals of every layer below it.
+pub type Conv1d = Conv<1>;
+
+impl<const D: usize> Conv<D> {
+    /// From a weight (out, in, k…) with `D` kernel dimensions, an optional bias (out) and the
+    /// configuration.
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
         Self { weight, bias, cfg }
     }
-    /// The weight (out, in, kh, kw).
+    /// The weight (out, in, k…).
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -54,6 +69,19 @@ impl Conv2d {
     /// The configuration.
     pub fn config(&self) -> Conv2dConfig {
         self.cfg
+    }
+
+    /// The weight and the bias as the forward reads them: detached while capturing (the probe
+    /// carries every gradient needed).
+    fn live(&self, capturing: bool) -> (Tensor, Option<Tensor>) {
+        let read = |t: &Tensor| if capturing { t.detach() } else { t.clone() };
+        (read(&self.weight), self.bias.as_ref().map(read))
+    }
+
+    /// The probe on the convolution's output `zt` (B, positions, out) over the unfolded
+    /// `patches` (B, positions, in·k…).
+    fn probe(&self, zt: Tensor, patches: &Tensor) -> candle_core::Result<Tensor> {
+        capture::probe_use(zt, patches, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -217,20 +245,10 @@ impl Module for Conv2d {
             candle_core::bail!("Conv2d: square kernels only, got {kh}×{kw}");
         }
         let capturing = capture::active();
-        // while capturing, the weights are detached: the probe carries every gradient needed
-        let w = if capturing {
-            self.weight.detach()
-        } else {
-            self.weight.clone()
-        };
+        let (w, bias) = self.live(capturing);
         let xp = padded_used(&padded_used(x, 2, kh, &self.cfg)?, 3, kw, &self.cfg)?;
         let mut z = xp.conv2d(&w, 0, self.cfg.stride, self.cfg.dilation, 1)?;
-        if let Some(bias) = &self.bias {
-            let bias = if capturing {
-                bias.detach()
-            } else {
-                bias.clone()
-            };
+        if let Some(bias) = bias {
             z = z.broadcast_add(&bias.reshape((1, out, 1, 1))?)?;
         }
         if !capturing {
@@ -240,37 +258,8 @@ impl Module for Conv2d {
         let (b, _, ho, wo) = z.dims4()?;
         let (patches, _, _) = unfold2d(&x.detach(), kh, kw, &self.cfg)?;
         let zt = z.permute((0, 2, 3, 1))?.reshape((b, ho * wo, out))?;
-        let zt = capture::probe_use(zt, &patches, &self.weight, self.bias.as_ref())?;
+        let zt = self.probe(zt, &patches)?;
         zt.reshape((b, ho, wo, out))?.permute((0, 3, 1, 2))
-    }
-}
-
-/// A 1-D convolution, a drop-in for `candle_nn::Conv1d` with groups = 1 (`weight` (out, in, k),
-/// `bias` (out)), captured by the capture engine (each output position is a use on its patch).
-/// Input (B, C, L), output (B, out, L_out). Padding, stride and dilation as in [`Conv2dConfig`].
-///
-/// It runs as a 2-D convolution over (B, C, 1, L): candle 0.11.1's own `conv1d` backward gives
-/// wrong input gradients for every example of a batch but the first (measured, see
-/// tests/capture.rs), which would corrupt the signals of every layer below it.
-#[derive(Debug, Clone)]
-pub struct Conv1d {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    cfg: Conv2dConfig,
-}
-
-impl Conv1d {
-    /// From a weight (out, in, k), an optional bias (out) and the configuration.
-    pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
-        Self { weight, bias, cfg }
-    }
-    /// The weight (out, in, k).
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-    /// The bias (out).
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
     }
 }
 
@@ -323,11 +312,7 @@ impl Module for Conv1d {
             candle_core::bail!("Conv1d: input has {c} channels, the layer takes {cin}");
         }
         let capturing = capture::active();
-        let w = if capturing {
-            self.weight.detach()
-        } else {
-            self.weight.clone()
-        };
+        let (w, bias) = self.live(capturing);
         // through conv2d on (B, C, 1, L): candle 0.11.1's conv1d backward gives wrong input
         // gradients for every example but the first of a batch (its conv_transpose1d)
         let xp = padded_used(x, 2, k, &self.cfg)?;
@@ -335,12 +320,7 @@ impl Module for Conv1d {
             .unsqueeze(2)?
             .conv2d(&w.unsqueeze(2)?, 0, self.cfg.stride, self.cfg.dilation, 1)?
             .squeeze(2)?;
-        if let Some(bias) = &self.bias {
-            let bias = if capturing {
-                bias.detach()
-            } else {
-                bias.clone()
-            };
+        if let Some(bias) = bias {
             z = z.broadcast_add(&bias.reshape((1, out, 1))?)?;
         }
         if !capturing {
@@ -349,7 +329,7 @@ impl Module for Conv1d {
         let (b, _, lo) = z.dims3()?;
         let (patches, _) = unfold1d(&x.detach(), k, &self.cfg)?;
         let zt = z.transpose(1, 2)?.contiguous()?;
-        let zt = capture::probe_use(zt, &patches, &self.weight, self.bias.as_ref())?;
+        let zt = self.probe(zt, &patches)?;
         zt.reshape((b, lo, out))?.transpose(1, 2)
     }
 }

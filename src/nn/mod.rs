@@ -26,7 +26,7 @@ mod norm;
 mod pool;
 
 pub use batch_norm::BatchNorm2d;
-pub use conv::{conv1d, conv2d, conv2d_no_bias, Conv1d, Conv2d, Conv2dConfig};
+pub use conv::{conv1d, conv2d, conv2d_no_bias, Conv, Conv1d, Conv2d, Conv2dConfig};
 pub use embedding::{embedding, Embedding};
 pub use linear::{linear, linear_no_bias, Linear};
 pub use norm::{layer_norm, rms_norm, Norm};
