@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use deltavar::data::NpyArray;
 use deltavar::pipeline::{
     self, machine_memory_budget, parse_dtype, row_shape, FisherInput, ModelSpec, Network,
-    SigmaChoice, VarianceRequest,
+    VarianceRequest,
 };
 use deltavar::*;
 
@@ -135,6 +135,13 @@ struct VarianceArgs {
     /// Learned per-layer Σ scales from `deltavar calibrate`: ΔVar = Σ_l s_l·ΔVar_l.
     #[arg(long)]
     calibration: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The flags every computing subcommand shares.
+#[derive(clap::Args)]
+struct RunArgs {
     /// Memory budget in bytes for dense work (default: 80% of the memory available, at least
     /// 4 GiB; 4 GiB where the available memory cannot be read).
     #[arg(long)]
@@ -142,10 +149,17 @@ struct VarianceArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// No progress lines (an iterative solve reports each stage and iteration on stderr: a
-    /// bar on a terminal, a plain line otherwise).
+    /// No progress lines (a pass or an iterative solve reports on stderr: a bar on a
+    /// terminal, a plain line otherwise).
     #[arg(long)]
     quiet: bool,
+}
+
+impl RunArgs {
+    /// The memory budget: the flag, or 80% of the memory available (at least 4 GiB).
+    fn budget(&self) -> u64 {
+        self.memory_budget.unwrap_or_else(machine_memory_budget)
+    }
 }
 
 #[derive(clap::Args)]
@@ -167,14 +181,8 @@ struct FimArgs {
     shard: Option<String>,
     #[arg(long)]
     out: PathBuf,
-    /// Memory budget in bytes for a dense pass.
-    #[arg(long)]
-    memory_budget: Option<u64>,
-    #[arg(long)]
-    json: bool,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(clap::Args)]
@@ -314,17 +322,16 @@ fn request<'a>(
         damping,
         posterior_scale,
         calibration,
-        memory_budget,
-        json,
+        run,
         rollout,
-        quiet,
     } = a;
+    let RunArgs { json, quiet, .. } = run;
     let queries = queries
         .ok_or_else(|| Error::invalid("--queries", "missing", "give the query inputs (.npy)"))?;
     let queries = NpyArray::open(&queries)?;
     let net = Network::load(&model.spec()?, Some(&row_shape(&queries)))?;
     let q = net.queries(&queries)?;
-    let sigma_choice: SigmaChoice = sigma.parse()?;
+    let sigma_choice: SigmaStrategy = sigma.parse()?;
     let missing = |what: &str| Error::MissingInput {
         strategy: sigma.clone(),
         missing: what.into(),
@@ -334,7 +341,7 @@ fn request<'a>(
         posterior_scale,
         full_method: method.parse()?,
         kernel_precision: kernel_precision.parse()?,
-        memory_budget: memory_budget.unwrap_or_else(machine_memory_budget),
+        memory_budget: run.budget(),
         ..Default::default()
     };
     options.cg.progress = solve_progress(quiet);
@@ -433,14 +440,13 @@ fn fim(a: FimArgs) -> Result<()> {
         kind,
         shard,
         out,
-        memory_budget,
-        json,
-        quiet,
+        run,
     } = a;
+    let json = run.json;
     let t0 = Instant::now();
     let net = Network::load(&model.spec()?, Some(&file_row_shape(&train_x)?))?;
     let data = MmapNpyDataset::open(&train_x, &train_y)?;
-    let mut opts = PassOptions {
+    let opts = PassOptions {
         kind: kind.parse()?,
         shard: shard
             .as_deref()
@@ -450,12 +456,10 @@ fn fim(a: FimArgs) -> Result<()> {
             batch_size: model.batch_size.unwrap_or(net.default_batch_size()),
             threads: 0,
         },
+        memory_budget: run.budget(),
         ..Default::default()
     };
-    if let Some(b) = memory_budget {
-        opts.memory_budget = b;
-    }
-    let pb = progress_bar(data.len(), quiet || json);
+    let pb = progress_bar(data.len(), run.quiet || json);
     let mut progress = |done: usize, total: usize| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
