@@ -400,6 +400,10 @@ fn materialise<T: Scalar>(c: &Ctx<'_, T>, s: usize) -> Result<Vec<T>> {
     let nu = u.numel();
     let b = c.b;
     match &node.op {
+        Op::Binary(crate::graph::ir::Binary::Pow) => Err(Error::Unsupported(format!(
+            "{}: a parameter as an operand of Pow meeting the batch has no per-example rule",
+            node.describe()
+        ))),
         Op::Binary(op) => {
             let full = ops::elementwise::binary_contribution(
                 node,

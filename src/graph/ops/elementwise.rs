@@ -493,71 +493,23 @@ pub fn binary_backward<T: Scalar>(
     need: (bool, bool),
 ) -> Result<GradPair<T>> {
     let out = &y.shape;
-    let contrib = |which_a: bool| -> Result<Vec<T>> {
-        let full: Vec<T> = match op {
-            Binary::Add => g.to_vec(),
-            Binary::Sub => {
-                if which_a {
-                    g.to_vec()
-                } else {
-                    g.iter().map(|v| -*v).collect()
-                }
-            }
-            Binary::Mul => {
-                let other = if which_a { b } else { a };
-                let o = floats(node, other, "B")?;
-                broadcast_apply(g, out, o, &other.shape, out, |p, q| p * q)
-            }
-            Binary::Div => {
-                let bv = floats(node, b, "B")?;
-                if which_a {
-                    broadcast_apply(g, out, bv, &b.shape, out, |p, q| p / q)
-                } else {
-                    // −g·y/b
-                    let ys = floats(node, y, "Y")?;
-                    let gy: Vec<T> = g.iter().zip(ys).map(|(p, q)| *p * *q).collect();
-                    broadcast_apply(&gy, out, bv, &b.shape, out, |p, q| -(p / q))
-                }
-            }
-            Binary::Pow => {
-                let ys = floats(node, y, "Y")?;
-                let av = floats(node, a, "A")?;
-                if which_a {
-                    // g·b·a^(b−1) = g·b·y/a where a ≠ 0
-                    let bv: Vec<T> = match &b.data {
-                        Data::F(v) => v.clone(),
-                        Data::I(v) => v.iter().map(|x| T::of(*x as f64)).collect(),
-                        _ => vec![],
-                    };
-                    let ab = broadcast_apply(av, &a.shape, &bv, &b.shape, out, |p, q| {
-                        q * p.powf(q - T::of(1.0))
-                    });
-                    ab.iter().zip(g).map(|(d, gv)| *d * *gv).collect()
-                } else {
-                    // g·y·ln a
-                    let la: Vec<T> = av.iter().map(|v| v.ln()).collect();
-                    let ly = broadcast_apply(&la, &a.shape, ys, out, out, |p, q| p * q);
-                    ly.iter().zip(g).map(|(d, gv)| *d * *gv).collect()
-                }
-            }
-        };
-        Ok(full)
-    };
+    let contrib = |which| binary_contribution(node, op, a, b, y, g, which);
     let ga = if need.0 {
-        Some(reduce_owned(contrib(true)?, out, &a.shape))
+        Some(reduce_owned(contrib(0)?, out, &a.shape))
     } else {
         None
     };
     let gb = if need.1 {
-        Some(reduce_owned(contrib(false)?, out, &b.shape))
+        Some(reduce_owned(contrib(1)?, out, &b.shape))
     } else {
         None
     };
     Ok((ga, gb))
 }
 
-/// The full-shape (output-shaped) contribution of input `which` (0 = a, 1 = b) before the sum
-/// over broadcast axes: what the per-example rule reduces instead.
+/// The output-shaped cotangent of input `which` (0 = a, 1 = b) of a binary op, before the sum
+/// over broadcast axes: the backward reduces it to the input's shape, the per-example rule
+/// per example.
 pub fn binary_contribution<T: Scalar>(
     node: &Node,
     op: Binary,
@@ -573,30 +525,39 @@ pub fn binary_contribution<T: Scalar>(
         (Binary::Sub, _) => g.iter().map(|v| -*v).collect(),
         (Binary::Mul, w) => {
             let other = if w == 0 { b } else { a };
-            broadcast_apply(
-                g,
-                out,
-                floats(node, other, "B")?,
-                &other.shape,
-                out,
-                |p, q| p * q,
-            )
+            let o = floats(node, other, "B")?;
+            broadcast_apply(g, out, o, &other.shape, out, |p, q| p * q)
         }
         (Binary::Div, 0) => {
             broadcast_apply(g, out, floats(node, b, "B")?, &b.shape, out, |p, q| p / q)
         }
         (Binary::Div, _) => {
+            // −g·y/b
             let ys = floats(node, y, "Y")?;
             let gy: Vec<T> = g.iter().zip(ys).map(|(p, q)| *p * *q).collect();
             broadcast_apply(&gy, out, floats(node, b, "B")?, &b.shape, out, |p, q| {
                 -(p / q)
             })
         }
+        (Binary::Pow, 0) => {
+            // g·b·a^(b−1)
+            let av = floats(node, a, "A")?;
+            let bv: Vec<T> = match &b.data {
+                Data::F(v) => v.clone(),
+                Data::I(v) => v.iter().map(|x| T::of(*x as f64)).collect(),
+                _ => vec![],
+            };
+            let ab = broadcast_apply(av, &a.shape, &bv, &b.shape, out, |p, q| {
+                q * p.powf(q - T::of(1.0))
+            });
+            ab.iter().zip(g).map(|(d, gv)| *d * *gv).collect()
+        }
         (Binary::Pow, _) => {
-            return Err(Error::Unsupported(format!(
-                "{}: a parameter as an operand of Pow meeting the batch has no per-example rule",
-                node.describe()
-            )))
+            // g·y·ln a
+            let ys = floats(node, y, "Y")?;
+            let la: Vec<T> = floats(node, a, "A")?.iter().map(|v| v.ln()).collect();
+            let ly = broadcast_apply(&la, &a.shape, ys, out, out, |p, q| p * q);
+            ly.iter().zip(g).map(|(d, gv)| *d * *gv).collect()
         }
     })
 }

@@ -431,6 +431,14 @@ pub fn scatter_map<T>(
     }
 }
 
+/// Writes an op's input cotangents into the result, as many as the node has inputs (an
+/// optional trailing input such as a bias may be absent).
+fn put<T, const K: usize>(res: &mut [Option<Vec<T>>], cotangents: [Option<Vec<T>>; K]) {
+    for (slot, c) in res.iter_mut().zip(cotangents) {
+        *slot = c;
+    }
+}
+
 /// The input cotangents of `node` (for the inputs flagged in `need`) from its output
 /// cotangents `g` (`None`: the output does not reach the objective).
 pub fn backward<T: Scalar>(
@@ -479,11 +487,7 @@ pub fn backward<T: Scalar>(
                 g0,
                 [needs(0), needs(1), needs(2)],
             )?;
-            res[0] = a;
-            res[1] = b;
-            if nin > 2 {
-                res[2] = c;
-            }
+            put(&mut res, [a, b, c]);
         }
         Op::MatMul => {
             let (a, b) = linalg::matmul_backward(node, x(0)?, x(1)?, g0, (needs(0), needs(1)))?;
@@ -504,11 +508,7 @@ pub fn backward<T: Scalar>(
                 g0,
                 [needs(0), needs(1), needs(2)],
             )?;
-            res[0] = a;
-            res[1] = b;
-            if nin > 2 {
-                res[2] = c;
-            }
+            put(&mut res, [a, b, c]);
         }
         Op::MaxPool { window } => {
             let Saved::Indices(arg) = saved else {
@@ -569,13 +569,7 @@ pub fn backward<T: Scalar>(
                 g0,
                 [needs(0), needs(1), needs(2)],
             )?;
-            res[0] = a;
-            if nin > 1 {
-                res[1] = b;
-            }
-            if nin > 2 {
-                res[2] = c;
-            }
+            put(&mut res, [a, b, c]);
         }
         Op::Unary(u) => {
             let d = match saved {
