@@ -945,7 +945,7 @@ fn strided_conv2d_on_a_non_square_input() {
 /// equals the in-memory one: G·V, Gᵀ·U, the Gram matrix and the squared sums.
 #[test]
 fn streamed_captured_gradients_match_the_block() {
-    use deltavar::engine::{GradientMatrix, NativeStreamed};
+    use deltavar::engine::{GradientMatrix, StreamedGradients};
     let (cnn, _vm, params, data, _q) = cnn_problem();
     let lik = Likelihood::Categorical;
     let engine = CaptureEngine::new(&cnn, &params);
@@ -956,7 +956,7 @@ fn streamed_captured_gradients_match_the_block() {
         batch_size: 4,
         threads: 1,
     };
-    let streamed = NativeStreamed::new(&engine, &lik, &data, fo);
+    let streamed = StreamedGradients::from_engine(&engine, &lik, &data, fo);
     let p = params.num_params();
     let n = data.len();
     let v = faer::Mat::from_fn(p, 2, |i, j| pseudo_random(2 * p, 71)[i * 2 + j]);

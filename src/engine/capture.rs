@@ -475,7 +475,7 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
                 .collect::<Result<Vec<_>>>()?
         };
         let need = LayeredGradients::bytes_for(&shapes, n, route);
-        super::layered::check_budget(need, memory_budget, "capture", "NativeStreamed")?;
+        super::layered::check_budget(need, memory_budget, "capture", "StreamedGradients")?;
         let mut store = LayeredGradients::new(shapes, self.num_params(), n, route)?;
         let mut values = Vec::with_capacity(n);
         for (start, len) in self.batches(n, opts.batch_size)? {

@@ -11,8 +11,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
-use faer::linalg::matmul::triangular::{matmul as tri_matmul, BlockStructure};
-use faer::{Accum, Mat, Par};
+use faer::Mat;
 use rayon::prelude::*;
 
 use crate::data::Dataset;
@@ -238,49 +237,6 @@ where
             Ok(())
         })??;
         Ok(total)
-    }
-
-    /// Σᵢ gᵢgᵢᵀ over the dataset: a P×P matrix whose LOWER triangle holds the sum (faer's
-    /// triangular matmul, one chunk of `batch_size` gradients at a time). Memory
-    /// O(P² + batch_size·P); the caller checks its budget first.
-    pub fn outer_sum_lower(&self) -> Result<Mat<f64>> {
-        self.opts.validate()?;
-        let p = self.params.num_params();
-        let n = self.data.len();
-        let bs = self.opts.batch_size;
-        let mut sum = Mat::<f64>::zeros(p, p);
-        let mut gt = Mat::<f64>::zeros(p, bs.min(n.max(1)));
-        super::pool::in_pool(self.opts.threads, || -> Result<()> {
-            for start in (0..n).step_by(bs) {
-                let len = bs.min(n - start);
-                let (x, y) = self.data.get(start, len)?;
-                let cols: Vec<Vec<f64>> = (0..len)
-                    .into_par_iter()
-                    .map(|i| {
-                        let mut g = vec![0.0; p];
-                        self.example_grad(&x, &y, i, start + i, &mut g)?;
-                        Ok(g)
-                    })
-                    .collect::<Result<_>>()?;
-                for (j, c) in cols.iter().enumerate() {
-                    gt.col_mut(j).copy_from(faer::ColRef::from_slice(c));
-                }
-                let g = gt.as_ref().subcols(0, len);
-                tri_matmul(
-                    sum.as_mut(),
-                    BlockStructure::TriangularLower,
-                    Accum::Add,
-                    g,
-                    BlockStructure::Rectangular,
-                    g.transpose(),
-                    BlockStructure::Rectangular,
-                    1.0,
-                    Par::rayon(0),
-                );
-            }
-            Ok(())
-        })??;
-        Ok(sum)
     }
 }
 

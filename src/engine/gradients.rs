@@ -175,63 +175,99 @@ impl GradientMatrix for DenseGradients {
     }
 }
 
-/// G recomputed chunk by chunk on every product (the generic path when N·P does not fit):
-/// memory O(chunk·P), each product costs one generic pass over the data.
-pub struct StreamedGradients<'a, L> {
-    grads: &'a GenericGradients<'a, L>,
+/// A block of per-example gradients: the P×len gradients of examples `start .. start + len`.
+type BlockFn<'a> = dyn Fn(usize, usize) -> Result<Mat<f64>> + Send + Sync + 'a;
+
+/// G recomputed chunk by chunk on every product: the gradient operator of any engine when N·P
+/// does not fit in memory. Memory O(chunk·P); each product costs one pass over the data.
+pub struct StreamedGradients<'a> {
+    p: usize,
+    n: usize,
     chunk: usize,
+    block: Box<BlockFn<'a>>,
+    sum_sq: Box<dyn Fn() -> Result<Vec<f64>> + Send + Sync + 'a>,
+    progress: crate::progress::Progress,
 }
 
-impl<'a, L> StreamedGradients<'a, L>
-where
-    L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
-{
-    /// Streams the generic engine's gradients in chunks of `chunk` examples.
-    pub fn new(grads: &'a GenericGradients<'a, L>, chunk: usize) -> Self {
+impl<'a> StreamedGradients<'a> {
+    /// A native engine's gradients of `lik` over `data` ([`ExampleGradients`]: the graph and
+    /// capture engines), in chunks of `opts.batch_size` × workers.
+    pub fn from_engine<E: ExampleGradients>(
+        engine: &'a E,
+        lik: &'a crate::likelihood::Likelihood,
+        data: &'a dyn crate::data::Dataset,
+        opts: super::FactoredOptions,
+    ) -> Self {
+        let chunk = opts.batch_size.max(1) * super::batch::rayon_threads(&opts);
+        let sq_opts = opts.clone();
         Self {
-            grads,
-            chunk: chunk.max(1),
+            p: engine.num_params(),
+            n: data.len(),
+            chunk,
+            block: Box::new(move |s, l| engine.per_example_gradients(lik, data, s, l, &opts)),
+            sum_sq: Box::new(move || engine.sum_sq(lik, data, &sq_opts)),
+            progress: crate::progress::Progress::none(),
         }
     }
 
-    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let n = self.grads.num_examples();
-        (0..n)
-            .step_by(self.chunk)
-            .map(move |s| (s, self.chunk.min(n - s)))
+    /// The generic engine's gradients, in chunks of its batch size.
+    pub fn from_generic<L>(grads: &'a GenericGradients<'a, L>) -> Self
+    where
+        L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
+    {
+        Self {
+            p: grads.num_params(),
+            n: grads.num_examples(),
+            chunk: grads.options().batch_size.max(1),
+            block: Box::new(|s, l| grads.per_example_gradients(s, l)),
+            sum_sq: Box::new(|| grads.sum_sq()),
+            progress: crate::progress::Progress::none(),
+        }
+    }
+
+    /// A line per chunk of every product (a product over a large dataset takes minutes).
+    pub fn with_progress(mut self, progress: crate::progress::Progress) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    fn chunks(&self) -> Vec<(usize, usize)> {
+        let (n, c) = (self.n, self.chunk);
+        (0..n).step_by(c).map(|s| (s, c.min(n - s))).collect()
+    }
+
+    fn block(&self, s: usize, l: usize) -> Result<Mat<f64>> {
+        self.progress
+            .report(|| format!("streamed gradients: examples {s}..{} of {}", s + l, self.n))?;
+        (self.block)(s, l)
+    }
+
+    fn chunked<T>(&self, f: impl FnOnce(Chunked<'_>) -> Result<T>) -> Result<T> {
+        f(Chunked::new(self.p, self.n, &self.chunks()))
     }
 }
 
-impl<L> GradientMatrix for StreamedGradients<'_, L>
-where
-    L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
-{
+impl GradientMatrix for StreamedGradients<'_> {
     fn num_params(&self) -> usize {
-        self.grads.num_params()
+        self.p
     }
     fn num_examples(&self) -> usize {
-        self.grads.num_examples()
+        self.n
     }
     fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        let chunks: Vec<(usize, usize)> = self.chunks().collect();
-        Chunked::new(self.num_params(), self.num_examples(), &chunks)
-            .jv(v, |s, l| self.grads.per_example_gradients(s, l))
+        self.chunked(|c| c.jv(v, |s, l| self.block(s, l)))
     }
     fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        let chunks: Vec<(usize, usize)> = self.chunks().collect();
-        Chunked::new(self.num_params(), self.num_examples(), &chunks)
-            .jtu(u, |s, l| self.grads.per_example_gradients(s, l))
+        self.chunked(|c| c.jtu(u, |s, l| self.block(s, l)))
     }
     fn gram(&self) -> Result<Mat<f64>> {
-        let chunks: Vec<(usize, usize)> = self.chunks().collect();
-        Chunked::new(self.num_params(), self.num_examples(), &chunks)
-            .gram(|s, l| self.grads.per_example_gradients(s, l))
+        self.chunked(|c| c.gram(|s, l| self.block(s, l)))
     }
     fn diag_sums(&self) -> Result<Vec<f64>> {
-        self.grads.sum_sq()
+        (self.sum_sq)()
     }
     fn bytes(&self) -> u64 {
-        (self.chunk * self.num_params() * 8) as u64
+        (self.chunk * self.p * 8) as u64
     }
 }
 
@@ -323,7 +359,7 @@ impl<'c> Chunked<'c> {
     }
 }
 
-/// An engine's per-example log-likelihood gradients: what [`NativeStreamed`], the Fisher source
+/// An engine's per-example log-likelihood gradients: what [`StreamedGradients`], the Fisher source
 /// [`crate::fisher::NativeFisher`] and the offline pass [`crate::fisher::fisher_pass`] need (the
 /// graph engine [`crate::engine::GraphEngine`] and the capture engine
 /// [`crate::engine::CaptureEngine`]).
@@ -371,89 +407,15 @@ pub trait ExampleGradients: Sync {
     ) -> Option<Result<super::LayeredGradients>> {
         None
     }
-}
-
-/// G recomputed by a native engine chunk by chunk on every product: the gradient operator when
-/// N·P does not fit in memory. Memory O(chunk·P); each product costs one pass over the data.
-pub struct NativeStreamed<'a, E> {
-    engine: &'a E,
-    lik: &'a crate::likelihood::Likelihood,
-    data: &'a dyn crate::data::Dataset,
-    opts: super::FactoredOptions,
-    progress: crate::progress::Progress,
-}
-
-impl<'a, E: ExampleGradients> NativeStreamed<'a, E> {
-    /// Streams the engine's gradients over `data` in chunks of `opts.batch_size` × workers.
-    pub fn new(
-        engine: &'a E,
-        lik: &'a crate::likelihood::Likelihood,
-        data: &'a dyn crate::data::Dataset,
-        opts: super::FactoredOptions,
-    ) -> Self {
-        Self {
-            engine,
-            lik,
-            data,
-            opts,
-            progress: crate::progress::Progress::none(),
-        }
-    }
-
-    /// A line per chunk of every product (a product over a large dataset takes minutes).
-    pub fn with_progress(mut self, progress: crate::progress::Progress) -> Self {
-        self.progress = progress;
-        self
-    }
-
-    fn chunk(&self) -> usize {
-        self.opts.batch_size.max(1) * super::batch::rayon_threads(&self.opts)
-    }
-
-    fn chunks(&self) -> Vec<(usize, usize)> {
-        let n = self.data.len();
-        let bs = self.chunk();
-        (0..n).step_by(bs).map(|s| (s, bs.min(n - s))).collect()
-    }
-
-    fn block(&self, s: usize, l: usize) -> Result<Mat<f64>> {
-        self.progress.report(|| {
-            format!(
-                "streamed gradients: examples {s}..{} of {}",
-                s + l,
-                self.data.len()
-            )
-        })?;
-        self.engine
-            .per_example_gradients(self.lik, self.data, s, l, &self.opts)
-    }
-}
-
-impl<E: ExampleGradients> GradientMatrix for NativeStreamed<'_, E> {
-    fn num_params(&self) -> usize {
-        self.engine.num_params()
-    }
-    fn num_examples(&self) -> usize {
-        self.data.len()
-    }
-    fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        let chunks = self.chunks();
-        Chunked::new(self.num_params(), self.num_examples(), &chunks).jv(v, |s, l| self.block(s, l))
-    }
-    fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        let chunks = self.chunks();
-        Chunked::new(self.num_params(), self.num_examples(), &chunks)
-            .jtu(u, |s, l| self.block(s, l))
-    }
-    fn gram(&self) -> Result<Mat<f64>> {
-        let chunks = self.chunks();
-        Chunked::new(self.num_params(), self.num_examples(), &chunks).gram(|s, l| self.block(s, l))
-    }
-    fn diag_sums(&self) -> Result<Vec<f64>> {
-        self.engine.sum_sq(self.lik, self.data, &self.opts)
-    }
-    fn bytes(&self) -> u64 {
-        (self.chunk() * self.num_params() * 8) as u64
+    /// The K-FAC factors of `lik` over `data` ([`crate::sigma::KfacSigma`]); `None` when the
+    /// engine has none.
+    fn kronecker_factors(
+        &self,
+        _lik: &crate::likelihood::Likelihood,
+        _data: &dyn crate::data::Dataset,
+        _opts: &super::FactoredOptions,
+    ) -> Option<Result<super::kfac::KfacFactors>> {
+        None
     }
 }
 

@@ -888,7 +888,7 @@ impl GraphEngine {
         memory_budget: u64,
     ) -> Result<LayeredGradients> {
         let need = self.layered_bytes(data.len(), route);
-        super::layered::check_budget(need, memory_budget, "graph", "NativeStreamed")?;
+        super::layered::check_budget(need, memory_budget, "graph", "StreamedGradients")?;
         let (g, _) = dispatch!(self, src => self.layered_t(
             src,
             data.len(),

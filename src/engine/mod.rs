@@ -33,7 +33,7 @@ pub use generic::{
     candle_single_threaded_matmuls, qoi_gradient, qoi_gradients, GenericGradients, GenericOptions,
     QoiGradient,
 };
+pub use gradients::ExampleGradients;
 pub use gradients::{DenseGradients, GradientMatrix, QueryGradients, StreamedGradients};
-pub use gradients::{ExampleGradients, NativeStreamed};
 pub use graph::GraphEngine;
 pub use layered::{LayerRoute, LayeredGradients};

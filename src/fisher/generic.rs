@@ -3,17 +3,15 @@
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use faer::Mat;
 
-use super::{dense_fisher_bytes, FisherDense, FisherDiag, FisherSource};
-use crate::data::Dataset;
+use super::{FisherDense, FisherDiag, FisherSource};
 use crate::engine::gradients::{DenseGradients, GradientMatrix, StreamedGradients};
-use crate::engine::{GenericGradients, GenericOptions};
-use crate::error::{Error, Result};
-use crate::params::Params;
+use crate::engine::GenericGradients;
+use crate::error::Result;
 
-/// The empirical Fisher of a user log-likelihood closure over a dataset, by the generic path
-/// (one candle forward and backward per example, [`GenericGradients`]).
+/// The empirical Fisher of a user log-likelihood closure over a dataset, by the generic path: the
+/// per-example gradients themselves, [`GenericGradients`], are the [`FisherSource`]
+/// (one candle forward and backward per example).
 ///
 /// The closure `log_lik(x, y)` runs the model on a batch (B, …) and returns the per-example
 /// log-likelihoods, shape (B,). It is called with B = 1.
@@ -39,67 +37,29 @@ use crate::params::Params;
 /// // g_i = (y - w x) x: 1 and -2, so F = (1 + 4) / 2
 /// assert_eq!(fisher.fisher_diag().unwrap().mean(), vec![2.5]);
 /// ```
-pub struct GenericFisher<'a, L> {
-    grads: GenericGradients<'a, L>,
-}
+pub type GenericFisher<'a, L> = GenericGradients<'a, L>;
 
-impl<'a, L> GenericFisher<'a, L>
-where
-    L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
-{
-    /// The generic Fisher of `log_lik` over `data` with respect to `params`.
-    pub fn new(
-        params: &'a Params,
-        log_lik: L,
-        data: &'a dyn Dataset,
-        opts: GenericOptions,
-    ) -> Self {
-        Self {
-            grads: GenericGradients::new(params, log_lik, data, opts),
-        }
-    }
-
-    /// The per-example gradients behind it.
-    pub fn gradients(&self) -> &GenericGradients<'a, L> {
-        &self.grads
-    }
-
-    /// The per-example gradients of examples `start .. start+len` as a P×len matrix (one
-    /// column per example). O(P·len) memory: for tests and small problems.
-    pub fn per_example_gradients(&self, start: usize, len: usize) -> Result<Mat<f64>> {
-        self.grads.per_example_gradients(start, len)
-    }
-}
-
-impl<L> FisherSource for GenericFisher<'_, L>
+impl<L> FisherSource for GenericGradients<'_, L>
 where
     L: Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Sync,
 {
     fn num_params(&self) -> usize {
-        self.grads.num_params()
+        GenericGradients::num_params(self)
     }
 
     fn num_examples(&self) -> usize {
-        self.grads.num_examples()
+        GenericGradients::num_examples(self)
     }
 
     fn fisher_diag(&self) -> Result<FisherDiag> {
-        FisherDiag::from_sums(self.grads.sum_sq()?, self.num_examples())
+        FisherDiag::from_sums(self.sum_sq()?, self.num_examples())
     }
 
     fn fisher_dense(&self, memory_budget: u64) -> Result<FisherDense> {
         let (p, n) = (self.num_params(), self.num_examples());
-        let bs = self.grads.options().batch_size;
-        let needed = dense_fisher_bytes(p) + 2 * (bs.min(n.max(1)) * p * 8) as u64;
-        if needed > memory_budget {
-            return Err(Error::MemoryBudget {
-                what: format!("the dense {p}×{p} empirical Fisher"),
-                needed,
-                budget: memory_budget,
-                hint: "use the diagonal Fisher, raise the memory budget, or (for the full inverse) a matrix-free method".into(),
-            });
-        }
-        FisherDense::from_lower_sum(self.grads.outer_sum_lower()?, n)
+        super::dense_from_blocks(p, n, self.options().batch_size, memory_budget, |s, l| {
+            self.per_example_gradients(s, l)
+        })
     }
 
     fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
@@ -107,7 +67,7 @@ where
         if full <= memory_budget / 2 {
             full
         } else {
-            (self.grads.options().batch_size * self.num_params() * 8) as u64
+            (self.options().batch_size * self.num_params() * 8) as u64
         }
     }
 
@@ -122,12 +82,9 @@ where
         let full = (n * self.num_params() * 8) as u64;
         if full <= memory_budget / 2 {
             return Ok(Arc::new(DenseGradients::new(
-                self.grads.per_example_gradients(0, n)?,
+                self.per_example_gradients(0, n)?,
             )));
         }
-        Ok(Arc::new(StreamedGradients::new(
-            &self.grads,
-            self.grads.options().batch_size,
-        )))
+        Ok(Arc::new(StreamedGradients::from_generic(self)))
     }
 }

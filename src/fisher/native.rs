@@ -8,7 +8,9 @@ use faer::Mat;
 
 use super::{FisherDense, FisherDiag, FisherSource};
 use crate::data::Dataset;
-use crate::engine::gradients::{DenseGradients, ExampleGradients, GradientMatrix, NativeStreamed};
+use crate::engine::gradients::{
+    DenseGradients, ExampleGradients, GradientMatrix, StreamedGradients,
+};
 use crate::engine::{CaptureEngine, CaptureOptions, FactoredOptions, LayerRoute};
 use crate::error::Result;
 use crate::likelihood::Likelihood;
@@ -21,7 +23,7 @@ use crate::likelihood::Likelihood;
 /// ([`crate::engine::LayeredGradients`]: each Linear, convolution or embedding factored or
 /// materialised, whichever makes the Gram matrix cheaper) when that takes at most half the
 /// budget, else G (N·P f64) when that does; otherwise it recomputes G in chunks on every
-/// product ([`NativeStreamed`]).
+/// product ([`StreamedGradients`]).
 pub struct NativeFisher<'a, E> {
     engine: E,
     lik: Likelihood,
@@ -84,7 +86,7 @@ impl<'a, E: ExampleGradients> NativeFisher<'a, E> {
         self
     }
 
-    /// A line per chunk of every streamed product ([`NativeStreamed`], when the gradients do
+    /// A line per chunk of every streamed product ([`StreamedGradients`], when the gradients do
     /// not fit). Default none.
     pub fn with_progress(mut self, progress: crate::progress::Progress) -> Self {
         self.progress = progress;
@@ -167,7 +169,7 @@ impl<E: ExampleGradients> FisherSource for NativeFisher<'_, E> {
             )));
         }
         Ok(Arc::new(
-            NativeStreamed::new(&self.engine, &self.lik, self.data, self.opts.clone())
+            StreamedGradients::from_engine(&self.engine, &self.lik, self.data, self.opts.clone())
                 .with_progress(self.progress.clone()),
         ))
     }
