@@ -14,8 +14,8 @@ use crate::qoi::Qoi;
 use crate::sigma::{
     choose_full_method, CgInverseFisher, CgOptions, CustomSigma, DenseSigma, DiagonalSigma,
     FullMethod, IdentitySigma, InverseDiagonalFisher, InverseFullFisher, KernelInverseFisher,
-    KernelPrecision, LowRankInverseFisher, LowRankOptions, MethodChoice, QuadForms, ScaledSigma,
-    SigmaOp,
+    KernelPrecision, KfacSigma, LowRankInverseFisher, LowRankOptions, MethodChoice, QuadForms,
+    ScaledSigma, SigmaOp,
 };
 
 /// How Σ is chosen (the seed's `sigma_strategy`).
@@ -30,12 +30,24 @@ pub enum SigmaStrategy {
     /// correction ([`LowRankInverseFisher`]). Needs a [`FisherSource`]; the options'
     /// `memory_budget` is replaced by [`SigmaOptions::memory_budget`].
     LowRankEmpiricalFim(LowRankOptions),
+    /// Beyond the seed: Σ = the K-FAC approximation of (F + λI)⁻¹ (per layer reading rows the
+    /// damped inverse of Ā ⊗ Ḡ, the exact damped diagonal elsewhere: [`crate::sigma::KfacSigma`]).
+    /// Needs a [`FisherSource`] with Kronecker factors: a Fisher over training data on the
+    /// graph or capture engine ([`crate::GraphFisher`], [`crate::CapturedFisher`]); a saved
+    /// Fisher and the generic engine have none.
+    KfacEmpiricalFim,
     /// A 1-D tensor in the seed: Σ = diag(d).
     Diagonal(Vec<f64>),
     /// A 2-D tensor in the seed: Σ = S (P×P).
     Dense(Mat<f64>),
     /// A callable in the seed: g ↦ gᵀΣg.
     Custom(CustomSigma),
+}
+
+impl std::fmt::Debug for SigmaStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigmaStrategy({})", self.name())
+    }
 }
 
 impl SigmaStrategy {
@@ -46,6 +58,7 @@ impl SigmaStrategy {
             SigmaStrategy::DiagonalEmpiricalFim => "diagonal_empirical_fim",
             SigmaStrategy::InverseFullEmpiricalFim => "inverse_full_empirical_fim",
             SigmaStrategy::LowRankEmpiricalFim(_) => "lowrank_empirical_fim",
+            SigmaStrategy::KfacEmpiricalFim => "kfac",
             SigmaStrategy::Diagonal(_) => "diagonal",
             SigmaStrategy::Dense(_) => "dense",
             SigmaStrategy::Custom(_) => "custom",
@@ -60,6 +73,7 @@ impl SigmaStrategy {
             SigmaStrategy::DiagonalEmpiricalFim
                 | SigmaStrategy::InverseFullEmpiricalFim
                 | SigmaStrategy::LowRankEmpiricalFim(_)
+                | SigmaStrategy::KfacEmpiricalFim
         )
     }
 }
@@ -68,7 +82,7 @@ impl std::str::FromStr for SigmaStrategy {
     type Err = Error;
     /// The Fisher-free and Fisher strategies by name: `identity`, `diag-fim` (or the seed's
     /// `diagonal_empirical_fim`), `full-fim` (or `inverse_full_empirical_fim`), `lowrank:K`
-    /// (k eigenpairs and the diagonal correction) or `lowrank:K:nodiag` (without it).
+    /// (k eigenpairs and the diagonal correction), `lowrank:K:nodiag` (without it) or `kfac`.
     fn from_str(s: &str) -> Result<Self> {
         if let Some(rest) = s.strip_prefix("lowrank:") {
             let (k, diagonal) = match rest.split_once(':') {
@@ -99,10 +113,11 @@ impl std::str::FromStr for SigmaStrategy {
             "identity" => Ok(SigmaStrategy::Identity),
             "diag-fim" | "diagonal_empirical_fim" => Ok(SigmaStrategy::DiagonalEmpiricalFim),
             "full-fim" | "inverse_full_empirical_fim" => Ok(SigmaStrategy::InverseFullEmpiricalFim),
+            "kfac" => Ok(SigmaStrategy::KfacEmpiricalFim),
             _ => Err(Error::invalid(
                 "sigma",
                 s,
-                "expected identity, diag-fim, full-fim or lowrank:K",
+                "expected identity, diag-fim, full-fim, kfac or lowrank:K",
             )),
         }
     }
@@ -210,7 +225,8 @@ fn build<'a>(
         SigmaStrategy::Custom(c) => Box::new(c),
         SigmaStrategy::DiagonalEmpiricalFim
         | SigmaStrategy::InverseFullEmpiricalFim
-        | SigmaStrategy::LowRankEmpiricalFim(_) => {
+        | SigmaStrategy::LowRankEmpiricalFim(_)
+        | SigmaStrategy::KfacEmpiricalFim => {
             return build_fisher_sigma(strategy, num_params, opts, fisher)
         }
     };
@@ -260,6 +276,13 @@ fn build_fisher_sigma<'a>(
                 Box::new(LowRankInverseFisher::from_fisher(src, opts.damping, &lo)?),
                 None,
             )
+        }
+        SigmaStrategy::KfacEmpiricalFim => {
+            let f = src.kronecker_factors().ok_or_else(|| Error::MissingInput {
+                strategy: name.into(),
+                missing: "a Fisher source with Kronecker factors: training data through the graph or capture engine (a saved Fisher and the generic engine have none)".into(),
+            })??;
+            (Box::new(KfacSigma::new(&f, opts.damping)?), None)
         }
         _ => {
             let (s, c) = build_full(src, opts)?;
@@ -695,60 +718,6 @@ pub fn delta_covariances(per_output: &[Mat<f64>], sigma: &dyn SigmaOp) -> Result
         }
     }
     Ok(out)
-}
-
-/// The delta variances under the K-FAC Σ of a graph model ([`crate::sigma::KfacSigma`], damped by
-/// `damping`; with `posterior_scale`, divided by N as in the paper's F⁻¹/N): the Kronecker
-/// factors from one pass of the graph engine over `data` under `lik`, the QoI gradients at the
-/// rows of `queries` after `rollout` applications, and ΔVar for every row; with `groups` (in
-/// parameter order, e.g. [`named_groups`]) split by group as well. An [`crate::Mlp`] runs as
-/// its graph ([`crate::engine::GraphEngine::from_mlp`]). A saved Fisher has no Kronecker
-/// factors: K-FAC always reads the training data.
-#[allow(clippy::too_many_arguments)]
-pub fn kfac_delta_variances_with(
-    engine: &crate::engine::GraphEngine,
-    lik: &crate::likelihood::Likelihood,
-    data: &dyn crate::data::Dataset,
-    qoi: Qoi,
-    queries: &candle_core::Tensor,
-    rollout: usize,
-    damping: f64,
-    posterior_scale: bool,
-    groups: Option<Vec<crate::calibration::ParamGroup>>,
-    engine_opts: &FactoredOptions,
-) -> Result<GroupDeltaVariances> {
-    let f = engine.kfac_factors(lik, data, engine_opts)?;
-    let s = crate::sigma::KfacSigma::new(&f, damping)?;
-    let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
-    let n = data.len();
-    let s: Box<dyn SigmaOp> = if posterior_scale && n > 0 {
-        Box::new(crate::sigma::ScaledSigma::new(s, 1.0 / n as f64)?)
-    } else {
-        Box::new(s)
-    };
-    let result = DeltaVariances {
-        qoi: values,
-        delta_variance: s.quad_forms(qg.as_ref())?,
-        sigma: "kfac".into(),
-        method: None,
-        cg: None,
-        lowrank: None,
-        path: QueryPath::Gradients,
-        num_params: engine.num_params(),
-        num_train: n,
-    };
-    let (groups, blocks) = match groups {
-        Some(g) => {
-            let b = crate::calibration::group_delta_variances(qg.as_ref(), &*s, &g)?;
-            (g, b)
-        }
-        None => (vec![], vec![]),
-    };
-    Ok(GroupDeltaVariances {
-        result,
-        groups,
-        blocks,
-    })
 }
 
 /// The result of [`engine_delta_covariances_with`].

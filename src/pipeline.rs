@@ -48,8 +48,7 @@ use crate::calibration::{Calibration, CalibrationOptions, ParamGroup};
 use crate::data::{MmapNpyDataset, NpyArray, RowsRef};
 use crate::delta::{
     engine_delta_covariances_with, engine_delta_variances_with, engine_group_delta_variances_with,
-    kfac_delta_variances_with, named_groups, DeltaCovariances, DeltaVariances, SigmaOptions,
-    SigmaStrategy,
+    named_groups, DeltaCovariances, DeltaVariances, SigmaOptions, SigmaStrategy,
 };
 use crate::engine::{FactoredOptions, GraphEngine};
 use crate::error::{Error, Result};
@@ -367,53 +366,10 @@ impl std::str::FromStr for QoiRequest {
     type Err = Error;
     /// `outputs`, or a [`Qoi`].
     fn from_str(s: &str) -> Result<Self> {
-        keyword_or(s, "outputs", QoiRequest::Outputs, QoiRequest::Scalar)
-    }
-}
-
-/// `special` when `s` is `keyword`, else `s` parsed and wrapped.
-fn keyword_or<T, U: std::str::FromStr<Err = Error>>(
-    s: &str,
-    keyword: &str,
-    special: T,
-    wrap: impl FnOnce(U) -> T,
-) -> Result<T> {
-    if s.trim() == keyword {
-        return Ok(special);
-    }
-    Ok(wrap(s.parse()?))
-}
-
-/// The Σ of a [`VarianceRequest`]: one of [`SigmaStrategy`] or K-FAC (the Kronecker-factored
-/// Fisher of the graph engine; an MLP runs as its graph).
-pub enum SigmaChoice {
-    /// K-FAC.
-    Kfac,
-    /// A strategy Σ is built by from the Fisher.
-    Strategy(SigmaStrategy),
-}
-
-impl SigmaChoice {
-    /// The name reported (`kfac`, `full-fim`, …).
-    pub fn name(&self) -> &'static str {
-        match self {
-            SigmaChoice::Kfac => "kfac",
-            SigmaChoice::Strategy(s) => s.name(),
+        if s.trim() == "outputs" {
+            return Ok(QoiRequest::Outputs);
         }
-    }
-}
-
-impl std::fmt::Debug for SigmaChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SigmaChoice({})", self.name())
-    }
-}
-
-impl std::str::FromStr for SigmaChoice {
-    type Err = Error;
-    /// `kfac`, or a [`SigmaStrategy`].
-    fn from_str(s: &str) -> Result<Self> {
-        keyword_or(s, "kfac", SigmaChoice::Kfac, SigmaChoice::Strategy)
+        Ok(QoiRequest::Scalar(s.parse()?))
     }
 }
 
@@ -440,7 +396,7 @@ pub struct VarianceRequest<'a> {
     /// The quantity of interest.
     pub qoi: QoiRequest,
     /// Σ.
-    pub sigma: SigmaChoice,
+    pub sigma: SigmaStrategy,
     /// Damping, posterior scale, method, memory budget, CG settings (and their progress).
     pub options: SigmaOptions,
     /// The Fisher.
@@ -460,7 +416,7 @@ impl Default for VarianceRequest<'_> {
     fn default() -> Self {
         Self {
             qoi: QoiRequest::Scalar(Qoi::Sum),
-            sigma: SigmaChoice::Strategy(SigmaStrategy::InverseFullEmpiricalFim),
+            sigma: SigmaStrategy::InverseFullEmpiricalFim,
             options: SigmaOptions::default(),
             fisher: FisherInput::None,
             rollout: 1,
@@ -602,7 +558,7 @@ pub fn variances(
 ) -> Result<VarianceReport> {
     let VarianceRequest {
         qoi,
-        sigma,
+        sigma: strategy,
         mut options,
         fisher,
         rollout,
@@ -611,7 +567,7 @@ pub fn variances(
         calibration,
     } = req;
     let split = split || calibration.is_some();
-    let sigma_name = sigma.name();
+    let sigma_name = strategy.name();
     // the automatic method choice plans for the queries at hand
     options.expected_queries = queries.dim(0)?.max(1);
     let eo = FactoredOptions {
@@ -636,49 +592,6 @@ pub fn variances(
     let scalar = match &qoi {
         QoiRequest::Scalar(q) => Some(q.clone()),
         QoiRequest::Outputs => None,
-    };
-    let strategy = match sigma {
-        SigmaChoice::Strategy(s) => s,
-        SigmaChoice::Kfac => {
-            let Some(qoi) = scalar else {
-                return Err(Error::invalid(
-                    "--qoi",
-                    "outputs",
-                    "--sigma kfac takes a scalar QoI (sum, output:K, prob:K)",
-                ));
-            };
-            let FisherInput::Data { data, likelihood } = fisher else {
-                return Err(missing(
-                    "training data (x, y and the likelihood); a saved Fisher has no K-FAC factors",
-                ));
-            };
-            net.check_data(data)?;
-            let engine = net.engine();
-            let groups = if split {
-                Some(named_groups(&engine.named_tensors()?))
-            } else {
-                None
-            };
-            let g = kfac_delta_variances_with(
-                engine,
-                &likelihood,
-                data,
-                qoi,
-                queries,
-                rollout,
-                damping,
-                posterior_scale,
-                groups,
-                &eo,
-            )?;
-            let mut out = g.result;
-            let layers = if split {
-                Some(finish_layers(&mut out, g.groups, g.blocks, calibration)?)
-            } else {
-                None
-            };
-            return Ok(report(out, layers, None, vec![]));
-        }
     };
     let needs_fisher = strategy.needs_fisher();
     let mut warnings = vec![];

@@ -467,3 +467,101 @@ fn kfac_of_a_transformer_through_the_capture_engine() {
     let dg = sg.quad_forms(qg.as_ref()).unwrap();
     assert!(max_rel_err(&dv, &dg) < 1e-10, "{dv:?} {dg:?}");
 }
+
+/// K-FAC is a Σ strategy like the others: `engine_delta_variances_with` with
+/// `SigmaStrategy::KfacEmpiricalFim` over a graph Fisher and over a captured Fisher equals the
+/// quadratic forms of `KfacSigma` built from the engine's own factors (scaled by 1/N with the
+/// posterior scale); its covariances' diagonal is that ΔVar; a Fisher without Kronecker
+/// factors (the generic engine, a saved pass) is refused naming what is missing.
+#[test]
+fn kfac_is_a_sigma_strategy_of_the_one_entry_point() {
+    let spec: SeqSpec = "seq:linear(3,8),tanh,linear(8,2)".parse().unwrap();
+    let model = Sequential::init(spec, &[3], DType::F64, 5).unwrap();
+    let params = model.params().unwrap();
+    let x = Tensor::randn(0f64, 1., (20, 3), &Device::Cpu).unwrap();
+    let y = Tensor::randn(0f64, 1., (20, 2), &Device::Cpu).unwrap();
+    let data = TensorDataset::new(x, y).unwrap();
+    let z = Tensor::randn(0f64, 1., (5, 3), &Device::Cpu).unwrap();
+    let lik = Likelihood::gaussian(0.5);
+    let engine = GraphEngine::from_sequential(&model).unwrap();
+    let graph_fisher = GraphFisher::with_engine(engine.clone(), lik.clone(), &data, eo());
+    let capture = CaptureEngine::new(&model, &params);
+    let captured = CapturedFisher::new(
+        &model,
+        &params,
+        lik.clone(),
+        &data,
+        CaptureOptions::default(),
+    );
+    let lam = 1e-2;
+    let (qg, _) = engine
+        .query_gradients(&Qoi::Output(1), &z, 1, &eo())
+        .unwrap();
+    for posterior_scale in [false, true] {
+        let opts = SigmaOptions {
+            damping: lam,
+            posterior_scale,
+            ..Default::default()
+        };
+        let f = engine.kfac_factors(&lik, &data, &eo()).unwrap();
+        let scale = if posterior_scale { 1.0 / 20.0 } else { 1.0 };
+        let want: Vec<f64> = KfacSigma::new(&f, lam)
+            .unwrap()
+            .quad_forms(qg.as_ref())
+            .unwrap()
+            .iter()
+            .map(|v| v * scale)
+            .collect();
+        let sources: [(&dyn QueryGradients, &dyn FisherSource); 2] =
+            [(&engine, &graph_fisher), (&capture, &captured)];
+        for (qe, fisher) in sources {
+            let out = engine_delta_variances_with(
+                qe,
+                Qoi::Output(1),
+                &z,
+                1,
+                SigmaStrategy::KfacEmpiricalFim,
+                &opts,
+                Some(fisher),
+                &eo(),
+            )
+            .unwrap();
+            assert_eq!(out.sigma, "kfac");
+            assert!(
+                max_rel_err(&out.delta_variance, &want) < 1e-10,
+                "{:?} {want:?}",
+                out.delta_variance
+            );
+        }
+        let cov = engine_delta_covariances_with(
+            &engine,
+            &z,
+            1,
+            SigmaStrategy::KfacEmpiricalFim,
+            &opts,
+            Some(&graph_fisher),
+            &eo(),
+        )
+        .unwrap();
+        let diag: Vec<f64> = cov.covariance.iter().map(|c| c[3]).collect();
+        assert!(max_rel_err(&diag, &want) < 1e-10);
+    }
+    let generic = GenericFisher::new(&params, lik.of(&model), &data, GenericOptions::default());
+    let err = engine_delta_variances_with(
+        &engine,
+        Qoi::Output(1),
+        &z,
+        1,
+        SigmaStrategy::KfacEmpiricalFim,
+        &SigmaOptions::default(),
+        Some(&generic),
+        &eo(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("Kronecker factors"), "{err}");
+    assert_eq!(
+        "kfac".parse::<SigmaStrategy>().unwrap().name(),
+        SigmaStrategy::KfacEmpiricalFim.name()
+    );
+}

@@ -15,7 +15,7 @@ use deltavar::calibration::{Calibration, CalibrationOptions};
 use deltavar::data::{MmapNpyDataset, NpyArray, RowsBuf};
 use deltavar::pipeline::{
     self, machine_memory_budget, parse_dtype, row_shape, FisherInput, ModelSpec, Network,
-    SigmaChoice, VarianceRequest,
+    VarianceRequest,
 };
 use deltavar::{Error, FisherArtifact, Likelihood, PassOptions, Progress, SigmaOptions};
 use deltavar::{FactoredOptions, SigmaStrategy};
@@ -223,7 +223,7 @@ impl<'py> Options<'py> {
 
 /// Σ from the `sigma` option: a name (`identity`, `diag-fim`, `full-fim`, `kfac`,
 /// `lowrank:K`), or a float64 array (a 1-D diagonal Σ, or a P×P matrix).
-fn sigma_choice(py: Python<'_>, v: &Bound<'_, PyAny>) -> PyResult<SigmaChoice> {
+fn sigma_choice(py: Python<'_>, v: &Bound<'_, PyAny>) -> PyResult<SigmaStrategy> {
     if let Ok(s) = v.extract::<String>() {
         return s.parse().map_err(to_py);
     }
@@ -236,7 +236,7 @@ fn sigma_choice(py: Python<'_>, v: &Bound<'_, PyAny>) -> PyResult<SigmaChoice> {
     })?;
     let shape = b.shape().to_vec();
     let data = b.to_vec(py)?;
-    Ok(SigmaChoice::Strategy(match shape.as_slice() {
+    Ok(match shape.as_slice() {
         [_] => SigmaStrategy::Diagonal(data),
         [r, c] if r == c => {
             let n = *r;
@@ -249,7 +249,7 @@ fn sigma_choice(py: Python<'_>, v: &Bound<'_, PyAny>) -> PyResult<SigmaChoice> {
                 "a Σ array is 1-D (its diagonal) or square (P×P)",
             )))
         }
-    }))
+    })
 }
 
 /// What a call works on: the engine for the queries' rows, the queries checked, the training

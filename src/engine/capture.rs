@@ -1023,4 +1023,12 @@ impl<M: Module + Sync> super::gradients::ExampleGradients for CaptureEngine<'_, 
             memory_budget,
         ))
     }
+    fn kronecker_factors(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &super::FactoredOptions,
+    ) -> Option<Result<crate::engine::kfac::KfacFactors>> {
+        Some(self.kfac_factors(lik, data, &self.options(opts)))
+    }
 }

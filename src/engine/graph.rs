@@ -1461,6 +1461,14 @@ impl super::ExampleGradients for GraphEngine {
             memory_budget,
         ))
     }
+    fn kronecker_factors(
+        &self,
+        lik: &Likelihood,
+        data: &dyn Dataset,
+        opts: &FactoredOptions,
+    ) -> Option<Result<crate::engine::kfac::KfacFactors>> {
+        Some(self.kfac_factors(lik, data, opts))
+    }
 }
 
 impl super::gradients::QueryGradients for GraphEngine {

@@ -148,6 +148,11 @@ pub trait FisherSource: Sync {
             "this Fisher source has no per-example gradient operator; use the dense method".into(),
         ))
     }
+    /// The K-FAC factors (for [`crate::SigmaStrategy::KfacEmpiricalFim`]); `None` when the
+    /// source has none (a saved Fisher, the generic engine).
+    fn kronecker_factors(&self) -> Option<Result<crate::engine::kfac::KfacFactors>> {
+        None
+    }
 }
 
 /// The diagonal of the empirical Fisher as Σᵢ gᵢ∘gᵢ over N examples.

@@ -144,6 +144,11 @@ impl<E: ExampleGradients> FisherSource for NativeFisher<'_, E> {
         true
     }
 
+    fn kronecker_factors(&self) -> Option<Result<crate::engine::kfac::KfacFactors>> {
+        self.engine
+            .kronecker_factors(&self.lik, self.data, &self.opts)
+    }
+
     fn gradient_operator_bytes(&self, memory_budget: u64) -> u64 {
         super::operator_bytes(
             self.layered_bytes().ok().flatten(),
