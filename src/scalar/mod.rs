@@ -79,7 +79,38 @@ pub trait Scalar:
     fn finite(self) -> bool;
 }
 
+/// The [`Scalar`] methods both float types take straight from std.
+macro_rules! std_forwards {
+    ($t:ty) => {
+        #[inline]
+        fn nan(self) -> bool {
+            self.is_nan()
+        }
+        #[inline]
+        fn finite(self) -> bool {
+            self.is_finite()
+        }
+        #[inline]
+        fn ln(self) -> Self {
+            <$t>::ln(self)
+        }
+        #[inline]
+        fn sqrt(self) -> Self {
+            <$t>::sqrt(self)
+        }
+        #[inline]
+        fn powf(self, y: Self) -> Self {
+            <$t>::powf(self, y)
+        }
+        #[inline]
+        fn abs(self) -> Self {
+            <$t>::abs(self)
+        }
+    };
+}
+
 impl Scalar for f32 {
+    std_forwards!(f32);
     const DTYPE: DType = DType::F32;
     #[inline]
     fn of(v: f64) -> Self {
@@ -88,10 +119,6 @@ impl Scalar for f32 {
     #[inline]
     fn f64(self) -> f64 {
         self as f64
-    }
-    #[inline]
-    fn nan(self) -> bool {
-        self.is_nan()
     }
     #[inline(always)]
     fn exp(self) -> Self {
@@ -117,14 +144,6 @@ impl Scalar for f32 {
         fastmath::add_squares_f32(acc, v)
     }
     #[inline]
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    #[inline]
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    #[inline]
     fn tanh(self) -> Self {
         fastmath::tanh_f32(self)
     }
@@ -132,21 +151,10 @@ impl Scalar for f32 {
     fn erf(self) -> Self {
         libm::erff(self)
     }
-    #[inline]
-    fn powf(self, y: Self) -> Self {
-        f32::powf(self, y)
-    }
-    #[inline]
-    fn abs(self) -> Self {
-        f32::abs(self)
-    }
-    #[inline]
-    fn finite(self) -> bool {
-        self.is_finite()
-    }
 }
 
 impl Scalar for f64 {
+    std_forwards!(f64);
     const DTYPE: DType = DType::F64;
     #[inline]
     fn of(v: f64) -> Self {
@@ -155,10 +163,6 @@ impl Scalar for f64 {
     #[inline]
     fn f64(self) -> f64 {
         self
-    }
-    #[inline]
-    fn nan(self) -> bool {
-        self.is_nan()
     }
     #[inline]
     fn exp(self) -> Self {
@@ -171,32 +175,12 @@ impl Scalar for f64 {
         (self * cdf, cdf + self * pdf)
     }
     #[inline]
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    #[inline]
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    #[inline]
     fn tanh(self) -> Self {
         f64::tanh(self)
     }
     #[inline]
     fn erf(self) -> Self {
         libm::erf(self)
-    }
-    #[inline]
-    fn powf(self, y: Self) -> Self {
-        f64::powf(self, y)
-    }
-    #[inline]
-    fn abs(self) -> Self {
-        f64::abs(self)
-    }
-    #[inline]
-    fn finite(self) -> bool {
-        self.is_finite()
     }
 }
 

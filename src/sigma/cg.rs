@@ -220,7 +220,7 @@ impl<'a> CgInverseFisher<'a> {
 
     /// Solves (F + λI) X = Q for a P×M block; returns X and the report.
     pub fn solve(&self, q: MatRef<'_, f64>) -> Result<(Mat<f64>, CgReport)> {
-        check_block(self.dim(), q)?;
+        check_block(&self.name(), self.dim(), q)?;
         let op = DampedOp {
             f: FisherOp { g: &*self.g },
             damping: self.damping,

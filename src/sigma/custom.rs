@@ -52,7 +52,7 @@ impl SigmaOp for CustomSigma {
         ))
     }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
-        check_block(self.dim, g)?;
+        check_block(&self.name(), self.dim, g)?;
         let mut col = vec![0.0; g.nrows()];
         let mut out = Vec::with_capacity(g.ncols());
         for j in 0..g.ncols() {

@@ -49,17 +49,6 @@ impl DenseSigma {
     pub fn matrix(&self) -> MatRef<'_, f64> {
         self.mat.as_ref()
     }
-
-    fn check(&self, g: MatRef<'_, f64>) -> Result<()> {
-        if g.nrows() != self.mat.nrows() {
-            return Err(Error::shape(
-                "dense Sigma (must be P×P with P the gradient length)",
-                format!("{0}×{0}", g.nrows()),
-                format!("{0}×{0}", self.mat.nrows()),
-            ));
-        }
-        check_block(self.mat.nrows(), g)
-    }
 }
 
 impl SigmaOp for DenseSigma {
@@ -70,7 +59,7 @@ impl SigmaOp for DenseSigma {
         "dense".into()
     }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        self.check(g)?;
+        check_block("dense", self.dim(), g)?;
         let mut out = Mat::zeros(g.nrows(), g.ncols());
         matmul(
             out.as_mut(),

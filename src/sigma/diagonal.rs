@@ -33,17 +33,6 @@ impl DiagonalSigma {
     pub fn diag(&self) -> &[f64] {
         &self.diag
     }
-
-    fn check(&self, g: MatRef<'_, f64>) -> Result<()> {
-        if g.nrows() != self.diag.len() {
-            return Err(Error::shape(
-                "diagonal Sigma (its length must equal the gradient length P)",
-                format!("length {}", g.nrows()),
-                format!("length {}", self.diag.len()),
-            ));
-        }
-        check_block(self.diag.len(), g)
-    }
 }
 
 impl SigmaOp for DiagonalSigma {
@@ -54,7 +43,7 @@ impl SigmaOp for DiagonalSigma {
         "diagonal".into()
     }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        self.check(g)?;
+        check_block("diagonal", self.dim(), g)?;
         Ok(Mat::from_fn(g.nrows(), g.ncols(), |i, j| {
             self.diag[i] * g[(i, j)]
         }))
@@ -63,7 +52,7 @@ impl SigmaOp for DiagonalSigma {
         Some(std::borrow::Cow::Borrowed(&self.diag))
     }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
-        self.check(g)?;
+        check_block("diagonal", self.dim(), g)?;
         let out = (0..g.ncols())
             .map(|j| {
                 (0..g.nrows())

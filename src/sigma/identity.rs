@@ -24,14 +24,14 @@ impl SigmaOp for IdentitySigma {
         "identity".into()
     }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        check_block(self.dim, g)?;
+        check_block(&self.name(), self.dim, g)?;
         Ok(g.to_owned())
     }
     fn diagonal(&self) -> Option<std::borrow::Cow<'_, [f64]>> {
         Some(std::borrow::Cow::Owned(vec![1.0; self.dim]))
     }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
-        check_block(self.dim, g)?;
+        check_block(&self.name(), self.dim, g)?;
         finish("identity", col_sum_sq(g))
     }
 }

@@ -183,7 +183,7 @@ impl SigmaOp for InverseFullFisher {
         "inverse_full_empirical_fim".into()
     }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        check_block(self.dim(), g)?;
+        check_block(&self.name(), self.dim(), g)?;
         let mut z = g.to_owned();
         solve_lower_triangular_in_place(self.l.as_ref(), z.as_mut(), Par::rayon(0));
         faer::linalg::triangular_solve::solve_upper_triangular_in_place(
@@ -194,7 +194,7 @@ impl SigmaOp for InverseFullFisher {
         Ok(z)
     }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
-        check_block(self.dim(), g)?;
+        check_block(&self.name(), self.dim(), g)?;
         let mut z = g.to_owned();
         solve_lower_triangular_in_place(self.l.as_ref(), z.as_mut(), Par::rayon(0));
         finish("inverse_full_empirical_fim", col_sum_sq(z.as_ref()))

@@ -636,7 +636,7 @@ impl SigmaOp for KernelInverseFisher<'_> {
         "inverse_full_empirical_fim".into()
     }
     fn apply(&self, q: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        check_block(self.dim(), q)?;
+        check_block(&self.name(), self.dim(), q)?;
         let x = self.solve(self.g.jv(q)?, false)?.x;
         let corr = self.g.jtu(x.as_ref())?;
         Ok(Mat::from_fn(q.nrows(), q.ncols(), |i, j| {
@@ -644,7 +644,7 @@ impl SigmaOp for KernelInverseFisher<'_> {
         }))
     }
     fn quad_forms(&self, q: MatRef<'_, f64>) -> Result<Vec<f64>> {
-        check_block(self.dim(), q)?;
+        check_block(&self.name(), self.dim(), q)?;
         self.finish_forms(col_sum_sq(q), self.g.jv(q)?)
     }
     fn quad_forms_reported(&self, q: MatRef<'_, f64>) -> Result<QuadForms> {

@@ -146,7 +146,7 @@ impl SigmaOp for KfacSigma {
         "kfac".into()
     }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        check_block(self.p, g)?;
+        check_block(&self.name(), self.p, g)?;
         let mut out = Mat::<f64>::zeros(self.p, g.ncols());
         for j in 0..g.ncols() {
             for l in &self.layers {

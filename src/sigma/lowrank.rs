@@ -646,7 +646,7 @@ impl SigmaOp for LowRankInverseFisher {
         "lowrank_empirical_fim".into()
     }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
-        check_block(self.dim(), g)?;
+        check_block(&self.name(), self.dim(), g)?;
         let (p, m) = (g.nrows(), g.ncols());
         let lam = self.damping;
         match (&self.a_inv, &self.l) {
@@ -678,7 +678,7 @@ impl SigmaOp for LowRankInverseFisher {
         }
     }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
-        check_block(self.dim(), g)?;
+        check_block(&self.name(), self.dim(), g)?;
         let (p, m) = (g.nrows(), g.ncols());
         let lam = self.damping;
         let out: Vec<f64> = match (&self.a_inv, &self.l) {

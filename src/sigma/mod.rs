@@ -131,10 +131,10 @@ pub struct QuadForms {
 }
 
 /// Checks that a gradient block has P rows and finite entries.
-pub(crate) fn check_block(p: usize, g: MatRef<'_, f64>) -> Result<()> {
+pub(crate) fn check_block(sigma: &str, p: usize, g: MatRef<'_, f64>) -> Result<()> {
     if g.nrows() != p {
         return Err(Error::shape(
-            "gradient block (rows must equal the number of parameters P)",
+            format!("gradient block for Sigma '{sigma}' (its rows must equal the size P of Sigma)"),
             format!("{p} rows"),
             format!("{} rows", g.nrows()),
         ));
