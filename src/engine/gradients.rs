@@ -124,42 +124,17 @@ impl GradientMatrix for DenseGradients {
     }
     fn jv(&self, v: MatRef<'_, f64>) -> Result<Mat<f64>> {
         check("V in G·V (P rows)", v.nrows(), self.gt.nrows())?;
-        let mut out = Mat::zeros(self.gt.ncols(), v.ncols());
-        matmul(
-            out.as_mut(),
-            Accum::Replace,
-            self.gt.transpose(),
-            v,
-            1.0,
-            Par::rayon(0),
-        );
-        Ok(out)
+        Ok(crate::scalar::product(self.gt.transpose(), v))
     }
     fn jtu(&self, u: MatRef<'_, f64>) -> Result<Mat<f64>> {
         check("U in Gᵀ·U (N rows)", u.nrows(), self.gt.ncols())?;
-        let mut out = Mat::zeros(self.gt.nrows(), u.ncols());
-        matmul(
-            out.as_mut(),
-            Accum::Replace,
-            self.gt.as_ref(),
-            u,
-            1.0,
-            Par::rayon(0),
-        );
-        Ok(out)
+        Ok(crate::scalar::product(self.gt.as_ref(), u))
     }
     fn gram(&self) -> Result<Mat<f64>> {
-        let n = self.gt.ncols();
-        let mut out = Mat::zeros(n, n);
-        matmul(
-            out.as_mut(),
-            Accum::Replace,
+        Ok(crate::scalar::product(
             self.gt.transpose(),
             self.gt.as_ref(),
-            1.0,
-            Par::rayon(0),
-        );
-        Ok(out)
+        ))
     }
     fn diag_sums(&self) -> Result<Vec<f64>> {
         Ok((0..self.gt.nrows())
@@ -338,15 +313,7 @@ impl<'c> Chunked<'c> {
             let ga = block(sa, la)?;
             for &(sb, lb) in &self.chunks[..=a] {
                 let gb = if sb == sa { ga.clone() } else { block(sb, lb)? };
-                let mut blk = Mat::zeros(la, lb);
-                matmul(
-                    blk.as_mut(),
-                    Accum::Replace,
-                    ga.transpose(),
-                    gb.as_ref(),
-                    1.0,
-                    Par::rayon(0),
-                );
+                let blk = crate::scalar::product(ga.transpose(), gb.as_ref());
                 for j in 0..lb {
                     for i in 0..la {
                         k[(sa + i, sb + j)] = blk[(i, j)];

@@ -6,6 +6,21 @@ pub(crate) mod fastmath;
 pub mod pool;
 
 use candle_core::DType;
+use faer::{Mat, MatRef};
+
+/// A·B into a new f64 matrix (faer's matmul on all rayon threads).
+pub(crate) fn product(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut out = Mat::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(
+        out.as_mut(),
+        faer::Accum::Replace,
+        a,
+        b,
+        1.0,
+        faer::Par::rayon(0),
+    );
+    out
+}
 
 /// f32 or f64: the model's own precision for forward and backward passes. Sums, solves and
 /// quadratic forms are always f64.

@@ -1,5 +1,4 @@
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Mat, MatRef};
 
 use super::{check_block, SigmaOp};
 use crate::error::{Error, Result};
@@ -60,16 +59,7 @@ impl SigmaOp for DenseSigma {
     }
     fn apply(&self, g: MatRef<'_, f64>) -> Result<Mat<f64>> {
         check_block("dense", self.dim(), g)?;
-        let mut out = Mat::zeros(g.nrows(), g.ncols());
-        matmul(
-            out.as_mut(),
-            Accum::Replace,
-            self.mat.as_ref(),
-            g,
-            1.0,
-            Par::rayon(0),
-        );
-        Ok(out)
+        Ok(crate::scalar::product(self.mat.as_ref(), g))
     }
     fn quad_forms(&self, g: MatRef<'_, f64>) -> Result<Vec<f64>> {
         let sg = self.apply(g)?;

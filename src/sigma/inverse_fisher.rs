@@ -162,16 +162,7 @@ impl InverseFullFisher {
         let mut id = Mat::<f64>::identity(p, p);
         solve_lower_triangular_in_place(self.l.as_ref(), id.as_mut(), Par::rayon(0));
         // inverse = L^{-T} L^{-1}; with Z = L^{-1}: Zᵀ Z.
-        let mut out = Mat::<f64>::zeros(p, p);
-        faer::linalg::matmul::matmul(
-            out.as_mut(),
-            faer::Accum::Replace,
-            id.as_ref().transpose(),
-            id.as_ref(),
-            1.0,
-            Par::rayon(0),
-        );
-        out
+        crate::scalar::product(id.as_ref().transpose(), id.as_ref())
     }
 }
 

@@ -133,15 +133,7 @@ impl PivotedCholesky {
             }
         }
         let f = f.as_ref().subcols(0, k).to_owned();
-        let mut c = Mat::<f64>::zeros(k, k);
-        matmul(
-            c.as_mut(),
-            Accum::Replace,
-            f.transpose(),
-            f.as_ref(),
-            1.0,
-            Par::rayon(0),
-        );
+        let mut c = crate::scalar::product(f.transpose(), f.as_ref());
         for i in 0..k {
             c[(i, i)] += mu;
         }
@@ -166,16 +158,8 @@ impl Preconditioner for PivotedCholesky {
         format!("pivoted cholesky (rank {})", self.rank())
     }
     fn apply(&self, r: MatRef<'_, f64>) -> Mat<f64> {
-        let (n, m, k) = (r.nrows(), r.ncols(), self.rank());
-        let mut z = Mat::<f64>::zeros(k, m);
-        matmul(
-            z.as_mut(),
-            Accum::Replace,
-            self.f.transpose(),
-            r,
-            1.0,
-            Par::rayon(0),
-        );
+        let (n, m) = (r.nrows(), r.ncols());
+        let mut z = crate::scalar::product(self.f.transpose(), r);
         solve_lower_triangular_in_place(self.c.as_ref(), z.as_mut(), Par::rayon(0));
         solve_upper_triangular_in_place(self.c.as_ref().transpose(), z.as_mut(), Par::rayon(0));
         let mut out = r.to_owned();
