@@ -451,23 +451,130 @@ pub fn mlp_delta_variances(
     let fisher = training.map(|(data, lik)| {
         crate::fisher::GraphFisher::with_engine(engine.clone(), lik, data, engine_opts.clone())
     });
-    engine_delta_variances_with(
-        &engine,
+    let req = DeltaRequest {
         qoi,
-        queries,
-        1,
-        strategy,
-        opts,
-        fisher.as_ref().map(|f| f as &dyn FisherSource),
-        engine_opts,
-    )
+        options: opts.clone(),
+        fisher: fisher.as_ref().map(|f| f as &dyn FisherSource),
+        engine: engine_opts.clone(),
+        ..DeltaRequest::new(queries, strategy)
+    };
+    engine_delta_variances_with(&engine, req)
+}
+
+/// One delta-variance question for any engine with query gradients ([`QueryGradients`]: the
+/// graph and capture engines): the QoI at the rows of `queries` after `rollout` applications
+/// of the model, under the Σ that `strategy` and `options` build (the Fisher strategies read
+/// `fisher`), the engine run with `engine`. What [`engine_delta_variances_with`],
+/// [`engine_group_delta_variances_with`] and [`engine_delta_covariances_with`] answer.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use deltavar::*;
+/// let z = Tensor::new(&[[0.0f64, 1.0]], &Device::Cpu).unwrap();
+/// let req = DeltaRequest::new(&z, SigmaStrategy::Identity).qoi(Qoi::Output(0)).rollout(3);
+/// assert_eq!((req.rollout, req.fisher.is_none()), (3, true));
+/// ```
+pub struct DeltaRequest<'a> {
+    /// The quantity of interest (default [`Qoi::Sum`]); the covariances take every output and
+    /// do not read it.
+    pub qoi: Qoi,
+    /// The query inputs, one per row.
+    pub queries: &'a candle_core::Tensor,
+    /// Read the QoI after this many applications of the model (default 1; more need equal
+    /// input and output shapes).
+    pub rollout: usize,
+    /// How Σ is built.
+    pub strategy: SigmaStrategy,
+    /// Σ's options (default [`SigmaOptions::default`]).
+    pub options: SigmaOptions,
+    /// The Fisher the Fisher strategies read (default none).
+    pub fisher: Option<&'a dyn FisherSource>,
+    /// Batch size and threads of the engine's query pass (default
+    /// [`FactoredOptions::default`]).
+    pub engine: FactoredOptions,
+}
+
+impl<'a> DeltaRequest<'a> {
+    /// ΔVar of the sum of the outputs at `queries` under `strategy`, one step, default options.
+    pub fn new(queries: &'a candle_core::Tensor, strategy: SigmaStrategy) -> Self {
+        Self {
+            qoi: Qoi::Sum,
+            queries,
+            rollout: 1,
+            strategy,
+            options: SigmaOptions::default(),
+            fisher: None,
+            engine: FactoredOptions::default(),
+        }
+    }
+    /// The quantity of interest.
+    pub fn qoi(mut self, qoi: Qoi) -> Self {
+        self.qoi = qoi;
+        self
+    }
+    /// Read the QoI after `steps` applications of the model.
+    pub fn rollout(mut self, steps: usize) -> Self {
+        self.rollout = steps;
+        self
+    }
+    /// Σ's options.
+    pub fn options(mut self, options: SigmaOptions) -> Self {
+        self.options = options;
+        self
+    }
+    /// The Fisher the Fisher strategies read.
+    pub fn fisher(mut self, fisher: &'a dyn FisherSource) -> Self {
+        self.fisher = Some(fisher);
+        self
+    }
+    /// The engine's options.
+    pub fn engine_options(mut self, engine: FactoredOptions) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// Σ built once for `engine`'s parameters.
+    fn sigma(self, engine: &dyn QueryGradients) -> Result<(Built<'a>, Asked<'a>)> {
+        let DeltaRequest {
+            qoi,
+            queries,
+            rollout,
+            strategy,
+            options,
+            fisher,
+            engine: eo,
+        } = self;
+        let built = build(strategy, engine.num_params(), &options, fisher)?;
+        Ok((
+            built,
+            Asked {
+                qoi,
+                queries,
+                rollout,
+                fisher,
+                eo,
+            },
+        ))
+    }
+}
+
+/// Σ and the method chosen.
+type Built<'a> = (Box<dyn SigmaOp + 'a>, Option<MethodChoice>);
+
+/// A request once its Σ is built: what the query pass reads.
+struct Asked<'a> {
+    qoi: Qoi,
+    queries: &'a candle_core::Tensor,
+    rollout: usize,
+    fisher: Option<&'a dyn FisherSource>,
+    eo: FactoredOptions,
 }
 
 /// The delta variances of any engine with query gradients ([`QueryGradients`]: the graph and
-/// capture engines): Σ from `strategy` (the Fisher strategies read `fisher`), the QoI
-/// gradients at the rows of `queries` after `rollout` applications of the model, and ΔVar for
-/// every row. A non-diagonal Σ takes the queries held layer by layer (the kernel Σ pairs them
-/// with the training gradients without forming the P×M block); a diagonal Σ the P×M block.
+/// capture engines) for one [`DeltaRequest`]: Σ built once, the QoI gradients at the queries,
+/// and ΔVar for every row. A non-diagonal Σ takes the queries held layer by layer (the kernel
+/// Σ pairs them with the training gradients without forming the P×M block); a diagonal Σ its
+/// quadratic forms inside the query pass where the engine can, else the P×M block.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -481,30 +588,25 @@ pub fn mlp_delta_variances(
 /// let fisher = GraphFisher::with_engine(engine.clone(), Likelihood::gaussian(0.5), &data, FactoredOptions::default());
 /// let z = Tensor::new(&[[0.0f64, 0.0], [1.0, -1.0]], &Device::Cpu).unwrap();
 /// // the QoI: output 0 after 3 steps of the network
-/// let out = engine_delta_variances_with(
-///     &engine, Qoi::Output(0), &z, 3, SigmaStrategy::InverseFullEmpiricalFim,
-///     &SigmaOptions { damping: 1e-3, ..Default::default() },
-///     Some(&fisher), &FactoredOptions::default(),
-/// ).unwrap();
+/// let req = DeltaRequest::new(&z, SigmaStrategy::InverseFullEmpiricalFim)
+///     .qoi(Qoi::Output(0))
+///     .rollout(3)
+///     .options(SigmaOptions { damping: 1e-3, ..Default::default() })
+///     .fisher(&fisher);
+/// let out = engine_delta_variances_with(&engine, req).unwrap();
 /// assert_eq!(out.delta_variance.len(), 2);
 /// ```
-#[allow(clippy::too_many_arguments)]
 pub fn engine_delta_variances_with(
     engine: &dyn QueryGradients,
-    qoi: Qoi,
-    queries: &candle_core::Tensor,
-    rollout: usize,
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-    engine_opts: &FactoredOptions,
+    req: DeltaRequest<'_>,
 ) -> Result<DeltaVariances> {
     let p = engine.num_params();
-    let (sigma, choice) = build(strategy, p, opts, fisher)?;
+    let ((sigma, choice), a) = req.sigma(engine)?;
+    let fisher = a.fisher;
     if let Some(d) = sigma.diagonal() {
         // a diagonal Σ straight from each batch's pass where the engine can: no query
         // gradients kept
-        if let Some(r) = engine.query_diag_forms(&qoi, queries, rollout, engine_opts, &d) {
+        if let Some(r) = engine.query_diag_forms(&a.qoi, a.queries, a.rollout, &a.eo, &d) {
             let (values, forms) = r?;
             let forms = QuadForms {
                 values: crate::sigma::finish(&sigma.name(), forms)?,
@@ -514,10 +616,10 @@ pub fn engine_delta_variances_with(
             return Ok(assemble(values, forms, path, &*sigma, choice, p, fisher));
         }
     } else if let Some(r) = engine.query_layered_gradients(
-        &qoi,
-        queries,
-        rollout,
-        engine_opts,
+        &a.qoi,
+        a.queries,
+        a.rollout,
+        &a.eo,
         crate::engine::LayerRoute::Auto,
     ) {
         // the kernel Σ takes the queries layer by layer (no P×M block for factored layers)
@@ -525,7 +627,7 @@ pub fn engine_delta_variances_with(
         let (forms, path) = query_delta_variances_reported(&ql, &*sigma)?;
         return Ok(assemble(values, forms, path, &*sigma, choice, p, fisher));
     }
-    let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
+    let (qg, values) = engine.query_gradients(&a.qoi, a.queries, a.rollout, &a.eo)?;
     Ok(from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, None)?.0)
 }
 
@@ -594,22 +696,21 @@ pub struct GroupDeltaVariances {
 
 /// [`engine_delta_variances_with`] split by parameter group ([`GroupDeltaVariances`];
 /// `groups` in parameter order, for example [`named_groups`] of the parameters).
-#[allow(clippy::too_many_arguments)]
 pub fn engine_group_delta_variances_with(
     engine: &dyn QueryGradients,
     groups: Vec<crate::calibration::ParamGroup>,
-    qoi: Qoi,
-    queries: &candle_core::Tensor,
-    rollout: usize,
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-    engine_opts: &FactoredOptions,
+    req: DeltaRequest<'_>,
 ) -> Result<GroupDeltaVariances> {
-    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
-    let (qg, values) = engine.query_gradients(&qoi, queries, rollout, engine_opts)?;
-    let (result, blocks) =
-        from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, Some(&groups))?;
+    let ((sigma, choice), a) = req.sigma(engine)?;
+    let (qg, values) = engine.query_gradients(&a.qoi, a.queries, a.rollout, &a.eo)?;
+    let (result, blocks) = from_gradients(
+        qg.as_ref(),
+        values,
+        &*sigma,
+        choice,
+        a.fisher,
+        Some(&groups),
+    )?;
     Ok(GroupDeltaVariances {
         result,
         groups,
@@ -793,26 +894,21 @@ fn covariances_from(
     })
 }
 
-/// The output covariance J Σ Jᵀ (K×K, every output of the model) at every row of `queries`,
-/// for any engine with query gradients: Σ built once from `strategy` (Fisher strategies read
-/// `fisher`), one batched query pass per output; every element of the per-example output
-/// (after `rollout` applications) is one of the K outputs. Its diagonal equals
+/// The output covariance J Σ Jᵀ (K×K, every output of the model) at every query of `req`,
+/// for any engine with query gradients: Σ built once, one batched query pass per output;
+/// every element of the per-example output (after the request's rollout) is one of the K
+/// outputs, and the request's QoI is not read. Its diagonal equals
 /// [`engine_delta_variances_with`] with `Qoi::Output(k)`.
 pub fn engine_delta_covariances_with(
     engine: &dyn QueryGradients,
-    queries: &candle_core::Tensor,
-    rollout: usize,
-    strategy: SigmaStrategy,
-    opts: &SigmaOptions,
-    fisher: Option<&dyn FisherSource>,
-    engine_opts: &FactoredOptions,
+    req: DeltaRequest<'_>,
 ) -> Result<DeltaCovariances> {
-    let (sigma, choice) = build(strategy, engine.num_params(), opts, fisher)?;
-    let k = engine.num_outputs(queries)?;
+    let ((sigma, choice), a) = req.sigma(engine)?;
+    let k = engine.num_outputs(a.queries)?;
     let mut grads = Vec::with_capacity(k);
     let mut values = Vec::with_capacity(k);
     for o in 0..k {
-        let (g, v) = engine.query_gradients(&Qoi::Output(o), queries, rollout, engine_opts)?;
+        let (g, v) = engine.query_gradients(&Qoi::Output(o), a.queries, a.rollout, &a.eo)?;
         values.push(v);
         grads.push(g);
     }

@@ -17,7 +17,6 @@ use crate::engine::FactoredOptions;
 use crate::error::{Error, Result};
 use crate::likelihood::Likelihood;
 use crate::model::{Activation, Mlp};
-use crate::qoi::Qoi;
 use crate::TensorDataset;
 
 /// Noise standard deviation of the demo data.
@@ -175,7 +174,13 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
     let engine = crate::GraphEngine::from_mlp(&mlp)?;
     let fisher = crate::GraphFisher::with_engine(engine.clone(), lik.clone(), &data, eo.clone());
     let variances = |z: &Tensor, strategy, opts: &SigmaOptions| {
-        engine_delta_variances_with(&engine, Qoi::Sum, z, 1, strategy, opts, Some(&fisher), &eo)
+        engine_delta_variances_with(
+            &engine,
+            crate::DeltaRequest::new(z, strategy)
+                .fisher(&fisher)
+                .options(opts.clone())
+                .engine_options(eo.clone()),
+        )
     };
     let run = |strategy, posterior| {
         let opts = SigmaOptions {
@@ -233,17 +238,14 @@ pub fn run_demo(out_dir: Option<&Path>) -> Result<DemoReport> {
     let g = crate::engine_group_delta_variances_with(
         &engine,
         crate::delta::named_groups(&engine.named_tensors()?),
-        Qoi::Sum,
-        &hz,
-        1,
-        SigmaStrategy::InverseFullEmpiricalFim,
-        &SigmaOptions {
-            damping: 1e-4,
-            posterior_scale: true,
-            ..Default::default()
-        },
-        Some(&fisher),
-        &eo,
+        crate::DeltaRequest::new(&hz, SigmaStrategy::InverseFullEmpiricalFim)
+            .fisher(&fisher)
+            .options(SigmaOptions {
+                damping: 1e-4,
+                posterior_scale: true,
+                ..Default::default()
+            })
+            .engine_options(eo.clone()),
     )?;
     let e: Vec<f64> = hy.iter().zip(&g.result.qoi).map(|(y, f)| y - f).collect();
     let half = m_out / 2;

@@ -80,7 +80,7 @@ pub use delta::{
     build_sigma, delta_covariances, delta_variances, engine_delta_covariances_with,
     engine_delta_variances_with, engine_group_delta_variances_with, mlp_delta_variances,
     query_delta_variances, query_delta_variances_reported, BuiltSigma, DeltaCovariances,
-    DeltaVariances, GroupDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
+    DeltaRequest, DeltaVariances, GroupDeltaVariances, QueryPath, SigmaOptions, SigmaStrategy,
 };
 pub use engine::{
     qoi_gradient, qoi_gradients, CaptureEngine, CaptureOptions, ExampleGradients, FactoredOptions,

@@ -48,7 +48,7 @@ use crate::calibration::{Calibration, CalibrationOptions, ParamGroup};
 use crate::data::{MmapNpyDataset, NpyArray, RowsRef};
 use crate::delta::{
     engine_delta_covariances_with, engine_delta_variances_with, engine_group_delta_variances_with,
-    named_groups, DeltaCovariances, DeltaVariances, SigmaOptions, SigmaStrategy,
+    named_groups, DeltaCovariances, DeltaRequest, DeltaVariances, SigmaOptions, SigmaStrategy,
 };
 use crate::engine::{FactoredOptions, GraphEngine};
 use crate::error::{Error, Result};
@@ -589,9 +589,10 @@ pub fn variances(
         rollout,
         warnings,
     };
-    let scalar = match &qoi {
-        QoiRequest::Scalar(q) => Some(q.clone()),
-        QoiRequest::Outputs => None,
+    // every output (the covariances) reads no scalar QoI
+    let (scalar, outputs) = match qoi {
+        QoiRequest::Scalar(q) => (q, false),
+        QoiRequest::Outputs => (Qoi::Sum, true),
     };
     let needs_fisher = strategy.needs_fisher();
     let mut warnings = vec![];
@@ -616,7 +617,16 @@ pub fn variances(
         }
     };
     let engine = net.engine();
-    let Some(qoi) = scalar else {
+    let req = DeltaRequest {
+        qoi: scalar,
+        queries,
+        rollout,
+        strategy,
+        options,
+        fisher,
+        engine: eo,
+    };
+    if outputs {
         if split {
             return Err(Error::invalid(
                 "--qoi",
@@ -624,31 +634,18 @@ pub fn variances(
                 "per-layer scales (calibrate, a calibration) take a scalar QoI (sum, output:K, prob:K)",
             ));
         }
-        let c = engine_delta_covariances_with(
-            engine, queries, rollout, strategy, &options, fisher, &eo,
-        )?;
+        let c = engine_delta_covariances_with(engine, req)?;
         let out = c.diagonal(fisher.map(|f| f.num_examples()).unwrap_or(0))?;
         return Ok(report(out, None, Some(c), warnings));
-    };
+    }
     if split {
-        let g = engine_group_delta_variances_with(
-            engine,
-            named_groups(&net.named_tensors()?),
-            qoi,
-            queries,
-            rollout,
-            strategy,
-            &options,
-            fisher,
-            &eo,
-        )?;
+        let groups = named_groups(&net.named_tensors()?);
+        let g = engine_group_delta_variances_with(engine, groups, req)?;
         let mut out = g.result;
         let layers = finish_layers(&mut out, g.groups, g.blocks, calibration)?;
         return Ok(report(out, Some(layers), None, warnings));
     }
-    let out = engine_delta_variances_with(
-        engine, qoi, queries, rollout, strategy, &options, fisher, &eo,
-    )?;
+    let out = engine_delta_variances_with(engine, req)?;
     Ok(report(out, None, None, warnings))
 }
 

@@ -13,7 +13,7 @@
 pub use crate::data::{Dataset, MmapNpyDataset, TensorDataset};
 pub use crate::delta::{
     build_sigma, delta_variances, engine_delta_variances_with, mlp_delta_variances,
-    query_delta_variances, SigmaOptions, SigmaStrategy,
+    query_delta_variances, DeltaRequest, SigmaOptions, SigmaStrategy,
 };
 pub use crate::engine::{
     qoi_gradient, qoi_gradients, ExampleGradients, FactoredOptions, GenericOptions, GraphEngine,

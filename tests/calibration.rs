@@ -386,16 +386,13 @@ fn calibrate_and_apply_through_the_cli() {
     let g = engine_group_delta_variances_with(
         &engine,
         deltavar::delta::named_groups(&engine.named_tensors().unwrap()),
-        Qoi::Output(1),
-        &q,
-        1,
-        SigmaStrategy::InverseFullEmpiricalFim,
-        &SigmaOptions {
-            damping: 1e-3,
-            ..Default::default()
-        },
-        Some(&fisher),
-        &FactoredOptions::default(),
+        DeltaRequest::new(&q, SigmaStrategy::InverseFullEmpiricalFim)
+            .fisher(&fisher)
+            .qoi(Qoi::Output(1))
+            .options(SigmaOptions {
+                damping: 1e-3,
+                ..Default::default()
+            }),
     )
     .unwrap();
     let names: Vec<&str> = g.groups.iter().map(|g| g.name.as_str()).collect();

@@ -38,19 +38,23 @@ fn covariance_diagonals_are_the_per_output_delta_variances() {
             SigmaStrategy::DiagonalEmpiricalFim => SigmaStrategy::DiagonalEmpiricalFim,
             _ => SigmaStrategy::InverseFullEmpiricalFim,
         };
-        let c =
-            engine_delta_covariances_with(&engine, &q, 1, same(), &o, Some(&fisher), &eo).unwrap();
+        let c = engine_delta_covariances_with(
+            &engine,
+            DeltaRequest::new(&q, same())
+                .fisher(&fisher)
+                .options(o.clone())
+                .engine_options(eo.clone()),
+        )
+        .unwrap();
         assert_eq!(c.covariance.len(), 8);
         for k in 0..3 {
             let d = engine_delta_variances_with(
                 &engine,
-                Qoi::Output(k),
-                &q,
-                1,
-                same(),
-                &o,
-                Some(&fisher),
-                &eo,
+                DeltaRequest::new(&q, same())
+                    .fisher(&fisher)
+                    .qoi(Qoi::Output(k))
+                    .options(o.clone())
+                    .engine_options(eo.clone()),
             )
             .unwrap();
             let diag: Vec<f64> = c.covariance.iter().map(|m| m[k * 3 + k]).collect();
@@ -65,9 +69,14 @@ fn covariance_diagonals_are_the_per_output_delta_variances() {
         }
         // the off-diagonal entries, independently: Var(Σ_k f_k) = Σ_ab C_ab, the ΔVar of the
         // QoI `sum` computed on its own
-        let total =
-            engine_delta_variances_with(&engine, Qoi::Sum, &q, 1, same(), &o, Some(&fisher), &eo)
-                .unwrap();
+        let total = engine_delta_variances_with(
+            &engine,
+            DeltaRequest::new(&q, same())
+                .fisher(&fisher)
+                .options(o.clone())
+                .engine_options(eo.clone()),
+        )
+        .unwrap();
         let sums: Vec<f64> = c.covariance.iter().map(|m| m.iter().sum()).collect();
         let err = max_rel_err(&sums, &total.delta_variance);
         assert!(err < 1e-9, "{} {method:?} sum: {err:e}", strategy.name());
@@ -167,24 +176,22 @@ fn covariance_of_a_rollout_state() {
     };
     let c = engine_delta_covariances_with(
         &GraphEngine::from_sequential(&model).unwrap(),
-        &z,
-        4,
-        SigmaStrategy::InverseFullEmpiricalFim,
-        &o,
-        Some(&fisher),
-        &eo,
+        DeltaRequest::new(&z, SigmaStrategy::InverseFullEmpiricalFim)
+            .fisher(&fisher)
+            .rollout(4)
+            .options(o.clone())
+            .engine_options(eo.clone()),
     )
     .unwrap();
     for k in 0..3 {
         let d = engine_delta_variances_with(
             &GraphEngine::from_sequential(&model).unwrap(),
-            Qoi::Output(k),
-            &z,
-            4,
-            SigmaStrategy::InverseFullEmpiricalFim,
-            &o,
-            Some(&fisher),
-            &eo,
+            DeltaRequest::new(&z, SigmaStrategy::InverseFullEmpiricalFim)
+                .fisher(&fisher)
+                .qoi(Qoi::Output(k))
+                .rollout(4)
+                .options(o.clone())
+                .engine_options(eo.clone()),
         )
         .unwrap();
         let diag: Vec<f64> = c.covariance.iter().map(|m| m[k * 3 + k]).collect();
@@ -233,12 +240,10 @@ fn matches_laplace_torch_glm_functional_variance() {
     };
     let c = engine_delta_covariances_with(
         &mlp_engine(&mlp),
-        &q,
-        1,
-        SigmaStrategy::InverseFullEmpiricalFim,
-        &o,
-        Some(&fisher),
-        &eo,
+        DeltaRequest::new(&q, SigmaStrategy::InverseFullEmpiricalFim)
+            .fisher(&fisher)
+            .options(o.clone())
+            .engine_options(eo.clone()),
     )
     .unwrap();
     let f_var = expected["f_var"].as_array().unwrap();

@@ -275,17 +275,16 @@ fn delta_variances_under_every_sigma_match_the_dense_reference() {
                 .with_layer_route(route);
             engine_delta_variances_with(
                 &c.engine,
-                c.qoi_kind(),
-                &c.queries,
-                c.rollout(),
-                strategy,
-                &SigmaOptions {
-                    damping: lam,
-                    full_method: method,
-                    ..Default::default()
-                },
-                Some(&fisher),
-                &opts(2),
+                DeltaRequest::new(&c.queries, strategy)
+                    .fisher(&fisher)
+                    .qoi(c.qoi_kind())
+                    .rollout(c.rollout())
+                    .options(SigmaOptions {
+                        damping: lam,
+                        full_method: method,
+                        ..Default::default()
+                    })
+                    .engine_options(opts(2)),
             )
             .unwrap()
         };
@@ -404,16 +403,15 @@ fn gnn_rollout_matches_deltavar_0_1_1() {
     ] {
         let out = engine_delta_variances_with(
             &c.engine,
-            c.qoi_kind(),
-            &c.queries,
-            3,
-            strategy,
-            &SigmaOptions {
-                damping: c.damping(),
-                ..Default::default()
-            },
-            Some(&fisher),
-            &opts(2),
+            DeltaRequest::new(&c.queries, strategy)
+                .fisher(&fisher)
+                .qoi(c.qoi_kind())
+                .rollout(3)
+                .options(SigmaOptions {
+                    damping: c.damping(),
+                    ..Default::default()
+                })
+                .engine_options(opts(2)),
         )
         .unwrap();
         let err = max_rel_err(&out.delta_variance, &v(key));

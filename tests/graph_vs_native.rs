@@ -160,17 +160,22 @@ fn a_cnn_as_a_graph_equals_the_sequential_engine() {
         ..Default::default()
     };
     let s = || SigmaStrategy::InverseFullEmpiricalFim;
-    let da = engine_delta_variances_with(&graph, Qoi::Prob(1), &x, 1, s(), &opts, Some(&gf), &o)
-        .unwrap();
+    let da = engine_delta_variances_with(
+        &graph,
+        DeltaRequest::new(&x, s())
+            .fisher(&gf)
+            .qoi(Qoi::Prob(1))
+            .options(opts.clone())
+            .engine_options(o.clone()),
+    )
+    .unwrap();
     let db = engine_delta_variances_with(
         &GraphEngine::from_sequential(&model).unwrap(),
-        Qoi::Prob(1),
-        &x,
-        1,
-        s(),
-        &opts,
-        Some(&sf),
-        &o,
+        DeltaRequest::new(&x, s())
+            .fisher(&sf)
+            .qoi(Qoi::Prob(1))
+            .options(opts.clone())
+            .engine_options(o.clone()),
     )
     .unwrap();
     assert!(

@@ -517,13 +517,11 @@ fn kfac_is_a_sigma_strategy_of_the_one_entry_point() {
         for (qe, fisher) in sources {
             let out = engine_delta_variances_with(
                 qe,
-                Qoi::Output(1),
-                &z,
-                1,
-                SigmaStrategy::KfacEmpiricalFim,
-                &opts,
-                Some(fisher),
-                &eo(),
+                DeltaRequest::new(&z, SigmaStrategy::KfacEmpiricalFim)
+                    .fisher(fisher)
+                    .qoi(Qoi::Output(1))
+                    .options(opts.clone())
+                    .engine_options(eo()),
             )
             .unwrap();
             assert_eq!(out.sigma, "kfac");
@@ -535,12 +533,10 @@ fn kfac_is_a_sigma_strategy_of_the_one_entry_point() {
         }
         let cov = engine_delta_covariances_with(
             &engine,
-            &z,
-            1,
-            SigmaStrategy::KfacEmpiricalFim,
-            &opts,
-            Some(&graph_fisher),
-            &eo(),
+            DeltaRequest::new(&z, SigmaStrategy::KfacEmpiricalFim)
+                .fisher(&graph_fisher)
+                .options(opts.clone())
+                .engine_options(eo()),
         )
         .unwrap();
         let diag: Vec<f64> = cov.covariance.iter().map(|c| c[3]).collect();
@@ -549,13 +545,10 @@ fn kfac_is_a_sigma_strategy_of_the_one_entry_point() {
     let generic = GenericFisher::new(&params, lik.of(&model), &data, GenericOptions::default());
     let err = engine_delta_variances_with(
         &engine,
-        Qoi::Output(1),
-        &z,
-        1,
-        SigmaStrategy::KfacEmpiricalFim,
-        &SigmaOptions::default(),
-        Some(&generic),
-        &eo(),
+        DeltaRequest::new(&z, SigmaStrategy::KfacEmpiricalFim)
+            .fisher(&generic)
+            .qoi(Qoi::Output(1))
+            .engine_options(eo()),
     )
     .unwrap_err()
     .to_string();

@@ -46,18 +46,22 @@ fn graph_and_capture_engines_give_the_same_delta_variances() {
             SigmaStrategy::DiagonalEmpiricalFim => SigmaStrategy::DiagonalEmpiricalFim,
             _ => SigmaStrategy::InverseFullEmpiricalFim,
         };
-        let a =
-            engine_delta_variances_with(&graph, Qoi::Prob(1), &q, 1, s(), &o, Some(&fisher), &eo())
-                .unwrap();
+        let a = engine_delta_variances_with(
+            &graph,
+            DeltaRequest::new(&q, s())
+                .fisher(&fisher)
+                .qoi(Qoi::Prob(1))
+                .options(o.clone())
+                .engine_options(eo()),
+        )
+        .unwrap();
         let b = engine_delta_variances_with(
             &capture,
-            Qoi::Prob(1),
-            &q,
-            1,
-            s(),
-            &o,
-            Some(&fisher),
-            &eo(),
+            DeltaRequest::new(&q, s())
+                .fisher(&fisher)
+                .qoi(Qoi::Prob(1))
+                .options(o.clone())
+                .engine_options(eo()),
         )
         .unwrap();
         let err = max_rel_err(&a.delta_variance, &b.delta_variance);
@@ -69,16 +73,37 @@ fn graph_and_capture_engines_give_the_same_delta_variances() {
         ..Default::default()
     };
     let s = || SigmaStrategy::InverseFullEmpiricalFim;
-    let ca = engine_delta_covariances_with(&graph, &q, 1, s(), &o, Some(&fisher), &eo()).unwrap();
-    let cb = engine_delta_covariances_with(&capture, &q, 1, s(), &o, Some(&fisher), &eo()).unwrap();
+    let ca = engine_delta_covariances_with(
+        &graph,
+        DeltaRequest::new(&q, s())
+            .fisher(&fisher)
+            .options(o.clone())
+            .engine_options(eo()),
+    )
+    .unwrap();
+    let cb = engine_delta_covariances_with(
+        &capture,
+        DeltaRequest::new(&q, s())
+            .fisher(&fisher)
+            .options(o.clone())
+            .engine_options(eo()),
+    )
+    .unwrap();
     assert_eq!(cb.outputs[0].len(), 3);
     for (x, y) in ca.covariance.iter().zip(&cb.covariance) {
         assert!(max_rel_err(x, y) < 1e-10);
     }
     // a rollout is the graph engine's; the capture engine refuses it by name
-    let e = engine_delta_variances_with(&capture, Qoi::Sum, &q, 2, s(), &o, Some(&fisher), &eo())
-        .unwrap_err()
-        .to_string();
+    let e = engine_delta_variances_with(
+        &capture,
+        DeltaRequest::new(&q, s())
+            .fisher(&fisher)
+            .rollout(2)
+            .options(o.clone())
+            .engine_options(eo()),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("capture engine"), "{e}");
 }
 
@@ -108,25 +133,43 @@ fn the_transformer_on_the_graph_and_capture_engines_gives_the_same_delta_varianc
         ..Default::default()
     };
     let s = || SigmaStrategy::InverseFullEmpiricalFim;
-    let a =
-        engine_delta_variances_with(&native, Qoi::Prob(0), &q, 1, s(), &o, Some(&fisher), &eo())
-            .unwrap();
-    let b = engine_delta_variances_with(&graph, Qoi::Prob(0), &q, 1, s(), &o, Some(&fisher), &eo())
-        .unwrap();
+    let a = engine_delta_variances_with(
+        &native,
+        DeltaRequest::new(&q, s())
+            .fisher(&fisher)
+            .qoi(Qoi::Prob(0))
+            .options(o.clone())
+            .engine_options(eo()),
+    )
+    .unwrap();
+    let b = engine_delta_variances_with(
+        &graph,
+        DeltaRequest::new(&q, s())
+            .fisher(&fisher)
+            .qoi(Qoi::Prob(0))
+            .options(o.clone())
+            .engine_options(eo()),
+    )
+    .unwrap();
     let err = max_rel_err(&a.delta_variance, &b.delta_variance);
     assert!(err < 1e-9, "{err:e}");
-    let c = engine_delta_covariances_with(&native, &q, 1, s(), &o, Some(&fisher), &eo()).unwrap();
+    let c = engine_delta_covariances_with(
+        &native,
+        DeltaRequest::new(&q, s())
+            .fisher(&fisher)
+            .options(o.clone())
+            .engine_options(eo()),
+    )
+    .unwrap();
     assert_eq!(c.outputs[0].len(), 3);
     let diag: Vec<f64> = c.covariance.iter().map(|m| m[0]).collect();
     let d0 = engine_delta_variances_with(
         &native,
-        Qoi::Output(0),
-        &q,
-        1,
-        s(),
-        &o,
-        Some(&fisher),
-        &eo(),
+        DeltaRequest::new(&q, s())
+            .fisher(&fisher)
+            .qoi(Qoi::Output(0))
+            .options(o.clone())
+            .engine_options(eo()),
     )
     .unwrap();
     assert!(max_rel_err(&diag, &d0.delta_variance) < 1e-9);
@@ -158,13 +201,11 @@ fn a_diagonal_sigma_never_forms_the_query_gradients() {
         };
         let got = engine_delta_variances_with(
             engine,
-            qoi,
-            q,
-            steps,
-            SigmaStrategy::Diagonal(d),
-            &o,
-            None,
-            &eo(),
+            DeltaRequest::new(q, SigmaStrategy::Diagonal(d))
+                .qoi(qoi)
+                .rollout(steps)
+                .options(o.clone())
+                .engine_options(eo()),
         )
         .unwrap();
         assert_eq!(got.path, QueryPath::DiagonalFactored);
@@ -199,13 +240,9 @@ fn a_diagonal_sigma_never_forms_the_query_gradients() {
         let z = Tensor::from_vec(z, (5, 3), &Device::Cpu).unwrap();
         engine_delta_variances_with(
             &se,
-            Qoi::Output(1),
-            &z,
-            1,
-            SigmaStrategy::Diagonal(vec![1.0; se.num_params()]),
-            &SigmaOptions::default(),
-            None,
-            &eo(),
+            DeltaRequest::new(&z, SigmaStrategy::Diagonal(vec![1.0; se.num_params()]))
+                .qoi(Qoi::Output(1))
+                .engine_options(eo()),
         )
     };
     let err = run(f64::NAN).expect_err("a NaN query is refused");

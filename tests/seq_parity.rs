@@ -106,13 +106,12 @@ fn check(name: &str) {
         };
         let out = engine_delta_variances_with(
             &GraphEngine::from_sequential(&model).unwrap(),
-            qoi.clone(),
-            &q,
-            k,
-            strategy,
-            &opts,
-            Some(&fisher),
-            &eo,
+            DeltaRequest::new(&q, strategy)
+                .fisher(&fisher)
+                .qoi(qoi.clone())
+                .rollout(k)
+                .options(opts.clone())
+                .engine_options(eo.clone()),
         )
         .unwrap();
         let err = max_rel_err(&out.delta_variance, &vec_of(&expected[key]));

@@ -566,17 +566,16 @@ fn kernel_pipeline_takes_the_layered_route(
     );
     let out = engine_delta_variances_with(
         &GraphEngine::from_sequential(model).unwrap(),
-        qoi,
-        q,
-        steps,
-        SigmaStrategy::InverseFullEmpiricalFim,
-        &SigmaOptions {
-            damping: lam,
-            full_method: FullMethod::Kernel,
-            ..Default::default()
-        },
-        Some(&fisher),
-        &eo(3),
+        DeltaRequest::new(q, SigmaStrategy::InverseFullEmpiricalFim)
+            .fisher(&fisher)
+            .qoi(qoi)
+            .rollout(steps)
+            .options(SigmaOptions {
+                damping: lam,
+                full_method: FullMethod::Kernel,
+                ..Default::default()
+            })
+            .engine_options(eo(3)),
     )
     .unwrap();
     assert_eq!(out.path, QueryPath::Factored);

@@ -134,7 +134,7 @@ pub struct QuadForms {
 pub(crate) fn check_block(sigma: &str, p: usize, g: MatRef<'_, f64>) -> Result<()> {
     if g.nrows() != p {
         return Err(Error::shape(
-            format!("gradient block for Sigma '{sigma}' (its rows must equal the size P of Sigma)"),
+            format!("gradient block for the {sigma} Sigma (its rows must equal its size P)"),
             format!("{p} rows"),
             format!("{} rows", g.nrows()),
         ));
