@@ -200,16 +200,6 @@ pub fn build_sigma<'a>(
     opts: &SigmaOptions,
     fisher: Option<&'a dyn FisherSource>,
 ) -> Result<BuiltSigma<'a>> {
-    let (op, method) = build(strategy, num_params, opts, fisher)?;
-    Ok(BuiltSigma { op, method })
-}
-
-fn build<'a>(
-    strategy: SigmaStrategy,
-    num_params: usize,
-    opts: &SigmaOptions,
-    fisher: Option<&'a dyn FisherSource>,
-) -> Result<(Box<dyn SigmaOp + 'a>, Option<MethodChoice>)> {
     let name = strategy.name();
     if opts.posterior_scale && !strategy.needs_fisher() {
         return Err(Error::invalid(
@@ -227,7 +217,21 @@ fn build<'a>(
         | SigmaStrategy::InverseFullEmpiricalFim
         | SigmaStrategy::LowRankEmpiricalFim(_)
         | SigmaStrategy::KfacEmpiricalFim => {
-            return build_fisher_sigma(strategy, num_params, opts, fisher)
+            let src = fisher.ok_or_else(|| Error::MissingInput {
+                strategy: name.into(),
+                missing:
+                    "a Fisher source (log-likelihood closure, parameters and training dataset)"
+                        .into(),
+            })?;
+            if src.num_params() != num_params {
+                return Err(Error::shape(
+                    format!("Fisher source for '{name}' (its parameters must be those of the QoI gradient)"),
+                    format!("{num_params} parameters"),
+                    format!("{} parameters", src.num_params()),
+                ));
+            }
+            let (op, method) = fisher_sigma(strategy, src, opts)?;
+            return Ok(BuiltSigma { op, method });
         }
     };
     if user.dim() != num_params {
@@ -237,30 +241,20 @@ fn build<'a>(
             format!("P = {}", user.dim()),
         ));
     }
-    Ok((user, None))
+    Ok(BuiltSigma {
+        op: user,
+        method: None,
+    })
 }
 
-/// The empirical-FIM strategies: Σ from the Fisher source, scaled by 1/N if asked.
-fn build_fisher_sigma<'a>(
+/// The empirical-FIM strategies: Σ from the Fisher source (of the QoI's parameters), scaled
+/// by 1/N if asked.
+fn fisher_sigma<'a>(
     strategy: SigmaStrategy,
-    num_params: usize,
+    src: &'a dyn FisherSource,
     opts: &SigmaOptions,
-    fisher: Option<&'a dyn FisherSource>,
 ) -> Result<(Box<dyn SigmaOp + 'a>, Option<MethodChoice>)> {
     let name = strategy.name();
-    let src = fisher.ok_or_else(|| Error::MissingInput {
-        strategy: name.into(),
-        missing: "a Fisher source (log-likelihood closure, parameters and training dataset)".into(),
-    })?;
-    if src.num_params() != num_params {
-        return Err(Error::shape(
-            format!(
-                "Fisher source for '{name}' (its parameters must be those of the QoI gradient)"
-            ),
-            format!("{num_params} parameters"),
-            format!("{} parameters", src.num_params()),
-        ));
-    }
     let n = src.num_examples();
     let (sigma, choice): (Box<dyn SigmaOp + 'a>, Option<MethodChoice>) = match strategy {
         SigmaStrategy::DiagonalEmpiricalFim => (
@@ -533,41 +527,11 @@ impl<'a> DeltaRequest<'a> {
         self
     }
 
-    /// Σ built once for `engine`'s parameters.
-    fn sigma(self, engine: &dyn QueryGradients) -> Result<(Built<'a>, Asked<'a>)> {
-        let DeltaRequest {
-            qoi,
-            queries,
-            rollout,
-            strategy,
-            options,
-            fisher,
-            engine: eo,
-        } = self;
-        let built = build(strategy, engine.num_params(), &options, fisher)?;
-        Ok((
-            built,
-            Asked {
-                qoi,
-                queries,
-                rollout,
-                fisher,
-                eo,
-            },
-        ))
+    /// Σ built once for `engine`'s parameters (the strategy is taken out of the request).
+    fn take_sigma(&mut self, engine: &dyn QueryGradients) -> Result<BuiltSigma<'a>> {
+        let strategy = std::mem::replace(&mut self.strategy, SigmaStrategy::Identity);
+        build_sigma(strategy, engine.num_params(), &self.options, self.fisher)
     }
-}
-
-/// Σ and the method chosen.
-type Built<'a> = (Box<dyn SigmaOp + 'a>, Option<MethodChoice>);
-
-/// A request once its Σ is built: what the query pass reads.
-struct Asked<'a> {
-    qoi: Qoi,
-    queries: &'a candle_core::Tensor,
-    rollout: usize,
-    fisher: Option<&'a dyn FisherSource>,
-    eo: FactoredOptions,
 }
 
 /// The delta variances of any engine with query gradients ([`QueryGradients`]: the graph and
@@ -601,12 +565,13 @@ pub fn engine_delta_variances_with(
     req: DeltaRequest<'_>,
 ) -> Result<DeltaVariances> {
     let p = engine.num_params();
-    let ((sigma, choice), a) = req.sigma(engine)?;
+    let mut a = req;
+    let (sigma, choice) = a.take_sigma(engine)?.into_parts();
     let fisher = a.fisher;
     if let Some(d) = sigma.diagonal() {
         // a diagonal Σ straight from each batch's pass where the engine can: no query
         // gradients kept
-        if let Some(r) = engine.query_diag_forms(&a.qoi, a.queries, a.rollout, &a.eo, &d) {
+        if let Some(r) = engine.query_diag_forms(&a.qoi, a.queries, a.rollout, &a.engine, &d) {
             let (values, forms) = r?;
             let forms = QuadForms {
                 values: crate::sigma::finish(&sigma.name(), forms)?,
@@ -619,7 +584,7 @@ pub fn engine_delta_variances_with(
         &a.qoi,
         a.queries,
         a.rollout,
-        &a.eo,
+        &a.engine,
         crate::engine::LayerRoute::Auto,
     ) {
         // the kernel Σ takes the queries layer by layer (no P×M block for factored layers)
@@ -627,7 +592,7 @@ pub fn engine_delta_variances_with(
         let (forms, path) = query_delta_variances_reported(&ql, &*sigma)?;
         return Ok(assemble(values, forms, path, &*sigma, choice, p, fisher));
     }
-    let (qg, values) = engine.query_gradients(&a.qoi, a.queries, a.rollout, &a.eo)?;
+    let (qg, values) = engine.query_gradients(&a.qoi, a.queries, a.rollout, &a.engine)?;
     Ok(from_gradients(qg.as_ref(), values, &*sigma, choice, fisher, None)?.0)
 }
 
@@ -701,8 +666,9 @@ pub fn engine_group_delta_variances_with(
     groups: Vec<crate::calibration::ParamGroup>,
     req: DeltaRequest<'_>,
 ) -> Result<GroupDeltaVariances> {
-    let ((sigma, choice), a) = req.sigma(engine)?;
-    let (qg, values) = engine.query_gradients(&a.qoi, a.queries, a.rollout, &a.eo)?;
+    let mut a = req;
+    let (sigma, choice) = a.take_sigma(engine)?.into_parts();
+    let (qg, values) = engine.query_gradients(&a.qoi, a.queries, a.rollout, &a.engine)?;
     let (result, blocks) = from_gradients(
         qg.as_ref(),
         values,
@@ -903,12 +869,13 @@ pub fn engine_delta_covariances_with(
     engine: &dyn QueryGradients,
     req: DeltaRequest<'_>,
 ) -> Result<DeltaCovariances> {
-    let ((sigma, choice), a) = req.sigma(engine)?;
+    let mut a = req;
+    let (sigma, choice) = a.take_sigma(engine)?.into_parts();
     let k = engine.num_outputs(a.queries)?;
     let mut grads = Vec::with_capacity(k);
     let mut values = Vec::with_capacity(k);
     for o in 0..k {
-        let (g, v) = engine.query_gradients(&Qoi::Output(o), a.queries, a.rollout, &a.eo)?;
+        let (g, v) = engine.query_gradients(&Qoi::Output(o), a.queries, a.rollout, &a.engine)?;
         values.push(v);
         grads.push(g);
     }

@@ -482,31 +482,6 @@ pub fn binary_forward<T: Scalar>(
     Ok(Tensor { shape: out, data })
 }
 
-/// Backward of a binary op: the cotangents of a and b (when asked), summed back to their shapes.
-pub fn binary_backward<T: Scalar>(
-    node: &Node,
-    op: Binary,
-    a: &Tensor<T>,
-    b: &Tensor<T>,
-    y: &Tensor<T>,
-    g: &[T],
-    need: (bool, bool),
-) -> Result<GradPair<T>> {
-    let out = &y.shape;
-    let contrib = |which| binary_contribution(node, op, a, b, y, g, which);
-    let ga = if need.0 {
-        Some(reduce_owned(contrib(0)?, out, &a.shape))
-    } else {
-        None
-    };
-    let gb = if need.1 {
-        Some(reduce_owned(contrib(1)?, out, &b.shape))
-    } else {
-        None
-    };
-    Ok((ga, gb))
-}
-
 /// The output-shaped cotangent of input `which` (0 = a, 1 = b) of a binary op, before the sum
 /// over broadcast axes: the backward reduces it to the input's shape, the per-example rule
 /// per example.

@@ -586,17 +586,14 @@ pub fn backward<T: Scalar>(
             )?);
         }
         Op::Binary(b) => {
-            let (ga, gb) = elementwise::binary_backward(
-                node,
-                *b,
-                x(0)?,
-                x(1)?,
-                out0()?,
-                g0,
-                (needs(0), needs(1)),
-            )?;
-            res[0] = ga;
-            res[1] = gb;
+            // each input's cotangent summed back to its shape
+            let (xa, xb, y) = (x(0)?, x(1)?, out0()?);
+            for (i, xi) in [xa, xb].into_iter().enumerate() {
+                if needs(i) {
+                    let full = elementwise::binary_contribution(node, *b, xa, xb, y, g0, i)?;
+                    res[i] = Some(util::reduce_owned(full, &y.shape, &xi.shape));
+                }
+            }
         }
         Op::Where => {
             let out = &out0()?.shape;
