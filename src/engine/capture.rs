@@ -230,36 +230,27 @@ impl<'a, M: Module> CaptureEngine<'a, M> {
             let o = d.dim(2)?;
             let (kind, inp) = match &list[0].0 {
                 UseInput::Rows(_) => {
-                    let xs = list
-                        .iter()
-                        .map(|(u, _)| match u {
-                            UseInput::Rows(x) => Ok(x.clone()),
-                            _ => Err(mixed(name)),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
+                    let xs = same_kind(&list, name, |u| match u {
+                        UseInput::Rows(x) => Some(Ok(x.clone())),
+                        _ => None,
+                    })?;
                     let x = Tensor::cat(&xs, 1)?;
                     let inp = x.dim(2)?;
                     (Kind::Rows(x), inp)
                 }
                 UseInput::Scale(_) => {
-                    let xs = list
-                        .iter()
-                        .map(|(u, _)| match u {
-                            UseInput::Scale(x) => Ok(x.clone()),
-                            _ => Err(mixed(name)),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
+                    let xs = same_kind(&list, name, |u| match u {
+                        UseInput::Scale(x) => Some(Ok(x.clone())),
+                        _ => None,
+                    })?;
                     (Kind::Scale(Tensor::cat(&xs, 1)?), 1)
                 }
                 UseInput::Tokens { vocab, .. } => {
                     let vocab = *vocab;
-                    let ids = list
-                        .iter()
-                        .map(|(u, _)| match u {
-                            UseInput::Tokens { ids, .. } => Ok(ids.to_dtype(DType::I64)?),
-                            _ => Err(mixed(name)),
-                        })
-                        .collect::<Result<Vec<_>>>()?;
+                    let ids = same_kind(&list, name, |u| match u {
+                        UseInput::Tokens { ids, .. } => Some(ids.to_dtype(DType::I64)),
+                        _ => None,
+                    })?;
                     let ids = Tensor::cat(&ids, 1)?;
                     let t = ids.dim(1)?;
                     let ids = ids
@@ -656,10 +647,21 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
-fn mixed(name: &str) -> Error {
-    Error::Unsupported(format!(
-        "layer '{name}' was used as two different kinds of layer in one pass"
-    ))
+/// The inputs of every use of layer `name`, read by `of` (`None`: a use of another kind, an
+/// error naming the layer).
+fn same_kind<T, D>(
+    list: &[(UseInput, D)],
+    name: &str,
+    of: impl Fn(&UseInput) -> Option<candle_core::Result<T>>,
+) -> Result<Vec<T>> {
+    list.iter()
+        .map(|(u, _)| match of(u) {
+            Some(r) => Ok(r?),
+            None => Err(Error::Unsupported(format!(
+                "layer '{name}' was used as two different kinds of layer in one pass"
+            ))),
+        })
+        .collect()
 }
 
 /// Per-example weight gradients Δᵢᵀ Xᵢ of rows `s .. s + n` of a rows batch: (n, out, in).
