@@ -147,23 +147,11 @@ where
         let xi = x.narrow(0, i, 1)?;
         let yi = y.narrow(0, i, 1)?;
         let ll = (self.log_lik)(&xi, &yi)?;
-        if ll.elem_count() != 1 {
-            return Err(Error::NotScalar {
-                what: "log-likelihood closure (it must return shape (B,), one value per example)"
-                    .into(),
-                shape: format!("{:?} for a batch of 1", ll.dims()),
-            });
-        }
-        let v = ll
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?[0];
-        if !v.is_finite() {
-            return Err(Error::NonFinite {
-                what: "log-likelihood".into(),
-                detail: format!("training example {global} has log-likelihood {v}"),
-            });
-        }
+        scalar_value(
+            &ll,
+            "log-likelihood closure (it must return shape (B,), one value per example; here B = 1)",
+            &format!("training example {global}"),
+        )?;
         Ok(ll.sum_all()?.backward()?)
     }
 
@@ -257,8 +245,8 @@ impl QoiGradient {
     }
 }
 
-/// Takes the scalar `q` returned by a closure and checks it.
-fn scalar_value(q: &Tensor, what: &str) -> Result<f64> {
+/// Takes the scalar `q` returned by a closure (`what`) at `at` and checks it.
+fn scalar_value(q: &Tensor, what: &str, at: &str) -> Result<f64> {
     if q.elem_count() != 1 {
         return Err(Error::NotScalar {
             what: what.into(),
@@ -272,7 +260,7 @@ fn scalar_value(q: &Tensor, what: &str) -> Result<f64> {
     if !v.is_finite() {
         return Err(Error::NonFinite {
             what: format!("{what} output"),
-            detail: format!("the value is {v}"),
+            detail: format!("{at}: the value is {v}"),
         });
     }
     Ok(v)
@@ -302,7 +290,7 @@ where
     F: Fn(&Tensor) -> candle_core::Result<Tensor>,
 {
     let q = qoi(z)?;
-    let value = scalar_value(&q, "QoI closure")?;
+    let value = scalar_value(&q, "QoI closure", "the query")?;
     let grads = q.sum_all()?.backward()?;
     let flat = params.flatten_grads(&grads)?;
     crate::error::check_finite("QoI gradient", &flat)?;
