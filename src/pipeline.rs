@@ -390,6 +390,39 @@ pub enum FisherInput<'a> {
     },
 }
 
+impl<'a> FisherInput<'a> {
+    /// The Fisher a caller names: a saved pass, or training data with the `likelihood` of its
+    /// targets (`gaussian[:SIGMA]` or `categorical`), or neither. Both is an error, and so is
+    /// training data without a likelihood (`strategy` names the Σ that asked for it).
+    pub fn choose(
+        saved: Option<&'a FisherArtifact>,
+        data: Option<&'a MmapNpyDataset>,
+        likelihood: Option<&str>,
+        strategy: &str,
+    ) -> Result<Self> {
+        Ok(match (saved, data) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "fisher",
+                    "with training data",
+                    "give either a saved Fisher or training data (x, y), not both",
+                ))
+            }
+            (Some(a), None) => FisherInput::Saved(a),
+            (None, Some(data)) => FisherInput::Data {
+                data,
+                likelihood: likelihood
+                    .ok_or_else(|| Error::MissingInput {
+                        strategy: strategy.into(),
+                        missing: "the likelihood of the training targets (gaussian[:SIGMA] or categorical)".into(),
+                    })?
+                    .parse()?,
+            },
+            (None, None) => FisherInput::None,
+        })
+    }
+}
+
 /// What [`variances`] computes: the CLI's `variance` options.
 #[derive(Debug)]
 pub struct VarianceRequest<'a> {

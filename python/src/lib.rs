@@ -17,7 +17,7 @@ use deltavar::pipeline::{
     self, machine_memory_budget, parse_dtype, row_shape, FisherInput, ModelSpec, Network,
     VarianceRequest,
 };
-use deltavar::{Error, FisherArtifact, Likelihood, PassOptions, Progress, SigmaOptions};
+use deltavar::{Error, FisherArtifact, PassOptions, Progress, SigmaOptions};
 use deltavar::{FactoredOptions, SigmaStrategy};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyKeyboardInterrupt;
@@ -291,33 +291,9 @@ fn request<'a>(
         .get::<String>("cg_preconditioner")?
         .parse()
         .map_err(to_py)?;
-    let fisher = match (saved, &p.data) {
-        (Some(_), Some(_)) => {
-            return Err(to_py(Error::invalid(
-                "fisher",
-                "with training data",
-                "give either a saved Fisher or training data (x, y), not both",
-            )))
-        }
-        (Some(a), None) => FisherInput::Saved(a),
-        (None, Some(d)) => {
-            let lik: Option<String> = o.get("likelihood")?;
-            let lik: Likelihood = lik
-                .ok_or_else(|| {
-                    to_py(Error::MissingInput {
-                        strategy: sigma.name().into(),
-                        missing: "likelihood=\"gaussian[:SIGMA]\" or \"categorical\" with the training data".into(),
-                    })
-                })?
-                .parse()
-                .map_err(to_py)?;
-            FisherInput::Data {
-                data: d,
-                likelihood: lik,
-            }
-        }
-        (None, None) => FisherInput::None,
-    };
+    let lik: Option<String> = o.get("likelihood")?;
+    let fisher =
+        FisherInput::choose(saved, p.data.as_ref(), lik.as_deref(), sigma.name()).map_err(to_py)?;
     let calibration = match o.any("calibration")? {
         None => None,
         Some(c) => {

@@ -348,34 +348,18 @@ fn request<'a>(
     options.cg.tol = cg_tol;
     options.cg.max_iter = cg_max_iter;
     options.cg.preconditioner = cg_preconditioner.parse()?;
-    let fisher = match (fisher, train_x, train_y) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
-            return Err(Error::invalid(
-                "--fisher",
-                "with --train-x/--train-y",
-                "give either a saved Fisher or training data, not both",
-            ))
-        }
-        (Some(f), None, None) => FisherInput::Saved(
-            saved.insert(FisherArtifact::load(f)?.with_partial_allowed(allow_partial)),
-        ),
-        (None, Some(x), Some(y)) => {
-            let likelihood: Likelihood = likelihood
-                .as_deref()
-                .ok_or_else(|| {
-                    missing("--likelihood gaussian[:SIGMA]|categorical with the training data")
-                })?
-                .parse()?;
-            FisherInput::Data {
-                data: data.insert(MmapNpyDataset::open(x, y)?),
-                likelihood,
-            }
-        }
-        (None, Some(_), None) | (None, None, Some(_)) => {
-            return Err(missing("both --train-x and --train-y"))
-        }
-        (None, None, None) => FisherInput::None,
+    let data = match (train_x, train_y) {
+        (Some(x), Some(y)) => Some(&*data.insert(MmapNpyDataset::open(x, y)?)),
+        (None, None) => None,
+        _ => return Err(missing("both --train-x and --train-y")),
     };
+    let saved = match fisher {
+        Some(f) => {
+            Some(&*saved.insert(FisherArtifact::load(f)?.with_partial_allowed(allow_partial)))
+        }
+        None => None,
+    };
+    let fisher = FisherInput::choose(saved, data, likelihood.as_deref(), &sigma)?;
     let calibration = match calibration {
         Some(f) => Some((
             deltavar::calibration::Calibration::load(&f)?,
