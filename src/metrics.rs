@@ -37,6 +37,29 @@ pub struct UncertaintyMetrics {
     pub nll: f64,
 }
 
+/// One line: `M points: spearman …, pearson …, removal AUC … (oracle …), alpha …, beta …,
+/// NLL …` (`undefined` for a correlation of a constant side).
+impl std::fmt::Display for UncertaintyMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let opt = |x: Option<f64>| {
+            x.map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| "undefined".into())
+        };
+        write!(
+            f,
+            "{} points: spearman {}, pearson {}, removal AUC {:.4} (oracle {:.4}), alpha {:.4e}, beta {:.4e}, NLL {:.4}",
+            self.m,
+            opt(self.spearman),
+            opt(self.pearson),
+            self.removal_auc,
+            self.removal_auc_oracle,
+            self.alpha,
+            self.beta,
+            self.nll
+        )
+    }
+}
+
 fn check(errors: &[f64], variances: &[f64]) -> Result<()> {
     if errors.len() != variances.len() {
         return Err(Error::shape(

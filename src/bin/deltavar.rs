@@ -503,22 +503,9 @@ fn evaluate(a: EvaluateArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let opt = |x: Option<f64>| {
-        x.map(|v| format!("{v:.4}"))
-            .unwrap_or_else(|| "undefined".into())
-    };
     println!(
-        "{} held-out points, sigma {}: spearman {}, pearson {}, removal AUC {:.4} (oracle {:.4}), \
-         alpha {:.4e}, beta {:.4e}, NLL {:.4}  ({seconds:.3} s) -> {}",
-        m.m,
+        "sigma {}, held out {m}  ({seconds:.3} s) -> {}",
         r.sigma,
-        opt(m.spearman),
-        opt(m.pearson),
-        m.removal_auc,
-        m.removal_auc_oracle,
-        m.alpha,
-        m.beta,
-        m.nll,
         plot.display()
     );
     Ok(())
@@ -598,21 +585,8 @@ fn metrics(a: MetricsArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let opt = |x: Option<f64>| {
-        x.map(|v| format!("{v:.6}"))
-            .unwrap_or_else(|| "undefined".into())
-    };
-    println!("points              {}", m.m);
-    println!("pearson |e|, sqrt v {}", opt(m.pearson));
-    println!("spearman |e|, v     {}", opt(m.spearman));
-    println!(
-        "removal AUC         {:.6}  (oracle {:.6}; 1 = uninformative, lower is better)",
-        m.removal_auc, m.removal_auc_oracle
-    );
-    println!(
-        "Gaussian fit        alpha {:.6e}  beta {:.6e}  mean NLL {:.6}",
-        m.alpha, m.beta, m.nll
-    );
+    println!("{m}");
+    println!("(removal AUC: 1 = uninformative, lower is better; alpha, beta: the Gaussian fit alpha*v + beta)");
     Ok(())
 }
 
