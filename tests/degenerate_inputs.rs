@@ -583,6 +583,31 @@ fn every_other_engine_and_pass_on_empty_inputs() {
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
+    // K-FAC through the one entry point over nothing: λ⁻¹ gᵀg, or an error naming N = 0 with
+    // the posterior scale
+    let z = Tensor::ones((2, 3), DType::F64, &Device::Cpu).unwrap();
+    let fisher = GraphFisher::with_engine(ge.clone(), lik.clone(), &empty, o.clone());
+    let req = |posterior_scale| {
+        DeltaRequest::new(&z, SigmaStrategy::KfacEmpiricalFim)
+            .fisher(&fisher)
+            .options(SigmaOptions {
+                damping: 0.5,
+                posterior_scale,
+                ..Default::default()
+            })
+            .engine_options(o.clone())
+    };
+    let out = engine_delta_variances_with(&ge, req(false)).unwrap();
+    let id = engine_delta_variances_with(
+        &ge,
+        DeltaRequest::new(&z, SigmaStrategy::Identity).engine_options(o.clone()),
+    )
+    .unwrap();
+    for (k, i) in out.delta_variance.iter().zip(&id.delta_variance) {
+        assert!((k - i / 0.5).abs() <= 1e-12 * i.abs(), "{k} {i}");
+    }
+    let e = engine_delta_variances_with(&ge, req(true)).unwrap_err().to_string();
+    assert!(e.contains("empty"), "{e}");
     let params = seq.params().unwrap();
     let cap = CaptureEngine::new(&seq, &params);
     assert_eq!(
