@@ -38,25 +38,17 @@ fn covariance_diagonals_are_the_per_output_delta_variances() {
             SigmaStrategy::DiagonalEmpiricalFim => SigmaStrategy::DiagonalEmpiricalFim,
             _ => SigmaStrategy::InverseFullEmpiricalFim,
         };
-        let c = engine_delta_covariances_with(
-            &engine,
+        let req = |qoi| {
             DeltaRequest::new(&q, same())
                 .fisher(&fisher)
+                .qoi(qoi)
                 .options(o.clone())
-                .engine_options(eo.clone()),
-        )
-        .unwrap();
+                .engine_options(eo.clone())
+        };
+        let c = engine_delta_covariances_with(&engine, req(Qoi::Sum)).unwrap();
         assert_eq!(c.covariance.len(), 8);
         for k in 0..3 {
-            let d = engine_delta_variances_with(
-                &engine,
-                DeltaRequest::new(&q, same())
-                    .fisher(&fisher)
-                    .qoi(Qoi::Output(k))
-                    .options(o.clone())
-                    .engine_options(eo.clone()),
-            )
-            .unwrap();
+            let d = engine_delta_variances_with(&engine, req(Qoi::Output(k))).unwrap();
             let diag: Vec<f64> = c.covariance.iter().map(|m| m[k * 3 + k]).collect();
             let err = max_rel_err(&diag, &d.delta_variance);
             assert!(
@@ -69,14 +61,7 @@ fn covariance_diagonals_are_the_per_output_delta_variances() {
         }
         // the off-diagonal entries, independently: Var(Σ_k f_k) = Σ_ab C_ab, the ΔVar of the
         // QoI `sum` computed on its own
-        let total = engine_delta_variances_with(
-            &engine,
-            DeltaRequest::new(&q, same())
-                .fisher(&fisher)
-                .options(o.clone())
-                .engine_options(eo.clone()),
-        )
-        .unwrap();
+        let total = engine_delta_variances_with(&engine, req(Qoi::Sum)).unwrap();
         let sums: Vec<f64> = c.covariance.iter().map(|m| m.iter().sum()).collect();
         let err = max_rel_err(&sums, &total.delta_variance);
         assert!(err < 1e-9, "{} {method:?} sum: {err:e}", strategy.name());

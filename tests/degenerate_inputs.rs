@@ -606,7 +606,9 @@ fn every_other_engine_and_pass_on_empty_inputs() {
     for (k, i) in out.delta_variance.iter().zip(&id.delta_variance) {
         assert!((k - i / 0.5).abs() <= 1e-12 * i.abs(), "{k} {i}");
     }
-    let e = engine_delta_variances_with(&ge, req(true)).unwrap_err().to_string();
+    let e = engine_delta_variances_with(&ge, req(true))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("empty"), "{e}");
     let params = seq.params().unwrap();
     let cap = CaptureEngine::new(&seq, &params);

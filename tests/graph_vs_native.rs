@@ -159,25 +159,16 @@ fn a_cnn_as_a_graph_equals_the_sequential_engine() {
         full_method: deltavar::sigma::FullMethod::Kernel,
         ..Default::default()
     };
-    let s = || SigmaStrategy::InverseFullEmpiricalFim;
-    let da = engine_delta_variances_with(
-        &graph,
-        DeltaRequest::new(&x, s())
-            .fisher(&gf)
+    let req = |fisher| {
+        DeltaRequest::new(&x, SigmaStrategy::InverseFullEmpiricalFim)
+            .fisher(fisher)
             .qoi(Qoi::Prob(1))
             .options(opts.clone())
-            .engine_options(o.clone()),
-    )
-    .unwrap();
-    let db = engine_delta_variances_with(
-        &GraphEngine::from_sequential(&model).unwrap(),
-        DeltaRequest::new(&x, s())
-            .fisher(&sf)
-            .qoi(Qoi::Prob(1))
-            .options(opts.clone())
-            .engine_options(o.clone()),
-    )
-    .unwrap();
+            .engine_options(o.clone())
+    };
+    let da = engine_delta_variances_with(&graph, req(&gf)).unwrap();
+    let seq = GraphEngine::from_sequential(&model).unwrap();
+    let db = engine_delta_variances_with(&seq, req(&sf)).unwrap();
     assert!(
         max_rel_err(&da.delta_variance, &db.delta_variance) <= 1e-9,
         "ΔVar"

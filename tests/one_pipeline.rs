@@ -46,24 +46,15 @@ fn graph_and_capture_engines_give_the_same_delta_variances() {
             SigmaStrategy::DiagonalEmpiricalFim => SigmaStrategy::DiagonalEmpiricalFim,
             _ => SigmaStrategy::InverseFullEmpiricalFim,
         };
-        let a = engine_delta_variances_with(
-            &graph,
+        let req = || {
             DeltaRequest::new(&q, s())
                 .fisher(&fisher)
                 .qoi(Qoi::Prob(1))
                 .options(o.clone())
-                .engine_options(eo()),
-        )
-        .unwrap();
-        let b = engine_delta_variances_with(
-            &capture,
-            DeltaRequest::new(&q, s())
-                .fisher(&fisher)
-                .qoi(Qoi::Prob(1))
-                .options(o.clone())
-                .engine_options(eo()),
-        )
-        .unwrap();
+                .engine_options(eo())
+        };
+        let a = engine_delta_variances_with(&graph, req()).unwrap();
+        let b = engine_delta_variances_with(&capture, req()).unwrap();
         let err = max_rel_err(&a.delta_variance, &b.delta_variance);
         assert!(err < 1e-10, "{method:?}: {err:e}");
         assert!(max_rel_err(&a.qoi, &b.qoi) < 1e-12);
@@ -72,38 +63,22 @@ fn graph_and_capture_engines_give_the_same_delta_variances() {
         damping: 1e-3,
         ..Default::default()
     };
-    let s = || SigmaStrategy::InverseFullEmpiricalFim;
-    let ca = engine_delta_covariances_with(
-        &graph,
-        DeltaRequest::new(&q, s())
+    let req = || {
+        DeltaRequest::new(&q, SigmaStrategy::InverseFullEmpiricalFim)
             .fisher(&fisher)
             .options(o.clone())
-            .engine_options(eo()),
-    )
-    .unwrap();
-    let cb = engine_delta_covariances_with(
-        &capture,
-        DeltaRequest::new(&q, s())
-            .fisher(&fisher)
-            .options(o.clone())
-            .engine_options(eo()),
-    )
-    .unwrap();
+            .engine_options(eo())
+    };
+    let ca = engine_delta_covariances_with(&graph, req()).unwrap();
+    let cb = engine_delta_covariances_with(&capture, req()).unwrap();
     assert_eq!(cb.outputs[0].len(), 3);
     for (x, y) in ca.covariance.iter().zip(&cb.covariance) {
         assert!(max_rel_err(x, y) < 1e-10);
     }
     // a rollout is the graph engine's; the capture engine refuses it by name
-    let e = engine_delta_variances_with(
-        &capture,
-        DeltaRequest::new(&q, s())
-            .fisher(&fisher)
-            .rollout(2)
-            .options(o.clone())
-            .engine_options(eo()),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = engine_delta_variances_with(&capture, req().rollout(2))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("capture engine"), "{e}");
 }
 
@@ -132,46 +107,22 @@ fn the_transformer_on_the_graph_and_capture_engines_gives_the_same_delta_varianc
         full_method: FullMethod::Kernel,
         ..Default::default()
     };
-    let s = || SigmaStrategy::InverseFullEmpiricalFim;
-    let a = engine_delta_variances_with(
-        &native,
-        DeltaRequest::new(&q, s())
+    let req = |qoi| {
+        DeltaRequest::new(&q, SigmaStrategy::InverseFullEmpiricalFim)
             .fisher(&fisher)
-            .qoi(Qoi::Prob(0))
+            .qoi(qoi)
             .options(o.clone())
-            .engine_options(eo()),
-    )
-    .unwrap();
-    let b = engine_delta_variances_with(
-        &graph,
-        DeltaRequest::new(&q, s())
-            .fisher(&fisher)
-            .qoi(Qoi::Prob(0))
-            .options(o.clone())
-            .engine_options(eo()),
-    )
-    .unwrap();
+            .engine_options(eo())
+    };
+    let a = engine_delta_variances_with(&native, req(Qoi::Prob(0))).unwrap();
+    let b = engine_delta_variances_with(&graph, req(Qoi::Prob(0))).unwrap();
     let err = max_rel_err(&a.delta_variance, &b.delta_variance);
     assert!(err < 1e-9, "{err:e}");
-    let c = engine_delta_covariances_with(
-        &native,
-        DeltaRequest::new(&q, s())
-            .fisher(&fisher)
-            .options(o.clone())
-            .engine_options(eo()),
-    )
-    .unwrap();
+    // the covariances read every output (the request's QoI is not read)
+    let c = engine_delta_covariances_with(&native, req(Qoi::Sum)).unwrap();
     assert_eq!(c.outputs[0].len(), 3);
     let diag: Vec<f64> = c.covariance.iter().map(|m| m[0]).collect();
-    let d0 = engine_delta_variances_with(
-        &native,
-        DeltaRequest::new(&q, s())
-            .fisher(&fisher)
-            .qoi(Qoi::Output(0))
-            .options(o.clone())
-            .engine_options(eo()),
-    )
-    .unwrap();
+    let d0 = engine_delta_variances_with(&native, req(Qoi::Output(0))).unwrap();
     assert!(max_rel_err(&diag, &d0.delta_variance) < 1e-9);
 }
 
