@@ -6,8 +6,8 @@
 //!
 //! Prints a Markdown table: P, N, seconds, examples/s, peak RSS, the data's own size, and what
 //! the O(·) bound predicts: data + weights (the candle model and the engine's snapshot) + the
-//! graph's f64 copy of the weights while the engine is built + threads × (P f64 accumulator +
-//! the largest layer product + one batch of activations).
+//! total's P f64 sums + threads × (P f64 accumulator + the largest layer product + one batch of
+//! activations).
 
 mod common;
 use common::{lcg, peak_rss_bytes};
@@ -68,7 +68,7 @@ fn main() {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let exe = std::env::current_exe().expect("exe");
-    println!("| P | N | seconds | examples/s | peak RSS (MiB) | data (MiB) | predicted: data + 2·weights (f32) + 8P (f64 graph copy at build) + 2 threads × (8P + layer + batch) (MiB) |");
+    println!("| P | N | seconds | examples/s | peak RSS (MiB) | data (MiB) | predicted: data + 2·weights (f32) + 8P (the total) + 2 threads × (8P + layer + batch) (MiB) |");
     println!("|---|---|---|---|---|---|---|");
     for (a, (_, sizes)) in ARCHS.iter().enumerate() {
         for n in [1_000usize, 10_000, 100_000] {
@@ -93,8 +93,7 @@ fn main() {
             let p = v["P"].as_u64().unwrap_or(0) as f64;
             let secs = v["seconds"].as_f64().unwrap_or(f64::NAN);
             let mib = |b: f64| b / (1u64 << 20) as f64;
-            // model (candle) + engine snapshot, f32; the graph's f64 copy of the weights while
-            // the engine is built (freed once the engine holds its own); per thread: P f64
+            // model (candle) + engine snapshot, f32; the total's P f64 sums; per thread: P f64
             // accumulator, the largest out×in product, and a batch of 256 activations, signals
             // and squares; plus the data
             let batch_acts = (256 * sizes.iter().sum::<usize>() * 4 * 4) as f64;

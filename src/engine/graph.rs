@@ -95,46 +95,30 @@ impl std::fmt::Debug for GraphEngine {
     }
 }
 
-/// Empties each graph parameter's f64 values that `src` (the engine's copy) gives back
-/// exactly, so that a model's weights are held once.
-fn drop_exact_copies<T: Scalar>(g: &mut Graph, src: &Sources<T>) {
-    for (p, t) in g.params.iter_mut().zip(&src.params) {
-        if let crate::graph::Data::F(v) = &t.data {
-            if v.len() == p.data.len() && v.iter().zip(&p.data).all(|(a, b)| a.f64() == *b) {
-                p.data = Vec::new();
-            }
-        }
-    }
-}
-
 impl GraphEngine {
     /// Analyses `graph` for examples of shape `input_shape` and converts its weights to
     /// `dtype` (f64 runs in f64, anything else in f32).
     pub fn new(mut graph: Graph, input_shape: &[usize], dtype: DType) -> Result<Self> {
-        // the analysis probes with the engine's own copy of the parameters
+        // the analysis probes with the engine's own copy of the parameters; the parameters are
+        // held once, in the run's precision: a graph parameter whose values the engine's copy
+        // gives back exactly (every parameter of an f32 model, all of an f64 run) drops its f64
+        // copy as it is converted, and named_tensors reads it from the engine's copy
         let (an, inner) = match dtype {
             DType::F64 => {
-                let src = Sources::new(&graph);
+                let src = Sources::take(&mut graph);
                 (
                     Analysis::with_sources(&graph, input_shape, &src)?,
                     Inner::F64(std::sync::Arc::new(src)),
                 )
             }
             _ => {
-                let src = Sources::new(&graph);
+                let src = Sources::take(&mut graph);
                 (
                     Analysis::with_sources(&graph, input_shape, &src)?,
                     Inner::F32(std::sync::Arc::new(src)),
                 )
             }
         };
-        // the parameters are held once, in the run's precision: a graph parameter whose values
-        // the engine's copy gives back exactly (every parameter of an f32 model, all of an
-        // f64 run) drops its f64 copy, and named_tensors reads it from the engine's copy
-        match &inner {
-            Inner::F32(src) => drop_exact_copies(&mut graph, src),
-            Inner::F64(src) => drop_exact_copies(&mut graph, src),
-        }
         Ok(Self {
             graph: std::sync::Arc::new(graph),
             an: std::sync::Arc::new(an),
