@@ -640,3 +640,32 @@ fn every_other_engine_and_pass_on_empty_inputs() {
         Err(e) => assert!(!e.to_string().is_empty()),
     }
 }
+
+/// A batch size as large as `usize` (a hostile `--batch-size`) gives one chunk, not an
+/// overflowed chunk size: the streamed operator's products equal the block's, and its byte
+/// count saturates.
+#[test]
+fn a_huge_batch_size_streams_in_one_chunk() {
+    use deltavar::engine::{GradientMatrix, StreamedGradients};
+    let spec: SeqSpec = "seq:linear(3,4),tanh,linear(4,2)".parse().unwrap();
+    let seq = Sequential::init(spec, &[3], DType::F64, 2).unwrap();
+    let x = Tensor::randn(0f64, 1., (5, 3), &Device::Cpu).unwrap();
+    let y = Tensor::randn(0f64, 1., (5, 2), &Device::Cpu).unwrap();
+    let data = TensorDataset::new(x, y).unwrap();
+    let lik = Likelihood::gaussian(1.0);
+    let engine = GraphEngine::from_sequential(&seq).unwrap();
+    // 2^63 examples per batch on 2 workers: 2^64, which wraps to 0 unless saturated
+    let o = FactoredOptions {
+        batch_size: 1usize << (usize::BITS - 1),
+        threads: 2,
+    };
+    let g = engine
+        .per_example_gradients(&lik, &data, 0, 5, &FactoredOptions::default())
+        .unwrap();
+    let s = StreamedGradients::from_engine(&engine, &lik, &data, o);
+    assert_eq!(s.bytes(), u64::MAX);
+    let v = Mat::from_fn(engine.num_params(), 2, |i, j| (i + 3 * j) as f64 * 0.1);
+    let got = s.jv(v.as_ref()).unwrap();
+    let want = g.transpose() * &v;
+    assert!(mat_rel_err(&got, &want) < 1e-12);
+}

@@ -173,7 +173,7 @@ impl<'a> StreamedGradients<'a> {
         data: &'a dyn crate::data::Dataset,
         opts: super::FactoredOptions,
     ) -> Self {
-        let chunk = opts.batch_size.max(1) * super::batch::rayon_threads(&opts);
+        let chunk = (opts.batch_size.max(1)).saturating_mul(super::batch::rayon_threads(&opts));
         let sq_opts = opts.clone();
         Self {
             p: engine.num_params(),
@@ -242,7 +242,9 @@ impl GradientMatrix for StreamedGradients<'_> {
         (self.sum_sq)()
     }
     fn bytes(&self) -> u64 {
-        (self.chunk * self.p * 8) as u64
+        (self.chunk as u64)
+            .saturating_mul(self.p as u64)
+            .saturating_mul(8)
     }
 }
 

@@ -67,7 +67,9 @@ where
         if full <= memory_budget / 2 {
             full
         } else {
-            (self.options().batch_size * self.num_params() * 8) as u64
+            (self.options().batch_size as u64)
+                .saturating_mul(self.num_params() as u64)
+                .saturating_mul(8)
         }
     }
 

@@ -110,7 +110,8 @@ impl<'a, E: ExampleGradients> NativeFisher<'a, E> {
     }
 
     fn block_size(&self) -> usize {
-        self.opts.batch_size.max(1) * crate::engine::pool::resolve_threads(self.opts.threads)
+        (self.opts.batch_size.max(1))
+            .saturating_mul(crate::engine::pool::resolve_threads(self.opts.threads))
     }
 }
 

@@ -130,7 +130,7 @@ pub fn fisher_pass<E: ExampleGradients + Clone>(
     progress(0, total);
     match opts.kind {
         PassKind::Diag => {
-            let step = opts.engine.batch_size.max(1) * opts.batches_per_step.max(1);
+            let step = (opts.engine.batch_size.max(1)).saturating_mul(opts.batches_per_step.max(1));
             let mut diag = FisherDiag::from_sums(vec![0.0; p], 0)?;
             let mut done = 0;
             while done < total {
