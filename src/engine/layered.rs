@@ -434,8 +434,7 @@ impl LayeredGradients {
                         MatRef::from_row_major_slice(&da[sa * ta * o..(sa + la) * ta * o], ra, o);
                     let db =
                         MatRef::from_row_major_slice(&db[sb * tb * o..(sb + lb) * tb * o], rb, o);
-                    let mut dd = Mat::<f64>::zeros(ra, rb);
-                    gemm(&mut dd, da, db.transpose());
+                    let dd = crate::scalar::product(da, db.transpose());
                     let diagonal_block = lower && sa == sb;
                     match (sa_st, sb_st) {
                         (Stored::Rows { x: xa, k, .. }, Stored::Rows { x: xb, .. }) => {
@@ -450,8 +449,7 @@ impl LayeredGradients {
                                 rb,
                                 k,
                             );
-                            let mut xx = Mat::<f64>::zeros(ra, rb);
-                            gemm(&mut xx, xa, xb.transpose());
+                            let xx = crate::scalar::product(xa, xb.transpose());
                             add_block_sums(
                                 kmat.rb_mut(),
                                 &dd,
@@ -587,10 +585,6 @@ impl LayeredGradients {
         }
         g
     }
-}
-
-fn gemm(dst: &mut Mat<f64>, a: MatRef<'_, f64>, b: MatRef<'_, f64>) {
-    matmul(dst.as_mut(), Accum::Replace, a, b, 1.0, Par::rayon(0));
 }
 
 /// Calls `f(flat index, value)` for each entry of a rows layer's `m` (out × k: the weight's
@@ -731,12 +725,13 @@ impl LayeredGradients {
             return Err(Error::shape("V in G·V (P rows)", self.p, v.nrows()));
         }
         let c = v.ncols();
-        let mut out = Mat::<f64>::zeros(self.n, c);
-        if self.pm > 0 {
+        let mut out = if self.pm > 0 {
             let idx = self.dense_index();
             let vm = Mat::from_fn(self.pm, c, |r, j| v[(idx[r], j)]);
-            gemm(&mut out, self.dense_ref(), vm.as_ref());
-        }
+            crate::scalar::product(self.dense_ref(), vm.as_ref())
+        } else {
+            Mat::<f64>::zeros(self.n, c)
+        };
         for (s, st) in self.shapes.iter().zip(&self.stored) {
             match st {
                 Stored::Dense { .. } => {}
@@ -807,8 +802,7 @@ impl LayeredGradients {
         let c = u.ncols();
         let mut out = Mat::<f64>::zeros(self.p, c);
         if self.pm > 0 {
-            let mut gm = Mat::<f64>::zeros(self.pm, c);
-            gemm(&mut gm, self.dense_ref().transpose(), u);
+            let gm = crate::scalar::product(self.dense_ref().transpose(), u);
             for (r, &p) in self.dense_index().iter().enumerate() {
                 for j in 0..c {
                     out[(p, j)] = gm[(r, j)];
@@ -917,9 +911,7 @@ impl LayeredGradients {
                 } => {
                     let sq = |v: &[f64]| v.iter().map(|a| a * a).collect::<Vec<f64>>();
                     let (sqx, sqd) = (sq(x), sq(d));
-                    let mut m = Mat::<f64>::zeros(*o, *k);
-                    gemm(
-                        &mut m,
+                    let m = crate::scalar::product(
                         MatRef::from_row_major_slice(&sqd, self.n, *o).transpose(),
                         MatRef::from_row_major_slice(&sqx, self.n, *k),
                     );
@@ -966,9 +958,7 @@ impl LayeredGradients {
                         }
                     });
                     let sqx: Vec<f64> = x.iter().map(|a| a * a).collect();
-                    let mut tm = Mat::<f64>::zeros(self.n, *o);
-                    gemm(
-                        &mut tm,
+                    let tm = crate::scalar::product(
                         MatRef::from_row_major_slice(&sqx, self.n, *k),
                         sw.as_ref(),
                     );
